@@ -1,0 +1,256 @@
+//! AdmissionReview bytes in, AdmissionReview bytes out: the one code path shared by the
+//! HTTPS server and the `review` command. No I/O; serde only.
+//!
+//! Bad input gets a [`ReviewError`] with a short reason (the server answers 400); a pod we
+//! do not understand is allowed unchanged, because the webhook must never stop a user's
+//! server from starting.
+
+use std::borrow::Cow;
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::policy::pod::Str;
+use crate::policy::{LiveVerdict, NamespaceDirectory, PodView, VolumeReport, decide_live};
+
+pub const ADMISSION_API_VERSION: &str = "admission.k8s.io/v1";
+
+/// Why a request could not be reviewed. Every variant is the client's fault (HTTP 400).
+#[derive(Debug, thiserror::Error)]
+pub enum ReviewError {
+    #[error("malformed AdmissionReview: {0}")]
+    Malformed(#[from] serde_json::Error),
+    #[error("apiVersion must be {ADMISSION_API_VERSION:?}, got {0:?}")]
+    WrongApiVersion(String),
+    #[error("kind must be \"AdmissionReview\", got {0:?}")]
+    WrongKind(String),
+    #[error("the AdmissionReview has no request")]
+    MissingRequest,
+    #[error("request.uid is empty")]
+    EmptyUid,
+    #[error("request {uid}: a Pod {operation} must carry request.object")]
+    MissingObject { uid: String, operation: String },
+    #[error("request {uid}: request.object is not a Pod: {reason}")]
+    NotAPod { uid: String, reason: String },
+}
+
+impl ReviewError {
+    /// The request's uid, where the input got that far (for the log line).
+    pub fn uid(&self) -> Option<&str> {
+        match self {
+            Self::MissingObject { uid, .. } | Self::NotAPod { uid, .. } => Some(uid),
+            _ => None,
+        }
+    }
+}
+
+/// What happened to one request, for logs and the `outcome` metric label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// A live-session decision was made (patched or not).
+    Live(LiveVerdict),
+    /// Not a Pod CREATE (other kinds, UPDATE/DELETE/CONNECT, subresources).
+    NotPodCreate,
+    /// A Pod whose fields we could not read; allowed unchanged.
+    NotUnderstood,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Live(v) => v.as_str(),
+            Self::NotPodCreate => "not_pod_create",
+            Self::NotUnderstood => "not_understood",
+        }
+    }
+
+    pub fn patched(self) -> bool {
+        self == Self::Live(LiveVerdict::Annotate)
+    }
+}
+
+/// The answer to one AdmissionReview.
+#[derive(Debug)]
+pub struct Reviewed {
+    /// The response AdmissionReview, serialized.
+    pub body: Vec<u8>,
+    pub uid: String,
+    pub outcome: Outcome,
+    /// `namespace/name` of the object, when it is a pod.
+    pub object: Option<String>,
+    /// Per-volume reasons; filled only when asked for (`review --explain`).
+    pub explanation: Vec<ExplainedVolume>,
+    /// Why the pod was not understood (with [`Outcome::NotUnderstood`]).
+    pub detail: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExplainedVolume {
+    pub volume: String,
+    pub claim: Option<String>,
+    pub listed: bool,
+    pub reason: String,
+}
+
+impl From<&VolumeReport<'_>> for ExplainedVolume {
+    fn from(r: &VolumeReport<'_>) -> Self {
+        Self {
+            volume: r.volume.to_owned(),
+            claim: r.claim.map(str::to_owned),
+            listed: r.reason.is_listed(),
+            reason: r.reason.to_string(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ReviewIn<'a> {
+    #[serde(borrow)]
+    api_version: Option<Str<'a>>,
+    #[serde(borrow)]
+    kind: Option<Str<'a>>,
+    #[serde(borrow)]
+    request: Option<RequestIn<'a>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RequestIn<'a> {
+    #[serde(borrow)]
+    uid: Str<'a>,
+    #[serde(borrow)]
+    kind: GroupVersionKindIn<'a>,
+    #[serde(borrow)]
+    operation: Str<'a>,
+    #[serde(borrow)]
+    namespace: Option<Str<'a>>,
+    #[serde(borrow)]
+    sub_resource: Option<Str<'a>>,
+    #[serde(borrow)]
+    object: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct GroupVersionKindIn<'a> {
+    #[serde(borrow, default)]
+    group: Option<Str<'a>>,
+    #[serde(borrow)]
+    version: Str<'a>,
+    #[serde(borrow)]
+    kind: Str<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ReviewOut<'a> {
+    api_version: &'static str,
+    kind: &'static str,
+    response: ResponseOut<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ResponseOut<'a> {
+    uid: &'a str,
+    allowed: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patch_type: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patch: Option<String>,
+}
+
+/// Reviews one AdmissionReview (the request body) and returns the response to send.
+pub fn review(body: &[u8], namespaces: &dyn NamespaceDirectory, explain: bool) -> Result<Reviewed, ReviewError> {
+    let review: ReviewIn = serde_json::from_slice(body)?;
+    match review.api_version.as_deref() {
+        Some(ADMISSION_API_VERSION) => {}
+        other => return Err(ReviewError::WrongApiVersion(other.unwrap_or("").to_owned())),
+    }
+    match review.kind.as_deref() {
+        Some("AdmissionReview") => {}
+        other => return Err(ReviewError::WrongKind(other.unwrap_or("").to_owned())),
+    }
+    let request = review.request.ok_or(ReviewError::MissingRequest)?;
+    let uid: &str = &request.uid;
+    if uid.is_empty() {
+        return Err(ReviewError::EmptyUid);
+    }
+
+    let is_pod = request.kind.group.as_deref().unwrap_or("").is_empty()
+        && &*request.kind.version == "v1"
+        && &*request.kind.kind == "Pod";
+    let is_create = &*request.operation == "CREATE";
+    let is_subresource = request.sub_resource.as_deref().is_some_and(|s| !s.is_empty());
+    if !(is_pod && is_create && !is_subresource) {
+        return Ok(allow(uid, Outcome::NotPodCreate, None, None));
+    }
+
+    let raw = request.object.ok_or_else(|| ReviewError::MissingObject {
+        uid: uid.to_owned(),
+        operation: request.operation.to_string(),
+    })?;
+    let pod: PodView = match serde_json::from_str(raw.get()) {
+        Ok(pod) => pod,
+        Err(e) => {
+            // A JSON object that merely has fields of a shape we do not expect is still
+            // a pod the API server wants to create: allow it. Anything else is not a Pod.
+            if !raw.get().trim_start().starts_with('{') {
+                return Err(ReviewError::NotAPod { uid: uid.to_owned(), reason: "not a JSON object".into() });
+            }
+            return Ok(allow(uid, Outcome::NotUnderstood, None, Some(e.to_string())));
+        }
+    };
+    if let Some(kind) = pod.kind.as_deref().filter(|k| *k != "Pod") {
+        return Err(ReviewError::NotAPod { uid: uid.to_owned(), reason: format!("kind is {kind:?}") });
+    }
+    if let Some(v) = pod.api_version.as_deref().filter(|v| *v != "v1") {
+        return Err(ReviewError::NotAPod { uid: uid.to_owned(), reason: format!("apiVersion is {v:?}") });
+    }
+
+    // The request's namespace is authoritative (the object's may be empty at CREATE).
+    let namespace = request
+        .namespace
+        .as_deref()
+        .or_else(|| pod.metadata.as_ref().and_then(|m| m.namespace.as_deref()))
+        .unwrap_or("");
+    let decision = decide_live(&pod, &namespaces.scope(namespace));
+    let explanation = if explain { decision.volumes.iter().map(ExplainedVolume::from).collect() } else { Vec::new() };
+    let mut reviewed = allow(uid, Outcome::Live(decision.verdict), decision.patch.as_ref(), None);
+    reviewed.object = Some(pod.display_name());
+    reviewed.explanation = explanation;
+    Ok(reviewed)
+}
+
+fn allow(uid: &str, outcome: Outcome, patch: Option<&json_patch::Patch>, detail: Option<String>) -> Reviewed {
+    // Serializing a Patch of strings cannot fail; an empty patch is never sent.
+    let patch = patch
+        .and_then(|p| serde_json::to_vec(p).ok())
+        .map(|bytes| base64::engine::general_purpose::STANDARD.encode(bytes));
+    let out = ReviewOut {
+        api_version: ADMISSION_API_VERSION,
+        kind: "AdmissionReview",
+        response: ResponseOut { uid, allowed: true, patch_type: patch.as_ref().map(|_| "JSONPatch"), patch },
+    };
+    let body = serde_json::to_vec(&out).unwrap_or_default();
+    Reviewed { body, uid: uid.to_owned(), outcome, object: None, explanation: Vec::new(), detail }
+}
+
+/// The patch carried by a response body, decoded (for tests and `review --explain`).
+pub fn decode_patch(response_body: &[u8]) -> Result<Option<json_patch::Patch>, String> {
+    #[derive(Deserialize)]
+    struct Out<'a> {
+        #[serde(borrow)]
+        response: Resp<'a>,
+    }
+    #[derive(Deserialize)]
+    struct Resp<'a> {
+        #[serde(borrow)]
+        patch: Option<Cow<'a, str>>,
+    }
+    let out: Out = serde_json::from_slice(response_body).map_err(|e| e.to_string())?;
+    let Some(b64) = out.response.patch else { return Ok(None) };
+    let bytes = base64::engine::general_purpose::STANDARD.decode(b64.as_bytes()).map_err(|e| e.to_string())?;
+    serde_json::from_slice(&bytes).map(Some).map_err(|e| e.to_string())
+}

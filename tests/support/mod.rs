@@ -1,0 +1,5 @@
+//! Shared test support: fixtures, an HTTPS client, and (cluster tests) the real API server.
+#![allow(dead_code)]
+
+pub mod fixtures;
+pub mod https;
