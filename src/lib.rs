@@ -13,3 +13,10 @@
 pub mod admission;
 pub mod names;
 pub mod policy;
+pub mod cli;
+pub mod cluster;
+pub mod metrics;
+pub mod server;
+pub mod telemetry;
+pub mod tls;
+pub mod webhook;

@@ -105,7 +105,7 @@ impl From<&VolumeReport<'_>> for ExplainedVolume {
 }
 
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", expecting = "an AdmissionReview object")]
 struct ReviewIn<'a> {
     #[serde(borrow)]
     api_version: Option<Str<'a>>,
@@ -116,7 +116,7 @@ struct ReviewIn<'a> {
 }
 
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", expecting = "an AdmissionRequest object")]
 struct RequestIn<'a> {
     #[serde(borrow)]
     uid: Str<'a>,
@@ -133,6 +133,7 @@ struct RequestIn<'a> {
 }
 
 #[derive(Deserialize)]
+#[serde(expecting = "a {group, version, kind} object")]
 struct GroupVersionKindIn<'a> {
     #[serde(borrow, default)]
     group: Option<Str<'a>>,

@@ -1,0 +1,273 @@
+//! Serving certificates: PEM files reloaded when their content changes, or a self-signed
+//! CA and serving certificate made in memory for development.
+//!
+//! Every new TLS handshake asks [`CertStore`] for the current certificate, so swapping it
+//! affects only handshakes that start afterwards: no restart, no failed request.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
+};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use tracing::{info, warn};
+
+use crate::metrics::Metrics;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("reading {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("no certificate found in the PEM data")]
+    NoCertificate,
+    #[error("certificate PEM: {0}")]
+    CertPem(String),
+    #[error("private key PEM: {0}")]
+    KeyPem(String),
+    #[error("certificate and key do not belong together, or the key is unusable: {0}")]
+    Mismatch(rustls::Error),
+    #[error("generating a certificate: {0}")]
+    Generate(#[from] rcgen::Error),
+}
+
+/// The crypto provider for everything TLS in this process (ring: small and fast to build).
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Makes ring the process-wide default provider (the kube client relies on it).
+/// Harmless when already installed.
+pub fn install_default_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// The certificate presented by the server; empty until the first one is loaded (the
+/// handshake is then refused and `/readyz` says why).
+#[derive(Debug, Default)]
+pub struct CertStore {
+    current: ArcSwapOption<CertifiedKey>,
+}
+
+impl CertStore {
+    pub fn set(&self, key: CertifiedKey) {
+        self.current.store(Some(Arc::new(key)));
+    }
+
+    pub fn is_loaded(&self) -> bool {
+        self.current.load().is_some()
+    }
+}
+
+impl ResolvesServerCert for CertStore {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.current.load_full()
+    }
+}
+
+/// A rustls server configuration (TLS 1.2 and 1.3, HTTP/1.1) over a [`CertStore`].
+pub fn server_config(store: Arc<CertStore>) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_cert_resolver(store);
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Parses a PEM certificate chain and private key, checking that they belong together.
+pub fn certified_key_from_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<CertifiedKey, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::CertPem(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate);
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| TlsError::KeyPem(e.to_string()))?;
+    CertifiedKey::from_der(certs, key, &provider()).map_err(TlsError::Mismatch)
+}
+
+/// `--tls-cert`/`--tls-key`: PEM files, e.g. a Kubernetes Secret volume.
+#[derive(Clone, Debug)]
+pub struct PemFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl PemFiles {
+    /// Reads both files through their paths (so a Secret volume's `..data` symlink swap is
+    /// followed).
+    async fn read(&self) -> Result<(Vec<u8>, Vec<u8>), TlsError> {
+        let read = |path: &Path| {
+            let path = path.to_owned();
+            async move { tokio::fs::read(&path).await.map_err(|source| TlsError::Read { path, source }) }
+        };
+        Ok((read(&self.cert).await?, read(&self.key).await?))
+    }
+}
+
+/// Keeps a [`CertStore`] in step with PEM files: polls their content every `interval` and
+/// swaps in a new certificate when it changes and parses. A half-written or mismatched
+/// pair is reported and retried on the next poll; the old certificate stays in use.
+pub struct FileReloader {
+    files: PemFiles,
+    store: Arc<CertStore>,
+    metrics: Arc<Metrics>,
+    /// The content last looked at (loaded or rejected), so each change is handled once.
+    seen: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl FileReloader {
+    pub fn new(files: PemFiles, store: Arc<CertStore>, metrics: Arc<Metrics>) -> Self {
+        Self { files, store, metrics, seen: None }
+    }
+
+    /// Checks the files once; returns whether a new certificate was loaded.
+    pub async fn poll(&mut self) -> Result<bool, TlsError> {
+        let content = self.files.read().await?;
+        if self.seen.as_ref() == Some(&content) {
+            return Ok(false);
+        }
+        let result = certified_key_from_pem(&content.0, &content.1);
+        self.seen = Some(content);
+        self.metrics.tls_reload(result.is_ok());
+        let key = result?;
+        self.store.set(key);
+        Ok(true)
+    }
+
+    /// Polls forever (until the task is dropped).
+    pub async fn run(mut self, interval: Duration) {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_error: Option<String> = None;
+        loop {
+            ticker.tick().await;
+            match self.poll().await {
+                Ok(true) => {
+                    info!(cert = %self.files.cert.display(), "loaded serving certificate");
+                    last_error = None;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    // Say it once per distinct problem, not every few seconds.
+                    let msg = e.to_string();
+                    if last_error.as_deref() != Some(&msg) {
+                        warn!(error = %msg, loaded = self.store.is_loaded(), "serving certificate not (re)loaded; will retry");
+                        last_error = Some(msg);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A certificate and its private key, PEM-encoded.
+#[derive(Clone, Debug)]
+pub struct PemPair {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl PemPair {
+    pub fn certified_key(&self) -> Result<CertifiedKey, TlsError> {
+        certified_key_from_pem(self.cert_pem.as_bytes(), self.key_pem.as_bytes())
+    }
+}
+
+/// A private certificate authority that issues serving certificates.
+pub struct Ca {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl Ca {
+    pub fn generate(common_name: &str) -> Result<Self, TlsError> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name = distinguished_name(common_name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate()?)?;
+        Ok(Self { issuer })
+    }
+
+    pub fn cert_pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// A serving certificate for `names` (DNS names or IP addresses), with a fresh key.
+    pub fn issue_serving(&self, names: &[String]) -> Result<PemPair, TlsError> {
+        let mut params = CertificateParams::new(names.to_vec())?;
+        params.distinguished_name = distinguished_name(names.first().map_or("velero-jupyterhub", String::as_str));
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(PemPair { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+    }
+}
+
+fn distinguished_name(common_name: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, common_name);
+    dn
+}
+
+/// `--self-signed`: a CA and a serving certificate for `localhost`, `127.0.0.1` and
+/// `extra_names`, in memory. Returns the serving pair and the CA bundle (PEM).
+pub fn self_signed(extra_names: &[String]) -> Result<(PemPair, String), TlsError> {
+    let ca = Ca::generate("velero-jupyterhub development CA")?;
+    let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+    names.extend(extra_names.iter().filter(|n| !names.contains(n)).cloned().collect::<Vec<_>>());
+    let pair = ca.issue_serving(&names)?;
+    Ok((pair, ca.cert_pem()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issued_pair_loads_and_mismatched_pair_is_refused() {
+        let ca = Ca::generate("test").unwrap();
+        let a = ca.issue_serving(&["localhost".into()]).unwrap();
+        let b = ca.issue_serving(&["localhost".into()]).unwrap();
+        assert!(a.certified_key().is_ok());
+        let err = certified_key_from_pem(a.cert_pem.as_bytes(), b.key_pem.as_bytes()).unwrap_err();
+        assert!(matches!(err, TlsError::Mismatch(_)), "{err}");
+        assert!(matches!(certified_key_from_pem(b"", a.key_pem.as_bytes()), Err(TlsError::NoCertificate)));
+        assert!(matches!(certified_key_from_pem(a.cert_pem.as_bytes(), b"junk"), Err(TlsError::KeyPem(_))));
+    }
+
+    #[tokio::test]
+    async fn reloader_swaps_only_on_valid_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = PemFiles { cert: dir.path().join("tls.crt"), key: dir.path().join("tls.key") };
+        let ca = Ca::generate("test").unwrap();
+        let first = ca.issue_serving(&["localhost".into()]).unwrap();
+        std::fs::write(&files.cert, &first.cert_pem).unwrap();
+        std::fs::write(&files.key, &first.key_pem).unwrap();
+        let store = Arc::new(CertStore::default());
+        let metrics = Arc::new(Metrics::new());
+        let mut reloader = FileReloader::new(files.clone(), store.clone(), metrics.clone());
+        assert!(reloader.poll().await.unwrap());
+        assert!(!reloader.poll().await.unwrap(), "unchanged content is not reloaded");
+        let before = store.current.load_full().unwrap();
+
+        // A half-written pair (new cert, old key) is refused; the old certificate stays.
+        let second = ca.issue_serving(&["localhost".into()]).unwrap();
+        std::fs::write(&files.cert, &second.cert_pem).unwrap();
+        assert!(reloader.poll().await.is_err());
+        assert!(Arc::ptr_eq(&before, &store.current.load_full().unwrap()));
+        std::fs::write(&files.key, &second.key_pem).unwrap();
+        assert!(reloader.poll().await.unwrap());
+        assert!(!Arc::ptr_eq(&before, &store.current.load_full().unwrap()));
+        assert!(metrics.encode().contains("velero_jupyterhub_tls_reloads_total{result=\"error\"} 1"));
+    }
+}

@@ -1,0 +1,199 @@
+//! The HTTP edge: the admission `Router` (served over TLS by [`serve`]) and the plain
+//! health/metrics `Router`. Handlers only move bytes between HTTP and [`crate::admission`].
+
+pub mod serve;
+
+use std::any::Any;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use tower_http::catch_panic::{CatchPanicLayer, ResponseForPanic};
+use tower_http::timeout::TimeoutLayer;
+use tracing::{debug, error, info, warn};
+
+use crate::admission::{self, Outcome, ReviewError};
+use crate::metrics::{self, Metrics};
+use crate::policy::NamespaceDirectory;
+use crate::tls::CertStore;
+
+/// Largest AdmissionReview we read (the API server's own request limit is 3 MiB).
+pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
+
+/// What the admission handlers need.
+pub struct WebhookState {
+    pub namespaces: Arc<dyn NamespaceDirectory>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// The admission router: `POST /mutate`, with body limit, timeout and panic catching.
+/// `request_timeout` bounds one request, body included (slow clients get 408).
+pub fn admission_router(state: Arc<WebhookState>, request_timeout: Duration) -> Router {
+    let metrics = state.metrics.clone();
+    let routes = Router::new().route("/mutate", post(mutate)).with_state(state);
+    with_admission_layers(routes, metrics, request_timeout)
+}
+
+/// The layers every admission route gets. Public so tests can prove the panic handling
+/// on a route that panics on purpose.
+pub fn with_admission_layers(routes: Router, metrics: Arc<Metrics>, request_timeout: Duration) -> Router {
+    routes
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, request_timeout))
+        .layer(CatchPanicLayer::custom(PanicResponder { metrics }))
+}
+
+#[derive(Clone)]
+struct PanicResponder {
+    metrics: Arc<Metrics>,
+}
+
+impl ResponseForPanic for PanicResponder {
+    type ResponseBody = axum::body::Body;
+
+    fn response_for_panic(&mut self, err: Box<dyn Any + Send + 'static>) -> axum::http::Response<Self::ResponseBody> {
+        let detail = err
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| err.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        error!(panic = %detail, "admission handler panicked; answered 500");
+        self.metrics.admission("live", "panic", 0.0);
+        (StatusCode::INTERNAL_SERVER_ERROR, "internal error while reviewing the request\n").into_response()
+    }
+}
+
+async fn mutate(State(state): State<Arc<WebhookState>>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+    let started = Instant::now();
+    let (response, outcome) = answer(&state, &headers, body);
+    state.metrics.admission("live", outcome, started.elapsed().as_secs_f64());
+    response
+}
+
+fn answer(state: &WebhookState, headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> (Response, &'static str) {
+    if !is_json(headers.get(header::CONTENT_TYPE)) {
+        let msg = "Content-Type must be application/json\n";
+        return ((StatusCode::UNSUPPORTED_MEDIA_TYPE, msg).into_response(), "unsupported_media_type");
+    }
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) => {
+            let status = rejection.status();
+            let outcome = if status == StatusCode::PAYLOAD_TOO_LARGE { "payload_too_large" } else { "bad_request" };
+            warn!(%status, reason = %rejection.body_text(), "could not read the request body");
+            return (rejection.into_response(), outcome);
+        }
+    };
+    match admission::review(&body, state.namespaces.as_ref(), false) {
+        Ok(reviewed) => {
+            log_reviewed(&reviewed);
+            let mut response = reviewed.body.into_response();
+            response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            (response, reviewed.outcome.as_str())
+        }
+        Err(e) => (bad_request(&e), "bad_request"),
+    }
+}
+
+fn bad_request(e: &ReviewError) -> Response {
+    warn!(uid = e.uid().unwrap_or(""), error = %e, "rejected AdmissionReview");
+    (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response()
+}
+
+fn log_reviewed(r: &admission::Reviewed) {
+    let object = r.object.as_deref().unwrap_or("");
+    match r.outcome {
+        o if o.patched() => info!(uid = %r.uid, pod = object, outcome = o.as_str(), "annotated user pod for Velero"),
+        Outcome::NotUnderstood => warn!(
+            uid = %r.uid,
+            detail = r.detail.as_deref().unwrap_or(""),
+            "pod not understood; allowed unchanged"
+        ),
+        o => debug!(uid = %r.uid, pod = object, outcome = o.as_str(), "allowed unchanged"),
+    }
+}
+
+fn is_json(content_type: Option<&HeaderValue>) -> bool {
+    let Some(value) = content_type.and_then(|v| v.to_str().ok()) else { return false };
+    let essence = value.split(';').next().unwrap_or("").trim();
+    essence.eq_ignore_ascii_case("application/json")
+}
+
+/// What `/readyz` checks.
+#[derive(Clone)]
+pub struct Readiness {
+    pub certs: Arc<CertStore>,
+    /// Set once the namespace cache has synced (None: no cluster configured).
+    pub namespaces_synced: Option<Arc<AtomicBool>>,
+    /// Set on shutdown, so the endpoint is taken out of rotation while draining.
+    pub shutting_down: Arc<AtomicBool>,
+}
+
+impl Readiness {
+    /// Why the server is not ready (empty when it is).
+    pub fn problems(&self) -> Vec<&'static str> {
+        let mut problems = Vec::new();
+        if !self.certs.is_loaded() {
+            problems.push("no serving certificate loaded yet");
+        }
+        if self.namespaces_synced.as_ref().is_some_and(|s| !s.load(Ordering::Acquire)) {
+            problems.push("namespace cache has not synced yet");
+        }
+        if self.shutting_down.load(Ordering::Acquire) {
+            problems.push("shutting down");
+        }
+        problems
+    }
+}
+
+struct OpsState {
+    readiness: Readiness,
+    metrics: Arc<Metrics>,
+}
+
+/// The plain-HTTP operations router: `/healthz`, `/readyz`, `/metrics`.
+pub fn ops_router(readiness: Readiness, metrics: Arc<Metrics>) -> Router {
+    let state = Arc::new(OpsState { readiness, metrics });
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .with_state(state)
+}
+
+async fn readyz(State(state): State<Arc<OpsState>>) -> Response {
+    let problems = state.readiness.problems();
+    if problems.is_empty() {
+        "ready\n".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", problems.join("; "))).into_response()
+    }
+}
+
+async fn metrics_text(State(state): State<Arc<OpsState>>) -> Response {
+    ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], state.metrics.encode()).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_types() {
+        let ok = ["application/json", "application/json; charset=utf-8", "Application/JSON"];
+        for v in ok {
+            assert!(is_json(Some(&HeaderValue::from_static(v))), "{v}");
+        }
+        for v in ["text/plain", "application/jsonx", "application/yaml", ""] {
+            assert!(!is_json(Some(&HeaderValue::from_static(v))), "{v}");
+        }
+        assert!(!is_json(None));
+    }
+}
