@@ -1,0 +1,181 @@
+//! The live-session webhook end to end on a real kube-apiserver: registered from
+//! manifests/, called by the API server over HTTPS, watching namespaces under the
+//! manifests' RBAC. Needs the test API server (scripts/test.sh).
+
+mod support;
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{DeleteParams, PostParams};
+use serde_json::json;
+use support::cluster::{self, Webhook, backup_volumes, user_pod};
+use support::fixtures;
+
+#[tokio::test]
+async fn user_pod_in_opted_in_namespace_is_stored_with_the_annotation() {
+    let client = cluster::client().await;
+    let webhook = Webhook::start(&client).await;
+    let ns = webhook.namespace(true).await;
+
+    let created = ns.pods().create(&PostParams::default(), &user_pod("alice-smith")).await.unwrap();
+    assert_eq!(backup_volumes(&created), Some("volume-alice-smith"));
+    let stored = ns.pods().get("jupyter-alice-smith").await.unwrap();
+    assert_eq!(backup_volumes(&stored), Some("volume-alice-smith"), "what the API server stored");
+    // The rest of the pod's annotations are kept.
+    assert_eq!(stored.metadata.annotations.as_ref().unwrap()["hub.jupyter.org/username"], "alice-smith");
+
+    // Every variant of the fixtures is stored as the decision says (namespace default globs).
+    for (name, want) in [
+        ("jupyter-alice-2dsmith", Some("volume-alice-2dsmith")),
+        ("jupyter-carol", Some("volume-carol")),
+        ("jupyter-grace", Some("notes,volume-grace")),
+        ("jupyter-heidi", None),
+        ("jupyter-ivan", Some("volume-ivan")),
+        ("jupyter-alice-smith--gpu", Some("volume-alice-smith--gpu")),
+        ("jupyter-judy", Some("volume-judy")),
+    ] {
+        let mut pod = fixtures::variant(name);
+        pod["metadata"].as_object_mut().unwrap().remove("namespace");
+        let created = ns.pods().create(&PostParams::default(), &cluster::from_json::<Pod>(pod)).await.unwrap();
+        assert_eq!(backup_volumes(&created), want, "{name}");
+    }
+    // Once a scheduler and kubelet have done their part, the annotation is still there.
+    cluster::bind(&ns.pods(), "jupyter-alice-smith", "worker-1").await;
+    cluster::set_phase(&ns.pods(), "jupyter-alice-smith", "Running").await;
+    let running = ns.pods().get("jupyter-alice-smith").await.unwrap();
+    assert_eq!(running.status.as_ref().unwrap().phase.as_deref(), Some("Running"));
+    assert_eq!(backup_volumes(&running), Some("volume-alice-smith"));
+
+    let m = webhook.server.metrics.admission_count("live", "annotated");
+    assert_eq!(m, 6, "the API server called our webhook for each pod it annotated");
+    ns.delete().await;
+    webhook.finish().await;
+}
+
+#[tokio::test]
+async fn other_namespaces_and_other_pods_are_stored_unchanged() {
+    let client = cluster::client().await;
+    let webhook = Webhook::start(&client).await;
+    let off = webhook.namespace(false).await;
+    let on = webhook.namespace(true).await;
+
+    let created = off.pods().create(&PostParams::default(), &user_pod("bob")).await.unwrap();
+    assert_eq!(backup_volumes(&created), None, "namespace without the opt-in label");
+
+    let mut hub = fixtures::variant("hub-7d9c8b6f5-abcde");
+    hub["metadata"].as_object_mut().unwrap().remove("namespace");
+    let created = on.pods().create(&PostParams::default(), &cluster::from_json::<Pod>(hub)).await.unwrap();
+    assert_eq!(backup_volumes(&created), None, "not a singleuser-server pod");
+    assert_eq!(webhook.server.metrics.admission_count("live", "annotated"), 0);
+    off.delete().await;
+    on.delete().await;
+    webhook.finish().await;
+}
+
+#[tokio::test]
+async fn namespace_claims_annotation_changes_take_effect_without_restart() {
+    let client = cluster::client().await;
+    let webhook = Webhook::start(&client).await;
+    let ns = webhook.namespace_with_claims("home-*").await;
+
+    // z2jh's claim-… does not match home-*: nothing to add.
+    let mut n = 0;
+    let mut create = |user: &str| {
+        n += 1;
+        let mut pod = user_pod(user);
+        pod.metadata.name = Some(format!("jupyter-{user}-{n}"));
+        let pods = ns.pods();
+        async move { pods.create(&PostParams::default(), &pod).await.unwrap() }
+    };
+    let created = create("carol").await;
+    assert_eq!(backup_volumes(&created), None);
+
+    ns.merge_metadata(json!({"annotations": {"velero-jupyterhub.io/claims": "home-*,claim-*"}})).await;
+    let mut seen = None;
+    for _ in 0..100 {
+        let created = create("carol").await;
+        if let Some(v) = backup_volumes(&created) {
+            seen = Some(v.to_owned());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(seen.as_deref(), Some("volume-carol"), "the new globs were applied by the running webhook");
+    ns.delete().await;
+    webhook.finish().await;
+}
+
+#[tokio::test]
+async fn with_the_webhook_down_user_pods_are_still_created() {
+    let client = cluster::client().await;
+    let webhook = Webhook::start(&client).await;
+    let ns = webhook.namespace(true).await;
+    webhook.stop_server().await;
+    // Wait until the port is really closed.
+    cluster::eventually(Duration::from_secs(10), || async {
+        tokio::net::TcpStream::connect(webhook.server.addr).await.is_err().then_some(())
+    })
+    .await
+    .expect("server stopped");
+
+    let started = std::time::Instant::now();
+    let created = ns.pods().create(&PostParams::default(), &user_pod("dave")).await.expect("failurePolicy Ignore: created anyway");
+    assert_eq!(backup_volumes(&created), None);
+    assert!(started.elapsed() < Duration::from_secs(3), "not held up by the webhook's timeout: {:?}", started.elapsed());
+    ns.delete().await;
+    webhook.finish().await;
+}
+
+#[tokio::test]
+async fn server_side_dry_run_gets_the_same_patch_and_no_side_effects() {
+    let client = cluster::client().await;
+    let webhook = Webhook::start(&client).await;
+    let ns = webhook.namespace(true).await;
+    let params = PostParams { dry_run: true, ..Default::default() };
+    let dry = ns.pods().create(&params, &user_pod("erin")).await.unwrap();
+    assert_eq!(backup_volumes(&dry), Some("volume-erin"));
+    assert!(ns.pods().get_opt("jupyter-erin").await.unwrap().is_none(), "dry run stored nothing");
+    let real = ns.pods().create(&PostParams::default(), &user_pod("erin")).await.unwrap();
+    assert_eq!(backup_volumes(&real), backup_volumes(&dry));
+    ns.pods().delete("jupyter-erin", &DeleteParams::default()).await.unwrap();
+    ns.delete().await;
+    webhook.finish().await;
+}
+
+#[tokio::test]
+async fn manifests_are_accepted_by_the_api_server() {
+    let client = cluster::client().await;
+    for obj in cluster::manifest_objects() {
+        // v1.20 has no policy/v1 PodDisruptionBudget (real clusters >= 1.21 do); the
+        // manifests keep policy/v1, so that one object is left out of this dry run.
+        if obj["apiVersion"] == "policy/v1" {
+            continue;
+        }
+        // The Deployment needs its namespace to exist for a dry run; RBAC objects and the
+        // namespace are applied for real (they are what the webhook runs as in tests).
+        if obj["kind"] == "Namespace" {
+            cluster::apply_dynamic(&client, &obj).await;
+            continue;
+        }
+        cluster::apply_dynamic_with(&client, &obj, true)
+            .await
+            .unwrap_or_else(|e| panic!("{} {} rejected: {e}", obj["kind"], obj["metadata"]["name"]));
+    }
+}
+
+#[tokio::test]
+async fn velero_crds_install_and_velero_objects_can_be_created() {
+    let client = cluster::client().await;
+    cluster::install_velero_crds(&client).await;
+    let webhook = Webhook::start(&client).await;
+    let ns = webhook.namespace(false).await;
+    for doc in fixtures::yaml_docs("velero-backup-schedule-restore.example.yaml") {
+        let mut doc = doc;
+        doc["metadata"]["namespace"] = ns.name.clone().into();
+        let applied = cluster::apply_dynamic(&client, &doc).await;
+        assert_eq!(applied["kind"], doc["kind"]);
+    }
+    ns.delete().await;
+    webhook.finish().await;
+}

@@ -1,0 +1,337 @@
+//! Cluster test support: the real kube-apiserver started by scripts/kube-envtest.sh
+//! (scripts/test.sh starts it and sets KUBECONFIG). Cluster tests fail loudly without it.
+//!
+//! Each test works in its own namespaces and registers its own webhook configuration,
+//! selected by a per-test label, so tests run in parallel against one API server.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use base64::Engine as _;
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client, Config};
+use serde_json::{Value, json};
+use velero_jupyterhub::policy::ClaimGlobs;
+use velero_jupyterhub::server::{self, Running, TlsSource};
+use velero_jupyterhub::webhook::serve::ServeOptions;
+
+pub const MANAGER: &str = "velero-jupyterhub-tests";
+
+/// The label that ties a test's namespaces to that test's webhook registration.
+pub const TEST_LABEL: &str = "tests.velero-jupyterhub.io/run";
+
+fn kubeconfig_or_die() -> String {
+    match std::env::var("KUBECONFIG") {
+        Ok(path) if std::path::Path::new(&path).exists() => path,
+        other => panic!(
+            "cluster tests need a running API server, and KUBECONFIG is {other:?}.\n\
+             Run them with scripts/test.sh (starts one), or start one yourself:\n  \
+             scripts/kube-envtest.sh start && eval \"$(scripts/kube-envtest.sh env)\""
+        ),
+    }
+}
+
+pub async fn config() -> Config {
+    velero_jupyterhub::tls::install_default_provider();
+    kubeconfig_or_die();
+    Config::infer().await.expect("kubeconfig loads")
+}
+
+/// An admin client (system:masters).
+pub async fn client() -> Client {
+    Client::try_from(config().await).expect("client")
+}
+
+/// A client that acts as `system:serviceaccount:<namespace>:<name>` (impersonation), so
+/// RBAC is enforced as it would be for the deployed service.
+pub async fn client_as_service_account(namespace: &str, name: &str) -> Client {
+    let mut config = config().await;
+    config.auth_info.impersonate = Some(format!("system:serviceaccount:{namespace}:{name}"));
+    config.auth_info.impersonate_groups =
+        Some(vec!["system:serviceaccounts".into(), format!("system:serviceaccounts:{namespace}"), "system:authenticated".into()]);
+    Client::try_from(config).expect("client")
+}
+
+/// A short unique id: process id + counter (tests in parallel, test binaries in parallel).
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix}-{}-{n}", std::process::id())
+}
+
+pub struct TestNamespace {
+    pub name: String,
+    client: Client,
+}
+
+impl TestNamespace {
+    /// Creates a namespace carrying `run_label` (and the opt-in label when `opted_in`).
+    pub async fn create(client: &Client, run_label: &str, opted_in: bool, annotations: BTreeMap<String, String>) -> Self {
+        let name = unique("vjh");
+        let mut labels = BTreeMap::from([
+            // v1.20 does not add this label by itself.
+            ("kubernetes.io/metadata.name".to_owned(), name.clone()),
+            (TEST_LABEL.to_owned(), run_label.to_owned()),
+        ]);
+        if opted_in {
+            labels.insert(velero_jupyterhub::names::NAMESPACE_ENABLED.to_owned(), "true".to_owned());
+        }
+        let ns: Namespace = serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": labels, "annotations": annotations}
+        }))
+        .expect("namespace");
+        Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.expect("create namespace");
+        Self { name, client: client.clone() }
+    }
+
+    pub fn pods(&self) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), &self.name)
+    }
+
+    pub async fn merge_metadata(&self, metadata: Value) {
+        Api::<Namespace>::all(self.client.clone())
+            .patch(&self.name, &PatchParams::default(), &Patch::Merge(json!({"metadata": metadata})))
+            .await
+            .expect("patch namespace");
+    }
+
+    pub async fn delete(self) {
+        let _ = Api::<Namespace>::all(self.client.clone()).delete(&self.name, &DeleteParams::default()).await;
+    }
+}
+
+/// Applies Velero's CRDs (tests/fixtures/velero-crds, minus BackupStorageLocation, which
+/// v1.20 rejects) and waits until they are established. Idempotent.
+pub async fn install_velero_crds(client: &Client) {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let dir = super::fixtures::path("velero-crds");
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(&dir).expect("crd dir") {
+        let path = entry.expect("entry").path();
+        let file = path.file_name().and_then(|f| f.to_str()).unwrap_or_default().to_owned();
+        if !file.ends_with(".yaml") || file.contains("backupstoragelocations") {
+            continue;
+        }
+        for doc in super::fixtures::yaml_docs(&format!("velero-crds/{file}")) {
+            let name = doc["metadata"]["name"].as_str().expect("crd name").to_owned();
+            api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&doc)).await.unwrap_or_else(|e| panic!("apply {name}: {e}"));
+            names.push(name);
+        }
+    }
+    for name in names {
+        eventually(Duration::from_secs(30), || {
+            let api = api.clone();
+            let name = name.clone();
+            async move {
+                let crd = api.get(&name).await.ok()?;
+                let established = crd.status?.conditions?.iter().any(|c| c.type_ == "Established" && c.status == "True");
+                established.then_some(())
+            }
+        })
+        .await
+        .unwrap_or_else(|| panic!("CRD {name} not established"));
+    }
+}
+
+/// Polls `f` until it returns Some, or `timeout` passes.
+pub async fn eventually<T, F, Fut>(timeout: Duration, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return Some(v);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Objects of `manifests/`, in kustomization order (the base has no patches).
+pub fn manifest_objects() -> Vec<Value> {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("manifests");
+    let kustomization: Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(root.join("kustomization.yaml")).expect("kustomization")).expect("yaml");
+    let mut out = Vec::new();
+    for file in kustomization["resources"].as_array().expect("resources") {
+        let text = std::fs::read_to_string(root.join(file.as_str().expect("file"))).expect("manifest file");
+        for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+            let v: Value = serde::Deserialize::deserialize(doc).expect("manifest yaml");
+            if !v.is_null() {
+                out.push(v);
+            }
+        }
+    }
+    out
+}
+
+pub fn manifest(kind: &str, name: &str) -> Value {
+    manifest_objects()
+        .into_iter()
+        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} in manifests/"))
+}
+
+/// The webhook under test: the real server in-process on loopback with a fresh CA,
+/// watching namespaces as the manifests' service account, and registered with the API
+/// server from manifests/webhook.yaml (url and caBundle rewritten, selected to this
+/// test's namespaces).
+pub struct Webhook {
+    pub server: Running,
+    pub run_label: String,
+    pub configuration: String,
+    client: Client,
+}
+
+impl Webhook {
+    pub async fn start(client: &Client) -> Self {
+        Self::start_with(client, ServeOptions::default()).await
+    }
+
+    pub async fn start_with(client: &Client, serve: ServeOptions) -> Self {
+        apply_rbac(client).await;
+        let sa = manifest("ServiceAccount", "velero-jupyterhub");
+        let webhook_client = client_as_service_account(
+            sa["metadata"]["namespace"].as_str().expect("ns"),
+            sa["metadata"]["name"].as_str().expect("name"),
+        )
+        .await;
+        let server = server::start(server::Config {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            metrics_listen: "127.0.0.1:0".parse().expect("addr"),
+            tls: TlsSource::SelfSigned { dns_names: vec![], ca_out: None },
+            default_claims: ClaimGlobs::parse("claim-*").expect("globs"),
+            cluster: Some(webhook_client),
+            serve,
+            shutdown_delay: Duration::ZERO,
+        })
+        .await
+        .expect("webhook server starts");
+        let synced = server.readiness.namespaces_synced.clone().expect("cluster mode");
+        eventually(Duration::from_secs(20), || {
+            let s = synced.clone();
+            async move { s.load(Ordering::Acquire).then_some(()) }
+        })
+        .await
+        .expect("namespace cache syncs (RBAC lets the service account list and watch namespaces)");
+
+        let run_label = unique("run");
+        let configuration = format!("velero-jupyterhub-{run_label}");
+        let mut wh = manifest("MutatingWebhookConfiguration", "velero-jupyterhub");
+        wh["metadata"]["name"] = configuration.clone().into();
+        let ca = base64::engine::general_purpose::STANDARD.encode(server.ca_pem.as_deref().expect("ca"));
+        for hook in wh["webhooks"].as_array_mut().expect("webhooks") {
+            hook["clientConfig"] = json!({"url": format!("https://{}/mutate", server.addr), "caBundle": ca});
+            hook["namespaceSelector"]["matchLabels"][TEST_LABEL] = run_label.clone().into();
+        }
+        let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+        api.patch(&configuration, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&wh)).await.expect("register webhook");
+        Self { server, run_label, configuration, client: client.clone() }
+    }
+
+    pub async fn namespace(&self, opted_in: bool) -> TestNamespace {
+        TestNamespace::create(&self.client, &self.run_label, opted_in, BTreeMap::new()).await
+    }
+
+    pub async fn namespace_with_claims(&self, claims: &str) -> TestNamespace {
+        let annotations = BTreeMap::from([(velero_jupyterhub::names::NAMESPACE_CLAIMS.to_owned(), claims.to_owned())]);
+        TestNamespace::create(&self.client, &self.run_label, true, annotations).await
+    }
+
+    /// Stops the server but leaves the registration in place (the webhook is "down").
+    pub async fn stop_server(&self) {
+        self.server.shutdown();
+    }
+
+    pub async fn unregister(&self) {
+        let api: Api<MutatingWebhookConfiguration> = Api::all(self.client.clone());
+        let _ = api.delete(&self.configuration, &DeleteParams::default()).await;
+    }
+
+    pub async fn finish(self) {
+        self.unregister().await;
+        self.server.shutdown();
+        self.server.stopped().await;
+    }
+}
+
+/// Applies the namespace, service account and RBAC objects of manifests/.
+pub async fn apply_rbac(client: &Client) {
+    for obj in manifest_objects() {
+        let kind = obj["kind"].as_str().unwrap_or_default();
+        if !["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"].contains(&kind) {
+            continue;
+        }
+        apply_dynamic(client, &obj).await;
+    }
+}
+
+/// Server-side apply of any object (by its apiVersion/kind), optionally as a dry run.
+pub async fn apply_dynamic_with(client: &Client, obj: &Value, dry_run: bool) -> Result<Value, kube::Error> {
+    use kube::discovery::ApiResource;
+    let api_version = obj["apiVersion"].as_str().expect("apiVersion");
+    let kind = obj["kind"].as_str().expect("kind");
+    let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+    let gvk = kube::core::GroupVersionKind::gvk(group, version, kind);
+    let (ar, caps) = kube::discovery::pinned_kind(client, &gvk).await?;
+    let ar: ApiResource = ar;
+    let name = obj["metadata"]["name"].as_str().expect("name");
+    let api: Api<kube::core::DynamicObject> = match (caps.scope, obj["metadata"]["namespace"].as_str()) {
+        (kube::discovery::Scope::Namespaced, Some(ns)) => Api::namespaced_with(client.clone(), ns, &ar),
+        _ => Api::all_with(client.clone(), &ar),
+    };
+    let mut params = PatchParams::apply(MANAGER).force();
+    params.dry_run = dry_run;
+    let applied = api.patch(name, &params, &Patch::Apply(obj)).await?;
+    Ok(serde_json::to_value(applied).expect("json"))
+}
+
+pub async fn apply_dynamic(client: &Client, obj: &Value) -> Value {
+    apply_dynamic_with(client, obj, false).await.unwrap_or_else(|e| panic!("apply {}: {e}", obj["metadata"]["name"]))
+}
+
+/// Plays the scheduler: binds a pod to a node (`pods/binding`).
+pub async fn bind(pods: &Api<Pod>, name: &str, node: &str) {
+    let binding = json!({
+        "apiVersion": "v1", "kind": "Binding",
+        "metadata": {"name": name},
+        "target": {"apiVersion": "v1", "kind": "Node", "name": node}
+    });
+    pods.create_subresource::<Value, Value>("binding", name, &PostParams::default(), &binding).await.expect("bind pod");
+}
+
+/// Plays the kubelet: sets a pod's phase (`pods/status`).
+pub async fn set_phase(pods: &Api<Pod>, name: &str, phase: &str) {
+    let status = json!({"status": {"phase": phase, "conditions": [{"type": "Ready", "status": if phase == "Running" {"True"} else {"False"}}]}});
+    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(status)).await.expect("set pod phase");
+}
+
+/// A KubeSpawner-shaped user pod (the z2jh fixture) renamed for `user`, ready to create.
+pub fn user_pod(user: &str) -> Pod {
+    let mut pod = super::fixtures::z2jh_pod();
+    let v = format!("volume-{user}");
+    pod["metadata"]["name"] = format!("jupyter-{user}").into();
+    pod["metadata"].as_object_mut().expect("meta").remove("namespace");
+    pod["metadata"]["labels"]["hub.jupyter.org/username"] = user.into();
+    pod["spec"]["containers"][0]["volumeMounts"][0]["name"] = v.clone().into();
+    pod["spec"]["volumes"][0] = json!({"name": v, "persistentVolumeClaim": {"claimName": format!("claim-{user}")}});
+    // The user-scheduler does not exist on the test server; nothing schedules pods there.
+    pod["spec"].as_object_mut().expect("spec").remove("schedulerName");
+    serde_json::from_value(pod).expect("pod")
+}
+
+pub fn from_json<T: serde::de::DeserializeOwned>(v: Value) -> T {
+    serde_json::from_value(v).expect("object")
+}
+
+pub fn backup_volumes(pod: &Pod) -> Option<&str> {
+    pod.metadata.annotations.as_ref()?.get(velero_jupyterhub::names::VELERO_BACKUP_VOLUMES).map(String::as_str)
+}
