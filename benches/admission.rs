@@ -16,7 +16,10 @@ fn fixture(name: &str) -> String {
 
 /// The golden AdmissionReview as the API server sends it (compact JSON).
 fn z2jh_request() -> Vec<u8> {
-    let v: Value = serde_json::from_str(&fixture("admissionreview-singleuser-pod-create.example.json")).expect("fixture");
+    let v: Value = serde_json::from_str(&fixture(
+        "admissionreview-singleuser-pod-create.example.json",
+    ))
+    .expect("fixture");
     let mut request = v["request"].clone();
     request.as_object_mut().expect("object").remove("_note");
     serde_json::to_vec(&request).expect("encode")
@@ -26,7 +29,8 @@ fn bench(c: &mut Criterion) {
     let namespaces = StaticNamespaces::new(ClaimGlobs::parse("claim-*").expect("globs"));
     let request = z2jh_request();
     let mut annotated: Value = serde_json::from_slice(&request).expect("json");
-    annotated["request"]["object"]["metadata"]["annotations"]["backup.velero.io/backup-volumes"] = "volume-alice-smith".into();
+    annotated["request"]["object"]["metadata"]["annotations"]["backup.velero.io/backup-volumes"] =
+        "volume-alice-smith".into();
     let reinvocation = serde_json::to_vec(&annotated).expect("encode");
 
     let mut group = c.benchmark_group("admission");

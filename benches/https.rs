@@ -26,12 +26,15 @@ use velero_jupyterhub::tls::{self, CertStore};
 use velero_jupyterhub::webhook::serve::{ServeOptions, serve_tls};
 use velero_jupyterhub::webhook::{WebhookState, admission_router};
 
-const FIXED_ALLOW: &str =
-    r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","response":{"uid":"705ab4f5-6393-11e8-b7cc-42010a800002","allowed":true}}"#;
+const FIXED_ALLOW: &str = r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","response":{"uid":"705ab4f5-6393-11e8-b7cc-42010a800002","allowed":true}}"#;
 
 fn z2jh_request() -> Vec<u8> {
-    let path = format!("{}/tests/fixtures/admissionreview-singleuser-pod-create.example.json", env!("CARGO_MANIFEST_DIR"));
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("json");
+    let path = format!(
+        "{}/tests/fixtures/admissionreview-singleuser-pod-create.example.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let v: Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("json");
     let mut request = v["request"].clone();
     request.as_object_mut().expect("object").remove("_note");
     serde_json::to_vec(&request).expect("encode")
@@ -47,7 +50,13 @@ async fn start(app: Router, certs: Arc<CertStore>) -> Server {
     let addr = listener.local_addr().expect("addr");
     let stop = CancellationToken::new();
     let config = tls::server_config(certs).expect("tls config");
-    tokio::spawn(serve_tls(listener, config, app, ServeOptions::default(), stop.clone().cancelled_owned()));
+    tokio::spawn(serve_tls(
+        listener,
+        config,
+        app,
+        ServeOptions::default(),
+        stop.clone().cancelled_owned(),
+    ));
     Server { addr, stop }
 }
 
@@ -71,7 +80,14 @@ impl Round {
 
 /// `connections` keep-alive connections send requests back to back (`rate` = None) or
 /// at a fixed total rate, for `duration`.
-async fn load(addr: SocketAddr, connector: TlsConnector, body: Bytes, connections: usize, rate: Option<f64>, duration: Duration) -> Round {
+async fn load(
+    addr: SocketAddr,
+    connector: TlsConnector,
+    body: Bytes,
+    connections: usize,
+    rate: Option<f64>,
+    duration: Duration,
+) -> Round {
     let start = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..connections {
@@ -79,8 +95,13 @@ async fn load(addr: SocketAddr, connector: TlsConnector, body: Bytes, connection
         tasks.push(tokio::spawn(async move {
             let tcp = TcpStream::connect(addr).await.expect("connect");
             tcp.set_nodelay(true).expect("nodelay");
-            let tls = connector.connect(ServerName::try_from("localhost").expect("name"), tcp).await.expect("tls");
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.expect("http");
+            let tls = connector
+                .connect(ServerName::try_from("localhost").expect("name"), tcp)
+                .await
+                .expect("tls");
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                .await
+                .expect("http");
             tokio::spawn(conn);
             let interval = rate.map(|r| Duration::from_secs_f64(connections as f64 / r));
             let mut next = Instant::now();
@@ -117,7 +138,17 @@ async fn load(addr: SocketAddr, connector: TlsConnector, body: Bytes, connection
 fn idle_rss_kib() -> Option<(u64, u64)> {
     let exe = env!("CARGO_BIN_EXE_velero-jupyterhub");
     let mut child = std::process::Command::new(exe)
-        .args(["serve", "--self-signed", "--no-cluster", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--log-level", "warn"])
+        .args([
+            "serve",
+            "--self-signed",
+            "--no-cluster",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--log-level",
+            "warn",
+        ])
         .spawn()
         .ok()?;
     std::thread::sleep(Duration::from_secs(2));
@@ -125,7 +156,14 @@ fn idle_rss_kib() -> Option<(u64, u64)> {
     let _ = child.kill();
     let _ = child.wait();
     let field = |name: &str| -> Option<u64> {
-        status.as_deref()?.lines().find(|l| l.starts_with(name))?.split_whitespace().nth(1)?.parse().ok()
+        status
+            .as_deref()?
+            .lines()
+            .find(|l| l.starts_with(name))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
     };
     Some((field("VmRSS:")?, field("VmHWM:")?))
 }
@@ -133,10 +171,17 @@ fn idle_rss_kib() -> Option<(u64, u64)> {
 fn main() {
     // `cargo bench` passes --bench; `cargo test --benches` passes nothing: run briefly then.
     let quick = !std::env::args().any(|a| a == "--bench");
-    let secs: f64 = std::env::var("BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(if quick { 0.3 } else { 4.0 });
+    let secs: f64 = std::env::var("BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(if quick { 0.3 } else { 4.0 });
     let duration = Duration::from_secs_f64(secs);
     tls::install_default_provider();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
     rt.block_on(async {
         let (pair, ca_pem) = tls::self_signed(&[]).expect("cert");
         let certs = Arc::new(CertStore::default());

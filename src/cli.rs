@@ -19,12 +19,22 @@ use crate::webhook::serve::ServeOptions;
 use crate::{admission, names};
 
 #[derive(Debug, Parser)]
-#[command(name = "velero-jupyterhub", version, about = "Velero file-system backups that work for JupyterHub users' home volumes")]
+#[command(
+    name = "velero-jupyterhub",
+    version,
+    about = "Velero file-system backups that work for JupyterHub users' home volumes"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
     /// Log format.
-    #[arg(long, env = "VJH_LOG_FORMAT", value_enum, default_value = "text", global = true)]
+    #[arg(
+        long,
+        env = "VJH_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
     pub log_format: LogFormat,
     /// Log filter: a level or tracing directives (e.g. `info,kube=warn`).
     #[arg(long, env = "VJH_LOG_LEVEL", default_value = "info", global = true)]
@@ -62,7 +72,12 @@ pub struct ServeArgs {
     #[arg(long, env = "VJH_SELF_SIGNED", conflicts_with_all = ["tls_cert", "tls_key"])]
     pub self_signed: bool,
     /// Extra names for the self-signed certificate (repeat or comma-separate).
-    #[arg(long = "dns-name", env = "VJH_DNS_NAMES", value_delimiter = ',', requires = "self_signed")]
+    #[arg(
+        long = "dns-name",
+        env = "VJH_DNS_NAMES",
+        value_delimiter = ',',
+        requires = "self_signed"
+    )]
     pub dns_names: Vec<String>,
     /// With `--self-signed`: write the CA bundle (PEM) here, for `caBundle` or `curl --cacert`.
     #[arg(long, env = "VJH_CA_OUT", requires = "self_signed")]
@@ -97,17 +112,26 @@ pub struct ReviewArgs {
     /// would give them: `NS=GLOBS` (repeatable).
     #[arg(long = "namespace-claims", value_parser = parse_namespace_claims)]
     pub namespace_claims: Vec<(String, ClaimGlobs)>,
+    /// The input is a Pod (JSON, e.g. `kubectl get pod NAME -o json`), not an
+    /// AdmissionReview: review it as if it were being created.
+    #[arg(long)]
+    pub pod: bool,
     /// Also explain on stderr, per volume, why it was or was not listed.
     #[arg(long)]
     pub explain: bool,
 }
 
 fn parse_namespace_claims(s: &str) -> Result<(String, ClaimGlobs), String> {
-    let (ns, globs) = s.split_once('=').ok_or_else(|| format!("expected NS=GLOBS, got {s:?}"))?;
+    let (ns, globs) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected NS=GLOBS, got {s:?}"))?;
     if ns.is_empty() {
         return Err(format!("empty namespace in {s:?}"));
     }
-    Ok((ns.to_owned(), ClaimGlobs::parse(globs).map_err(|e| e.to_string())?))
+    Ok((
+        ns.to_owned(),
+        ClaimGlobs::parse(globs).map_err(|e| e.to_string())?,
+    ))
 }
 
 /// Runs the parsed command; returns the process exit code.
@@ -124,17 +148,25 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     crate::tls::install_default_provider();
     let tls = match (args.tls_cert, args.tls_key) {
-        (Some(cert), Some(key)) => {
-            TlsSource::Files { files: PemFiles { cert, key }, reload_interval: args.tls_reload_interval }
-        }
-        _ => TlsSource::SelfSigned { dns_names: args.dns_names, ca_out: args.ca_out },
+        (Some(cert), Some(key)) => TlsSource::Files {
+            files: PemFiles { cert, key },
+            reload_interval: args.tls_reload_interval,
+        },
+        _ => TlsSource::SelfSigned {
+            dns_names: args.dns_names,
+            ca_out: args.ca_out,
+        },
     };
     let cluster = if args.no_cluster {
         None
     } else {
-        let client = crate::cluster::try_client().await.context("connecting to the Kubernetes API")?;
+        let client = crate::cluster::try_client()
+            .await
+            .context("connecting to the Kubernetes API")?;
         if client.is_none() {
-            tracing::warn!("no kubeconfig or in-cluster config found: running without a cluster (as with --no-cluster)");
+            tracing::warn!(
+                "no kubeconfig or in-cluster config found: running without a cluster (as with --no-cluster)"
+            );
         }
         client
     };
@@ -144,7 +176,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tls,
         default_claims: args.claims,
         cluster,
-        serve: ServeOptions { idle_timeout: args.idle_timeout, shutdown_grace: args.shutdown_grace, ..Default::default() },
+        serve: ServeOptions {
+            idle_timeout: args.idle_timeout,
+            shutdown_grace: args.shutdown_grace,
+            ..Default::default()
+        },
         shutdown_delay: args.shutdown_delay,
     })
     .await?;
@@ -182,11 +218,26 @@ fn review(args: ReviewArgs) -> anyhow::Result<i32> {
             body = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         }
         _ => {
-            std::io::stdin().read_to_end(&mut body).context("reading stdin")?;
+            std::io::stdin()
+                .read_to_end(&mut body)
+                .context("reading stdin")?;
         }
     }
+    if args.pod {
+        body = match admission::pod_create_review(&body) {
+            Ok(review) => review,
+            Err(e) => {
+                eprintln!("velero-jupyterhub review --pod: {e}");
+                return Ok(2);
+            }
+        };
+    }
     let mut namespaces = StaticNamespaces::new(args.claims);
-    namespaces.overrides = args.namespace_claims.into_iter().map(|(ns, g)| (ns, Arc::new(g))).collect::<HashMap<_, _>>();
+    namespaces.overrides = args
+        .namespace_claims
+        .into_iter()
+        .map(|(ns, g)| (ns, Arc::new(g)))
+        .collect::<HashMap<_, _>>();
 
     let reviewed = match admission::review(&body, &namespaces, args.explain) {
         Ok(r) => r,
@@ -206,16 +257,28 @@ fn review(args: ReviewArgs) -> anyhow::Result<i32> {
 
 /// The `--explain` report: the verdict, then one line per volume.
 pub fn explain_text(r: &admission::Reviewed) -> String {
-    let mut out = format!("{} {}: {}\n", r.object.as_deref().unwrap_or("(not a pod)"), r.uid, r.outcome.as_str());
+    let mut out = format!(
+        "{} {}: {}\n",
+        r.object.as_deref().unwrap_or("(not a pod)"),
+        r.uid,
+        r.outcome.as_str()
+    );
     if let Some(detail) = &r.detail {
         out.push_str(&format!("  {detail}\n"));
     }
     for v in &r.explanation {
-        let claim = v.claim.as_deref().map(|c| format!(" (claim {c})")).unwrap_or_default();
+        let claim = v
+            .claim
+            .as_deref()
+            .map(|c| format!(" (claim {c})"))
+            .unwrap_or_default();
         out.push_str(&format!("  {}{}: {}\n", v.volume, claim, v.reason));
     }
     if let Ok(Some(patch)) = admission::decode_patch(&r.body) {
-        out.push_str(&format!("  patch: {}\n", serde_json::to_string(&patch).unwrap_or_default()));
+        out.push_str(&format!(
+            "  patch: {}\n",
+            serde_json::to_string(&patch).unwrap_or_default()
+        ));
     }
     out
 }

@@ -11,11 +11,11 @@
 //! - [`metrics`], [`telemetry`]: Prometheus metrics and logging.
 
 pub mod admission;
-pub mod names;
-pub mod policy;
 pub mod cli;
 pub mod cluster;
 pub mod metrics;
+pub mod names;
+pub mod policy;
 pub mod server;
 pub mod telemetry;
 pub mod tls;

@@ -31,7 +31,9 @@ pub struct Metrics {
 }
 
 /// Latency buckets from 25 µs to 1 s: decisions take microseconds, TLS and queueing more.
-const DURATION_BUCKETS: [f64; 12] = [0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0];
+const DURATION_BUCKETS: [f64; 12] = [
+    0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0,
+];
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -43,7 +45,11 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("velero_jupyterhub");
         let admission_requests = Family::<AdmissionLabels, Counter>::default();
-        registry.register("admission_requests", "AdmissionReview requests by webhook and outcome", admission_requests.clone());
+        registry.register(
+            "admission_requests",
+            "AdmissionReview requests by webhook and outcome",
+            admission_requests.clone(),
+        );
         let admission_duration = Histogram::new(DURATION_BUCKETS);
         registry.register(
             "admission_duration_seconds",
@@ -51,7 +57,11 @@ impl Metrics {
             admission_duration.clone(),
         );
         let tls_reloads = Family::<ResultLabels, Counter>::default();
-        registry.register("tls_reloads", "Serving certificate (re)loads from files, by result", tls_reloads.clone());
+        registry.register(
+            "tls_reloads",
+            "Serving certificate (re)loads from files, by result",
+            tls_reloads.clone(),
+        );
         let namespaces_opted_in = Gauge::default();
         registry.register(
             "namespaces_opted_in",
@@ -63,25 +73,38 @@ impl Metrics {
             "Build information",
             Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
         );
-        Self { registry, admission_requests, admission_duration, tls_reloads, namespaces_opted_in }
+        Self {
+            registry,
+            admission_requests,
+            admission_duration,
+            tls_reloads,
+            namespaces_opted_in,
+        }
     }
 
     pub fn admission(&self, webhook: &'static str, outcome: &'static str, seconds: f64) {
-        self.admission_requests.get_or_create(&AdmissionLabels { webhook, outcome }).inc();
+        self.admission_requests
+            .get_or_create(&AdmissionLabels { webhook, outcome })
+            .inc();
         self.admission_duration.observe(seconds);
     }
 
     pub fn admission_count(&self, webhook: &'static str, outcome: &'static str) -> u64 {
-        self.admission_requests.get_or_create(&AdmissionLabels { webhook, outcome }).get()
+        self.admission_requests
+            .get_or_create(&AdmissionLabels { webhook, outcome })
+            .get()
     }
 
     pub fn tls_reload(&self, ok: bool) {
         let result = if ok { "success" } else { "error" };
-        self.tls_reloads.get_or_create(&ResultLabels { result }).inc();
+        self.tls_reloads
+            .get_or_create(&ResultLabels { result })
+            .inc();
     }
 
     pub fn set_namespaces_opted_in(&self, n: usize) {
-        self.namespaces_opted_in.set(i64::try_from(n).unwrap_or(i64::MAX));
+        self.namespaces_opted_in
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// The OpenMetrics text exposition.

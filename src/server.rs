@@ -23,9 +23,15 @@ use crate::webhook::{self, Readiness, WebhookState};
 
 pub enum TlsSource {
     /// PEM files, polled for changes every `reload_interval`.
-    Files { files: PemFiles, reload_interval: Duration },
+    Files {
+        files: PemFiles,
+        reload_interval: Duration,
+    },
     /// A CA and serving certificate made in memory; the CA bundle is written to `ca_out`.
-    SelfSigned { dns_names: Vec<String>, ca_out: Option<PathBuf> },
+    SelfSigned {
+        dns_names: Vec<String>,
+        ca_out: Option<PathBuf>,
+    },
     /// A given certificate (tests).
     Pem(PemPair),
 }
@@ -74,20 +80,27 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let mut background: Vec<JoinHandle<()>> = Vec::new();
 
     let ca_pem = match config.tls {
-        TlsSource::Files { files, reload_interval } => {
+        TlsSource::Files {
+            files,
+            reload_interval,
+        } => {
             let mut reloader = FileReloader::new(files.clone(), certs.clone(), metrics.clone());
             match reloader.poll().await {
                 Ok(_) => info!(cert = %files.cert.display(), "loaded serving certificate"),
-                Err(e) => warn!(error = %e, "no usable serving certificate yet; not ready until one loads"),
+                Err(e) => {
+                    warn!(error = %e, "no usable serving certificate yet; not ready until one loads")
+                }
             }
             background.push(tokio::spawn(reloader.run(reload_interval)));
             None
         }
         TlsSource::SelfSigned { dns_names, ca_out } => {
-            let (pair, ca_pem) = tls::self_signed(&dns_names).context("making a self-signed certificate")?;
+            let (pair, ca_pem) =
+                tls::self_signed(&dns_names).context("making a self-signed certificate")?;
             certs.set(pair.certified_key()?);
             if let Some(path) = ca_out {
-                std::fs::write(&path, &ca_pem).with_context(|| format!("writing the CA bundle to {}", path.display()))?;
+                std::fs::write(&path, &ca_pem)
+                    .with_context(|| format!("writing the CA bundle to {}", path.display()))?;
                 info!(ca = %path.display(), "self-signed: wrote the CA bundle (use it as caBundle or curl --cacert)");
             }
             Some(ca_pem)
@@ -113,12 +126,27 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .with_context(|| format!("binding the webhook address --listen {}", config.listen))?;
     let ops_listener = TcpListener::bind(config.metrics_listen)
         .await
-        .with_context(|| format!("binding the metrics address --metrics-listen {}", config.metrics_listen))?;
+        .with_context(|| {
+            format!(
+                "binding the metrics address --metrics-listen {}",
+                config.metrics_listen
+            )
+        })?;
     let addr = listener.local_addr()?;
     let metrics_addr = ops_listener.local_addr()?;
 
-    let readiness = Readiness { certs: certs.clone(), namespaces_synced, shutting_down: Arc::new(AtomicBool::new(false)) };
-    let admission = webhook::admission_router(Arc::new(WebhookState { namespaces, metrics: metrics.clone() }), config.serve.request_timeout);
+    let readiness = Readiness {
+        certs: certs.clone(),
+        namespaces_synced,
+        shutting_down: Arc::new(AtomicBool::new(false)),
+    };
+    let admission = webhook::admission_router(
+        Arc::new(WebhookState {
+            namespaces,
+            metrics: metrics.clone(),
+        }),
+        config.serve.request_timeout,
+    );
     let ops = webhook::ops_router(readiness.clone(), metrics.clone());
     let tls_config = tls::server_config(certs).context("building the TLS configuration")?;
 
@@ -136,7 +164,15 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         background,
     ));
     info!(%addr, %metrics_addr, "serving: POST /mutate over HTTPS; /healthz, /readyz, /metrics over HTTP");
-    Ok(Running { addr, metrics_addr, ca_pem, metrics, readiness, shutdown, task })
+    Ok(Running {
+        addr,
+        metrics_addr,
+        ca_pem,
+        metrics,
+        readiness,
+        shutdown,
+        task,
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -154,9 +190,18 @@ async fn run(
 ) {
     let stop_admission = CancellationToken::new();
     let stop_ops = CancellationToken::new();
-    let admission_task =
-        tokio::spawn(serve_tls(listener, tls_config, admission, serve, stop_admission.clone().cancelled_owned()));
-    let ops_task = tokio::spawn(serve_plain(ops_listener, ops, stop_ops.clone().cancelled_owned()));
+    let admission_task = tokio::spawn(serve_tls(
+        listener,
+        tls_config,
+        admission,
+        serve,
+        stop_admission.clone().cancelled_owned(),
+    ));
+    let ops_task = tokio::spawn(serve_plain(
+        ops_listener,
+        ops,
+        stop_ops.clone().cancelled_owned(),
+    ));
 
     shutdown.cancelled().await;
     shutting_down.store(true, Ordering::Release);

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
 };
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
@@ -25,7 +25,10 @@ use crate::metrics::Metrics;
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("reading {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("no certificate found in the PEM data")]
     NoCertificate,
     #[error("certificate PEM: {0}")]
@@ -90,7 +93,8 @@ pub fn certified_key_from_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<Certifi
     if certs.is_empty() {
         return Err(TlsError::NoCertificate);
     }
-    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| TlsError::KeyPem(e.to_string()))?;
+    let key =
+        PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| TlsError::KeyPem(e.to_string()))?;
     CertifiedKey::from_der(certs, key, &provider()).map_err(TlsError::Mismatch)
 }
 
@@ -107,7 +111,11 @@ impl PemFiles {
     async fn read(&self) -> Result<(Vec<u8>, Vec<u8>), TlsError> {
         let read = |path: &Path| {
             let path = path.to_owned();
-            async move { tokio::fs::read(&path).await.map_err(|source| TlsError::Read { path, source }) }
+            async move {
+                tokio::fs::read(&path)
+                    .await
+                    .map_err(|source| TlsError::Read { path, source })
+            }
         };
         Ok((read(&self.cert).await?, read(&self.key).await?))
     }
@@ -126,7 +134,12 @@ pub struct FileReloader {
 
 impl FileReloader {
     pub fn new(files: PemFiles, store: Arc<CertStore>, metrics: Arc<Metrics>) -> Self {
-        Self { files, store, metrics, seen: None }
+        Self {
+            files,
+            store,
+            metrics,
+            seen: None,
+        }
     }
 
     /// Checks the files once; returns whether a new certificate was loaded.
@@ -192,7 +205,11 @@ impl Ca {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.distinguished_name = distinguished_name(common_name);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate()?)?;
         Ok(Self { issuer })
     }
@@ -204,12 +221,19 @@ impl Ca {
     /// A serving certificate for `names` (DNS names or IP addresses), with a fresh key.
     pub fn issue_serving(&self, names: &[String]) -> Result<PemPair, TlsError> {
         let mut params = CertificateParams::new(names.to_vec())?;
-        params.distinguished_name = distinguished_name(names.first().map_or("velero-jupyterhub", String::as_str));
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.distinguished_name =
+            distinguished_name(names.first().map_or("velero-jupyterhub", String::as_str));
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(PemPair { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+        Ok(PemPair {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
     }
 }
 
@@ -224,7 +248,13 @@ fn distinguished_name(common_name: &str) -> DistinguishedName {
 pub fn self_signed(extra_names: &[String]) -> Result<(PemPair, String), TlsError> {
     let ca = Ca::generate("velero-jupyterhub development CA")?;
     let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
-    names.extend(extra_names.iter().filter(|n| !names.contains(n)).cloned().collect::<Vec<_>>());
+    names.extend(
+        extra_names
+            .iter()
+            .filter(|n| !names.contains(n))
+            .cloned()
+            .collect::<Vec<_>>(),
+    );
     let pair = ca.issue_serving(&names)?;
     Ok((pair, ca.cert_pem()))
 }
@@ -241,14 +271,23 @@ mod tests {
         assert!(a.certified_key().is_ok());
         let err = certified_key_from_pem(a.cert_pem.as_bytes(), b.key_pem.as_bytes()).unwrap_err();
         assert!(matches!(err, TlsError::Mismatch(_)), "{err}");
-        assert!(matches!(certified_key_from_pem(b"", a.key_pem.as_bytes()), Err(TlsError::NoCertificate)));
-        assert!(matches!(certified_key_from_pem(a.cert_pem.as_bytes(), b"junk"), Err(TlsError::KeyPem(_))));
+        assert!(matches!(
+            certified_key_from_pem(b"", a.key_pem.as_bytes()),
+            Err(TlsError::NoCertificate)
+        ));
+        assert!(matches!(
+            certified_key_from_pem(a.cert_pem.as_bytes(), b"junk"),
+            Err(TlsError::KeyPem(_))
+        ));
     }
 
     #[tokio::test]
     async fn reloader_swaps_only_on_valid_change() {
         let dir = tempfile::tempdir().unwrap();
-        let files = PemFiles { cert: dir.path().join("tls.crt"), key: dir.path().join("tls.key") };
+        let files = PemFiles {
+            cert: dir.path().join("tls.crt"),
+            key: dir.path().join("tls.key"),
+        };
         let ca = Ca::generate("test").unwrap();
         let first = ca.issue_serving(&["localhost".into()]).unwrap();
         std::fs::write(&files.cert, &first.cert_pem).unwrap();
@@ -257,7 +296,10 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let mut reloader = FileReloader::new(files.clone(), store.clone(), metrics.clone());
         assert!(reloader.poll().await.unwrap());
-        assert!(!reloader.poll().await.unwrap(), "unchanged content is not reloaded");
+        assert!(
+            !reloader.poll().await.unwrap(),
+            "unchanged content is not reloaded"
+        );
         let before = store.current.load_full().unwrap();
 
         // A half-written pair (new cert, old key) is refused; the old certificate stays.
@@ -268,6 +310,10 @@ mod tests {
         std::fs::write(&files.key, &second.key_pem).unwrap();
         assert!(reloader.poll().await.unwrap());
         assert!(!Arc::ptr_eq(&before, &store.current.load_full().unwrap()));
-        assert!(metrics.encode().contains("velero_jupyterhub_tls_reloads_total{result=\"error\"} 1"));
+        assert!(
+            metrics
+                .encode()
+                .contains("velero_jupyterhub_tls_reloads_total{result=\"error\"} 1")
+        );
     }
 }

@@ -18,12 +18,23 @@ async fn user_pod_in_opted_in_namespace_is_stored_with_the_annotation() {
     let webhook = Webhook::start(&client).await;
     let ns = webhook.namespace(true).await;
 
-    let created = ns.pods().create(&PostParams::default(), &user_pod("alice-smith")).await.unwrap();
+    let created = ns
+        .pods()
+        .create(&PostParams::default(), &user_pod("alice-smith"))
+        .await
+        .unwrap();
     assert_eq!(backup_volumes(&created), Some("volume-alice-smith"));
     let stored = ns.pods().get("jupyter-alice-smith").await.unwrap();
-    assert_eq!(backup_volumes(&stored), Some("volume-alice-smith"), "what the API server stored");
+    assert_eq!(
+        backup_volumes(&stored),
+        Some("volume-alice-smith"),
+        "what the API server stored"
+    );
     // The rest of the pod's annotations are kept.
-    assert_eq!(stored.metadata.annotations.as_ref().unwrap()["hub.jupyter.org/username"], "alice-smith");
+    assert_eq!(
+        stored.metadata.annotations.as_ref().unwrap()["hub.jupyter.org/username"],
+        "alice-smith"
+    );
 
     // Every variant of the fixtures is stored as the decision says (namespace default globs).
     for (name, want) in [
@@ -37,18 +48,28 @@ async fn user_pod_in_opted_in_namespace_is_stored_with_the_annotation() {
     ] {
         let mut pod = fixtures::variant(name);
         pod["metadata"].as_object_mut().unwrap().remove("namespace");
-        let created = ns.pods().create(&PostParams::default(), &cluster::from_json::<Pod>(pod)).await.unwrap();
+        let created = ns
+            .pods()
+            .create(&PostParams::default(), &cluster::from_json::<Pod>(pod))
+            .await
+            .unwrap();
         assert_eq!(backup_volumes(&created), want, "{name}");
     }
     // Once a scheduler and kubelet have done their part, the annotation is still there.
     cluster::bind(&ns.pods(), "jupyter-alice-smith", "worker-1").await;
     cluster::set_phase(&ns.pods(), "jupyter-alice-smith", "Running").await;
     let running = ns.pods().get("jupyter-alice-smith").await.unwrap();
-    assert_eq!(running.status.as_ref().unwrap().phase.as_deref(), Some("Running"));
+    assert_eq!(
+        running.status.as_ref().unwrap().phase.as_deref(),
+        Some("Running")
+    );
     assert_eq!(backup_volumes(&running), Some("volume-alice-smith"));
 
     let m = webhook.server.metrics.admission_count("live", "annotated");
-    assert_eq!(m, 6, "the API server called our webhook for each pod it annotated");
+    assert_eq!(
+        m, 6,
+        "the API server called our webhook for each pod it annotated"
+    );
     ns.delete().await;
     webhook.finish().await;
 }
@@ -60,14 +81,33 @@ async fn other_namespaces_and_other_pods_are_stored_unchanged() {
     let off = webhook.namespace(false).await;
     let on = webhook.namespace(true).await;
 
-    let created = off.pods().create(&PostParams::default(), &user_pod("bob")).await.unwrap();
-    assert_eq!(backup_volumes(&created), None, "namespace without the opt-in label");
+    let created = off
+        .pods()
+        .create(&PostParams::default(), &user_pod("bob"))
+        .await
+        .unwrap();
+    assert_eq!(
+        backup_volumes(&created),
+        None,
+        "namespace without the opt-in label"
+    );
 
     let mut hub = fixtures::variant("hub-7d9c8b6f5-abcde");
     hub["metadata"].as_object_mut().unwrap().remove("namespace");
-    let created = on.pods().create(&PostParams::default(), &cluster::from_json::<Pod>(hub)).await.unwrap();
-    assert_eq!(backup_volumes(&created), None, "not a singleuser-server pod");
-    assert_eq!(webhook.server.metrics.admission_count("live", "annotated"), 0);
+    let created = on
+        .pods()
+        .create(&PostParams::default(), &cluster::from_json::<Pod>(hub))
+        .await
+        .unwrap();
+    assert_eq!(
+        backup_volumes(&created),
+        None,
+        "not a singleuser-server pod"
+    );
+    assert_eq!(
+        webhook.server.metrics.admission_count("live", "annotated"),
+        0
+    );
     off.delete().await;
     on.delete().await;
     webhook.finish().await;
@@ -91,7 +131,8 @@ async fn namespace_claims_annotation_changes_take_effect_without_restart() {
     let created = create("carol").await;
     assert_eq!(backup_volumes(&created), None);
 
-    ns.merge_metadata(json!({"annotations": {"velero-jupyterhub.io/claims": "home-*,claim-*"}})).await;
+    ns.merge_metadata(json!({"annotations": {"velero-jupyterhub.io/claims": "home-*,claim-*"}}))
+        .await;
     let mut seen = None;
     for _ in 0..100 {
         let created = create("carol").await;
@@ -101,7 +142,11 @@ async fn namespace_claims_annotation_changes_take_effect_without_restart() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(seen.as_deref(), Some("volume-carol"), "the new globs were applied by the running webhook");
+    assert_eq!(
+        seen.as_deref(),
+        Some("volume-carol"),
+        "the new globs were applied by the running webhook"
+    );
     ns.delete().await;
     webhook.finish().await;
 }
@@ -114,15 +159,26 @@ async fn with_the_webhook_down_user_pods_are_still_created() {
     webhook.stop_server().await;
     // Wait until the port is really closed.
     cluster::eventually(Duration::from_secs(10), || async {
-        tokio::net::TcpStream::connect(webhook.server.addr).await.is_err().then_some(())
+        tokio::net::TcpStream::connect(webhook.server.addr)
+            .await
+            .is_err()
+            .then_some(())
     })
     .await
     .expect("server stopped");
 
     let started = std::time::Instant::now();
-    let created = ns.pods().create(&PostParams::default(), &user_pod("dave")).await.expect("failurePolicy Ignore: created anyway");
+    let created = ns
+        .pods()
+        .create(&PostParams::default(), &user_pod("dave"))
+        .await
+        .expect("failurePolicy Ignore: created anyway");
     assert_eq!(backup_volumes(&created), None);
-    assert!(started.elapsed() < Duration::from_secs(3), "not held up by the webhook's timeout: {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "not held up by the webhook's timeout: {:?}",
+        started.elapsed()
+    );
     ns.delete().await;
     webhook.finish().await;
 }
@@ -132,13 +188,26 @@ async fn server_side_dry_run_gets_the_same_patch_and_no_side_effects() {
     let client = cluster::client().await;
     let webhook = Webhook::start(&client).await;
     let ns = webhook.namespace(true).await;
-    let params = PostParams { dry_run: true, ..Default::default() };
+    let params = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
     let dry = ns.pods().create(&params, &user_pod("erin")).await.unwrap();
     assert_eq!(backup_volumes(&dry), Some("volume-erin"));
-    assert!(ns.pods().get_opt("jupyter-erin").await.unwrap().is_none(), "dry run stored nothing");
-    let real = ns.pods().create(&PostParams::default(), &user_pod("erin")).await.unwrap();
+    assert!(
+        ns.pods().get_opt("jupyter-erin").await.unwrap().is_none(),
+        "dry run stored nothing"
+    );
+    let real = ns
+        .pods()
+        .create(&PostParams::default(), &user_pod("erin"))
+        .await
+        .unwrap();
     assert_eq!(backup_volumes(&real), backup_volumes(&dry));
-    ns.pods().delete("jupyter-erin", &DeleteParams::default()).await.unwrap();
+    ns.pods()
+        .delete("jupyter-erin", &DeleteParams::default())
+        .await
+        .unwrap();
     ns.delete().await;
     webhook.finish().await;
 }
@@ -160,7 +229,9 @@ async fn manifests_are_accepted_by_the_api_server() {
         }
         cluster::apply_dynamic_with(&client, &obj, true)
             .await
-            .unwrap_or_else(|e| panic!("{} {} rejected: {e}", obj["kind"], obj["metadata"]["name"]));
+            .unwrap_or_else(|e| {
+                panic!("{} {} rejected: {e}", obj["kind"], obj["metadata"]["name"])
+            });
     }
 }
 

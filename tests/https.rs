@@ -9,10 +9,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use hyper::StatusCode;
+use rustls::pki_types::pem::PemObject;
 use serde_json::{Value, json};
 use support::fixtures;
 use support::https::{self, HttpsClient};
-use rustls::pki_types::pem::PemObject;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use velero_jupyterhub::server::TlsSource;
 use velero_jupyterhub::tls::{Ca, PemFiles};
@@ -28,13 +28,23 @@ async fn golden_fixture_and_variants_over_one_keep_alive_connection() {
     let mut conn = client.connect().await.unwrap();
 
     let (request, expected) = fixtures::golden_review();
-    let (status, body) = conn.post("/mutate", Some("application/json"), request).await.unwrap();
+    let (status, body) = conn
+        .post("/mutate", Some("application/json"), request)
+        .await
+        .unwrap();
     assert_eq!(status, StatusCode::OK);
     assert_eq!(serde_json::from_slice::<Value>(&body).unwrap(), expected);
 
     for (i, pod) in fixtures::variants().iter().enumerate() {
         let uid = format!("uid-{i}");
-        let (status, body) = conn.post("/mutate", Some("application/json"), fixtures::pod_create_review(pod, &uid)).await.unwrap();
+        let (status, body) = conn
+            .post(
+                "/mutate",
+                Some("application/json"),
+                fixtures::pod_create_review(pod, &uid),
+            )
+            .await
+            .unwrap();
         assert_eq!(status, StatusCode::OK);
         let v: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["response"]["uid"], uid.as_str());
@@ -56,29 +66,147 @@ async fn bad_input_gets_a_clear_4xx() {
     };
     let ct = Some("application/json");
     // (name, content type, body, status, reason contains)
-    let cases: Vec<(&str, Option<&str>, Vec<u8>, StatusCode, &str)> = vec![
-        ("not JSON", ct, b"{not json".to_vec(), StatusCode::BAD_REQUEST, "malformed AdmissionReview"),
-        ("empty body", ct, Vec::new(), StatusCode::BAD_REQUEST, "malformed AdmissionReview"),
-        ("JSON array", ct, b"[]".to_vec(), StatusCode::BAD_REQUEST, "expected an AdmissionReview object"),
-        ("no request", ct, with(&|v| { v.as_object_mut().unwrap().remove("request"); }), StatusCode::BAD_REQUEST, "has no request"),
-        ("null request", ct, with(&|v| v["request"] = Value::Null), StatusCode::BAD_REQUEST, "has no request"),
-        ("wrong apiVersion", ct, with(&|v| v["apiVersion"] = json!("admission.k8s.io/v1beta1")), StatusCode::BAD_REQUEST, "apiVersion must be"),
-        ("no apiVersion", ct, with(&|v| { v.as_object_mut().unwrap().remove("apiVersion"); }), StatusCode::BAD_REQUEST, "apiVersion must be"),
-        ("wrong kind", ct, with(&|v| v["kind"] = json!("ConversionReview")), StatusCode::BAD_REQUEST, "kind must be"),
-        ("no uid", ct, with(&|v| { v["request"].as_object_mut().unwrap().remove("uid"); }), StatusCode::BAD_REQUEST, "missing field `uid`"),
-        ("empty uid", ct, with(&|v| v["request"]["uid"] = json!("")), StatusCode::BAD_REQUEST, "request.uid is empty"),
-        ("no object", ct, with(&|v| { v["request"].as_object_mut().unwrap().remove("object"); }), StatusCode::BAD_REQUEST, "must carry request.object"),
-        ("object is a Service", ct, with(&|v| v["request"]["object"]["kind"] = json!("Service")), StatusCode::BAD_REQUEST, "not a Pod: kind is \"Service\""),
-        ("object is apps/v1", ct, with(&|v| v["request"]["object"]["apiVersion"] = json!("apps/v1")), StatusCode::BAD_REQUEST, "not a Pod: apiVersion"),
-        ("object is a string", ct, with(&|v| v["request"]["object"] = json!("pod")), StatusCode::BAD_REQUEST, "not a Pod: not a JSON object"),
-        ("text/plain", Some("text/plain"), fixtures::pod_create_review(&pod, "u"), StatusCode::UNSUPPORTED_MEDIA_TYPE, "application/json"),
-        ("no content type", None, fixtures::pod_create_review(&pod, "u"), StatusCode::UNSUPPORTED_MEDIA_TYPE, "application/json"),
-        ("over 3 MiB", ct, vec![b' '; 3 * 1024 * 1024 + 1], StatusCode::PAYLOAD_TOO_LARGE, "length limit"),
+    type Case<'a> = (&'a str, Option<&'a str>, Vec<u8>, StatusCode, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            "not JSON",
+            ct,
+            b"{not json".to_vec(),
+            StatusCode::BAD_REQUEST,
+            "malformed AdmissionReview",
+        ),
+        (
+            "empty body",
+            ct,
+            Vec::new(),
+            StatusCode::BAD_REQUEST,
+            "malformed AdmissionReview",
+        ),
+        (
+            "JSON array",
+            ct,
+            b"[]".to_vec(),
+            StatusCode::BAD_REQUEST,
+            "expected an AdmissionReview object",
+        ),
+        (
+            "no request",
+            ct,
+            with(&|v| {
+                v.as_object_mut().unwrap().remove("request");
+            }),
+            StatusCode::BAD_REQUEST,
+            "has no request",
+        ),
+        (
+            "null request",
+            ct,
+            with(&|v| v["request"] = Value::Null),
+            StatusCode::BAD_REQUEST,
+            "has no request",
+        ),
+        (
+            "wrong apiVersion",
+            ct,
+            with(&|v| v["apiVersion"] = json!("admission.k8s.io/v1beta1")),
+            StatusCode::BAD_REQUEST,
+            "apiVersion must be",
+        ),
+        (
+            "no apiVersion",
+            ct,
+            with(&|v| {
+                v.as_object_mut().unwrap().remove("apiVersion");
+            }),
+            StatusCode::BAD_REQUEST,
+            "apiVersion must be",
+        ),
+        (
+            "wrong kind",
+            ct,
+            with(&|v| v["kind"] = json!("ConversionReview")),
+            StatusCode::BAD_REQUEST,
+            "kind must be",
+        ),
+        (
+            "no uid",
+            ct,
+            with(&|v| {
+                v["request"].as_object_mut().unwrap().remove("uid");
+            }),
+            StatusCode::BAD_REQUEST,
+            "missing field `uid`",
+        ),
+        (
+            "empty uid",
+            ct,
+            with(&|v| v["request"]["uid"] = json!("")),
+            StatusCode::BAD_REQUEST,
+            "request.uid is empty",
+        ),
+        (
+            "no object",
+            ct,
+            with(&|v| {
+                v["request"].as_object_mut().unwrap().remove("object");
+            }),
+            StatusCode::BAD_REQUEST,
+            "must carry request.object",
+        ),
+        (
+            "object is a Service",
+            ct,
+            with(&|v| v["request"]["object"]["kind"] = json!("Service")),
+            StatusCode::BAD_REQUEST,
+            "not a Pod: kind is \"Service\"",
+        ),
+        (
+            "object is apps/v1",
+            ct,
+            with(&|v| v["request"]["object"]["apiVersion"] = json!("apps/v1")),
+            StatusCode::BAD_REQUEST,
+            "not a Pod: apiVersion",
+        ),
+        (
+            "object is a string",
+            ct,
+            with(&|v| v["request"]["object"] = json!("pod")),
+            StatusCode::BAD_REQUEST,
+            "not a Pod: not a JSON object",
+        ),
+        (
+            "text/plain",
+            Some("text/plain"),
+            fixtures::pod_create_review(&pod, "u"),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "application/json",
+        ),
+        (
+            "no content type",
+            None,
+            fixtures::pod_create_review(&pod, "u"),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "application/json",
+        ),
+        (
+            "over 3 MiB",
+            ct,
+            vec![b' '; 3 * 1024 * 1024 + 1],
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "length limit",
+        ),
     ];
     for (name, content_type, body, want_status, want_reason) in cases {
-        let (status, body) = client.post("/mutate", content_type, body).await.unwrap_or_else(|e| panic!("{name}: {e}"));
+        let (status, body) = client
+            .post("/mutate", content_type, body)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(status, want_status, "{name}: {}", body_text(&body));
-        assert!(body_text(&body).contains(want_reason), "{name}: {:?} lacks {want_reason:?}", body_text(&body));
+        assert!(
+            body_text(&body).contains(want_reason),
+            "{name}: {:?} lacks {want_reason:?}",
+            body_text(&body)
+        );
     }
 
     // A pod whose fields have shapes we do not know is allowed unchanged, not refused.
@@ -90,8 +218,18 @@ async fn bad_input_gets_a_clear_4xx() {
     assert!(v["response"].get("patch").is_none());
 
     // Wrong method and path.
-    let (status, _) = client.connect().await.unwrap()
-        .send(hyper::Request::get("/mutate").header("host", "x").body(Default::default()).unwrap()).await.unwrap();
+    let (status, _) = client
+        .connect()
+        .await
+        .unwrap()
+        .send(
+            hyper::Request::get("/mutate")
+                .header("host", "x")
+                .body(Default::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
     assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
     let (status, _) = client.post("/validate", ct, b"{}".to_vec()).await.unwrap();
     assert_eq!(status, StatusCode::NOT_FOUND);
@@ -114,22 +252,45 @@ async fn bad_input_gets_a_clear_4xx() {
 async fn operations_endpoints() {
     let (server, client) = https::start_self_signed(ServeOptions::default()).await;
     let (status, body) = https::http_get(server.metrics_addr, "/healthz").await;
-    assert_eq!((status, body_text(&body).as_str()), (StatusCode::OK, "ok\n"));
+    assert_eq!(
+        (status, body_text(&body).as_str()),
+        (StatusCode::OK, "ok\n")
+    );
     let (status, body) = https::http_get(server.metrics_addr, "/readyz").await;
-    assert_eq!((status, body_text(&body).as_str()), (StatusCode::OK, "ready\n"));
+    assert_eq!(
+        (status, body_text(&body).as_str()),
+        (StatusCode::OK, "ready\n")
+    );
 
     let (request, _) = fixtures::golden_review();
     client.mutate(request).await.unwrap();
     let (status, body) = https::http_get(server.metrics_addr, "/metrics").await;
     assert_eq!(status, StatusCode::OK);
     let text = body_text(&body);
-    assert!(text.contains("velero_jupyterhub_admission_requests_total{webhook=\"live\",outcome=\"annotated\"} 1"), "{text}");
-    assert!(text.contains("velero_jupyterhub_admission_duration_seconds_count 1"), "{text}");
-    assert!(text.contains(&format!("velero_jupyterhub_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"))), "{text}");
+    assert!(
+        text.contains(
+            "velero_jupyterhub_admission_requests_total{webhook=\"live\",outcome=\"annotated\"} 1"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("velero_jupyterhub_admission_duration_seconds_count 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "velero_jupyterhub_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{text}"
+    );
     assert!(text.ends_with("# EOF\n"));
 
     // Not ready while shutting down.
-    server.readiness.shutting_down.store(true, Ordering::Release);
+    server
+        .readiness
+        .shutting_down
+        .store(true, Ordering::Release);
     let (status, body) = https::http_get(server.metrics_addr, "/readyz").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(body_text(&body).contains("shutting down"));
@@ -141,10 +302,16 @@ async fn operations_endpoints() {
 async fn plaintext_http_is_not_served_on_the_tls_port_and_tls12_and_13_work() {
     let (server, client) = https::start_self_signed(ServeOptions::default()).await;
     let mut tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    tcp.write_all(b"POST /mutate HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}").await.unwrap();
+    tcp.write_all(b"POST /mutate HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        .await
+        .unwrap();
     let mut buf = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut buf)).await;
-    assert!(!body_text(&buf).contains("HTTP/1.1"), "answered plaintext: {:?}", body_text(&buf));
+    assert!(
+        !body_text(&buf).contains("HTTP/1.1"),
+        "answered plaintext: {:?}",
+        body_text(&buf)
+    );
 
     let ca = server.ca_pem.clone().unwrap();
     for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
@@ -174,12 +341,19 @@ async fn idle_and_slow_clients_are_timed_out() {
     // Connects (TLS) and never sends a request: closed.
     let mut tls = client.tls_stream().await.unwrap();
     let mut buf = [0u8; 64];
-    let n = tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf)).await.expect("closed within the timeout");
-    assert!(matches!(n, Ok(0) | Err(_)), "idle connection was not closed");
+    let n = tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf))
+        .await
+        .expect("closed within the timeout");
+    assert!(
+        matches!(n, Ok(0) | Err(_)),
+        "idle connection was not closed"
+    );
 
     // Connects (TCP) and never starts the handshake: closed.
     let mut tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf)).await.expect("closed within the timeout");
+    let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf))
+        .await
+        .expect("closed within the timeout");
     assert!(matches!(n, Ok(0) | Err(_)));
 
     // Sends the head and part of the body, then stalls: 408.
@@ -187,10 +361,17 @@ async fn idle_and_slow_clients_are_timed_out() {
     tls.write_all(b"POST /mutate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"api").await.unwrap();
     let mut out = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut out)).await;
-    assert!(body_text(&out).starts_with("HTTP/1.1 408"), "{:?}", body_text(&out));
+    assert!(
+        body_text(&out).starts_with("HTTP/1.1 408"),
+        "{:?}",
+        body_text(&out)
+    );
 
     // A normal request still works.
-    assert_eq!(client.mutate(fixtures::golden_review().0).await.unwrap().0, StatusCode::OK);
+    assert_eq!(
+        client.mutate(fixtures::golden_review().0).await.unwrap().0,
+        StatusCode::OK
+    );
     server.shutdown();
     server.stopped().await;
 }
@@ -208,8 +389,15 @@ async fn a_panic_in_a_handler_is_a_counted_500() {
             ""
         }),
     );
-    let app = velero_jupyterhub::webhook::with_admission_layers(routes, metrics.clone(), Duration::from_secs(1));
-    let req = hyper::Request::post("/mutate").header("content-type", "application/json").body(axum::body::Body::from("{}")).unwrap();
+    let app = velero_jupyterhub::webhook::with_admission_layers(
+        routes,
+        metrics.clone(),
+        Duration::from_secs(1),
+    );
+    let req = hyper::Request::post("/mutate")
+        .header("content-type", "application/json")
+        .body(axum::body::Body::from("{}"))
+        .unwrap();
     let resp = app.oneshot(req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
     assert_eq!(metrics.admission_count("live", "panic"), 1);
@@ -246,7 +434,10 @@ impl SecretVolume {
     }
 
     fn files(&self) -> PemFiles {
-        PemFiles { cert: self.dir.path().join("tls.crt"), key: self.dir.path().join("tls.key") }
+        PemFiles {
+            cert: self.dir.path().join("tls.crt"),
+            key: self.dir.path().join("tls.key"),
+        }
     }
 }
 
@@ -257,7 +448,10 @@ async fn certificate_swap_during_a_stream_of_requests_drops_nothing() {
     let first = ca.issue_serving(&names).unwrap();
     let mut volume = SecretVolume::new(&first);
     let server = https::start(
-        TlsSource::Files { files: volume.files(), reload_interval: Duration::from_millis(50) },
+        TlsSource::Files {
+            files: volume.files(),
+            reload_interval: Duration::from_millis(50),
+        },
         ServeOptions::default(),
     )
     .await;
@@ -270,11 +464,22 @@ async fn certificate_swap_during_a_stream_of_requests_drops_nothing() {
     let request = fixtures::golden_review().0;
     let mut workers = Vec::new();
     for w in 0..4 {
-        let (client, stop, ok, failed, request) = (client.clone(), stop.clone(), ok.clone(), failed.clone(), request.clone());
+        let (client, stop, ok, failed, request) = (
+            client.clone(),
+            stop.clone(),
+            ok.clone(),
+            failed.clone(),
+            request.clone(),
+        );
         workers.push(tokio::spawn(async move {
             let mut conn = client.connect().await.unwrap();
             while !stop.load(Ordering::Relaxed) {
-                let result = if w % 2 == 0 { client.mutate(request.clone()).await } else { conn.post("/mutate", Some("application/json"), request.clone()).await };
+                let result = if w % 2 == 0 {
+                    client.mutate(request.clone()).await
+                } else {
+                    conn.post("/mutate", Some("application/json"), request.clone())
+                        .await
+                };
                 match result {
                     Ok((StatusCode::OK, _)) => ok.fetch_add(1, Ordering::Relaxed),
                     other => {
@@ -303,13 +508,28 @@ async fn certificate_swap_during_a_stream_of_requests_drops_nothing() {
         w.await.unwrap();
     }
     let (_, m) = https::http_get(server.metrics_addr, "/metrics").await;
-    assert!(swapped, "the new certificate was never served; {}", body_text(&m));
-    let expected_new = rustls::pki_types::CertificateDer::from_pem_slice(second.cert_pem.as_bytes()).unwrap();
+    assert!(
+        swapped,
+        "the new certificate was never served; {}",
+        body_text(&m)
+    );
+    let expected_new =
+        rustls::pki_types::CertificateDer::from_pem_slice(second.cert_pem.as_bytes()).unwrap();
     assert_eq!(client.served_certificate().await, expected_new.as_ref());
-    assert_eq!(failed.load(Ordering::Relaxed), 0, "requests failed during the swap");
-    assert!(ok.load(Ordering::Relaxed) > 20, "too few requests to mean anything: {}", ok.load(Ordering::Relaxed));
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "requests failed during the swap"
+    );
+    assert!(
+        ok.load(Ordering::Relaxed) > 20,
+        "too few requests to mean anything: {}",
+        ok.load(Ordering::Relaxed)
+    );
     let (_, metrics) = https::http_get(server.metrics_addr, "/metrics").await;
-    assert!(body_text(&metrics).contains("velero_jupyterhub_tls_reloads_total{result=\"success\"} 2"));
+    assert!(
+        body_text(&metrics).contains("velero_jupyterhub_tls_reloads_total{result=\"success\"} 2")
+    );
     server.shutdown();
     server.stopped().await;
 }
@@ -317,15 +537,25 @@ async fn certificate_swap_during_a_stream_of_requests_drops_nothing() {
 #[tokio::test]
 async fn not_ready_until_a_certificate_appears() {
     let dir = tempfile::tempdir().unwrap();
-    let files = PemFiles { cert: dir.path().join("tls.crt"), key: dir.path().join("tls.key") };
+    let files = PemFiles {
+        cert: dir.path().join("tls.crt"),
+        key: dir.path().join("tls.key"),
+    };
     let server = https::start(
-        TlsSource::Files { files: files.clone(), reload_interval: Duration::from_millis(50) },
+        TlsSource::Files {
+            files: files.clone(),
+            reload_interval: Duration::from_millis(50),
+        },
         ServeOptions::default(),
     )
     .await;
     let (status, body) = https::http_get(server.metrics_addr, "/readyz").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-    assert!(body_text(&body).contains("no serving certificate"), "{}", body_text(&body));
+    assert!(
+        body_text(&body).contains("no serving certificate"),
+        "{}",
+        body_text(&body)
+    );
 
     let ca = Ca::generate("late").unwrap();
     let pair = ca.issue_serving(&["localhost".to_owned()]).unwrap();
@@ -341,7 +571,10 @@ async fn not_ready_until_a_certificate_appears() {
     }
     assert!(ready);
     let client = HttpsClient::new(server.addr, &ca.cert_pem());
-    assert_eq!(client.mutate(fixtures::golden_review().0).await.unwrap().0, StatusCode::OK);
+    assert_eq!(
+        client.mutate(fixtures::golden_review().0).await.unwrap().0,
+        StatusCode::OK
+    );
     server.shutdown();
     server.stopped().await;
 }
@@ -354,7 +587,10 @@ async fn shutdown_finishes_in_flight_requests() {
 
     // A request whose body is half sent when the shutdown starts.
     let mut tls = client.tls_stream().await.unwrap();
-    let header = format!("POST /mutate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", request.len());
+    let header = format!(
+        "POST /mutate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        request.len()
+    );
     tls.write_all(header.as_bytes()).await.unwrap();
     tls.write_all(head).await.unwrap();
     tls.flush().await.unwrap();
@@ -366,15 +602,27 @@ async fn shutdown_finishes_in_flight_requests() {
     let stopped = tokio::spawn(server.stopped());
     tokio::time::sleep(Duration::from_millis(200)).await;
     // No new connections once draining has begun.
-    assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "still accepting after shutdown");
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "still accepting after shutdown"
+    );
     // The operations port stays up until the admission server has drained.
-    assert_eq!(https::http_get(metrics_addr, "/readyz").await.0, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        https::http_get(metrics_addr, "/readyz").await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
 
     tls.write_all(tail).await.unwrap();
     let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut out)).await.expect("answered").unwrap();
+    tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut out))
+        .await
+        .expect("answered")
+        .unwrap();
     let text = body_text(&out);
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(text.contains("705ab4f5-6393-11e8-b7cc-42010a800002"));
-    tokio::time::timeout(Duration::from_secs(5), stopped).await.expect("stops after draining").unwrap();
+    tokio::time::timeout(Duration::from_secs(5), stopped)
+        .await
+        .expect("stops after draining")
+        .unwrap();
 }

@@ -24,16 +24,26 @@ fn run(pod: &Value, globs: &str) -> (Outcome, Option<String>, Option<Value>) {
     } else {
         assert!(response["response"].get("patchType").is_none());
     }
-    let value = patched["metadata"]["annotations"]["backup.velero.io/backup-volumes"].as_str().map(str::to_owned);
-    (reviewed.outcome, value, patch.map(|p| serde_json::to_value(p).expect("patch json")))
+    let value = patched["metadata"]["annotations"]["backup.velero.io/backup-volumes"]
+        .as_str()
+        .map(str::to_owned);
+    (
+        reviewed.outcome,
+        value,
+        patch.map(|p| serde_json::to_value(p).expect("patch json")),
+    )
 }
 
 #[test]
 fn golden_admission_review_fixture() {
     let (request, expected) = fixtures::golden_review();
-    let reviewed = admission::review(&request, &fixtures::namespaces("claim-*"), false).expect("review");
+    let reviewed =
+        admission::review(&request, &fixtures::namespaces("claim-*"), false).expect("review");
     let got: Value = serde_json::from_slice(&reviewed.body).expect("json");
-    assert_eq!(got, expected, "byte-for-byte the fixture's expected response (as JSON)");
+    assert_eq!(
+        got, expected,
+        "byte-for-byte the fixture's expected response (as JSON)"
+    );
     assert_eq!(reviewed.outcome, Outcome::Live(LiveVerdict::Annotate));
 }
 
@@ -44,7 +54,10 @@ fn z2jh_fixture_gets_its_home_volume() {
     assert_eq!(value.as_deref(), Some("volume-alice-smith"));
     let patch = patch.unwrap();
     assert_eq!(patch[0]["op"], "add");
-    assert_eq!(patch[0]["path"], "/metadata/annotations/backup.velero.io~1backup-volumes");
+    assert_eq!(
+        patch[0]["path"],
+        "/metadata/annotations/backup.velero.io~1backup-volumes"
+    );
 }
 
 #[test]
@@ -52,22 +65,52 @@ fn variants_table() {
     use LiveVerdict::*;
     // (pod, namespace globs, verdict, annotation after the patch)
     let cases: &[(&str, &str, LiveVerdict, Option<&str>)] = &[
-        ("jupyter-alice-2dsmith", "claim-*", Annotate, Some("volume-alice-2dsmith")),
+        (
+            "jupyter-alice-2dsmith",
+            "claim-*",
+            Annotate,
+            Some("volume-alice-2dsmith"),
+        ),
         ("jupyter-bob", "claim-*", Annotate, Some("home")),
         ("jupyter-carol", "claim-*", Annotate, Some("volume-carol")),
-        ("jupyter-carol", "claim-*,data-*", Annotate, Some("volume-carol,data")),
+        (
+            "jupyter-carol",
+            "claim-*,data-*",
+            Annotate,
+            Some("volume-carol,data"),
+        ),
         ("jupyter-dave", "claim-*", Annotate, Some("volume-dave")),
-        ("jupyter-dave", "claim-*,jupyterhub-shared-volume", Annotate, Some("volume-dave,shared")),
+        (
+            "jupyter-dave",
+            "claim-*,jupyterhub-shared-volume",
+            Annotate,
+            Some("volume-dave,shared"),
+        ),
         ("jupyter-erin", "claim-*", Annotate, Some("volume-erin")),
         ("jupyter-erin", "*", Annotate, Some("volume-erin")),
         ("jupyter-frank", "claim-*", Annotate, Some("volume-frank")),
-        ("jupyter-grace", "claim-*", Annotate, Some("notes,volume-grace")),
+        (
+            "jupyter-grace",
+            "claim-*",
+            Annotate,
+            Some("notes,volume-grace"),
+        ),
         ("jupyter-heidi", "claim-*", Skipped, None),
         ("jupyter-ivan", "claim-*", Annotate, Some("volume-ivan")),
-        ("jupyter-alice-smith--gpu", "claim-*", Annotate, Some("volume-alice-smith--gpu")),
+        (
+            "jupyter-alice-smith--gpu",
+            "claim-*",
+            Annotate,
+            Some("volume-alice-smith--gpu"),
+        ),
         ("hub-7d9c8b6f5-abcde", "*", NotUserServer, None),
         ("jupyter-judy", "claim-*", NothingToAdd, Some("volume-judy")),
-        ("jupyter-mallory", "claim-*", Restored, Some("volume-mallory")),
+        (
+            "jupyter-mallory",
+            "claim-*",
+            Restored,
+            Some("volume-mallory"),
+        ),
         ("jupyter-bob", "home-*", NothingToAdd, None),
     ];
     for (name, globs, verdict, want) in cases {
@@ -81,8 +124,13 @@ fn variants_table() {
 #[test]
 fn per_volume_reasons() {
     use VolumeReason::*;
-    let cases: &[(&str, &str, &[(&str, VolumeReason)])] = &[
-        ("jupyter-dave", "claim-*", &[("volume-dave", Added), ("shared", ClaimNotMatched)]),
+    type Case<'a> = (&'a str, &'a str, &'a [(&'a str, VolumeReason)]);
+    let cases: &[Case] = &[
+        (
+            "jupyter-dave",
+            "claim-*",
+            &[("volume-dave", Added), ("shared", ClaimNotMatched)],
+        ),
         (
             "jupyter-erin",
             "*",
@@ -95,8 +143,20 @@ fn per_volume_reasons() {
                 ("volume-erin", Added),
             ],
         ),
-        ("jupyter-frank", "claim-*", &[("volume-frank", Added), ("seed", InitContainersOnly)]),
-        ("jupyter-grace", "claim-*", &[("notes", NotPvc), ("volume-grace", Added), ("scratch", Excluded)]),
+        (
+            "jupyter-frank",
+            "claim-*",
+            &[("volume-frank", Added), ("seed", InitContainersOnly)],
+        ),
+        (
+            "jupyter-grace",
+            "claim-*",
+            &[
+                ("notes", NotPvc),
+                ("volume-grace", Added),
+                ("scratch", Excluded),
+            ],
+        ),
         ("jupyter-judy", "claim-*", &[("volume-judy", AlreadyListed)]),
     ];
     for (name, globs, want) in cases {
@@ -105,7 +165,11 @@ fn per_volume_reasons() {
         let dir = fixtures::namespaces(globs);
         let scope = velero_jupyterhub::policy::NamespaceDirectory::scope(&dir, "jhub");
         let decision = decide_live(&pod, &scope);
-        let got: Vec<(&str, VolumeReason)> = decision.volumes.iter().map(|v| (v.volume, v.reason)).collect();
+        let got: Vec<(&str, VolumeReason)> = decision
+            .volumes
+            .iter()
+            .map(|v| (v.volume, v.reason))
+            .collect();
         assert_eq!(got, *want, "{name}");
     }
 }
@@ -113,13 +177,19 @@ fn per_volume_reasons() {
 #[test]
 fn a_volume_mounted_by_no_container_is_reported() {
     let mut pod = fixtures::variant("jupyter-ivan");
-    pod["spec"]["volumes"].as_array_mut().unwrap().push(serde_json::json!(
-        {"name": "orphan", "persistentVolumeClaim": {"claimName": "claim-ivan-old"}}
-    ));
+    pod["spec"]["volumes"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!(
+            {"name": "orphan", "persistentVolumeClaim": {"claimName": "claim-ivan-old"}}
+        ));
     let json = serde_json::to_string(&pod).unwrap();
     let view: PodView = serde_json::from_str(&json).unwrap();
     let dir = fixtures::namespaces("claim-*");
-    let decision = decide_live(&view, &velero_jupyterhub::policy::NamespaceDirectory::scope(&dir, "jhub"));
+    let decision = decide_live(
+        &view,
+        &velero_jupyterhub::policy::NamespaceDirectory::scope(&dir, "jhub"),
+    );
     assert_eq!(decision.volumes[1].reason, VolumeReason::NotMounted);
     assert_eq!(decision.new_value.as_deref(), Some("volume-ivan"));
 }
@@ -130,7 +200,10 @@ fn no_annotations_map_adds_the_whole_map() {
     let patch = patch.unwrap();
     assert_eq!(patch[0]["op"], "add");
     assert_eq!(patch[0]["path"], "/metadata/annotations");
-    assert_eq!(patch[0]["value"], serde_json::json!({"backup.velero.io/backup-volumes": "volume-ivan"}));
+    assert_eq!(
+        patch[0]["value"],
+        serde_json::json!({"backup.velero.io/backup-volumes": "volume-ivan"})
+    );
 }
 
 #[test]
@@ -151,11 +224,20 @@ fn existing_entry_replaced_not_duplicated() {
 
 #[test]
 fn skip_annotation_is_case_insensitive_true_only() {
-    for (v, skipped) in [("true", true), ("TRUE", true), ("false", false), ("yes", false)] {
+    for (v, skipped) in [
+        ("true", true),
+        ("TRUE", true),
+        ("false", false),
+        ("yes", false),
+    ] {
         let mut pod = fixtures::variant("jupyter-heidi");
         pod["metadata"]["annotations"]["velero-jupyterhub.io/skip"] = v.into();
         let (outcome, _, _) = run(&pod, "claim-*");
-        assert_eq!(outcome == Outcome::Live(LiveVerdict::Skipped), skipped, "skip={v}");
+        assert_eq!(
+            outcome == Outcome::Live(LiveVerdict::Skipped),
+            skipped,
+            "skip={v}"
+        );
     }
 }
 
@@ -169,7 +251,11 @@ fn reinvocation_is_a_no_op_for_every_variant() {
             let patch: json_patch::Patch = serde_json::from_value(patch).unwrap();
             json_patch::patch(&mut patched, &patch).unwrap();
             let (outcome, _, again) = run(&patched, globs);
-            assert!(again.is_none(), "second pass patched {} again: {again:?}", pod["metadata"]["name"]);
+            assert!(
+                again.is_none(),
+                "second pass patched {} again: {again:?}",
+                pod["metadata"]["name"]
+            );
             assert_eq!(outcome, Outcome::Live(LiveVerdict::NothingToAdd));
         }
     }

@@ -19,8 +19,16 @@ struct GenVolume {
 
 fn volume() -> impl Strategy<Value = GenVolume> {
     (
-        prop::sample::select(vec!["home", "volume-a", "data", "shared", "x/y", "v~1", "scratch"]),
-        prop::option::of(prop::sample::select(vec!["claim-a", "claim-b", "data-a", "other", "claim-a/b"])),
+        prop::sample::select(vec![
+            "home", "volume-a", "data", "shared", "x/y", "v~1", "scratch",
+        ]),
+        prop::option::of(prop::sample::select(vec![
+            "claim-a",
+            "claim-b",
+            "data-a",
+            "other",
+            "claim-a/b",
+        ])),
         any::<bool>(),
         any::<bool>(),
     )
@@ -34,8 +42,13 @@ fn volume() -> impl Strategy<Value = GenVolume> {
 
 /// An existing annotation value: entries from the same names plus odd spellings.
 fn list_value() -> impl Strategy<Value = String> {
-    prop::collection::vec(prop::sample::select(vec!["home", "data", " home", "", "notes", "volume-a", "x/y"]), 0..4)
-        .prop_map(|v| v.join(","))
+    prop::collection::vec(
+        prop::sample::select(vec![
+            "home", "data", " home", "", "notes", "volume-a", "x/y",
+        ]),
+        0..4,
+    )
+    .prop_map(|v| v.join(","))
 }
 
 fn pod() -> impl Strategy<Value = Value> {
@@ -88,9 +101,13 @@ fn pod() -> impl Strategy<Value = Value> {
 
 fn review(pod: &Value, uid: &str) -> (Value, Option<json_patch::Patch>) {
     let body = fixtures::pod_create_review(pod, uid);
-    let reviewed = admission::review(&body, &fixtures::namespaces("claim-*,data-*"), false).expect("valid review");
+    let reviewed = admission::review(&body, &fixtures::namespaces("claim-*,data-*"), false)
+        .expect("valid review");
     let response: Value = serde_json::from_slice(&reviewed.body).expect("response parses");
-    (response, admission::decode_patch(&reviewed.body).expect("patch decodes"))
+    (
+        response,
+        admission::decode_patch(&reviewed.body).expect("patch decodes"),
+    )
 }
 
 fn annotation(pod: &Value) -> Option<&str> {

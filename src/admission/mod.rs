@@ -163,7 +163,11 @@ struct ResponseOut<'a> {
 }
 
 /// Reviews one AdmissionReview (the request body) and returns the response to send.
-pub fn review(body: &[u8], namespaces: &dyn NamespaceDirectory, explain: bool) -> Result<Reviewed, ReviewError> {
+pub fn review(
+    body: &[u8],
+    namespaces: &dyn NamespaceDirectory,
+    explain: bool,
+) -> Result<Reviewed, ReviewError> {
     let review: ReviewIn = serde_json::from_slice(body)?;
     match review.api_version.as_deref() {
         Some(ADMISSION_API_VERSION) => {}
@@ -183,7 +187,10 @@ pub fn review(body: &[u8], namespaces: &dyn NamespaceDirectory, explain: bool) -
         && &*request.kind.version == "v1"
         && &*request.kind.kind == "Pod";
     let is_create = &*request.operation == "CREATE";
-    let is_subresource = request.sub_resource.as_deref().is_some_and(|s| !s.is_empty());
+    let is_subresource = request
+        .sub_resource
+        .as_deref()
+        .is_some_and(|s| !s.is_empty());
     if !(is_pod && is_create && !is_subresource) {
         return Ok(allow(uid, Outcome::NotPodCreate, None, None));
     }
@@ -198,16 +205,30 @@ pub fn review(body: &[u8], namespaces: &dyn NamespaceDirectory, explain: bool) -
             // A JSON object that merely has fields of a shape we do not expect is still
             // a pod the API server wants to create: allow it. Anything else is not a Pod.
             if !raw.get().trim_start().starts_with('{') {
-                return Err(ReviewError::NotAPod { uid: uid.to_owned(), reason: "not a JSON object".into() });
+                return Err(ReviewError::NotAPod {
+                    uid: uid.to_owned(),
+                    reason: "not a JSON object".into(),
+                });
             }
-            return Ok(allow(uid, Outcome::NotUnderstood, None, Some(e.to_string())));
+            return Ok(allow(
+                uid,
+                Outcome::NotUnderstood,
+                None,
+                Some(e.to_string()),
+            ));
         }
     };
     if let Some(kind) = pod.kind.as_deref().filter(|k| *k != "Pod") {
-        return Err(ReviewError::NotAPod { uid: uid.to_owned(), reason: format!("kind is {kind:?}") });
+        return Err(ReviewError::NotAPod {
+            uid: uid.to_owned(),
+            reason: format!("kind is {kind:?}"),
+        });
     }
     if let Some(v) = pod.api_version.as_deref().filter(|v| *v != "v1") {
-        return Err(ReviewError::NotAPod { uid: uid.to_owned(), reason: format!("apiVersion is {v:?}") });
+        return Err(ReviewError::NotAPod {
+            uid: uid.to_owned(),
+            reason: format!("apiVersion is {v:?}"),
+        });
     }
 
     // The request's namespace is authoritative (the object's may be empty at CREATE).
@@ -217,14 +238,28 @@ pub fn review(body: &[u8], namespaces: &dyn NamespaceDirectory, explain: bool) -
         .or_else(|| pod.metadata.as_ref().and_then(|m| m.namespace.as_deref()))
         .unwrap_or("");
     let decision = decide_live(&pod, &namespaces.scope(namespace));
-    let explanation = if explain { decision.volumes.iter().map(ExplainedVolume::from).collect() } else { Vec::new() };
-    let mut reviewed = allow(uid, Outcome::Live(decision.verdict), decision.patch.as_ref(), None);
+    let explanation = if explain {
+        decision.volumes.iter().map(ExplainedVolume::from).collect()
+    } else {
+        Vec::new()
+    };
+    let mut reviewed = allow(
+        uid,
+        Outcome::Live(decision.verdict),
+        decision.patch.as_ref(),
+        None,
+    );
     reviewed.object = Some(pod.display_name());
     reviewed.explanation = explanation;
     Ok(reviewed)
 }
 
-fn allow(uid: &str, outcome: Outcome, patch: Option<&json_patch::Patch>, detail: Option<String>) -> Reviewed {
+fn allow(
+    uid: &str,
+    outcome: Outcome,
+    patch: Option<&json_patch::Patch>,
+    detail: Option<String>,
+) -> Reviewed {
     // Serializing a Patch of strings cannot fail; an empty patch is never sent.
     let patch = patch
         .and_then(|p| serde_json::to_vec(p).ok())
@@ -232,10 +267,67 @@ fn allow(uid: &str, outcome: Outcome, patch: Option<&json_patch::Patch>, detail:
     let out = ReviewOut {
         api_version: ADMISSION_API_VERSION,
         kind: "AdmissionReview",
-        response: ResponseOut { uid, allowed: true, patch_type: patch.as_ref().map(|_| "JSONPatch"), patch },
+        response: ResponseOut {
+            uid,
+            allowed: true,
+            patch_type: patch.as_ref().map(|_| "JSONPatch"),
+            patch,
+        },
     };
     let body = serde_json::to_vec(&out).unwrap_or_default();
-    Reviewed { body, uid: uid.to_owned(), outcome, object: None, explanation: Vec::new(), detail }
+    Reviewed {
+        body,
+        uid: uid.to_owned(),
+        outcome,
+        object: None,
+        explanation: Vec::new(),
+        detail,
+    }
+}
+
+/// Wraps a Pod (JSON) in the AdmissionReview the API server would send to create it, with
+/// server-set fields removed (for `review --pod` on `kubectl get pod -o json` output).
+pub fn pod_create_review(pod_json: &[u8]) -> Result<Vec<u8>, String> {
+    let mut pod: serde_json::Value =
+        serde_json::from_slice(pod_json).map_err(|e| format!("not JSON: {e}"))?;
+    if pod.get("kind").and_then(|k| k.as_str()) != Some("Pod") {
+        return Err("expected a Pod object (kind: Pod)".into());
+    }
+    let metadata = pod
+        .get_mut("metadata")
+        .and_then(|m| m.as_object_mut())
+        .ok_or("the Pod has no metadata")?;
+    for server_set in [
+        "uid",
+        "resourceVersion",
+        "creationTimestamp",
+        "managedFields",
+        "generation",
+    ] {
+        metadata.remove(server_set);
+    }
+    let namespace = metadata
+        .get("namespace")
+        .cloned()
+        .unwrap_or_else(|| "default".into());
+    let name = metadata.get("name").cloned().unwrap_or_default();
+    if let Some(p) = pod.as_object_mut() {
+        p.remove("status");
+    }
+    let review = serde_json::json!({
+        "apiVersion": ADMISSION_API_VERSION,
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "00000000-0000-0000-0000-000000000000",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "operation": "CREATE",
+            "namespace": namespace,
+            "name": name,
+            "object": pod,
+        }
+    });
+    serde_json::to_vec(&review).map_err(|e| e.to_string())
 }
 
 /// The patch carried by a response body, decoded (for tests and `review --explain`).
@@ -251,7 +343,13 @@ pub fn decode_patch(response_body: &[u8]) -> Result<Option<json_patch::Patch>, S
         patch: Option<Cow<'a, str>>,
     }
     let out: Out = serde_json::from_slice(response_body).map_err(|e| e.to_string())?;
-    let Some(b64) = out.response.patch else { return Ok(None) };
-    let bytes = base64::engine::general_purpose::STANDARD.decode(b64.as_bytes()).map_err(|e| e.to_string())?;
-    serde_json::from_slice(&bytes).map(Some).map_err(|e| e.to_string())
+    let Some(b64) = out.response.patch else {
+        return Ok(None);
+    };
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64.as_bytes())
+        .map_err(|e| e.to_string())?;
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| e.to_string())
 }

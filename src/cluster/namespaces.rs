@@ -13,8 +13,8 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::Api;
 use kube::core::PartialObjectMeta;
-use kube::runtime::watcher::{self, Event, watcher};
 use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event, watcher};
 use tracing::{info, warn};
 
 use crate::metrics::Metrics;
@@ -102,25 +102,30 @@ impl NamespaceCache {
     fn replace_all(&self, fresh: HashMap<String, NamespaceScope>) {
         let mut entries = self.write();
         *entries = fresh;
-        self.metrics.set_namespaces_opted_in(count_opted_in(&entries));
+        self.metrics
+            .set_namespaces_opted_in(count_opted_in(&entries));
     }
 
     /// Inserts or updates one namespace (also used by tests and `--namespace-claims`).
     pub fn upsert(&self, name: String, scope: NamespaceScope) {
         let mut entries = self.write();
-        let was = entries.get(&name).map(|s| matches!(s, NamespaceScope::OptedIn(_)));
+        let was = entries
+            .get(&name)
+            .map(|s| matches!(s, NamespaceScope::OptedIn(_)));
         let now = matches!(scope, NamespaceScope::OptedIn(_));
         if was != Some(now) && self.synced.load(Ordering::Acquire) {
             info!(namespace = %name, opted_in = now, "namespace opt-in changed");
         }
         entries.insert(name, scope);
-        self.metrics.set_namespaces_opted_in(count_opted_in(&entries));
+        self.metrics
+            .set_namespaces_opted_in(count_opted_in(&entries));
     }
 
     fn remove(&self, name: &str) {
         let mut entries = self.write();
         entries.remove(name);
-        self.metrics.set_namespaces_opted_in(count_opted_in(&entries));
+        self.metrics
+            .set_namespaces_opted_in(count_opted_in(&entries));
     }
 
     pub fn opted_in_count(&self) -> usize {
@@ -140,13 +145,19 @@ impl NamespaceCache {
 }
 
 fn count_opted_in(entries: &HashMap<String, NamespaceScope>) -> usize {
-    entries.values().filter(|s| matches!(s, NamespaceScope::OptedIn(_))).count()
+    entries
+        .values()
+        .filter(|s| matches!(s, NamespaceScope::OptedIn(_)))
+        .count()
 }
 
 impl NamespaceDirectory for NamespaceCache {
     fn scope(&self, namespace: &str) -> NamespaceScope {
         let entries = self.entries.read().unwrap_or_else(|p| p.into_inner());
-        entries.get(namespace).cloned().unwrap_or_else(|| NamespaceScope::OptedIn(self.default_claims.clone()))
+        entries
+            .get(namespace)
+            .cloned()
+            .unwrap_or_else(|| NamespaceScope::OptedIn(self.default_claims.clone()))
     }
 }
 
@@ -156,14 +167,22 @@ mod tests {
 
     #[test]
     fn unknown_is_default_known_is_respected() {
-        let cache = NamespaceCache::new(ClaimGlobs::parse("claim-*").unwrap(), Arc::new(Metrics::new()));
-        assert!(matches!(cache.scope("new"), NamespaceScope::OptedIn(g) if g.to_string() == "claim-*"));
+        let cache = NamespaceCache::new(
+            ClaimGlobs::parse("claim-*").unwrap(),
+            Arc::new(Metrics::new()),
+        );
+        assert!(
+            matches!(cache.scope("new"), NamespaceScope::OptedIn(g) if g.to_string() == "claim-*")
+        );
         cache.apply_metadata("off", None, None);
         assert!(matches!(cache.scope("off"), NamespaceScope::NotOptedIn));
         let labels = BTreeMap::from([(names::NAMESPACE_ENABLED.to_owned(), "true".to_owned())]);
-        let annotations = BTreeMap::from([(names::NAMESPACE_CLAIMS.to_owned(), "home-*".to_owned())]);
+        let annotations =
+            BTreeMap::from([(names::NAMESPACE_CLAIMS.to_owned(), "home-*".to_owned())]);
         cache.apply_metadata("lab", Some(&labels), Some(&annotations));
-        assert!(matches!(cache.scope("lab"), NamespaceScope::OptedIn(g) if g.to_string() == "home-*"));
+        assert!(
+            matches!(cache.scope("lab"), NamespaceScope::OptedIn(g) if g.to_string() == "home-*")
+        );
         assert_eq!(cache.opted_in_count(), 1);
         cache.remove("lab");
         assert_eq!(cache.opted_in_count(), 0);

@@ -108,9 +108,15 @@ mod tests {
     #[test]
     fn parse_errors_are_specific() {
         assert_eq!(ClaimGlobs::parse("").unwrap_err(), ClaimGlobsError::Empty);
-        assert_eq!(ClaimGlobs::parse(" , ,").unwrap_err(), ClaimGlobsError::Empty);
+        assert_eq!(
+            ClaimGlobs::parse(" , ,").unwrap_err(),
+            ClaimGlobsError::Empty
+        );
         let err = ClaimGlobs::parse("claim-*,claim-[").unwrap_err();
-        assert!(matches!(err, ClaimGlobsError::Invalid { ref glob, .. } if glob == "claim-["), "{err}");
+        assert!(
+            matches!(err, ClaimGlobsError::Invalid { ref glob, .. } if glob == "claim-["),
+            "{err}"
+        );
         assert!(err.to_string().contains("claim-["));
     }
 
@@ -128,6 +134,9 @@ mod tests {
 
     #[test]
     fn displays_normalised_list() {
-        assert_eq!(ClaimGlobs::parse(" claim-* ,, home-*").unwrap().to_string(), "claim-*,home-*");
+        assert_eq!(
+            ClaimGlobs::parse(" claim-* ,, home-*").unwrap().to_string(),
+            "claim-*,home-*"
+        );
     }
 }

@@ -8,8 +8,8 @@
 
 use std::fmt;
 
-use json_patch::{AddOperation, Patch, PatchOperation, ReplaceOperation};
 use json_patch::jsonptr::PointerBuf;
+use json_patch::{AddOperation, Patch, PatchOperation, ReplaceOperation};
 
 use super::namespace::NamespaceScope;
 use super::pod::PodView;
@@ -108,7 +108,12 @@ pub struct LiveDecision<'p> {
 
 impl LiveDecision<'_> {
     fn unchanged(verdict: LiveVerdict) -> Self {
-        Self { verdict, volumes: Vec::new(), new_value: None, patch: None }
+        Self {
+            verdict,
+            volumes: Vec::new(),
+            new_value: None,
+            patch: None,
+        }
     }
 }
 
@@ -124,12 +129,17 @@ pub fn decide_live<'p>(pod: &'p PodView<'_>, scope: &NamespaceScope) -> LiveDeci
         NamespaceScope::OptedIn(globs) => globs,
         NamespaceScope::NotOptedIn => return LiveDecision::unchanged(LiveVerdict::NotOptedIn),
     };
-    if pod.annotation(names::POD_SKIP).is_some_and(|v| v.eq_ignore_ascii_case("true")) {
+    if pod
+        .annotation(names::POD_SKIP)
+        .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+    {
         return LiveDecision::unchanged(LiveVerdict::Skipped);
     }
 
     let listed = pod.annotation(names::VELERO_BACKUP_VOLUMES);
-    let excluded = pod.annotation(names::VELERO_BACKUP_VOLUMES_EXCLUDES).unwrap_or("");
+    let excluded = pod
+        .annotation(names::VELERO_BACKUP_VOLUMES_EXCLUDES)
+        .unwrap_or("");
     let mut volumes = Vec::with_capacity(pod.volumes().len());
     let mut additions: Vec<&str> = Vec::new();
     for v in pod.volumes() {
@@ -148,7 +158,9 @@ pub fn decide_live<'p>(pod: &'p PodView<'_>, scope: &NamespaceScope) -> LiveDeci
                     VolumeReason::ClaimNotMatched
                 } else if volume_list::contains(excluded, name) {
                     VolumeReason::Excluded
-                } else if listed.is_some_and(|l| volume_list::contains(l, name)) || additions.contains(&name) {
+                } else if listed.is_some_and(|l| volume_list::contains(l, name))
+                    || additions.contains(&name)
+                {
                     VolumeReason::AlreadyListed
                 } else {
                     additions.push(name);
@@ -156,15 +168,34 @@ pub fn decide_live<'p>(pod: &'p PodView<'_>, scope: &NamespaceScope) -> LiveDeci
                 }
             }
         };
-        volumes.push(VolumeReport { volume: name, claim, reason });
+        volumes.push(VolumeReport {
+            volume: name,
+            claim,
+            reason,
+        });
     }
 
     if additions.is_empty() {
-        return LiveDecision { verdict: LiveVerdict::NothingToAdd, volumes, new_value: None, patch: None };
+        return LiveDecision {
+            verdict: LiveVerdict::NothingToAdd,
+            volumes,
+            new_value: None,
+            patch: None,
+        };
     }
     let value = volume_list::append(listed, &additions);
-    let patch = set_annotation_patch(pod.has_annotations_map(), listed.is_some(), names::VELERO_BACKUP_VOLUMES, &value);
-    LiveDecision { verdict: LiveVerdict::Annotate, volumes, new_value: Some(value), patch: Some(patch) }
+    let patch = set_annotation_patch(
+        pod.has_annotations_map(),
+        listed.is_some(),
+        names::VELERO_BACKUP_VOLUMES,
+        &value,
+    );
+    LiveDecision {
+        verdict: LiveVerdict::Annotate,
+        volumes,
+        new_value: Some(value),
+        patch: Some(patch),
+    }
 }
 
 /// A JSON patch that sets one annotation. With no annotations map the whole map must be

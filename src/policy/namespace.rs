@@ -27,7 +27,9 @@ pub fn scope_from_metadata(
     annotations: Option<&BTreeMap<String, String>>,
     default_claims: &Arc<ClaimGlobs>,
 ) -> (NamespaceScope, Vec<ClaimGlobsError>) {
-    let enabled = labels.and_then(|l| l.get(names::NAMESPACE_ENABLED)).is_some_and(|v| v == "true");
+    let enabled = labels
+        .and_then(|l| l.get(names::NAMESPACE_ENABLED))
+        .is_some_and(|v| v == "true");
     if !enabled {
         return (NamespaceScope::NotOptedIn, Vec::new());
     }
@@ -35,7 +37,9 @@ pub fn scope_from_metadata(
         None => (NamespaceScope::OptedIn(default_claims.clone()), Vec::new()),
         Some(list) => {
             let (globs, errors) = ClaimGlobs::parse_lenient(list);
-            let globs = globs.map(Arc::new).unwrap_or_else(|| default_claims.clone());
+            let globs = globs
+                .map(Arc::new)
+                .unwrap_or_else(|| default_claims.clone());
             (NamespaceScope::OptedIn(globs), errors)
         }
     }
@@ -52,13 +56,19 @@ pub struct StaticNamespaces {
 
 impl StaticNamespaces {
     pub fn new(default_claims: ClaimGlobs) -> Self {
-        Self { default_claims: Arc::new(default_claims), overrides: HashMap::new() }
+        Self {
+            default_claims: Arc::new(default_claims),
+            overrides: HashMap::new(),
+        }
     }
 }
 
 impl NamespaceDirectory for StaticNamespaces {
     fn scope(&self, namespace: &str) -> NamespaceScope {
-        let globs = self.overrides.get(namespace).unwrap_or(&self.default_claims);
+        let globs = self
+            .overrides
+            .get(namespace)
+            .unwrap_or(&self.default_claims);
         NamespaceScope::OptedIn(globs.clone())
     }
 }
@@ -68,7 +78,10 @@ mod tests {
     use super::*;
 
     fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn globs_of(scope: &NamespaceScope) -> Option<String> {
@@ -82,19 +95,55 @@ mod tests {
     fn table() {
         let default = Arc::new(ClaimGlobs::parse("claim-*").unwrap());
         let on = map(&[(names::NAMESPACE_ENABLED, "true")]);
-        let cases: Vec<(Option<BTreeMap<String, String>>, Option<BTreeMap<String, String>>, Option<&str>, usize)> = vec![
+        type Map = Option<BTreeMap<String, String>>;
+        let cases: Vec<(Map, Map, Option<&str>, usize)> = vec![
             (None, None, None, 0),
-            (Some(map(&[(names::NAMESPACE_ENABLED, "false")])), None, None, 0),
-            (Some(map(&[(names::NAMESPACE_ENABLED, "True")])), None, None, 0),
+            (
+                Some(map(&[(names::NAMESPACE_ENABLED, "false")])),
+                None,
+                None,
+                0,
+            ),
+            (
+                Some(map(&[(names::NAMESPACE_ENABLED, "True")])),
+                None,
+                None,
+                0,
+            ),
             (Some(on.clone()), None, Some("claim-*"), 0),
-            (Some(on.clone()), Some(map(&[(names::NAMESPACE_CLAIMS, "home-*, data-*")])), Some("home-*,data-*"), 0),
-            (Some(on.clone()), Some(map(&[(names::NAMESPACE_CLAIMS, "home-*,[")])), Some("home-*"), 1),
-            (Some(on.clone()), Some(map(&[(names::NAMESPACE_CLAIMS, "")])), Some("claim-*"), 0),
-            (Some(on), Some(map(&[(names::NAMESPACE_CLAIMS, "[")])), Some("claim-*"), 1),
+            (
+                Some(on.clone()),
+                Some(map(&[(names::NAMESPACE_CLAIMS, "home-*, data-*")])),
+                Some("home-*,data-*"),
+                0,
+            ),
+            (
+                Some(on.clone()),
+                Some(map(&[(names::NAMESPACE_CLAIMS, "home-*,[")])),
+                Some("home-*"),
+                1,
+            ),
+            (
+                Some(on.clone()),
+                Some(map(&[(names::NAMESPACE_CLAIMS, "")])),
+                Some("claim-*"),
+                0,
+            ),
+            (
+                Some(on),
+                Some(map(&[(names::NAMESPACE_CLAIMS, "[")])),
+                Some("claim-*"),
+                1,
+            ),
         ];
         for (labels, annotations, want, want_errors) in cases {
-            let (scope, errors) = scope_from_metadata(labels.as_ref(), annotations.as_ref(), &default);
-            assert_eq!(globs_of(&scope).as_deref(), want, "{labels:?} {annotations:?}");
+            let (scope, errors) =
+                scope_from_metadata(labels.as_ref(), annotations.as_ref(), &default);
+            assert_eq!(
+                globs_of(&scope).as_deref(),
+                want,
+                "{labels:?} {annotations:?}"
+            );
             assert_eq!(errors.len(), want_errors);
         }
     }
@@ -102,7 +151,8 @@ mod tests {
     #[test]
     fn static_overrides() {
         let mut dir = StaticNamespaces::new(ClaimGlobs::parse("claim-*").unwrap());
-        dir.overrides.insert("lab".into(), Arc::new(ClaimGlobs::parse("home-*").unwrap()));
+        dir.overrides
+            .insert("lab".into(), Arc::new(ClaimGlobs::parse("home-*").unwrap()));
         assert_eq!(globs_of(&dir.scope("jhub")).as_deref(), Some("claim-*"));
         assert_eq!(globs_of(&dir.scope("lab")).as_deref(), Some("home-*"));
     }

@@ -150,14 +150,19 @@ impl<'a> PodView<'a> {
     /// Whether `metadata.annotations` exists as a map (absent and `null` are the same:
     /// a JSON patch must then add the whole map).
     pub fn has_annotations_map(&self) -> bool {
-        self.metadata.as_ref().is_some_and(|m| m.annotations.is_some())
+        self.metadata
+            .as_ref()
+            .is_some_and(|m| m.annotations.is_some())
     }
 
     /// `namespace/name` (or `generateName…`) for logs and explanations.
     pub fn display_name(&self) -> String {
         let m = self.metadata.as_ref();
         let ns = m.and_then(|m| m.namespace.as_deref()).unwrap_or("");
-        match (m.and_then(|m| m.name.as_deref()), m.and_then(|m| m.generate_name.as_deref())) {
+        match (
+            m.and_then(|m| m.name.as_deref()),
+            m.and_then(|m| m.generate_name.as_deref()),
+        ) {
             (Some(n), _) if !n.is_empty() => format!("{ns}/{n}"),
             (_, Some(g)) => format!("{ns}/{g}…"),
             _ => format!("{ns}/<unnamed>"),
@@ -165,21 +170,34 @@ impl<'a> PodView<'a> {
     }
 
     pub fn volumes(&self) -> &[VolumeView<'a>] {
-        self.spec.as_ref().and_then(|s| s.volumes.as_deref()).unwrap_or_default()
+        self.spec
+            .as_ref()
+            .and_then(|s| s.volumes.as_deref())
+            .unwrap_or_default()
     }
 
     pub fn containers(&self) -> &[ContainerView<'a>] {
-        self.spec.as_ref().and_then(|s| s.containers.as_deref()).unwrap_or_default()
+        self.spec
+            .as_ref()
+            .and_then(|s| s.containers.as_deref())
+            .unwrap_or_default()
     }
 
     pub fn init_containers(&self) -> &[ContainerView<'a>] {
-        self.spec.as_ref().and_then(|s| s.init_containers.as_deref()).unwrap_or_default()
+        self.spec
+            .as_ref()
+            .and_then(|s| s.init_containers.as_deref())
+            .unwrap_or_default()
     }
 }
 
 impl ContainerView<'_> {
     pub fn mounts(&self, volume: &str) -> bool {
-        self.volume_mounts.as_deref().unwrap_or_default().iter().any(|m| &*m.name == volume)
+        self.volume_mounts
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .any(|m| &*m.name == volume)
     }
 }
 
@@ -196,7 +214,10 @@ mod tests {
         let json = r#"{"metadata":{"name":"jupyter-alice","annotations":{"a":"x\u0026y"}}}"#;
         let pod: PodView = serde_json::from_str(json).unwrap();
         let meta = pod.metadata.as_ref().unwrap();
-        assert!(matches!(meta.name.as_ref().unwrap().0, Cow::Borrowed("jupyter-alice")));
+        assert!(matches!(
+            meta.name.as_ref().unwrap().0,
+            Cow::Borrowed("jupyter-alice")
+        ));
         assert_eq!(pod.annotation("a"), Some("x&y"));
     }
 

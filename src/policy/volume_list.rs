@@ -15,7 +15,8 @@ pub fn contains(list: &str, name: &str) -> bool {
 /// order and spelling). Trailing commas are dropped so the result is `a,b`, never `a,,b`.
 pub fn append(existing: Option<&str>, additions: &[&str]) -> String {
     let base = existing.unwrap_or("").trim_end_matches(',');
-    let mut out = String::with_capacity(base.len() + additions.iter().map(|a| a.len() + 1).sum::<usize>());
+    let mut out =
+        String::with_capacity(base.len() + additions.iter().map(|a| a.len() + 1).sum::<usize>());
     out.push_str(base);
     for a in additions {
         if !out.is_empty() {
@@ -49,7 +50,10 @@ mod tests {
     #[test]
     fn no_trimming_like_velero() {
         assert!(contains("a,b", "b"));
-        assert!(!contains("a, b", "b"), "Velero would look for a volume named ' b'");
+        assert!(
+            !contains("a, b", "b"),
+            "Velero would look for a volume named ' b'"
+        );
         assert!(!contains("", ""));
         assert!(!contains("a*", "ab"), "no wildcards");
     }

@@ -37,16 +37,25 @@ pub struct WebhookState {
 /// `request_timeout` bounds one request, body included (slow clients get 408).
 pub fn admission_router(state: Arc<WebhookState>, request_timeout: Duration) -> Router {
     let metrics = state.metrics.clone();
-    let routes = Router::new().route("/mutate", post(mutate)).with_state(state);
+    let routes = Router::new()
+        .route("/mutate", post(mutate))
+        .with_state(state);
     with_admission_layers(routes, metrics, request_timeout)
 }
 
 /// The layers every admission route gets. Public so tests can prove the panic handling
 /// on a route that panics on purpose.
-pub fn with_admission_layers(routes: Router, metrics: Arc<Metrics>, request_timeout: Duration) -> Router {
+pub fn with_admission_layers(
+    routes: Router,
+    metrics: Arc<Metrics>,
+    request_timeout: Duration,
+) -> Router {
     routes
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, request_timeout))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            request_timeout,
+        ))
         .layer(CatchPanicLayer::custom(PanicResponder { metrics }))
 }
 
@@ -58,7 +67,10 @@ struct PanicResponder {
 impl ResponseForPanic for PanicResponder {
     type ResponseBody = axum::body::Body;
 
-    fn response_for_panic(&mut self, err: Box<dyn Any + Send + 'static>) -> axum::http::Response<Self::ResponseBody> {
+    fn response_for_panic(
+        &mut self,
+        err: Box<dyn Any + Send + 'static>,
+    ) -> axum::http::Response<Self::ResponseBody> {
         let detail = err
             .downcast_ref::<&str>()
             .map(|s| s.to_string())
@@ -66,27 +78,48 @@ impl ResponseForPanic for PanicResponder {
             .unwrap_or_default();
         error!(panic = %detail, "admission handler panicked; answered 500");
         self.metrics.admission("live", "panic", 0.0);
-        (StatusCode::INTERNAL_SERVER_ERROR, "internal error while reviewing the request\n").into_response()
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal error while reviewing the request\n",
+        )
+            .into_response()
     }
 }
 
-async fn mutate(State(state): State<Arc<WebhookState>>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+async fn mutate(
+    State(state): State<Arc<WebhookState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let started = Instant::now();
     let (response, outcome) = answer(&state, &headers, body);
-    state.metrics.admission("live", outcome, started.elapsed().as_secs_f64());
+    state
+        .metrics
+        .admission("live", outcome, started.elapsed().as_secs_f64());
     response
 }
 
-fn answer(state: &WebhookState, headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> (Response, &'static str) {
+fn answer(
+    state: &WebhookState,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> (Response, &'static str) {
     if !is_json(headers.get(header::CONTENT_TYPE)) {
         let msg = "Content-Type must be application/json\n";
-        return ((StatusCode::UNSUPPORTED_MEDIA_TYPE, msg).into_response(), "unsupported_media_type");
+        return (
+            (StatusCode::UNSUPPORTED_MEDIA_TYPE, msg).into_response(),
+            "unsupported_media_type",
+        );
     }
     let body = match body {
         Ok(body) => body,
         Err(rejection) => {
             let status = rejection.status();
-            let outcome = if status == StatusCode::PAYLOAD_TOO_LARGE { "payload_too_large" } else { "bad_request" };
+            let outcome = if status == StatusCode::PAYLOAD_TOO_LARGE {
+                "payload_too_large"
+            } else {
+                "bad_request"
+            };
             warn!(%status, reason = %rejection.body_text(), "could not read the request body");
             return (rejection.into_response(), outcome);
         }
@@ -95,7 +128,10 @@ fn answer(state: &WebhookState, headers: &HeaderMap, body: Result<Bytes, BytesRe
         Ok(reviewed) => {
             log_reviewed(&reviewed);
             let mut response = reviewed.body.into_response();
-            response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
             (response, reviewed.outcome.as_str())
         }
         Err(e) => (bad_request(&e), "bad_request"),
@@ -110,7 +146,9 @@ fn bad_request(e: &ReviewError) -> Response {
 fn log_reviewed(r: &admission::Reviewed) {
     let object = r.object.as_deref().unwrap_or("");
     match r.outcome {
-        o if o.patched() => info!(uid = %r.uid, pod = object, outcome = o.as_str(), "annotated user pod for Velero"),
+        o if o.patched() => {
+            info!(uid = %r.uid, pod = object, outcome = o.as_str(), "annotated user pod for Velero")
+        }
         Outcome::NotUnderstood => warn!(
             uid = %r.uid,
             detail = r.detail.as_deref().unwrap_or(""),
@@ -121,7 +159,9 @@ fn log_reviewed(r: &admission::Reviewed) {
 }
 
 fn is_json(content_type: Option<&HeaderValue>) -> bool {
-    let Some(value) = content_type.and_then(|v| v.to_str().ok()) else { return false };
+    let Some(value) = content_type.and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
     let essence = value.split(';').next().unwrap_or("").trim();
     essence.eq_ignore_ascii_case("application/json")
 }
@@ -143,7 +183,11 @@ impl Readiness {
         if !self.certs.is_loaded() {
             problems.push("no serving certificate loaded yet");
         }
-        if self.namespaces_synced.as_ref().is_some_and(|s| !s.load(Ordering::Acquire)) {
+        if self
+            .namespaces_synced
+            .as_ref()
+            .is_some_and(|s| !s.load(Ordering::Acquire))
+        {
             problems.push("namespace cache has not synced yet");
         }
         if self.shutting_down.load(Ordering::Acquire) {
@@ -173,12 +217,20 @@ async fn readyz(State(state): State<Arc<OpsState>>) -> Response {
     if problems.is_empty() {
         "ready\n".into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", problems.join("; "))).into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", problems.join("; ")),
+        )
+            .into_response()
     }
 }
 
 async fn metrics_text(State(state): State<Arc<OpsState>>) -> Response {
-    ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], state.metrics.encode()).into_response()
+    (
+        [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
+        state.metrics.encode(),
+    )
+        .into_response()
 }
 
 #[cfg(test)]
@@ -187,7 +239,11 @@ mod tests {
 
     #[test]
     fn content_types() {
-        let ok = ["application/json", "application/json; charset=utf-8", "Application/JSON"];
+        let ok = [
+            "application/json",
+            "application/json; charset=utf-8",
+            "Application/JSON",
+        ];
         for v in ok {
             assert!(is_json(Some(&HeaderValue::from_static(v))), "{v}");
         }

@@ -48,7 +48,9 @@ pub async fn serve_tls(
     let acceptor = TlsAcceptor::from(tls);
     let graceful = GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new()).header_read_timeout(opts.idle_timeout).keep_alive(true);
+    http.timer(TokioTimer::new())
+        .header_read_timeout(opts.idle_timeout)
+        .keep_alive(true);
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -69,11 +71,12 @@ pub async fn serve_tls(
         let http = http.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let stream = match tokio::time::timeout(opts.handshake_timeout, acceptor.accept(tcp)).await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(e)) => return debug!(%peer, error = %e, "TLS handshake failed"),
-                Err(_) => return debug!(%peer, "TLS handshake timed out"),
-            };
+            let stream =
+                match tokio::time::timeout(opts.handshake_timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(e)) => return debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => return debug!(%peer, "TLS handshake timed out"),
+                };
             let conn = http.serve_connection(TokioIo::new(stream), service);
             if let Err(e) = watcher.watch(conn).await {
                 debug!(%peer, error = %e, "connection ended with an error");
@@ -85,8 +88,14 @@ pub async fn serve_tls(
 }
 
 /// Serves `app` over plain HTTP (health and metrics) until `shutdown` resolves.
-pub async fn serve_plain(listener: TcpListener, app: Router, shutdown: impl Future<Output = ()> + Send + 'static) {
-    let result = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
+pub async fn serve_plain(
+    listener: TcpListener,
+    app: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await;
     if let Err(e) = result {
         warn!(error = %e, "operations server stopped with an error");
     }
@@ -98,4 +107,3 @@ async fn drain(graceful: GracefulShutdown, grace: Duration) {
         () = tokio::time::sleep(grace) => warn!(?grace, "shutdown grace period over; dropping remaining connections"),
     }
 }
-

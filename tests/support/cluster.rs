@@ -51,8 +51,11 @@ pub async fn client() -> Client {
 pub async fn client_as_service_account(namespace: &str, name: &str) -> Client {
     let mut config = config().await;
     config.auth_info.impersonate = Some(format!("system:serviceaccount:{namespace}:{name}"));
-    config.auth_info.impersonate_groups =
-        Some(vec!["system:serviceaccounts".into(), format!("system:serviceaccounts:{namespace}"), "system:authenticated".into()]);
+    config.auth_info.impersonate_groups = Some(vec![
+        "system:serviceaccounts".into(),
+        format!("system:serviceaccounts:{namespace}"),
+        "system:authenticated".into(),
+    ]);
     Client::try_from(config).expect("client")
 }
 
@@ -70,7 +73,12 @@ pub struct TestNamespace {
 
 impl TestNamespace {
     /// Creates a namespace carrying `run_label` (and the opt-in label when `opted_in`).
-    pub async fn create(client: &Client, run_label: &str, opted_in: bool, annotations: BTreeMap<String, String>) -> Self {
+    pub async fn create(
+        client: &Client,
+        run_label: &str,
+        opted_in: bool,
+        annotations: BTreeMap<String, String>,
+    ) -> Self {
         let name = unique("vjh");
         let mut labels = BTreeMap::from([
             // v1.20 does not add this label by itself.
@@ -78,14 +86,23 @@ impl TestNamespace {
             (TEST_LABEL.to_owned(), run_label.to_owned()),
         ]);
         if opted_in {
-            labels.insert(velero_jupyterhub::names::NAMESPACE_ENABLED.to_owned(), "true".to_owned());
+            labels.insert(
+                velero_jupyterhub::names::NAMESPACE_ENABLED.to_owned(),
+                "true".to_owned(),
+            );
         }
         let ns: Namespace = serde_json::from_value(json!({
             "metadata": {"name": name, "labels": labels, "annotations": annotations}
         }))
         .expect("namespace");
-        Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.expect("create namespace");
-        Self { name, client: client.clone() }
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .expect("create namespace");
+        Self {
+            name,
+            client: client.clone(),
+        }
     }
 
     pub fn pods(&self) -> Api<Pod> {
@@ -94,13 +111,19 @@ impl TestNamespace {
 
     pub async fn merge_metadata(&self, metadata: Value) {
         Api::<Namespace>::all(self.client.clone())
-            .patch(&self.name, &PatchParams::default(), &Patch::Merge(json!({"metadata": metadata})))
+            .patch(
+                &self.name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": metadata})),
+            )
             .await
             .expect("patch namespace");
     }
 
     pub async fn delete(self) {
-        let _ = Api::<Namespace>::all(self.client.clone()).delete(&self.name, &DeleteParams::default()).await;
+        let _ = Api::<Namespace>::all(self.client.clone())
+            .delete(&self.name, &DeleteParams::default())
+            .await;
     }
 }
 
@@ -112,13 +135,26 @@ pub async fn install_velero_crds(client: &Client) {
     let mut names = Vec::new();
     for entry in std::fs::read_dir(&dir).expect("crd dir") {
         let path = entry.expect("entry").path();
-        let file = path.file_name().and_then(|f| f.to_str()).unwrap_or_default().to_owned();
+        let file = path
+            .file_name()
+            .and_then(|f| f.to_str())
+            .unwrap_or_default()
+            .to_owned();
         if !file.ends_with(".yaml") || file.contains("backupstoragelocations") {
             continue;
         }
         for doc in super::fixtures::yaml_docs(&format!("velero-crds/{file}")) {
-            let name = doc["metadata"]["name"].as_str().expect("crd name").to_owned();
-            api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&doc)).await.unwrap_or_else(|e| panic!("apply {name}: {e}"));
+            let name = doc["metadata"]["name"]
+                .as_str()
+                .expect("crd name")
+                .to_owned();
+            api.patch(
+                &name,
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(&doc),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("apply {name}: {e}"));
             names.push(name);
         }
     }
@@ -128,7 +164,11 @@ pub async fn install_velero_crds(client: &Client) {
             let name = name.clone();
             async move {
                 let crd = api.get(&name).await.ok()?;
-                let established = crd.status?.conditions?.iter().any(|c| c.type_ == "Established" && c.status == "True");
+                let established = crd
+                    .status?
+                    .conditions?
+                    .iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True");
                 established.then_some(())
             }
         })
@@ -158,11 +198,14 @@ where
 /// Objects of `manifests/`, in kustomization order (the base has no patches).
 pub fn manifest_objects() -> Vec<Value> {
     let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("manifests");
-    let kustomization: Value =
-        serde_yaml_ng::from_str(&std::fs::read_to_string(root.join("kustomization.yaml")).expect("kustomization")).expect("yaml");
+    let kustomization: Value = serde_yaml_ng::from_str(
+        &std::fs::read_to_string(root.join("kustomization.yaml")).expect("kustomization"),
+    )
+    .expect("yaml");
     let mut out = Vec::new();
     for file in kustomization["resources"].as_array().expect("resources") {
-        let text = std::fs::read_to_string(root.join(file.as_str().expect("file"))).expect("manifest file");
+        let text = std::fs::read_to_string(root.join(file.as_str().expect("file")))
+            .expect("manifest file");
         for doc in serde_yaml_ng::Deserializer::from_str(&text) {
             let v: Value = serde::Deserialize::deserialize(doc).expect("manifest yaml");
             if !v.is_null() {
@@ -207,7 +250,10 @@ impl Webhook {
         let server = server::start(server::Config {
             listen: "127.0.0.1:0".parse().expect("addr"),
             metrics_listen: "127.0.0.1:0".parse().expect("addr"),
-            tls: TlsSource::SelfSigned { dns_names: vec![], ca_out: None },
+            tls: TlsSource::SelfSigned {
+                dns_names: vec![],
+                ca_out: None,
+            },
             default_claims: ClaimGlobs::parse("claim-*").expect("globs"),
             cluster: Some(webhook_client),
             serve,
@@ -215,7 +261,11 @@ impl Webhook {
         })
         .await
         .expect("webhook server starts");
-        let synced = server.readiness.namespaces_synced.clone().expect("cluster mode");
+        let synced = server
+            .readiness
+            .namespaces_synced
+            .clone()
+            .expect("cluster mode");
         eventually(Duration::from_secs(20), || {
             let s = synced.clone();
             async move { s.load(Ordering::Acquire).then_some(()) }
@@ -227,14 +277,27 @@ impl Webhook {
         let configuration = format!("velero-jupyterhub-{run_label}");
         let mut wh = manifest("MutatingWebhookConfiguration", "velero-jupyterhub");
         wh["metadata"]["name"] = configuration.clone().into();
-        let ca = base64::engine::general_purpose::STANDARD.encode(server.ca_pem.as_deref().expect("ca"));
+        let ca =
+            base64::engine::general_purpose::STANDARD.encode(server.ca_pem.as_deref().expect("ca"));
         for hook in wh["webhooks"].as_array_mut().expect("webhooks") {
-            hook["clientConfig"] = json!({"url": format!("https://{}/mutate", server.addr), "caBundle": ca});
+            hook["clientConfig"] =
+                json!({"url": format!("https://{}/mutate", server.addr), "caBundle": ca});
             hook["namespaceSelector"]["matchLabels"][TEST_LABEL] = run_label.clone().into();
         }
         let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
-        api.patch(&configuration, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&wh)).await.expect("register webhook");
-        Self { server, run_label, configuration, client: client.clone() }
+        api.patch(
+            &configuration,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&wh),
+        )
+        .await
+        .expect("register webhook");
+        Self {
+            server,
+            run_label,
+            configuration,
+            client: client.clone(),
+        }
     }
 
     pub async fn namespace(&self, opted_in: bool) -> TestNamespace {
@@ -242,7 +305,10 @@ impl Webhook {
     }
 
     pub async fn namespace_with_claims(&self, claims: &str) -> TestNamespace {
-        let annotations = BTreeMap::from([(velero_jupyterhub::names::NAMESPACE_CLAIMS.to_owned(), claims.to_owned())]);
+        let annotations = BTreeMap::from([(
+            velero_jupyterhub::names::NAMESPACE_CLAIMS.to_owned(),
+            claims.to_owned(),
+        )]);
         TestNamespace::create(&self.client, &self.run_label, true, annotations).await
     }
 
@@ -253,7 +319,9 @@ impl Webhook {
 
     pub async fn unregister(&self) {
         let api: Api<MutatingWebhookConfiguration> = Api::all(self.client.clone());
-        let _ = api.delete(&self.configuration, &DeleteParams::default()).await;
+        let _ = api
+            .delete(&self.configuration, &DeleteParams::default())
+            .await;
     }
 
     pub async fn finish(self) {
@@ -267,7 +335,14 @@ impl Webhook {
 pub async fn apply_rbac(client: &Client) {
     for obj in manifest_objects() {
         let kind = obj["kind"].as_str().unwrap_or_default();
-        if !["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"].contains(&kind) {
+        if ![
+            "Namespace",
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRoleBinding",
+        ]
+        .contains(&kind)
+        {
             continue;
         }
         apply_dynamic(client, &obj).await;
@@ -275,7 +350,11 @@ pub async fn apply_rbac(client: &Client) {
 }
 
 /// Server-side apply of any object (by its apiVersion/kind), optionally as a dry run.
-pub async fn apply_dynamic_with(client: &Client, obj: &Value, dry_run: bool) -> Result<Value, kube::Error> {
+pub async fn apply_dynamic_with(
+    client: &Client,
+    obj: &Value,
+    dry_run: bool,
+) -> Result<Value, kube::Error> {
     use kube::discovery::ApiResource;
     let api_version = obj["apiVersion"].as_str().expect("apiVersion");
     let kind = obj["kind"].as_str().expect("kind");
@@ -284,10 +363,13 @@ pub async fn apply_dynamic_with(client: &Client, obj: &Value, dry_run: bool) -> 
     let (ar, caps) = kube::discovery::pinned_kind(client, &gvk).await?;
     let ar: ApiResource = ar;
     let name = obj["metadata"]["name"].as_str().expect("name");
-    let api: Api<kube::core::DynamicObject> = match (caps.scope, obj["metadata"]["namespace"].as_str()) {
-        (kube::discovery::Scope::Namespaced, Some(ns)) => Api::namespaced_with(client.clone(), ns, &ar),
-        _ => Api::all_with(client.clone(), &ar),
-    };
+    let api: Api<kube::core::DynamicObject> =
+        match (caps.scope, obj["metadata"]["namespace"].as_str()) {
+            (kube::discovery::Scope::Namespaced, Some(ns)) => {
+                Api::namespaced_with(client.clone(), ns, &ar)
+            }
+            _ => Api::all_with(client.clone(), &ar),
+        };
     let mut params = PatchParams::apply(MANAGER).force();
     params.dry_run = dry_run;
     let applied = api.patch(name, &params, &Patch::Apply(obj)).await?;
@@ -295,7 +377,9 @@ pub async fn apply_dynamic_with(client: &Client, obj: &Value, dry_run: bool) -> 
 }
 
 pub async fn apply_dynamic(client: &Client, obj: &Value) -> Value {
-    apply_dynamic_with(client, obj, false).await.unwrap_or_else(|e| panic!("apply {}: {e}", obj["metadata"]["name"]))
+    apply_dynamic_with(client, obj, false)
+        .await
+        .unwrap_or_else(|e| panic!("apply {}: {e}", obj["metadata"]["name"]))
 }
 
 /// Plays the scheduler: binds a pod to a node (`pods/binding`).
@@ -305,13 +389,17 @@ pub async fn bind(pods: &Api<Pod>, name: &str, node: &str) {
         "metadata": {"name": name},
         "target": {"apiVersion": "v1", "kind": "Node", "name": node}
     });
-    pods.create_subresource::<Value, Value>("binding", name, &PostParams::default(), &binding).await.expect("bind pod");
+    pods.create_subresource::<Value, Value>("binding", name, &PostParams::default(), &binding)
+        .await
+        .expect("bind pod");
 }
 
 /// Plays the kubelet: sets a pod's phase (`pods/status`).
 pub async fn set_phase(pods: &Api<Pod>, name: &str, phase: &str) {
     let status = json!({"status": {"phase": phase, "conditions": [{"type": "Ready", "status": if phase == "Running" {"True"} else {"False"}}]}});
-    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(status)).await.expect("set pod phase");
+    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(status))
+        .await
+        .expect("set pod phase");
 }
 
 /// A KubeSpawner-shaped user pod (the z2jh fixture) renamed for `user`, ready to create.
@@ -319,12 +407,19 @@ pub fn user_pod(user: &str) -> Pod {
     let mut pod = super::fixtures::z2jh_pod();
     let v = format!("volume-{user}");
     pod["metadata"]["name"] = format!("jupyter-{user}").into();
-    pod["metadata"].as_object_mut().expect("meta").remove("namespace");
+    pod["metadata"]
+        .as_object_mut()
+        .expect("meta")
+        .remove("namespace");
     pod["metadata"]["labels"]["hub.jupyter.org/username"] = user.into();
     pod["spec"]["containers"][0]["volumeMounts"][0]["name"] = v.clone().into();
-    pod["spec"]["volumes"][0] = json!({"name": v, "persistentVolumeClaim": {"claimName": format!("claim-{user}")}});
+    pod["spec"]["volumes"][0] =
+        json!({"name": v, "persistentVolumeClaim": {"claimName": format!("claim-{user}")}});
     // The user-scheduler does not exist on the test server; nothing schedules pods there.
-    pod["spec"].as_object_mut().expect("spec").remove("schedulerName");
+    pod["spec"]
+        .as_object_mut()
+        .expect("spec")
+        .remove("schedulerName");
     serde_json::from_value(pod).expect("pod")
 }
 
@@ -333,5 +428,9 @@ pub fn from_json<T: serde::de::DeserializeOwned>(v: Value) -> T {
 }
 
 pub fn backup_volumes(pod: &Pod) -> Option<&str> {
-    pod.metadata.annotations.as_ref()?.get(velero_jupyterhub::names::VELERO_BACKUP_VOLUMES).map(String::as_str)
+    pod.metadata
+        .annotations
+        .as_ref()?
+        .get(velero_jupyterhub::names::VELERO_BACKUP_VOLUMES)
+        .map(String::as_str)
 }

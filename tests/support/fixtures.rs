@@ -6,7 +6,9 @@ use serde_json::{Value, json};
 use velero_jupyterhub::policy::{ClaimGlobs, StaticNamespaces};
 
 pub fn path(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 pub fn read(name: &str) -> String {
@@ -18,7 +20,8 @@ pub fn yaml_docs(name: &str) -> Vec<Value> {
     let text = read(name);
     serde_yaml_ng::Deserializer::from_str(&text)
         .map(|doc| {
-            let v: Value = serde::Deserialize::deserialize(doc).unwrap_or_else(|e| panic!("fixture {name}: {e}"));
+            let v: Value = serde::Deserialize::deserialize(doc)
+                .unwrap_or_else(|e| panic!("fixture {name}: {e}"));
             v
         })
         .filter(|v| !v.is_null())
@@ -89,7 +92,9 @@ pub fn pod_create_review(pod: &Value, uid: &str) -> Vec<u8> {
 
 /// The golden AdmissionReview fixture: (request bytes, expected response).
 pub fn golden_review() -> (Vec<u8>, Value) {
-    let v: Value = serde_json::from_str(&read("admissionreview-singleuser-pod-create.example.json")).expect("golden");
+    let v: Value =
+        serde_json::from_str(&read("admissionreview-singleuser-pod-create.example.json"))
+            .expect("golden");
     let mut request = v["request"].clone();
     if let Some(r) = request.as_object_mut() {
         r.remove("_note");

@@ -22,8 +22,18 @@ pub type Response = (StatusCode, Bytes);
 
 /// Starts the real server in-process: self-signed, loopback, random ports, no cluster.
 pub async fn start_self_signed(serve: ServeOptions) -> (Running, HttpsClient) {
-    let running = start(TlsSource::SelfSigned { dns_names: vec![], ca_out: None }, serve).await;
-    let client = HttpsClient::new(running.addr, running.ca_pem.as_deref().expect("self-signed CA"));
+    let running = start(
+        TlsSource::SelfSigned {
+            dns_names: vec![],
+            ca_out: None,
+        },
+        serve,
+    )
+    .await;
+    let client = HttpsClient::new(
+        running.addr,
+        running.ca_pem.as_deref().expect("self-signed CA"),
+    );
     (running, client)
 }
 
@@ -51,23 +61,35 @@ pub struct HttpsClient {
 impl HttpsClient {
     /// Trusts exactly the CA certificates in `ca_pem`.
     pub fn new(addr: SocketAddr, ca_pem: &str) -> Self {
-        Self::with_versions(addr, ca_pem, &[&rustls::version::TLS13, &rustls::version::TLS12])
+        Self::with_versions(
+            addr,
+            ca_pem,
+            &[&rustls::version::TLS13, &rustls::version::TLS12],
+        )
     }
 
-    pub fn with_versions(addr: SocketAddr, ca_pem: &str, versions: &[&'static rustls::SupportedProtocolVersion]) -> Self {
+    pub fn with_versions(
+        addr: SocketAddr,
+        ca_pem: &str,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> Self {
         let mut roots = rustls::RootCertStore::empty();
         for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
             roots.add(cert.expect("CA PEM")).expect("CA cert");
         }
-        let mut config = rustls::ClientConfig::builder_with_provider(velero_jupyterhub::tls::provider())
-            .with_protocol_versions(versions)
-            .expect("versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let mut config =
+            rustls::ClientConfig::builder_with_provider(velero_jupyterhub::tls::provider())
+                .with_protocol_versions(versions)
+                .expect("versions")
+                .with_root_certificates(roots)
+                .with_no_client_auth();
         // Every connection does a full handshake, so it sees the certificate served now
         // (a resumed session would report the one from the original handshake).
         config.resumption = rustls::client::Resumption::disabled();
-        Self { addr, connector: TlsConnector::from(Arc::new(config)) }
+        Self {
+            addr,
+            connector: TlsConnector::from(Arc::new(config)),
+        }
     }
 
     pub async fn tls_stream(&self) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
@@ -79,13 +101,20 @@ impl HttpsClient {
     /// A new keep-alive connection.
     pub async fn connect(&self) -> Result<Conn, String> {
         let tls = self.tls_stream().await.map_err(|e| format!("tls: {e}"))?;
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| format!("handshake: {e}"))?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
         tokio::spawn(conn);
         Ok(Conn { sender })
     }
 
     /// One request on a fresh connection.
-    pub async fn post(&self, path: &str, content_type: Option<&str>, body: Vec<u8>) -> Result<Response, String> {
+    pub async fn post(
+        &self,
+        path: &str,
+        content_type: Option<&str>,
+        body: Vec<u8>,
+    ) -> Result<Response, String> {
         self.connect().await?.post(path, content_type, body).await
     }
 
@@ -97,7 +126,9 @@ impl HttpsClient {
     pub async fn served_certificate(&self) -> Vec<u8> {
         let tls = self.tls_stream().await.expect("tls");
         let (_, session) = tls.get_ref();
-        session.peer_certificates().expect("peer certs")[0].as_ref().to_vec()
+        session.peer_certificates().expect("peer certs")[0]
+            .as_ref()
+            .to_vec()
     }
 }
 
@@ -106,20 +137,39 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub async fn post(&mut self, path: &str, content_type: Option<&str>, body: Vec<u8>) -> Result<Response, String> {
+    pub async fn post(
+        &mut self,
+        path: &str,
+        content_type: Option<&str>,
+        body: Vec<u8>,
+    ) -> Result<Response, String> {
         let mut req = hyper::Request::post(path).header("host", "localhost");
         if let Some(ct) = content_type {
             req = req.header("content-type", ct);
         }
-        let req = req.body(Full::new(Bytes::from(body))).map_err(|e| e.to_string())?;
+        let req = req
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| e.to_string())?;
         self.send(req).await
     }
 
     pub async fn send(&mut self, req: hyper::Request<Full<Bytes>>) -> Result<Response, String> {
-        self.sender.ready().await.map_err(|e| format!("not ready: {e}"))?;
-        let resp = self.sender.send_request(req).await.map_err(|e| format!("send: {e}"))?;
+        self.sender
+            .ready()
+            .await
+            .map_err(|e| format!("not ready: {e}"))?;
+        let resp = self
+            .sender
+            .send_request(req)
+            .await
+            .map_err(|e| format!("send: {e}"))?;
         let status = resp.status();
-        let body = resp.into_body().collect().await.map_err(|e| format!("body: {e}"))?.to_bytes();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("body: {e}"))?
+            .to_bytes();
         Ok((status, body))
     }
 }
@@ -127,10 +177,18 @@ impl Conn {
 /// A plain-HTTP GET (the operations port).
 pub async fn http_get(addr: SocketAddr, path: &str) -> Response {
     let tcp = TcpStream::connect(addr).await.expect("connect");
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.expect("handshake");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .expect("handshake");
     tokio::spawn(conn);
-    let req = hyper::Request::get(path).header("host", "localhost").body(Full::new(Bytes::new())).expect("req");
+    let req = hyper::Request::get(path)
+        .header("host", "localhost")
+        .body(Full::new(Bytes::new()))
+        .expect("req");
     let resp = sender.send_request(req).await.expect("send");
     let status = resp.status();
-    (status, resp.into_body().collect().await.expect("body").to_bytes())
+    (
+        status,
+        resp.into_body().collect().await.expect("body").to_bytes(),
+    )
 }

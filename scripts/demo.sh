@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# The demo (README "run it"): one command on a fresh machine.
+#  1. starts the local test API server (scripts/kube-envtest.sh; built on first use),
+#  2. runs `velero-jupyterhub serve --self-signed` against it and registers the webhook
+#     from manifests/webhook.yaml (url + caBundle rewritten for loopback),
+#  3. opts the `jhub` namespace in, leaves `sandbox` out, creates KubeSpawner-shaped user
+#     pods and claims (tests/fixtures), and prints what happened to each pod and why.
+# Everything it started is stopped at the end; `scripts/demo.sh --keep` leaves it running.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+keep=0; [ "${1:-}" = "--keep" ] && keep=1
+envtest=scripts/kube-envtest.sh
+work=$(mktemp -d /tmp/velero-jupyterhub-demo.XXXXXX)
+port=${DEMO_WEBHOOK_PORT:-18443}; mport=${DEMO_METRICS_PORT:-18080}
+say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
+t0=$(date +%s)
+
+command -v kubectl >/dev/null || { apt-get update -qq && apt-get install -y -qq kubernetes-client; }
+command -v curl >/dev/null || { apt-get update -qq && apt-get install -y -qq curl; }
+
+say "building velero-jupyterhub (release)"
+cargo build --release --locked -q
+bin=target/release/velero-jupyterhub
+
+started_here=0
+if ! bash "$envtest" status >/dev/null 2>&1; then
+  say "starting the local API server (first run builds it from Debian's archive: ~5 min)"
+  bash "$envtest" start >/dev/null
+  started_here=1
+fi
+eval "$(bash "$envtest" env)"; export KUBECONFIG
+server_pid=
+cleanup() {
+  [ "$keep" = 1 ] && { echo "left running: webhook pid $server_pid (https://127.0.0.1:$port), KUBECONFIG=$KUBECONFIG"; return; }
+  [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null && wait "$server_pid" 2>/dev/null || true
+  kubectl delete mutatingwebhookconfiguration velero-jupyterhub-demo --ignore-not-found >/dev/null 2>&1 || true
+  kubectl delete namespace jhub sandbox --ignore-not-found --wait=false >/dev/null 2>&1 || true
+  [ "$started_here" = 1 ] && bash "$envtest" stop || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+say "velero-jupyterhub serve --self-signed (https://127.0.0.1:$port, metrics http://127.0.0.1:$mport)"
+"$bin" serve --self-signed --ca-out "$work/ca.pem" --listen "127.0.0.1:$port" --metrics-listen "127.0.0.1:$mport" \
+  --shutdown-delay 0s --log-level info > "$work/serve.log" 2>&1 &
+server_pid=$!
+for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$mport/readyz" >/dev/null && break; sleep 0.1; done
+curl -sf "http://127.0.0.1:$mport/readyz" >/dev/null || { cat "$work/serve.log"; echo "webhook did not become ready"; exit 1; }
+
+say "registering the webhook from manifests/webhook.yaml"
+kubectl create --dry-run=client -o json -f manifests/webhook.yaml | python3 -c '
+import base64, json, sys
+wh = json.load(sys.stdin)
+wh["metadata"]["name"] = "velero-jupyterhub-demo"
+ca = base64.b64encode(open(sys.argv[1], "rb").read()).decode()
+for h in wh["webhooks"]:
+    h["clientConfig"] = {"url": "https://127.0.0.1:%s/mutate" % sys.argv[2], "caBundle": ca}
+print(json.dumps(wh))' "$work/ca.pem" "$port" | kubectl apply -f - >/dev/null
+
+say "namespace jhub opted in (velero-jupyterhub.io/enabled=true); namespace sandbox not"
+kubectl delete namespace jhub sandbox --ignore-not-found --timeout=120s >/dev/null   # a previous --keep run
+kubectl create namespace jhub >/dev/null; kubectl label namespace jhub velero-jupyterhub.io/enabled=true kubernetes.io/metadata.name=jhub >/dev/null
+kubectl create namespace sandbox >/dev/null; kubectl label namespace sandbox kubernetes.io/metadata.name=sandbox >/dev/null
+sleep 0.5   # let the namespace watch see the new labels
+
+say "creating user claims and KubeSpawner-shaped pods"
+kubectl create --dry-run=client -o json -f tests/fixtures/z2jh-4.x-kubespawner-7-singleuser-pod.example.yaml -f tests/fixtures/singleuser-pod-variants.yaml > "$work/objects.json"
+python3 - "$work" <<'PY'
+import json, sys
+work = sys.argv[1]
+text = open(f"{work}/objects.json").read()
+dec, i, objs = json.JSONDecoder(), 0, []
+while i < len(text):
+    if text[i].isspace(): i += 1; continue
+    o, i = dec.raw_decode(text, i); objs.append(o)
+pods = []
+for o in objs:
+    o["metadata"].pop("uid", None); o.pop("status", None)
+    if o["kind"] == "Pod":
+        o["spec"].pop("nodeName", None)
+        pods.append(o)
+# One user pod in the namespace that is not opted in.
+sandbox = json.loads(json.dumps(next(p for p in pods if p["metadata"]["name"] == "jupyter-bob")))
+sandbox["metadata"]["namespace"] = "sandbox"
+pods.append(sandbox)
+json.dump([o for o in objs if o["kind"] != "Pod"], open(f"{work}/claims.json", "w"))
+json.dump(pods, open(f"{work}/pods.json", "w"))
+PY
+python3 -c 'import json,sys; [print(json.dumps(o)) for o in json.load(open(sys.argv[1]))]' "$work/claims.json" | kubectl apply -f - >/dev/null
+python3 -c 'import json,sys; [print(json.dumps(o)) for o in json.load(open(sys.argv[1]))]' "$work/pods.json" | kubectl create -f - >/dev/null
+
+say "what the API server stored, and why"
+kubectl get pods -A -o json > "$work/stored.json"
+python3 - "$work" "$bin" <<'PY'
+import json, subprocess, sys
+work, binary = sys.argv[1], sys.argv[2]
+sent = {(p["metadata"]["namespace"], p["metadata"]["name"]): p for p in json.load(open(f"{work}/pods.json"))}
+stored = json.load(open(f"{work}/stored.json"))["items"]
+namespaces = {"jhub": True, "sandbox": False}
+rows = []
+for p in sorted(stored, key=lambda p: (p["metadata"]["namespace"], p["metadata"]["name"])):
+    ns, name = p["metadata"]["namespace"], p["metadata"]["name"]
+    if ns not in namespaces: continue
+    value = (p["metadata"].get("annotations") or {}).get("backup.velero.io/backup-volumes", "")
+    before = (sent[(ns, name)]["metadata"].get("annotations") or {}).get("backup.velero.io/backup-volumes", "")
+    if not namespaces[ns]:
+        why = ["namespace not opted in: the API server never called the webhook"]
+    else:
+        r = subprocess.run([binary, "review", "--pod", "--explain"], input=json.dumps(sent[(ns, name)]).encode(), capture_output=True)
+        lines = r.stderr.decode().splitlines()
+        verdict = lines[0].rsplit(": ", 1)[-1] if lines else "?"
+        why = [{"annotated": "annotated", "nothing_to_add": "nothing to add",
+                "skipped": "velero-jupyterhub.io/skip=true", "not_user_server": "not a JupyterHub user server (component label)",
+                "restored_pod": "re-created by a Velero restore (handled by the restore webhook, coming later)"}.get(verdict, verdict)]
+        why += [l.strip() for l in lines[1:] if not l.strip().startswith("patch:")]
+    change = "" if value == before else "  (was: %s)" % (before or "none")
+    rows.append((ns, name, (value or "-") + change, why))
+w = max(len(r[1]) for r in rows)
+print("%-8s %-*s %s" % ("NS", w, "POD", "backup.velero.io/backup-volumes"))
+for ns, name, value, why in rows:
+    print("%-8s %-*s %s" % (ns, w, name, value))
+    for line in why:
+        print("%-8s %-*s   \u2514 %s" % ("", w, "", line))
+PY
+
+say "metrics (http://127.0.0.1:$mport/metrics)"
+curl -s "http://127.0.0.1:$mport/metrics" | grep -E '^velero_jupyterhub_admission_requests_total' || true
+say "done in $(( $(date +%s) - t0 )) s"
