@@ -55,6 +55,7 @@ async fn start(app: Router, certs: Arc<CertStore>) -> Server {
         config,
         app,
         ServeOptions::default(),
+        Arc::new(Metrics::new()),
         stop.clone().cancelled_owned(),
     ));
     Server { addr, stop }

@@ -27,6 +27,7 @@ pub struct Metrics {
     admission_requests: Family<AdmissionLabels, Counter>,
     admission_duration: Histogram,
     tls_reloads: Family<ResultLabels, Counter>,
+    connections: Family<ResultLabels, Counter>,
     namespaces_opted_in: Gauge,
 }
 
@@ -62,6 +63,12 @@ impl Metrics {
             "Serving certificate (re)loads from files, by result",
             tls_reloads.clone(),
         );
+        let connections = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "connections",
+            "TCP connections to the webhook port, by how the TLS handshake went (the API server keeps connections alive: a steady climb means churn)",
+            connections.clone(),
+        );
         let namespaces_opted_in = Gauge::default();
         registry.register(
             "namespaces_opted_in",
@@ -78,6 +85,7 @@ impl Metrics {
             admission_requests,
             admission_duration,
             tls_reloads,
+            connections,
             namespaces_opted_in,
         }
     }
@@ -100,6 +108,19 @@ impl Metrics {
         self.tls_reloads
             .get_or_create(&ResultLabels { result })
             .inc();
+    }
+
+    /// `result`: `accepted`, `handshake_failed` or `handshake_timeout`.
+    pub fn connection(&self, result: &'static str) {
+        self.connections
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
+    pub fn connection_count(&self, result: &'static str) -> u64 {
+        self.connections
+            .get_or_create(&ResultLabels { result })
+            .get()
     }
 
     pub fn set_namespaces_opted_in(&self, n: usize) {

@@ -152,6 +152,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(run(
+        metrics.clone(),
         listener,
         ops_listener,
         tls_config,
@@ -177,6 +178,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 
 #[allow(clippy::too_many_arguments)]
 async fn run(
+    metrics: Arc<Metrics>,
     listener: TcpListener,
     ops_listener: TcpListener,
     tls_config: Arc<rustls::ServerConfig>,
@@ -195,6 +197,7 @@ async fn run(
         tls_config,
         admission,
         serve,
+        metrics,
         stop_admission.clone().cancelled_owned(),
     ));
     let ops_task = tokio::spawn(serve_plain(

@@ -13,6 +13,8 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
+use crate::metrics::Metrics;
+
 #[derive(Clone, Copy, Debug)]
 pub struct ServeOptions {
     /// A client must finish the TLS handshake within this time.
@@ -43,6 +45,7 @@ pub async fn serve_tls(
     tls: Arc<rustls::ServerConfig>,
     app: Router,
     opts: ServeOptions,
+    metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
 ) {
     let acceptor = TlsAcceptor::from(tls);
@@ -70,13 +73,21 @@ pub async fn serve_tls(
         let service = TowerToHyperService::new(app.clone());
         let http = http.clone();
         let watcher = graceful.watcher();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
-            let stream =
-                match tokio::time::timeout(opts.handshake_timeout, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => stream,
-                    Ok(Err(e)) => return debug!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => return debug!(%peer, "TLS handshake timed out"),
-                };
+            let handshake = tokio::time::timeout(opts.handshake_timeout, acceptor.accept(tcp));
+            let stream = match handshake.await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => {
+                    metrics.connection("handshake_failed");
+                    return debug!(%peer, error = %e, "TLS handshake failed");
+                }
+                Err(_) => {
+                    metrics.connection("handshake_timeout");
+                    return debug!(%peer, "TLS handshake timed out");
+                }
+            };
+            metrics.connection("accepted");
             let conn = http.serve_connection(TokioIo::new(stream), service);
             if let Err(e) = watcher.watch(conn).await {
                 debug!(%peer, error = %e, "connection ended with an error");

@@ -275,29 +275,36 @@ impl Webhook {
 
         let run_label = unique("run");
         let configuration = format!("velero-jupyterhub-{run_label}");
+        let webhook = Self {
+            server,
+            run_label,
+            configuration,
+            client: client.clone(),
+        };
+        webhook.register().await;
+        webhook
+    }
+
+    /// Registers (again) from manifests/webhook.yaml: url and caBundle of this server,
+    /// namespaceSelector narrowed to this test's namespaces.
+    pub async fn register(&self) {
         let mut wh = manifest("MutatingWebhookConfiguration", "velero-jupyterhub");
-        wh["metadata"]["name"] = configuration.clone().into();
-        let ca =
-            base64::engine::general_purpose::STANDARD.encode(server.ca_pem.as_deref().expect("ca"));
+        wh["metadata"]["name"] = self.configuration.clone().into();
+        let ca = base64::engine::general_purpose::STANDARD
+            .encode(self.server.ca_pem.as_deref().expect("ca"));
         for hook in wh["webhooks"].as_array_mut().expect("webhooks") {
             hook["clientConfig"] =
-                json!({"url": format!("https://{}/mutate", server.addr), "caBundle": ca});
-            hook["namespaceSelector"]["matchLabels"][TEST_LABEL] = run_label.clone().into();
+                json!({"url": format!("https://{}/mutate", self.server.addr), "caBundle": ca});
+            hook["namespaceSelector"]["matchLabels"][TEST_LABEL] = self.run_label.clone().into();
         }
-        let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+        let api: Api<MutatingWebhookConfiguration> = Api::all(self.client.clone());
         api.patch(
-            &configuration,
+            &self.configuration,
             &PatchParams::apply(MANAGER).force(),
             &Patch::Apply(&wh),
         )
         .await
         .expect("register webhook");
-        Self {
-            server,
-            run_label,
-            configuration,
-            client: client.clone(),
-        }
     }
 
     pub async fn namespace(&self, opted_in: bool) -> TestNamespace {
