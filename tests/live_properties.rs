@@ -181,6 +181,17 @@ proptest! {
     }
 
     #[test]
+    fn one_pass_and_two_pass_reads_agree(pod in pod(), uid in "[a-z0-9-]{1,20}", explain in any::<bool>()) {
+        let body = fixtures::pod_create_review(&pod, &uid);
+        let dir = fixtures::namespaces("claim-*,data-*");
+        let fast = admission::review(&body, &dir, explain).expect("review");
+        let slow = admission::review_two_pass(&body, &dir, explain).expect("review");
+        prop_assert_eq!(fast.body, slow.body);
+        prop_assert_eq!(fast.outcome, slow.outcome);
+        prop_assert_eq!(fast.explanation, slow.explanation);
+    }
+
+    #[test]
     fn arbitrary_json_never_panics_and_answers_with_its_uid(
         uid in "[a-z0-9-]{1,20}",
         object in prop::sample::select(vec![
@@ -195,8 +206,13 @@ proptest! {
             "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
             "request": {"uid": uid, "kind": {"group": "", "version": "v1", "kind": "Pod"}, "operation": op, "namespace": "jhub", "object": object}
         })).unwrap();
-        match admission::review(&body, &fixtures::namespaces("claim-*"), false) {
+        let dir = fixtures::namespaces("claim-*");
+        let two_pass = admission::review_two_pass(&body, &dir, false);
+        match admission::review(&body, &dir, false) {
             Ok(r) => {
+                let other = two_pass.expect("both paths accept it");
+                prop_assert_eq!(&r.body, &other.body);
+                prop_assert_eq!(r.outcome, other.outcome);
                 let v: Value = serde_json::from_slice(&r.body).unwrap();
                 prop_assert_eq!(v["response"]["uid"].as_str(), Some(uid.as_str()));
                 prop_assert_eq!(v["response"]["allowed"].as_bool(), Some(true));

@@ -105,19 +105,27 @@ impl From<&VolumeReport<'_>> for ExplainedVolume {
 }
 
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase", expecting = "an AdmissionReview object")]
-struct ReviewIn<'a> {
+#[serde(
+    rename_all = "camelCase",
+    expecting = "an AdmissionReview object",
+    bound(deserialize = "'de: 'a, O: Deserialize<'de>")
+)]
+struct ReviewIn<'a, O> {
     #[serde(borrow)]
     api_version: Option<Str<'a>>,
     #[serde(borrow)]
     kind: Option<Str<'a>>,
     #[serde(borrow)]
-    request: Option<RequestIn<'a>>,
+    request: Option<RequestIn<'a, O>>,
 }
 
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase", expecting = "an AdmissionRequest object")]
-struct RequestIn<'a> {
+#[serde(
+    rename_all = "camelCase",
+    expecting = "an AdmissionRequest object",
+    bound(deserialize = "'de: 'a, O: Deserialize<'de>")
+)]
+struct RequestIn<'a, O> {
     #[serde(borrow)]
     uid: Str<'a>,
     #[serde(borrow)]
@@ -128,8 +136,39 @@ struct RequestIn<'a> {
     namespace: Option<Str<'a>>,
     #[serde(borrow)]
     sub_resource: Option<Str<'a>>,
-    #[serde(borrow)]
-    object: Option<&'a RawValue>,
+    object: Option<O>,
+}
+
+/// How `request.object` is read. Well-typed requests (everything a real API server sends)
+/// are read in one pass straight into a [`PodView`]; when that fails, the request is read
+/// again with the object as raw JSON, so an odd object can be told apart from a non-Pod.
+trait ObjectIn<'a>: Sized {
+    fn into_pod(self) -> Result<PodView<'a>, ObjectProblem>;
+}
+
+enum ObjectProblem {
+    NotAnObject,
+    NotUnderstood(String),
+}
+
+impl<'a> ObjectIn<'a> for PodView<'a> {
+    fn into_pod(self) -> Result<PodView<'a>, ObjectProblem> {
+        Ok(self)
+    }
+}
+
+impl<'a> ObjectIn<'a> for &'a RawValue {
+    fn into_pod(self) -> Result<PodView<'a>, ObjectProblem> {
+        serde_json::from_str(self.get()).map_err(|e| {
+            // A JSON object whose fields merely have shapes we do not expect is still a
+            // pod the API server wants to create: allow it. Anything else is not a Pod.
+            if self.get().trim_start().starts_with('{') {
+                ObjectProblem::NotUnderstood(e.to_string())
+            } else {
+                ObjectProblem::NotAnObject
+            }
+        })
+    }
 }
 
 #[derive(Deserialize)]
@@ -168,7 +207,29 @@ pub fn review(
     namespaces: &dyn NamespaceDirectory,
     explain: bool,
 ) -> Result<Reviewed, ReviewError> {
-    let review: ReviewIn = serde_json::from_slice(body)?;
+    match serde_json::from_slice::<ReviewIn<PodView>>(body) {
+        Ok(fast) => review_parsed(fast, namespaces, explain),
+        Err(_) => review_two_pass(body, namespaces, explain),
+    }
+}
+
+/// The path for requests the one-pass read cannot take (malformed input, odd objects).
+/// Public only so tests can prove that both paths give the same answer.
+#[doc(hidden)]
+pub fn review_two_pass(
+    body: &[u8],
+    namespaces: &dyn NamespaceDirectory,
+    explain: bool,
+) -> Result<Reviewed, ReviewError> {
+    let review: ReviewIn<&RawValue> = serde_json::from_slice(body)?;
+    review_parsed(review, namespaces, explain)
+}
+
+fn review_parsed<'a, O: ObjectIn<'a>>(
+    review: ReviewIn<'a, O>,
+    namespaces: &dyn NamespaceDirectory,
+    explain: bool,
+) -> Result<Reviewed, ReviewError> {
     match review.api_version.as_deref() {
         Some(ADMISSION_API_VERSION) => {}
         other => return Err(ReviewError::WrongApiVersion(other.unwrap_or("").to_owned())),
@@ -195,27 +256,21 @@ pub fn review(
         return Ok(allow(uid, Outcome::NotPodCreate, None, None));
     }
 
-    let raw = request.object.ok_or_else(|| ReviewError::MissingObject {
+    let object = request.object.ok_or_else(|| ReviewError::MissingObject {
         uid: uid.to_owned(),
         operation: request.operation.to_string(),
     })?;
-    let pod: PodView = match serde_json::from_str(raw.get()) {
+    let pod = match object.into_pod() {
         Ok(pod) => pod,
-        Err(e) => {
-            // A JSON object that merely has fields of a shape we do not expect is still
-            // a pod the API server wants to create: allow it. Anything else is not a Pod.
-            if !raw.get().trim_start().starts_with('{') {
-                return Err(ReviewError::NotAPod {
-                    uid: uid.to_owned(),
-                    reason: "not a JSON object".into(),
-                });
-            }
-            return Ok(allow(
-                uid,
-                Outcome::NotUnderstood,
-                None,
-                Some(e.to_string()),
-            ));
+        Err(ObjectProblem::NotAnObject) => {
+            let reason = "not a JSON object".into();
+            return Err(ReviewError::NotAPod {
+                uid: uid.to_owned(),
+                reason,
+            });
+        }
+        Err(ObjectProblem::NotUnderstood(detail)) => {
+            return Ok(allow(uid, Outcome::NotUnderstood, None, Some(detail)));
         }
     };
     if let Some(kind) = pod.kind.as_deref().filter(|k| *k != "Pod") {

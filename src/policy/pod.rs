@@ -6,7 +6,6 @@
 //! know still parses; the decision then says what it could not understand.
 
 use std::borrow::{Borrow, Cow};
-use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::Deref;
 
@@ -65,7 +64,39 @@ impl<'de: 'a, 'a> Deserialize<'de> for Str<'a> {
     }
 }
 
-pub type StrMap<'a> = BTreeMap<Str<'a>, Str<'a>>;
+/// A JSON object of strings (labels, annotations), kept as a list: one allocation, and a
+/// linear lookup over a dozen entries is faster than building a tree.
+#[derive(Debug, Default)]
+pub struct StrMap<'a>(pub Vec<(Str<'a>, Str<'a>)>);
+
+impl StrMap<'_> {
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0.iter().find(|(k, _)| &**k == key).map(|(_, v)| &**v)
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for StrMap<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = StrMap<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a map of strings")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(8));
+                while let Some(entry) = map.next_entry()? {
+                    entries.push(entry);
+                }
+                Ok(StrMap(entries))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -140,11 +171,11 @@ pub struct PvcSourceView<'a> {
 
 impl<'a> PodView<'a> {
     pub fn label(&self, key: &str) -> Option<&str> {
-        map_get(self.metadata.as_ref()?.labels.as_ref()?, key)
+        self.metadata.as_ref()?.labels.as_ref()?.get(key)
     }
 
     pub fn annotation(&self, key: &str) -> Option<&str> {
-        map_get(self.metadata.as_ref()?.annotations.as_ref()?, key)
+        self.metadata.as_ref()?.annotations.as_ref()?.get(key)
     }
 
     /// Whether `metadata.annotations` exists as a map (absent and `null` are the same:
@@ -199,10 +230,6 @@ impl ContainerView<'_> {
             .iter()
             .any(|m| &*m.name == volume)
     }
-}
-
-fn map_get<'m>(map: &'m StrMap<'_>, key: &str) -> Option<&'m str> {
-    map.get(key).map(|v| &*v.0)
 }
 
 #[cfg(test)]
