@@ -288,13 +288,18 @@ impl Webhook {
     /// Registers (again) from manifests/webhook.yaml: url and caBundle of this server,
     /// namespaceSelector narrowed to this test's namespaces.
     pub async fn register(&self) {
+        let url = format!("https://{}/mutate", self.server.addr);
+        let ca = self.server.ca_pem.as_deref().expect("ca");
+        self.register_at(&url, ca).await;
+    }
+
+    /// Registers this test's configuration with another endpoint (e.g. a stand-in server).
+    pub async fn register_at(&self, url: &str, ca_pem: &str) {
         let mut wh = manifest("MutatingWebhookConfiguration", "velero-jupyterhub");
         wh["metadata"]["name"] = self.configuration.clone().into();
-        let ca = base64::engine::general_purpose::STANDARD
-            .encode(self.server.ca_pem.as_deref().expect("ca"));
+        let ca = base64::engine::general_purpose::STANDARD.encode(ca_pem);
         for hook in wh["webhooks"].as_array_mut().expect("webhooks") {
-            hook["clientConfig"] =
-                json!({"url": format!("https://{}/mutate", self.server.addr), "caBundle": ca});
+            hook["clientConfig"] = json!({"url": url, "caBundle": ca});
             hook["namespaceSelector"]["matchLabels"][TEST_LABEL] = self.run_label.clone().into();
         }
         let api: Api<MutatingWebhookConfiguration> = Api::all(self.client.clone());
