@@ -83,6 +83,11 @@ async fn stand_in() -> (String, String, CancellationToken) {
 
 fn main() {
     let quick = !std::env::args().any(|a| a == "--bench");
+    if quick {
+        println!(
+            "smoke run (cargo test): the bench works end to end; its figures mean nothing here. Measure with scripts/bench.sh."
+        );
+    }
     let (blocks, per_block) = if quick { (1, 5) } else { (4, 150) };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

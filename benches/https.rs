@@ -172,6 +172,11 @@ fn idle_rss_kib() -> Option<(u64, u64)> {
 fn main() {
     // `cargo bench` passes --bench; `cargo test --benches` passes nothing: run briefly then.
     let quick = !std::env::args().any(|a| a == "--bench");
+    if quick {
+        println!(
+            "smoke run (cargo test): the bench works end to end; its figures mean nothing here. Measure with scripts/bench.sh."
+        );
+    }
     let secs: f64 = std::env::var("BENCH_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
