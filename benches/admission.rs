@@ -2,6 +2,10 @@
 //! AdmissionReview, decide, build the JSON patch, encode the response. Goal: ≤ 10 µs median
 //! for the z2jh fixture.
 
+#[allow(dead_code)]
+#[path = "../tests/support/fixtures.rs"]
+mod fixtures;
+
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -9,25 +13,9 @@ use serde_json::Value;
 use velero_jupyterhub::admission;
 use velero_jupyterhub::policy::{ClaimGlobs, StaticNamespaces};
 
-fn fixture(name: &str) -> String {
-    let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
-    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
-}
-
-/// The golden AdmissionReview as the API server sends it (compact JSON).
-fn z2jh_request() -> Vec<u8> {
-    let v: Value = serde_json::from_str(&fixture(
-        "admissionreview-singleuser-pod-create.example.json",
-    ))
-    .expect("fixture");
-    let mut request = v["request"].clone();
-    request.as_object_mut().expect("object").remove("_note");
-    serde_json::to_vec(&request).expect("encode")
-}
-
 fn bench(c: &mut Criterion) {
     let namespaces = StaticNamespaces::new(ClaimGlobs::parse("claim-*").expect("globs"));
-    let request = z2jh_request();
+    let request = fixtures::golden_review().0;
     let mut annotated: Value = serde_json::from_slice(&request).expect("json");
     annotated["request"]["object"]["metadata"]["annotations"]["backup.velero.io/backup-volumes"] =
         "volume-alice-smith".into();

@@ -5,6 +5,10 @@
 //!
 //! Run: `cargo bench --bench https` (BENCH_SECONDS=N per round, default 4).
 
+#[allow(dead_code)]
+#[path = "../tests/support/fixtures.rs"]
+mod fixtures;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,7 +20,6 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
-use serde_json::Value;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
@@ -27,18 +30,6 @@ use velero_jupyterhub::webhook::serve::{ServeOptions, serve_tls};
 use velero_jupyterhub::webhook::{WebhookState, admission_router};
 
 const FIXED_ALLOW: &str = r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","response":{"uid":"705ab4f5-6393-11e8-b7cc-42010a800002","allowed":true}}"#;
-
-fn z2jh_request() -> Vec<u8> {
-    let path = format!(
-        "{}/tests/fixtures/admissionreview-singleuser-pod-create.example.json",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    let v: Value =
-        serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("json");
-    let mut request = v["request"].clone();
-    request.as_object_mut().expect("object").remove("_note");
-    serde_json::to_vec(&request).expect("encode")
-}
 
 struct Server {
     addr: SocketAddr,
@@ -212,7 +203,7 @@ fn main() {
         );
         let real = start(real_app, certs.clone()).await;
         let noop = start(noop_app, certs.clone()).await;
-        let body = Bytes::from(z2jh_request());
+        let body = Bytes::from(fixtures::golden_review().0);
 
         // Saturation: alternate rounds so drift on a shared machine hits both alike.
         let connections = 8;
