@@ -12,9 +12,13 @@ pub enum LogFormat {
 pub fn init(format: LogFormat, level: &str) -> anyhow::Result<()> {
     let filter = EnvFilter::try_new(level)
         .map_err(|e| anyhow::anyhow!("invalid --log-level {level:?}: {e}"))?;
+    // A log line that cannot be written (say, the reader of stderr went away) is dropped:
+    // logging must never take the webhook down (by default the failure is reported with
+    // eprintln!, which panics on the same broken pipe).
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false);
     let result = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder

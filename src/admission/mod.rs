@@ -21,10 +21,10 @@ pub const ADMISSION_API_VERSION: &str = "admission.k8s.io/v1";
 pub enum ReviewError {
     #[error("malformed AdmissionReview: {0}")]
     Malformed(#[from] serde_json::Error),
-    #[error("apiVersion must be {ADMISSION_API_VERSION:?}, got {0:?}")]
-    WrongApiVersion(String),
-    #[error("kind must be \"AdmissionReview\", got {0:?}")]
-    WrongKind(String),
+    #[error("apiVersion must be {ADMISSION_API_VERSION:?}, got {got:?}")]
+    WrongApiVersion { got: String, uid: Option<String> },
+    #[error("kind must be \"AdmissionReview\", got {got:?}")]
+    WrongKind { got: String, uid: Option<String> },
     #[error("the AdmissionReview has no request")]
     MissingRequest,
     #[error("request.uid is empty")]
@@ -40,6 +40,7 @@ impl ReviewError {
     pub fn uid(&self) -> Option<&str> {
         match self {
             Self::MissingObject { uid, .. } | Self::NotAPod { uid, .. } => Some(uid),
+            Self::WrongApiVersion { uid, .. } | Self::WrongKind { uid, .. } => uid.as_deref(),
             _ => None,
         }
     }
@@ -232,11 +233,23 @@ fn review_parsed<'a, O: ObjectIn<'a>>(
 ) -> Result<Reviewed, ReviewError> {
     match review.api_version.as_deref() {
         Some(ADMISSION_API_VERSION) => {}
-        other => return Err(ReviewError::WrongApiVersion(other.unwrap_or("").to_owned())),
+        other => {
+            let got = other.unwrap_or("").to_owned();
+            return Err(ReviewError::WrongApiVersion {
+                got,
+                uid: request_uid(&review),
+            });
+        }
     }
     match review.kind.as_deref() {
         Some("AdmissionReview") => {}
-        other => return Err(ReviewError::WrongKind(other.unwrap_or("").to_owned())),
+        other => {
+            let got = other.unwrap_or("").to_owned();
+            return Err(ReviewError::WrongKind {
+                got,
+                uid: request_uid(&review),
+            });
+        }
     }
     let request = review.request.ok_or(ReviewError::MissingRequest)?;
     let uid: &str = &request.uid;
@@ -307,6 +320,10 @@ fn review_parsed<'a, O: ObjectIn<'a>>(
     reviewed.object = Some(pod.display_name());
     reviewed.explanation = explanation;
     Ok(reviewed)
+}
+
+fn request_uid<O>(review: &ReviewIn<'_, O>) -> Option<String> {
+    review.request.as_ref().map(|r| r.uid.to_string())
 }
 
 fn allow(
@@ -407,4 +424,41 @@ pub fn decode_patch(response_body: &[u8]) -> Result<Option<json_patch::Patch>, S
     serde_json::from_slice(&bytes)
         .map(Some)
         .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{ClaimGlobs, StaticNamespaces};
+
+    #[test]
+    fn errors_carry_the_uid_for_the_log_line_when_there_is_one() {
+        let dir = StaticNamespaces::new(ClaimGlobs::parse("claim-*").unwrap());
+        let req = r#""request":{"uid":"u1","kind":{"group":"","version":"v1","kind":"Pod"},"operation":"CREATE"}"#;
+        let cases = [
+            (
+                format!(
+                    r#"{{"apiVersion":"admission.k8s.io/v1beta1","kind":"AdmissionReview",{req}}}"#
+                ),
+                Some("u1"),
+            ),
+            (
+                format!(r#"{{"apiVersion":"admission.k8s.io/v1","kind":"Nope",{req}}}"#),
+                Some("u1"),
+            ),
+            (
+                format!(r#"{{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview",{req}}}"#),
+                Some("u1"),
+            ),
+            (
+                r#"{"apiVersion":"admission.k8s.io/v1beta1"}"#.to_owned(),
+                None,
+            ),
+            ("{".to_owned(), None),
+        ];
+        for (body, uid) in cases {
+            let err = review(body.as_bytes(), &dir, false).unwrap_err();
+            assert_eq!(err.uid(), uid, "{err}");
+        }
+    }
 }

@@ -1,0 +1,317 @@
+//! The binary itself: `serve` with flags and env vars, `--self-signed --ca-out` usable as a
+//! trust anchor, SIGTERM, and `review` (stdin, file, --pod, --explain, exit codes).
+
+mod support;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use support::fixtures;
+use support::https::{HttpsClient, http_get};
+
+const BIN: &str = env!("CARGO_BIN_EXE_velero-jupyterhub");
+
+/// Reads JSON log lines from the child's stderr until the "serving" line; returns its
+/// addresses, and keeps draining stderr in a thread (so later lines never hit a closed
+/// pipe), handing every line back through the join handle.
+fn serving_addrs(
+    stderr: impl std::io::Read + Send + 'static,
+) -> (
+    std::net::SocketAddr,
+    std::net::SocketAddr,
+    std::thread::JoinHandle<Vec<String>>,
+) {
+    let mut lines = BufReader::new(stderr).lines();
+    let mut seen = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.expect("log line");
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+        seen.push(line);
+        if v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("serving"))
+        {
+            let addr = v["addr"].as_str().expect("addr").parse().expect("addr");
+            let metrics = v["metrics_addr"]
+                .as_str()
+                .expect("metrics_addr")
+                .parse()
+                .expect("addr");
+            let rest = std::thread::spawn(move || {
+                seen.extend(lines.map_while(Result::ok));
+                seen
+            });
+            return (addr, metrics, rest);
+        }
+    }
+    panic!("the server never said it was serving: {seen:?}");
+}
+
+#[tokio::test]
+async fn serve_self_signed_with_env_vars_then_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_path = dir.path().join("ca.pem");
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--self-signed",
+            "--no-cluster",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .env("VJH_METRICS_LISTEN", "127.0.0.1:0")
+        .env("VJH_CA_OUT", &ca_path)
+        .env("VJH_LOG_FORMAT", "json")
+        .env("VJH_CLAIMS", "home-*")
+        .env("VJH_SHUTDOWN_DELAY", "0s")
+        .env_remove("KUBECONFIG")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let stderr = child.stderr.take().unwrap();
+    let (addr, metrics, log) = tokio::task::spawn_blocking(move || serving_addrs(stderr))
+        .await
+        .unwrap();
+
+    // The CA written by --ca-out is what a client trusts.
+    let ca = std::fs::read_to_string(&ca_path).expect("CA bundle written");
+    let client = HttpsClient::new(addr, &ca);
+    let (status, body) = client.mutate(fixtures::golden_review().0).await.unwrap();
+    assert_eq!(status, 200);
+    // VJH_CLAIMS=home-* applies: claim-alice-smith is not a user claim here.
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert!(v["response"].get("patch").is_none(), "{v}");
+    assert_eq!(http_get(metrics, "/readyz").await.0, 200);
+
+    // SIGTERM: exits cleanly and promptly.
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let exited = tokio::task::spawn_blocking(move || {
+        for _ in 0..100 {
+            if let Some(status) = child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        None
+    })
+    .await
+    .unwrap();
+    let status = exited.expect("exited within 5 s");
+    let log = log.join().unwrap();
+    assert!(status.success(), "{status:?}\n{}", log.join("\n"));
+    assert!(
+        log.iter().any(|l| l.contains("SIGTERM received")),
+        "{log:?}"
+    );
+    assert!(log.last().is_some_and(|l| l.contains("stopped")), "{log:?}");
+}
+
+#[test]
+fn serve_refuses_bad_flags_with_a_reason() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["serve"], "--tls-cert"),
+        (
+            &[
+                "serve",
+                "--self-signed",
+                "--tls-cert",
+                "a",
+                "--tls-key",
+                "b",
+            ],
+            "cannot be used with",
+        ),
+        (&["serve", "--tls-cert", "a"], "--tls-key"),
+        (
+            &["serve", "--self-signed", "--claims", "claim-["],
+            "claim-[",
+        ),
+        (
+            &["serve", "--self-signed", "--listen", "nowhere"],
+            "--listen",
+        ),
+        (
+            &["serve", "--self-signed", "--idle-timeout", "soon"],
+            "--idle-timeout",
+        ),
+    ];
+    for (args, want) in cases {
+        let out = Command::new(BIN)
+            .args(*args)
+            .env_remove("KUBECONFIG")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    // A port in use is reported with the flag it came from.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().to_string();
+    let out = Command::new(BIN)
+        .args([
+            "serve",
+            "--self-signed",
+            "--no-cluster",
+            "--listen",
+            &port,
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--listen"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn review(args: &[&str], stdin: &[u8]) -> (Option<i32>, String, String) {
+    let mut child = Command::new(BIN)
+        .arg("review")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn review_answers_exactly_like_the_server() {
+    let (request, expected) = fixtures::golden_review();
+    let (code, out, _) = review(&[], &request);
+    assert_eq!(code, Some(0));
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&out).unwrap(),
+        expected
+    );
+
+    // From a file, with --explain.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("review.json");
+    std::fs::write(&file, &request).unwrap();
+    let (code, out, err) = review(&["-f", file.to_str().unwrap(), "--explain"], b"");
+    assert_eq!(code, Some(0));
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&out).unwrap(),
+        expected
+    );
+    assert!(err.contains("jhub/jupyter-alice-smith"), "{err}");
+    assert!(
+        err.contains("volume-alice-smith (claim claim-alice-smith): added"),
+        "{err}"
+    );
+
+    // --namespace-claims overrides --claims for that namespace only.
+    let (_, out, _) = review(
+        &["--claims", "claim-*", "--namespace-claims", "jhub=home-*"],
+        &request,
+    );
+    assert!(!out.contains("\"patch\""), "{out}");
+    let (_, out, _) = review(
+        &["--claims", "home-*", "--namespace-claims", "other=home-*"],
+        &request,
+    );
+    assert!(!out.contains("\"patch\""), "{out}");
+    let (_, out, _) = review(
+        &["--claims", "home-*", "--namespace-claims", "jhub=claim-*"],
+        &request,
+    );
+    assert!(out.contains("\"patch\""), "{out}");
+
+    // --pod: a Pod as kubectl prints it.
+    let mut pod = fixtures::variant("jupyter-carol");
+    pod["metadata"]["uid"] = "3f1c2b7e-0000-4000-8000-000000000009".into();
+    pod["status"] = serde_json::json!({"phase": "Running"});
+    let (code, _, err) = review(
+        &["--pod", "--explain", "--claims", "claim-*,data-*"],
+        pod.to_string().as_bytes(),
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("jhub/jupyter-carol"), "{err}");
+    assert!(err.contains(r#""value":"volume-carol,data""#), "{err}");
+}
+
+#[test]
+fn review_bad_input_exits_2_with_a_reason() {
+    for (args, input, want) in [
+        (&[][..], &b"{"[..], "malformed AdmissionReview"),
+        (
+            &[][..],
+            &br#"{"apiVersion":"v1","kind":"AdmissionReview"}"#[..],
+            "apiVersion must be",
+        ),
+        (
+            &["--pod"][..],
+            &br#"{"kind":"Service"}"#[..],
+            "expected a Pod",
+        ),
+        (&["--pod"][..], &b"not json"[..], "not JSON"),
+    ] {
+        let (code, out, err) = review(args, input);
+        assert_eq!(code, Some(2), "{args:?}");
+        assert!(out.is_empty());
+        assert!(err.contains(want), "{err}");
+    }
+    let (code, _, err) = review(&["-f", "/nonexistent/review.json"], b"");
+    assert_eq!(code, Some(1));
+    assert!(err.contains("/nonexistent/review.json"), "{err}");
+}
+
+#[test]
+fn a_broken_stderr_pipe_does_not_crash_the_server() {
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--self-signed",
+            "--no-cluster",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args([
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--shutdown-delay",
+            "0s",
+            "--log-format",
+            "json",
+        ])
+        .env_remove("KUBECONFIG")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut first = String::new();
+    stderr.read_line(&mut first).unwrap();
+    drop(stderr); // the log reader goes away
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+}
