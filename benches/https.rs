@@ -193,7 +193,7 @@ fn main() {
         let connector = TlsConnector::from(Arc::new(client_config));
 
         let namespaces = Arc::new(StaticNamespaces::new(ClaimGlobs::parse("claim-*").expect("globs")));
-        let real_app = admission_router(Arc::new(WebhookState { namespaces, metrics: Arc::new(Metrics::new()) }), Duration::from_secs(10));
+        let real_app = admission_router(Arc::new(WebhookState::new(namespaces, Arc::new(Metrics::new()))));
         let noop_app = Router::new().route(
             "/mutate",
             post(|body: Bytes| async move {

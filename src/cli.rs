@@ -92,6 +92,13 @@ pub struct ServeArgs {
     /// clients, including idle keep-alive connections).
     #[arg(long, env = "VJH_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     pub idle_timeout: Duration,
+    /// AdmissionReviews read and reviewed at once; more wait (each may be up to 3 MiB, so
+    /// this bounds memory).
+    #[arg(long, env = "VJH_MAX_CONCURRENT_REVIEWS", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_reviews: u32,
+    /// Open connections at most; past it, new ones wait in the listen backlog.
+    #[arg(long, env = "VJH_MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
     /// After SIGTERM, keep serving (reporting not ready) this long before closing the listener.
     #[arg(long, env = "VJH_SHUTDOWN_DELAY", default_value = "5s", value_parser = humantime::parse_duration)]
     pub shutdown_delay: Duration,
@@ -180,6 +187,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         serve: ServeOptions {
             idle_timeout: args.idle_timeout,
             shutdown_grace: args.shutdown_grace,
+            max_concurrent_reviews: args.max_concurrent_reviews as usize,
+            max_connections: args.max_connections as usize,
             ..Default::default()
         },
         shutdown_delay: args.shutdown_delay,

@@ -2,7 +2,6 @@
 //! through the real admission Router: every one must get 200 or a 4xx, never a panic/500.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Body;
 use http_body_util::BodyExt;
@@ -14,13 +13,10 @@ use velero_jupyterhub::webhook::{WebhookState, admission_router};
 
 async fn answer(body: Vec<u8>) -> (StatusCode, Vec<u8>) {
     let namespaces = Arc::new(StaticNamespaces::new(ClaimGlobs::parse("claim-*").unwrap()));
-    let app = admission_router(
-        Arc::new(WebhookState {
-            namespaces,
-            metrics: Arc::new(Metrics::new()),
-        }),
-        Duration::from_secs(5),
-    );
+    let app = admission_router(Arc::new(WebhookState::new(
+        namespaces,
+        Arc::new(Metrics::new()),
+    )));
     let req = hyper::Request::post("/mutate")
         .header("content-type", "application/json")
         .body(Body::from(body))

@@ -193,7 +193,7 @@ async fn bad_input_gets_a_clear_4xx() {
             ct,
             vec![b' '; 3 * 1024 * 1024 + 1],
             StatusCode::PAYLOAD_TOO_LARGE,
-            "length limit",
+            "over the limit of 3145728 bytes",
         ),
     ];
     for (name, content_type, body, want_status, want_reason) in cases {
@@ -367,6 +367,19 @@ async fn idle_and_slow_clients_are_timed_out() {
         body_text(&out)
     );
 
+    let (_, metrics) = https::http_get(server.metrics_addr, "/metrics").await;
+    let metrics = body_text(&metrics);
+    assert!(
+        metrics.contains(
+            "velero_jupyterhub_admission_requests_total{webhook=\"live\",outcome=\"timeout\"} 1"
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("velero_jupyterhub_connections_total{result=\"handshake_timeout\"} 1"),
+        "{metrics}"
+    );
+
     // A normal request still works.
     assert_eq!(
         client.mutate(fixtures::golden_review().0).await.unwrap().0,
@@ -389,11 +402,7 @@ async fn a_panic_in_a_handler_is_a_counted_500() {
             ""
         }),
     );
-    let app = velero_jupyterhub::webhook::with_admission_layers(
-        routes,
-        metrics.clone(),
-        Duration::from_secs(1),
-    );
+    let app = velero_jupyterhub::webhook::with_admission_layers(routes, metrics.clone());
     let req = hyper::Request::post("/mutate")
         .header("content-type", "application/json")
         .body(axum::body::Body::from("{}"))
@@ -625,4 +634,115 @@ async fn shutdown_finishes_in_flight_requests() {
         .await
         .expect("stops after draining")
         .unwrap();
+}
+
+/// Sends a raw HTTP/1.1 request over TLS and returns everything the server sent back
+/// until it closed the connection (or 5 s passed).
+async fn raw_exchange(client: &HttpsClient, request: &[u8]) -> String {
+    let mut tls = client.tls_stream().await.unwrap();
+    tls.write_all(request).await.unwrap();
+    tls.flush().await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut out)).await;
+    body_text(&out)
+}
+
+#[tokio::test]
+async fn an_oversized_chunked_body_is_cut_off_with_413() {
+    let (server, client) = https::start_self_signed(ServeOptions::default()).await;
+    let chunk = vec![b' '; 1024 * 1024];
+    let mut request = b"POST /mutate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    for _ in 0..4 {
+        request.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        request.extend_from_slice(&chunk);
+        request.extend_from_slice(b"\r\n");
+    }
+    request.extend_from_slice(b"0\r\n\r\n");
+    let answer = raw_exchange(&client, &request).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 413"),
+        "{}",
+        &answer[..answer.len().min(200)]
+    );
+    server.shutdown();
+    server.stopped().await;
+}
+
+#[tokio::test]
+async fn while_shutting_down_responses_ask_the_client_to_reconnect_elsewhere() {
+    let (server, client) = https::start_self_signed(ServeOptions::default()).await;
+    let body = fixtures::golden_review().0;
+    let head = format!(
+        "POST /mutate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let request = [head.as_bytes(), &body].concat();
+    // Normally the connection stays open (keep-alive): the read times out with no close.
+    let answer = raw_exchange(&client, &request).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        !answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    server
+        .readiness
+        .shutting_down
+        .store(true, Ordering::Release);
+    let answer = raw_exchange(&client, &request).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    server.shutdown();
+    server.stopped().await;
+}
+
+#[tokio::test]
+async fn past_the_concurrency_limit_requests_wait_instead_of_failing() {
+    let opts = ServeOptions {
+        max_concurrent_reviews: 1,
+        ..Default::default()
+    };
+    let (server, client) = https::start_self_signed(opts).await;
+    let body = fixtures::golden_review().0;
+    let (first_half, second_half) = body.split_at(body.len() / 2);
+
+    // The first request holds the only slot while its body trickles in.
+    let mut slow = client.tls_stream().await.unwrap();
+    let head = format!(
+        "POST /mutate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    slow.write_all(head.as_bytes()).await.unwrap();
+    slow.write_all(first_half).await.unwrap();
+    slow.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let waiting = tokio::spawn({
+        let client = client.clone();
+        let body = body.clone();
+        async move { client.mutate(body).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiting.is_finished(),
+        "the second request did not wait for the slot"
+    );
+
+    slow.write_all(second_half).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), slow.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(body_text(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let (status, _) = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    server.shutdown();
+    server.stopped().await;
 }

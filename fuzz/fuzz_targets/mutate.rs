@@ -4,7 +4,6 @@
 #![no_main]
 
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
@@ -26,7 +25,7 @@ fn harness() -> &'static Harness {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
         let namespaces = Arc::new(StaticNamespaces::new(ClaimGlobs::parse("claim-*").expect("globs")));
         let metrics = Arc::new(Metrics::new());
-        let app = admission_router(Arc::new(WebhookState { namespaces, metrics }), Duration::from_secs(10));
+        let app = admission_router(Arc::new(WebhookState::new(namespaces, metrics)));
         Harness { rt, app }
     })
 }

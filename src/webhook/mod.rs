@@ -9,14 +9,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use tokio::sync::Semaphore;
 use tower_http::catch_panic::{CatchPanicLayer, ResponseForPanic};
-use tower_http::timeout::TimeoutLayer;
 use tracing::{debug, error, info, warn};
 
 use crate::admission::{self, Outcome, ReviewError};
@@ -31,32 +30,41 @@ pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
 pub struct WebhookState {
     pub namespaces: Arc<dyn NamespaceDirectory>,
     pub metrics: Arc<Metrics>,
+    /// One request, body included, must arrive within this time (slow clients get 408).
+    pub request_timeout: Duration,
+    /// Bodies being read or reviewed at once; more wait. Bounds memory: each may be up to
+    /// [`MAX_BODY_BYTES`].
+    pub in_flight: Semaphore,
+    /// Set on shutdown: responses then carry `Connection: close`, so the API server moves
+    /// to a replica that stays instead of racing our close of its idle connection.
+    pub shutting_down: Arc<AtomicBool>,
 }
 
-/// The admission router: `POST /mutate`, with body limit, timeout and panic catching.
-/// `request_timeout` bounds one request, body included (slow clients get 408).
-pub fn admission_router(state: Arc<WebhookState>, request_timeout: Duration) -> Router {
+impl WebhookState {
+    pub fn new(namespaces: Arc<dyn NamespaceDirectory>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            namespaces,
+            metrics,
+            request_timeout: Duration::from_secs(10),
+            in_flight: Semaphore::new(32),
+            shutting_down: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+/// The admission router: `POST /mutate`, with panic catching.
+pub fn admission_router(state: Arc<WebhookState>) -> Router {
     let metrics = state.metrics.clone();
     let routes = Router::new()
         .route("/mutate", post(mutate))
         .with_state(state);
-    with_admission_layers(routes, metrics, request_timeout)
+    with_admission_layers(routes, metrics)
 }
 
 /// The layers every admission route gets. Public so tests can prove the panic handling
 /// on a route that panics on purpose.
-pub fn with_admission_layers(
-    routes: Router,
-    metrics: Arc<Metrics>,
-    request_timeout: Duration,
-) -> Router {
-    routes
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
-            request_timeout,
-        ))
-        .layer(CatchPanicLayer::custom(PanicResponder { metrics }))
+pub fn with_admission_layers(routes: Router, metrics: Arc<Metrics>) -> Router {
+    routes.layer(CatchPanicLayer::custom(PanicResponder { metrics }))
 }
 
 #[derive(Clone)]
@@ -86,42 +94,55 @@ impl ResponseForPanic for PanicResponder {
     }
 }
 
-async fn mutate(
-    State(state): State<Arc<WebhookState>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
+async fn mutate(State(state): State<Arc<WebhookState>>, request: Request) -> Response {
     let started = Instant::now();
-    let (response, outcome) = answer(&state, &headers, body);
+    let (mut response, outcome) =
+        match tokio::time::timeout(state.request_timeout, answer(&state, request)).await {
+            Ok(answered) => answered,
+            Err(_) => {
+                warn!(timeout = ?state.request_timeout, "request not received in time");
+                let msg = "the request was not received in time\n";
+                (
+                    (StatusCode::REQUEST_TIMEOUT, msg).into_response(),
+                    "timeout",
+                )
+            }
+        };
+    if state.shutting_down.load(Ordering::Acquire) {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     state
         .metrics
         .admission("live", outcome, started.elapsed().as_secs_f64());
     response
 }
 
-fn answer(
-    state: &WebhookState,
-    headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> (Response, &'static str) {
-    if !is_json(headers.get(header::CONTENT_TYPE)) {
+async fn answer(state: &WebhookState, request: Request) -> (Response, &'static str) {
+    let (parts, body) = request.into_parts();
+    if !is_json(parts.headers.get(header::CONTENT_TYPE)) {
         let msg = "Content-Type must be application/json\n";
         return (
             (StatusCode::UNSUPPORTED_MEDIA_TYPE, msg).into_response(),
             "unsupported_media_type",
         );
     }
-    let body = match body {
-        Ok(body) => body,
-        Err(rejection) => {
-            let status = rejection.status();
-            let outcome = if status == StatusCode::PAYLOAD_TOO_LARGE {
-                "payload_too_large"
-            } else {
-                "bad_request"
-            };
-            warn!(%status, reason = %rejection.body_text(), "could not read the request body");
-            return (rejection.into_response(), outcome);
+    if content_length(&parts.headers).is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return too_large();
+    }
+    // The semaphore is never closed; if it were, answering is still better than failing.
+    let _permit = state.in_flight.acquire().await.ok();
+    let body = match Limited::new(body, MAX_BODY_BYTES).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => return too_large(),
+        Err(e) => {
+            warn!(error = %e, "could not read the request body");
+            let msg = format!("could not read the request body: {e}\n");
+            return (
+                (StatusCode::BAD_REQUEST, msg).into_response(),
+                "bad_request",
+            );
         }
     };
     match admission::review(&body, state.namespaces.as_ref(), false) {
@@ -136,6 +157,24 @@ fn answer(
         }
         Err(e) => (bad_request(&e), "bad_request"),
     }
+}
+
+fn too_large() -> (Response, &'static str) {
+    let msg = format!("the request body is over the limit of {MAX_BODY_BYTES} bytes\n");
+    warn!(limit = MAX_BODY_BYTES, "request body too large");
+    (
+        (StatusCode::PAYLOAD_TOO_LARGE, msg).into_response(),
+        "payload_too_large",
+    )
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
 }
 
 fn bad_request(e: &ReviewError) -> Response {

@@ -10,6 +10,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
@@ -24,6 +25,10 @@ pub struct ServeOptions {
     pub idle_timeout: Duration,
     /// One request, body included, must be read and answered within this time.
     pub request_timeout: Duration,
+    /// Requests whose bodies are read and reviewed at once (more wait): bounds memory.
+    pub max_concurrent_reviews: usize,
+    /// Open connections at most; past it, new ones wait in the listen backlog.
+    pub max_connections: usize,
     /// On shutdown, how long in-flight requests may take before connections are dropped.
     pub shutdown_grace: Duration,
 }
@@ -34,6 +39,8 @@ impl Default for ServeOptions {
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             request_timeout: Duration::from_secs(10),
+            max_concurrent_reviews: 32,
+            max_connections: 1024,
             shutdown_grace: Duration::from_secs(25),
         }
     }
@@ -55,7 +62,16 @@ pub async fn serve_tls(
         .header_read_timeout(opts.idle_timeout)
         .keep_alive(true);
     tokio::pin!(shutdown);
+    let connections = Arc::new(Semaphore::new(opts.max_connections));
     loop {
+        // Wait for a connection slot first: past the limit, new clients queue in the backlog.
+        let permit = tokio::select! {
+            permit = connections.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
+        };
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -75,6 +91,7 @@ pub async fn serve_tls(
         let watcher = graceful.watcher();
         let metrics = metrics.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let handshake = tokio::time::timeout(opts.handshake_timeout, acceptor.accept(tcp));
             let stream = match handshake.await {
                 Ok(Ok(stream)) => stream,
