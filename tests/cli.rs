@@ -155,6 +155,27 @@ fn serve_refuses_bad_flags_with_a_reason() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(want), "{args:?}: {err}");
     }
+    // A Kubernetes configuration that is there but broken is an error, not a silent
+    // fallback to running without a cluster.
+    let out = Command::new(BIN)
+        .args([
+            "serve",
+            "--self-signed",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .env("KUBECONFIG", "/nonexistent/kubeconfig")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("unusable") && err.contains("--no-cluster"),
+        "{err}"
+    );
+
     // A port in use is reported with the flag it came from.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().to_string();
@@ -314,4 +335,44 @@ fn a_broken_stderr_pipe_does_not_crash_the_server() {
     );
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn the_deployment_in_manifests_passes_flags_the_binary_accepts() {
+    use clap::Parser;
+    use velero_jupyterhub::cli::{Cli, Command as Sub};
+    let deployment = support::cluster::manifest("Deployment", "velero-jupyterhub");
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    let mut argv = vec!["velero-jupyterhub".to_owned()];
+    argv.extend(
+        container["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_owned()),
+    );
+    let cli = Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+    let Sub::Serve(serve) = cli.command else {
+        panic!("not serve: {argv:?}")
+    };
+    assert!(serve.tls_cert.is_some() && serve.tls_key.is_some() && !serve.self_signed);
+    // Env values in the manifest parse too (e.g. VJH_CLAIMS).
+    for env in container["env"].as_array().into_iter().flatten() {
+        if env["name"] == "VJH_CLAIMS" {
+            velero_jupyterhub::policy::ClaimGlobs::parse(env["value"].as_str().unwrap()).unwrap();
+        }
+    }
+    // The probes and ports point at what the binary serves.
+    let ports: Vec<&str> = container["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(ports, ["https", "metrics"]);
+    let port = |i: usize| container["ports"][i]["containerPort"].as_u64().unwrap();
+    assert_eq!(port(0), u64::from(serve.listen.port()));
+    assert_eq!(port(1), u64::from(serve.metrics_listen.port()));
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
 }

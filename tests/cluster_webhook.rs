@@ -12,11 +12,23 @@ use serde_json::json;
 use support::cluster::{self, Webhook, backup_volumes, user_pod};
 use support::fixtures;
 
+/// Every /mutate request this webhook has answered, whatever the outcome.
+fn admission_requests(webhook: &Webhook) -> u64 {
+    let text = webhook.server.metrics.encode();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("velero_jupyterhub_admission_duration_seconds_count"));
+    line.and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
 #[tokio::test]
 async fn user_pod_in_opted_in_namespace_is_stored_with_the_annotation() {
     let client = cluster::client().await;
     let webhook = Webhook::start(&client).await;
     let ns = webhook.namespace(true).await;
+    let annotated_before = webhook.server.metrics.admission_count("live", "annotated");
 
     let created = ns
         .pods()
@@ -65,7 +77,7 @@ async fn user_pod_in_opted_in_namespace_is_stored_with_the_annotation() {
     );
     assert_eq!(backup_volumes(&running), Some("volume-alice-smith"));
 
-    let m = webhook.server.metrics.admission_count("live", "annotated");
+    let m = webhook.server.metrics.admission_count("live", "annotated") - annotated_before;
     assert_eq!(
         m, 6,
         "the API server called our webhook for each pod it annotated"
@@ -80,6 +92,7 @@ async fn other_namespaces_and_other_pods_are_stored_unchanged() {
     let webhook = Webhook::start(&client).await;
     let off = webhook.namespace(false).await;
     let on = webhook.namespace(true).await;
+    let requests_before = admission_requests(&webhook);
 
     let created = off
         .pods()
@@ -105,9 +118,17 @@ async fn other_namespaces_and_other_pods_are_stored_unchanged() {
         "not a singleuser-server pod"
     );
     assert_eq!(
-        webhook.server.metrics.admission_count("live", "annotated"),
-        0
+        admission_requests(&webhook),
+        requests_before,
+        "the webhook was not even called"
     );
+    // …while in the opted-in namespace a user pod is annotated (the registration is live).
+    let created = on
+        .pods()
+        .create(&PostParams::default(), &user_pod("bob"))
+        .await
+        .unwrap();
+    assert_eq!(backup_volumes(&created), Some("volume-bob"));
     off.delete().await;
     on.delete().await;
     webhook.finish().await;

@@ -172,6 +172,31 @@ proptest! {
     }
 
     #[test]
+    fn every_eligible_volume_ends_up_listed(pod in pod()) {
+        let (_, patch) = review(&pod, "u");
+        let mut patched = pod.clone();
+        if let Some(patch) = &patch {
+            json_patch::patch(&mut patched, patch).expect("patch applies");
+        }
+        let annotations = &pod["metadata"]["annotations"];
+        let user_server = pod["metadata"]["labels"]["component"] == "singleuser-server";
+        let skipped = annotations["velero-jupyterhub.io/skip"].as_str().is_some_and(|v| v.eq_ignore_ascii_case("true"));
+        let excluded = annotations["backup.velero.io/backup-volumes-excludes"].as_str().unwrap_or("");
+        let listed: Vec<&str> = annotation(&patched).unwrap_or("").split(',').collect();
+        let mounts = pod["spec"]["containers"][0]["volumeMounts"].as_array().unwrap();
+        for vol in pod["spec"]["volumes"].as_array().unwrap() {
+            let name = vol["name"].as_str().unwrap();
+            let Some(claim) = vol["persistentVolumeClaim"]["claimName"].as_str() else { continue };
+            let eligible = (claim.starts_with("claim-") || claim.starts_with("data-"))
+                && mounts.iter().any(|m| m["name"] == name)
+                && !excluded.split(',').any(|e| e == name);
+            if eligible && user_server && !skipped {
+                prop_assert!(listed.contains(&name), "{} (claim {}) not listed in {:?}", name, claim, listed);
+            }
+        }
+    }
+
+    #[test]
     fn the_response_is_an_admission_review_with_the_request_uid(pod in pod(), uid in "\\PC{1,40}") {
         let (response, _) = review(&pod, &uid);
         prop_assert_eq!(response["apiVersion"].as_str(), Some("admission.k8s.io/v1"));

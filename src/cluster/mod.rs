@@ -5,10 +5,20 @@ pub mod namespaces;
 pub use namespaces::NamespaceCache;
 
 /// A client from the kubeconfig (`KUBECONFIG`, `~/.kube/config`) or the in-cluster
-/// service account, whichever `kube` finds; `None` when neither is there.
-pub async fn try_client() -> Result<Option<kube::Client>, kube::Error> {
+/// service account, whichever `kube` finds. `Ok(None)` only when no configuration exists
+/// at all; a configuration that exists but does not work is an error, not a silent
+/// fallback to running without a cluster.
+pub async fn try_client() -> anyhow::Result<Option<kube::Client>> {
+    let configured = std::env::var_os("KUBECONFIG").is_some_and(|v| !v.is_empty())
+        || std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
+        || std::env::var_os("HOME")
+            .is_some_and(|h| std::path::Path::new(&h).join(".kube/config").exists());
     match kube::Config::infer().await {
-        Ok(config) => kube::Client::try_from(config).map(Some),
+        Ok(config) => Ok(Some(kube::Client::try_from(config)?)),
+        Err(e) if configured => Err(anyhow::anyhow!(
+            "a Kubernetes configuration is present (KUBECONFIG, ~/.kube/config or in-cluster) but unusable: {e}; \
+             fix it, or run with --no-cluster"
+        )),
         Err(e) => {
             tracing::debug!(error = %e, "no kubeconfig or in-cluster configuration");
             Ok(None)

@@ -231,6 +231,9 @@ pub struct Webhook {
     pub server: Running,
     pub run_label: String,
     pub configuration: String,
+    /// An opted-in namespace of this test where (dry-run) probe pods show whether the API
+    /// server calls the webhook yet.
+    probe: TestNamespace,
     client: Client,
 }
 
@@ -275,10 +278,12 @@ impl Webhook {
 
         let run_label = unique("run");
         let configuration = format!("velero-jupyterhub-{run_label}");
+        let probe = TestNamespace::create(client, &run_label, true, BTreeMap::new()).await;
         let webhook = Self {
             server,
             run_label,
             configuration,
+            probe,
             client: client.clone(),
         };
         webhook.register().await;
@@ -310,6 +315,33 @@ impl Webhook {
         )
         .await
         .expect("register webhook");
+        self.wait_until_called(true).await;
+    }
+
+    /// Waits until the API server does (or no longer does) call a webhook for this test's
+    /// namespaces, judged by server-side dry-run creates of a user pod: a test that
+    /// relies on the webhook never passes merely because registration had not landed.
+    pub async fn wait_until_called(&self, called: bool) {
+        let pods = self.probe.pods();
+        let params = PostParams {
+            dry_run: true,
+            ..Default::default()
+        };
+        eventually(Duration::from_secs(20), || {
+            let pods = pods.clone();
+            let params = params.clone();
+            async move {
+                let created = pods.create(&params, &user_pod("probe")).await.ok()?;
+                (backup_volumes(&created).is_some() == called).then_some(())
+            }
+        })
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "the API server did not {}call the webhook within 20 s",
+                if called { "" } else { "stop to " }
+            )
+        });
     }
 
     pub async fn namespace(&self, opted_in: bool) -> TestNamespace {
@@ -329,17 +361,23 @@ impl Webhook {
         self.server.shutdown();
     }
 
+    /// Removes the registration and waits until the API server no longer calls it.
     pub async fn unregister(&self) {
         let api: Api<MutatingWebhookConfiguration> = Api::all(self.client.clone());
         let _ = api
             .delete(&self.configuration, &DeleteParams::default())
             .await;
+        self.wait_until_called(false).await;
     }
 
     pub async fn finish(self) {
-        self.unregister().await;
+        let api: Api<MutatingWebhookConfiguration> = Api::all(self.client.clone());
+        let _ = api
+            .delete(&self.configuration, &DeleteParams::default())
+            .await;
         self.server.shutdown();
         self.server.stopped().await;
+        self.probe.delete().await;
     }
 }
 
