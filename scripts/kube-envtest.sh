@@ -17,8 +17,8 @@
 #   kube-envtest.sh selftest   start (if needed), run a mutating-webhook + SSA smoke test, stop
 #
 # Environment (all optional):
-#   KUBE_ENVTEST_CACHE    binary cache      (default ${XDG_CACHE_HOME:-$HOME/.cache}/kube-envtest)
-#   KUBE_ENVTEST_RUN      runtime state dir (default /tmp/kube-envtest)
+#   KUBE_ENVTEST_CACHE    binary cache      (default ${XDG_CACHE_HOME:-$HOME/.cache}/velero-jupyterhub/kube-envtest)
+#   KUBE_ENVTEST_RUN      runtime state dir (default /tmp/velero-jupyterhub-envtest)
 #   KUBE_ENVTEST_API_PORT     secure port of kube-apiserver (default 16443)
 #   KUBE_ENVTEST_ETCD_PORT    etcd client port (default 12379; peer port = +1)
 #   KUBE_ENVTEST_SERVICE_CIDR service ClusterIP range (default 127.0.100.0/24: loopback,

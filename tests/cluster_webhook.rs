@@ -271,3 +271,51 @@ async fn velero_crds_install_and_velero_objects_can_be_created() {
     ns.delete().await;
     webhook.finish().await;
 }
+
+#[tokio::test]
+async fn with_the_webhook_hanging_user_pods_are_created_after_its_short_timeout() {
+    let client = cluster::client().await;
+    let webhook = Webhook::start(&client).await;
+    let ns = webhook.namespace(true).await;
+    // A black hole: accepts connections and never answers (not even the TLS handshake).
+    let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}/mutate", hole.local_addr().unwrap());
+    let held = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        while let Ok((c, _)) = hole.accept().await {
+            conns.push(c);
+        }
+    });
+    webhook
+        .register_at(&url, webhook.server.ca_pem.as_deref().unwrap())
+        .await;
+    let timeout_seconds = cluster::manifest("MutatingWebhookConfiguration", "velero-jupyterhub")["webhooks"][0]
+        ["timeoutSeconds"]
+        .as_u64()
+        .unwrap();
+    // Until the API server has picked the black hole up, creates are fast; once it has,
+    // each waits for the webhook's timeout and then goes ahead (failurePolicy Ignore).
+    let mut waited = None;
+    for i in 0..50 {
+        let started = std::time::Instant::now();
+        let created = ns
+            .pods()
+            .create(&PostParams::default(), &user_pod(&format!("frank-{i}")))
+            .await
+            .expect("failurePolicy Ignore: created anyway");
+        assert_eq!(backup_volumes(&created), None);
+        if started.elapsed() >= Duration::from_secs(timeout_seconds) - Duration::from_millis(200) {
+            waited = Some(started.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let waited = waited.expect("the API server never called the black hole");
+    assert!(
+        waited < Duration::from_secs(timeout_seconds + 2),
+        "held up for {waited:?}"
+    );
+    held.abort();
+    ns.delete().await;
+    webhook.finish().await;
+}

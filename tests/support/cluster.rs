@@ -296,9 +296,11 @@ impl Webhook {
         let url = format!("https://{}/mutate", self.server.addr);
         let ca = self.server.ca_pem.as_deref().expect("ca");
         self.register_at(&url, ca).await;
+        self.wait_until_called(true).await;
     }
 
-    /// Registers this test's configuration with another endpoint (e.g. a stand-in server).
+    /// Registers this test's configuration with another endpoint (a stand-in server, a
+    /// black hole), without waiting for the API server to use it.
     pub async fn register_at(&self, url: &str, ca_pem: &str) {
         let mut wh = manifest("MutatingWebhookConfiguration", "velero-jupyterhub");
         wh["metadata"]["name"] = self.configuration.clone().into();
@@ -315,7 +317,6 @@ impl Webhook {
         )
         .await
         .expect("register webhook");
-        self.wait_until_called(true).await;
     }
 
     /// Waits until the API server does (or no longer does) call a webhook for this test's
