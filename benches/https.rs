@@ -27,7 +27,7 @@ use velero_jupyterhub::metrics::Metrics;
 use velero_jupyterhub::policy::{ClaimGlobs, StaticNamespaces};
 use velero_jupyterhub::tls::{self, CertStore};
 use velero_jupyterhub::webhook::serve::{ServeOptions, serve_tls};
-use velero_jupyterhub::webhook::{WebhookState, admission_router};
+use velero_jupyterhub::webhook::{Namespaces, WebhookState, admission_router};
 
 const FIXED_ALLOW: &str = r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","response":{"uid":"705ab4f5-6393-11e8-b7cc-42010a800002","allowed":true}}"#;
 
@@ -192,7 +192,7 @@ fn main() {
             .with_no_client_auth();
         let connector = TlsConnector::from(Arc::new(client_config));
 
-        let namespaces = Arc::new(StaticNamespaces::new(ClaimGlobs::parse("claim-*").expect("globs")));
+        let namespaces = Namespaces::Static(StaticNamespaces::new(ClaimGlobs::parse("claim-*").expect("globs")));
         let real_app = admission_router(Arc::new(WebhookState::new(namespaces, Arc::new(Metrics::new()))));
         let noop_app = Router::new().route(
             "/mutate",

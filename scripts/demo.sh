@@ -61,7 +61,6 @@ say "namespace jhub opted in (velero-jupyterhub.io/enabled=true); namespace sand
 kubectl delete namespace jhub sandbox --ignore-not-found --timeout=120s >/dev/null   # a previous --keep run
 kubectl create namespace jhub >/dev/null; kubectl label namespace jhub velero-jupyterhub.io/enabled=true kubernetes.io/metadata.name=jhub >/dev/null
 kubectl create namespace sandbox >/dev/null; kubectl label namespace sandbox kubernetes.io/metadata.name=sandbox >/dev/null
-sleep 0.5   # let the namespace watch see the new labels
 
 say "creating user claims and KubeSpawner-shaped pods"
 kubectl create --dry-run=client -o json -f tests/fixtures/z2jh-4.x-kubespawner-7-singleuser-pod.example.yaml -f tests/fixtures/singleuser-pod-variants.yaml > "$work/objects.json"

@@ -17,10 +17,10 @@ use tracing::{info, warn};
 
 use crate::cluster::NamespaceCache;
 use crate::metrics::Metrics;
-use crate::policy::{ClaimGlobs, NamespaceDirectory, StaticNamespaces};
+use crate::policy::{ClaimGlobs, StaticNamespaces};
 use crate::tls::{self, CertStore, FileReloader, PemFiles, PemPair};
 use crate::webhook::serve::{ServeOptions, serve_plain, serve_tls};
-use crate::webhook::{self, Readiness, WebhookState};
+use crate::webhook::{self, Namespaces, Readiness, WebhookState};
 
 pub enum TlsSource {
     /// PEM files, polled for changes every `reload_interval`.
@@ -112,14 +112,21 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         }
     };
 
-    let (namespaces, namespaces_synced): (Arc<dyn NamespaceDirectory>, _) = match config.cluster {
+    let (namespaces, namespaces_synced) = match config.cluster {
         Some(client) => {
-            let cache = Arc::new(NamespaceCache::new(config.default_claims, metrics.clone()));
+            let cache = Arc::new(NamespaceCache::new(
+                Some(client),
+                config.default_claims,
+                metrics.clone(),
+            ));
             let synced = cache.synced();
-            background.push(tokio::spawn(cache.clone().run(client)));
-            (cache, Some(synced))
+            background.push(tokio::spawn(cache.clone().run()));
+            (Namespaces::Cluster(cache), Some(synced))
         }
-        None => (Arc::new(StaticNamespaces::new(config.default_claims)), None),
+        None => (
+            Namespaces::Static(StaticNamespaces::new(config.default_claims)),
+            None,
+        ),
     };
 
     let listener = TcpListener::bind(config.listen)

@@ -319,3 +319,53 @@ async fn with_the_webhook_hanging_user_pods_are_created_after_its_short_timeout(
     ns.delete().await;
     webhook.finish().await;
 }
+
+#[tokio::test]
+async fn a_namespace_the_watch_has_not_delivered_is_fetched_with_its_claims() {
+    use std::sync::Arc;
+    use tower::ServiceExt;
+    use velero_jupyterhub::cluster::NamespaceCache;
+    use velero_jupyterhub::metrics::Metrics;
+    use velero_jupyterhub::webhook::{Namespaces, WebhookState, admission_router};
+
+    let client = cluster::client().await;
+    cluster::apply_rbac(&client).await;
+    let webhook = Webhook::start(&client).await;
+    let ns = webhook.namespace_with_claims("home-*").await;
+    // A cache whose watch never runs: every namespace is a miss, as for one created a
+    // moment before its first pod. It fetches as the manifests' service account (RBAC).
+    let sa = cluster::client_as_service_account("velero-jupyterhub", "velero-jupyterhub").await;
+    let globs = velero_jupyterhub::policy::ClaimGlobs::parse("claim-*").unwrap();
+    let cache = Arc::new(NamespaceCache::new(
+        Some(sa),
+        globs,
+        Arc::new(Metrics::new()),
+    ));
+    let state = WebhookState::new(Namespaces::Cluster(cache.clone()), Arc::new(Metrics::new()));
+    let app = admission_router(Arc::new(state));
+
+    let mut pod = serde_json::to_value(user_pod("grace")).unwrap();
+    pod["metadata"]["namespace"] = ns.name.clone().into();
+    pod["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] = "home-grace".into();
+    let body = fixtures::pod_create_review(&pod, "uid-fetch");
+    let req = hyper::Request::post("/mutate")
+        .header("content-type", "application/json")
+        .body(axum::body::Body::from(body))
+        .unwrap();
+    let resp = app.oneshot(req).await.unwrap();
+    let bytes = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let patch = velero_jupyterhub::admission::decode_patch(&bytes).unwrap();
+    let patch =
+        serde_json::to_value(patch.expect("patched with the namespace's own globs")).unwrap();
+    assert_eq!(patch[0]["value"], "volume-grace", "{patch}");
+    assert_eq!(
+        cache.opted_in_count(),
+        1,
+        "the fetched namespace is now cached"
+    );
+    ns.delete().await;
+    webhook.finish().await;
+}

@@ -9,10 +9,11 @@ use hyper::StatusCode;
 use tower::ServiceExt;
 use velero_jupyterhub::metrics::Metrics;
 use velero_jupyterhub::policy::{ClaimGlobs, StaticNamespaces};
-use velero_jupyterhub::webhook::{WebhookState, admission_router};
+use velero_jupyterhub::webhook::{Namespaces, WebhookState, admission_router};
 
 async fn answer(body: Vec<u8>) -> (StatusCode, Vec<u8>) {
-    let namespaces = Arc::new(StaticNamespaces::new(ClaimGlobs::parse("claim-*").unwrap()));
+    let namespaces =
+        Namespaces::Static(StaticNamespaces::new(ClaimGlobs::parse("claim-*").unwrap()));
     let app = admission_router(Arc::new(WebhookState::new(
         namespaces,
         Arc::new(Metrics::new()),

@@ -12,7 +12,7 @@ use libfuzzer_sys::fuzz_target;
 use tower::ServiceExt;
 use velero_jupyterhub::metrics::Metrics;
 use velero_jupyterhub::policy::{ClaimGlobs, StaticNamespaces};
-use velero_jupyterhub::webhook::{WebhookState, admission_router};
+use velero_jupyterhub::webhook::{Namespaces, WebhookState, admission_router};
 
 struct Harness {
     rt: tokio::runtime::Runtime,
@@ -23,7 +23,7 @@ fn harness() -> &'static Harness {
     static H: OnceLock<Harness> = OnceLock::new();
     H.get_or_init(|| {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-        let namespaces = Arc::new(StaticNamespaces::new(ClaimGlobs::parse("claim-*").expect("globs")));
+        let namespaces = Namespaces::Static(StaticNamespaces::new(ClaimGlobs::parse("claim-*").expect("globs")));
         let metrics = Arc::new(Metrics::new());
         let app = admission_router(Arc::new(WebhookState::new(namespaces, metrics)));
         Harness { rt, app }

@@ -12,7 +12,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::policy::pod::Str;
-use crate::policy::{LiveVerdict, NamespaceDirectory, PodView, VolumeReport, decide_live};
+use crate::policy::{
+    LiveVerdict, NamespaceDirectory, NamespaceScope, PodView, VolumeReport, decide_live,
+};
 
 pub const ADMISSION_API_VERSION: &str = "admission.k8s.io/v1";
 
@@ -202,35 +204,99 @@ struct ResponseOut<'a> {
     patch: Option<String>,
 }
 
-/// Reviews one AdmissionReview (the request body) and returns the response to send.
-pub fn review(
-    body: &[u8],
-    namespaces: &dyn NamespaceDirectory,
-    explain: bool,
-) -> Result<Reviewed, ReviewError> {
+/// A request read and checked, before the decision.
+pub enum Parsed<'a> {
+    /// Answered without a decision: not a Pod CREATE, or a pod we cannot read.
+    Answered(Reviewed),
+    /// A Pod CREATE: the decision needs its namespace's scope.
+    PodCreate(PodCreate<'a>),
+}
+
+/// A Pod CREATE, read from the request, borrowing from its bytes.
+pub struct PodCreate<'a> {
+    uid: Str<'a>,
+    namespace: Option<Str<'a>>,
+    pod: PodView<'a>,
+}
+
+impl PodCreate<'_> {
+    /// The pod's namespace: the request's (authoritative; the object's may be empty at
+    /// CREATE), else the object's.
+    pub fn namespace(&self) -> &str {
+        self.namespace
+            .as_deref()
+            .or_else(|| {
+                self.pod
+                    .metadata
+                    .as_ref()
+                    .and_then(|m| m.namespace.as_deref())
+            })
+            .unwrap_or("")
+    }
+
+    pub fn decide(&self, scope: &NamespaceScope, explain: bool) -> Reviewed {
+        let decision = decide_live(&self.pod, scope);
+        let explanation = if explain {
+            decision.volumes.iter().map(ExplainedVolume::from).collect()
+        } else {
+            Vec::new()
+        };
+        let outcome = Outcome::Live(decision.verdict);
+        let mut reviewed = allow(&self.uid, outcome, decision.patch.as_ref(), None);
+        reviewed.object = Some(self.pod.display_name());
+        reviewed.explanation = explanation;
+        reviewed
+    }
+}
+
+/// Reads and checks one AdmissionReview (the request body). Well-typed requests (all a
+/// real API server sends) are read in one pass; anything else takes the two-pass path.
+pub fn parse(body: &[u8]) -> Result<Parsed<'_>, ReviewError> {
     match serde_json::from_slice::<ReviewIn<PodView>>(body) {
-        Ok(fast) => review_parsed(fast, namespaces, explain),
-        Err(_) => review_two_pass(body, namespaces, explain),
+        Ok(fast) => check(fast),
+        Err(_) => parse_two_pass(body),
     }
 }
 
 /// The path for requests the one-pass read cannot take (malformed input, odd objects).
 /// Public only so tests can prove that both paths give the same answer.
 #[doc(hidden)]
+pub fn parse_two_pass(body: &[u8]) -> Result<Parsed<'_>, ReviewError> {
+    let review: ReviewIn<&RawValue> = serde_json::from_slice(body)?;
+    check(review)
+}
+
+/// Reviews one AdmissionReview and returns the response to send: [`parse`], then decide
+/// with the namespace's scope from `namespaces`.
+pub fn review(
+    body: &[u8],
+    namespaces: &dyn NamespaceDirectory,
+    explain: bool,
+) -> Result<Reviewed, ReviewError> {
+    finish(parse(body)?, namespaces, explain)
+}
+
+#[doc(hidden)]
 pub fn review_two_pass(
     body: &[u8],
     namespaces: &dyn NamespaceDirectory,
     explain: bool,
 ) -> Result<Reviewed, ReviewError> {
-    let review: ReviewIn<&RawValue> = serde_json::from_slice(body)?;
-    review_parsed(review, namespaces, explain)
+    finish(parse_two_pass(body)?, namespaces, explain)
 }
 
-fn review_parsed<'a, O: ObjectIn<'a>>(
-    review: ReviewIn<'a, O>,
+fn finish(
+    parsed: Parsed<'_>,
     namespaces: &dyn NamespaceDirectory,
     explain: bool,
 ) -> Result<Reviewed, ReviewError> {
+    Ok(match parsed {
+        Parsed::Answered(reviewed) => reviewed,
+        Parsed::PodCreate(create) => create.decide(&namespaces.scope(create.namespace()), explain),
+    })
+}
+
+fn check<'a, O: ObjectIn<'a>>(review: ReviewIn<'a, O>) -> Result<Parsed<'a>, ReviewError> {
     match review.api_version.as_deref() {
         Some(ADMISSION_API_VERSION) => {}
         other => {
@@ -266,7 +332,12 @@ fn review_parsed<'a, O: ObjectIn<'a>>(
         .as_deref()
         .is_some_and(|s| !s.is_empty());
     if !(is_pod && is_create && !is_subresource) {
-        return Ok(allow(uid, Outcome::NotPodCreate, None, None));
+        return Ok(Parsed::Answered(allow(
+            uid,
+            Outcome::NotPodCreate,
+            None,
+            None,
+        )));
     }
 
     let object = request.object.ok_or_else(|| ReviewError::MissingObject {
@@ -283,7 +354,12 @@ fn review_parsed<'a, O: ObjectIn<'a>>(
             });
         }
         Err(ObjectProblem::NotUnderstood(detail)) => {
-            return Ok(allow(uid, Outcome::NotUnderstood, None, Some(detail)));
+            return Ok(Parsed::Answered(allow(
+                uid,
+                Outcome::NotUnderstood,
+                None,
+                Some(detail),
+            )));
         }
     };
     if let Some(kind) = pod.kind.as_deref().filter(|k| *k != "Pod") {
@@ -299,27 +375,11 @@ fn review_parsed<'a, O: ObjectIn<'a>>(
         });
     }
 
-    // The request's namespace is authoritative (the object's may be empty at CREATE).
-    let namespace = request
-        .namespace
-        .as_deref()
-        .or_else(|| pod.metadata.as_ref().and_then(|m| m.namespace.as_deref()))
-        .unwrap_or("");
-    let decision = decide_live(&pod, &namespaces.scope(namespace));
-    let explanation = if explain {
-        decision.volumes.iter().map(ExplainedVolume::from).collect()
-    } else {
-        Vec::new()
-    };
-    let mut reviewed = allow(
-        uid,
-        Outcome::Live(decision.verdict),
-        decision.patch.as_ref(),
-        None,
-    );
-    reviewed.object = Some(pod.display_name());
-    reviewed.explanation = explanation;
-    Ok(reviewed)
+    Ok(Parsed::PodCreate(PodCreate {
+        uid: request.uid,
+        namespace: request.namespace,
+        pod,
+    }))
 }
 
 fn request_uid<O>(review: &ReviewIn<'_, O>) -> Option<String> {

@@ -2,12 +2,15 @@
 //!
 //! Fed by a metadata watch on all Namespaces (labels and annotations are all we need), so
 //! a namespace that is known and not opted in is recognised as such. A namespace the
-//! cache has not seen yet (created a moment ago) is treated as opted in with the default
-//! globs: the API server only calls the webhook for labelled namespaces anyway.
+//! watch has not delivered yet (created a moment ago) is fetched once with a GET, so its
+//! claims annotation applies to its very first pod; if that fails too, it is treated as
+//! opted in with the default globs (the API server only calls the webhook for labelled
+//! namespaces anyway).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Namespace;
@@ -15,14 +18,18 @@ use kube::Api;
 use kube::core::PartialObjectMeta;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event, watcher};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::metrics::Metrics;
 use crate::names;
 use crate::policy::namespace::scope_from_metadata;
 use crate::policy::{ClaimGlobs, NamespaceDirectory, NamespaceScope};
 
+/// How long the admission path waits for a GET of a namespace the watch has not delivered.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(1);
+
 pub struct NamespaceCache {
+    client: Option<kube::Client>,
     default_claims: Arc<ClaimGlobs>,
     entries: RwLock<HashMap<String, NamespaceScope>>,
     synced: Arc<AtomicBool>,
@@ -30,8 +37,14 @@ pub struct NamespaceCache {
 }
 
 impl NamespaceCache {
-    pub fn new(default_claims: ClaimGlobs, metrics: Arc<Metrics>) -> Self {
+    /// `client`: where to watch and fetch namespaces (`None` in tests of the cache alone).
+    pub fn new(
+        client: Option<kube::Client>,
+        default_claims: ClaimGlobs,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
+            client,
             default_claims: Arc::new(default_claims),
             entries: RwLock::new(HashMap::new()),
             synced: Arc::new(AtomicBool::new(false)),
@@ -46,7 +59,10 @@ impl NamespaceCache {
 
     /// Watches namespaces until the returned future is dropped. Watch errors are logged
     /// and retried with backoff; the cache keeps serving what it last knew.
-    pub async fn run(self: Arc<Self>, client: kube::Client) {
+    pub async fn run(self: Arc<Self>) {
+        let Some(client) = self.client.clone() else {
+            return;
+        };
         let api: Api<PartialObjectMeta<Namespace>> = Api::all(client);
         let stream = watcher(api, watcher::Config::default()).default_backoff();
         futures::pin_mut!(stream);
@@ -151,6 +167,45 @@ fn count_opted_in(entries: &HashMap<String, NamespaceScope>) -> usize {
         .count()
 }
 
+impl NamespaceCache {
+    fn lookup(&self, namespace: &str) -> Option<NamespaceScope> {
+        self.entries
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(namespace)
+            .cloned()
+    }
+
+    /// Like [`NamespaceDirectory::scope`], but a namespace the watch has not delivered
+    /// yet is fetched first (bounded by a short timeout).
+    pub async fn resolve(&self, namespace: &str) -> NamespaceScope {
+        if let Some(scope) = self.lookup(namespace) {
+            return scope;
+        }
+        if let Some(client) = &self.client {
+            let api: Api<Namespace> = Api::all(client.clone());
+            match tokio::time::timeout(FETCH_TIMEOUT, api.get_metadata_opt(namespace)).await {
+                Ok(Ok(Some(ns))) => {
+                    if let Some((name, scope)) = self.scope_of(&ns) {
+                        debug!(namespace = %name, "namespace fetched ahead of the watch");
+                        self.upsert(name, scope.clone());
+                        return scope;
+                    }
+                }
+                Ok(Ok(None)) => debug!(namespace, "namespace not found"),
+                Ok(Err(e)) => {
+                    warn!(namespace, error = %e, "could not fetch namespace; using the default claim globs")
+                }
+                Err(_) => warn!(
+                    namespace,
+                    "fetching namespace timed out; using the default claim globs"
+                ),
+            }
+        }
+        NamespaceScope::OptedIn(self.default_claims.clone())
+    }
+}
+
 impl NamespaceDirectory for NamespaceCache {
     fn scope(&self, namespace: &str) -> NamespaceScope {
         let entries = self.entries.read().unwrap_or_else(|p| p.into_inner());
@@ -168,6 +223,7 @@ mod tests {
     #[test]
     fn unknown_is_default_known_is_respected() {
         let cache = NamespaceCache::new(
+            None,
             ClaimGlobs::parse("claim-*").unwrap(),
             Arc::new(Metrics::new()),
         );

@@ -18,17 +18,35 @@ use tokio::sync::Semaphore;
 use tower_http::catch_panic::{CatchPanicLayer, ResponseForPanic};
 use tracing::{debug, error, info, warn};
 
-use crate::admission::{self, Outcome, ReviewError};
+use crate::admission::{self, Outcome, Parsed, ReviewError};
+use crate::cluster::NamespaceCache;
 use crate::metrics::{self, Metrics};
-use crate::policy::NamespaceDirectory;
+use crate::policy::{NamespaceDirectory, NamespaceScope, StaticNamespaces};
 use crate::tls::CertStore;
 
 /// Largest AdmissionReview we read (the API server's own request limit is 3 MiB).
 pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
 
+/// Where the admission path gets a namespace's scope.
+pub enum Namespaces {
+    /// Every namespace opted in with fixed globs (`--no-cluster`).
+    Static(StaticNamespaces),
+    /// The live namespace cache (fetches a namespace the watch has not delivered yet).
+    Cluster(Arc<NamespaceCache>),
+}
+
+impl Namespaces {
+    async fn scope(&self, namespace: &str) -> NamespaceScope {
+        match self {
+            Self::Static(s) => s.scope(namespace),
+            Self::Cluster(cache) => cache.resolve(namespace).await,
+        }
+    }
+}
+
 /// What the admission handlers need.
 pub struct WebhookState {
-    pub namespaces: Arc<dyn NamespaceDirectory>,
+    pub namespaces: Namespaces,
     pub metrics: Arc<Metrics>,
     /// One request, body included, must arrive within this time (slow clients get 408).
     pub request_timeout: Duration,
@@ -41,7 +59,7 @@ pub struct WebhookState {
 }
 
 impl WebhookState {
-    pub fn new(namespaces: Arc<dyn NamespaceDirectory>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(namespaces: Namespaces, metrics: Arc<Metrics>) -> Self {
         Self {
             namespaces,
             metrics,
@@ -145,7 +163,15 @@ async fn answer(state: &WebhookState, request: Request) -> (Response, &'static s
             );
         }
     };
-    match admission::review(&body, state.namespaces.as_ref(), false) {
+    let reviewed = match admission::parse(&body) {
+        Ok(Parsed::Answered(reviewed)) => Ok(reviewed),
+        Ok(Parsed::PodCreate(create)) => {
+            let scope = state.namespaces.scope(create.namespace()).await;
+            Ok(create.decide(&scope, false))
+        }
+        Err(e) => Err(e),
+    };
+    match reviewed {
         Ok(reviewed) => {
             log_reviewed(&reviewed);
             let mut response = reviewed.body.into_response();
