@@ -7,16 +7,24 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 envtest=scripts/kube-envtest.sh
-started_here=0
+run_dir=${KUBE_ENVTEST_RUN:-/tmp/velero-jupyterhub-envtest}
+# Several test.sh runs may share one API server: each registers itself under users/, and
+# the last one out stops the server if a test.sh run started it (never one you started).
+mkdir -p "$run_dir/users"
+touch "$run_dir/users/$$"
 if bash "$envtest" status >/dev/null 2>&1; then
   echo "test.sh: reusing the running test API server" >&2
 else
   bash "$envtest" start >/dev/null
-  started_here=1
+  touch "$run_dir/users/.started-by-test.sh"
 fi
 log=$(mktemp)
 cleanup() {
-  if [ "$started_here" = 1 ]; then bash "$envtest" stop 2>&1 || true; fi
+  rm -f "$run_dir/users/$$"
+  if [ -e "$run_dir/users/.started-by-test.sh" ] && [ -z "$(ls "$run_dir/users" 2>/dev/null)" ]; then
+    rm -f "$run_dir/users/.started-by-test.sh"
+    bash "$envtest" stop 2>&1 || true
+  fi
   # One closing line over every test binary cargo ran, printed last.
   awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1) } }
        END { printf "\ntests: %d passed, %d failed\n", p, f }' "$log"
