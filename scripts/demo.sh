@@ -88,7 +88,7 @@ PY
 python3 -c 'import json,sys; [print(json.dumps(o)) for o in json.load(open(sys.argv[1]))]' "$work/claims.json" | kubectl apply -f - >/dev/null
 python3 -c 'import json,sys; [print(json.dumps(o)) for o in json.load(open(sys.argv[1]))]' "$work/pods.json" | kubectl create -f - >/dev/null
 
-say "what the API server stored, and why"
+say "what the API server stored, and why (velero-jupyterhub review --pod --explain on each pod as sent)"
 kubectl get pods -A -o json > "$work/stored.json"
 python3 - "$work" "$bin" <<'PY'
 import json, subprocess, sys

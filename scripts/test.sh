@@ -34,5 +34,5 @@ trap cleanup EXIT
 eval "$(bash "$envtest" env)"
 export KUBECONFIG
 
-if [ $# -eq 0 ]; then set -- --all-targets; fi
+if [ $# -eq 0 ]; then set -- --all-targets --no-fail-fast; fi
 cargo test --locked "$@" 2>&1 | tee "$log"
