@@ -193,7 +193,7 @@ fn main() {
         let connector = TlsConnector::from(Arc::new(client_config));
 
         let namespaces = Namespaces::Static(StaticNamespaces::new(ClaimGlobs::parse("claim-*").expect("globs")));
-        let real_app = admission_router(Arc::new(WebhookState::new(namespaces, Arc::new(Metrics::new()))));
+        let real_app = admission_router(Arc::new(WebhookState::new(namespaces, Arc::new(Metrics::new()), &ServeOptions::default(), Default::default())));
         let noop_app = Router::new().route(
             "/mutate",
             post(|body: Bytes| async move {

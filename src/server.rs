@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -148,13 +147,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         namespaces_synced,
         shutting_down: Arc::new(AtomicBool::new(false)),
     };
-    let admission = webhook::admission_router(Arc::new(WebhookState {
+    let admission = webhook::admission_router(Arc::new(WebhookState::new(
         namespaces,
-        metrics: metrics.clone(),
-        request_timeout: config.serve.request_timeout,
-        in_flight: Semaphore::new(config.serve.max_concurrent_reviews),
-        shutting_down: readiness.shutting_down.clone(),
-    }));
+        metrics.clone(),
+        &config.serve,
+        readiness.shutting_down.clone(),
+    )));
     let ops = webhook::ops_router(readiness.clone(), metrics.clone());
     let tls_config = tls::server_config(certs).context("building the TLS configuration")?;
 

@@ -326,6 +326,7 @@ async fn a_namespace_the_watch_has_not_delivered_is_fetched_with_its_claims() {
     use tower::ServiceExt;
     use velero_jupyterhub::cluster::NamespaceCache;
     use velero_jupyterhub::metrics::Metrics;
+    use velero_jupyterhub::webhook::serve::ServeOptions;
     use velero_jupyterhub::webhook::{Namespaces, WebhookState, admission_router};
 
     let client = cluster::client().await;
@@ -341,7 +342,12 @@ async fn a_namespace_the_watch_has_not_delivered_is_fetched_with_its_claims() {
         globs,
         Arc::new(Metrics::new()),
     ));
-    let state = WebhookState::new(Namespaces::Cluster(cache.clone()), Arc::new(Metrics::new()));
+    let state = WebhookState::new(
+        Namespaces::Cluster(cache.clone()),
+        Arc::new(Metrics::new()),
+        &ServeOptions::default(),
+        Default::default(),
+    );
     let app = admission_router(Arc::new(state));
 
     let mut pod = serde_json::to_value(user_pod("grace")).unwrap();

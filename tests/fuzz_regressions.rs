@@ -9,6 +9,7 @@ use hyper::StatusCode;
 use tower::ServiceExt;
 use velero_jupyterhub::metrics::Metrics;
 use velero_jupyterhub::policy::{ClaimGlobs, StaticNamespaces};
+use velero_jupyterhub::webhook::serve::ServeOptions;
 use velero_jupyterhub::webhook::{Namespaces, WebhookState, admission_router};
 
 async fn answer(body: Vec<u8>) -> (StatusCode, Vec<u8>) {
@@ -17,6 +18,8 @@ async fn answer(body: Vec<u8>) -> (StatusCode, Vec<u8>) {
     let app = admission_router(Arc::new(WebhookState::new(
         namespaces,
         Arc::new(Metrics::new()),
+        &ServeOptions::default(),
+        Default::default(),
     )));
     let req = hyper::Request::post("/mutate")
         .header("content-type", "application/json")

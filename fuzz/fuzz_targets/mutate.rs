@@ -12,6 +12,7 @@ use libfuzzer_sys::fuzz_target;
 use tower::ServiceExt;
 use velero_jupyterhub::metrics::Metrics;
 use velero_jupyterhub::policy::{ClaimGlobs, StaticNamespaces};
+use velero_jupyterhub::webhook::serve::ServeOptions;
 use velero_jupyterhub::webhook::{Namespaces, WebhookState, admission_router};
 
 struct Harness {
@@ -25,7 +26,7 @@ fn harness() -> &'static Harness {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
         let namespaces = Namespaces::Static(StaticNamespaces::new(ClaimGlobs::parse("claim-*").expect("globs")));
         let metrics = Arc::new(Metrics::new());
-        let app = admission_router(Arc::new(WebhookState::new(namespaces, metrics)));
+        let app = admission_router(Arc::new(WebhookState::new(namespaces, metrics, &ServeOptions::default(), Default::default())));
         Harness { rt, app }
     })
 }

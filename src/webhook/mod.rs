@@ -23,6 +23,7 @@ use crate::cluster::NamespaceCache;
 use crate::metrics::{self, Metrics};
 use crate::policy::{NamespaceDirectory, NamespaceScope, StaticNamespaces};
 use crate::tls::CertStore;
+use serve::ServeOptions;
 
 /// Largest AdmissionReview we read (the API server's own request limit is 3 MiB).
 pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
@@ -59,13 +60,20 @@ pub struct WebhookState {
 }
 
 impl WebhookState {
-    pub fn new(namespaces: Namespaces, metrics: Arc<Metrics>) -> Self {
+    /// `shutting_down` is shared with readiness (`Default::default()` when nothing else
+    /// needs it).
+    pub fn new(
+        namespaces: Namespaces,
+        metrics: Arc<Metrics>,
+        opts: &ServeOptions,
+        shutting_down: Arc<AtomicBool>,
+    ) -> Self {
         Self {
             namespaces,
             metrics,
-            request_timeout: Duration::from_secs(10),
-            in_flight: Semaphore::new(32),
-            shutting_down: Arc::new(AtomicBool::new(false)),
+            request_timeout: opts.request_timeout,
+            in_flight: Semaphore::new(opts.max_concurrent_reviews),
+            shutting_down,
         }
     }
 }
