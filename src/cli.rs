@@ -94,7 +94,7 @@ pub struct ServeArgs {
     pub idle_timeout: Duration,
     /// AdmissionReviews read and reviewed at once; more wait (each may be up to 3 MiB, so
     /// this bounds memory).
-    #[arg(long, env = "VJH_MAX_CONCURRENT_REVIEWS", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "VJH_MAX_CONCURRENT_REVIEWS", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_reviews: u32,
     /// Open connections at most; past it, new ones wait in the listen backlog.
     #[arg(long, env = "VJH_MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]

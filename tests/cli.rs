@@ -376,3 +376,22 @@ fn the_deployment_in_manifests_passes_flags_the_binary_accepts() {
     assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
     assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
 }
+
+#[test]
+fn cli_defaults_are_the_library_defaults() {
+    use clap::Parser;
+    use velero_jupyterhub::cli::{Cli, Command as Sub};
+    use velero_jupyterhub::webhook::serve::ServeOptions;
+    let cli = Cli::try_parse_from(["velero-jupyterhub", "serve", "--self-signed"]).unwrap();
+    let Sub::Serve(serve) = cli.command else {
+        panic!("not serve")
+    };
+    let lib = ServeOptions::default();
+    assert_eq!(serve.idle_timeout, lib.idle_timeout);
+    assert_eq!(serve.shutdown_grace, lib.shutdown_grace);
+    assert_eq!(
+        serve.max_concurrent_reviews as usize,
+        lib.max_concurrent_reviews
+    );
+    assert_eq!(serve.max_connections as usize, lib.max_connections);
+}

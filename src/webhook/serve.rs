@@ -39,7 +39,7 @@ impl Default for ServeOptions {
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             request_timeout: Duration::from_secs(10),
-            max_concurrent_reviews: 32,
+            max_concurrent_reviews: 16,
             max_connections: 1024,
             shutdown_grace: Duration::from_secs(25),
         }
