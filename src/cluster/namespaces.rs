@@ -7,7 +7,7 @@
 //! opted in with the default globs (the API server only calls the webhook for labelled
 //! namespaces anyway).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -122,8 +122,8 @@ impl NamespaceCache {
             .set_namespaces_opted_in(count_opted_in(&entries));
     }
 
-    /// Inserts or updates one namespace (also used by tests and `--namespace-claims`).
-    pub fn upsert(&self, name: String, scope: NamespaceScope) {
+    /// Inserts or updates one namespace, saying so when its opt-in changes.
+    fn upsert(&self, name: String, scope: NamespaceScope) {
         let mut entries = self.write();
         let was = entries
             .get(&name)
@@ -148,26 +148,10 @@ impl NamespaceCache {
         count_opted_in(&self.entries.read().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// Applies a namespace's labels and annotations as a watch event would.
-    pub fn apply_metadata(
-        &self,
-        name: &str,
-        labels: Option<&BTreeMap<String, String>>,
-        annotations: Option<&BTreeMap<String, String>>,
-    ) {
-        let (scope, _) = scope_from_metadata(labels, annotations, &self.default_claims);
-        self.upsert(name.to_owned(), scope);
+    fn default_scope(&self) -> NamespaceScope {
+        NamespaceScope::OptedIn(self.default_claims.clone())
     }
-}
 
-fn count_opted_in(entries: &HashMap<String, NamespaceScope>) -> usize {
-    entries
-        .values()
-        .filter(|s| matches!(s, NamespaceScope::OptedIn(_)))
-        .count()
-}
-
-impl NamespaceCache {
     fn lookup(&self, namespace: &str) -> Option<NamespaceScope> {
         self.entries
             .read()
@@ -202,23 +186,42 @@ impl NamespaceCache {
                 ),
             }
         }
-        NamespaceScope::OptedIn(self.default_claims.clone())
+        self.default_scope()
     }
+}
+
+fn count_opted_in(entries: &HashMap<String, NamespaceScope>) -> usize {
+    entries
+        .values()
+        .filter(|s| matches!(s, NamespaceScope::OptedIn(_)))
+        .count()
 }
 
 impl NamespaceDirectory for NamespaceCache {
     fn scope(&self, namespace: &str) -> NamespaceScope {
-        let entries = self.entries.read().unwrap_or_else(|p| p.into_inner());
-        entries
-            .get(namespace)
-            .cloned()
-            .unwrap_or_else(|| NamespaceScope::OptedIn(self.default_claims.clone()))
+        self.lookup(namespace)
+            .unwrap_or_else(|| self.default_scope())
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
+
+    impl NamespaceCache {
+        /// Applies a namespace's labels and annotations as a watch event would.
+        fn apply_metadata(
+            &self,
+            name: &str,
+            labels: Option<&BTreeMap<String, String>>,
+            annotations: Option<&BTreeMap<String, String>>,
+        ) {
+            let (scope, _) = scope_from_metadata(labels, annotations, &self.default_claims);
+            self.upsert(name.to_owned(), scope);
+        }
+    }
 
     #[test]
     fn unknown_is_default_known_is_respected() {
