@@ -10,11 +10,14 @@ use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use serde_json::Value;
+use std::sync::Arc;
 use velero_jupyterhub::admission;
-use velero_jupyterhub::policy::{ClaimGlobs, StaticNamespaces};
+
+use velero_jupyterhub::policy::ClaimGlobs;
 
 fn bench(c: &mut Criterion) {
-    let namespaces = StaticNamespaces::new(ClaimGlobs::parse("claim-*").expect("globs"));
+    let globs = Arc::new(ClaimGlobs::parse("claim-*").expect("globs"));
+    let claims = |_: &str| globs.clone();
     let request = fixtures::golden_review().0;
     let mut annotated: Value = serde_json::from_slice(&request).expect("json");
     annotated["request"]["object"]["metadata"]["annotations"]["backup.velero.io/backup-volumes"] =
@@ -23,10 +26,10 @@ fn bench(c: &mut Criterion) {
 
     let mut group = c.benchmark_group("admission");
     group.bench_function("z2jh_pod_create_patch", |b| {
-        b.iter(|| admission::review(black_box(&request), &namespaces, false).expect("review"))
+        b.iter(|| admission::review(black_box(&request), claims, false).expect("review"))
     });
     group.bench_function("z2jh_pod_reinvocation_no_patch", |b| {
-        b.iter(|| admission::review(black_box(&reinvocation), &namespaces, false).expect("review"))
+        b.iter(|| admission::review(black_box(&reinvocation), claims, false).expect("review"))
     });
     group.finish();
 }

@@ -20,11 +20,9 @@ use axum::routing::post;
 use base64::Engine as _;
 use kube::api::PostParams;
 use support::cluster::{self, Webhook, backup_volumes, user_pod};
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use velero_jupyterhub::metrics::Metrics;
+use velero_jupyterhub::metrics::sample;
 use velero_jupyterhub::tls::{self, CertStore};
-use velero_jupyterhub::webhook::serve::{ServeOptions, serve_tls};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Mode {
@@ -65,20 +63,9 @@ async fn stand_in() -> (String, String, CancellationToken) {
     let (pair, ca) = tls::self_signed(&[]).expect("cert");
     let certs = Arc::new(CertStore::default());
     certs.set(pair.certified_key().expect("key"));
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let url = format!("https://{}/mutate", listener.local_addr().expect("addr"));
-    let stop = CancellationToken::new();
     let config = tls::server_config(certs).expect("tls");
-    let metrics = Arc::new(Metrics::new());
-    tokio::spawn(serve_tls(
-        listener,
-        config,
-        app,
-        ServeOptions::default(),
-        metrics,
-        stop.clone().cancelled_owned(),
-    ));
-    (url, ca, stop)
+    let (addr, stop) = support::baseline::serve_plain_tls(app, config).await;
+    (format!("https://{addr}/mutate"), ca, stop)
 }
 
 fn main() {
@@ -159,11 +146,13 @@ fn main() {
             p50[1] - p50[0],
             p50[2] - p50[1]
         );
-        let m = &webhook.server.metrics;
+        let m = webhook.server.metrics.encode();
+        let accepted = r#"velero_jupyterhub_connections_total{listener="webhook",result="accepted"}"#;
+        let annotated = r#"velero_jupyterhub_admission_requests_total{webhook="live",outcome="annotated"}"#;
         println!(
             "velero-jupyterhub: {} TLS connection(s) accepted for {} admission requests",
-            m.connection_count("accepted"),
-            m.admission_count("live", "annotated")
+            sample(&m, accepted).unwrap_or(0.0),
+            sample(&m, annotated).unwrap_or(0.0)
         );
         stand_in_stop.cancel();
         ns.delete().await;

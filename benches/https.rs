@@ -1,15 +1,26 @@
-//! HTTPS keep-alive throughput and latency of `POST /mutate` with the z2jh fixture,
-//! against a do-nothing handler (reads the body, returns a fixed allow) served by the
-//! same TLS stack, measured in the same run. Goals: ratio ≥ 0.90; p99 ≤ 2 ms at moderate
-//! load. Also the RSS of the real binary at idle (goal ≤ 20 MiB).
+//! HTTPS keep-alive throughput and latency of `POST /mutate/live` with the z2jh fixture,
+//! against a do-nothing axum + rustls handler (reads the body, returns a fixed allow;
+//! served the plain way, see tests/support/baseline.rs), measured in the same run:
 //!
-//! Run: `cargo bench --bench https` (BENCH_SECONDS=N per round, default 4).
+//! 1. in-process: a hyper client in this process against our server (`server::start`,
+//!    the same composition `serve` runs) and the baseline;
+//! 2. external: Debian's `wrk` (one thread, 8 connections) against the real binary
+//!    (`velero-jupyterhub serve`, its own process) and the baseline, alternating rounds.
+//!
+//! Goals: ratio ≥ 0.75 (external), p99 ≤ 2 ms at moderate load. Also the RSS of the
+//! real binary at idle (goal ≤ 20 MiB). Run: `cargo bench --bench https`
+//! (BENCH_SECONDS=N per round, default 4; `scripts/bench.sh` installs wrk).
 
 #[allow(dead_code)]
 #[path = "../tests/support/fixtures.rs"]
 mod fixtures;
 
+#[allow(dead_code)]
+#[path = "../tests/support/baseline.rs"]
+mod baseline;
+
 use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,37 +31,15 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
-use tokio_util::sync::CancellationToken;
-use velero_jupyterhub::metrics::Metrics;
-use velero_jupyterhub::policy::{ClaimGlobs, StaticNamespaces};
+use velero_jupyterhub::policy::ClaimGlobs;
+use velero_jupyterhub::server::{self, TlsSource};
 use velero_jupyterhub::tls::{self, CertStore};
-use velero_jupyterhub::webhook::serve::{ServeOptions, serve_tls};
-use velero_jupyterhub::webhook::{Namespaces, WebhookState, admission_router};
+use velero_jupyterhub::webhook::serve::ServeOptions;
 
 const FIXED_ALLOW: &str = r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","response":{"uid":"705ab4f5-6393-11e8-b7cc-42010a800002","allowed":true}}"#;
-
-struct Server {
-    addr: SocketAddr,
-    stop: CancellationToken,
-}
-
-async fn start(app: Router, certs: Arc<CertStore>) -> Server {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let stop = CancellationToken::new();
-    let config = tls::server_config(certs).expect("tls config");
-    tokio::spawn(serve_tls(
-        listener,
-        config,
-        app,
-        ServeOptions::default(),
-        Arc::new(Metrics::new()),
-        stop.clone().cancelled_owned(),
-    ));
-    Server { addr, stop }
-}
+const PATH: &str = "/mutate/live";
 
 #[derive(Default)]
 struct Round {
@@ -103,7 +92,7 @@ async fn load(
                     next += iv;
                     tokio::time::sleep_until(next.into()).await;
                 }
-                let req = hyper::Request::post("/mutate")
+                let req = hyper::Request::post(PATH)
                     .header("host", "localhost")
                     .header("content-type", "application/json")
                     .body(Full::new(body.clone()))
@@ -127,29 +116,50 @@ async fn load(
     round
 }
 
-fn idle_rss_kib() -> Option<(u64, u64)> {
+/// The real binary, serving with a self-signed certificate and no cluster, logging only
+/// warnings, as a child process; returns it with its webhook address once it accepts.
+fn spawn_server() -> (Child, SocketAddr) {
+    let free = || {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let (addr, ops) = (free(), free());
     let exe = env!("CARGO_BIN_EXE_velero-jupyterhub");
-    let mut child = std::process::Command::new(exe)
+    let child = Command::new(exe)
         .args([
             "serve",
             "--self-signed",
             "--no-cluster",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
             "--log-level",
             "warn",
         ])
+        .args([
+            "--listen",
+            &addr.to_string(),
+            "--ops-listen",
+            &ops.to_string(),
+        ])
+        .env_remove("KUBECONFIG")
+        .stderr(Stdio::inherit())
         .spawn()
-        .ok()?;
-    std::thread::sleep(Duration::from_secs(2));
-    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).ok();
-    let _ = child.kill();
-    let _ = child.wait();
+        .expect("spawn velero-jupyterhub serve");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the server did not listen on {addr}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    (child, addr)
+}
+
+/// RSS and peak RSS of a process, KiB.
+fn rss_kib(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let field = |name: &str| -> Option<u64> {
         status
-            .as_deref()?
             .lines()
             .find(|l| l.starts_with(name))?
             .split_whitespace()
@@ -158,6 +168,41 @@ fn idle_rss_kib() -> Option<(u64, u64)> {
             .ok()
     };
     Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// One `wrk` round: requests per second.
+fn wrk(addr: SocketAddr, script: &std::path::Path, duration: Duration) -> f64 {
+    let out = Command::new("wrk")
+        .args(["-t1", "-c8", &format!("-d{}s", duration.as_secs().max(1))])
+        .arg("-s")
+        .arg(script)
+        .arg(format!("https://{addr}{PATH}"))
+        .output()
+        .expect("wrk is installed (scripts/bench.sh installs it: apt-get install wrk)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "wrk failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let non_2xx = text.lines().any(|l| l.contains("Non-2xx"));
+    assert!(!non_2xx, "wrk saw errors: {text}");
+    text.lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no Requests/sec in wrk's output: {text}"))
+}
+
+/// A wrk script that POSTs `body` as an AdmissionReview.
+fn wrk_script(dir: &std::path::Path, body: &[u8]) -> std::path::PathBuf {
+    let body = String::from_utf8(body.to_vec()).expect("utf-8");
+    assert!(!body.contains("]==]"));
+    let script = format!(
+        "wrk.method = \"POST\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.body = [==[{body}]==]\n"
+    );
+    let path = dir.join("review.lua");
+    std::fs::write(&path, script).expect("write wrk script");
+    path
 }
 
 fn main() {
@@ -171,7 +216,7 @@ fn main() {
     let secs: f64 = std::env::var("BENCH_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(if quick { 0.3 } else { 4.0 });
+        .unwrap_or(if quick { 1.0 } else { 4.0 });
     let duration = Duration::from_secs_f64(secs);
     tls::install_default_provider();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -179,10 +224,25 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
+    let body = Bytes::from(fixtures::golden_review().0);
+    let noop_app = Router::new().route(
+        PATH,
+        post(|body: Bytes| async move {
+            std::hint::black_box(body);
+            ([("content-type", "application/json")], FIXED_ALLOW)
+        }),
+    );
+    let (pair, ca_pem) = tls::self_signed(&[]).expect("cert");
+    let certs = Arc::new(CertStore::default());
+    certs.set(pair.certified_key().expect("key"));
+
+    let (noop_addr, noop_stop) = rt.block_on(async {
+        let config = tls::server_config(certs.clone()).expect("tls config");
+        baseline::serve_plain_tls(noop_app, config).await
+    });
+
+    // 1. In-process client.
     rt.block_on(async {
-        let (pair, ca_pem) = tls::self_signed(&[]).expect("cert");
-        let certs = Arc::new(CertStore::default());
-        certs.set(pair.certified_key().expect("key"));
         let mut roots = rustls::RootCertStore::empty();
         roots.add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).expect("ca")).expect("root");
         let client_config = rustls::ClientConfig::builder_with_provider(tls::provider())
@@ -191,26 +251,24 @@ fn main() {
             .with_root_certificates(roots)
             .with_no_client_auth();
         let connector = TlsConnector::from(Arc::new(client_config));
-
-        let namespaces = Namespaces::Static(StaticNamespaces::new(ClaimGlobs::parse("claim-*").expect("globs")));
-        let real_app = admission_router(Arc::new(WebhookState::new(namespaces, Arc::new(Metrics::new()), &ServeOptions::default(), Default::default())));
-        let noop_app = Router::new().route(
-            "/mutate",
-            post(|body: Bytes| async move {
-                std::hint::black_box(body);
-                ([("content-type", "application/json")], FIXED_ALLOW)
-            }),
-        );
-        let real = start(real_app, certs.clone()).await;
-        let noop = start(noop_app, certs.clone()).await;
-        let body = Bytes::from(fixtures::golden_review().0);
+        let real = server::start(server::Config {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            ops_listen: "127.0.0.1:0".parse().expect("addr"),
+            tls: TlsSource::Pem(pair.clone()),
+            default_claims: ClaimGlobs::parse("claim-*").expect("globs"),
+            cluster: None,
+            serve: ServeOptions::default(),
+            shutdown_delay: Duration::ZERO,
+        })
+        .await
+        .expect("server starts");
 
         // Saturation: alternate rounds so drift on a shared machine hits both alike.
         let connections = 8;
         let (mut real_best, mut noop_best): (Option<Round>, Option<Round>) = (None, None);
         let rounds = if quick { 1 } else { 3 };
         for _ in 0..rounds {
-            for (addr, best) in [(noop.addr, &mut noop_best), (real.addr, &mut real_best)] {
+            for (addr, best) in [(noop_addr, &mut noop_best), (real.addr, &mut real_best)] {
                 let r = load(addr, connector.clone(), body.clone(), connections, None, duration).await;
                 if best.as_ref().is_none_or(|b| r.rps() > b.rps()) {
                     *best = Some(r);
@@ -221,9 +279,9 @@ fn main() {
 
         // Moderate load: 1,000 requests/s over 4 connections.
         let mut real_mod = load(real.addr, connector.clone(), body.clone(), 4, Some(1000.0), duration).await;
-        let mut noop_mod = load(noop.addr, connector.clone(), body.clone(), 4, Some(1000.0), duration).await;
+        let mut noop_mod = load(noop_addr, connector.clone(), body.clone(), 4, Some(1000.0), duration).await;
 
-        println!("\nHTTPS keep-alive, POST /mutate with the z2jh fixture ({} B body), TLS 1.3, 2 worker threads", body.len());
+        println!("\n1. In-process client: HTTPS keep-alive, POST {PATH} with the z2jh fixture ({} B body), TLS 1.3, 2 worker threads", body.len());
         println!("{:<34} {:>10} {:>9} {:>9}", "", "req/s", "p50 ms", "p99 ms");
         for (name, r) in [
             ("do-nothing handler, saturated", &mut noop_sat),
@@ -234,16 +292,46 @@ fn main() {
             let (p50, p99) = (r.pct(0.50), r.pct(0.99));
             println!("{name:<34} {:>10.0} {:>9.3} {:>9.3}", r.rps(), p50, p99);
         }
-        println!("throughput ratio (velero-jupyterhub / do-nothing): {:.3}  (goal >= 0.90)", real_sat.rps() / noop_sat.rps());
-        real.stop.cancel();
-        noop.stop.cancel();
+        println!("throughput ratio (velero-jupyterhub / do-nothing): {:.3}", real_sat.rps() / noop_sat.rps());
+        real.shutdown();
+        real.stopped().await;
     });
-    match idle_rss_kib() {
-        Some((rss, hwm)) => println!(
-            "idle RSS of `velero-jupyterhub serve --self-signed --no-cluster`: {:.1} MiB (peak {:.1} MiB; goal <= 20 MiB)",
+
+    // 2. External load generator against the real binary.
+    let (mut child, addr) = spawn_server();
+    let idle = rss_kib(child.id());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let script = wrk_script(dir.path(), &body);
+    let rounds = if quick { 1 } else { 3 };
+    let (mut ours, mut noop) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        noop.push(wrk(noop_addr, &script, duration));
+        ours.push(wrk(addr, &script, duration));
+    }
+    let loaded = rss_kib(child.id());
+    let _ = child.kill();
+    let _ = child.wait();
+    noop_stop.cancel();
+    let best = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+    println!("\n2. wrk -t1 -c8 (external), POST {PATH}, {rounds} alternating rounds of {secs} s");
+    println!(
+        "do-nothing handler (axum + rustls, in the bench process): {:>8.0} req/s  (rounds: {noop:.0?})",
+        best(&noop)
+    );
+    println!(
+        "velero-jupyterhub serve (its own process):                {:>8.0} req/s  (rounds: {ours:.0?})",
+        best(&ours)
+    );
+    println!(
+        "throughput ratio (velero-jupyterhub / do-nothing): {:.3}  (goal >= 0.75)",
+        best(&ours) / best(&noop)
+    );
+    match (idle, loaded) {
+        (Some((rss, _)), Some((_, hwm))) => println!(
+            "RSS of `velero-jupyterhub serve --self-signed --no-cluster`: {:.1} MiB idle (goal <= 20 MiB), peak {:.1} MiB under load",
             rss as f64 / 1024.0,
             hwm as f64 / 1024.0
         ),
-        None => println!("idle RSS: could not measure (no /proc?)"),
+        _ => println!("RSS: could not measure (no /proc?)"),
     }
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
-use crate::policy::{ClaimGlobs, StaticNamespaces};
+use crate::policy::ClaimGlobs;
 use crate::server::{self, TlsSource};
 use crate::telemetry::{self, LogFormat};
 use crate::tls::PemFiles;
@@ -44,7 +44,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the admission webhook server (HTTPS) and its health/metrics endpoints (HTTP).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Answer one AdmissionReview (JSON) from stdin or a file, exactly as `serve` would.
     Review(ReviewArgs),
 }
@@ -52,12 +52,18 @@ pub enum Command {
 #[derive(Debug, Args)]
 #[command(group(clap::ArgGroup::new("tls").required(true).args(["tls_cert", "self_signed"])))]
 pub struct ServeArgs {
-    /// HTTPS address for `POST /mutate`.
+    /// HTTPS address for the webhook (`POST /mutate/live`).
     #[arg(long, env = "VJH_LISTEN", default_value = "0.0.0.0:8443")]
     pub listen: SocketAddr,
-    /// Plain HTTP address for `/healthz`, `/readyz` and `/metrics`.
-    #[arg(long, env = "VJH_METRICS_LISTEN", default_value = "0.0.0.0:8080")]
-    pub metrics_listen: SocketAddr,
+    /// Plain HTTP address for operations: the probes (`/healthz`, `/readyz`) and
+    /// `/metrics`.
+    #[arg(
+        long,
+        env = "VJH_OPS_LISTEN",
+        alias = "metrics-listen",
+        default_value = "0.0.0.0:8080"
+    )]
+    pub ops_listen: SocketAddr,
     /// Serving certificate chain (PEM); reloaded when its content changes.
     #[arg(long, env = "VJH_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -68,12 +74,13 @@ pub struct ServeArgs {
     #[arg(long, env = "VJH_TLS_RELOAD_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub tls_reload_interval: Duration,
     /// Development: make a CA and a serving certificate for localhost, 127.0.0.1 and
-    /// `--dns-name` in memory.
+    /// `--dns-names` in memory.
     #[arg(long, env = "VJH_SELF_SIGNED", conflicts_with_all = ["tls_cert", "tls_key"])]
     pub self_signed: bool,
     /// Extra names for the self-signed certificate (repeat or comma-separate).
     #[arg(
-        long = "dns-name",
+        long = "dns-names",
+        alias = "dns-name",
         env = "VJH_DNS_NAMES",
         value_delimiter = ',',
         requires = "self_signed"
@@ -88,23 +95,81 @@ pub struct ServeArgs {
     /// Run without any API server (webhook only; every namespace uses `--claims`).
     #[arg(long, env = "VJH_NO_CLUSTER")]
     pub no_cluster: bool,
-    /// Close connections that send no complete request head for this long (slow or idle
-    /// clients, including idle keep-alive connections).
-    #[arg(long, env = "VJH_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    /// A TLS handshake must finish within this time.
+    #[arg(long, env = "VJH_HANDSHAKE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: Duration,
+    /// A connection must send a complete request head within this time, also between
+    /// keep-alive requests (so idle connections close after it). Keep it above the API
+    /// server's own idle timeout (90 s), so the API server closes idle connections first.
+    #[arg(long, env = "VJH_IDLE_TIMEOUT", default_value = "120s", value_parser = humantime::parse_duration)]
     pub idle_timeout: Duration,
-    /// AdmissionReviews read and reviewed at once; more wait (each may be up to 3 MiB, so
-    /// this bounds memory).
-    #[arg(long, env = "VJH_MAX_CONCURRENT_REVIEWS", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
-    pub max_concurrent_reviews: u32,
-    /// Open connections at most; past it, new ones wait in the listen backlog.
-    #[arg(long, env = "VJH_MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    /// One AdmissionReview, body included, must be received and answered within this time
+    /// (else 408). Keep it below the webhook's `timeoutSeconds` (3 s in manifests/).
+    #[arg(long, env = "VJH_REQUEST_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+    /// Bytes of AdmissionReviews larger than 64 KiB read and reviewed at once (more wait);
+    /// at least 3Mi (the largest request). Accepts `Ki`, `Mi`, `Gi` suffixes.
+    #[arg(long, env = "VJH_LARGE_BODY_BUDGET", default_value = "16Mi", value_parser = parse_budget)]
+    pub large_body_budget: usize,
+    /// Open connections on the webhook port at most; at the cap a new connection replaces
+    /// the least recently active one (never one whose review is in progress).
+    #[arg(long, env = "VJH_MAX_CONNECTIONS", default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
+    /// Open connections on the operations port at most (same rule).
+    #[arg(long, env = "VJH_MAX_OPS_CONNECTIONS", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_ops_connections: u32,
     /// After SIGTERM, keep serving (reporting not ready) this long before closing the listener.
     #[arg(long, env = "VJH_SHUTDOWN_DELAY", default_value = "5s", value_parser = humantime::parse_duration)]
     pub shutdown_delay: Duration,
     /// After closing the listener, how long in-flight requests may take to finish.
     #[arg(long, env = "VJH_SHUTDOWN_GRACE", default_value = "25s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+}
+
+impl ServeArgs {
+    /// The limits these flags set.
+    pub fn serve_options(&self) -> ServeOptions {
+        ServeOptions {
+            handshake_timeout: self.handshake_timeout,
+            idle_timeout: self.idle_timeout,
+            request_timeout: self.request_timeout,
+            large_body_budget: self.large_body_budget,
+            max_connections: self.max_connections as usize,
+            max_ops_connections: self.max_ops_connections as usize,
+            shutdown_grace: self.shutdown_grace,
+        }
+    }
+}
+
+/// A byte count with an optional binary suffix (`Ki`, `Mi`, `Gi`, with or without `B`),
+/// at least the largest AdmissionReview we accept.
+fn parse_budget(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let t = t.strip_suffix('B').unwrap_or(t);
+    let (digits, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => t.split_at(i),
+        None => (t, ""),
+    };
+    let unit: usize = match unit {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        other => return Err(format!("unknown unit {other:?} (use Ki, Mi or Gi)")),
+    };
+    let n: usize = digits
+        .parse()
+        .map_err(|_| format!("expected a size such as 16Mi, got {s:?}"))?;
+    let bytes = n
+        .checked_mul(unit)
+        .filter(|b| u32::try_from(*b).is_ok())
+        .ok_or_else(|| format!("{s:?} is too large (at most 4095Mi)"))?;
+    if bytes < crate::webhook::MAX_BODY_BYTES {
+        return Err(format!(
+            "{s:?} is below the largest AdmissionReview we accept (3Mi)"
+        ));
+    }
+    Ok(bytes)
 }
 
 #[derive(Debug, Args)]
@@ -146,7 +211,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Serve(args) => {
             telemetry::init(cli.log_format, &cli.log_level)?;
-            serve(args).await.map(|()| 0)
+            serve(*args).await.map(|()| 0)
         }
         Command::Review(args) => review(args),
     }
@@ -155,14 +220,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let signalled = shutdown_signal()?;
     crate::tls::install_default_provider();
-    let tls = match (args.tls_cert, args.tls_key) {
+    let tls = match (args.tls_cert.clone(), args.tls_key.clone()) {
         (Some(cert), Some(key)) => TlsSource::Files {
             files: PemFiles { cert, key },
             reload_interval: args.tls_reload_interval,
         },
         _ => TlsSource::SelfSigned {
-            dns_names: args.dns_names,
-            ca_out: args.ca_out,
+            dns_names: args.dns_names.clone(),
+            ca_out: args.ca_out.clone(),
         },
     };
     let cluster = if args.no_cluster {
@@ -178,19 +243,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         client
     };
+    let serve = args.serve_options();
     let running = server::start(server::Config {
         listen: args.listen,
-        metrics_listen: args.metrics_listen,
+        ops_listen: args.ops_listen,
         tls,
         default_claims: args.claims,
         cluster,
-        serve: ServeOptions {
-            idle_timeout: args.idle_timeout,
-            shutdown_grace: args.shutdown_grace,
-            max_concurrent_reviews: args.max_concurrent_reviews as usize,
-            max_connections: args.max_connections as usize,
-            ..Default::default()
-        },
+        serve,
         shutdown_delay: args.shutdown_delay,
     })
     .await?;
@@ -235,14 +295,15 @@ fn review(args: ReviewArgs) -> anyhow::Result<i32> {
             }
         };
     }
-    let mut namespaces = StaticNamespaces::new(args.claims);
-    namespaces.overrides = args
+    // As `serve` sees them: a namespace's annotation, else the default.
+    let default = Arc::new(args.claims);
+    let overrides: HashMap<String, Arc<ClaimGlobs>> = args
         .namespace_claims
         .into_iter()
         .map(|(ns, g)| (ns, Arc::new(g)))
-        .collect::<HashMap<_, _>>();
-
-    let reviewed = match admission::review(&body, &namespaces, args.explain) {
+        .collect();
+    let claims_for = |ns: &str| overrides.get(ns).unwrap_or(&default).clone();
+    let reviewed = match admission::review(&body, claims_for, args.explain) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("velero-jupyterhub review: {e}");

@@ -1,21 +1,24 @@
 //! velero-jupyterhub: makes Velero file-system backups of JupyterHub users' home volumes
 //! work for live and idle users alike, and makes restores put the data back.
 //!
-//! Layout (one module per part; the pure core has no I/O):
-//! - [`names`]: every label and annotation we read or write.
-//! - [`policy`]: the decisions, as pure functions over pod/namespace views.
+//! Layout (one module per part; the pure core is a crate of its own, with no I/O):
+//! - [`policy`] (crate `velero-jupyterhub-policy`): the decisions, as pure functions over
+//!   pods and namespaces; [`names`]: every label and annotation we read or write.
 //! - [`admission`]: AdmissionReview bytes in, bytes out (shared by `serve` and `review`).
-//! - [`webhook`]: the HTTPS server (axum `Router` + rustls), health and metrics.
+//! - [`webhook`]: the HTTP edge: admission `Router`, operations `Router`, and the accept
+//!   loop that bounds connections, time and memory.
 //! - [`tls`]: serving certificates: files reloaded on change, or self-signed.
-//! - [`cluster`]: the Kubernetes side (namespace cache).
+//! - [`cluster`]: the Kubernetes side (namespace cache, Events).
+//! - [`server`]: puts `serve` together; [`cli`]: the command line.
 //! - [`metrics`], [`telemetry`]: Prometheus metrics and logging.
+
+pub use velero_jupyterhub_policy as policy;
+pub use velero_jupyterhub_policy::names;
 
 pub mod admission;
 pub mod cli;
 pub mod cluster;
 pub mod metrics;
-pub mod names;
-pub mod policy;
 pub mod server;
 pub mod telemetry;
 pub mod tls;

@@ -1,4 +1,4 @@
-//! Prometheus metrics (OpenMetrics text at `GET /metrics` on the metrics port).
+//! Prometheus metrics (OpenMetrics text at `GET /metrics` on the operations port).
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -10,10 +10,12 @@ use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AdmissionLabels {
-    /// `live` (the only webhook so far).
+    /// The webhook entry that called: `live` (`/mutate/live`, and `/mutate` as
+    /// configurations installed before the paths were split still call it).
     pub webhook: &'static str,
     /// What happened: a decision (`annotated`, `nothing_to_add`, …) or an error
-    /// (`bad_request`, `payload_too_large`, `unsupported_media_type`, `panic`, `timeout`).
+    /// (`bad_request`, `payload_too_large`, `length_required`, `unsupported_media_type`,
+    /// `timeout`, `panic`).
     pub outcome: &'static str,
 }
 
@@ -22,18 +24,41 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionLabels {
+    /// `webhook` (HTTPS) or `ops` (probes and metrics).
+    pub listener: &'static str,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    pub listener: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NamespaceLabels {
+    pub namespace: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     admission_requests: Family<AdmissionLabels, Counter>,
     admission_duration: Histogram,
     tls_reloads: Family<ResultLabels, Counter>,
-    connections: Family<ResultLabels, Counter>,
+    tls_expiry: Gauge,
+    connections: Family<ConnectionLabels, Counter>,
+    connections_open: Family<ListenerLabels, Gauge>,
     namespaces_opted_in: Gauge,
+    namespace_fetches: Family<ResultLabels, Counter>,
+    namespace_watch_errors: Counter,
+    claims_problems: Family<NamespaceLabels, Gauge>,
 }
 
-/// Latency buckets from 25 µs to 1 s: decisions take microseconds, TLS and queueing more.
-const DURATION_BUCKETS: [f64; 12] = [
-    0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0,
+/// Latency buckets from 25 µs to 2.5 s: decisions take microseconds, TLS, queueing and
+/// namespace fetches more; the request timeout is a few seconds.
+const DURATION_BUCKETS: [f64; 13] = [
+    0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0, 2.5,
 ];
 
 impl Default for Metrics {
@@ -48,13 +73,13 @@ impl Metrics {
         let admission_requests = Family::<AdmissionLabels, Counter>::default();
         registry.register(
             "admission_requests",
-            "AdmissionReview requests by webhook and outcome",
+            "AdmissionReview requests by webhook entry and outcome",
             admission_requests.clone(),
         );
         let admission_duration = Histogram::new(DURATION_BUCKETS);
         registry.register(
             "admission_duration_seconds",
-            "Time to answer an AdmissionReview, from the request head to the response (body read, decision, encoding)",
+            "Time to answer an AdmissionReview, from the request head to the response (body read, namespace lookup, decision, encoding)",
             admission_duration.clone(),
         );
         let tls_reloads = Family::<ResultLabels, Counter>::default();
@@ -63,17 +88,47 @@ impl Metrics {
             "Serving certificate (re)loads from files, by result",
             tls_reloads.clone(),
         );
-        let connections = Family::<ResultLabels, Counter>::default();
+        let tls_expiry = Gauge::default();
+        registry.register(
+            "tls_certificate_expiry_timestamp_seconds",
+            "When the serving certificate in use expires (Unix time; 0 until one is loaded). Alert well before it",
+            tls_expiry.clone(),
+        );
+        let connections = Family::<ConnectionLabels, Counter>::default();
         registry.register(
             "connections",
-            "TCP connections to the webhook port, by how the TLS handshake went (the API server keeps connections alive: a steady climb means churn)",
+            "Connections by listener and what became of them: accepted (TLS handshake done on the webhook port), handshake_failed, handshake_timeout, evicted (closed to make room at the connection cap). The API server keeps connections alive: a steady climb means churn",
             connections.clone(),
+        );
+        let connections_open = Family::<ListenerLabels, Gauge>::default();
+        registry.register(
+            "connections_open",
+            "Connections open now, by listener (at most its connection cap)",
+            connections_open.clone(),
         );
         let namespaces_opted_in = Gauge::default();
         registry.register(
             "namespaces_opted_in",
-            "Namespaces labelled velero-jupyterhub.io/enabled=true in the namespace cache",
+            "Namespaces labelled velero-jupyterhub.io/enabled=true, as the namespace watch sees them",
             namespaces_opted_in.clone(),
+        );
+        let namespace_fetches = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "namespace_fetches",
+            "Namespaces fetched because the watch had not delivered them (or their label) yet: fetched, not_found, error, timeout; rate_limited when not fetched",
+            namespace_fetches.clone(),
+        );
+        let namespace_watch_errors = Counter::default();
+        registry.register(
+            "namespace_watch_errors",
+            "Errors of the namespace watch (each retried with backoff)",
+            namespace_watch_errors.clone(),
+        );
+        let claims_problems = Family::<NamespaceLabels, Gauge>::default();
+        registry.register(
+            "namespace_claims_invalid",
+            "1 while an opted-in namespace's velero-jupyterhub.io/claims annotation is empty or has invalid globs (the valid ones, else the default, apply)",
+            claims_problems.clone(),
         );
         registry.register(
             "build",
@@ -85,8 +140,13 @@ impl Metrics {
             admission_requests,
             admission_duration,
             tls_reloads,
+            tls_expiry,
             connections,
+            connections_open,
             namespaces_opted_in,
+            namespace_fetches,
+            namespace_watch_errors,
+            claims_problems,
         }
     }
 
@@ -97,12 +157,6 @@ impl Metrics {
         self.admission_duration.observe(seconds);
     }
 
-    pub fn admission_count(&self, webhook: &'static str, outcome: &'static str) -> u64 {
-        self.admission_requests
-            .get_or_create(&AdmissionLabels { webhook, outcome })
-            .get()
-    }
-
     pub fn tls_reload(&self, ok: bool) {
         let result = if ok { "success" } else { "error" };
         self.tls_reloads
@@ -110,22 +164,49 @@ impl Metrics {
             .inc();
     }
 
-    /// `result`: `accepted`, `handshake_failed` or `handshake_timeout`.
-    pub fn connection(&self, result: &'static str) {
+    pub fn set_tls_expiry(&self, unix_seconds: i64) {
+        self.tls_expiry.set(unix_seconds);
+    }
+
+    /// `result`: `accepted`, `handshake_failed`, `handshake_timeout` or `evicted`.
+    pub fn connection(&self, listener: &'static str, result: &'static str) {
         self.connections
-            .get_or_create(&ResultLabels { result })
+            .get_or_create(&ConnectionLabels { listener, result })
             .inc();
     }
 
-    pub fn connection_count(&self, result: &'static str) -> u64 {
-        self.connections
-            .get_or_create(&ResultLabels { result })
-            .get()
+    pub fn set_connections_open(&self, listener: &'static str, open: usize) {
+        self.connections_open
+            .get_or_create(&ListenerLabels { listener })
+            .set(i64::try_from(open).unwrap_or(i64::MAX));
     }
 
     pub fn set_namespaces_opted_in(&self, n: usize) {
         self.namespaces_opted_in
             .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    pub fn namespace_fetch(&self, result: &'static str) {
+        self.namespace_fetches
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
+    pub fn namespace_watch_error(&self) {
+        self.namespace_watch_errors.inc();
+    }
+
+    /// Sets (or clears) the invalid-claims gauge of one namespace; a cleared namespace
+    /// leaves no series behind.
+    pub fn set_claims_problem(&self, namespace: &str, invalid: bool) {
+        let labels = NamespaceLabels {
+            namespace: namespace.to_owned(),
+        };
+        if invalid {
+            self.claims_problems.get_or_create(&labels).set(1);
+        } else {
+            self.claims_problems.remove(&labels);
+        }
     }
 
     /// The OpenMetrics text exposition.
@@ -138,3 +219,13 @@ impl Metrics {
 }
 
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// One sample of the exposition, by its exact series name and labels (as printed, e.g.
+/// `velero_jupyterhub_connections_total{listener="ops",result="evicted"}`): `None` when the
+/// series does not exist, so a renamed metric fails a test instead of reading as 0.
+pub fn sample(exposition: &str, series: &str) -> Option<f64> {
+    exposition.lines().find_map(|line| {
+        let value = line.strip_prefix(series)?.strip_prefix(' ')?;
+        value.split_whitespace().next()?.parse().ok()
+    })
+}

@@ -1,25 +1,25 @@
-//! Puts the webhook server together: certificates, namespace cache, both listeners, and
-//! the shutdown sequence. Used by `velero-jupyterhub serve` and by the tests, which run
-//! the real server in-process.
+//! Puts the webhook server together: certificates, namespace cache, both listeners, the
+//! background tasks and the shutdown sequence. Used by `velero-jupyterhub serve` and by
+//! the tests, which run the real server in-process.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::cluster::NamespaceCache;
 use crate::metrics::Metrics;
-use crate::policy::{ClaimGlobs, StaticNamespaces};
+use crate::policy::ClaimGlobs;
 use crate::tls::{self, CertStore, FileReloader, PemFiles, PemPair};
-use crate::webhook::serve::{ServeOptions, serve_plain, serve_tls};
-use crate::webhook::{self, Namespaces, Readiness, WebhookState};
+use crate::webhook::serve::{Listener, ServeOptions, serve};
+use crate::webhook::{self, Health, WebhookState};
 
 pub enum TlsSource {
     /// PEM files, polled for changes every `reload_interval`.
@@ -38,7 +38,7 @@ pub enum TlsSource {
 
 pub struct Config {
     pub listen: SocketAddr,
-    pub metrics_listen: SocketAddr,
+    pub ops_listen: SocketAddr,
     pub tls: TlsSource,
     pub default_claims: ClaimGlobs,
     /// Watch namespaces through this client; `None` runs without a cluster.
@@ -51,11 +51,12 @@ pub struct Config {
 /// A running server. Dropping it does not stop it: call [`Running::shutdown`].
 pub struct Running {
     pub addr: SocketAddr,
-    pub metrics_addr: SocketAddr,
+    pub ops_addr: SocketAddr,
     /// The CA bundle clients should trust, for a self-signed server.
     pub ca_pem: Option<String>,
     pub metrics: Arc<Metrics>,
-    pub readiness: Readiness,
+    pub health: Health,
+    pub namespaces: Arc<NamespaceCache>,
     shutdown: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -76,8 +77,8 @@ impl Running {
 
 pub async fn start(config: Config) -> anyhow::Result<Running> {
     let metrics = Arc::new(Metrics::new());
-    let certs = Arc::new(CertStore::default());
-    let mut background: Vec<JoinHandle<()>> = Vec::new();
+    let certs = Arc::new(CertStore::new(metrics.clone()));
+    let mut background: Vec<(&'static str, JoinHandle<()>)> = Vec::new();
 
     let ca_pem = match config.tls {
         TlsSource::Files {
@@ -91,7 +92,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                     warn!(error = %e, "no usable serving certificate yet; not ready until one loads")
                 }
             }
-            background.push(tokio::spawn(reloader.run(reload_interval)));
+            let task = tokio::spawn(reloader.run(reload_interval));
+            background.push(("certificate reloader", task));
             None
         }
         TlsSource::SelfSigned { dns_names, ca_out } => {
@@ -111,113 +113,149 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         }
     };
 
-    let (namespaces, namespaces_synced) = match config.cluster {
-        Some(client) => {
-            let cache = Arc::new(NamespaceCache::new(
-                Some(client),
-                config.default_claims,
-                metrics.clone(),
-            ));
-            let synced = cache.synced();
-            background.push(tokio::spawn(cache.clone().run()));
-            (Namespaces::Cluster(cache), Some(synced))
-        }
-        None => (
-            Namespaces::Static(StaticNamespaces::new(config.default_claims)),
-            None,
-        ),
-    };
+    let with_cluster = config.cluster.is_some();
+    let namespaces = Arc::new(NamespaceCache::new(
+        config.cluster,
+        config.default_claims,
+        metrics.clone(),
+    ));
+    let namespaces_synced = with_cluster.then(|| namespaces.synced());
+    if with_cluster {
+        background.push(("namespace watch", tokio::spawn(namespaces.clone().run())));
+    }
 
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding the webhook address --listen {}", config.listen))?;
-    let ops_listener = TcpListener::bind(config.metrics_listen)
+    let ops_listener = TcpListener::bind(config.ops_listen)
         .await
         .with_context(|| {
             format!(
-                "binding the metrics address --metrics-listen {}",
-                config.metrics_listen
+                "binding the operations address --ops-listen {}",
+                config.ops_listen
             )
         })?;
     let addr = listener.local_addr()?;
-    let metrics_addr = ops_listener.local_addr()?;
+    let ops_addr = ops_listener.local_addr()?;
 
-    let readiness = Readiness {
-        certs: certs.clone(),
-        namespaces_synced,
-        shutting_down: Arc::new(AtomicBool::new(false)),
-    };
+    let health = Health::new(certs.clone(), namespaces_synced);
     let admission = webhook::admission_router(Arc::new(WebhookState::new(
-        namespaces,
+        namespaces.clone(),
         metrics.clone(),
         &config.serve,
-        readiness.shutting_down.clone(),
+        health.shutting_down.clone(),
     )));
-    let ops = webhook::ops_router(readiness.clone(), metrics.clone());
+    let ops = webhook::ops_router(health.clone(), metrics.clone());
     let tls_config = tls::server_config(certs).context("building the TLS configuration")?;
+    let serve_opts = config.serve;
+    let listeners = [
+        (
+            Listener {
+                name: "webhook",
+                tcp: listener,
+                tls: Some(tls_config),
+                max_connections: serve_opts.max_connections,
+            },
+            admission,
+        ),
+        (
+            Listener {
+                name: "ops",
+                tcp: ops_listener,
+                tls: None,
+                max_connections: serve_opts.max_ops_connections,
+            },
+            ops,
+        ),
+    ];
 
+    let supervisors = background
+        .into_iter()
+        .map(|(name, task)| tokio::spawn(supervise(name, task, health.clone())))
+        .collect();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(run(
         metrics.clone(),
-        listener,
-        ops_listener,
-        tls_config,
-        admission,
-        ops,
-        config.serve,
+        listeners,
+        serve_opts,
         config.shutdown_delay,
-        readiness.shutting_down.clone(),
+        health.clone(),
         shutdown.clone(),
-        background,
+        supervisors,
     ));
-    info!(%addr, %metrics_addr, "serving: POST /mutate over HTTPS; /healthz, /readyz, /metrics over HTTP");
+    info!(%addr, %ops_addr, "serving: POST /mutate/live over HTTPS; /healthz, /readyz, /metrics over HTTP");
     Ok(Running {
         addr,
-        metrics_addr,
+        ops_addr,
         ca_pem,
         metrics,
-        readiness,
+        health,
+        namespaces,
         shutdown,
         task,
     })
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Waits for a task that should run as long as the server; if it ends, the replica is
+/// no longer ready nor live (the kubelet restarts it), and says why.
+async fn supervise(name: &'static str, task: JoinHandle<()>, health: Health) {
+    let abort = task.abort_handle();
+    // Abort the task when the supervisor itself is aborted at shutdown.
+    let _guard = AbortOnDrop(abort);
+    let reason = match task.await {
+        Ok(()) => format!("the {name} stopped"),
+        Err(e) if e.is_cancelled() => return,
+        Err(e) => format!("the {name} panicked: {e}"),
+    };
+    error!(
+        task = name,
+        "{reason}; not ready, and /healthz fails so the container restarts"
+    );
+    health.failed.store(Some(Arc::new(reason)));
+}
+
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 async fn run(
     metrics: Arc<Metrics>,
-    listener: TcpListener,
-    ops_listener: TcpListener,
-    tls_config: Arc<rustls::ServerConfig>,
-    admission: axum::Router,
-    ops: axum::Router,
-    serve: ServeOptions,
+    listeners: [(Listener, axum::Router); 2],
+    opts: ServeOptions,
     shutdown_delay: Duration,
-    shutting_down: Arc<AtomicBool>,
+    health: Health,
     shutdown: CancellationToken,
     background: Vec<JoinHandle<()>>,
 ) {
+    let [(webhook_listener, admission), (ops_listener, ops)] = listeners;
     let stop_admission = CancellationToken::new();
     let stop_ops = CancellationToken::new();
-    let admission_task = tokio::spawn(serve_tls(
-        listener,
-        tls_config,
+    let admission_task = tokio::spawn(serve(
+        webhook_listener,
         admission,
-        serve,
-        metrics,
+        opts,
+        metrics.clone(),
         stop_admission.clone().cancelled_owned(),
     ));
-    let ops_task = tokio::spawn(serve_plain(
+    let ops_task = tokio::spawn(serve(
         ops_listener,
         ops,
+        opts,
+        metrics,
         stop_ops.clone().cancelled_owned(),
     ));
 
     shutdown.cancelled().await;
-    shutting_down.store(true, Ordering::Release);
+    health.shutting_down.store(true, Ordering::Release);
     info!(delay = ?shutdown_delay, "shutting down: not ready, draining");
     tokio::time::sleep(shutdown_delay).await;
     stop_admission.cancel();
     let _ = admission_task.await;
+    // The operations port stays up until the admission server has drained.
     stop_ops.cancel();
     let _ = ops_task.await;
     for task in background {

@@ -54,13 +54,40 @@ pub fn install_default_provider() {
 
 /// The certificate presented by the server; empty until the first one is loaded (the
 /// handshake is then refused and `/readyz` says why).
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct CertStore {
     current: ArcSwapOption<CertifiedKey>,
+    /// Where the expiry of the certificate in use is published, if anywhere.
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl CertStore {
+    /// A store that publishes the expiry of each certificate it is given.
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self {
+            current: ArcSwapOption::empty(),
+            metrics: Some(metrics),
+        }
+    }
+
     pub fn set(&self, key: CertifiedKey) {
+        if let Some(metrics) = &self.metrics {
+            match key.cert.first().and_then(|leaf| not_after(leaf)) {
+                Some(expiry) => {
+                    metrics.set_tls_expiry(expiry);
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+                    if expiry <= now {
+                        warn!(
+                            expiry,
+                            "the serving certificate has expired: the API server will refuse it"
+                        );
+                    }
+                }
+                None => warn!("could not read the serving certificate's expiry"),
+            }
+        }
         self.current.store(Some(Arc::new(key)));
     }
 
@@ -69,10 +96,24 @@ impl CertStore {
     }
 }
 
+impl std::fmt::Debug for CertStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertStore")
+            .field("loaded", &self.is_loaded())
+            .finish()
+    }
+}
+
 impl ResolvesServerCert for CertStore {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         self.current.load_full()
     }
+}
+
+/// When a certificate expires (`notAfter`, Unix seconds).
+pub fn not_after(cert: &CertificateDer<'_>) -> Option<i64> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    Some(parsed.validity().not_after.timestamp())
 }
 
 /// A rustls server configuration (TLS 1.2 and 1.3, HTTP/1.1) over a [`CertStore`].
@@ -292,8 +333,8 @@ mod tests {
         let first = ca.issue_serving(&["localhost".into()]).unwrap();
         std::fs::write(&files.cert, &first.cert_pem).unwrap();
         std::fs::write(&files.key, &first.key_pem).unwrap();
-        let store = Arc::new(CertStore::default());
         let metrics = Arc::new(Metrics::new());
+        let store = Arc::new(CertStore::new(metrics.clone()));
         let mut reloader = FileReloader::new(files.clone(), store.clone(), metrics.clone());
         assert!(reloader.poll().await.unwrap());
         assert!(
@@ -310,10 +351,15 @@ mod tests {
         std::fs::write(&files.key, &second.key_pem).unwrap();
         assert!(reloader.poll().await.unwrap());
         assert!(!Arc::ptr_eq(&before, &store.current.load_full().unwrap()));
-        assert!(
-            metrics
-                .encode()
-                .contains("velero_jupyterhub_tls_reloads_total{result=\"error\"} 1")
+        let text = metrics.encode();
+        let errors = r#"velero_jupyterhub_tls_reloads_total{result="error"}"#;
+        assert_eq!(crate::metrics::sample(&text, errors), Some(1.0));
+        // The expiry of the certificate in use is published (rcgen's default notAfter is
+        // 4096-01-01).
+        let expiry = "velero_jupyterhub_tls_certificate_expiry_timestamp_seconds";
+        assert_eq!(
+            crate::metrics::sample(&text, expiry),
+            Some(67_090_118_400.0)
         );
     }
 }

@@ -11,16 +11,22 @@ use kube::api::{DeleteParams, PostParams};
 use serde_json::json;
 use support::cluster::{self, Webhook, backup_volumes, user_pod};
 use support::fixtures;
+use velero_jupyterhub::metrics::sample;
 
-/// Every /mutate request this webhook has answered, whatever the outcome.
-fn admission_requests(webhook: &Webhook) -> u64 {
+/// Every admission request this webhook has answered, whatever the outcome.
+fn admission_requests(webhook: &Webhook) -> f64 {
     let text = webhook.server.metrics.encode();
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("velero_jupyterhub_admission_duration_seconds_count"));
-    line.and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
+    let series = "velero_jupyterhub_admission_duration_seconds_count";
+    sample(&text, series).unwrap_or_else(|| panic!("no {series} in\n{text}"))
+}
+
+/// Requests of the live entry with this outcome (0 until the first one: the series is
+/// created then).
+fn live_outcomes(webhook: &Webhook, outcome: &str) -> f64 {
+    let series = format!(
+        r#"velero_jupyterhub_admission_requests_total{{webhook="live",outcome="{outcome}"}}"#
+    );
+    sample(&webhook.server.metrics.encode(), &series).unwrap_or(0.0)
 }
 
 #[tokio::test]
@@ -28,7 +34,9 @@ async fn user_pod_in_opted_in_namespace_is_stored_with_the_annotation() {
     let client = cluster::client().await;
     let webhook = Webhook::start(&client).await;
     let ns = webhook.namespace(true).await;
-    let annotated_before = webhook.server.metrics.admission_count("live", "annotated");
+    // The probe pods that proved the registration live were annotated: the series exists.
+    let annotated_before = live_outcomes(&webhook, "annotated");
+    assert!(annotated_before >= 1.0);
 
     let created = ns
         .pods()
@@ -77,9 +85,9 @@ async fn user_pod_in_opted_in_namespace_is_stored_with_the_annotation() {
     );
     assert_eq!(backup_volumes(&running), Some("volume-alice-smith"));
 
-    let m = webhook.server.metrics.admission_count("live", "annotated") - annotated_before;
+    let m = live_outcomes(&webhook, "annotated") - annotated_before;
     assert_eq!(
-        m, 6,
+        m, 6.0,
         "the API server called our webhook for each pod it annotated"
     );
     ns.delete().await;
@@ -277,6 +285,9 @@ async fn with_the_webhook_hanging_user_pods_are_created_after_its_short_timeout(
     let client = cluster::client().await;
     let webhook = Webhook::start(&client).await;
     let ns = webhook.namespace(true).await;
+    // Our server goes away first, so no create can be annotated by it while the API
+    // server's configuration still points at it.
+    webhook.stop_server().await;
     // A black hole: accepts connections and never answers (not even the TLS handshake).
     let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("https://{}/mutate", hole.local_addr().unwrap());
@@ -327,7 +338,7 @@ async fn a_namespace_the_watch_has_not_delivered_is_fetched_with_its_claims() {
     use velero_jupyterhub::cluster::NamespaceCache;
     use velero_jupyterhub::metrics::Metrics;
     use velero_jupyterhub::webhook::serve::ServeOptions;
-    use velero_jupyterhub::webhook::{Namespaces, WebhookState, admission_router};
+    use velero_jupyterhub::webhook::{WebhookState, admission_router};
 
     let client = cluster::client().await;
     cluster::apply_rbac(&client).await;
@@ -337,14 +348,11 @@ async fn a_namespace_the_watch_has_not_delivered_is_fetched_with_its_claims() {
     // moment before its first pod. It fetches as the manifests' service account (RBAC).
     let sa = cluster::client_as_service_account("velero-jupyterhub", "velero-jupyterhub").await;
     let globs = velero_jupyterhub::policy::ClaimGlobs::parse("claim-*").unwrap();
-    let cache = Arc::new(NamespaceCache::new(
-        Some(sa),
-        globs,
-        Arc::new(Metrics::new()),
-    ));
+    let metrics = Arc::new(Metrics::new());
+    let cache = Arc::new(NamespaceCache::new(Some(sa), globs, metrics.clone()));
     let state = WebhookState::new(
-        Namespaces::Cluster(cache.clone()),
-        Arc::new(Metrics::new()),
+        cache.clone(),
+        metrics.clone(),
         &ServeOptions::default(),
         Default::default(),
     );
@@ -354,7 +362,7 @@ async fn a_namespace_the_watch_has_not_delivered_is_fetched_with_its_claims() {
     pod["metadata"]["namespace"] = ns.name.clone().into();
     pod["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] = "home-grace".into();
     let body = fixtures::pod_create_review(&pod, "uid-fetch");
-    let req = hyper::Request::post("/mutate")
+    let req = hyper::Request::post("/mutate/live")
         .header("content-type", "application/json")
         .body(axum::body::Body::from(body))
         .unwrap();
@@ -367,11 +375,8 @@ async fn a_namespace_the_watch_has_not_delivered_is_fetched_with_its_claims() {
     let patch =
         serde_json::to_value(patch.expect("patched with the namespace's own globs")).unwrap();
     assert_eq!(patch[0]["value"], "volume-grace", "{patch}");
-    assert_eq!(
-        cache.opted_in_count(),
-        1,
-        "the fetched namespace is now cached"
-    );
+    let fetched = r#"velero_jupyterhub_namespace_fetches_total{result="fetched"}"#;
+    assert_eq!(sample(&metrics.encode(), fetched), Some(1.0));
     ns.delete().await;
     webhook.finish().await;
 }

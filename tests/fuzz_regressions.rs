@@ -7,17 +7,19 @@ use axum::body::Body;
 use http_body_util::BodyExt;
 use hyper::StatusCode;
 use tower::ServiceExt;
+use velero_jupyterhub::cluster::NamespaceCache;
 use velero_jupyterhub::metrics::Metrics;
-use velero_jupyterhub::policy::{ClaimGlobs, StaticNamespaces};
+use velero_jupyterhub::policy::ClaimGlobs;
 use velero_jupyterhub::webhook::serve::ServeOptions;
-use velero_jupyterhub::webhook::{Namespaces, WebhookState, admission_router};
+use velero_jupyterhub::webhook::{WebhookState, admission_router};
 
 async fn answer(body: Vec<u8>) -> (StatusCode, Vec<u8>) {
-    let namespaces =
-        Namespaces::Static(StaticNamespaces::new(ClaimGlobs::parse("claim-*").unwrap()));
+    let metrics = Arc::new(Metrics::new());
+    let globs = ClaimGlobs::parse("claim-*").unwrap();
+    let namespaces = Arc::new(NamespaceCache::new(None, globs, metrics.clone()));
     let app = admission_router(Arc::new(WebhookState::new(
         namespaces,
-        Arc::new(Metrics::new()),
+        metrics,
         &ServeOptions::default(),
         Default::default(),
     )));

@@ -3,6 +3,7 @@
 
 mod support;
 
+use k8s_openapi::api::core::v1::Pod;
 use serde_json::Value;
 use support::fixtures;
 use velero_jupyterhub::admission::{self, Outcome};
@@ -12,7 +13,7 @@ use velero_jupyterhub::policy::{LiveVerdict, PodView, VolumeReason, decide_live}
 /// the patch as JSON).
 fn run(pod: &Value, globs: &str) -> (Outcome, Option<String>, Option<Value>) {
     let body = fixtures::pod_create_review(pod, "uid-1");
-    let reviewed = admission::review(&body, &fixtures::namespaces(globs), false).expect("review");
+    let reviewed = admission::review(&body, |_| fixtures::globs(globs), false).expect("review");
     let response: Value = serde_json::from_slice(&reviewed.body).expect("response json");
     assert_eq!(response["response"]["uid"], "uid-1");
     assert_eq!(response["response"]["allowed"], true);
@@ -38,7 +39,7 @@ fn run(pod: &Value, globs: &str) -> (Outcome, Option<String>, Option<Value>) {
 fn golden_admission_review_fixture() {
     let (request, expected) = fixtures::golden_review();
     let reviewed =
-        admission::review(&request, &fixtures::namespaces("claim-*"), false).expect("review");
+        admission::review(&request, |_| fixtures::globs("claim-*"), false).expect("review");
     let got: Value = serde_json::from_slice(&reviewed.body).expect("json");
     assert_eq!(
         got, expected,
@@ -162,9 +163,7 @@ fn per_volume_reasons() {
     for (name, globs, want) in cases {
         let json = serde_json::to_string(&fixtures::variant(name)).unwrap();
         let pod: PodView = serde_json::from_str(&json).unwrap();
-        let dir = fixtures::namespaces(globs);
-        let scope = velero_jupyterhub::policy::NamespaceDirectory::scope(&dir, "jhub");
-        let decision = decide_live(&pod, &scope);
+        let decision = decide_live(&pod, &fixtures::globs(globs));
         let got: Vec<(&str, VolumeReason)> = decision
             .volumes
             .iter()
@@ -185,11 +184,7 @@ fn a_volume_mounted_by_no_container_is_reported() {
         ));
     let json = serde_json::to_string(&pod).unwrap();
     let view: PodView = serde_json::from_str(&json).unwrap();
-    let dir = fixtures::namespaces("claim-*");
-    let decision = decide_live(
-        &view,
-        &velero_jupyterhub::policy::NamespaceDirectory::scope(&dir, "jhub"),
-    );
+    let decision = decide_live(&view, &fixtures::globs("claim-*"));
     assert_eq!(decision.volumes[1].reason, VolumeReason::NotMounted);
     assert_eq!(decision.new_value.as_deref(), Some("volume-ivan"));
 }
@@ -216,17 +211,26 @@ fn null_annotations_map_adds_the_whole_map() {
 }
 
 #[test]
-fn existing_entry_replaced_not_duplicated() {
+fn an_existing_value_is_extended_with_add_which_cannot_fail_to_apply() {
     let (_, value, patch) = run(&fixtures::variant("jupyter-grace"), "claim-*");
     assert_eq!(value.as_deref(), Some("notes,volume-grace"));
-    assert_eq!(patch.unwrap()[0]["op"], "replace");
+    let patch = patch.unwrap();
+    // `add` on an existing member replaces it (RFC 6902 §4.1); `replace` would fail if
+    // the member were gone, and a failed patch turns the user's create into a 500.
+    assert_eq!(patch[0]["op"], "add");
+    assert_eq!(
+        patch[0]["path"],
+        "/metadata/annotations/backup.velero.io~1backup-volumes"
+    );
+    assert_eq!(patch[0]["value"], "notes,volume-grace");
 }
 
 #[test]
-fn skip_annotation_is_case_insensitive_true_only() {
+fn skip_annotation_is_exactly_true_like_the_opt_in_label() {
     for (v, skipped) in [
         ("true", true),
-        ("TRUE", true),
+        ("TRUE", false),
+        ("True", false),
         ("false", false),
         ("yes", false),
     ] {
@@ -259,4 +263,29 @@ fn reinvocation_is_a_no_op_for_every_variant() {
             assert_eq!(outcome, Outcome::Live(LiveVerdict::NothingToAdd));
         }
     }
+}
+
+/// The reconciler's backfill reads pods from a watch as `k8s_openapi` Pods; the webhook
+/// reads a borrowed view of the request. One set of rules: the same decision, volume by
+/// volume, for every variant.
+#[test]
+fn a_full_pod_and_a_request_view_get_the_same_decision() {
+    let mut compared = 0;
+    for doc in fixtures::variants() {
+        let json = serde_json::to_string(&doc).unwrap();
+        let view: PodView = serde_json::from_str(&json).unwrap();
+        let pod: Pod = serde_json::from_str(&json).unwrap();
+        for globs in ["claim-*", "*", "claim-*,data-*", "home-*"] {
+            let globs = fixtures::globs(globs);
+            let a = decide_live(&view, &globs);
+            let b = decide_live(&pod, &globs);
+            let name = &doc["metadata"]["name"];
+            assert_eq!(a.verdict, b.verdict, "{name}");
+            assert_eq!(a.volumes, b.volumes, "{name}");
+            assert_eq!(a.new_value, b.new_value, "{name}");
+            assert_eq!(a.had_annotations_map, b.had_annotations_map, "{name}");
+            compared += 1;
+        }
+    }
+    assert!(compared >= 40, "only {compared} comparisons");
 }

@@ -1,4 +1,4 @@
-//! Arbitrary bytes as the body of `POST /mutate`, through the same Router the server
+//! Arbitrary bytes as the body of `POST /mutate/live`, through the same Router the server
 //! serves (body limit, timeout and panic layers included). The handler must answer every
 //! input with 200 (a well-formed AdmissionReview carrying a uid) or 400, and never panic.
 #![no_main]
@@ -11,9 +11,10 @@ use http_body_util::BodyExt;
 use libfuzzer_sys::fuzz_target;
 use tower::ServiceExt;
 use velero_jupyterhub::metrics::Metrics;
-use velero_jupyterhub::policy::{ClaimGlobs, StaticNamespaces};
+use velero_jupyterhub::cluster::NamespaceCache;
+use velero_jupyterhub::policy::ClaimGlobs;
 use velero_jupyterhub::webhook::serve::ServeOptions;
-use velero_jupyterhub::webhook::{Namespaces, WebhookState, admission_router};
+use velero_jupyterhub::webhook::{WebhookState, admission_router};
 
 struct Harness {
     rt: tokio::runtime::Runtime,
@@ -24,8 +25,9 @@ fn harness() -> &'static Harness {
     static H: OnceLock<Harness> = OnceLock::new();
     H.get_or_init(|| {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-        let namespaces = Namespaces::Static(StaticNamespaces::new(ClaimGlobs::parse("claim-*").expect("globs")));
         let metrics = Arc::new(Metrics::new());
+        let globs = ClaimGlobs::parse("claim-*").expect("globs");
+        let namespaces = Arc::new(NamespaceCache::new(None, globs, metrics.clone()));
         let app = admission_router(Arc::new(WebhookState::new(namespaces, metrics, &ServeOptions::default(), Default::default())));
         Harness { rt, app }
     })
@@ -33,7 +35,7 @@ fn harness() -> &'static Harness {
 
 fuzz_target!(|data: &[u8]| {
     let h = harness();
-    let req = Request::post("/mutate")
+    let req = Request::post("/mutate/live")
         .header("content-type", "application/json")
         .body(Body::from(data.to_vec()))
         .expect("request");

@@ -8,13 +8,14 @@
 use std::borrow::Cow;
 
 use base64::Engine as _;
+use json_patch::jsonptr::PointerBuf;
+use json_patch::{AddOperation, Patch, PatchOperation};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use crate::names;
 use crate::policy::pod::Str;
-use crate::policy::{
-    LiveVerdict, NamespaceDirectory, NamespaceScope, PodView, VolumeReport, decide_live,
-};
+use crate::policy::{ClaimGlobs, LiveDecision, LiveVerdict, PodView, VolumeReport, decide_live};
 
 pub const ADMISSION_API_VERSION: &str = "admission.k8s.io/v1";
 
@@ -35,13 +36,19 @@ pub enum ReviewError {
     MissingObject { uid: String, operation: String },
     #[error("request {uid}: request.object is not a Pod: {reason}")]
     NotAPod { uid: String, reason: String },
+    #[error(
+        "request {uid}: namespace {namespace:?} is not a valid namespace name (a DNS-1123 label)"
+    )]
+    InvalidNamespace { uid: String, namespace: String },
 }
 
 impl ReviewError {
     /// The request's uid, where the input got that far (for the log line).
     pub fn uid(&self) -> Option<&str> {
         match self {
-            Self::MissingObject { uid, .. } | Self::NotAPod { uid, .. } => Some(uid),
+            Self::MissingObject { uid, .. }
+            | Self::NotAPod { uid, .. }
+            | Self::InvalidNamespace { uid, .. } => Some(uid),
             Self::WrongApiVersion { uid, .. } | Self::WrongKind { uid, .. } => uid.as_deref(),
             _ => None,
         }
@@ -108,27 +115,21 @@ impl From<&VolumeReport<'_>> for ExplainedVolume {
 }
 
 #[derive(Deserialize)]
-#[serde(
-    rename_all = "camelCase",
-    expecting = "an AdmissionReview object",
-    bound(deserialize = "'de: 'a, O: Deserialize<'de>")
-)]
-struct ReviewIn<'a, O> {
+#[serde(rename_all = "camelCase", expecting = "an AdmissionReview object")]
+struct ReviewIn<'a> {
     #[serde(borrow)]
     api_version: Option<Str<'a>>,
     #[serde(borrow)]
     kind: Option<Str<'a>>,
     #[serde(borrow)]
-    request: Option<RequestIn<'a, O>>,
+    request: Option<RequestIn<'a>>,
 }
 
+/// The request, with the object kept as raw JSON: it is read into a [`PodView`] only
+/// for a Pod CREATE, and an object we cannot read can then be told apart from a non-Pod.
 #[derive(Deserialize)]
-#[serde(
-    rename_all = "camelCase",
-    expecting = "an AdmissionRequest object",
-    bound(deserialize = "'de: 'a, O: Deserialize<'de>")
-)]
-struct RequestIn<'a, O> {
+#[serde(rename_all = "camelCase", expecting = "an AdmissionRequest object")]
+struct RequestIn<'a> {
     #[serde(borrow)]
     uid: Str<'a>,
     #[serde(borrow)]
@@ -139,39 +140,8 @@ struct RequestIn<'a, O> {
     namespace: Option<Str<'a>>,
     #[serde(borrow)]
     sub_resource: Option<Str<'a>>,
-    object: Option<O>,
-}
-
-/// How `request.object` is read. Well-typed requests (everything a real API server sends)
-/// are read in one pass straight into a [`PodView`]; when that fails, the request is read
-/// again with the object as raw JSON, so an odd object can be told apart from a non-Pod.
-trait ObjectIn<'a>: Sized {
-    fn into_pod(self) -> Result<PodView<'a>, ObjectProblem>;
-}
-
-enum ObjectProblem {
-    NotAnObject,
-    NotUnderstood(String),
-}
-
-impl<'a> ObjectIn<'a> for PodView<'a> {
-    fn into_pod(self) -> Result<PodView<'a>, ObjectProblem> {
-        Ok(self)
-    }
-}
-
-impl<'a> ObjectIn<'a> for &'a RawValue {
-    fn into_pod(self) -> Result<PodView<'a>, ObjectProblem> {
-        serde_json::from_str(self.get()).map_err(|e| {
-            // A JSON object whose fields merely have shapes we do not expect is still a
-            // pod the API server wants to create: allow it. Anything else is not a Pod.
-            if self.get().trim_start().starts_with('{') {
-                ObjectProblem::NotUnderstood(e.to_string())
-            } else {
-                ObjectProblem::NotAnObject
-            }
-        })
-    }
+    #[serde(borrow)]
+    object: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -215,88 +185,80 @@ pub enum Parsed<'a> {
 /// A Pod CREATE, read from the request, borrowing from its bytes.
 pub struct PodCreate<'a> {
     uid: Str<'a>,
-    namespace: Option<Str<'a>>,
+    namespace: Str<'a>,
     pod: PodView<'a>,
 }
 
 impl PodCreate<'_> {
     /// The pod's namespace: the request's (authoritative; the object's may be empty at
-    /// CREATE), else the object's.
+    /// CREATE), else the object's. Always a valid DNS-1123 label ([`parse`] checks).
     pub fn namespace(&self) -> &str {
-        self.namespace
-            .as_deref()
-            .or_else(|| {
-                self.pod
-                    .metadata
-                    .as_ref()
-                    .and_then(|m| m.namespace.as_deref())
-            })
-            .unwrap_or("")
+        &self.namespace
     }
 
-    pub fn decide(&self, scope: &NamespaceScope, explain: bool) -> Reviewed {
-        let decision = decide_live(&self.pod, scope);
-        let explanation = if explain {
-            decision.volumes.iter().map(ExplainedVolume::from).collect()
-        } else {
-            Vec::new()
-        };
-        let outcome = Outcome::Live(decision.verdict);
-        let mut reviewed = allow(&self.uid, outcome, decision.patch.as_ref(), None);
+    /// Decides with the namespace's claim globs. Being called for this pod means the
+    /// webhook registration's namespaceSelector matched: the namespace is opted in.
+    pub fn decide(&self, globs: &ClaimGlobs, explain: bool) -> Reviewed {
+        let decision = decide_live(&self.pod, globs);
+        let patch = render_patch(&decision);
+        let mut reviewed = allow(
+            &self.uid,
+            Outcome::Live(decision.verdict),
+            patch.as_ref(),
+            None,
+        );
         reviewed.object = Some(self.pod.display_name());
-        reviewed.explanation = explanation;
+        if explain {
+            reviewed.explanation = decision.volumes.iter().map(ExplainedVolume::from).collect();
+        }
         reviewed
     }
 }
 
-/// Reads and checks one AdmissionReview (the request body). Well-typed requests (all a
-/// real API server sends) are read in one pass; anything else takes the two-pass path.
-pub fn parse(body: &[u8]) -> Result<Parsed<'_>, ReviewError> {
-    match serde_json::from_slice::<ReviewIn<PodView>>(body) {
-        Ok(fast) => check(fast),
-        Err(_) => parse_two_pass(body),
-    }
+/// The JSON patch that carries a decision out.
+///
+/// Invariant: every patch we send uses only `add`, and only where its parent exists in
+/// the object we were sent: `add` on a member that exists replaces it (RFC 6902 §4.1),
+/// and with no annotations map we add the whole map. Such a patch cannot fail to apply.
+/// (A patch that fails makes the API server answer the create with a 500, which
+/// `failurePolicy: Ignore` does not cover: the user's server would not start.)
+fn render_patch(decision: &LiveDecision<'_>) -> Option<Patch> {
+    let value = decision.new_value.as_deref()?;
+    let key = names::VELERO_BACKUP_VOLUMES;
+    let op = if decision.had_annotations_map {
+        AddOperation {
+            path: PointerBuf::from_tokens(["metadata", "annotations", key]),
+            value: value.into(),
+        }
+    } else {
+        AddOperation {
+            path: PointerBuf::from_tokens(["metadata", "annotations"]),
+            value: serde_json::json!({ key: value }),
+        }
+    };
+    Some(Patch(vec![PatchOperation::Add(op)]))
 }
 
-/// The path for requests the one-pass read cannot take (malformed input, odd objects).
-/// Public only so tests can prove that both paths give the same answer.
-#[doc(hidden)]
-pub fn parse_two_pass(body: &[u8]) -> Result<Parsed<'_>, ReviewError> {
-    let review: ReviewIn<&RawValue> = serde_json::from_slice(body)?;
-    check(review)
+/// Reads and checks one AdmissionReview (the request body).
+pub fn parse(body: &[u8]) -> Result<Parsed<'_>, ReviewError> {
+    check(serde_json::from_slice(body)?)
 }
 
 /// Reviews one AdmissionReview and returns the response to send: [`parse`], then decide
-/// with the namespace's scope from `namespaces`.
+/// with the claim globs `claims_for` gives the pod's namespace (the `review` command,
+/// benchmarks and fuzzing; the server looks namespaces up asynchronously).
 pub fn review(
     body: &[u8],
-    namespaces: &dyn NamespaceDirectory,
+    claims_for: impl FnOnce(&str) -> std::sync::Arc<ClaimGlobs>,
     explain: bool,
 ) -> Result<Reviewed, ReviewError> {
-    finish(parse(body)?, namespaces, explain)
-}
-
-#[doc(hidden)]
-pub fn review_two_pass(
-    body: &[u8],
-    namespaces: &dyn NamespaceDirectory,
-    explain: bool,
-) -> Result<Reviewed, ReviewError> {
-    finish(parse_two_pass(body)?, namespaces, explain)
-}
-
-fn finish(
-    parsed: Parsed<'_>,
-    namespaces: &dyn NamespaceDirectory,
-    explain: bool,
-) -> Result<Reviewed, ReviewError> {
-    Ok(match parsed {
+    Ok(match parse(body)? {
         Parsed::Answered(reviewed) => reviewed,
-        Parsed::PodCreate(create) => create.decide(&namespaces.scope(create.namespace()), explain),
+        Parsed::PodCreate(create) => create.decide(&claims_for(create.namespace()), explain),
     })
 }
 
-fn check<'a, O: ObjectIn<'a>>(review: ReviewIn<'a, O>) -> Result<Parsed<'a>, ReviewError> {
+fn check(review: ReviewIn<'_>) -> Result<Parsed<'_>, ReviewError> {
     match review.api_version.as_deref() {
         Some(ADMISSION_API_VERSION) => {}
         other => {
@@ -344,22 +306,21 @@ fn check<'a, O: ObjectIn<'a>>(review: ReviewIn<'a, O>) -> Result<Parsed<'a>, Rev
         uid: uid.to_owned(),
         operation: request.operation.to_string(),
     })?;
-    let pod = match object.into_pod() {
+    let pod: PodView = match serde_json::from_str(object.get()) {
         Ok(pod) => pod,
-        Err(ObjectProblem::NotAnObject) => {
+        // A JSON object whose fields merely have shapes we do not expect is still a pod
+        // the API server wants to create: allow it. Anything else is not a Pod.
+        Err(e) if object.get().starts_with('{') => {
+            let detail = Some(e.to_string());
+            let answered = allow(uid, Outcome::NotUnderstood, None, detail);
+            return Ok(Parsed::Answered(answered));
+        }
+        Err(_) => {
             let reason = "not a JSON object".into();
             return Err(ReviewError::NotAPod {
                 uid: uid.to_owned(),
                 reason,
             });
-        }
-        Err(ObjectProblem::NotUnderstood(detail)) => {
-            return Ok(Parsed::Answered(allow(
-                uid,
-                Outcome::NotUnderstood,
-                None,
-                Some(detail),
-            )));
         }
     };
     if let Some(kind) = pod.kind.as_deref().filter(|k| *k != "Pod") {
@@ -375,23 +336,33 @@ fn check<'a, O: ObjectIn<'a>>(review: ReviewIn<'a, O>) -> Result<Parsed<'a>, Rev
         });
     }
 
+    // The namespace reaches an API URL (the namespace lookup): it must be a name, not a
+    // path. The request's is authoritative; the object's may be empty at CREATE.
+    let object_namespace = pod.metadata.as_ref().and_then(|m| m.namespace.clone());
+    let namespace = request
+        .namespace
+        .filter(|n| !n.is_empty())
+        .or(object_namespace)
+        .unwrap_or_default();
+    if !names::is_dns1123_label(&namespace) {
+        return Err(ReviewError::InvalidNamespace {
+            uid: uid.to_owned(),
+            namespace: namespace.to_string(),
+        });
+    }
+
     Ok(Parsed::PodCreate(PodCreate {
         uid: request.uid,
-        namespace: request.namespace,
+        namespace,
         pod,
     }))
 }
 
-fn request_uid<O>(review: &ReviewIn<'_, O>) -> Option<String> {
+fn request_uid(review: &ReviewIn<'_>) -> Option<String> {
     review.request.as_ref().map(|r| r.uid.to_string())
 }
 
-fn allow(
-    uid: &str,
-    outcome: Outcome,
-    patch: Option<&json_patch::Patch>,
-    detail: Option<String>,
-) -> Reviewed {
+fn allow(uid: &str, outcome: Outcome, patch: Option<&Patch>, detail: Option<String>) -> Reviewed {
     // Serializing a Patch of strings cannot fail; an empty patch is never sent.
     let patch = patch
         .and_then(|p| serde_json::to_vec(p).ok())
@@ -463,7 +434,7 @@ pub fn pod_create_review(pod_json: &[u8]) -> Result<Vec<u8>, String> {
 }
 
 /// The patch carried by a response body, decoded (for tests and `review --explain`).
-pub fn decode_patch(response_body: &[u8]) -> Result<Option<json_patch::Patch>, String> {
+pub fn decode_patch(response_body: &[u8]) -> Result<Option<Patch>, String> {
     #[derive(Deserialize)]
     struct Out<'a> {
         #[serde(borrow)]
@@ -489,11 +460,9 @@ pub fn decode_patch(response_body: &[u8]) -> Result<Option<json_patch::Patch>, S
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::{ClaimGlobs, StaticNamespaces};
 
     #[test]
     fn errors_carry_the_uid_for_the_log_line_when_there_is_one() {
-        let dir = StaticNamespaces::new(ClaimGlobs::parse("claim-*").unwrap());
         let req = r#""request":{"uid":"u1","kind":{"group":"","version":"v1","kind":"Pod"},"operation":"CREATE"}"#;
         let cases = [
             (
@@ -517,7 +486,7 @@ mod tests {
             ("{".to_owned(), None),
         ];
         for (body, uid) in cases {
-            let err = review(body.as_bytes(), &dir, false).unwrap_err();
+            let err = parse(body.as_bytes()).err().expect("an error");
             assert_eq!(err.uid(), uid, "{err}");
         }
     }

@@ -1,5 +1,6 @@
-//! The Kubernetes side: what we watch and (later) write through the API server.
+//! The Kubernetes side: what we watch, and the Events we publish.
 
+pub mod events;
 pub mod namespaces;
 
 pub use namespaces::NamespaceCache;

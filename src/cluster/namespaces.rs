@@ -1,54 +1,89 @@
 //! The namespace cache: which namespaces are opted in, and their claim globs.
 //!
-//! Fed by a metadata watch on all Namespaces (labels and annotations are all we need), so
-//! a namespace that is known and not opted in is recognised as such. A namespace the
-//! watch has not delivered yet (created a moment ago) is fetched once with a GET, so its
-//! claims annotation applies to its very first pod; if that fails too, it is treated as
-//! opted in with the default globs (the API server only calls the webhook for labelled
-//! namespaces anyway).
+//! Fed by a metadata watch on all Namespaces (labels and annotations are all we need).
+//! The admission path asks it only for claim globs: being called by the API server means
+//! the registration's namespaceSelector matched, so the namespace *is* opted in, whatever
+//! the cache says. A namespace the watch has not delivered yet, or has not yet seen
+//! labelled, is fetched with a GET, so its own globs apply to its very first pod. The
+//! namespace name comes from an unauthenticated request: it is validated before any API
+//! call, concurrent fetches of one name share one GET, results are kept a few seconds,
+//! and fetches are rate-limited, so no request can multiply API traffic.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use futures::future::{BoxFuture, FutureExt, Shared};
 use k8s_openapi::api::core::v1::Namespace;
-use kube::Api;
 use kube::core::PartialObjectMeta;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event, watcher};
+use kube::{Api, Resource};
 use tracing::{debug, info, warn};
 
+use super::events::EventSink;
 use crate::metrics::Metrics;
 use crate::names;
-use crate::policy::namespace::scope_from_metadata;
-use crate::policy::{ClaimGlobs, NamespaceDirectory, NamespaceScope};
+use crate::policy::{ClaimGlobs, NamespacePolicy};
 
-/// How long the admission path waits for a GET of a namespace the watch has not delivered.
+/// How long the admission path waits for a GET of a namespace (well inside the
+/// request timeout).
 const FETCH_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a fetched namespace (or a miss) is trusted before asking again.
+const FETCH_TTL: Duration = Duration::from_secs(5);
+/// Fetched results kept at most (each is a name and an `Arc`).
+const MAX_FETCHED: usize = 1024;
+/// Fetches at most this many per second on average, in bursts of up to `FETCH_BURST`.
+const FETCH_RATE: f64 = 5.0;
+const FETCH_BURST: f64 = 10.0;
+
+type Fetch = Shared<BoxFuture<'static, Arc<ClaimGlobs>>>;
+
+enum Fetched {
+    InFlight(Fetch),
+    Done {
+        at: Instant,
+        claims: Arc<ClaimGlobs>,
+    },
+}
 
 pub struct NamespaceCache {
     client: Option<kube::Client>,
     default_claims: Arc<ClaimGlobs>,
-    entries: RwLock<HashMap<String, NamespaceScope>>,
+    watched: RwLock<HashMap<String, NamespacePolicy>>,
+    fetched: Mutex<FetchState>,
     synced: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
+    events: EventSink,
+}
+
+struct FetchState {
+    entries: HashMap<String, Fetched>,
+    bucket: TokenBucket,
 }
 
 impl NamespaceCache {
-    /// `client`: where to watch and fetch namespaces (`None` in tests of the cache alone).
+    /// `client`: where to watch and fetch namespaces; `None` runs without a cluster
+    /// (every namespace uses `default_claims`).
     pub fn new(
         client: Option<kube::Client>,
         default_claims: ClaimGlobs,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let events = EventSink::new(client.clone());
         Self {
             client,
             default_claims: Arc::new(default_claims),
-            entries: RwLock::new(HashMap::new()),
+            watched: RwLock::new(HashMap::new()),
+            fetched: Mutex::new(FetchState {
+                entries: HashMap::new(),
+                bucket: TokenBucket::new(FETCH_RATE, FETCH_BURST),
+            }),
             synced: Arc::new(AtomicBool::new(false)),
             metrics,
+            events,
         }
     }
 
@@ -57,8 +92,114 @@ impl NamespaceCache {
         self.synced.clone()
     }
 
-    /// Watches namespaces until the returned future is dropped. Watch errors are logged
-    /// and retried with backoff; the cache keeps serving what it last knew.
+    /// The claim globs of a namespace whose pod the API server sent us.
+    pub async fn claims_for(&self, namespace: &str) -> Arc<ClaimGlobs> {
+        let watched = self.watched_policy(namespace);
+        match watched {
+            Some(p) if p.opted_in => return p.claims,
+            _ if self.client.is_none() => {
+                return watched.map_or_else(|| self.default_claims.clone(), |p| p.claims);
+            }
+            // Unknown to the watch, or not labelled as far as it knows: it is behind.
+            _ => {}
+        }
+        let fetch = {
+            let mut state = self.fetch_state();
+            let in_flight = match state.entries.get(namespace) {
+                Some(Fetched::Done { at, claims }) if at.elapsed() < FETCH_TTL => {
+                    return claims.clone();
+                }
+                Some(Fetched::InFlight(fetch)) => Some(fetch.clone()),
+                _ => None,
+            };
+            match in_flight {
+                Some(fetch) => fetch,
+                // admission::parse already refuses invalid names. Past the rate limit, use
+                // what the watch knows, else the default.
+                None if !names::is_dns1123_label(namespace) || !state.bucket.take() => {
+                    self.metrics.namespace_fetch("rate_limited");
+                    return watched.map_or_else(|| self.default_claims.clone(), |p| p.claims);
+                }
+                None => {
+                    let fetch = self.fetch(namespace).boxed().shared();
+                    state.insert(namespace, Fetched::InFlight(fetch.clone()));
+                    fetch
+                }
+            }
+        };
+        let claims = fetch.await;
+        let mut state = self.fetch_state();
+        if let Some(entry @ Fetched::InFlight(_)) = state.entries.get_mut(namespace) {
+            let at = Instant::now();
+            let done = claims.clone();
+            *entry = Fetched::Done { at, claims: done };
+        }
+        claims
+    }
+
+    /// A GET of one namespace, bounded by [`FETCH_TIMEOUT`]; the default globs when it
+    /// does not answer or does not exist (the pod is still annotated by them).
+    fn fetch(&self, namespace: &str) -> impl Future<Output = Arc<ClaimGlobs>> + Send + 'static {
+        let client = self.client.clone();
+        let default = self.default_claims.clone();
+        let metrics = self.metrics.clone();
+        let namespace = namespace.to_owned();
+        async move {
+            let Some(client) = client else {
+                return default;
+            };
+            let api: Api<Namespace> = Api::all(client);
+            let (result, claims) = match tokio::time::timeout(
+                FETCH_TIMEOUT,
+                api.get_metadata_opt(&namespace),
+            )
+            .await
+            {
+                Ok(Ok(Some(ns))) => {
+                    let meta = &ns.metadata;
+                    let policy = NamespacePolicy::read(
+                        meta.labels.as_ref(),
+                        meta.annotations.as_ref(),
+                        &default,
+                    );
+                    debug!(%namespace, opted_in = policy.opted_in, "namespace fetched ahead of the watch");
+                    ("fetched", policy.claims)
+                }
+                Ok(Ok(None)) => {
+                    debug!(%namespace, "namespace not found; using the default claim globs");
+                    ("not_found", default)
+                }
+                Ok(Err(e)) => {
+                    warn!(%namespace, error = %e, "could not fetch namespace; using the default claim globs");
+                    ("error", default)
+                }
+                Err(_) => {
+                    warn!(%namespace, "fetching namespace timed out; using the default claim globs");
+                    ("timeout", default)
+                }
+            };
+            metrics.namespace_fetch(result);
+            claims
+        }
+    }
+
+    fn fetch_state(&self) -> std::sync::MutexGuard<'_, FetchState> {
+        // A poisoned lock only means a holder panicked; the map is still usable.
+        self.fetched.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What the watch knows of a namespace.
+    pub fn watched_policy(&self, namespace: &str) -> Option<NamespacePolicy> {
+        let watched = self.watched.read().unwrap_or_else(|p| p.into_inner());
+        watched.get(namespace).cloned()
+    }
+
+    pub fn opted_in_count(&self) -> usize {
+        count_opted_in(&self.watched.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Watches namespaces until the stream ends (it does not: errors are logged, counted
+    /// and retried with backoff, and the cache keeps serving what it last knew).
     pub async fn run(self: Arc<Self>) {
         let Some(client) = self.client.clone() else {
             return;
@@ -66,141 +207,165 @@ impl NamespaceCache {
         let api: Api<PartialObjectMeta<Namespace>> = Api::all(client);
         let stream = watcher(api, watcher::Config::default()).default_backoff();
         futures::pin_mut!(stream);
-        let mut relist: Option<HashMap<String, NamespaceScope>> = None;
+        let mut relist: Option<HashMap<String, NamespacePolicy>> = None;
         while let Some(event) = stream.next().await {
             match event {
                 Ok(Event::Init) => relist = Some(HashMap::new()),
                 Ok(Event::InitApply(ns)) => {
-                    if let Some((name, scope)) = self.scope_of(&ns) {
-                        relist.get_or_insert_with(HashMap::new).insert(name, scope);
+                    if let Some(name) = ns.metadata.name.clone() {
+                        let policy = self.read(&ns);
+                        self.report_claims(&name, &ns, &policy);
+                        relist.get_or_insert_with(HashMap::new).insert(name, policy);
                     }
                 }
                 Ok(Event::InitDone) => {
-                    let fresh = relist.take().unwrap_or_default();
-                    self.replace_all(fresh);
+                    self.replace_all(relist.take().unwrap_or_default());
                     if !self.synced.swap(true, Ordering::AcqRel) {
                         info!(opted_in = self.opted_in_count(), "namespace cache synced");
                     }
                 }
                 Ok(Event::Apply(ns)) => {
-                    if let Some((name, scope)) = self.scope_of(&ns) {
-                        self.upsert(name, scope);
+                    if let Some(name) = ns.metadata.name.clone() {
+                        let policy = self.read(&ns);
+                        self.report_claims(&name, &ns, &policy);
+                        self.upsert(name, policy);
                     }
                 }
                 Ok(Event::Delete(ns)) => {
                     if let Some(name) = ns.metadata.name.as_deref() {
+                        self.metrics.set_claims_problem(name, false);
                         self.remove(name);
                     }
                 }
-                Err(e) => warn!(error = %e, "namespace watch failed; retrying"),
+                Err(e) => {
+                    self.metrics.namespace_watch_error();
+                    warn!(error = %e, "namespace watch failed; retrying with backoff");
+                }
             }
         }
     }
 
-    fn scope_of(&self, ns: &PartialObjectMeta<Namespace>) -> Option<(String, NamespaceScope)> {
-        let name = ns.metadata.name.clone()?;
-        let (scope, errors) = scope_from_metadata(
-            ns.metadata.labels.as_ref(),
-            ns.metadata.annotations.as_ref(),
+    fn read(&self, ns: &PartialObjectMeta<Namespace>) -> NamespacePolicy {
+        let meta = &ns.metadata;
+        NamespacePolicy::read(
+            meta.labels.as_ref(),
+            meta.annotations.as_ref(),
             &self.default_claims,
-        );
-        for e in errors {
-            warn!(namespace = %name, annotation = names::NAMESPACE_CLAIMS, error = %e, "ignoring an invalid claim glob");
+        )
+    }
+
+    /// A claims annotation we cannot use as written is reported where a platform engineer
+    /// looks (log, metric, Event on the Namespace) once per change, never silently
+    /// replaced by the default.
+    fn report_claims(
+        &self,
+        name: &str,
+        ns: &PartialObjectMeta<Namespace>,
+        policy: &NamespacePolicy,
+    ) {
+        let problem = policy.claims_problem.as_ref().filter(|_| policy.opted_in);
+        let before = self.watched_policy(name);
+        let before = before
+            .as_ref()
+            .and_then(|p| p.claims_problem.as_ref().filter(|_| p.opted_in));
+        self.metrics.set_claims_problem(name, problem.is_some());
+        let Some(problem) = problem else {
+            return;
+        };
+        if before == Some(problem) {
+            return;
         }
-        Some((name, scope))
+        let note = format!(
+            "{problem}; claims matching {} are treated as user data",
+            policy.claims
+        );
+        warn!(namespace = name, annotation = names::NAMESPACE_CLAIMS, problem = %note, "namespace claims annotation cannot be used as written");
+        let regarding = ns.object_ref(&());
+        self.events
+            .warn(regarding, "InvalidClaimGlobs", "ReadClaims", note);
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, NamespaceScope>> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, NamespacePolicy>> {
         // A poisoned lock only means a writer panicked mid-insert; the map is still usable.
-        self.entries.write().unwrap_or_else(|p| p.into_inner())
+        self.watched.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn replace_all(&self, fresh: HashMap<String, NamespaceScope>) {
-        let mut entries = self.write();
-        *entries = fresh;
+    fn replace_all(&self, fresh: HashMap<String, NamespacePolicy>) {
+        let mut watched = self.write();
+        *watched = fresh;
         self.metrics
-            .set_namespaces_opted_in(count_opted_in(&entries));
+            .set_namespaces_opted_in(count_opted_in(&watched));
     }
 
     /// Inserts or updates one namespace, saying so when its opt-in changes.
-    fn upsert(&self, name: String, scope: NamespaceScope) {
-        let mut entries = self.write();
-        let was = entries
-            .get(&name)
-            .map(|s| matches!(s, NamespaceScope::OptedIn(_)));
-        let now = matches!(scope, NamespaceScope::OptedIn(_));
-        if was != Some(now) && self.synced.load(Ordering::Acquire) {
-            info!(namespace = %name, opted_in = now, "namespace opt-in changed");
+    fn upsert(&self, name: String, policy: NamespacePolicy) {
+        let mut watched = self.write();
+        let was = watched.get(&name).map(|p| p.opted_in);
+        if was != Some(policy.opted_in) && self.synced.load(Ordering::Acquire) {
+            info!(namespace = %name, opted_in = policy.opted_in, "namespace opt-in changed");
         }
-        entries.insert(name, scope);
+        watched.insert(name, policy);
         self.metrics
-            .set_namespaces_opted_in(count_opted_in(&entries));
+            .set_namespaces_opted_in(count_opted_in(&watched));
     }
 
     fn remove(&self, name: &str) {
-        let mut entries = self.write();
-        entries.remove(name);
+        let mut watched = self.write();
+        watched.remove(name);
         self.metrics
-            .set_namespaces_opted_in(count_opted_in(&entries));
-    }
-
-    pub fn opted_in_count(&self) -> usize {
-        count_opted_in(&self.entries.read().unwrap_or_else(|p| p.into_inner()))
-    }
-
-    fn default_scope(&self) -> NamespaceScope {
-        NamespaceScope::OptedIn(self.default_claims.clone())
-    }
-
-    fn lookup(&self, namespace: &str) -> Option<NamespaceScope> {
-        self.entries
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(namespace)
-            .cloned()
-    }
-
-    /// Like [`NamespaceDirectory::scope`], but a namespace the watch has not delivered
-    /// yet is fetched first (bounded by a short timeout).
-    pub async fn resolve(&self, namespace: &str) -> NamespaceScope {
-        if let Some(scope) = self.lookup(namespace) {
-            return scope;
-        }
-        if let Some(client) = &self.client {
-            let api: Api<Namespace> = Api::all(client.clone());
-            match tokio::time::timeout(FETCH_TIMEOUT, api.get_metadata_opt(namespace)).await {
-                Ok(Ok(Some(ns))) => {
-                    if let Some((name, scope)) = self.scope_of(&ns) {
-                        debug!(namespace = %name, "namespace fetched ahead of the watch");
-                        self.upsert(name, scope.clone());
-                        return scope;
-                    }
-                }
-                Ok(Ok(None)) => debug!(namespace, "namespace not found"),
-                Ok(Err(e)) => {
-                    warn!(namespace, error = %e, "could not fetch namespace; using the default claim globs")
-                }
-                Err(_) => warn!(
-                    namespace,
-                    "fetching namespace timed out; using the default claim globs"
-                ),
-            }
-        }
-        self.default_scope()
+            .set_namespaces_opted_in(count_opted_in(&watched));
     }
 }
 
-fn count_opted_in(entries: &HashMap<String, NamespaceScope>) -> usize {
-    entries
-        .values()
-        .filter(|s| matches!(s, NamespaceScope::OptedIn(_)))
-        .count()
+impl FetchState {
+    /// Keeps at most [`MAX_FETCHED`] entries: expired results go first; when every entry
+    /// is fresh, the new one is not kept (its fetch still happens, rate-limited).
+    fn insert(&mut self, namespace: &str, fetched: Fetched) {
+        if self.entries.len() >= MAX_FETCHED {
+            self.entries.retain(|_, f| match f {
+                Fetched::Done { at, .. } => at.elapsed() < FETCH_TTL,
+                Fetched::InFlight(_) => true,
+            });
+        }
+        if self.entries.len() < MAX_FETCHED {
+            self.entries.insert(namespace.to_owned(), fetched);
+        }
+    }
 }
 
-impl NamespaceDirectory for NamespaceCache {
-    fn scope(&self, namespace: &str) -> NamespaceScope {
-        self.lookup(namespace)
-            .unwrap_or_else(|| self.default_scope())
+fn count_opted_in(watched: &HashMap<String, NamespacePolicy>) -> usize {
+    watched.values().filter(|p| p.opted_in).count()
+}
+
+/// A token bucket: `rate` tokens a second, at most `burst` saved up.
+struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: f64, burst: f64) -> Self {
+        Self {
+            rate,
+            burst,
+            tokens: burst,
+            at: Instant::now(),
+        }
+    }
+
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let refill = now.duration_since(self.at).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.burst);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
     }
 }
 
@@ -210,40 +375,41 @@ mod tests {
 
     use super::*;
 
-    impl NamespaceCache {
-        /// Applies a namespace's labels and annotations as a watch event would.
-        fn apply_metadata(
-            &self,
-            name: &str,
-            labels: Option<&BTreeMap<String, String>>,
-            annotations: Option<&BTreeMap<String, String>>,
-        ) {
-            let (scope, _) = scope_from_metadata(labels, annotations, &self.default_claims);
-            self.upsert(name.to_owned(), scope);
-        }
-    }
-
-    #[test]
-    fn unknown_is_default_known_is_respected() {
-        let cache = NamespaceCache::new(
+    fn cache() -> NamespaceCache {
+        NamespaceCache::new(
             None,
             ClaimGlobs::parse("claim-*").unwrap(),
             Arc::new(Metrics::new()),
-        );
-        assert!(
-            matches!(cache.scope("new"), NamespaceScope::OptedIn(g) if g.to_string() == "claim-*")
-        );
-        cache.apply_metadata("off", None, None);
-        assert!(matches!(cache.scope("off"), NamespaceScope::NotOptedIn));
-        let labels = BTreeMap::from([(names::NAMESPACE_ENABLED.to_owned(), "true".to_owned())]);
+        )
+    }
+
+    fn policy(cache: &NamespaceCache, opted_in: bool, claims: Option<&str>) -> NamespacePolicy {
+        let labels = BTreeMap::from([(names::NAMESPACE_ENABLED.to_owned(), opted_in.to_string())]);
         let annotations =
-            BTreeMap::from([(names::NAMESPACE_CLAIMS.to_owned(), "home-*".to_owned())]);
-        cache.apply_metadata("lab", Some(&labels), Some(&annotations));
-        assert!(
-            matches!(cache.scope("lab"), NamespaceScope::OptedIn(g) if g.to_string() == "home-*")
-        );
+            claims.map(|c| BTreeMap::from([(names::NAMESPACE_CLAIMS.to_owned(), c.to_owned())]));
+        NamespacePolicy::read(Some(&labels), annotations.as_ref(), &cache.default_claims)
+    }
+
+    #[tokio::test]
+    async fn without_a_cluster_every_namespace_is_served_its_known_or_default_globs() {
+        let cache = cache();
+        assert_eq!(cache.claims_for("new").await.to_string(), "claim-*");
+        cache.upsert("lab".into(), policy(&cache, true, Some("home-*")));
+        assert_eq!(cache.claims_for("lab").await.to_string(), "home-*");
+        // Called for a namespace the watch saw unlabelled: the API server knows better.
+        cache.upsert("late".into(), policy(&cache, false, Some("data-*")));
+        assert_eq!(cache.claims_for("late").await.to_string(), "data-*");
         assert_eq!(cache.opted_in_count(), 1);
         cache.remove("lab");
         assert_eq!(cache.opted_in_count(), 0);
+    }
+
+    #[test]
+    fn the_token_bucket_allows_a_burst_then_the_rate() {
+        let mut bucket = TokenBucket::new(1000.0, 3.0);
+        assert!((0..3).all(|_| bucket.take()));
+        assert!(!bucket.take(), "burst spent");
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(bucket.take(), "refilled at the rate");
     }
 }

@@ -1,5 +1,6 @@
 //! The HTTP edge: the admission `Router` (served over TLS by [`serve`]) and the plain
-//! health/metrics `Router`. Handlers only move bytes between HTTP and [`crate::admission`].
+//! operations `Router` (probes, metrics). Handlers only move bytes between HTTP and
+//! [`crate::admission`], inside the bounds set here and in [`serve`].
 
 pub mod serve;
 
@@ -8,12 +9,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwapOption;
 use axum::Router;
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use axum::routing::{MethodRouter, get, post};
+use http_body_util::{BodyExt, Limited};
 use tokio::sync::Semaphore;
 use tower_http::catch_panic::{CatchPanicLayer, ResponseForPanic};
 use tracing::{debug, error, info, warn};
@@ -21,39 +23,23 @@ use tracing::{debug, error, info, warn};
 use crate::admission::{self, Outcome, Parsed, ReviewError};
 use crate::cluster::NamespaceCache;
 use crate::metrics::{self, Metrics};
-use crate::policy::{NamespaceDirectory, NamespaceScope, StaticNamespaces};
 use crate::tls::CertStore;
 use serve::ServeOptions;
 
 /// Largest AdmissionReview we read (the API server's own request limit is 3 MiB).
 pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
-
-/// Where the admission path gets a namespace's scope.
-pub enum Namespaces {
-    /// Every namespace opted in with fixed globs (`--no-cluster`).
-    Static(StaticNamespaces),
-    /// The live namespace cache (fetches a namespace the watch has not delivered yet).
-    Cluster(Arc<NamespaceCache>),
-}
-
-impl Namespaces {
-    async fn scope(&self, namespace: &str) -> NamespaceScope {
-        match self {
-            Self::Static(s) => s.scope(namespace),
-            Self::Cluster(cache) => cache.resolve(namespace).await,
-        }
-    }
-}
+/// Bodies up to this size are read without waiting for the shared budget: one per
+/// connection at most, so the connection cap bounds them. Real pod reviews are a few KiB.
+pub const SMALL_BODY_BYTES: usize = 64 * 1024;
 
 /// What the admission handlers need.
 pub struct WebhookState {
-    pub namespaces: Namespaces,
+    pub namespaces: Arc<NamespaceCache>,
     pub metrics: Arc<Metrics>,
-    /// One request, body included, must arrive within this time (slow clients get 408).
+    /// One request, body included, must arrive and be answered within this time.
     pub request_timeout: Duration,
-    /// Bodies being read or reviewed at once; more wait. Bounds memory: each may be up to
-    /// [`MAX_BODY_BYTES`].
-    pub in_flight: Semaphore,
+    /// Bytes of large bodies (over [`SMALL_BODY_BYTES`]) being read or reviewed at once.
+    large_bodies: Semaphore,
     /// Set on shutdown: responses then carry `Connection: close`, so the API server moves
     /// to a replica that stays instead of racing our close of its idle connection.
     pub shutting_down: Arc<AtomicBool>,
@@ -63,7 +49,7 @@ impl WebhookState {
     /// `shutting_down` is shared with readiness (`Default::default()` when nothing else
     /// needs it).
     pub fn new(
-        namespaces: Namespaces,
+        namespaces: Arc<NamespaceCache>,
         metrics: Arc<Metrics>,
         opts: &ServeOptions,
         shutting_down: Arc<AtomicBool>,
@@ -72,29 +58,37 @@ impl WebhookState {
             namespaces,
             metrics,
             request_timeout: opts.request_timeout,
-            in_flight: Semaphore::new(opts.max_concurrent_reviews),
+            large_bodies: Semaphore::new(opts.large_body_budget.max(MAX_BODY_BYTES)),
             shutting_down,
         }
     }
 }
 
-/// The admission router: `POST /mutate`, with panic catching.
+/// The admission router. `POST /mutate/live` is the live-session webhook entry;
+/// `POST /mutate` answers the same for configurations installed before the paths were
+/// split. Each entry labels its metrics and catches its panics.
 pub fn admission_router(state: Arc<WebhookState>) -> Router {
     let metrics = state.metrics.clone();
-    let routes = Router::new()
-        .route("/mutate", post(mutate))
-        .with_state(state);
-    with_admission_layers(routes, metrics)
+    Router::new()
+        .route("/mutate/live", entry("live", post(live), &metrics))
+        .route("/mutate", entry("live", post(live), &metrics))
+        .with_state(state)
 }
 
-/// The layers every admission route gets. Public so tests can prove the panic handling
-/// on a route that panics on purpose.
-pub fn with_admission_layers(routes: Router, metrics: Arc<Metrics>) -> Router {
-    routes.layer(CatchPanicLayer::custom(PanicResponder { metrics }))
+/// A webhook entry's route with its panic handling. Public so tests can prove the panic
+/// handling on a route that panics on purpose.
+pub fn entry<S: Clone + Send + Sync + 'static>(
+    webhook: &'static str,
+    route: MethodRouter<S>,
+    metrics: &Arc<Metrics>,
+) -> MethodRouter<S> {
+    let metrics = metrics.clone();
+    route.layer(CatchPanicLayer::custom(PanicResponder { webhook, metrics }))
 }
 
 #[derive(Clone)]
 struct PanicResponder {
+    webhook: &'static str,
     metrics: Arc<Metrics>,
 }
 
@@ -110,8 +104,8 @@ impl ResponseForPanic for PanicResponder {
             .map(|s| s.to_string())
             .or_else(|| err.downcast_ref::<String>().cloned())
             .unwrap_or_default();
-        error!(panic = %detail, "admission handler panicked; answered 500");
-        self.metrics.admission("live", "panic", 0.0);
+        error!(webhook = self.webhook, panic = %detail, "admission handler panicked; answered 500");
+        self.metrics.admission(self.webhook, "panic", 0.0);
         (
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal error while reviewing the request\n",
@@ -120,48 +114,64 @@ impl ResponseForPanic for PanicResponder {
     }
 }
 
-async fn mutate(State(state): State<Arc<WebhookState>>, request: Request) -> Response {
+async fn live(State(state): State<Arc<WebhookState>>, request: Request) -> Response {
     let started = Instant::now();
-    let (mut response, outcome) =
-        match tokio::time::timeout(state.request_timeout, answer(&state, request)).await {
-            Ok(answered) => answered,
-            Err(_) => {
-                warn!(timeout = ?state.request_timeout, "request not received in time");
-                let msg = "the request was not received in time\n";
-                (
-                    (StatusCode::REQUEST_TIMEOUT, msg).into_response(),
-                    "timeout",
-                )
-            }
-        };
+    let (mut response, outcome) = match tokio::time::timeout(
+        state.request_timeout,
+        answer(&state, request),
+    )
+    .await
+    {
+        Ok(answered) => answered,
+        Err(_) => {
+            warn!(timeout = ?state.request_timeout, "request not received and answered in time");
+            let msg = "the request was not received in time\n";
+            let response = (StatusCode::REQUEST_TIMEOUT, msg).into_response();
+            (response, "timeout")
+        }
+    };
     if state.shutting_down.load(Ordering::Acquire) {
         response
             .headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-    state
-        .metrics
-        .admission("live", outcome, started.elapsed().as_secs_f64());
+    let seconds = started.elapsed().as_secs_f64();
+    state.metrics.admission("live", outcome, seconds);
     response
 }
 
 async fn answer(state: &WebhookState, request: Request) -> (Response, &'static str) {
+    let activity = serve::activity(&request);
     let (parts, body) = request.into_parts();
     if !is_json(parts.headers.get(header::CONTENT_TYPE)) {
         let msg = "Content-Type must be application/json\n";
-        return (
-            (StatusCode::UNSUPPORTED_MEDIA_TYPE, msg).into_response(),
-            "unsupported_media_type",
-        );
+        let response = (StatusCode::UNSUPPORTED_MEDIA_TYPE, msg).into_response();
+        return (response, "unsupported_media_type");
     }
-    if content_length(&parts.headers).is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+    // The API server always sends Content-Length; requiring it lets every body be
+    // accounted for before it is read.
+    let Some(length) = axum::body::HttpBody::size_hint(&body).exact() else {
+        let msg = "a Content-Length is required\n";
+        return (
+            (StatusCode::LENGTH_REQUIRED, msg).into_response(),
+            "length_required",
+        );
+    };
+    let length = usize::try_from(length).unwrap_or(usize::MAX);
+    if length > MAX_BODY_BYTES {
         return too_large();
     }
-    // The semaphore is never closed; if it were, answering is still better than failing.
-    let _permit = state.in_flight.acquire().await.ok();
-    let body = match Limited::new(body, MAX_BODY_BYTES).collect().await {
+    // Large bodies wait for room in the shared budget; small ones are bounded by the
+    // connection cap. The semaphore is never closed; if it were, answering beats failing.
+    let _budget = match length > SMALL_BODY_BYTES {
+        true => {
+            let bytes = u32::try_from(length).unwrap_or(u32::MAX);
+            state.large_bodies.acquire_many(bytes).await.ok()
+        }
+        false => None,
+    };
+    let body = match Limited::new(body, length).collect().await {
         Ok(collected) => collected.to_bytes(),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => return too_large(),
         Err(e) => {
             warn!(error = %e, "could not read the request body");
             let msg = format!("could not read the request body: {e}\n");
@@ -171,44 +181,28 @@ async fn answer(state: &WebhookState, request: Request) -> (Response, &'static s
             );
         }
     };
+    // From here on the request is ours to finish: its connection is not evicted.
+    let _reviewing = activity.map(|a| a.reviewing());
     let reviewed = match admission::parse(&body) {
-        Ok(Parsed::Answered(reviewed)) => Ok(reviewed),
+        Ok(Parsed::Answered(reviewed)) => reviewed,
         Ok(Parsed::PodCreate(create)) => {
-            let scope = state.namespaces.scope(create.namespace()).await;
-            Ok(create.decide(&scope, false))
+            let claims = state.namespaces.claims_for(create.namespace()).await;
+            create.decide(&claims, false)
         }
-        Err(e) => Err(e),
+        Err(e) => return (bad_request(&e), "bad_request"),
     };
-    match reviewed {
-        Ok(reviewed) => {
-            log_reviewed(&reviewed);
-            let mut response = reviewed.body.into_response();
-            response.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-            (response, reviewed.outcome.as_str())
-        }
-        Err(e) => (bad_request(&e), "bad_request"),
-    }
+    log_reviewed(&reviewed);
+    let outcome = reviewed.outcome.as_str();
+    let json = HeaderValue::from_static("application/json");
+    let response = ([(header::CONTENT_TYPE, json)], reviewed.body).into_response();
+    (response, outcome)
 }
 
 fn too_large() -> (Response, &'static str) {
     let msg = format!("the request body is over the limit of {MAX_BODY_BYTES} bytes\n");
     warn!(limit = MAX_BODY_BYTES, "request body too large");
-    (
-        (StatusCode::PAYLOAD_TOO_LARGE, msg).into_response(),
-        "payload_too_large",
-    )
-}
-
-fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
+    let response = (StatusCode::PAYLOAD_TOO_LARGE, msg).into_response();
+    (response, "payload_too_large")
 }
 
 fn bad_request(e: &ReviewError) -> Response {
@@ -239,71 +233,92 @@ fn is_json(content_type: Option<&HeaderValue>) -> bool {
     essence.eq_ignore_ascii_case("application/json")
 }
 
-/// What `/readyz` checks.
+/// What `/readyz` and `/healthz` check.
 #[derive(Clone)]
-pub struct Readiness {
+pub struct Health {
     pub certs: Arc<CertStore>,
     /// Set once the namespace cache has synced (None: no cluster configured).
     pub namespaces_synced: Option<Arc<AtomicBool>>,
     /// Set on shutdown, so the endpoint is taken out of rotation while draining.
     pub shutting_down: Arc<AtomicBool>,
+    /// Set when a task that must run as long as the server (the namespace watch, the
+    /// certificate reloader) has stopped: not ready, and not live (restart me).
+    pub failed: Arc<ArcSwapOption<String>>,
 }
 
-impl Readiness {
+impl Health {
+    pub fn new(certs: Arc<CertStore>, namespaces_synced: Option<Arc<AtomicBool>>) -> Self {
+        Self {
+            certs,
+            namespaces_synced,
+            shutting_down: Arc::default(),
+            failed: Arc::default(),
+        }
+    }
+
     /// Why the server is not ready (empty when it is).
-    pub fn problems(&self) -> Vec<&'static str> {
+    pub fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
         if !self.certs.is_loaded() {
-            problems.push("no serving certificate loaded yet");
+            problems.push("no serving certificate loaded yet".to_owned());
         }
         if self
             .namespaces_synced
             .as_ref()
             .is_some_and(|s| !s.load(Ordering::Acquire))
         {
-            problems.push("namespace cache has not synced yet");
+            problems.push("namespace cache has not synced yet".to_owned());
         }
         if self.shutting_down.load(Ordering::Acquire) {
-            problems.push("shutting down");
+            problems.push("shutting down".to_owned());
         }
+        problems.extend(self.failure());
         problems
+    }
+
+    /// Why the process should be restarted, if it should.
+    pub fn failure(&self) -> Option<String> {
+        self.failed.load_full().map(|f| f.to_string())
     }
 }
 
 struct OpsState {
-    readiness: Readiness,
+    health: Health,
     metrics: Arc<Metrics>,
 }
 
 /// The plain-HTTP operations router: `/healthz`, `/readyz`, `/metrics`.
-pub fn ops_router(readiness: Readiness, metrics: Arc<Metrics>) -> Router {
-    let state = Arc::new(OpsState { readiness, metrics });
+pub fn ops_router(health: Health, metrics: Arc<Metrics>) -> Router {
+    let state = Arc::new(OpsState { health, metrics });
     Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .with_state(state)
 }
 
-async fn readyz(State(state): State<Arc<OpsState>>) -> Response {
-    let problems = state.readiness.problems();
-    if problems.is_empty() {
-        "ready\n".into_response()
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {}\n", problems.join("; ")),
-        )
-            .into_response()
+async fn healthz(State(state): State<Arc<OpsState>>) -> Response {
+    match state.health.failure() {
+        None => "ok\n".into_response(),
+        Some(failure) => {
+            let msg = format!("not live: {failure}\n");
+            (StatusCode::SERVICE_UNAVAILABLE, msg).into_response()
+        }
     }
 }
 
+async fn readyz(State(state): State<Arc<OpsState>>) -> Response {
+    let problems = state.health.problems();
+    if problems.is_empty() {
+        return "ready\n".into_response();
+    }
+    let msg = format!("not ready: {}\n", problems.join("; "));
+    (StatusCode::SERVICE_UNAVAILABLE, msg).into_response()
+}
+
 async fn metrics_text(State(state): State<Arc<OpsState>>) -> Response {
-    (
-        [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
-        state.metrics.encode(),
-    )
-        .into_response()
+    let content_type = [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)];
+    (content_type, state.metrics.encode()).into_response()
 }
 
 #[cfg(test)]

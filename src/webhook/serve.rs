@@ -1,34 +1,58 @@
-//! Accept loops: HTTPS (tokio-rustls + hyper) for admission, plain HTTP for operations.
-//! Both stop accepting on shutdown and let in-flight requests finish.
+//! The accept loop, shared by both listeners: HTTPS (tokio-rustls + hyper) for
+//! admission, plain HTTP for operations. Every connection is bounded in memory (header
+//! buffer), in time (handshake, header and idle timeouts) and in number (a cap with
+//! eviction); both stop accepting on shutdown and let in-flight requests finish.
+//!
+//! The connection cap holds against clients that open connections and sit on them: when
+//! it is reached, the new connection takes the place of the one that has gone longest
+//! without a request starting or finishing (idle, stalled in its headers, or trickling a
+//! body), never one whose request is being reviewed. A caller that keeps using its
+//! connection, as the API server does, is the last to go.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
-use std::time::Duration;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::Router;
+use axum::extract::Request;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
 use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
 use tracing::{debug, warn};
 
 use crate::metrics::Metrics;
+
+/// Largest request head (and read buffer) per connection. The API server's request
+/// heads are a few hundred bytes; hyper's default would let each connection hold ~400 KiB.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 
 #[derive(Clone, Copy, Debug)]
 pub struct ServeOptions {
     /// A client must finish the TLS handshake within this time.
     pub handshake_timeout: Duration,
-    /// A connection must send a complete request head within this time, both when it opens
-    /// and between keep-alive requests (idle connections are closed after it).
+    /// A connection must send a complete request head within this time, both when it
+    /// opens and between keep-alive requests (so idle connections close after it). Longer
+    /// than client-go's 90 s idle timeout, so the API server, not us, closes idle
+    /// connections: a request it writes onto a connection we are closing would fail open.
     pub idle_timeout: Duration,
-    /// One request, body included, must be read and answered within this time.
+    /// One AdmissionReview, body included, must be read and answered within this time:
+    /// below the webhook's `timeoutSeconds` (3 s), so a slow client gets our 408, not the
+    /// API server's give-up.
     pub request_timeout: Duration,
-    /// Requests whose bodies are read and reviewed at once (more wait): bounds memory.
-    pub max_concurrent_reviews: usize,
-    /// Open connections at most; past it, new ones wait in the listen backlog.
+    /// Bytes of request bodies over [`super::SMALL_BODY_BYTES`] read and reviewed at once
+    /// (more wait their turn, inside `request_timeout`).
+    pub large_body_budget: usize,
+    /// Open connections on the webhook port at most (see the module docs on eviction).
     pub max_connections: usize,
+    /// Open connections on the operations port at most (probes and scrapes).
+    pub max_ops_connections: usize,
     /// On shutdown, how long in-flight requests may take before connections are dropped.
     pub shutdown_grace: Duration,
 }
@@ -36,102 +60,297 @@ pub struct ServeOptions {
 impl Default for ServeOptions {
     fn default() -> Self {
         Self {
-            handshake_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(60),
-            request_timeout: Duration::from_secs(10),
-            max_concurrent_reviews: 16,
-            max_connections: 1024,
+            handshake_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(120),
+            request_timeout: Duration::from_secs(2),
+            large_body_budget: 16 * 1024 * 1024,
+            max_connections: 128,
+            max_ops_connections: 16,
             shutdown_grace: Duration::from_secs(25),
         }
     }
 }
 
-/// Serves `app` over TLS on `listener` until `shutdown` resolves, then drains.
-pub async fn serve_tls(
-    listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
+/// One listener: its name (for metrics and logs), TLS or not, and its limits.
+pub struct Listener {
+    pub name: &'static str,
+    pub tcp: TcpListener,
+    /// `None`: plain HTTP (the operations port).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub max_connections: usize,
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then drains in-flight requests
+/// for up to `opts.shutdown_grace`.
+pub async fn serve(
+    listener: Listener,
     app: Router,
     opts: ServeOptions,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let acceptor = TlsAcceptor::from(tls);
+    let Listener {
+        name,
+        tcp: tcp_listener,
+        tls,
+        max_connections,
+    } = listener;
+    let acceptor = tls.map(TlsAcceptor::from);
     let graceful = GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(opts.idle_timeout)
+        .max_buf_size(MAX_HEAD_BYTES)
         .keep_alive(true);
+    let slots = Arc::new(Slots::new(name, max_connections.max(1), metrics.clone()));
     tokio::pin!(shutdown);
-    let connections = Arc::new(Semaphore::new(opts.max_connections));
     loop {
-        // Wait for a connection slot first: past the limit, new clients queue in the backlog.
-        let permit = tokio::select! {
-            permit = connections.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-            () = &mut shutdown => break,
-        };
         let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
+            accepted = tcp_listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
                     // Typically out of file descriptors: back off instead of spinning.
-                    warn!(error = %e, "accept failed");
+                    warn!(listener = name, error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
             () = &mut shutdown => break,
         };
+        // At the cap, make room (or, when every connection is mid-review, wait for one).
+        let conn = tokio::select! {
+            conn = slots.open() => conn,
+            () = &mut shutdown => break,
+        };
         let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let service = TowerToHyperService::new(app.clone());
-        let http = http.clone();
-        let watcher = graceful.watcher();
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let handshake = tokio::time::timeout(opts.handshake_timeout, acceptor.accept(tcp));
-            let stream = match handshake.await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(e)) => {
-                    metrics.connection("handshake_failed");
-                    return debug!(%peer, error = %e, "TLS handshake failed");
-                }
-                Err(_) => {
-                    metrics.connection("handshake_timeout");
-                    return debug!(%peer, "TLS handshake timed out");
-                }
-            };
-            metrics.connection("accepted");
-            let conn = http.serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = watcher.watch(conn).await {
-                debug!(%peer, error = %e, "connection ended with an error");
-            }
-        });
+        let task = Connection {
+            conn,
+            slots: slots.clone(),
+            acceptor: acceptor.clone(),
+            app: app.clone(),
+            http: http.clone(),
+            opts,
+            metrics: metrics.clone(),
+            peer,
+        };
+        tokio::spawn(task.run(tcp, graceful.watcher()));
     }
-    drop(listener);
-    drain(graceful, opts.shutdown_grace).await;
-}
-
-/// Serves `app` over plain HTTP (health and metrics) until `shutdown` resolves.
-pub async fn serve_plain(
-    listener: TcpListener,
-    app: Router,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) {
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await;
-    if let Err(e) = result {
-        warn!(error = %e, "operations server stopped with an error");
-    }
-}
-
-async fn drain(graceful: GracefulShutdown, grace: Duration) {
+    drop(tcp_listener);
     tokio::select! {
-        () = graceful.shutdown() => debug!("all connections drained"),
-        () = tokio::time::sleep(grace) => warn!(?grace, "shutdown grace period over; dropping remaining connections"),
+        () = graceful.shutdown() => debug!(listener = name, "all connections drained"),
+        () = tokio::time::sleep(opts.shutdown_grace) => {
+            warn!(listener = name, grace = ?opts.shutdown_grace, "shutdown grace period over; dropping remaining connections");
+        }
+    }
+}
+
+/// One accepted connection, from handshake to close.
+struct Connection {
+    conn: Arc<ConnState>,
+    slots: Arc<Slots>,
+    acceptor: Option<TlsAcceptor>,
+    app: Router,
+    http: hyper::server::conn::http1::Builder,
+    opts: ServeOptions,
+    metrics: Arc<Metrics>,
+    peer: SocketAddr,
+}
+
+impl Connection {
+    async fn run(self, tcp: TcpStream, watcher: hyper_util::server::graceful::Watcher) {
+        let evicted = self.conn.evict.clone();
+        let listener = self.slots.listener;
+        tokio::select! {
+            () = self.serve(tcp, watcher) => {}
+            () = evicted.cancelled() => {
+                self.metrics.connection(listener, "evicted");
+                debug!(listener, peer = %self.peer, "connection evicted to make room");
+            }
+        }
+        self.slots.close(&self.conn);
+    }
+
+    async fn serve(&self, tcp: TcpStream, watcher: hyper_util::server::graceful::Watcher) {
+        let listener = self.slots.listener;
+        let peer = self.peer;
+        let service = PerConnection {
+            app: self.app.clone(),
+            conn: self.conn.clone(),
+        };
+        let result = match &self.acceptor {
+            None => {
+                let conn = self.http.serve_connection(TokioIo::new(tcp), service);
+                watcher.watch(conn).await
+            }
+            Some(acceptor) => {
+                let handshake =
+                    tokio::time::timeout(self.opts.handshake_timeout, acceptor.accept(tcp));
+                let stream = match handshake.await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(e)) => {
+                        self.metrics.connection(listener, "handshake_failed");
+                        return debug!(listener, %peer, error = %e, "TLS handshake failed");
+                    }
+                    Err(_) => {
+                        self.metrics.connection(listener, "handshake_timeout");
+                        return debug!(listener, %peer, "TLS handshake timed out");
+                    }
+                };
+                self.metrics.connection(listener, "accepted");
+                let conn = self.http.serve_connection(TokioIo::new(stream), service);
+                watcher.watch(conn).await
+            }
+        };
+        if let Err(e) = result {
+            debug!(listener, %peer, error = %e, "connection ended with an error");
+        }
+    }
+}
+
+/// The Router as one connection's hyper service: marks the connection's progress as each
+/// request starts and finishes, and hands the request a [`ConnectionActivity`].
+#[derive(Clone)]
+struct PerConnection {
+    app: Router,
+    conn: Arc<ConnState>,
+}
+
+impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for PerConnection {
+    type Response = axum::response::Response;
+    type Error = std::convert::Infallible;
+    type Future =
+        std::pin::Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn call(&self, req: hyper::Request<hyper::body::Incoming>) -> Self::Future {
+        let conn = self.conn.clone();
+        conn.progress();
+        let mut req = req.map(axum::body::Body::new);
+        req.extensions_mut()
+            .insert(ConnectionActivity(conn.clone()));
+        let response = self.app.clone().oneshot(req);
+        Box::pin(async move {
+            let response = response.await;
+            conn.progress();
+            response
+        })
+    }
+}
+
+/// Handed to handlers through request extensions: a handler marks the stretch during which
+/// its connection must not be evicted (the review, once the body is in).
+#[derive(Clone)]
+pub struct ConnectionActivity(Arc<ConnState>);
+
+impl ConnectionActivity {
+    /// Not evictable until the guard drops.
+    pub fn reviewing(&self) -> ReviewingGuard {
+        self.0.reviewing.store(true, Ordering::Release);
+        ReviewingGuard(self.0.clone())
+    }
+}
+
+pub struct ReviewingGuard(Arc<ConnState>);
+
+impl Drop for ReviewingGuard {
+    fn drop(&mut self) {
+        self.0.reviewing.store(false, Ordering::Release);
+    }
+}
+
+/// The request's [`ConnectionActivity`] (absent when a Router is driven without the
+/// accept loop, as in tests and fuzzing).
+pub fn activity(req: &Request) -> Option<ConnectionActivity> {
+    req.extensions().get::<ConnectionActivity>().cloned()
+}
+
+struct ConnState {
+    id: u64,
+    /// Last progress (accepted, a request started or finished), in ns since `Slots::epoch`.
+    progress: AtomicU64,
+    reviewing: AtomicBool,
+    evict: CancellationToken,
+    epoch: Instant,
+}
+
+impl ConnState {
+    fn progress(&self) {
+        let now = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.progress.store(now, Ordering::Relaxed);
+    }
+}
+
+/// The open connections of one listener, at most `cap`.
+struct Slots {
+    listener: &'static str,
+    cap: usize,
+    epoch: Instant,
+    open: Mutex<(u64, HashMap<u64, Arc<ConnState>>)>,
+    freed: Notify,
+    metrics: Arc<Metrics>,
+}
+
+impl Slots {
+    fn new(listener: &'static str, cap: usize, metrics: Arc<Metrics>) -> Self {
+        metrics.set_connections_open(listener, 0);
+        Self {
+            listener,
+            cap,
+            epoch: Instant::now(),
+            open: Mutex::new((0, HashMap::new())),
+            freed: Notify::new(),
+            metrics,
+        }
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, (u64, HashMap<u64, Arc<ConnState>>)> {
+        // A poisoned lock only means a holder panicked; the table is still consistent.
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a new connection, evicting the least recently active evictable one at
+    /// the cap; waits while every open connection is mid-review.
+    async fn open(&self) -> Arc<ConnState> {
+        loop {
+            let freed = self.freed.notified();
+            {
+                let mut table = self.table();
+                if table.1.len() >= self.cap {
+                    let victim = table
+                        .1
+                        .values()
+                        .filter(|c| !c.reviewing.load(Ordering::Acquire))
+                        .min_by_key(|c| c.progress.load(Ordering::Relaxed))
+                        .map(|c| c.id);
+                    if let Some(conn) = victim.and_then(|id| table.1.remove(&id)) {
+                        conn.evict.cancel();
+                    }
+                }
+                if table.1.len() < self.cap {
+                    table.0 += 1;
+                    let conn = Arc::new(ConnState {
+                        id: table.0,
+                        progress: AtomicU64::new(0),
+                        reviewing: AtomicBool::new(false),
+                        evict: CancellationToken::new(),
+                        epoch: self.epoch,
+                    });
+                    conn.progress();
+                    table.1.insert(conn.id, conn.clone());
+                    self.metrics
+                        .set_connections_open(self.listener, table.1.len());
+                    return conn;
+                }
+            }
+            freed.await;
+        }
+    }
+
+    fn close(&self, conn: &ConnState) {
+        let mut table = self.table();
+        table.1.remove(&conn.id);
+        self.metrics
+            .set_connections_open(self.listener, table.1.len());
+        drop(table);
+        self.freed.notify_one();
     }
 }

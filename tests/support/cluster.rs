@@ -252,7 +252,7 @@ impl Webhook {
         .await;
         let server = server::start(server::Config {
             listen: "127.0.0.1:0".parse().expect("addr"),
-            metrics_listen: "127.0.0.1:0".parse().expect("addr"),
+            ops_listen: "127.0.0.1:0".parse().expect("addr"),
             tls: TlsSource::SelfSigned {
                 dns_names: vec![],
                 ca_out: None,
@@ -265,7 +265,7 @@ impl Webhook {
         .await
         .expect("webhook server starts");
         let synced = server
-            .readiness
+            .health
             .namespaces_synced
             .clone()
             .expect("cluster mode");
@@ -293,7 +293,7 @@ impl Webhook {
     /// Registers (again) from manifests/webhook.yaml: url and caBundle of this server,
     /// namespaceSelector narrowed to this test's namespaces.
     pub async fn register(&self) {
-        let url = format!("https://{}/mutate", self.server.addr);
+        let url = format!("https://{}/mutate/live", self.server.addr);
         let ca = self.server.ca_pem.as_deref().expect("ca");
         self.register_at(&url, ca).await;
         self.wait_until_called(true).await;

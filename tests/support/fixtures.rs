@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 
 use serde_json::{Value, json};
-use velero_jupyterhub::policy::{ClaimGlobs, StaticNamespaces};
+use std::sync::Arc;
+
+use velero_jupyterhub::policy::ClaimGlobs;
 
 pub fn path(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -106,6 +108,6 @@ pub fn golden_review() -> (Vec<u8>, Value) {
     (serde_json::to_vec(&request).expect("serialize"), response)
 }
 
-pub fn namespaces(globs: &str) -> StaticNamespaces {
-    StaticNamespaces::new(ClaimGlobs::parse(globs).expect("globs"))
+pub fn globs(globs: &str) -> Arc<ClaimGlobs> {
+    Arc::new(ClaimGlobs::parse(globs).expect("globs"))
 }

@@ -41,7 +41,7 @@ pub async fn start(tls: TlsSource, serve: ServeOptions) -> Running {
     velero_jupyterhub::tls::install_default_provider();
     server::start(Config {
         listen: "127.0.0.1:0".parse().expect("addr"),
-        metrics_listen: "127.0.0.1:0".parse().expect("addr"),
+        ops_listen: "127.0.0.1:0".parse().expect("addr"),
         tls,
         default_claims: ClaimGlobs::parse("claim-*").expect("globs"),
         cluster: None,

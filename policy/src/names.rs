@@ -29,3 +29,46 @@ pub const NAMESPACE_CLAIMS: &str = "velero-jupyterhub.io/claims";
 pub const POD_SKIP: &str = "velero-jupyterhub.io/skip";
 /// Default for `--claims`: KubeSpawner's `claim-{user_server}`.
 pub const DEFAULT_CLAIM_GLOBS: &str = "claim-*";
+
+// --- Kubernetes ------------------------------------------------------------------------
+
+/// A DNS-1123 label (namespace names): 1–63 characters of `a-z`, `0-9` and `-`,
+/// starting and ending with a letter or digit. Anything else from a request is refused
+/// before it can reach an API URL.
+pub fn is_dns1123_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    let inner = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-';
+    let edge = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    (1..=63).contains(&b.len())
+        && b.iter().all(inner)
+        && b.first().is_some_and(edge)
+        && b.last().is_some_and(edge)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn dns1123_labels() {
+        let long = "a".repeat(63);
+        for ok in ["jhub", "a", "0", "user-ns-1", long.as_str()] {
+            assert!(super::is_dns1123_label(ok), "{ok:?}");
+        }
+        let too_long = "a".repeat(64);
+        for bad in [
+            "",
+            "?",
+            "-a",
+            "a-",
+            "Jhub",
+            "a.b",
+            "a/b",
+            "..",
+            "a b",
+            "jhub?watch=1",
+            too_long.as_str(),
+            "ä",
+        ] {
+            assert!(!super::is_dns1123_label(bad), "{bad:?}");
+        }
+    }
+}

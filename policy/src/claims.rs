@@ -11,7 +11,7 @@ pub struct ClaimGlobs {
     patterns: Vec<glob::Pattern>,
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ClaimGlobsError {
     #[error("no claim globs given (expected e.g. `claim-*` or `claim-*,home-*`)")]
     Empty,

@@ -8,13 +8,9 @@
 
 use std::fmt;
 
-use json_patch::jsonptr::PointerBuf;
-use json_patch::{AddOperation, Patch, PatchOperation, ReplaceOperation};
-
-use super::namespace::NamespaceScope;
-use super::pod::PodView;
-use super::volume_list;
-use crate::names;
+use crate::claims::ClaimGlobs;
+use crate::pod::PodFacts;
+use crate::{names, volume_list};
 
 /// Why the pod as a whole was or was not annotated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,8 +21,6 @@ pub enum LiveVerdict {
     NothingToAdd,
     /// `velero-jupyterhub.io/skip=true`.
     Skipped,
-    /// The namespace is known and not opted in.
-    NotOptedIn,
     /// Not a JupyterHub user server (`component=singleuser-server` missing).
     NotUserServer,
     /// Re-created by a Velero restore (`velero.io/restore-name`): the restore path's job.
@@ -40,7 +34,6 @@ impl LiveVerdict {
             Self::Annotate => "annotated",
             Self::NothingToAdd => "nothing_to_add",
             Self::Skipped => "skipped",
-            Self::NotOptedIn => "not_opted_in",
             Self::NotUserServer => "not_user_server",
             Self::Restored => "restored_pod",
         }
@@ -102,8 +95,9 @@ pub struct LiveDecision<'p> {
     pub volumes: Vec<VolumeReport<'p>>,
     /// The annotation value after the change (only with [`LiveVerdict::Annotate`]).
     pub new_value: Option<String>,
-    /// The JSON patch to return (only with [`LiveVerdict::Annotate`]).
-    pub patch: Option<Patch>,
+    /// Whether the pod already had an annotations map: the edge needs it to render a
+    /// change (a JSON patch adds the whole map when there is none).
+    pub had_annotations_map: bool,
 }
 
 impl LiveDecision<'_> {
@@ -112,27 +106,22 @@ impl LiveDecision<'_> {
             verdict,
             volumes: Vec::new(),
             new_value: None,
-            patch: None,
+            had_annotations_map: false,
         }
     }
 }
 
-/// Decides for one pod at CREATE. `scope` is what we know of the pod's namespace.
-pub fn decide_live<'p>(pod: &'p PodView<'_>, scope: &NamespaceScope) -> LiveDecision<'p> {
+/// Decides for one pod, at CREATE (the webhook) or later (the reconciler's backfill):
+/// which of its volumes `backup.velero.io/backup-volumes` must list. `globs` are its
+/// namespace's claim globs. Being asked means the namespace is opted in.
+pub fn decide_live<'p, P: PodFacts>(pod: &'p P, globs: &ClaimGlobs) -> LiveDecision<'p> {
     if pod.label(names::VELERO_RESTORE_NAME).is_some() {
         return LiveDecision::unchanged(LiveVerdict::Restored);
     }
     if pod.label(names::JUPYTERHUB_COMPONENT) != Some(names::SINGLEUSER_SERVER) {
         return LiveDecision::unchanged(LiveVerdict::NotUserServer);
     }
-    let globs = match scope {
-        NamespaceScope::OptedIn(globs) => globs,
-        NamespaceScope::NotOptedIn => return LiveDecision::unchanged(LiveVerdict::NotOptedIn),
-    };
-    if pod
-        .annotation(names::POD_SKIP)
-        .is_some_and(|v| v.eq_ignore_ascii_case("true"))
-    {
+    if pod.annotation(names::POD_SKIP) == Some("true") {
         return LiveDecision::unchanged(LiveVerdict::Skipped);
     }
 
@@ -140,16 +129,14 @@ pub fn decide_live<'p>(pod: &'p PodView<'_>, scope: &NamespaceScope) -> LiveDeci
     let excluded = pod
         .annotation(names::VELERO_BACKUP_VOLUMES_EXCLUDES)
         .unwrap_or("");
-    let mut volumes = Vec::with_capacity(pod.volumes().len());
+    let mut volumes = Vec::new();
     let mut additions: Vec<&str> = Vec::new();
-    for v in pod.volumes() {
-        let name: &str = &v.name;
-        let claim = v.persistent_volume_claim.as_ref().map(|c| &*c.claim_name);
+    for (name, claim) in pod.volumes() {
         let reason = match claim {
             None => VolumeReason::NotPvc,
             Some(claim) => {
-                if !pod.containers().iter().any(|c| c.mounts(name)) {
-                    if pod.init_containers().iter().any(|c| c.mounts(name)) {
+                if !pod.mounted_by_container(name) {
+                    if pod.mounted_by_init_container(name) {
                         VolumeReason::InitContainersOnly
                     } else {
                         VolumeReason::NotMounted
@@ -175,48 +162,16 @@ pub fn decide_live<'p>(pod: &'p PodView<'_>, scope: &NamespaceScope) -> LiveDeci
         });
     }
 
-    if additions.is_empty() {
-        return LiveDecision {
-            verdict: LiveVerdict::NothingToAdd,
-            volumes,
-            new_value: None,
-            patch: None,
-        };
-    }
-    let value = volume_list::append(listed, &additions);
-    let patch = set_annotation_patch(
-        pod.has_annotations_map(),
-        listed.is_some(),
-        names::VELERO_BACKUP_VOLUMES,
-        &value,
-    );
-    LiveDecision {
-        verdict: LiveVerdict::Annotate,
-        volumes,
-        new_value: Some(value),
-        patch: Some(patch),
-    }
-}
-
-/// A JSON patch that sets one annotation. With no annotations map the whole map must be
-/// added (a patch to `/metadata/annotations/<key>` would fail); keys are escaped per
-/// RFC 6901 (`/` becomes `~1`) by `jsonptr`.
-pub fn set_annotation_patch(has_map: bool, has_key: bool, key: &str, value: &str) -> Patch {
-    let op = if !has_map {
-        PatchOperation::Add(AddOperation {
-            path: PointerBuf::from_tokens(["metadata", "annotations"]),
-            value: serde_json::json!({ key: value }),
-        })
-    } else if has_key {
-        PatchOperation::Replace(ReplaceOperation {
-            path: PointerBuf::from_tokens(["metadata", "annotations", key]),
-            value: value.into(),
-        })
+    let (verdict, new_value) = if additions.is_empty() {
+        (LiveVerdict::NothingToAdd, None)
     } else {
-        PatchOperation::Add(AddOperation {
-            path: PointerBuf::from_tokens(["metadata", "annotations", key]),
-            value: value.into(),
-        })
+        let value = volume_list::append(listed, &additions);
+        (LiveVerdict::Annotate, Some(value))
     };
-    Patch(vec![op])
+    LiveDecision {
+        verdict,
+        volumes,
+        new_value,
+        had_annotations_map: pod.has_annotations_map(),
+    }
 }

@@ -1,4 +1,5 @@
-//! A read-only view of the parts of a Pod the decisions look at.
+//! What the decisions read from a pod: the [`PodFacts`] trait, and [`PodView`], a
+//! read-only view of the parts of a Pod the admission path looks at.
 //!
 //! Deserialized straight from the request bytes, borrowing strings where the JSON has no
 //! escapes, and skipping every field we do not need: this is what keeps a decision in
@@ -9,12 +10,13 @@ use std::borrow::{Borrow, Cow};
 use std::fmt;
 use std::ops::Deref;
 
+use k8s_openapi::api::core::v1::{Container, Pod};
 use serde::Deserialize;
 
 /// A string borrowed from the input when possible (no JSON escapes), owned otherwise.
 /// (serde only borrows a bare `Cow<str>` field; this also borrows inside `Option`, `Vec`
 /// and map keys.)
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Str<'a>(pub Cow<'a, str>);
 
 impl Deref for Str<'_> {
@@ -169,23 +171,25 @@ pub struct PvcSourceView<'a> {
     pub claim_name: Str<'a>,
 }
 
+/// What the decisions read from a pod, whichever shape it arrives in: the borrowed
+/// [`PodView`] of an admission request, or a full `k8s_openapi` [`Pod`] from a watch (the
+/// reconciler's backfill). One set of rules, two sources.
+pub trait PodFacts {
+    fn label(&self, key: &str) -> Option<&str>;
+    fn annotation(&self, key: &str) -> Option<&str>;
+    /// Whether `metadata.annotations` exists as a map (absent and `null` are the same: a
+    /// JSON patch must then add the whole map).
+    fn has_annotations_map(&self) -> bool;
+    /// `(volume name, claim name if the volume is a persistentVolumeClaim)`, in
+    /// `spec.volumes` order.
+    fn volumes(&self) -> impl Iterator<Item = (&str, Option<&str>)>;
+    /// Whether a regular container (not an init container) mounts `volume`.
+    fn mounted_by_container(&self, volume: &str) -> bool;
+    /// Whether an init container mounts `volume`.
+    fn mounted_by_init_container(&self, volume: &str) -> bool;
+}
+
 impl<'a> PodView<'a> {
-    pub fn label(&self, key: &str) -> Option<&str> {
-        self.metadata.as_ref()?.labels.as_ref()?.get(key)
-    }
-
-    pub fn annotation(&self, key: &str) -> Option<&str> {
-        self.metadata.as_ref()?.annotations.as_ref()?.get(key)
-    }
-
-    /// Whether `metadata.annotations` exists as a map (absent and `null` are the same:
-    /// a JSON patch must then add the whole map).
-    pub fn has_annotations_map(&self) -> bool {
-        self.metadata
-            .as_ref()
-            .is_some_and(|m| m.annotations.is_some())
-    }
-
     /// `namespace/name` (or `generateName…`) for logs and explanations.
     pub fn display_name(&self) -> String {
         let m = self.metadata.as_ref();
@@ -200,36 +204,100 @@ impl<'a> PodView<'a> {
         }
     }
 
-    pub fn volumes(&self) -> &[VolumeView<'a>] {
-        self.spec
-            .as_ref()
-            .and_then(|s| s.volumes.as_deref())
-            .unwrap_or_default()
+    fn spec_list<'s, T>(&'s self, f: impl Fn(&'s PodSpecView<'a>) -> Option<&'s [T]>) -> &'s [T] {
+        self.spec.as_ref().and_then(f).unwrap_or_default()
+    }
+}
+
+impl PodFacts for PodView<'_> {
+    fn label(&self, key: &str) -> Option<&str> {
+        self.metadata.as_ref()?.labels.as_ref()?.get(key)
     }
 
-    pub fn containers(&self) -> &[ContainerView<'a>] {
-        self.spec
-            .as_ref()
-            .and_then(|s| s.containers.as_deref())
-            .unwrap_or_default()
+    fn annotation(&self, key: &str) -> Option<&str> {
+        self.metadata.as_ref()?.annotations.as_ref()?.get(key)
     }
 
-    pub fn init_containers(&self) -> &[ContainerView<'a>] {
-        self.spec
+    fn has_annotations_map(&self) -> bool {
+        self.metadata
             .as_ref()
-            .and_then(|s| s.init_containers.as_deref())
-            .unwrap_or_default()
+            .is_some_and(|m| m.annotations.is_some())
+    }
+
+    fn volumes(&self) -> impl Iterator<Item = (&str, Option<&str>)> {
+        self.spec_list(|s| s.volumes.as_deref()).iter().map(|v| {
+            (
+                &*v.name,
+                v.persistent_volume_claim.as_ref().map(|c| &*c.claim_name),
+            )
+        })
+    }
+
+    fn mounted_by_container(&self, volume: &str) -> bool {
+        let containers = self.spec_list(|s| s.containers.as_deref());
+        containers.iter().any(|c| c.mounts(volume))
+    }
+
+    fn mounted_by_init_container(&self, volume: &str) -> bool {
+        let containers = self.spec_list(|s| s.init_containers.as_deref());
+        containers.iter().any(|c| c.mounts(volume))
     }
 }
 
 impl ContainerView<'_> {
-    pub fn mounts(&self, volume: &str) -> bool {
+    fn mounts(&self, volume: &str) -> bool {
         self.volume_mounts
             .as_deref()
             .unwrap_or_default()
             .iter()
             .any(|m| &*m.name == volume)
     }
+}
+
+impl PodFacts for Pod {
+    fn label(&self, key: &str) -> Option<&str> {
+        self.metadata.labels.as_ref()?.get(key).map(String::as_str)
+    }
+
+    fn annotation(&self, key: &str) -> Option<&str> {
+        self.metadata
+            .annotations
+            .as_ref()?
+            .get(key)
+            .map(String::as_str)
+    }
+
+    fn has_annotations_map(&self) -> bool {
+        self.metadata.annotations.is_some()
+    }
+
+    fn volumes(&self) -> impl Iterator<Item = (&str, Option<&str>)> {
+        let volumes = self.spec.as_ref().and_then(|s| s.volumes.as_deref());
+        volumes.unwrap_or_default().iter().map(|v| {
+            let claim = v.persistent_volume_claim.as_ref();
+            (v.name.as_str(), claim.map(|c| c.claim_name.as_str()))
+        })
+    }
+
+    fn mounted_by_container(&self, volume: &str) -> bool {
+        let containers = self.spec.as_ref().map(|s| s.containers.as_slice());
+        k8s_mounts(containers.unwrap_or_default(), volume)
+    }
+
+    fn mounted_by_init_container(&self, volume: &str) -> bool {
+        let containers = self
+            .spec
+            .as_ref()
+            .and_then(|s| s.init_containers.as_deref());
+        k8s_mounts(containers.unwrap_or_default(), volume)
+    }
+}
+
+fn k8s_mounts(containers: &[Container], volume: &str) -> bool {
+    containers.iter().any(|c| {
+        let mounts = c.volume_mounts.as_deref().unwrap_or_default();
+        mounts.iter().any(|m| m.name == volume)
+    })
 }
 
 #[cfg(test)]
@@ -253,8 +321,8 @@ mod tests {
         let json = r#"{"metadata":{"annotations":null,"labels":null},"spec":{"volumes":null,"containers":[{"name":"c","volumeMounts":null}]}}"#;
         let pod: PodView = serde_json::from_str(json).unwrap();
         assert!(!pod.has_annotations_map());
-        assert!(pod.volumes().is_empty());
-        assert!(!pod.containers()[0].mounts("x"));
+        assert_eq!(pod.volumes().count(), 0);
+        assert!(!pod.mounted_by_container("x"));
         let empty: PodView = serde_json::from_str("{}").unwrap();
         assert_eq!(empty.display_name(), "/<unnamed>");
     }

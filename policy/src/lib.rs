@@ -1,0 +1,18 @@
+//! velero-jupyterhub's decisions, as pure functions: no I/O, no async, no HTTP or
+//! Kubernetes client (this crate cannot depend on one).
+//!
+//! Given a pod and what its namespace asks for, what should change? Everything here is
+//! driven by table tests on real object shapes; the edges (admission, webhook, cluster in
+//! the `velero-jupyterhub` crate) only feed it and carry its answers out.
+
+pub mod claims;
+pub mod live;
+pub mod names;
+pub mod namespace;
+pub mod pod;
+pub mod volume_list;
+
+pub use claims::{ClaimGlobs, ClaimGlobsError};
+pub use live::{LiveDecision, LiveVerdict, VolumeReason, VolumeReport, decide_live};
+pub use namespace::{ClaimsProblem, NamespacePolicy};
+pub use pod::{PodFacts, PodView};
