@@ -3,15 +3,22 @@
 //! buffer), in time (handshake, header and idle timeouts) and in number (a cap with
 //! eviction); both stop accepting on shutdown and let in-flight requests finish.
 //!
-//! The connection cap holds against clients that open connections and sit on them: when
-//! it is reached, the new connection takes the place of the one that has gone longest
-//! without a request starting or finishing (idle, stalled in its headers, or trickling a
-//! body), never one whose request is being reviewed. A caller that keeps using its
-//! connection, as the API server does, is the last to go.
+//! The connection cap holds against clients that open connections and sit on them. When
+//! it is reached:
+//! - a new connection from a peer address that already holds half the cap is closed at
+//!   once, before any TLS work (a flood from one address costs an accept and a close);
+//! - any other new connection takes the place of one held by the peer address with the
+//!   most open connections: of those, the one that has gone longest without a request
+//!   starting or finishing (idle, stalled in its headers, or trickling a body), never one
+//!   whose request is being reviewed.
+//!
+//! So a neighbour that floods us only ever displaces its own connections, and the API
+//! server (a few keep-alive connections from its own addresses; half the cap would carry
+//! tens of thousands of reviews a second) keeps its place.
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -119,8 +126,13 @@ pub async fn serve(
         };
         // At the cap, make room (or, when every connection is mid-review, wait for one).
         let conn = tokio::select! {
-            conn = slots.open() => conn,
+            conn = slots.open(peer.ip()) => conn,
             () = &mut shutdown => break,
+        };
+        let Some(conn) = conn else {
+            metrics.connection(name, "refused");
+            debug!(listener = name, %peer, "connection refused: its address holds half the connection cap");
+            continue;
         };
         let _ = tcp.set_nodelay(true);
         let task = Connection {
@@ -265,6 +277,7 @@ pub fn activity(req: &Request) -> Option<ConnectionActivity> {
 
 struct ConnState {
     id: u64,
+    peer: IpAddr,
     /// Last progress (accepted, a request started or finished), in ns since `Slots::epoch`.
     progress: AtomicU64,
     reviewing: AtomicBool,
@@ -307,20 +320,19 @@ impl Slots {
         self.open.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers a new connection, evicting the least recently active evictable one at
-    /// the cap; waits while every open connection is mid-review.
-    async fn open(&self) -> Arc<ConnState> {
+    /// Registers a new connection from `peer`; at the cap, refuses it (`None`) or evicts
+    /// another (see the module docs), or waits while every open connection is mid-review.
+    async fn open(&self, peer: IpAddr) -> Option<Arc<ConnState>> {
         loop {
             let freed = self.freed.notified();
             {
                 let mut table = self.table();
                 if table.1.len() >= self.cap {
-                    let victim = table
-                        .1
-                        .values()
-                        .filter(|c| !c.reviewing.load(Ordering::Acquire))
-                        .min_by_key(|c| c.progress.load(Ordering::Relaxed))
-                        .map(|c| c.id);
+                    let held = table.1.values().filter(|c| c.peer == peer).count();
+                    if held * 2 >= self.cap {
+                        return None;
+                    }
+                    let victim = eviction_victim(table.1.values());
                     if let Some(conn) = victim.and_then(|id| table.1.remove(&id)) {
                         conn.evict.cancel();
                     }
@@ -329,6 +341,7 @@ impl Slots {
                     table.0 += 1;
                     let conn = Arc::new(ConnState {
                         id: table.0,
+                        peer,
                         progress: AtomicU64::new(0),
                         reviewing: AtomicBool::new(false),
                         evict: CancellationToken::new(),
@@ -338,7 +351,7 @@ impl Slots {
                     table.1.insert(conn.id, conn.clone());
                     self.metrics
                         .set_connections_open(self.listener, table.1.len());
-                    return conn;
+                    return Some(conn);
                 }
             }
             freed.await;
@@ -352,5 +365,78 @@ impl Slots {
             .set_connections_open(self.listener, table.1.len());
         drop(table);
         self.freed.notify_one();
+    }
+}
+
+/// Which connection makes room: among the evictable ones (not mid-review), those of the
+/// peer address holding the most connections, and of those the least recently active
+/// (between equally busy peers, the least recently active connection overall).
+fn eviction_victim<'a>(open: impl Iterator<Item = &'a Arc<ConnState>>) -> Option<u64> {
+    // Per peer: (connections, least recent progress, that connection's id).
+    let mut per_peer: HashMap<IpAddr, (usize, u64, u64)> = HashMap::new();
+    for c in open.filter(|c| !c.reviewing.load(Ordering::Acquire)) {
+        let progress = c.progress.load(Ordering::Relaxed);
+        let entry = per_peer.entry(c.peer).or_insert((0, u64::MAX, c.id));
+        entry.0 += 1;
+        if progress < entry.1 {
+            (entry.1, entry.2) = (progress, c.id);
+        }
+    }
+    let busiest = per_peer
+        .into_values()
+        .max_by_key(|&(n, progress, _)| (n, std::cmp::Reverse(progress)))?;
+    Some(busiest.2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(id: u64, peer: [u8; 4], progress: u64, reviewing: bool) -> Arc<ConnState> {
+        Arc::new(ConnState {
+            id,
+            peer: IpAddr::from(peer),
+            progress: AtomicU64::new(progress),
+            reviewing: AtomicBool::new(reviewing),
+            evict: CancellationToken::new(),
+            epoch: Instant::now(),
+        })
+    }
+
+    #[test]
+    fn the_busiest_peer_loses_its_least_recently_active_connection() {
+        let (api, pod) = ([10, 0, 0, 1], [10, 1, 2, 3]);
+        // (connections, victim)
+        let cases: Vec<(Vec<Arc<ConnState>>, Option<u64>)> = vec![
+            (vec![], None),
+            // The API server's connection is older, but the pod holds more.
+            (
+                vec![
+                    conn(1, api, 1, false),
+                    conn(2, pod, 5, false),
+                    conn(3, pod, 3, false),
+                ],
+                Some(3),
+            ),
+            // A connection mid-review is never chosen, nor counted.
+            (
+                vec![
+                    conn(1, api, 1, false),
+                    conn(2, api, 2, false),
+                    conn(3, pod, 0, true),
+                    conn(4, pod, 9, false),
+                ],
+                Some(1),
+            ),
+            (vec![conn(1, api, 1, true), conn(2, pod, 2, true)], None),
+            // Equally busy: the least recently active connection overall.
+            (
+                vec![conn(1, api, 7, false), conn(2, pod, 4, false)],
+                Some(2),
+            ),
+        ];
+        for (i, (open, want)) in cases.into_iter().enumerate() {
+            assert_eq!(eviction_victim(open.iter()), want, "case {i}");
+        }
     }
 }

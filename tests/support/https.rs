@@ -56,6 +56,9 @@ pub async fn start(tls: TlsSource, serve: ServeOptions) -> Running {
 pub struct HttpsClient {
     pub addr: SocketAddr,
     connector: TlsConnector,
+    /// Connect from this loopback address (127.0.0.0/8 all reach the server), to look
+    /// like a separate host.
+    source: Option<std::net::IpAddr>,
 }
 
 impl HttpsClient {
@@ -89,11 +92,26 @@ impl HttpsClient {
         Self {
             addr,
             connector: TlsConnector::from(Arc::new(config)),
+            source: None,
         }
     }
 
+    /// The same client, connecting from `source`.
+    pub fn from_source(mut self, source: std::net::IpAddr) -> Self {
+        self.source = Some(source);
+        self
+    }
+
     pub async fn tls_stream(&self) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-        let tcp = TcpStream::connect(self.addr).await?;
+        let tcp = connect(self.addr, self.source).await?;
+        self.tls_over(tcp).await
+    }
+
+    /// A TLS handshake over a connection opened elsewhere.
+    pub async fn tls_over(
+        &self,
+        tcp: TcpStream,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
         let name = ServerName::try_from("localhost").expect("name");
         self.connector.connect(name, tcp).await
     }
@@ -174,9 +192,31 @@ impl Conn {
     }
 }
 
+/// A TCP connection to `addr`, from `source` when given.
+pub async fn connect(
+    addr: SocketAddr,
+    source: Option<std::net::IpAddr>,
+) -> std::io::Result<TcpStream> {
+    let Some(source) = source else {
+        return TcpStream::connect(addr).await;
+    };
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(source, 0))?;
+    socket.connect(addr).await
+}
+
 /// A plain-HTTP GET (the operations port).
 pub async fn http_get(addr: SocketAddr, path: &str) -> Response {
-    let tcp = TcpStream::connect(addr).await.expect("connect");
+    http_get_from(addr, None, path).await
+}
+
+/// A plain-HTTP GET from `source` when given (a kubelet probing from its node's address).
+pub async fn http_get_from(
+    addr: SocketAddr,
+    source: Option<std::net::IpAddr>,
+    path: &str,
+) -> Response {
+    let tcp = connect(addr, source).await.expect("connect");
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
         .await
         .expect("handshake");
