@@ -239,7 +239,7 @@ async fn hostile_connections_on_both_ports_do_not_stop_reviews_or_probes() {
     // Attackers connect from 127.0.0.1 (a notebook pod), the API server from 127.0.0.2,
     // the kubelet from 127.0.0.3: separate hosts, as in a cluster.
     let attacker_client = HttpsClient::new(server.addr, &server.ca_pem);
-    let client = attacker_client.clone().from_source([127, 0, 0, 2].into());
+    let client = attacker_client.clone().with_source([127, 0, 0, 2].into());
     let kubelet = Some([127, 0, 0, 3].into());
     let pid = server.child.id();
     let (rss_idle, _) = rss_mib(pid);

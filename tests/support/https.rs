@@ -97,7 +97,7 @@ impl HttpsClient {
     }
 
     /// The same client, connecting from `source`.
-    pub fn from_source(mut self, source: std::net::IpAddr) -> Self {
+    pub fn with_source(mut self, source: std::net::IpAddr) -> Self {
         self.source = Some(source);
         self
     }
