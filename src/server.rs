@@ -263,3 +263,49 @@ async fn run(
     }
     info!("stopped");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn health() -> Health {
+        Health::new(Arc::new(CertStore::default()), None)
+    }
+
+    #[tokio::test]
+    async fn a_background_task_that_dies_makes_the_replica_unready_and_not_live() {
+        for (task, want) in [
+            (tokio::spawn(async {}), "the namespace watch stopped"),
+            (
+                tokio::spawn(async { panic!("boom") }),
+                "the namespace watch panicked",
+            ),
+        ] {
+            let health = health();
+            supervise("namespace watch", task, health.clone()).await;
+            let failure = health.failure().expect("a failure");
+            assert!(failure.starts_with(want), "{failure}");
+            assert!(health.problems().contains(&failure));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_running_task_is_healthy_and_aborted_with_its_supervisor() {
+        let health = health();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let _tx = tx;
+            std::future::pending::<()>().await;
+        });
+        let supervisor = tokio::spawn(supervise("namespace watch", task, health.clone()));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(health.failure().is_none());
+        supervisor.abort();
+        // The task is aborted with it: its end drops the sender.
+        assert!(rx.await.is_err());
+        assert!(
+            health.failure().is_none(),
+            "an abort at shutdown is not a failure"
+        );
+    }
+}

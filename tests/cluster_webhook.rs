@@ -380,3 +380,121 @@ async fn a_namespace_the_watch_has_not_delivered_is_fetched_with_its_claims() {
     ns.delete().await;
     webhook.finish().await;
 }
+
+/// Being called means the namespace selector matched: a namespace labelled a moment ago,
+/// which the watch may still know as not opted in, gets its own globs for its very
+/// first pod (fetched), never "not opted in".
+#[tokio::test]
+async fn a_namespace_labelled_a_moment_ago_gets_its_first_pod_annotated() {
+    let client = cluster::client().await;
+    let webhook = Webhook::start(&client).await;
+    for i in 0..5 {
+        let ns = webhook.namespace(false).await;
+        ns.merge_metadata(json!({"annotations": {"velero-jupyterhub.io/claims": "home-*"}}))
+            .await;
+        // Let the watch see it unlabelled, then label it and create a pod at once.
+        cluster::eventually(Duration::from_secs(10), || async {
+            let p = webhook.server.namespaces.watched_policy(&ns.name)?;
+            (!p.opted_in && p.claims.to_string() == "home-*").then_some(())
+        })
+        .await
+        .expect("the watch delivered the namespace");
+        ns.merge_metadata(json!({"labels": {"velero-jupyterhub.io/enabled": "true"}}))
+            .await;
+        let mut pod = user_pod(&format!("ines-{i}"));
+        let volumes = pod.spec.as_mut().unwrap().volumes.as_mut().unwrap();
+        volumes[0]
+            .persistent_volume_claim
+            .as_mut()
+            .unwrap()
+            .claim_name = format!("home-ines-{i}");
+        // The API server may not have seen the label yet either: retry until it calls us.
+        let created = cluster::eventually(Duration::from_secs(10), || {
+            let (pods, pod) = (ns.pods(), pod.clone());
+            async move {
+                let params = PostParams {
+                    dry_run: true,
+                    ..Default::default()
+                };
+                let created = pods.create(&params, &pod).await.ok()?;
+                backup_volumes(&created).map(str::to_owned)
+            }
+        })
+        .await;
+        assert_eq!(
+            created.as_deref(),
+            Some(format!("volume-ines-{i}").as_str()),
+            "annotated with the namespace's own globs"
+        );
+        ns.delete().await;
+    }
+    assert_eq!(live_outcomes(&webhook, "not_opted_in"), 0.0);
+    webhook.finish().await;
+}
+
+/// A claims annotation that cannot be used as written is reported where a platform
+/// engineer looks: a Warning Event about the Namespace, a metric, and the default globs
+/// still apply (the pod is annotated, not skipped).
+#[tokio::test]
+async fn an_invalid_claims_annotation_is_reported_with_an_event_and_a_metric() {
+    use k8s_openapi::api::core::v1::Event;
+    let client = cluster::client().await;
+    let webhook = Webhook::start(&client).await;
+    let ns = webhook.namespace_with_claims("claim-[").await;
+    let series = format!(
+        r#"velero_jupyterhub_namespace_claims_invalid{{namespace="{}"}}"#,
+        ns.name
+    );
+    cluster::eventually(Duration::from_secs(10), || async {
+        (sample(&webhook.server.metrics.encode(), &series) == Some(1.0)).then_some(())
+    })
+    .await
+    .expect("the metric reports the namespace");
+    let events: kube::Api<Event> = kube::Api::namespaced(client.clone(), &ns.name);
+    let selector = format!(
+        "involvedObject.kind=Namespace,involvedObject.name={}",
+        ns.name
+    );
+    let event = cluster::eventually(Duration::from_secs(10), || {
+        let (events, selector) = (events.clone(), selector.clone());
+        async move {
+            let list = events
+                .list(&kube::api::ListParams::default().fields(&selector))
+                .await
+                .ok()?;
+            list.items.into_iter().next()
+        }
+    })
+    .await
+    .expect("a Warning Event about the namespace (RBAC lets the webhook create Events)");
+    assert_eq!(event.type_.as_deref(), Some("Warning"));
+    assert_eq!(event.reason.as_deref(), Some("InvalidClaimGlobs"));
+    let message = event.message.unwrap_or_default();
+    assert!(
+        message.contains("claim-[") && message.contains("claim-*"),
+        "{message}"
+    );
+    // The default globs apply meanwhile.
+    let created = ns
+        .pods()
+        .create(&PostParams::default(), &user_pod("jo"))
+        .await
+        .unwrap();
+    assert_eq!(backup_volumes(&created), Some("volume-jo"));
+    assert_eq!(
+        event.reporting_component.as_deref(),
+        Some("velero-jupyterhub")
+    );
+    // Fixed: the series goes away.
+    ns.merge_metadata(json!({"annotations": {"velero-jupyterhub.io/claims": "claim-*"}}))
+        .await;
+    cluster::eventually(Duration::from_secs(10), || async {
+        sample(&webhook.server.metrics.encode(), &series)
+            .is_none()
+            .then_some(())
+    })
+    .await
+    .expect("the metric clears once the annotation is fixed");
+    ns.delete().await;
+    webhook.finish().await;
+}

@@ -295,6 +295,19 @@ async fn operations_endpoints() {
     );
     assert!(text.ends_with("# EOF\n"));
 
+    // A background task that died: neither live nor ready, and both say why.
+    let why = Arc::new("the namespace watch stopped".to_owned());
+    server.health.failed.store(Some(why));
+    for path in ["/healthz", "/readyz"] {
+        let (status, body) = https::http_get(server.ops_addr, path).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{path}");
+        assert!(
+            body_text(&body).contains("the namespace watch stopped"),
+            "{path}"
+        );
+    }
+    server.health.failed.store(None);
+
     // Not ready while shutting down.
     server.health.shutting_down.store(true, Ordering::Release);
     let (status, body) = https::http_get(server.ops_addr, "/readyz").await;

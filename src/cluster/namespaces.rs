@@ -280,7 +280,11 @@ impl NamespaceCache {
             policy.claims
         );
         warn!(namespace = name, annotation = names::NAMESPACE_CLAIMS, problem = %note, "namespace claims annotation cannot be used as written");
-        let regarding = ns.object_ref(&());
+        // Filed in the namespace itself (where `kubectl get events -n NS` shows it), not in
+        // "default" as for other cluster-scoped objects: before Kubernetes 1.22 the API
+        // server accepts an Event only where its object's namespace field says.
+        let mut regarding = ns.object_ref(&());
+        regarding.namespace = Some(name.to_owned());
         self.events
             .warn(regarding, "InvalidClaimGlobs", "ReadClaims", note);
     }
