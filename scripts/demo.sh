@@ -11,16 +11,19 @@ cd "$(dirname "$0")/.."
 keep=0; [ "${1:-}" = "--keep" ] && keep=1
 envtest=scripts/kube-envtest.sh
 work=$(mktemp -d /tmp/velero-jupyterhub-demo.XXXXXX)
-port=${DEMO_WEBHOOK_PORT:-18443}; mport=${DEMO_METRICS_PORT:-18080}
+port=${DEMO_WEBHOOK_PORT:-18443}; mport=${DEMO_OPS_PORT:-18080}
 say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 t0=$(date +%s)
 
-command -v kubectl >/dev/null || { apt-get update -qq && apt-get install -y -qq kubernetes-client; }
-command -v curl >/dev/null || { apt-get update -qq && apt-get install -y -qq curl; }
+apt=(apt-get -o DPkg::Lock::Timeout=600)   # fresh machines run unattended upgrades at boot
+command -v kubectl >/dev/null || { "${apt[@]}" update -qq && "${apt[@]}" install -y -qq kubernetes-client; }
+command -v curl >/dev/null || { "${apt[@]}" update -qq && "${apt[@]}" install -y -qq curl; }
 
 say "building velero-jupyterhub (release)"
 cargo build --release --locked -q
-bin=target/release/velero-jupyterhub
+# Wherever cargo puts it (CARGO_TARGET_DIR, build.target-dir in a cargo config, ...).
+target_dir=$(cargo metadata --no-deps --format-version 1 | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+bin=$target_dir/release/velero-jupyterhub
 
 started_here=0
 if ! bash "$envtest" status >/dev/null 2>&1; then
@@ -40,8 +43,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-say "velero-jupyterhub serve --self-signed (https://127.0.0.1:$port, metrics http://127.0.0.1:$mport)"
-"$bin" serve --self-signed --ca-out "$work/ca.pem" --listen "127.0.0.1:$port" --metrics-listen "127.0.0.1:$mport" \
+say "velero-jupyterhub serve --self-signed (https://127.0.0.1:$port, probes and metrics http://127.0.0.1:$mport)"
+"$bin" serve --self-signed --ca-out "$work/ca.pem" --listen "127.0.0.1:$port" --ops-listen "127.0.0.1:$mport" \
   --shutdown-delay 0s --log-level info > "$work/serve.log" 2>&1 &
 server_pid=$!
 for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$mport/readyz" >/dev/null && break; sleep 0.1; done
@@ -54,7 +57,7 @@ wh = json.load(sys.stdin)
 wh["metadata"]["name"] = "velero-jupyterhub-demo"
 ca = base64.b64encode(open(sys.argv[1], "rb").read()).decode()
 for h in wh["webhooks"]:
-    h["clientConfig"] = {"url": "https://127.0.0.1:%s/mutate" % sys.argv[2], "caBundle": ca}
+    h["clientConfig"] = {"url": "https://127.0.0.1:%s/mutate/live" % sys.argv[2], "caBundle": ca}
 print(json.dumps(wh))' "$work/ca.pem" "$port" | kubectl apply -f - >/dev/null
 
 say "namespace jhub opted in (velero-jupyterhub.io/enabled=true); namespace sandbox not"

@@ -1,16 +1,44 @@
 #!/usr/bin/env bash
 # The test command (README): starts the test API server (a real kube-apiserver + etcd on
 # loopback, built from Debian's archive on first use), runs every test (unit, HTTPS,
-# property, cluster; each bench once as a smoke test), and stops the server again, even on
-# failure. Extra arguments go to `cargo test`, e.g. `scripts/test.sh --test https`.
+# attack, property, cluster; each bench once as a smoke test), and stops the server
+# again, even on failure. Extra arguments go to `cargo test`, e.g.
+# `scripts/test.sh --test https`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# The benches' smoke runs drive Debian's wrk (an external load generator).
+if ! command -v wrk >/dev/null; then
+  echo "test.sh: installing wrk" >&2
+  apt-get update -qq -o DPkg::Lock::Timeout=600 >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends -o DPkg::Lock::Timeout=600 wrk >&2
+fi
 
 envtest=scripts/kube-envtest.sh
 run_dir=${KUBE_ENVTEST_RUN:-/tmp/velero-jupyterhub-envtest}
 # Several test.sh runs may share one API server: each registers itself under users/, and
 # the last one out stops the server if a test.sh run started it (never one you started).
+log=$(mktemp)
+cleanup() {
+  rc=$?
+  rm -f "$run_dir/users/$$"
+  if [ -e "$run_dir/users/.started-by-test.sh" ] && [ -z "$(ls "$run_dir/users" 2>/dev/null)" ]; then
+    rm -f "$run_dir/users/.started-by-test.sh"
+    bash "$envtest" stop 2>&1 || true
+  fi
+  # One closing line over every test binary cargo ran, printed last. A binary that
+  # crashed or did not compile prints no "test result:" line: the exit code says it.
+  awk -v rc="$rc" '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1) } }
+       END { printf "\ntests: %d passed, %d failed", p, f; if (rc != 0) printf " - FAILED (exit code %d)", rc; printf "\n" }' "$log"
+  rm -f "$log"
+  exit "$rc"
+}
+trap cleanup EXIT
 mkdir -p "$run_dir/users"
+# Forget registrations of runs that died without their cleanup (their process is gone).
+for user in "$run_dir/users"/*; do
+  [ -e "$user" ] && [ ! -e "/proc/${user##*/}" ] && rm -f "$user"
+done
 touch "$run_dir/users/$$"
 if bash "$envtest" status >/dev/null 2>&1; then
   echo "test.sh: reusing the running test API server" >&2
@@ -18,21 +46,8 @@ else
   bash "$envtest" start >/dev/null
   touch "$run_dir/users/.started-by-test.sh"
 fi
-log=$(mktemp)
-cleanup() {
-  rm -f "$run_dir/users/$$"
-  if [ -e "$run_dir/users/.started-by-test.sh" ] && [ -z "$(ls "$run_dir/users" 2>/dev/null)" ]; then
-    rm -f "$run_dir/users/.started-by-test.sh"
-    bash "$envtest" stop 2>&1 || true
-  fi
-  # One closing line over every test binary cargo ran, printed last.
-  awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1) } }
-       END { printf "\ntests: %d passed, %d failed\n", p, f }' "$log"
-  rm -f "$log"
-}
-trap cleanup EXIT
 eval "$(bash "$envtest" env)"
 export KUBECONFIG
 
-if [ $# -eq 0 ]; then set -- --all-targets --no-fail-fast; fi
+if [ $# -eq 0 ]; then set -- --workspace --all-targets --no-fail-fast; fi
 cargo test --locked "$@" 2>&1 | tee "$log"

@@ -369,7 +369,7 @@ fn the_deployment_in_manifests_passes_flags_the_binary_accepts() {
         .iter()
         .map(|p| p["name"].as_str().unwrap())
         .collect();
-    assert_eq!(ports, ["https", "metrics"]);
+    assert_eq!(ports, ["https", "ops"]);
     let port = |i: usize| container["ports"][i]["containerPort"].as_u64().unwrap();
     assert_eq!(port(0), u64::from(serve.listen.port()));
     assert_eq!(port(1), u64::from(serve.ops_listen.port()));

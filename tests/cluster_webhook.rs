@@ -262,6 +262,21 @@ async fn manifests_are_accepted_by_the_api_server() {
                 panic!("{} {} rejected: {e}", obj["kind"], obj["metadata"]["name"])
             });
     }
+    // The examples too (not part of the kustomization).
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/examples");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(examples).expect("manifests/examples") {
+        let path = entry.expect("entry").path();
+        let text = std::fs::read_to_string(&path).expect("example");
+        for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+            let obj: serde_json::Value = serde::Deserialize::deserialize(doc).expect("yaml");
+            cluster::apply_dynamic_with(&client, &obj, true)
+                .await
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            checked += 1;
+        }
+    }
+    assert!(checked >= 1);
 }
 
 #[tokio::test]
