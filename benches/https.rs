@@ -117,7 +117,7 @@ async fn load(
 }
 
 /// The real binary, serving with a self-signed certificate and no cluster, logging only
-/// warnings, as a child process; returns it with its webhook address once it accepts.
+/// errors (wrk sends an IP address as SNI, which rustls warns about on every connection), as a child process; returns it with its webhook address once it accepts.
 fn spawn_server() -> (Child, SocketAddr) {
     let free = || {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");

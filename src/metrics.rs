@@ -97,7 +97,7 @@ impl Metrics {
         let connections = Family::<ConnectionLabels, Counter>::default();
         registry.register(
             "connections",
-            "Connections by listener and what became of them: accepted (TLS handshake done on the webhook port), handshake_failed, handshake_timeout, evicted (closed to make room at the connection cap), refused (at the cap, from an address that holds half of it). The API server keeps connections alive: a steady climb means churn",
+            "Connections by listener and what became of them: accepted (TLS handshake done on the webhook port), handshake_failed, handshake_timeout, evicted (closed to make room at the connection cap), idle_timeout (no complete request head for --idle-timeout), refused (at the cap, from an address that holds half of it). The API server keeps connections alive: a steady climb means churn",
             connections.clone(),
         );
         let connections_open = Family::<ListenerLabels, Gauge>::default();
@@ -168,8 +168,8 @@ impl Metrics {
         self.tls_expiry.set(unix_seconds);
     }
 
-    /// `result`: `accepted`, `handshake_failed`, `handshake_timeout`, `evicted` or
-    /// `refused`.
+    /// `result`: `accepted`, `handshake_failed`, `handshake_timeout`, `evicted`,
+    /// `idle_timeout` or `refused`.
     pub fn connection(&self, listener: &'static str, result: &'static str) {
         self.connections
             .get_or_create(&ConnectionLabels { listener, result })

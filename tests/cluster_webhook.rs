@@ -387,8 +387,7 @@ async fn a_namespace_the_watch_has_not_delivered_is_fetched_with_its_claims() {
         .unwrap()
         .to_bytes();
     let patch = velero_jupyterhub::admission::decode_patch(&bytes).unwrap();
-    let patch =
-        serde_json::to_value(patch.expect("patched with the namespace's own globs")).unwrap();
+    let patch = patch.expect("patched with the namespace's own globs");
     assert_eq!(patch[0]["value"], "volume-grace", "{patch}");
     let fetched = r#"velero_jupyterhub_namespace_fetches_total{result="fetched"}"#;
     assert_eq!(sample(&metrics.encode(), fetched), Some(1.0));

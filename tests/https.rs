@@ -355,10 +355,11 @@ async fn plaintext_http_is_not_served_on_the_tls_port_and_tls12_and_13_work() {
 
 #[tokio::test]
 async fn idle_and_slow_clients_are_timed_out() {
+    // Distinct timeouts, so each close below has exactly one cause.
     let opts = ServeOptions {
-        idle_timeout: Duration::from_millis(400),
+        handshake_timeout: Duration::from_millis(200),
         request_timeout: Duration::from_millis(400),
-        handshake_timeout: Duration::from_millis(400),
+        idle_timeout: Duration::from_millis(600),
         ..Default::default()
     };
     let (server, client) = https::start_self_signed(opts).await;
@@ -400,6 +401,9 @@ async fn idle_and_slow_clients_are_timed_out() {
     let handshakes =
         r#"velero_jupyterhub_connections_total{listener="webhook",result="handshake_timeout"}"#;
     assert_eq!(sample(&metrics, handshakes), Some(1.0), "{metrics}");
+    // The idle connection was closed by the idle timeout (the sweeper), counted as such.
+    let idle = r#"velero_jupyterhub_connections_total{listener="webhook",result="idle_timeout"}"#;
+    assert_eq!(sample(&metrics, idle), Some(1.0), "{metrics}");
 
     // A normal request still works.
     assert_eq!(

@@ -108,7 +108,9 @@ fn review(pod: &Value, uid: &str) -> (Value, Option<json_patch::Patch>) {
     let response: Value = serde_json::from_slice(&reviewed.body).expect("response parses");
     (
         response,
-        admission::decode_patch(&reviewed.body).expect("patch decodes"),
+        admission::decode_patch(&reviewed.body)
+            .expect("patch decodes")
+            .map(|p| serde_json::from_value(p).expect("a JSON patch")),
     )
 }
 

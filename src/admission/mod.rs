@@ -8,8 +8,6 @@
 use std::borrow::Cow;
 
 use base64::Engine as _;
-use json_patch::jsonptr::PointerBuf;
-use json_patch::{AddOperation, Patch, PatchOperation};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -24,6 +22,8 @@ pub const ADMISSION_API_VERSION: &str = "admission.k8s.io/v1";
 pub enum ReviewError {
     #[error("malformed AdmissionReview: {0}")]
     Malformed(#[from] serde_json::Error),
+    #[error("malformed AdmissionReview: not UTF-8 ({0})")]
+    NotUtf8(std::str::Utf8Error),
     #[error("apiVersion must be {ADMISSION_API_VERSION:?}, got {got:?}")]
     WrongApiVersion { got: String, uid: Option<String> },
     #[error("kind must be \"AdmissionReview\", got {got:?}")]
@@ -114,22 +114,31 @@ impl From<&VolumeReport<'_>> for ExplainedVolume {
     }
 }
 
+/// An AdmissionReview as we read it, with `request.object` as `O`: a [`PodView`] on the
+/// one pass every well-formed request takes, raw JSON when that pass failed and we only
+/// need to tell why (see [`parse`]).
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase", expecting = "an AdmissionReview object")]
-struct ReviewIn<'a> {
+#[serde(
+    rename_all = "camelCase",
+    expecting = "an AdmissionReview object",
+    bound(deserialize = "'de: 'a, O: Deserialize<'de>")
+)]
+struct ReviewIn<'a, O> {
     #[serde(borrow)]
     api_version: Option<Str<'a>>,
     #[serde(borrow)]
     kind: Option<Str<'a>>,
     #[serde(borrow)]
-    request: Option<RequestIn<'a>>,
+    request: Option<RequestIn<'a, O>>,
 }
 
-/// The request, with the object kept as raw JSON: it is read into a [`PodView`] only
-/// for a Pod CREATE, and an object we cannot read can then be told apart from a non-Pod.
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase", expecting = "an AdmissionRequest object")]
-struct RequestIn<'a> {
+#[serde(
+    rename_all = "camelCase",
+    expecting = "an AdmissionRequest object",
+    bound(deserialize = "'de: 'a, O: Deserialize<'de>")
+)]
+struct RequestIn<'a, O> {
     #[serde(borrow)]
     uid: Str<'a>,
     #[serde(borrow)]
@@ -140,8 +149,19 @@ struct RequestIn<'a> {
     namespace: Option<Str<'a>>,
     #[serde(borrow)]
     sub_resource: Option<Str<'a>>,
-    #[serde(borrow)]
-    object: Option<&'a RawValue>,
+    object: Option<O>,
+}
+
+/// `request.object`, as far as we could read it.
+// Short-lived, on the stack: boxing the pod would cost an allocation per review.
+#[allow(clippy::large_enum_variant)]
+enum ObjectIn<'a> {
+    Pod(PodView<'a>),
+    /// Not readable as a pod: `error` says why (from the one-pass read).
+    Odd {
+        is_object: bool,
+        error: String,
+    },
 }
 
 #[derive(Deserialize)]
@@ -204,7 +224,7 @@ impl PodCreate<'_> {
         let mut reviewed = allow(
             &self.uid,
             Outcome::Live(decision.verdict),
-            patch.as_ref(),
+            patch.as_deref(),
             None,
         );
         reviewed.object = Some(self.pod.display_name());
@@ -215,33 +235,65 @@ impl PodCreate<'_> {
     }
 }
 
-/// The JSON patch that carries a decision out.
+/// The JSON patch that carries a decision out, serialized.
 ///
 /// Invariant: every patch we send uses only `add`, and only where its parent exists in
 /// the object we were sent: `add` on a member that exists replaces it (RFC 6902 §4.1),
 /// and with no annotations map we add the whole map. Such a patch cannot fail to apply.
 /// (A patch that fails makes the API server answer the create with a 500, which
 /// `failurePolicy: Ignore` does not cover: the user's server would not start.)
-fn render_patch(decision: &LiveDecision<'_>) -> Option<Patch> {
+fn render_patch(decision: &LiveDecision<'_>) -> Option<Vec<u8>> {
+    #[derive(Serialize)]
+    struct Add<'a, V> {
+        op: &'static str,
+        path: &'a str,
+        value: V,
+    }
     let value = decision.new_value.as_deref()?;
-    let key = names::VELERO_BACKUP_VOLUMES;
-    let op = if decision.had_annotations_map {
-        AddOperation {
-            path: PointerBuf::from_tokens(["metadata", "annotations", key]),
-            value: value.into(),
-        }
+    // Serializing strings into a Vec cannot fail.
+    let patch = if decision.had_annotations_map {
+        let path = BACKUP_VOLUMES_POINTER;
+        serde_json::to_vec(&[Add {
+            op: "add",
+            path,
+            value,
+        }])
     } else {
-        AddOperation {
-            path: PointerBuf::from_tokens(["metadata", "annotations"]),
-            value: serde_json::json!({ key: value }),
-        }
+        let path = ANNOTATIONS_POINTER;
+        let value = [(names::VELERO_BACKUP_VOLUMES, value)];
+        let value: std::collections::BTreeMap<_, _> = value.into();
+        serde_json::to_vec(&[Add {
+            op: "add",
+            path,
+            value,
+        }])
     };
-    Some(Patch(vec![PatchOperation::Add(op)]))
+    patch.ok()
 }
 
+/// JSON pointers (RFC 6901) of what we patch: `/` in a key is written `~1`.
+const ANNOTATIONS_POINTER: &str = "/metadata/annotations";
+const BACKUP_VOLUMES_POINTER: &str = "/metadata/annotations/backup.velero.io~1backup-volumes";
+
 /// Reads and checks one AdmissionReview (the request body).
+///
+/// Every well-formed request is read in one pass, straight into a [`PodView`] (skipping
+/// what we do not need). Only when that fails is the body read again, with the object as
+/// raw JSON, to tell a bad request (400) from a pod whose fields merely have shapes we do
+/// not expect (allowed unchanged: never stop a user's server from starting).
 pub fn parse(body: &[u8]) -> Result<Parsed<'_>, ReviewError> {
-    check(serde_json::from_slice(body)?)
+    // UTF-8 is checked once for the whole body (JSON must be UTF-8), not string by string.
+    let body = std::str::from_utf8(body).map_err(ReviewError::NotUtf8)?;
+    match serde_json::from_str::<ReviewIn<PodView>>(body) {
+        Ok(review) => check(review, ObjectIn::Pod),
+        Err(error) => {
+            let review: ReviewIn<&RawValue> = serde_json::from_str(body)?;
+            check(review, |raw| ObjectIn::Odd {
+                is_object: raw.get().starts_with('{'),
+                error: error.to_string(),
+            })
+        }
+    }
 }
 
 /// Reviews one AdmissionReview and returns the response to send: [`parse`], then decide
@@ -258,7 +310,10 @@ pub fn review(
     })
 }
 
-fn check(review: ReviewIn<'_>) -> Result<Parsed<'_>, ReviewError> {
+fn check<'a, O>(
+    review: ReviewIn<'a, O>,
+    read_object: impl FnOnce(O) -> ObjectIn<'a>,
+) -> Result<Parsed<'a>, ReviewError> {
     match review.api_version.as_deref() {
         Some(ADMISSION_API_VERSION) => {}
         other => {
@@ -306,16 +361,20 @@ fn check(review: ReviewIn<'_>) -> Result<Parsed<'_>, ReviewError> {
         uid: uid.to_owned(),
         operation: request.operation.to_string(),
     })?;
-    let pod: PodView = match serde_json::from_str(object.get()) {
-        Ok(pod) => pod,
+    let pod = match read_object(object) {
+        ObjectIn::Pod(pod) => pod,
         // A JSON object whose fields merely have shapes we do not expect is still a pod
         // the API server wants to create: allow it. Anything else is not a Pod.
-        Err(e) if object.get().starts_with('{') => {
-            let detail = Some(e.to_string());
-            let answered = allow(uid, Outcome::NotUnderstood, None, detail);
+        ObjectIn::Odd {
+            is_object: true,
+            error,
+        } => {
+            let answered = allow(uid, Outcome::NotUnderstood, None, Some(error));
             return Ok(Parsed::Answered(answered));
         }
-        Err(_) => {
+        ObjectIn::Odd {
+            is_object: false, ..
+        } => {
             let reason = "not a JSON object".into();
             return Err(ReviewError::NotAPod {
                 uid: uid.to_owned(),
@@ -358,15 +417,12 @@ fn check(review: ReviewIn<'_>) -> Result<Parsed<'_>, ReviewError> {
     }))
 }
 
-fn request_uid(review: &ReviewIn<'_>) -> Option<String> {
+fn request_uid<O>(review: &ReviewIn<'_, O>) -> Option<String> {
     review.request.as_ref().map(|r| r.uid.to_string())
 }
 
-fn allow(uid: &str, outcome: Outcome, patch: Option<&Patch>, detail: Option<String>) -> Reviewed {
-    // Serializing a Patch of strings cannot fail; an empty patch is never sent.
-    let patch = patch
-        .and_then(|p| serde_json::to_vec(p).ok())
-        .map(|bytes| base64::engine::general_purpose::STANDARD.encode(bytes));
+fn allow(uid: &str, outcome: Outcome, patch: Option<&[u8]>, detail: Option<String>) -> Reviewed {
+    let patch = patch.map(|bytes| base64::engine::general_purpose::STANDARD.encode(bytes));
     let out = ReviewOut {
         api_version: ADMISSION_API_VERSION,
         kind: "AdmissionReview",
@@ -433,8 +489,8 @@ pub fn pod_create_review(pod_json: &[u8]) -> Result<Vec<u8>, String> {
     serde_json::to_vec(&review).map_err(|e| e.to_string())
 }
 
-/// The patch carried by a response body, decoded (for tests and `review --explain`).
-pub fn decode_patch(response_body: &[u8]) -> Result<Option<Patch>, String> {
+/// The JSON patch carried by a response body, decoded (for tests and `review --explain`).
+pub fn decode_patch(response_body: &[u8]) -> Result<Option<serde_json::Value>, String> {
     #[derive(Deserialize)]
     struct Out<'a> {
         #[serde(borrow)]
@@ -460,6 +516,17 @@ pub fn decode_patch(response_body: &[u8]) -> Result<Option<Patch>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pointers_escape_the_key_as_rfc_6901_says() {
+        let escaped = names::VELERO_BACKUP_VOLUMES
+            .replace('~', "~0")
+            .replace('/', "~1");
+        assert_eq!(
+            BACKUP_VOLUMES_POINTER,
+            format!("{ANNOTATIONS_POINTER}/{escaped}")
+        );
+    }
 
     #[test]
     fn errors_carry_the_uid_for_the_log_line_when_there_is_one() {

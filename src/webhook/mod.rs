@@ -15,6 +15,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
+use futures::FutureExt as _;
 use http_body_util::{BodyExt, Limited};
 use tokio::sync::Semaphore;
 use tower_http::catch_panic::{CatchPanicLayer, ResponseForPanic};
@@ -116,12 +117,14 @@ impl ResponseForPanic for PanicResponder {
 
 async fn live(State(state): State<Arc<WebhookState>>, request: Request) -> Response {
     let started = Instant::now();
-    let (mut response, outcome) = match tokio::time::timeout(
-        state.request_timeout,
-        answer(&state, request),
-    )
-    .await
-    {
+    // A request whose body has already arrived (the usual case: the API server sends it
+    // with the head) is answered without arming a timer at all.
+    let mut answer = std::pin::pin!(answer(&state, request));
+    let answered = match answer.as_mut().now_or_never() {
+        Some(answered) => Ok(answered),
+        None => tokio::time::timeout(state.request_timeout, answer).await,
+    };
+    let (mut response, outcome) = match answered {
         Ok(answered) => answered,
         Err(_) => {
             warn!(timeout = ?state.request_timeout, "request not received and answered in time");

@@ -1,10 +1,12 @@
 //! The accept loop, shared by both listeners: HTTPS (tokio-rustls + hyper) for
 //! admission, plain HTTP for operations. Every connection is bounded in memory (header
-//! buffer), in time (handshake, header and idle timeouts) and in number (a cap with
-//! eviction); both stop accepting on shutdown and let in-flight requests finish.
+//! buffer), in time (handshake, idle and request timeouts) and in number (a cap); both
+//! stop accepting on shutdown and let in-flight requests finish.
 //!
-//! The connection cap holds against clients that open connections and sit on them. When
-//! it is reached:
+//! One table of open connections per listener ([`Slots`]) does all the closing: it
+//! evicts at the cap, closes idle connections (one sweeper per listener, not a timer per
+//! request) and drains at shutdown, by aborting the connection's task. The connection
+//! cap holds against clients that open connections and sit on them. When it is reached:
 //! - a new connection from a peer address that already holds half the cap is closed at
 //!   once, before any TLS work (a flood from one address costs an accept and a close);
 //! - any other new connection takes the place of one held by the peer address with the
@@ -20,17 +22,16 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::Request;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
+use tokio::task::AbortHandle;
 use tokio_rustls::TlsAcceptor;
-use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 use tracing::{debug, warn};
 
@@ -103,13 +104,13 @@ pub async fn serve(
         max_connections,
     } = listener;
     let acceptor = tls.map(TlsAcceptor::from);
-    let graceful = GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(opts.idle_timeout)
+    // No hyper timer: idle connections are the sweeper's (see `Slots::sweep`).
+    http.header_read_timeout(None)
         .max_buf_size(MAX_HEAD_BYTES)
         .keep_alive(true);
     let slots = Arc::new(Slots::new(name, max_connections.max(1), metrics.clone()));
+    let sweeper = tokio::spawn(slots.clone().sweep(opts.idle_timeout));
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -136,7 +137,7 @@ pub async fn serve(
         };
         let _ = tcp.set_nodelay(true);
         let task = Connection {
-            conn,
+            conn: conn.clone(),
             slots: slots.clone(),
             acceptor: acceptor.clone(),
             app: app.clone(),
@@ -145,18 +146,16 @@ pub async fn serve(
             metrics: metrics.clone(),
             peer,
         };
-        tokio::spawn(task.run(tcp, graceful.watcher()));
+        let handle = tokio::spawn(task.run(tcp));
+        let _ = conn.task.set(handle.abort_handle());
     }
     drop(tcp_listener);
-    tokio::select! {
-        () = graceful.shutdown() => debug!(listener = name, "all connections drained"),
-        () = tokio::time::sleep(opts.shutdown_grace) => {
-            warn!(listener = name, grace = ?opts.shutdown_grace, "shutdown grace period over; dropping remaining connections");
-        }
-    }
+    sweeper.abort();
+    slots.drain(opts.shutdown_grace).await;
 }
 
-/// One accepted connection, from handshake to close.
+/// One accepted connection, from handshake to close. Dropping it (its task aborted:
+/// evicted, idle, or drained) closes the socket and frees its slot.
 struct Connection {
     conn: Arc<ConnState>,
     slots: Arc<Slots>,
@@ -168,21 +167,14 @@ struct Connection {
     peer: SocketAddr,
 }
 
-impl Connection {
-    async fn run(self, tcp: TcpStream, watcher: hyper_util::server::graceful::Watcher) {
-        let evicted = self.conn.evict.clone();
-        let listener = self.slots.listener;
-        tokio::select! {
-            () = self.serve(tcp, watcher) => {}
-            () = evicted.cancelled() => {
-                self.metrics.connection(listener, "evicted");
-                debug!(listener, peer = %self.peer, "connection evicted to make room");
-            }
-        }
+impl Drop for Connection {
+    fn drop(&mut self) {
         self.slots.close(&self.conn);
     }
+}
 
-    async fn serve(&self, tcp: TcpStream, watcher: hyper_util::server::graceful::Watcher) {
+impl Connection {
+    async fn run(self, tcp: TcpStream) {
         let listener = self.slots.listener;
         let peer = self.peer;
         let service = PerConnection {
@@ -191,8 +183,8 @@ impl Connection {
         };
         let result = match &self.acceptor {
             None => {
-                let conn = self.http.serve_connection(TokioIo::new(tcp), service);
-                watcher.watch(conn).await
+                let io = TokioIo::new(tcp);
+                self.http.serve_connection(io, service).await
             }
             Some(acceptor) => {
                 let handshake =
@@ -209,8 +201,8 @@ impl Connection {
                     }
                 };
                 self.metrics.connection(listener, "accepted");
-                let conn = self.http.serve_connection(TokioIo::new(stream), service);
-                watcher.watch(conn).await
+                let io = TokioIo::new(stream);
+                self.http.serve_connection(io, service).await
             }
         };
         if let Err(e) = result {
@@ -235,14 +227,14 @@ impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for PerConne
 
     fn call(&self, req: hyper::Request<hyper::body::Incoming>) -> Self::Future {
         let conn = self.conn.clone();
-        conn.progress();
+        conn.progress(true);
         let mut req = req.map(axum::body::Body::new);
         req.extensions_mut()
             .insert(ConnectionActivity(conn.clone()));
         let response = self.app.clone().oneshot(req);
         Box::pin(async move {
             let response = response.await;
-            conn.progress();
+            conn.progress(false);
             response
         })
     }
@@ -278,18 +270,34 @@ pub fn activity(req: &Request) -> Option<ConnectionActivity> {
 struct ConnState {
     id: u64,
     peer: IpAddr,
-    /// Last progress (accepted, a request started or finished), in ns since `Slots::epoch`.
+    /// Last progress (accepted, a request started or finished), in ns since `epoch`.
     progress: AtomicU64,
+    /// A request is being handled (its response not yet produced).
+    in_request: AtomicBool,
+    /// The request's body is in and it is being reviewed: never evicted now.
     reviewing: AtomicBool,
-    evict: CancellationToken,
+    /// The connection's task, to close it.
+    task: OnceLock<AbortHandle>,
     epoch: Instant,
 }
 
 impl ConnState {
-    fn progress(&self) {
-        let now = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        self.progress.store(now, Ordering::Relaxed);
+    fn progress(&self, in_request: bool) {
+        self.progress
+            .store(nanos_since(self.epoch), Ordering::Relaxed);
+        self.in_request.store(in_request, Ordering::Release);
     }
+
+    /// Closes the connection (drops its task; its slot is freed as the task ends).
+    fn close(&self) {
+        if let Some(task) = self.task.get() {
+            task.abort();
+        }
+    }
+}
+
+fn nanos_since(epoch: Instant) -> u64 {
+    u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// The open connections of one listener, at most `cap`.
@@ -334,7 +342,8 @@ impl Slots {
                     }
                     let victim = eviction_victim(table.1.values());
                     if let Some(conn) = victim.and_then(|id| table.1.remove(&id)) {
-                        conn.evict.cancel();
+                        conn.close();
+                        self.metrics.connection(self.listener, "evicted");
                     }
                 }
                 if table.1.len() < self.cap {
@@ -342,19 +351,83 @@ impl Slots {
                     let conn = Arc::new(ConnState {
                         id: table.0,
                         peer,
-                        progress: AtomicU64::new(0),
+                        progress: AtomicU64::new(nanos_since(self.epoch)),
+                        in_request: AtomicBool::new(false),
                         reviewing: AtomicBool::new(false),
-                        evict: CancellationToken::new(),
+                        task: OnceLock::new(),
                         epoch: self.epoch,
                     });
-                    conn.progress();
                     table.1.insert(conn.id, conn.clone());
-                    self.metrics
-                        .set_connections_open(self.listener, table.1.len());
+                    let open = table.1.len();
+                    self.metrics.set_connections_open(self.listener, open);
                     return Some(conn);
                 }
             }
             freed.await;
+        }
+    }
+
+    /// Closes connections that have sent no complete request head for `idle`: at open,
+    /// and between keep-alive requests (a connection with a request in hand is closed by
+    /// that request's own timeout, not here).
+    async fn sweep(self: Arc<Self>, idle: Duration) {
+        let period = (idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        let mut ticker = tokio::time::interval(period);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let idle = u64::try_from(idle.as_nanos()).unwrap_or(u64::MAX);
+        loop {
+            ticker.tick().await;
+            let now = nanos_since(self.epoch);
+            let mut table = self.table();
+            table.1.retain(|_, conn| {
+                let quiet = now.saturating_sub(conn.progress.load(Ordering::Relaxed));
+                let stale = quiet > idle && !conn.in_request.load(Ordering::Acquire);
+                if stale && conn.task.get().is_some() {
+                    conn.close();
+                    self.metrics.connection(self.listener, "idle_timeout");
+                    return false;
+                }
+                true
+            });
+            self.metrics
+                .set_connections_open(self.listener, table.1.len());
+        }
+    }
+
+    /// At shutdown: closes connections once they have had no request in hand for a
+    /// moment (time for the last response to be written; a response sent while shutting
+    /// down also asks the client to close), and every one left after `grace`.
+    async fn drain(&self, grace: Duration) {
+        const WRITTEN: u64 = 100_000_000; // 100 ms, in ns
+        let deadline = tokio::time::Instant::now() + grace;
+        loop {
+            let freed = self.freed.notified();
+            {
+                let table = self.table();
+                if table.1.is_empty() {
+                    return debug!(listener = self.listener, "all connections drained");
+                }
+                let over = tokio::time::Instant::now() >= deadline;
+                let now = nanos_since(self.epoch);
+                for conn in table.1.values() {
+                    let quiet = now.saturating_sub(conn.progress.load(Ordering::Relaxed));
+                    let idle = !conn.in_request.load(Ordering::Acquire) && quiet > WRITTEN;
+                    if over || idle {
+                        conn.close();
+                    }
+                }
+                if over {
+                    let left = table.1.len();
+                    return warn!(
+                        listener = self.listener,
+                        ?grace,
+                        left,
+                        "shutdown grace period over; dropped the remaining connections"
+                    );
+                }
+            }
+            // Look again when a connection closes, or soon (a request may have finished).
+            let _ = tokio::time::timeout(Duration::from_millis(20), freed).await;
         }
     }
 
@@ -364,17 +437,19 @@ impl Slots {
         self.metrics
             .set_connections_open(self.listener, table.1.len());
         drop(table);
-        self.freed.notify_one();
+        self.freed.notify_waiters();
     }
 }
 
-/// Which connection makes room: among the evictable ones (not mid-review), those of the
-/// peer address holding the most connections, and of those the least recently active
-/// (between equally busy peers, the least recently active connection overall).
+/// Which connection makes room: among the evictable ones (not mid-review, task started),
+/// those of the peer address holding the most connections, and of those the least
+/// recently active (between equally busy peers, the least recently active connection
+/// overall).
 fn eviction_victim<'a>(open: impl Iterator<Item = &'a Arc<ConnState>>) -> Option<u64> {
     // Per peer: (connections, least recent progress, that connection's id).
     let mut per_peer: HashMap<IpAddr, (usize, u64, u64)> = HashMap::new();
-    for c in open.filter(|c| !c.reviewing.load(Ordering::Acquire)) {
+    let evictable = open.filter(|c| !c.reviewing.load(Ordering::Acquire) && c.task.get().is_some());
+    for c in evictable {
         let progress = c.progress.load(Ordering::Relaxed);
         let entry = per_peer.entry(c.peer).or_insert((0, u64::MAX, c.id));
         entry.0 += 1;
@@ -393,18 +468,21 @@ mod tests {
     use super::*;
 
     fn conn(id: u64, peer: [u8; 4], progress: u64, reviewing: bool) -> Arc<ConnState> {
+        let task = OnceLock::new();
+        let _ = task.set(tokio::spawn(async {}).abort_handle());
         Arc::new(ConnState {
             id,
             peer: IpAddr::from(peer),
             progress: AtomicU64::new(progress),
+            in_request: AtomicBool::new(reviewing),
             reviewing: AtomicBool::new(reviewing),
-            evict: CancellationToken::new(),
+            task,
             epoch: Instant::now(),
         })
     }
 
-    #[test]
-    fn the_busiest_peer_loses_its_least_recently_active_connection() {
+    #[tokio::test]
+    async fn the_busiest_peer_loses_its_least_recently_active_connection() {
         let (api, pod) = ([10, 0, 0, 1], [10, 1, 2, 3]);
         // (connections, victim)
         let cases: Vec<(Vec<Arc<ConnState>>, Option<u64>)> = vec![
