@@ -129,7 +129,7 @@ pub fn decide_live<'p, P: PodFacts>(pod: &'p P, globs: &ClaimGlobs) -> LiveDecis
     let excluded = pod
         .annotation(names::VELERO_BACKUP_VOLUMES_EXCLUDES)
         .unwrap_or("");
-    let mut volumes = Vec::new();
+    let mut volumes = Vec::with_capacity(pod.volumes().size_hint().0);
     let mut additions: Vec<&str> = Vec::new();
     for (name, claim) in pod.volumes() {
         let reason = match claim {

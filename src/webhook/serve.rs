@@ -222,21 +222,40 @@ struct PerConnection {
 impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for PerConnection {
     type Response = axum::response::Response;
     type Error = std::convert::Infallible;
-    type Future =
-        std::pin::Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+    type Future = Tracked;
 
     fn call(&self, req: hyper::Request<hyper::body::Incoming>) -> Self::Future {
-        let conn = self.conn.clone();
-        conn.progress(true);
+        self.conn.progress(true);
         let mut req = req.map(axum::body::Body::new);
         req.extensions_mut()
-            .insert(ConnectionActivity(conn.clone()));
-        let response = self.app.clone().oneshot(req);
-        Box::pin(async move {
-            let response = response.await;
-            conn.progress(false);
-            response
-        })
+            .insert(ConnectionActivity(self.conn.clone()));
+        Tracked {
+            response: self.app.clone().oneshot(req),
+            conn: self.conn.clone(),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request's response, marking its connection's progress when it is ready.
+    struct Tracked {
+        #[pin]
+        response: tower::util::Oneshot<Router, Request>,
+        conn: Arc<ConnState>,
+    }
+}
+
+impl Future for Tracked {
+    type Output = Result<axum::response::Response, std::convert::Infallible>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let this = self.project();
+        let response = std::task::ready!(this.response.poll(cx));
+        this.conn.progress(false);
+        std::task::Poll::Ready(response)
     }
 }
 
