@@ -65,6 +65,16 @@ kubectl delete namespace jhub sandbox --ignore-not-found --timeout=120s >/dev/nu
 kubectl create namespace jhub >/dev/null; kubectl label namespace jhub velero-jupyterhub.io/enabled=true kubernetes.io/metadata.name=jhub >/dev/null
 kubectl create namespace sandbox >/dev/null; kubectl label namespace sandbox kubernetes.io/metadata.name=sandbox >/dev/null
 
+say "the README's check: a server-side dry run of a user pod in jhub (prints the annotation)"
+# Taken from README.md itself, so the documented line is the one that is run.
+check=$(grep -m1 '^kubectl -n jhub run vjh-check' README.md)
+got=""
+for _ in $(seq 1 50); do   # until the API server has picked the registration up
+  got=$(eval "$check" 2>/dev/null || true); [ "$got" = home ] && break; sleep 0.2
+done
+echo "  $got"
+[ "$got" = home ] || { echo "the README's check did not print 'home'"; exit 1; }
+
 say "creating user claims and KubeSpawner-shaped pods"
 kubectl create --dry-run=client -o json -f tests/fixtures/z2jh-4.x-kubespawner-7-singleuser-pod.example.yaml -f tests/fixtures/singleuser-pod-variants.yaml > "$work/objects.json"
 python3 - "$work" <<'PY'
