@@ -111,8 +111,9 @@ pub struct ServeArgs {
     /// at least 3Mi (the largest request). Accepts `Ki`, `Mi`, `Gi` suffixes.
     #[arg(long, env = "VJH_LARGE_BODY_BUDGET", default_value = "16Mi", value_parser = parse_budget)]
     pub large_body_budget: usize,
-    /// Open connections on the webhook port at most; at the cap a new connection replaces
-    /// the least recently active one (never one whose review is in progress).
+    /// Open connections on the webhook port at most. At the cap, a new connection from the
+    /// address holding the most connections (and half the cap) is refused; any other takes
+    /// the place of that address's least recently active one (never one mid-review).
     #[arg(long, env = "VJH_MAX_CONNECTIONS", default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
     /// Open connections on the operations port at most (same rule).

@@ -115,7 +115,7 @@ impl Metrics {
         let namespace_fetches = Family::<ResultLabels, Counter>::default();
         registry.register(
             "namespace_fetches",
-            "Namespaces fetched because the watch had not delivered them (or their label) yet: fetched, not_found, error, timeout; rate_limited when not fetched",
+            "Namespaces fetched because the watch had not delivered them (or their label) yet: fetched, not_found, error, timeout; rate_limited or invalid_name when not fetched",
             namespace_fetches.clone(),
         );
         let namespace_watch_errors = Counter::default();

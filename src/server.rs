@@ -114,27 +114,22 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     };
 
     let with_cluster = config.cluster.is_some();
-    let namespaces = Arc::new(NamespaceCache::new(
-        config.cluster,
-        config.default_claims,
-        metrics.clone(),
-    ));
+    let namespaces = NamespaceCache::new(config.cluster, config.default_claims, metrics.clone());
+    // A namespace fetch leaves its request half of its time to be answered.
+    let namespaces = Arc::new(namespaces.with_fetch_timeout(config.serve.request_timeout / 2));
     let namespaces_synced = with_cluster.then(|| namespaces.synced());
     if with_cluster {
         background.push(("namespace watch", tokio::spawn(namespaces.clone().run())));
     }
 
-    let listener = TcpListener::bind(config.listen)
-        .await
+    let listener = bind(config.listen)
         .with_context(|| format!("binding the webhook address --listen {}", config.listen))?;
-    let ops_listener = TcpListener::bind(config.ops_listen)
-        .await
-        .with_context(|| {
-            format!(
-                "binding the operations address --ops-listen {}",
-                config.ops_listen
-            )
-        })?;
+    let ops_listener = bind(config.ops_listen).with_context(|| {
+        format!(
+            "binding the operations address --ops-listen {}",
+            config.ops_listen
+        )
+    })?;
     let addr = listener.local_addr()?;
     let ops_addr = ops_listener.local_addr()?;
 
@@ -194,6 +189,19 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         shutdown,
         task,
     })
+}
+
+/// A listening socket with a deep accept queue (the kernel caps it at `somaxconn`): when
+/// a flood fills the queue, the kernel drops new connection attempts and the client
+/// (the API server, a kubelet probe) retries only a second later.
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
 }
 
 /// Waits for a task that should run as long as the server; if it ends, the replica is

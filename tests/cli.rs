@@ -389,4 +389,14 @@ fn cli_defaults_are_the_library_defaults() {
     let lib = ServeOptions::default();
     let cli = serve.serve_options();
     assert_eq!(format!("{cli:?}"), format!("{lib:?}"));
+    // Against the installed configuration: we answer (or 408) before the API server
+    // gives up on us, and we keep idle connections longer than client-go's 90 s, so the
+    // API server, not us, closes them.
+    let webhook = support::cluster::manifest("MutatingWebhookConfiguration", "velero-jupyterhub");
+    for hook in webhook["webhooks"].as_array().unwrap() {
+        let api_server_timeout = Duration::from_secs(hook["timeoutSeconds"].as_u64().unwrap());
+        assert!(lib.request_timeout < api_server_timeout, "{}", hook["name"]);
+        assert_eq!(hook["clientConfig"]["service"]["path"], "/mutate/live");
+    }
+    assert!(lib.idle_timeout > Duration::from_secs(90));
 }

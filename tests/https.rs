@@ -36,20 +36,22 @@ async fn golden_fixture_and_variants_over_one_keep_alive_connection() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(serde_json::from_slice::<Value>(&body).unwrap(), expected);
 
+    // Every variant, on both paths: byte for byte what the decision gives in-process
+    // (tests/live_decision.rs holds that to the expected annotations).
     for (i, pod) in fixtures::variants().iter().enumerate() {
-        let uid = format!("uid-{i}");
-        let (status, body) = conn
-            .post(
-                "/mutate",
-                Some("application/json"),
-                fixtures::pod_create_review(pod, &uid),
-            )
-            .await
-            .unwrap();
-        assert_eq!(status, StatusCode::OK);
-        let v: Value = serde_json::from_slice(&body).unwrap();
-        assert_eq!(v["response"]["uid"], uid.as_str());
-        assert_eq!(v["response"]["allowed"], true);
+        let request = fixtures::pod_create_review(pod, &format!("uid-{i}"));
+        let want =
+            velero_jupyterhub::admission::review(&request, |_| fixtures::globs("claim-*"), false)
+                .unwrap()
+                .body;
+        for path in ["/mutate/live", "/mutate"] {
+            let (status, body) = conn
+                .post(path, Some("application/json"), request.clone())
+                .await
+                .unwrap();
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(body_text(&body), body_text(&want), "{path}, variant {i}");
+        }
     }
     server.shutdown();
     server.stopped().await;
@@ -777,6 +779,32 @@ async fn large_bodies_wait_for_the_budget_and_small_ones_do_not() {
         .unwrap()
         .unwrap();
     assert_eq!(status, StatusCode::OK);
+    server.shutdown();
+    server.stopped().await;
+}
+
+#[tokio::test]
+async fn a_request_head_over_64_kib_is_refused_not_buffered() {
+    let (server, client) = https::start_self_signed(ServeOptions::default()).await;
+    // 300 KB of head: hyper's default buffer would hold ~400 KiB of it per connection.
+    let head = format!(
+        "POST /mutate/live HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n",
+        "a".repeat(300_000)
+    );
+    let tls = client.tls_stream().await.unwrap();
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    // The server may answer and close before taking every byte.
+    let writer = tokio::spawn(async move {
+        let _ = wr.write_all(head.as_bytes()).await;
+        let _ = wr.flush().await;
+        wr
+    });
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), rd.read_to_end(&mut out)).await;
+    assert!(read.is_ok(), "the connection was not closed");
+    let answer = body_text(&out);
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer:?}");
+    drop(writer.await);
     server.shutdown();
     server.stopped().await;
 }

@@ -28,8 +28,7 @@ use crate::metrics::Metrics;
 use crate::names;
 use crate::policy::{ClaimGlobs, NamespacePolicy};
 
-/// How long the admission path waits for a GET of a namespace (well inside the
-/// request timeout).
+/// How long a GET of a namespace may take, at most (see [`NamespaceCache::with_fetch_timeout`]).
 const FETCH_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a fetched namespace (or a miss) is trusted before asking again.
 const FETCH_TTL: Duration = Duration::from_secs(5);
@@ -53,7 +52,8 @@ pub struct NamespaceCache {
     client: Option<kube::Client>,
     default_claims: Arc<ClaimGlobs>,
     watched: RwLock<HashMap<String, NamespacePolicy>>,
-    fetched: Mutex<FetchState>,
+    fetched: Arc<Mutex<FetchState>>,
+    fetch_timeout: Duration,
     synced: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
     events: EventSink,
@@ -77,14 +77,22 @@ impl NamespaceCache {
             client,
             default_claims: Arc::new(default_claims),
             watched: RwLock::new(HashMap::new()),
-            fetched: Mutex::new(FetchState {
+            fetched: Arc::new(Mutex::new(FetchState {
                 entries: HashMap::new(),
                 bucket: TokenBucket::new(FETCH_RATE, FETCH_BURST),
-            }),
+            })),
+            fetch_timeout: FETCH_TIMEOUT,
             synced: Arc::new(AtomicBool::new(false)),
             metrics,
             events,
         }
+    }
+
+    /// Bounds a namespace GET by `timeout` (at most 1 s): a fetch must leave the request
+    /// it serves time to be answered (the server passes half its request timeout).
+    pub fn with_fetch_timeout(mut self, timeout: Duration) -> Self {
+        self.fetch_timeout = timeout.min(FETCH_TIMEOUT);
+        self
     }
 
     /// Becomes true after the first complete list.
@@ -114,43 +122,66 @@ impl NamespaceCache {
             };
             match in_flight {
                 Some(fetch) => fetch,
-                // admission::parse already refuses invalid names. Past the rate limit, use
-                // what the watch knows, else the default.
-                None if !names::is_dns1123_label(namespace) || !state.bucket.take() => {
+                // admission::parse already refuses invalid names: they never reach the API.
+                None if !names::is_dns1123_label(namespace) => {
+                    self.metrics.namespace_fetch("invalid_name");
+                    return self.default_claims.clone();
+                }
+                // Past the rate limit, use what the watch knows, else the default.
+                None if !state.bucket.take() => {
                     self.metrics.namespace_fetch("rate_limited");
                     return watched.map_or_else(|| self.default_claims.clone(), |p| p.claims);
                 }
                 None => {
-                    let fetch = self.fetch(namespace).boxed().shared();
+                    let fetch = self.start_fetch(namespace);
                     state.insert(namespace, Fetched::InFlight(fetch.clone()));
                     fetch
                 }
             }
         };
-        let claims = fetch.await;
-        let mut state = self.fetch_state();
-        if let Some(entry @ Fetched::InFlight(_)) = state.entries.get_mut(namespace) {
-            let at = Instant::now();
-            let done = claims.clone();
-            *entry = Fetched::Done { at, claims: done };
-        }
-        claims
+        fetch.await
     }
 
-    /// A GET of one namespace, bounded by [`FETCH_TIMEOUT`]; the default globs when it
+    /// Starts a GET of one namespace as a task of its own, so it finishes (and its result
+    /// is kept for [`FETCH_TTL`]) even if every request waiting for it goes away; the
+    /// requests share its result.
+    fn start_fetch(&self, namespace: &str) -> Fetch {
+        let fetch = self.fetch(namespace);
+        let state = self.fetched.clone();
+        let name = namespace.to_owned();
+        let task = tokio::spawn(async move {
+            let claims = fetch.await;
+            let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(entry @ Fetched::InFlight(_)) = state.entries.get_mut(&name) {
+                let done = claims.clone();
+                *entry = Fetched::Done {
+                    at: Instant::now(),
+                    claims: done,
+                };
+            }
+            claims
+        });
+        let default = self.default_claims.clone();
+        async move { task.await.unwrap_or(default) }
+            .boxed()
+            .shared()
+    }
+
+    /// A GET of one namespace, bounded by the fetch timeout; the default globs when it
     /// does not answer or does not exist (the pod is still annotated by them).
     fn fetch(&self, namespace: &str) -> impl Future<Output = Arc<ClaimGlobs>> + Send + 'static {
         let client = self.client.clone();
         let default = self.default_claims.clone();
         let metrics = self.metrics.clone();
         let namespace = namespace.to_owned();
+        let timeout = self.fetch_timeout;
         async move {
             let Some(client) = client else {
                 return default;
             };
             let api: Api<Namespace> = Api::all(client);
             let (result, claims) = match tokio::time::timeout(
-                FETCH_TIMEOUT,
+                timeout,
                 api.get_metadata_opt(&namespace),
             )
             .await
@@ -296,6 +327,10 @@ impl NamespaceCache {
 
     fn replace_all(&self, fresh: HashMap<String, NamespacePolicy>) {
         let mut watched = self.write();
+        // Namespaces deleted while the watch was away leave no metric behind.
+        for gone in watched.keys().filter(|name| !fresh.contains_key(*name)) {
+            self.metrics.set_claims_problem(gone, false);
+        }
         *watched = fresh;
         self.metrics
             .set_namespaces_opted_in(count_opted_in(&watched));

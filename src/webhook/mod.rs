@@ -15,9 +15,8 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
-use bytes::{Bytes, BytesMut};
 use futures::FutureExt as _;
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, Limited};
 use tokio::sync::Semaphore;
 use tower_http::catch_panic::{CatchPanicLayer, ResponseForPanic};
 use tracing::{debug, error, info, warn};
@@ -174,8 +173,10 @@ async fn answer(state: &WebhookState, request: Request) -> (Response, &'static s
         }
         false => None,
     };
-    let body = match read_body(body, length).await {
-        Ok(body) => body,
+    // hyper delivers exactly Content-Length bytes (Limited holds any other body to it); a
+    // body that arrives in one piece, as the API server's usually does, is not copied.
+    let body = match Limited::new(body, length).collect().await {
+        Ok(collected) => collected.to_bytes(),
         Err(e) => {
             warn!(error = %e, "could not read the request body");
             let msg = format!("could not read the request body: {e}\n");
@@ -200,32 +201,6 @@ async fn answer(state: &WebhookState, request: Request) -> (Response, &'static s
     let json = HeaderValue::from_static("application/json");
     let response = ([(header::CONTENT_TYPE, json)], reviewed.body).into_response();
     (response, outcome)
-}
-
-/// Reads a body of exactly `length` bytes (its Content-Length, which hyper enforces). A
-/// body that arrives in one piece, as the API server's usually does, is not copied.
-async fn read_body(mut body: axum::body::Body, length: usize) -> Result<Bytes, axum::Error> {
-    let mut first: Option<Bytes> = None;
-    let mut rest: Option<BytesMut> = None;
-    while let Some(frame) = body.frame().await {
-        let Ok(data) = frame?.into_data() else {
-            continue; // trailers: none in an AdmissionReview, and nothing we read
-        };
-        match (&mut first, &mut rest) {
-            (None, _) => first = Some(data),
-            (Some(head), None) => {
-                let mut buf = BytesMut::with_capacity(length);
-                buf.extend_from_slice(head);
-                buf.extend_from_slice(&data);
-                rest = Some(buf);
-            }
-            (Some(_), Some(buf)) => buf.extend_from_slice(&data),
-        }
-    }
-    Ok(match (first, rest) {
-        (_, Some(buf)) => buf.freeze(),
-        (first, None) => first.unwrap_or_default(),
-    })
 }
 
 fn too_large() -> (Response, &'static str) {

@@ -7,12 +7,13 @@
 //! evicts at the cap, closes idle connections (one sweeper per listener, not a timer per
 //! request) and drains at shutdown, by aborting the connection's task. The connection
 //! cap holds against clients that open connections and sit on them. When it is reached:
-//! - a new connection from a peer address that already holds half the cap is closed at
-//!   once, before any TLS work (a flood from one address costs an accept and a close);
-//! - any other new connection takes the place of one held by the peer address with the
-//!   most open connections: of those, the one that has gone longest without a request
-//!   starting or finishing (idle, stalled in its headers, or trickling a body), never one
-//!   whose request is being reviewed.
+//! - a new connection from the peer address that holds the most connections, and at
+//!   least half the cap, is closed at once, before any TLS work (a flood from one address
+//!   costs an accept and a close);
+//! - any other new connection takes the place of one held by that busiest address: the
+//!   one that has gone longest without a request starting or finishing (idle, stalled in
+//!   its headers, or trickling a body), never one whose request is being reviewed (if all
+//!   of them are, the newcomer waits the moment a review takes).
 //!
 //! So a neighbour that floods us only ever displaces its own connections, and the API
 //! server (a few keep-alive connections from its own addresses; half the cap would carry
@@ -319,12 +320,18 @@ fn nanos_since(epoch: Instant) -> u64 {
     u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
+#[derive(Default)]
+struct Table {
+    last_id: u64,
+    conns: HashMap<u64, Arc<ConnState>>,
+}
+
 /// The open connections of one listener, at most `cap`.
 struct Slots {
     listener: &'static str,
     cap: usize,
     epoch: Instant,
-    open: Mutex<(u64, HashMap<u64, Arc<ConnState>>)>,
+    open: Mutex<Table>,
     freed: Notify,
     metrics: Arc<Metrics>,
 }
@@ -336,13 +343,13 @@ impl Slots {
             listener,
             cap,
             epoch: Instant::now(),
-            open: Mutex::new((0, HashMap::new())),
+            open: Mutex::new(Table::default()),
             freed: Notify::new(),
             metrics,
         }
     }
 
-    fn table(&self) -> std::sync::MutexGuard<'_, (u64, HashMap<u64, Arc<ConnState>>)> {
+    fn table(&self) -> std::sync::MutexGuard<'_, Table> {
         // A poisoned lock only means a holder panicked; the table is still consistent.
         self.open.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -354,21 +361,22 @@ impl Slots {
             let freed = self.freed.notified();
             {
                 let mut table = self.table();
-                if table.1.len() >= self.cap {
-                    let held = table.1.values().filter(|c| c.peer == peer).count();
-                    if held * 2 >= self.cap {
-                        return None;
-                    }
-                    let victim = eviction_victim(table.1.values());
-                    if let Some(conn) = victim.and_then(|id| table.1.remove(&id)) {
-                        conn.close();
-                        self.metrics.connection(self.listener, "evicted");
+                if table.conns.len() >= self.cap {
+                    match choose(table.conns.values(), peer, self.cap) {
+                        AtCap::Refuse => return None,
+                        AtCap::Evict(id) => {
+                            if let Some(conn) = table.conns.remove(&id) {
+                                conn.close();
+                                self.metrics.connection(self.listener, "evicted");
+                            }
+                        }
+                        AtCap::Wait => {}
                     }
                 }
-                if table.1.len() < self.cap {
-                    table.0 += 1;
+                if table.conns.len() < self.cap {
+                    table.last_id += 1;
                     let conn = Arc::new(ConnState {
-                        id: table.0,
+                        id: table.last_id,
                         peer,
                         progress: AtomicU64::new(nanos_since(self.epoch)),
                         in_request: AtomicBool::new(false),
@@ -376,13 +384,15 @@ impl Slots {
                         task: OnceLock::new(),
                         epoch: self.epoch,
                     });
-                    table.1.insert(conn.id, conn.clone());
-                    let open = table.1.len();
+                    table.conns.insert(conn.id, conn.clone());
+                    let open = table.conns.len();
                     self.metrics.set_connections_open(self.listener, open);
                     return Some(conn);
                 }
             }
-            freed.await;
+            // Look again when a connection closes, or soon: a review in progress (which
+            // made its connection unevictable) takes microseconds.
+            let _ = tokio::time::timeout(Duration::from_millis(10), freed).await;
         }
     }
 
@@ -398,7 +408,7 @@ impl Slots {
             ticker.tick().await;
             let now = nanos_since(self.epoch);
             let mut table = self.table();
-            table.1.retain(|_, conn| {
+            table.conns.retain(|_, conn| {
                 let quiet = now.saturating_sub(conn.progress.load(Ordering::Relaxed));
                 let stale = quiet > idle && !conn.in_request.load(Ordering::Acquire);
                 if stale && conn.task.get().is_some() {
@@ -409,7 +419,7 @@ impl Slots {
                 true
             });
             self.metrics
-                .set_connections_open(self.listener, table.1.len());
+                .set_connections_open(self.listener, table.conns.len());
         }
     }
 
@@ -423,12 +433,12 @@ impl Slots {
             let freed = self.freed.notified();
             {
                 let table = self.table();
-                if table.1.is_empty() {
+                if table.conns.is_empty() {
                     return debug!(listener = self.listener, "all connections drained");
                 }
                 let over = tokio::time::Instant::now() >= deadline;
                 let now = nanos_since(self.epoch);
-                for conn in table.1.values() {
+                for conn in table.conns.values() {
                     let quiet = now.saturating_sub(conn.progress.load(Ordering::Relaxed));
                     let idle = !conn.in_request.load(Ordering::Acquire) && quiet > WRITTEN;
                     if over || idle {
@@ -436,7 +446,7 @@ impl Slots {
                     }
                 }
                 if over {
-                    let left = table.1.len();
+                    let left = table.conns.len();
                     return warn!(
                         listener = self.listener,
                         ?grace,
@@ -452,34 +462,51 @@ impl Slots {
 
     fn close(&self, conn: &ConnState) {
         let mut table = self.table();
-        table.1.remove(&conn.id);
+        table.conns.remove(&conn.id);
         self.metrics
-            .set_connections_open(self.listener, table.1.len());
+            .set_connections_open(self.listener, table.conns.len());
         drop(table);
         self.freed.notify_waiters();
     }
 }
 
-/// Which connection makes room: among the evictable ones (not mid-review, task started),
-/// those of the peer address holding the most connections, and of those the least
-/// recently active (between equally busy peers, the least recently active connection
-/// overall).
-fn eviction_victim<'a>(open: impl Iterator<Item = &'a Arc<ConnState>>) -> Option<u64> {
-    // Per peer: (connections, least recent progress, that connection's id).
-    let mut per_peer: HashMap<IpAddr, (usize, u64, u64)> = HashMap::new();
-    let evictable = open.filter(|c| !c.reviewing.load(Ordering::Acquire) && c.task.get().is_some());
-    for c in evictable {
-        let progress = c.progress.load(Ordering::Relaxed);
-        let entry = per_peer.entry(c.peer).or_insert((0, u64::MAX, c.id));
+/// What to do with a new connection from `peer` when the table is at the cap.
+#[derive(Debug, PartialEq, Eq)]
+enum AtCap {
+    /// Close it: its address already holds the most connections, and half the cap.
+    Refuse,
+    /// Close this connection to make room.
+    Evict(u64),
+    /// Every connection of the busiest address is mid-review (or just opened): wait.
+    Wait,
+}
+
+/// At the cap: the busiest address (most open connections, counting those mid-review)
+/// gives up its least recently active connection that is not mid-review; a newcomer from
+/// that address itself is refused once it holds half the cap. Between equally busy
+/// addresses, the one whose idle connection has been quiet longest gives way.
+fn choose<'a>(open: impl Iterator<Item = &'a Arc<ConnState>>, peer: IpAddr, cap: usize) -> AtCap {
+    // Per address: (connections, least recent progress of an evictable one, its id).
+    let mut per_peer: HashMap<IpAddr, (usize, u64, Option<u64>)> = HashMap::new();
+    for c in open {
+        let entry = per_peer.entry(c.peer).or_insert((0, u64::MAX, None));
         entry.0 += 1;
-        if progress < entry.1 {
-            (entry.1, entry.2) = (progress, c.id);
+        let evictable = !c.reviewing.load(Ordering::Acquire) && c.task.get().is_some();
+        let progress = c.progress.load(Ordering::Relaxed);
+        if evictable && progress < entry.1 {
+            (entry.1, entry.2) = (progress, Some(c.id));
         }
     }
     let busiest = per_peer
-        .into_values()
-        .max_by_key(|&(n, progress, _)| (n, std::cmp::Reverse(progress)))?;
-    Some(busiest.2)
+        .iter()
+        .max_by_key(|&(_, &(n, progress, _))| (n, std::cmp::Reverse(progress)));
+    let Some((&address, &(held, _, victim))) = busiest else {
+        return AtCap::Wait;
+    };
+    if address == peer && held * 2 >= cap {
+        return AtCap::Refuse;
+    }
+    victim.map_or(AtCap::Wait, AtCap::Evict)
 }
 
 #[cfg(test)]
@@ -501,11 +528,12 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_busiest_peer_loses_its_least_recently_active_connection() {
-        let (api, pod) = ([10, 0, 0, 1], [10, 1, 2, 3]);
-        // (connections, victim)
-        let cases: Vec<(Vec<Arc<ConnState>>, Option<u64>)> = vec![
-            (vec![], None),
+    async fn at_the_cap_the_busiest_address_gives_way() {
+        let (api, pod, other) = ([10, 0, 0, 1], [10, 1, 2, 3], [10, 9, 9, 9]);
+        let newcomer = IpAddr::from(other);
+        // (connections, newcomer, cap, what happens)
+        let cases: Vec<(Vec<Arc<ConnState>>, IpAddr, usize, AtCap)> = vec![
+            (vec![], newcomer, 1, AtCap::Wait),
             // The API server's connection is older, but the pod holds more.
             (
                 vec![
@@ -513,27 +541,82 @@ mod tests {
                     conn(2, pod, 5, false),
                     conn(3, pod, 3, false),
                 ],
-                Some(3),
+                newcomer,
+                3,
+                AtCap::Evict(3),
             ),
-            // A connection mid-review is never chosen, nor counted.
+            // The pod's connections are all mid-review: wait, never take the API server's.
+            (
+                vec![
+                    conn(1, api, 1, false),
+                    conn(2, pod, 0, true),
+                    conn(3, pod, 9, true),
+                ],
+                newcomer,
+                3,
+                AtCap::Wait,
+            ),
+            // A newcomer from the busiest address holding half the cap is refused...
+            (
+                vec![
+                    conn(1, api, 1, false),
+                    conn(2, pod, 5, false),
+                    conn(3, pod, 3, false),
+                ],
+                IpAddr::from(pod),
+                4,
+                AtCap::Refuse,
+            ),
+            // ...but not from an address that holds half the cap and is not the busiest.
             (
                 vec![
                     conn(1, api, 1, false),
                     conn(2, api, 2, false),
-                    conn(3, pod, 0, true),
-                    conn(4, pod, 9, false),
+                    conn(3, pod, 5, false),
+                    conn(4, pod, 3, false),
+                    conn(5, pod, 4, false),
                 ],
-                Some(1),
+                IpAddr::from(api),
+                4,
+                AtCap::Evict(4),
             ),
-            (vec![conn(1, api, 1, true), conn(2, pod, 2, true)], None),
-            // Equally busy: the least recently active connection overall.
+            // Equally busy: the connection quiet longest gives way.
             (
                 vec![conn(1, api, 7, false), conn(2, pod, 4, false)],
-                Some(2),
+                newcomer,
+                2,
+                AtCap::Evict(2),
             ),
         ];
-        for (i, (open, want)) in cases.into_iter().enumerate() {
-            assert_eq!(eviction_victim(open.iter()), want, "case {i}");
+        for (i, (open, peer, cap, want)) in cases.into_iter().enumerate() {
+            assert_eq!(choose(open.iter(), peer, cap), want, "case {i}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_full_table_of_reviews_lets_the_next_connection_in_once_they_finish() {
+        let slots = Slots::new("test", 2, Arc::new(Metrics::new()));
+        let mut held = Vec::new();
+        for i in 0..2u8 {
+            let conn = slots.open(IpAddr::from([10, 0, 0, i])).await.unwrap();
+            let _ = conn
+                .task
+                .set(tokio::spawn(std::future::pending::<()>()).abort_handle());
+            conn.reviewing.store(true, Ordering::Release);
+            held.push(conn);
+        }
+        let waiting = slots.open(IpAddr::from([10, 0, 0, 9]));
+        tokio::pin!(waiting);
+        let pending = tokio::time::timeout(Duration::from_millis(100), &mut waiting).await;
+        assert!(
+            pending.is_err(),
+            "admitted while every connection was mid-review"
+        );
+        // The reviews finish; the connections stay open (keep-alive).
+        for conn in &held {
+            conn.reviewing.store(false, Ordering::Release);
+        }
+        let admitted = tokio::time::timeout(Duration::from_secs(1), waiting).await;
+        assert!(admitted.expect("admitted within a second").is_some());
     }
 }

@@ -15,6 +15,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, Config};
 use serde_json::{Value, json};
+use velero_jupyterhub::metrics::sample;
 use velero_jupyterhub::policy::ClaimGlobs;
 use velero_jupyterhub::server::{self, Running, TlsSource};
 use velero_jupyterhub::webhook::serve::ServeOptions;
@@ -358,8 +359,20 @@ impl Webhook {
     }
 
     /// Stops the server but leaves the registration in place (the webhook is "down").
+    /// Waits until the port refuses connections and every open connection is closed (the
+    /// drain lets an idle keep-alive connection live a moment after its last response).
     pub async fn stop_server(&self) {
         self.server.shutdown();
+        let open = r#"velero_jupyterhub_connections_open{listener="webhook"}"#;
+        eventually(Duration::from_secs(10), || async {
+            let closed = tokio::net::TcpStream::connect(self.server.addr)
+                .await
+                .is_err();
+            let drained = sample(&self.server.metrics.encode(), open) == Some(0.0);
+            (closed && drained).then_some(())
+        })
+        .await
+        .expect("the webhook stopped and closed its connections");
     }
 
     /// Removes the registration and waits until the API server no longer calls it.
