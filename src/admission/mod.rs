@@ -227,39 +227,33 @@ impl PodCreate<'_> {
 /// (A patch that fails makes the API server answer the create with a 500, which
 /// `failurePolicy: Ignore` does not cover: the user's server would not start.)
 fn render_patch(decision: &LiveDecision<'_>) -> Option<Vec<u8>> {
+    let value = decision.new_value.as_deref()?;
+    if decision.had_annotations_map {
+        add(BACKUP_VOLUMES_POINTER, value)
+    } else {
+        let map: std::collections::BTreeMap<_, _> = [(names::VELERO_BACKUP_VOLUMES, value)].into();
+        add(ANNOTATIONS_POINTER, map)
+    }
+}
+
+/// A one-operation JSON patch: `[{"op":"add","path":…,"value":…}]`.
+fn add<V: Serialize>(path: &str, value: V) -> Option<Vec<u8>> {
     #[derive(Serialize)]
     struct Add<'a, V> {
         op: &'static str,
         path: &'a str,
         value: V,
     }
-    let value = decision.new_value.as_deref()?;
+    let mut patch = Vec::with_capacity(128);
     // Serializing strings into a Vec cannot fail.
-    let mut patch = Vec::with_capacity(128 + value.len());
-    let written = if decision.had_annotations_map {
-        let path = BACKUP_VOLUMES_POINTER;
-        serde_json::to_writer(
-            &mut patch,
-            &[Add {
-                op: "add",
-                path,
-                value,
-            }],
-        )
-    } else {
-        let path = ANNOTATIONS_POINTER;
-        let value = [(names::VELERO_BACKUP_VOLUMES, value)];
-        let value: std::collections::BTreeMap<_, _> = value.into();
-        serde_json::to_writer(
-            &mut patch,
-            &[Add {
-                op: "add",
-                path,
-                value,
-            }],
-        )
+    let op = Add {
+        op: "add",
+        path,
+        value,
     };
-    written.ok().map(|()| patch)
+    serde_json::to_writer(&mut patch, &[op])
+        .ok()
+        .map(|()| patch)
 }
 
 /// JSON pointers (RFC 6901) of what we patch: `/` in a key is written `~1`.
