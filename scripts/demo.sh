@@ -27,7 +27,7 @@ bin=$target_dir/release/velero-jupyterhub
 
 started_here=0
 if ! bash "$envtest" status >/dev/null 2>&1; then
-  say "starting the local API server (first run builds it from Debian's archive: ~5 min)"
+  say "starting the local API server (first run builds current Kubernetes from Go modules: ~8 min)"
   bash "$envtest" start >/dev/null
   started_here=1
 fi
@@ -62,8 +62,8 @@ print(json.dumps(wh))' "$work/ca.pem" "$port" | kubectl apply -f - >/dev/null
 
 say "namespace jhub opted in (velero-jupyterhub.io/enabled=true); namespace sandbox not"
 kubectl delete namespace jhub sandbox --ignore-not-found --timeout=120s >/dev/null   # a previous --keep run
-kubectl create namespace jhub >/dev/null; kubectl label namespace jhub velero-jupyterhub.io/enabled=true kubernetes.io/metadata.name=jhub >/dev/null
-kubectl create namespace sandbox >/dev/null; kubectl label namespace sandbox kubernetes.io/metadata.name=sandbox >/dev/null
+kubectl create namespace jhub >/dev/null; kubectl label namespace jhub velero-jupyterhub.io/enabled=true >/dev/null
+kubectl create namespace sandbox >/dev/null
 
 say "the README's check: a server-side dry run of a user pod in jhub (prints the annotation)"
 # Taken from README.md itself, so the documented line is the one that is run.

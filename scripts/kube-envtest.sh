@@ -1,26 +1,36 @@
 #!/usr/bin/env bash
 # kube-envtest.sh - velero-jupyterhub's test cluster: a real kube-apiserver + etcd
-# (+ kube-controller-manager) on loopback, built only from Debian's archive, in the spirit
-# of controller-runtime's envtest. No kubelet, no scheduler: tests play those parts.
-# Started from the recipe verified for this project's machines (Debian bookworm's
-# `kubernetes` source package, 1.20.5+really1.20.2 = upstream v1.20.2).
+# (+ kube-controller-manager, kube-scheduler) on loopback, in the spirit of
+# controller-runtime's envtest. No kubelet: tests play its part. Two versions:
 #
-#   kube-envtest.sh install    install Debian packages, fetch the Debian `kubernetes`
-#                              source package, build kube-apiserver and
-#                              kube-controller-manager into the cache (skipped when cached)
+#   current  Kubernetes v1.37.2 (the newest that builds here), built from the Go module
+#            proxy: a small build module in the cache requires k8s.io/kubernetes and pins
+#            its k8s.io/* staging modules to the matching v0.37.2 releases with replace
+#            lines. Needs Go >= 1.26 (the machine's own). The default.
+#   1.20     Debian bookworm's `kubernetes` source package (1.20.5+really1.20.2 = upstream
+#            v1.20.2), built with Debian's Go: the oldest version we support.
+#
+#   kube-envtest.sh [--version current|1.20] COMMAND   (or KUBE_ENVTEST_VERSION)
+#   kube-envtest.sh install    install Debian packages and build the binaries into the
+#                              cache (skipped when cached, keyed by version and recipe)
 #   kube-envtest.sh start      install if needed, start etcd + kube-apiserver on 127.0.0.1,
 #                              print the kubeconfig path on stdout (idempotent: if already
 #                              running and healthy, just prints the path again)
 #   kube-envtest.sh stop       stop everything this script started (by pid file), wipe state
 #   kube-envtest.sh status     exit 0 if the API server answers /readyz
 #   kube-envtest.sh env        print `export KUBECONFIG=...` (for eval)
+#   kube-envtest.sh run-dir    print the runtime state dir of the chosen version
 #   kube-envtest.sh selftest   start (if needed), run a mutating-webhook + SSA smoke test, stop
 #
 # Environment (all optional):
+#   KUBE_ENVTEST_VERSION  current (default) or 1.20. Each version has its own run dir and
+#                         ports, so both can run side by side.
 #   KUBE_ENVTEST_CACHE    binary cache      (default ${XDG_CACHE_HOME:-$HOME/.cache}/velero-jupyterhub/kube-envtest)
-#   KUBE_ENVTEST_RUN      runtime state dir (default /tmp/velero-jupyterhub-envtest)
-#   KUBE_ENVTEST_API_PORT     secure port of kube-apiserver (default 16443)
-#   KUBE_ENVTEST_ETCD_PORT    etcd client port (default 12379; peer port = +1)
+#   KUBE_ENVTEST_RUN      runtime state dir (default /tmp/velero-jupyterhub-envtest, -1.20 for 1.20)
+#   KUBE_ENVTEST_API_PORT     secure port of kube-apiserver (default 16443; 16453 for 1.20)
+#   KUBE_ENVTEST_ETCD_PORT    etcd client port (default 12379, 12389 for 1.20; peer port = +1)
+#   KUBE_ENVTEST_SCHEDULER    run kube-scheduler (default 1; it schedules onto Node objects
+#                             the tests create; with none, pods stay Pending)
 #   KUBE_ENVTEST_SERVICE_CIDR service ClusterIP range (default 127.0.100.0/24: loopback,
 #                             so nothing can ever dial a private-range address)
 #   KUBE_ENVTEST_CONTROLLER_MANAGER  run kube-controller-manager (default 1): namespace
@@ -39,18 +49,25 @@
 # serving cert with it, or use your own CA in caBundle), token, logs/*.log.
 set -euo pipefail
 
-RECIPE=4   # bump when the build recipe changes (invalidates the cache)
+VERSION=${KUBE_ENVTEST_VERSION:-current}
+if [ "${1:-}" = --version ]; then VERSION=${2:?--version needs current or 1.20}; shift 2; fi
+case "$VERSION" in
+  current) KUBE_VERSION=1.37.2; RECIPE=m1; RUN_SUFFIX=; PORT_OFFSET=0 ;;
+  1.20)    KUBE_VERSION=1.20.2; RECIPE=d5; RUN_SUFFIX=-1.20; PORT_OFFSET=10 ;;
+  *) echo "kube-envtest: KUBE_ENVTEST_VERSION must be current or 1.20, not '$VERSION'" >&2; exit 2 ;;
+esac
 CACHE=${KUBE_ENVTEST_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/velero-jupyterhub/kube-envtest}
-RUN=${KUBE_ENVTEST_RUN:-/tmp/velero-jupyterhub-envtest}
-API_PORT=${KUBE_ENVTEST_API_PORT:-16443}
-ETCD_PORT=${KUBE_ENVTEST_ETCD_PORT:-12379}
+RUN=${KUBE_ENVTEST_RUN:-/tmp/velero-jupyterhub-envtest$RUN_SUFFIX}
+API_PORT=${KUBE_ENVTEST_API_PORT:-$((16443 + PORT_OFFSET))}
+ETCD_PORT=${KUBE_ENVTEST_ETCD_PORT:-$((12379 + PORT_OFFSET))}
 ETCD_PEER_PORT=$((ETCD_PORT + 1))
 SERVICE_CIDR=${KUBE_ENVTEST_SERVICE_CIDR:-127.0.100.0/24}
 WITH_CM=${KUBE_ENVTEST_CONTROLLER_MANAGER:-1}
 SA_ADMISSION=${KUBE_ENVTEST_SA_ADMISSION:-0}
 AUTHZ=${KUBE_ENVTEST_AUTHZ:-RBAC}
+WITH_SCHED=${KUBE_ENVTEST_SCHEDULER:-1}
 TOKEN=${KUBE_ENVTEST_TOKEN:-kube-envtest-admin-token}
-BIN=$CACHE/bin
+BIN=$CACHE/$KUBE_VERSION-$RECIPE/bin   # keyed by version and recipe
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
 
 log() { echo "kube-envtest: $*" >&2; }
@@ -60,13 +77,15 @@ since() { awk -v a="$1" -v b="$(now)" 'BEGIN{printf "%.1f", b-a}'; }
 
 # ---------------------------------------------------------------- packages
 apt_updated=0
+# Fresh cloud machines run unattended upgrades at boot: wait for the dpkg lock, do not fail.
+APT_LOCK=(-o DPkg::Lock::Timeout=600)
 apt_install() {   # install only what is missing, so warm runs never touch apt
   local missing=() p
   for p in "$@"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
   [ ${#missing[@]} -eq 0 ] && return 0
-  if [ "$apt_updated" = 0 ]; then $SUDO apt-get update -qq >&2; apt_updated=1; fi
+  if [ "$apt_updated" = 0 ]; then $SUDO apt-get "${APT_LOCK[@]}" update -qq >&2; apt_updated=1; fi
   log "apt-get install ${missing[*]}"
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get "${APT_LOCK[@]}" install -y -qq --no-install-recommends "${missing[@]}" >&2
 }
 
 ensure_deb_src() {
@@ -82,7 +101,7 @@ ensure_deb_src() {
     awk 'BEGIN{RS="";ORS="\n\n"} /(^|\n)Types:[^\n]*deb/ {sub(/Types:[^\n]*/,"Types: deb-src"); print}' $srcs \
       | $SUDO tee "$f" >/dev/null
   fi
-  $SUDO apt-get update -qq >&2; apt_updated=1
+  $SUDO apt-get "${APT_LOCK[@]}" update -qq >&2; apt_updated=1
   apt-cache showsrc kubernetes 2>/dev/null | grep -q '^Package: kubernetes' \
     || die "apt-cache showsrc kubernetes finds nothing even with deb-src enabled"
 }
@@ -90,7 +109,7 @@ ensure_deb_src() {
 # ---------------------------------------------------------------- build
 binaries_ok() {
   [ "${KUBE_ENVTEST_REBUILD:-0}" = 1 ] && return 1
-  [ -x "$BIN/kube-apiserver" ] && [ -x "$BIN/kube-controller-manager" ] \
+  [ -x "$BIN/kube-apiserver" ] && [ -x "$BIN/kube-controller-manager" ] && [ -x "$BIN/kube-scheduler" ] \
     && [ "$(cat "$BIN/.recipe" 2>/dev/null)" = "$RECIPE" ]
 }
 
@@ -98,6 +117,52 @@ cmd_install() {
   mkdir -p "$CACHE"; exec 7>"$CACHE/.lock"; flock 7   # one build at a time
   apt_install etcd-server openssl curl ca-certificates
   if binaries_ok; then log "binaries cached in $BIN ($(cat "$BIN/.version"))"; return 0; fi
+  case "$VERSION" in
+    current) build_from_modules ;;
+    1.20) build_from_debian ;;
+  esac
+}
+
+# current: k8s.io/kubernetes from the Go module proxy. Its go.mod points the k8s.io/*
+# staging modules at ./staging/...; a module that requires it must pin them to the
+# published v0.x releases of the same version instead: one replace line each, derived
+# from its own go.mod. Nothing is vendored; the module cache and build cache are Go's.
+build_from_modules() {
+  local t0; t0=$(now)
+  command -v go >/dev/null || die "building Kubernetes $KUBE_VERSION needs Go >= 1.26 (none on PATH)"
+  local gov; gov=$(go env GOVERSION); gov=${gov#go}
+  [ "$(printf '%s\n1.26\n' "${gov%%[!0-9.]*}" | sort -V | head -1)" = 1.26 ] \
+    || die "building Kubernetes $KUBE_VERSION needs Go >= 1.26, this machine has $gov"
+  local build=$CACHE/build-$KUBE_VERSION staging=0.${KUBE_VERSION#1.}
+  rm -rf "$build"; mkdir -p "$build"
+  local go_env=(env -u GOFLAGS -u GO111MODULE -u GOPATH -u GOBIN GOFLAGS=-mod=mod CGO_ENABLED=0)
+  log "go mod download k8s.io/kubernetes@v$KUBE_VERSION"
+  local src; src=$(cd "$build" && "${go_env[@]}" go mod download -json "k8s.io/kubernetes@v$KUBE_VERSION" \
+    | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+  [ -f "$src/go.mod" ] || die "k8s.io/kubernetes@v$KUBE_VERSION did not download"
+  {
+    printf 'module kube-envtest-build\n\ngo 1.26\n\nrequire k8s.io/kubernetes v%s\n\nreplace (\n' "$KUBE_VERSION"
+    awk -v v="v$staging" '$2 == "=>" && $3 ~ /^\.\/staging\// { printf "\t%s => %s %s\n", $1, $1, v }' "$src/go.mod"
+    printf ')\n'
+  } > "$build/go.mod"
+  printf '//go:build tools\n\npackage tools\n\nimport (\n\t_ "k8s.io/kubernetes/cmd/kube-apiserver"\n\t_ "k8s.io/kubernetes/cmd/kube-controller-manager"\n\t_ "k8s.io/kubernetes/cmd/kube-scheduler"\n)\n' > "$build/tools.go"
+  local pkg=k8s.io/component-base/version minor=${KUBE_VERSION#1.}; minor=${minor%%.*}
+  local ldflags="-s -w -X $pkg.gitVersion=v$KUBE_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean"
+  log "building kube-apiserver, kube-controller-manager, kube-scheduler v$KUBE_VERSION from Go modules ($(go version | cut -d' ' -f3)); ~8 min on 2 cores"
+  ( cd "$build" && "${go_env[@]}" go mod tidy && mkdir -p out \
+      && "${go_env[@]}" go build -trimpath -ldflags "$ldflags" -o out/ \
+           k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kube-scheduler
+  ) > "$build/build.log" 2>&1 || { tail -40 "$build/build.log" >&2; die "build failed, full log: $build/build.log"; }
+  mkdir -p "$BIN"
+  install -m 0755 "$build/out/"* "$BIN/"
+  echo "$RECIPE" > "$BIN/.recipe"
+  echo "$("$BIN/kube-apiserver" --version) from the Go module proxy (staging modules v$staging)" > "$BIN/.version"
+  rm -rf "$build"
+  log "built in $(since "$t0") s: $(cat "$BIN/.version")"
+}
+
+# 1.20: Debian bookworm's source package, with its complete vendor/.
+build_from_debian() {
   local t0; t0=$(now)
   apt_install golang-go make rsync dpkg-dev golang-github-modern-go-reflect2-dev
   ensure_deb_src
@@ -125,17 +190,17 @@ KUBE_GIT_VERSION='v1.20.2'
 KUBE_GIT_MAJOR='1'
 KUBE_GIT_MINOR='20'
 EOF
-  log "building kube-apiserver + kube-controller-manager (Debian $debver, $(/usr/lib/go/bin/go version | cut -d' ' -f3)); ~5 min on 2 cores"
+  log "building kube-apiserver, kube-controller-manager, kube-scheduler (Debian $debver, $(/usr/lib/go/bin/go version | cut -d' ' -f3)); ~6 min on 2 cores"
   # The build needs no network (GOPATH mode + vendor/); where possible prove it with a
   # private network namespace. SOURCE_DATE_EPOCH pins the embedded buildDate.
   local nonet=(); if [ "$(id -u)" -eq 0 ] && unshare -n true 2>/dev/null; then nonet=(unshare -n); fi
   ( cd "$src" && "${nonet[@]}" env -u GOFLAGS -u GO111MODULE -u GOPATH -u GOROOT -u GOBIN \
       PATH=/usr/lib/go/bin:$PATH KUBE_GIT_VERSION_FILE="$build/version.env" KUBE_VERBOSE=1 \
       SOURCE_DATE_EPOCH="$(dpkg-parsechangelog -l "$src/debian/changelog" -S Timestamp)" \
-      make WHAT="cmd/kube-apiserver cmd/kube-controller-manager" ) > "$build/make.log" 2>&1 \
+      make WHAT="cmd/kube-apiserver cmd/kube-controller-manager cmd/kube-scheduler" ) > "$build/make.log" 2>&1 \
     || { tail -40 "$build/make.log" >&2; die "build failed, full log: $build/make.log"; }
   mkdir -p "$BIN"
-  install -m 0755 "$src/_output/bin/kube-apiserver" "$src/_output/bin/kube-controller-manager" "$BIN/"
+  install -m 0755 "$src/_output/bin/kube-apiserver" "$src/_output/bin/kube-controller-manager" "$src/_output/bin/kube-scheduler" "$BIN/"
   echo "$RECIPE" > "$BIN/.recipe"
   echo "kubernetes $debver (Debian bookworm source), $("$BIN/kube-apiserver" --version), reflect2 1.0.2" > "$BIN/.version"
   if [ "${KUBE_ENVTEST_KEEP_BUILD:-0}" != 1 ]; then rm -rf "$build"; fi
@@ -282,11 +347,19 @@ cmd_start() {
   write_kubeconfig
 
   if [ "$WITH_CM" = 1 ]; then
+    # Off: node IPAM and the cloud parts; node lifecycle (tests keep their hand-made Nodes
+    # Ready without a kubelet's heartbeat), attach/detach, TTL, CSR signing.
+    local kcm_flags=(--secure-port=0) controllers
+    case "$VERSION" in
+      current) controllers='*,-node-ipam-controller,-node-lifecycle-controller,-persistentvolume-attach-detach-controller,-ttl-controller,-certificatesigningrequest-signing-controller,-certificatesigningrequest-approving-controller,-certificatesigningrequest-cleaner-controller' ;;
+      1.20) controllers='*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle,-service,-route,-attachdetach,-ttl,-csrsigning,-csrapproving,-csrcleaner'
+            kcm_flags+=(--port=0) ;;   # v1.20 still has an insecure port
+    esac
     nohup "$BIN/kube-controller-manager" --kubeconfig="$RUN/kubeconfig" \
-      --leader-elect=false --port=0 --secure-port=0 \
+      --leader-elect=false "${kcm_flags[@]}" \
       --service-account-private-key-file="$p/sa.key" --root-ca-file="$p/ca.crt" \
       --use-service-account-credentials=true \
-      --controllers='*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle,-service,-route,-attachdetach,-ttl,-csrsigning,-csrapproving,-csrcleaner' \
+      --controllers="$controllers" \
       ${KUBE_ENVTEST_EXTRA_KCM_FLAGS:---pvclaimbinder-sync-period=1s} \
       7>&- 8>&- 9>&- </dev/null >"$RUN/logs/kube-controller-manager.log" 2>&1 &
     echo $! > "$RUN/kube-controller-manager.pid"
@@ -301,16 +374,27 @@ cmd_start() {
     [ "$code" = 200 ] || fail_start "kube-controller-manager did not create default/default SA in 60 s" "$RUN/logs/kube-controller-manager.log"
     log "kube-controller-manager working after $(since "$t2") s"
   fi
-  log "started in $(since "$t0") s; export KUBECONFIG=$RUN/kubeconfig"
+  if [ "$WITH_SCHED" = 1 ]; then
+    local sched_flags=(--secure-port=0)
+    [ "$VERSION" = 1.20 ] && sched_flags+=(--port=0)
+    nohup "$BIN/kube-scheduler" --kubeconfig="$RUN/kubeconfig" --leader-elect=false "${sched_flags[@]}" \
+      7>&- 8>&- 9>&- </dev/null >"$RUN/logs/kube-scheduler.log" 2>&1 &
+    echo $! > "$RUN/kube-scheduler.pid"
+    sleep 0.5
+    pid_alive "$(pid_of kube-scheduler)" || fail_start "kube-scheduler exited" "$RUN/logs/kube-scheduler.log"
+  fi
+  echo "$VERSION $("$BIN/kube-apiserver" --version | cut -d' ' -f2)" > "$RUN/version"
+  log "Kubernetes $(cut -d' ' -f2 "$RUN/version") ($VERSION) started in $(since "$t0") s; export KUBECONFIG=$RUN/kubeconfig"
   echo "$RUN/kubeconfig"
 }
 
 cmd_stop_locked() {
+  stop_one kube-scheduler kube-scheduler
   stop_one kube-controller-manager kube-controller-manager
   stop_one kube-apiserver kube-apiserver
   stop_one etcd etcd
   local data; data=$(cat "$RUN/etcd-data.path" 2>/dev/null || echo "$RUN/etcd-data")
-  rm -rf "$data" "$RUN/etcd-data" "$RUN/etcd-data.path" "$RUN/kubeconfig" "$RUN/token"
+  rm -rf "$data" "$RUN/etcd-data" "$RUN/etcd-data.path" "$RUN/kubeconfig" "$RUN/token" "$RUN/version"
 }
 
 cmd_stop() {
@@ -388,7 +472,7 @@ EOF
   [ "$on" = true ] && [ -z "$off" ] || rc=1
   printf 'apiVersion: v1\nkind: ConfigMap\nmetadata: {name: ssa, namespace: envtest-on}\ndata: {k: v}\n' \
     | kubectl apply --server-side --field-manager=selftest -f - >&2 || rc=1
-  log "pod phase: $(kubectl -n envtest-on get pod probe -o jsonpath='{.status.phase}') (Pending expected: no scheduler/kubelet)"
+  log "pod phase: $(kubectl -n envtest-on get pod probe -o jsonpath='{.status.phase}') (Pending expected: no Node, no kubelet)"
   kill "$whpid" 2>/dev/null || true; wait "$whpid" 2>/dev/null || true
   kubectl delete mutatingwebhookconfiguration kube-envtest-selftest >&2 || true
   rm -rf "$d"
@@ -401,8 +485,9 @@ case "${1:-}" in
   install)  cmd_install ;;
   start)    cmd_start ;;
   stop)     cmd_stop ;;
-  status)   apiserver_ready && { echo "running: $RUN/kubeconfig"; exit 0; } || { echo "not running"; exit 1; } ;;
+  status)   apiserver_ready && { echo "running: $(cat "$RUN/version" 2>/dev/null) $RUN/kubeconfig"; exit 0; } || { echo "not running ($VERSION)"; exit 1; } ;;
   env)      echo "export KUBECONFIG=$RUN/kubeconfig" ;;
+  run-dir)  echo "$RUN" ;;
   selftest) cmd_selftest ;;
-  *) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,45p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

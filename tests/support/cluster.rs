@@ -81,11 +81,11 @@ impl TestNamespace {
         annotations: BTreeMap<String, String>,
     ) -> Self {
         let name = unique("vjh");
-        let mut labels = BTreeMap::from([
-            // v1.20 does not add this label by itself.
-            ("kubernetes.io/metadata.name".to_owned(), name.clone()),
-            (TEST_LABEL.to_owned(), run_label.to_owned()),
-        ]);
+        let mut labels = BTreeMap::from([(TEST_LABEL.to_owned(), run_label.to_owned())]);
+        if server_minor(client).await < 21 {
+            // Before v1.21 the API server does not add this label itself.
+            labels.insert("kubernetes.io/metadata.name".to_owned(), name.clone());
+        }
         if opted_in {
             labels.insert(
                 velero_jupyterhub::names::NAMESPACE_ENABLED.to_owned(),
@@ -128,8 +128,26 @@ impl TestNamespace {
     }
 }
 
-/// Applies Velero's CRDs (tests/fixtures/velero-crds, minus BackupStorageLocation, which
-/// v1.20 rejects) and waits until they are established. Idempotent.
+/// The API server's minor version (20 for the v1.20 test server, 37 for current).
+pub async fn server_minor(client: &Client) -> u32 {
+    static MINOR: tokio::sync::OnceCell<u32> = tokio::sync::OnceCell::const_new();
+    *MINOR
+        .get_or_init(|| async {
+            let info = client
+                .apiserver_version()
+                .await
+                .expect("API server version");
+            info.minor
+                .trim_end_matches('+')
+                .parse()
+                .unwrap_or_else(|_| panic!("minor version {:?}", info.minor))
+        })
+        .await
+}
+
+/// Applies Velero's CRDs (tests/fixtures/velero-crds; BackupStorageLocation only from
+/// v1.21: v1.20 rejects its `default: ""`) and waits until they are established.
+/// Idempotent.
 pub async fn install_velero_crds(client: &Client) {
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
     let dir = super::fixtures::path("velero-crds");
@@ -141,7 +159,8 @@ pub async fn install_velero_crds(client: &Client) {
             .and_then(|f| f.to_str())
             .unwrap_or_default()
             .to_owned();
-        if !file.ends_with(".yaml") || file.contains("backupstoragelocations") {
+        let old_server = server_minor(client).await < 21;
+        if !file.ends_with(".yaml") || (old_server && file.contains("backupstoragelocations")) {
             continue;
         }
         for doc in super::fixtures::yaml_docs(&format!("velero-crds/{file}")) {
@@ -294,21 +313,35 @@ impl Webhook {
     /// Registers (again) from manifests/webhook.yaml: url and caBundle of this server,
     /// namespaceSelector narrowed to this test's namespaces.
     pub async fn register(&self) {
-        let url = format!("https://{}/mutate/live", self.server.addr);
-        let ca = self.server.ca_pem.as_deref().expect("ca");
-        self.register_at(&url, ca).await;
+        self.register_at(&self.url(), self.ca_pem()).await;
         self.wait_until_called(true).await;
+    }
+
+    /// This server's admission URL (the live entry) and CA.
+    pub fn url(&self) -> String {
+        format!("https://{}/mutate/live", self.server.addr)
+    }
+
+    pub fn ca_pem(&self) -> &str {
+        self.server.ca_pem.as_deref().expect("ca")
     }
 
     /// Registers this test's configuration with another endpoint (a stand-in server, a
     /// black hole), without waiting for the API server to use it.
     pub async fn register_at(&self, url: &str, ca_pem: &str) {
+        self.register_edited(url, ca_pem, |_| ()).await;
+    }
+
+    /// Registers this test's configuration with `edit` applied to each webhook entry
+    /// (e.g. `matchConditions`), without waiting for the API server to use it.
+    pub async fn register_edited(&self, url: &str, ca_pem: &str, edit: impl Fn(&mut Value)) {
         let mut wh = manifest("MutatingWebhookConfiguration", "velero-jupyterhub");
         wh["metadata"]["name"] = self.configuration.clone().into();
         let ca = base64::engine::general_purpose::STANDARD.encode(ca_pem);
         for hook in wh["webhooks"].as_array_mut().expect("webhooks") {
             hook["clientConfig"] = json!({"url": url, "caBundle": ca});
             hook["namespaceSelector"]["matchLabels"][TEST_LABEL] = self.run_label.clone().into();
+            edit(hook);
         }
         let api: Api<MutatingWebhookConfiguration> = Api::all(self.client.clone());
         api.patch(
