@@ -6,10 +6,13 @@
 //! the `velero-jupyterhub` crate) only feed it and carry its answers out.
 
 pub mod claims;
+pub mod helper;
 pub mod live;
 pub mod names;
 pub mod namespace;
 pub mod pod;
+pub mod selector;
+pub mod velero;
 pub mod volume_list;
 
 pub use claims::{ClaimGlobs, ClaimGlobsError};

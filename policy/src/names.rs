@@ -12,12 +12,20 @@ pub const VELERO_BACKUP_VOLUMES: &str = "backup.velero.io/backup-volumes";
 pub const VELERO_BACKUP_VOLUMES_EXCLUDES: &str = "backup.velero.io/backup-volumes-excludes";
 /// Set by Velero on every object it re-creates in a restore, before the create call.
 pub const VELERO_RESTORE_NAME: &str = "velero.io/restore-name";
+/// On a Backup a Schedule created (pkg/builder/backup_builder.go `FromSchedule`).
+pub const VELERO_SCHEDULE_NAME: &str = "velero.io/schedule-name";
+/// On a PodVolumeBackup: the Backup it belongs to.
+pub const VELERO_BACKUP_NAME: &str = "velero.io/backup-name";
+/// Annotation on a PodVolumeBackup: the claim of the volume it copies.
+pub const VELERO_PVC_NAME: &str = "velero.io/pvc-name";
 
 // --- KubeSpawner / zero-to-jupyterhub -------------------------------------------------
 
 /// KubeSpawner's component label (all versions) and its value for user servers.
 pub const JUPYTERHUB_COMPONENT: &str = "component";
 pub const SINGLEUSER_SERVER: &str = "singleuser-server";
+/// KubeSpawner's username label, on user pods and their claims.
+pub const JUPYTERHUB_USERNAME: &str = "hub.jupyter.org/username";
 
 // --- velero-jupyterhub ----------------------------------------------------------------
 
@@ -27,6 +35,16 @@ pub const NAMESPACE_ENABLED: &str = "velero-jupyterhub.io/enabled";
 pub const NAMESPACE_CLAIMS: &str = "velero-jupyterhub.io/claims";
 /// Pod annotation: `true` leaves the pod alone.
 pub const POD_SKIP: &str = "velero-jupyterhub.io/skip";
+/// Pods we create or convert: `app.kubernetes.io/managed-by=velero-jupyterhub`, and
+/// `app.kubernetes.io/component` says which kind.
+pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+pub const MANAGED_BY_US: &str = "velero-jupyterhub";
+pub const COMPONENT: &str = "app.kubernetes.io/component";
+pub const BACKUP_HELPER: &str = "backup-helper";
+pub const RESTORE_HELPER: &str = "restore-helper";
+/// Annotation on a backup helper: the claim it mounts (claim names can be longer than a
+/// label value may be).
+pub const HELPER_CLAIM: &str = "velero-jupyterhub.io/claim";
 /// Default for `--claims`: KubeSpawner's `claim-{user_server}`.
 pub const DEFAULT_CLAIM_GLOBS: &str = "claim-*";
 
@@ -45,8 +63,53 @@ pub fn is_dns1123_label(s: &str) -> bool {
         && b.last().is_some_and(edge)
 }
 
+/// A label value: empty, or up to 63 characters of `A-Za-z0-9-_.` that start and end
+/// with a letter or digit.
+pub fn is_label_value(s: &str) -> bool {
+    let b = s.as_bytes();
+    let inner = |c: &u8| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.');
+    b.is_empty()
+        || (b.len() <= 63
+            && b.iter().all(inner)
+            && b.first().is_some_and(u8::is_ascii_alphanumeric)
+            && b.last().is_some_and(u8::is_ascii_alphanumeric))
+}
+
+/// A label key: an optional DNS-subdomain prefix (≤ 253) and `/`, then a name that is a
+/// non-empty label value.
+pub fn is_label_key(s: &str) -> bool {
+    let (prefix, name) = match s.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, s),
+    };
+    !name.is_empty()
+        && is_label_value(name)
+        && prefix.is_none_or(|p| p.len() <= 253 && p.split('.').all(is_dns1123_label))
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn label_keys_and_values() {
+        for ok in ["", "a", "A.b_c-1", &"x".repeat(63)] {
+            assert!(super::is_label_value(ok), "{ok:?}");
+        }
+        for bad in ["-a", "a-", "a b", "a/b", "ä", &"x".repeat(64)] {
+            assert!(!super::is_label_value(bad), "{bad:?}");
+        }
+        for ok in [
+            "app",
+            "app.kubernetes.io/component",
+            "hub.jupyter.org/username",
+            "a/B_c",
+        ] {
+            assert!(super::is_label_key(ok), "{ok:?}");
+        }
+        for bad in ["", "/a", "a/", "a/b/c", "Hub.org/x", "-x", "a..b/c"] {
+            assert!(!super::is_label_key(bad), "{bad:?}");
+        }
+    }
+
     #[test]
     fn dns1123_labels() {
         let long = "a".repeat(63);

@@ -1,0 +1,241 @@
+//! The backup helper: a tiny pod that mounts an idle user's claim so Velero's
+//! file-system backup, which copies only volumes of Running pods, copies it (SPEC §3.3).
+//!
+//! Everything here is deterministic: the same claim and options give the same pod, so a
+//! second controller (or a restarted one) asks for the same name and cannot duplicate it.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec,
+    ResourceRequirements, SeccompProfile, SecurityContext, Toleration, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+
+use crate::names;
+
+/// What `controller` flags say about every helper.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HelperOptions {
+    /// A pause-like image (`--helper-image`): it must run as a non-root user and do nothing.
+    pub image: String,
+    pub tolerations: Vec<Toleration>,
+    pub node_selector: BTreeMap<String, String>,
+}
+
+/// The user claim a helper mounts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClaimRef<'a> {
+    pub namespace: &'a str,
+    pub name: &'a str,
+    pub uid: &'a str,
+    /// The claim's `hub.jupyter.org/username` label, copied to the helper.
+    pub username: Option<&'a str>,
+}
+
+/// The helper's only volume, as named in its backup annotation. Velero matches a restore
+/// to the backup by pod name, namespace and volume name, so this never changes.
+pub const VOLUME: &str = "data";
+const MOUNT_PATH: &str = "/data";
+const NAME_PREFIX: &str = "vjh-backup-";
+/// The pause image's own user (`65535:65535`), set explicitly so `runAsNonRoot` holds.
+const USER: i64 = 65535;
+
+/// The helper's pod name: `vjh-backup-<claim>`, or, when that is longer than 63
+/// characters, its first 54 followed by `-` and 8 hex digits of a hash of the claim name.
+pub fn helper_name(claim: &str) -> String {
+    let full = format!("{NAME_PREFIX}{claim}");
+    if full.len() <= 63 {
+        return full;
+    }
+    let head = full[..54].trim_end_matches(['-', '.']);
+    format!("{head}-{:08x}", fnv1a32(claim.as_bytes()))
+}
+
+/// FNV-1a, 32 bits: stable across versions and platforms (std's hashers are not).
+fn fnv1a32(bytes: &[u8]) -> u32 {
+    bytes.iter().fold(0x811c_9dc5, |h, b| {
+        (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
+    })
+}
+
+/// Our helpers' own labels (before any a Schedule's selector adds).
+pub fn own_labels(username: Option<&str>) -> BTreeMap<String, String> {
+    let mut labels = BTreeMap::from([
+        (
+            names::MANAGED_BY.to_owned(),
+            names::MANAGED_BY_US.to_owned(),
+        ),
+        (names::COMPONENT.to_owned(), names::BACKUP_HELPER.to_owned()),
+    ]);
+    if let Some(user) = username.filter(|u| names::is_label_value(u)) {
+        labels.insert(names::JUPYTERHUB_USERNAME.to_owned(), user.to_owned());
+    }
+    labels
+}
+
+/// The backup helper pod for `claim`, carrying `labels` (our own plus what the
+/// Schedules' selectors need). Passes the Pod Security `restricted` profile.
+pub fn backup_helper(
+    claim: &ClaimRef<'_>,
+    labels: BTreeMap<String, String>,
+    options: &HelperOptions,
+) -> Pod {
+    let mount = VolumeMount {
+        name: VOLUME.to_owned(),
+        mount_path: MOUNT_PATH.to_owned(),
+        read_only: Some(true),
+        ..Default::default()
+    };
+    let container = Container {
+        name: "helper".to_owned(),
+        image: Some(options.image.clone()),
+        image_pull_policy: Some("IfNotPresent".to_owned()),
+        resources: Some(ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                ("cpu".to_owned(), Quantity("1m".to_owned())),
+                ("memory".to_owned(), Quantity("8Mi".to_owned())),
+            ])),
+            limits: Some(BTreeMap::from([(
+                "memory".to_owned(),
+                Quantity("32Mi".to_owned()),
+            )])),
+            ..Default::default()
+        }),
+        security_context: Some(restricted_container()),
+        volume_mounts: Some(vec![mount]),
+        ..Default::default()
+    };
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(helper_name(claim.name)),
+            namespace: Some(claim.namespace.to_owned()),
+            labels: Some(labels),
+            annotations: Some(BTreeMap::from([
+                (names::VELERO_BACKUP_VOLUMES.to_owned(), VOLUME.to_owned()),
+                (names::HELPER_CLAIM.to_owned(), claim.name.to_owned()),
+            ])),
+            // Deleting the claim deletes its helper (no blockOwnerDeletion: that would
+            // need rights on the claim's finalizers).
+            owner_references: Some(vec![OwnerReference {
+                api_version: "v1".to_owned(),
+                kind: "PersistentVolumeClaim".to_owned(),
+                name: claim.name.to_owned(),
+                uid: claim.uid.to_owned(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        },
+        spec: Some(PodSpec {
+            containers: vec![container],
+            volumes: Some(vec![Volume {
+                name: VOLUME.to_owned(),
+                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                    claim_name: claim.name.to_owned(),
+                    read_only: Some(true),
+                }),
+                ..Default::default()
+            }]),
+            automount_service_account_token: Some(false),
+            enable_service_links: Some(false),
+            security_context: Some(restricted_pod()),
+            termination_grace_period_seconds: Some(0),
+            tolerations: (!options.tolerations.is_empty()).then(|| options.tolerations.clone()),
+            node_selector: (!options.node_selector.is_empty())
+                .then(|| options.node_selector.clone()),
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+/// Pod Security `restricted`, pod level: non-root, RuntimeDefault seccomp.
+pub fn restricted_pod() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(USER),
+        run_as_group: Some(USER),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".to_owned(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Pod Security `restricted`, container level: no privilege escalation, no
+/// capabilities, read-only root file system.
+pub fn restricted_container() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".to_owned()]),
+            ..Default::default()
+        }),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pod::PodFacts;
+
+    #[test]
+    fn names_are_short_stable_and_distinct() {
+        assert_eq!(helper_name("claim-alice"), "vjh-backup-claim-alice");
+        let long_a = format!("claim-{}", "a".repeat(60));
+        let long_b = format!("claim-{}b", "a".repeat(59));
+        let (a, b) = (helper_name(&long_a), helper_name(&long_b));
+        assert!(a.len() <= 63 && b.len() <= 63, "{a} {b}");
+        assert_ne!(a, b, "same prefix, different claims");
+        assert_eq!(a, helper_name(&long_a), "deterministic");
+        // The hash must not change between versions (names are identities): FNV-1a's
+        // published test vector for "a", and one of ours.
+        assert_eq!(fnv1a32(b"a"), 0xe40c_292c);
+        assert_eq!(fnv1a32(b"claim-alice"), 0xd9d7_166e);
+        // A cut that would end in '-' or '.' is trimmed: the name stays a DNS subdomain.
+        let dotted = format!("{}.{}", "b".repeat(42), "c".repeat(30));
+        let n = helper_name(&dotted);
+        assert!(!n.contains(".-"), "{n}");
+    }
+
+    #[test]
+    fn helper_is_annotated_read_only_and_restricted() {
+        let claim = ClaimRef {
+            namespace: "jhub",
+            name: "claim-alice",
+            uid: "u-1",
+            username: Some("alice"),
+        };
+        let options = HelperOptions {
+            image: "registry.k8s.io/pause:3.10".to_owned(),
+            tolerations: vec![],
+            node_selector: BTreeMap::new(),
+        };
+        let pod = backup_helper(&claim, own_labels(claim.username), &options);
+        assert_eq!(pod.annotation(names::VELERO_BACKUP_VOLUMES), Some(VOLUME));
+        assert!(pod.mounted_by_container(VOLUME));
+        assert_eq!(
+            pod.volumes().collect::<Vec<_>>(),
+            vec![(VOLUME, Some("claim-alice"))]
+        );
+        assert_eq!(pod.label(names::JUPYTERHUB_USERNAME), Some("alice"));
+        assert_eq!(pod.label(names::COMPONENT), Some(names::BACKUP_HELPER));
+        let spec = pod.spec.as_ref().unwrap();
+        assert_eq!(spec.automount_service_account_token, Some(false));
+        assert_eq!(spec.tolerations, None);
+        let c = &spec.containers[0];
+        assert_eq!(c.volume_mounts.as_ref().unwrap()[0].read_only, Some(true));
+        let owner = &pod.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.uid.as_str()),
+            ("PersistentVolumeClaim", "u-1")
+        );
+        // A username that is not a valid label value is left out, not sent to fail.
+        assert!(!own_labels(Some("alice smith")).contains_key(names::JUPYTERHUB_USERNAME));
+    }
+}

@@ -1,0 +1,163 @@
+//! The parts of Velero's objects our decisions read (Velero v1.18 CRDs), as plain data:
+//! unknown fields are ignored, so the edge keeps only these in memory.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, Time};
+use serde::Deserialize;
+
+/// `Schedule.spec`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ScheduleSpec {
+    /// A robfig/cron v3 `ParseStandard` expression.
+    pub schedule: String,
+    pub paused: bool,
+    pub template: BackupTemplate,
+}
+
+/// The part of a Backup spec (a Schedule's `template`) that decides which pods it covers.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct BackupTemplate {
+    pub included_namespaces: Option<Vec<String>>,
+    pub excluded_namespaces: Option<Vec<String>>,
+    pub label_selector: Option<LabelSelector>,
+    pub or_label_selectors: Option<Vec<LabelSelector>>,
+}
+
+/// `Schedule.status`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ScheduleStatus {
+    pub phase: Option<String>,
+    pub last_backup: Option<Time>,
+    pub last_skipped: Option<Time>,
+}
+
+/// `Backup.status` (its spec is not needed).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct BackupStatus {
+    pub phase: Option<String>,
+}
+
+/// `PodVolumeBackup.spec`: which pod's volume it copies.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct PodVolumeBackupSpec {
+    pub pod: PodRef,
+    pub volume: String,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+}
+
+/// `PodVolumeBackup.status`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct PodVolumeBackupStatus {
+    pub phase: Option<String>,
+    pub progress: Progress,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Progress {
+    pub total_bytes: Option<i64>,
+    pub bytes_done: Option<i64>,
+}
+
+/// Backup phases after which Velero does nothing more with it
+/// (pkg/apis/velero/v1/backup_types.go). `Deleting` ends it too: it is going away.
+pub fn backup_is_terminal(phase: Option<&str>) -> bool {
+    matches!(
+        phase,
+        Some("Completed" | "PartiallyFailed" | "Failed" | "FailedValidation" | "Deleting")
+    )
+}
+
+/// PodVolumeBackup phases after which its volume is no longer read
+/// (pkg/apis/velero/v1/pod_volume_backup_types.go).
+pub fn pod_volume_backup_is_terminal(phase: Option<&str>) -> bool {
+    matches!(phase, Some("Completed" | "Failed" | "Canceled"))
+}
+
+impl BackupTemplate {
+    /// Whether a Backup from this template includes `namespace`, as Velero decides it
+    /// (pkg/util/collections/includes_excludes.go `IncludesExcludes.ShouldInclude`):
+    /// excludes first, then an empty include list, `*`, or a matching glob. Velero's
+    /// globs are gobwas/glob patterns; namespace names have no separators, so `*`, `?`
+    /// and `[...]` mean the same here (`{a,b}` alternatives are not supported: such a
+    /// pattern matches nothing, as an invalid pattern does in Velero).
+    pub fn covers_namespace(&self, namespace: &str) -> bool {
+        let matches = |patterns: &Option<Vec<String>>| {
+            patterns.iter().flatten().any(|p| {
+                glob::Pattern::new(p).is_ok_and(|g| g.matches(namespace)) && !p.contains('{')
+            })
+        };
+        if matches(&self.excluded_namespaces) {
+            return false;
+        }
+        let includes = self.included_namespaces.as_deref().unwrap_or_default();
+        includes.is_empty()
+            || includes.iter().any(|p| p == "*")
+            || matches(&self.included_namespaces)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn namespace_coverage_like_velero() {
+        let t = |inc: &[&str], exc: &[&str]| BackupTemplate {
+            included_namespaces: Some(inc.iter().map(|s| s.to_string()).collect()),
+            excluded_namespaces: Some(exc.iter().map(|s| s.to_string()).collect()),
+            ..Default::default()
+        };
+        let cases: &[(&[&str], &[&str], &str, bool)] = &[
+            (&[], &[], "jhub", true),
+            (&["*"], &[], "jhub", true),
+            (&["jhub"], &[], "jhub", true),
+            (&["other"], &[], "jhub", false),
+            (&["jhub-*"], &[], "jhub-prod", true),
+            (&["jhub-*"], &[], "jhub", false),
+            (&["j?ub"], &[], "jhub", true),
+            (&["*"], &["jhub"], "jhub", false),
+            (&[], &["kube-*"], "jhub", true),
+            (&[], &["kube-*"], "kube-system", false),
+            (&["jhub"], &["jhub"], "jhub", false),
+            (&["{jhub,other}"], &[], "jhub", false),
+        ];
+        for (inc, exc, ns, want) in cases {
+            assert_eq!(
+                t(inc, exc).covers_namespace(ns),
+                *want,
+                "{inc:?} {exc:?} {ns}"
+            );
+        }
+        assert!(BackupTemplate::default().covers_namespace("jhub"));
+    }
+
+    #[test]
+    fn reads_velero_objects() {
+        let spec: ScheduleSpec = serde_json::from_value(serde_json::json!({
+            "schedule": "CRON_TZ=Europe/Berlin 0 3 * * *",
+            "template": {"includedNamespaces": ["jhub"], "ttl": "720h0m0s",
+                         "labelSelector": {"matchLabels": {"backup": "homes"}}},
+            "useOwnerReferencesInBackup": false
+        }))
+        .unwrap();
+        assert!(!spec.paused);
+        assert!(spec.template.covers_namespace("jhub"));
+        assert!(spec.template.label_selector.is_some());
+        assert!(backup_is_terminal(Some("PartiallyFailed")));
+        assert!(!backup_is_terminal(Some("InProgress")));
+        assert!(!backup_is_terminal(None));
+    }
+}
