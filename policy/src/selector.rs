@@ -84,7 +84,7 @@ fn satisfy(
     let current = |extra: &BTreeMap<String, String>, key: &str| -> Option<String> {
         ours.get(key).or_else(|| extra.get(key)).cloned()
     };
-    let mut add = |extra: &mut BTreeMap<String, String>, key: &str, value: &str, why: &str| {
+    let add = |extra: &mut BTreeMap<String, String>, key: &str, value: &str, why: &str| {
         if !names::is_label_key(key) || !names::is_label_value(value) {
             return Err(SelectorProblem::InvalidLabel {
                 key: key.to_owned(),
