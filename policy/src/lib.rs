@@ -6,14 +6,18 @@
 //! the `velero-jupyterhub` crate) only feed it and carry its answers out.
 
 pub mod claims;
+pub mod cron;
 pub mod helper;
+pub mod lease;
 pub mod live;
 pub mod names;
 pub mod namespace;
+pub mod plan;
 pub mod pod;
 pub mod selector;
 pub mod velero;
 pub mod volume_list;
+pub mod window;
 
 pub use claims::{ClaimGlobs, ClaimGlobsError};
 pub use live::{LiveDecision, LiveVerdict, VolumeReason, VolumeReport, decide_live};

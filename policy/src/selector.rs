@@ -14,6 +14,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelecto
 
 use crate::names;
 
+/// Labels a selector can never make us add: KubeSpawner's `component` (KubeSpawner and
+/// our webhook would take the helper for a user server) and the username (each helper
+/// carries its own claim's, or none).
+const RESERVED: [&str; 2] = [names::JUPYTERHUB_COMPONENT, names::JUPYTERHUB_USERNAME];
+
 /// Why no set of labels can make our helpers match a Schedule's selectors.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SelectorProblem {
@@ -85,6 +90,14 @@ fn satisfy(
         ours.get(key).or_else(|| extra.get(key)).cloned()
     };
     let add = |extra: &mut BTreeMap<String, String>, key: &str, value: &str, why: &str| {
+        if RESERVED.contains(&key) {
+            return Err(SelectorProblem::Conflict {
+                key: key.to_owned(),
+                reason: format!(
+                    "{why} {value:?}, a label our helpers must never carry (it would make them look like a user's server, or another user's)"
+                ),
+            });
+        }
         if !names::is_label_key(key) || !names::is_label_value(value) {
             return Err(SelectorProblem::InvalidLabel {
                 key: key.to_owned(),
@@ -289,6 +302,22 @@ mod tests {
                     json!({"matchLabels": {"backup": "homes"}}),
                 ]),
                 Ok(vec![("backup", "homes")]),
+            ),
+            (
+                "never KubeSpawner's component label (the fixture Schedule's first orLabelSelector)",
+                None,
+                Some(vec![
+                    json!({"matchLabels": {"component": "singleuser-server"}}),
+                    json!({"matchLabels": {"backup": "homes"}}),
+                ]),
+                Ok(vec![("backup", "homes")]),
+            ),
+            (
+                "never a username",
+                Some(json!({"matchExpressions": [
+                    {"key": "hub.jupyter.org/username", "operator": "Exists"}]})),
+                None,
+                Err("Conflict"),
             ),
             (
                 "orLabelSelectors: none can be met",

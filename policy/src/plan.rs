@@ -1,0 +1,307 @@
+//! The reconciler's plan (SPEC §3.3, issue 8 items 2–4): given the opted-in namespaces,
+//! their claims and pods, the open backup windows and the PodVolumeBackups, which backup
+//! helpers must be created, which must go and why, and which live user pods need their
+//! annotation backfilled. The edge applies the plan; applying it and planning again gives
+//! an empty plan (no writes in steady state).
+
+use std::collections::{BTreeMap, HashMap};
+
+use k8s_openapi::api::core::v1::Pod;
+
+use crate::claims::ClaimGlobs;
+use crate::helper::{self, ClaimRef, HelperOptions};
+use crate::live::{LiveVerdict, decide_live};
+use crate::names;
+use crate::pod::PodFacts;
+use crate::velero;
+use crate::window::NamespaceWindow;
+
+/// A PersistentVolumeClaim as the plan needs it.
+#[derive(Clone, Copy, Debug)]
+pub struct ClaimView<'a> {
+    pub namespace: &'a str,
+    pub name: &'a str,
+    pub uid: &'a str,
+    /// `status.phase == Bound`: only a bound claim can be mounted.
+    pub bound: bool,
+    pub username: Option<&'a str>,
+}
+
+/// A PodVolumeBackup as the plan needs it.
+#[derive(Clone, Copy, Debug)]
+pub struct PvbView<'a> {
+    /// Its `velero.io/backup-name` label.
+    pub backup: &'a str,
+    pub pod_namespace: &'a str,
+    pub pod_uid: &'a str,
+    pub phase: Option<&'a str>,
+}
+
+/// An opted-in namespace and its claim globs.
+#[derive(Clone, Copy, Debug)]
+pub struct NamespaceView<'a> {
+    pub name: &'a str,
+    pub claims: &'a ClaimGlobs,
+}
+
+pub struct PlanInput<'a> {
+    pub namespaces: &'a [NamespaceView<'a>],
+    pub claims: &'a [ClaimView<'a>],
+    /// Pods of the opted-in namespaces (others are ignored).
+    pub pods: &'a [&'a Pod],
+    /// Open windows by namespace (`window::windows`).
+    pub windows: &'a BTreeMap<String, NamespaceWindow>,
+    pub pvbs: &'a [PvbView<'a>],
+    pub helper: &'a HelperOptions,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Plan {
+    pub create: Vec<Pod>,
+    pub delete: Vec<Deletion>,
+    pub backfill: Vec<Backfill>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.create.is_empty() && self.delete.is_empty() && self.backfill.is_empty()
+    }
+}
+
+/// A helper to delete (with its uid as a precondition: never someone else's pod).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Deletion {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub claim: String,
+    pub reason: DeleteReason,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeleteReason {
+    /// A user pod needs the claim and is not on the helper's node (or either is not
+    /// scheduled): the user wins, at once.
+    UserStarted,
+    /// A user pod shares the helper's node, and the helper's PodVolumeBackup is done.
+    BackedUpUserRunning,
+    /// No backup window is open in its namespace any more.
+    WindowClosed,
+    /// Its claim is gone, unbound, no longer a user claim, or its namespace opted out.
+    NotIdleUserClaim,
+    /// Another helper holds the same claim (e.g. one named by an older version).
+    Duplicate,
+    /// It stopped (Succeeded/Failed): a new one takes its place.
+    Stopped,
+}
+
+impl DeleteReason {
+    /// Delete with grace period 0: the user is waiting for the volume.
+    pub fn immediate(self) -> bool {
+        matches!(self, Self::UserStarted)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::UserStarted => "user_started",
+            Self::BackedUpUserRunning => "backed_up_user_running",
+            Self::WindowClosed => "window_closed",
+            Self::NotIdleUserClaim => "not_an_idle_user_claim",
+            Self::Duplicate => "duplicate",
+            Self::Stopped => "stopped",
+        }
+    }
+}
+
+/// A live user pod whose `backup.velero.io/backup-volumes` misses volumes the webhook
+/// would have listed (it was down, or the namespace opted in later).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Backfill {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    /// The pod's resourceVersion: the patch applies only to the pod as it was read.
+    pub resource_version: String,
+    pub value: String,
+}
+
+fn is_backup_helper<P: PodFacts>(pod: &P) -> bool {
+    pod.label(names::MANAGED_BY) == Some(names::MANAGED_BY_US)
+        && pod.label(names::COMPONENT) == Some(names::BACKUP_HELPER)
+}
+
+fn is_stopped(pod: &Pod) -> bool {
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    matches!(phase, Some("Succeeded" | "Failed"))
+}
+
+fn node(pod: &Pod) -> Option<&str> {
+    pod.spec.as_ref()?.node_name.as_deref()
+}
+
+fn meta(pod: &Pod) -> (&str, &str, &str) {
+    let m = &pod.metadata;
+    (
+        m.namespace.as_deref().unwrap_or_default(),
+        m.name.as_deref().unwrap_or_default(),
+        m.uid.as_deref().unwrap_or_default(),
+    )
+}
+
+/// The claim a backup helper holds: its annotation, else its one claim volume.
+fn helper_claim(pod: &Pod) -> Option<&str> {
+    pod.annotation(names::HELPER_CLAIM)
+        .or_else(|| pod.volumes().find_map(|(_, claim)| claim))
+}
+
+pub fn plan(input: &PlanInput<'_>) -> Plan {
+    let mut out = Plan::default();
+    let globs: HashMap<&str, &ClaimGlobs> = input
+        .namespaces
+        .iter()
+        .map(|n| (n.name, n.claims))
+        .collect();
+
+    // Who mounts what: (namespace, claim) → the live pods that are not backup helpers.
+    let mut users: HashMap<(&str, &str), Vec<&Pod>> = HashMap::new();
+    let mut helpers: HashMap<(&str, &str), Vec<&Pod>> = HashMap::new();
+    for pod in input.pods.iter().copied() {
+        let (ns, _, _) = meta(pod);
+        if !globs.contains_key(ns) {
+            continue;
+        }
+        if is_backup_helper(pod) {
+            if let Some(claim) = helper_claim(pod) {
+                helpers.entry((ns, claim)).or_default().push(pod);
+            }
+            continue;
+        }
+        if is_stopped(pod) {
+            continue;
+        }
+        for (_, claim) in pod.volumes() {
+            if let Some(claim) = claim {
+                users.entry((ns, claim)).or_default().push(pod);
+            }
+        }
+        backfill(pod, globs[ns], &mut out.backfill);
+    }
+    let done = |ns: &str, uid: &str, window: &NamespaceWindow| {
+        input.pvbs.iter().any(|p| {
+            p.pod_namespace == ns
+                && p.pod_uid == uid
+                && window.backups.iter().any(|b| b == p.backup)
+                && velero::pod_volume_backup_is_terminal(p.phase)
+        })
+    };
+
+    // Existing helpers: keep, or delete and say why.
+    let claims: HashMap<(&str, &str), &ClaimView<'_>> = input
+        .claims
+        .iter()
+        .map(|c| ((c.namespace, c.name), c))
+        .collect();
+    for (&(ns, claim_name), pods) in &helpers {
+        let wanted_name = helper::helper_name(claim_name);
+        let user_claim = claims
+            .get(&(ns, claim_name))
+            .is_some_and(|c| c.bound && globs.get(ns).is_some_and(|g| g.matches(claim_name)));
+        let window = input.windows.get(ns);
+        // The one to keep: the one with our name, else the first.
+        let keep = pods
+            .iter()
+            .position(|p| meta(p).1 == wanted_name)
+            .unwrap_or(0);
+        for (i, pod) in pods.iter().enumerate() {
+            let (_, name, uid) = meta(pod);
+            let reason = if i != keep {
+                Some(DeleteReason::Duplicate)
+            } else if !user_claim {
+                Some(DeleteReason::NotIdleUserClaim)
+            } else if is_stopped(pod) {
+                Some(DeleteReason::Stopped)
+            } else if let Some(window) = window {
+                let live = users.get(&(ns, claim_name)).map(Vec::as_slice);
+                let helper_node = node(pod);
+                match live.unwrap_or_default() {
+                    [] => None,
+                    users
+                        if users
+                            .iter()
+                            .any(|u| helper_node.is_none() || node(u) != helper_node) =>
+                    {
+                        Some(DeleteReason::UserStarted)
+                    }
+                    _ if done(ns, uid, window) => Some(DeleteReason::BackedUpUserRunning),
+                    _ => None,
+                }
+            } else {
+                Some(DeleteReason::WindowClosed)
+            };
+            if let Some(reason) = reason {
+                out.delete.push(Deletion {
+                    namespace: ns.to_owned(),
+                    name: name.to_owned(),
+                    uid: uid.to_owned(),
+                    claim: claim_name.to_owned(),
+                    reason,
+                });
+            }
+        }
+    }
+
+    // Idle user claims in open windows without a helper: create one.
+    for claim in input.claims {
+        let (Some(window), Some(g)) = (
+            input.windows.get(claim.namespace),
+            globs.get(claim.namespace),
+        ) else {
+            continue;
+        };
+        let key = (claim.namespace, claim.name);
+        if !claim.bound
+            || !g.matches(claim.name)
+            || users.contains_key(&key)
+            || helpers.contains_key(&key)
+        {
+            continue;
+        }
+        let mut labels = helper::own_labels(claim.username);
+        for (k, v) in &window.labels {
+            labels.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+        let claim_ref = ClaimRef {
+            namespace: claim.namespace,
+            name: claim.name,
+            uid: claim.uid,
+            username: claim.username,
+        };
+        out.create
+            .push(helper::backup_helper(&claim_ref, labels, input.helper));
+    }
+    out.create
+        .sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    out.delete
+        .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    out.backfill
+        .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    out
+}
+
+/// The webhook's own decision (one shared function), applied to a pod already running.
+fn backfill(pod: &Pod, globs: &ClaimGlobs, out: &mut Vec<Backfill>) {
+    if pod.metadata.deletion_timestamp.is_some() {
+        return;
+    }
+    let decision = decide_live(pod, globs);
+    if let (LiveVerdict::Annotate, Some(value)) = (decision.verdict, decision.new_value) {
+        let (ns, name, uid) = meta(pod);
+        out.push(Backfill {
+            namespace: ns.to_owned(),
+            name: name.to_owned(),
+            uid: uid.to_owned(),
+            resource_version: pod.metadata.resource_version.clone().unwrap_or_default(),
+            value,
+        });
+    }
+}

@@ -1,0 +1,219 @@
+//! Backup windows: when idle users' claims must be mounted so a Schedule's Backup sees
+//! them (SPEC §3.3, issue 8 item 1).
+//!
+//! A window opens `lead` before a Schedule's next tick and closes when the Backup that
+//! Schedule created for the tick is terminal, or `max_window` after it opened. Everything
+//! is derived from the objects as they are now, so a restarted controller (or the other
+//! replica) reaches the same answer without remembering anything.
+//!
+//! Velero's part (pkg/controller/schedule_controller.go, v1.18): the next run is
+//! `cron.Next(t)` from `status.lastBackup`, else the creation time, or `status.lastSkipped`
+//! when that is later (`getNextRunTime`); when due it creates `<name>-<timestamp>` labelled
+//! `velero.io/schedule-name` and sets `lastBackup` to now (`submitBackup`), so the next
+//! tick moves on the moment the Backup exists. Paused Schedules are not run.
+
+use std::collections::BTreeMap;
+
+use jiff::{SignedDuration, Timestamp};
+
+use crate::cron::{CronError, CronSchedule};
+use crate::selector::{self, SelectorProblem};
+use crate::velero::{self, ScheduleSpec, ScheduleStatus};
+
+/// A Schedule as the decision needs it.
+#[derive(Clone, Copy, Debug)]
+pub struct ScheduleView<'a> {
+    pub name: &'a str,
+    pub created: Timestamp,
+    pub spec: &'a ScheduleSpec,
+    pub status: Option<&'a ScheduleStatus>,
+}
+
+/// A Backup as the decision needs it.
+#[derive(Clone, Copy, Debug)]
+pub struct BackupView<'a> {
+    pub name: &'a str,
+    pub created: Timestamp,
+    /// Its `velero.io/schedule-name` label.
+    pub schedule: Option<&'a str>,
+    pub phase: Option<&'a str>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WindowOptions {
+    /// How long before a tick helpers are started (`--lead-time`).
+    pub lead: SignedDuration,
+    /// The longest a window stays open (`--max-window`).
+    pub max: SignedDuration,
+}
+
+/// The open windows of one namespace.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NamespaceWindow {
+    /// The Schedules with a window open over this namespace.
+    pub schedules: Vec<String>,
+    /// The Backups of those windows that exist and are not terminal yet: a helper's
+    /// PodVolumeBackup in one of them is "the current one".
+    pub backups: Vec<String>,
+    /// Labels our helpers need beyond their own so every such Schedule selects them.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Why a Schedule is left out, reported on the Schedule (an Event), never fatal.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ScheduleProblem {
+    Cron(CronError),
+    Selector(SelectorProblem),
+    /// No tick within Velero's horizon (e.g. `0 0 30 2 *`).
+    NeverRuns,
+    /// Its selector needs a label another open Schedule needs with another value.
+    LabelConflict {
+        key: String,
+        other: String,
+    },
+}
+
+impl std::fmt::Display for ScheduleProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Cron(e) => write!(f, "schedule: {e}"),
+            Self::Selector(p) => write!(f, "idle users' helpers cannot match its selector: {p}"),
+            Self::NeverRuns => f.write_str("its schedule has no next run"),
+            Self::LabelConflict { key, other } => write!(
+                f,
+                "its selector needs label {key:?} with another value than Schedule {other:?} needs; its Backups miss idle users"
+            ),
+        }
+    }
+}
+
+/// Windows by namespace, what to wake up for next, and the Schedules left out.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Windows {
+    pub open: BTreeMap<String, NamespaceWindow>,
+    /// The next time a window opens or reaches its `max` (a change no watch reports).
+    pub next_change: Option<Timestamp>,
+    pub problems: Vec<(String, ScheduleProblem)>,
+}
+
+/// One Schedule's window, if open now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Open {
+    backups: Vec<String>,
+}
+
+/// Computes the open windows over `namespaces` (the opted-in ones) at `now`.
+pub fn windows<'a>(
+    namespaces: impl IntoIterator<Item = &'a str> + Clone,
+    schedules: &[ScheduleView<'_>],
+    backups: &[BackupView<'_>],
+    own_labels: &BTreeMap<String, String>,
+    now: Timestamp,
+    options: WindowOptions,
+) -> Windows {
+    let mut out = Windows::default();
+    let mut wake = |t: Timestamp| {
+        if t > now && out.next_change.is_none_or(|n| t < n) {
+            out.next_change = Some(t);
+        }
+    };
+    let mut open_schedules = Vec::new();
+    let mut problems = Vec::new();
+    for s in schedules.iter().filter(|s| !s.spec.paused) {
+        let covered: Vec<&str> = namespaces
+            .clone()
+            .into_iter()
+            .filter(|ns| s.spec.template.covers_namespace(ns))
+            .collect();
+        if covered.is_empty() {
+            continue;
+        }
+        let labels = match selector::labels_to_match(
+            s.spec.template.label_selector.as_ref(),
+            s.spec.template.or_label_selectors.as_deref(),
+            own_labels,
+        ) {
+            Ok(l) => l,
+            Err(p) => {
+                problems.push((s.name.to_owned(), ScheduleProblem::Selector(p)));
+                continue;
+            }
+        };
+        let cron = match CronSchedule::parse(&s.spec.schedule) {
+            Ok(c) => c,
+            Err(e) => {
+                problems.push((s.name.to_owned(), ScheduleProblem::Cron(e)));
+                continue;
+            }
+        };
+        match schedule_window(s, &cron, backups, now, options, &mut wake) {
+            Ok(Some(open)) => open_schedules.push((s.name, covered, labels, open)),
+            Ok(None) => {}
+            Err(p) => problems.push((s.name.to_owned(), p)),
+        }
+    }
+    // By name, so which of two conflicting Schedules is reported does not depend on the
+    // order a watch delivered them in.
+    open_schedules.sort_by_key(|(name, ..)| *name);
+    for (name, covered, labels, open) in open_schedules {
+        for ns in covered {
+            let w = out.open.entry(ns.to_owned()).or_default();
+            let conflict = labels
+                .iter()
+                .find(|(k, v)| w.labels.get(*k).is_some_and(|have| have != *v));
+            if let Some((key, _)) = conflict {
+                let other = w.schedules.first().cloned().unwrap_or_default();
+                let problem = ScheduleProblem::LabelConflict {
+                    key: key.clone(),
+                    other,
+                };
+                if !problems.iter().any(|(n, p)| n == name && *p == problem) {
+                    problems.push((name.to_owned(), problem));
+                }
+                continue;
+            }
+            w.labels.extend(labels.clone());
+            w.schedules.push(name.to_owned());
+            w.backups.extend(open.backups.iter().cloned());
+        }
+    }
+    out.problems = problems;
+    out
+}
+
+/// The window of one Schedule at `now`: open while one of its Backups created less than
+/// `max` ago is not terminal, or from `lead` before its next tick for at most `max`.
+fn schedule_window(
+    s: &ScheduleView<'_>,
+    cron: &CronSchedule,
+    backups: &[BackupView<'_>],
+    now: Timestamp,
+    options: WindowOptions,
+    wake: &mut impl FnMut(Timestamp),
+) -> Result<Option<Open>, ScheduleProblem> {
+    let mut open = None::<Open>;
+    for b in backups.iter().filter(|b| b.schedule == Some(s.name)) {
+        let until = b.created.saturating_add(options.max).unwrap_or(b.created);
+        if !velero::backup_is_terminal(b.phase) && now < until {
+            wake(until);
+            open.get_or_insert_with(|| Open { backups: vec![] })
+                .backups
+                .push(b.name.to_owned());
+        }
+    }
+    let status = s.status.cloned().unwrap_or_default();
+    let mut last = status.last_backup.map_or(s.created, |t| t.0);
+    if let Some(skipped) = status.last_skipped.map(|t| t.0) {
+        last = last.max(skipped);
+    }
+    let tick = cron.next_after(last).ok_or(ScheduleProblem::NeverRuns)?;
+    let opens = tick.saturating_sub(options.lead).unwrap_or(tick);
+    let closes = opens.saturating_add(options.max).unwrap_or(opens);
+    if now < opens {
+        wake(opens);
+    } else if now < closes {
+        wake(closes);
+        open.get_or_insert_with(|| Open { backups: vec![] });
+    }
+    Ok(open)
+}

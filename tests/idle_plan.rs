@@ -1,0 +1,435 @@
+//! Table tests of the reconciler's plan (issue 8 items 2–4) on real object shapes: the
+//! z2jh user pod and its claim (tests/fixtures), our helper pod as `policy::helper`
+//! builds it, and PodVolumeBackups as Velero writes them.
+
+mod support;
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Pod;
+use serde_json::{Value, json};
+use support::fixtures;
+use velero_jupyterhub::names;
+use velero_jupyterhub::policy::helper::{self, ClaimRef, HelperOptions};
+use velero_jupyterhub::policy::plan::{
+    ClaimView, DeleteReason, NamespaceView, PlanInput, PvbView, plan,
+};
+use velero_jupyterhub::policy::window::NamespaceWindow;
+use velero_jupyterhub::policy::{ClaimGlobs, PodFacts};
+
+const NS: &str = "jhub";
+
+fn options() -> HelperOptions {
+    HelperOptions {
+        image: "registry.k8s.io/pause:3.10".to_owned(),
+        tolerations: vec![],
+        node_selector: BTreeMap::new(),
+    }
+}
+
+/// The z2jh user pod of `user`, mounting `claim-<user>`, as a watch shows it.
+fn user_pod(user: &str, node: Option<&str>, phase: &str) -> Pod {
+    let mut pod = fixtures::z2jh_pod();
+    pod["metadata"]["name"] = format!("jupyter-{user}").into();
+    pod["metadata"]["namespace"] = NS.into();
+    pod["metadata"]["uid"] = format!("uid-jupyter-{user}").into();
+    pod["metadata"]["resourceVersion"] = "41".into();
+    pod["metadata"]["annotations"] =
+        json!({(names::VELERO_BACKUP_VOLUMES): format!("volume-{user}")});
+    pod["spec"]["containers"][0]["volumeMounts"][0]["name"] = format!("volume-{user}").into();
+    pod["spec"]["volumes"][0] = json!({"name": format!("volume-{user}"), "persistentVolumeClaim": {"claimName": format!("claim-{user}")}});
+    if let Some(node) = node {
+        pod["spec"]["nodeName"] = node.into();
+    }
+    pod["status"] = json!({"phase": phase});
+    serde_json::from_value(pod).expect("pod")
+}
+
+/// Our helper for `claim-<user>`, as created and then scheduled.
+fn helper_pod(user: &str, node: Option<&str>, phase: &str) -> Pod {
+    let claim = format!("claim-{user}");
+    let uid = format!("uid-{claim}");
+    let claim_ref = ClaimRef {
+        namespace: NS,
+        name: &claim,
+        uid: &uid,
+        username: Some(user),
+    };
+    let mut pod = helper::backup_helper(&claim_ref, helper::own_labels(Some(user)), &options());
+    pod.metadata.uid = Some(format!("uid-helper-{user}"));
+    let spec = pod.spec.as_mut().expect("spec");
+    spec.node_name = node.map(str::to_owned);
+    pod.status = Some(serde_json::from_value(json!({"phase": phase})).expect("status"));
+    pod
+}
+
+struct Case {
+    name: &'static str,
+    pods: Vec<Pod>,
+    /// Users whose claim is Bound (unbound: `!user`).
+    claims: Vec<&'static str>,
+    window: bool,
+    /// (pod uid, backup, phase) of PodVolumeBackups.
+    pvbs: Vec<(&'static str, &'static str, &'static str)>,
+    create: Vec<&'static str>,
+    delete: Vec<(&'static str, DeleteReason)>,
+    backfill: Vec<&'static str>,
+    /// What the next pass creates once this pass's plan is applied (a stopped helper's
+    /// replacement: its name is free only after the deletion).
+    then_create: Vec<&'static str>,
+}
+
+fn run(case: &Case) {
+    let globs = ClaimGlobs::parse("claim-*").expect("globs");
+    let namespaces = [NamespaceView {
+        name: NS,
+        claims: &globs,
+    }];
+    let claim_names: Vec<(String, String, bool, String)> = case
+        .claims
+        .iter()
+        .map(|c| {
+            let (bound, user) = match c.strip_prefix('!') {
+                Some(u) => (false, u),
+                None => (true, *c),
+            };
+            let name = format!("claim-{user}");
+            (format!("uid-{name}"), name, bound, user.to_owned())
+        })
+        .collect();
+    let claims: Vec<ClaimView<'_>> = claim_names
+        .iter()
+        .map(|(uid, name, bound, user)| ClaimView {
+            namespace: NS,
+            name,
+            uid,
+            bound: *bound,
+            username: Some(user),
+        })
+        .collect();
+    let pods: Vec<&Pod> = case.pods.iter().collect();
+    let mut windows = BTreeMap::new();
+    if case.window {
+        windows.insert(
+            NS.to_owned(),
+            NamespaceWindow {
+                schedules: vec!["daily".to_owned()],
+                backups: vec!["daily-20261128030000".to_owned()],
+                labels: BTreeMap::from([("backup".to_owned(), "homes".to_owned())]),
+            },
+        );
+    }
+    let pvbs: Vec<PvbView<'_>> = case
+        .pvbs
+        .iter()
+        .map(|(uid, backup, phase)| PvbView {
+            backup,
+            pod_namespace: NS,
+            pod_uid: uid,
+            phase: Some(phase),
+        })
+        .collect();
+    let options = options();
+    let input = PlanInput {
+        namespaces: &namespaces,
+        claims: &claims,
+        pods: &pods,
+        windows: &windows,
+        pvbs: &pvbs,
+        helper: &options,
+    };
+    let got = plan(&input);
+    let created: Vec<&str> = got
+        .create
+        .iter()
+        .map(|p| p.metadata.name.as_deref().unwrap_or_default())
+        .collect();
+    assert_eq!(created, case.create, "{}: create", case.name);
+    let deleted: Vec<(&str, DeleteReason)> = got
+        .delete
+        .iter()
+        .map(|d| (d.name.as_str(), d.reason))
+        .collect();
+    assert_eq!(deleted, case.delete, "{}: delete", case.name);
+    let backfilled: Vec<&str> = got.backfill.iter().map(|b| b.name.as_str()).collect();
+    assert_eq!(backfilled, case.backfill, "{}: backfill", case.name);
+    for pod in &got.create {
+        // Helpers carry the window's labels, so the Schedule's selector includes them.
+        assert_eq!(pod.label("backup"), Some("homes"), "{}", case.name);
+    }
+
+    // Applying the plan and planning again changes nothing (steady state: no writes).
+    let mut after: Vec<Pod> = case
+        .pods
+        .iter()
+        .filter(|p| {
+            !got.delete
+                .iter()
+                .any(|d| Some(&d.uid) == p.metadata.uid.as_ref())
+        })
+        .cloned()
+        .collect();
+    for mut pod in got.create.clone() {
+        pod.metadata.uid = Some(format!("uid-new-{}", after.len()));
+        after.push(pod);
+    }
+    for b in &got.backfill {
+        let pod = after
+            .iter_mut()
+            .find(|p| p.metadata.name.as_deref() == Some(b.name.as_str()))
+            .expect("backfilled pod");
+        pod.metadata
+            .annotations
+            .get_or_insert_with(BTreeMap::new)
+            .insert(names::VELERO_BACKUP_VOLUMES.to_owned(), b.value.clone());
+    }
+    let pods: Vec<&Pod> = after.iter().collect();
+    let again = plan(&PlanInput {
+        pods: &pods,
+        ..input
+    });
+    let created: Vec<&str> = again
+        .create
+        .iter()
+        .map(|p| p.metadata.name.as_deref().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        created, case.then_create,
+        "{}: second plan creates",
+        case.name
+    );
+    assert!(
+        again.backfill.is_empty(),
+        "{}: second plan backfills",
+        case.name
+    );
+    assert!(
+        again.delete.is_empty(),
+        "{}: second plan deletes {:?}",
+        case.name,
+        again.delete
+    );
+}
+
+fn unannotated(mut pod: Pod) -> Pod {
+    pod.metadata.annotations = None;
+    pod
+}
+
+#[test]
+fn plan_table() {
+    use DeleteReason::*;
+    let cases = vec![
+        Case {
+            name: "idle claims get one helper each while a window is open",
+            pods: vec![],
+            claims: vec!["alice", "bob"],
+            window: true,
+            pvbs: vec![],
+            create: vec!["vjh-backup-claim-alice", "vjh-backup-claim-bob"],
+            delete: vec![],
+            backfill: vec![],
+            then_create: vec![],
+        },
+        Case {
+            name: "no window: no helpers, and existing ones go",
+            pods: vec![helper_pod("alice", Some("node-a"), "Running")],
+            claims: vec!["alice", "bob"],
+            window: false,
+            pvbs: vec![],
+            create: vec![],
+            delete: vec![("vjh-backup-claim-alice", WindowClosed)],
+            backfill: vec![],
+            then_create: vec![],
+        },
+        Case {
+            name: "a live user's claim gets no helper; an unbound claim neither",
+            pods: vec![user_pod("alice", Some("node-a"), "Running")],
+            claims: vec!["alice", "!bob", "carol"],
+            window: true,
+            pvbs: vec![],
+            create: vec!["vjh-backup-claim-carol"],
+            delete: vec![],
+            backfill: vec![],
+            then_create: vec![],
+        },
+        Case {
+            name: "a stopped user pod does not hold the claim",
+            pods: vec![user_pod("alice", Some("node-a"), "Succeeded")],
+            claims: vec!["alice"],
+            window: true,
+            pvbs: vec![],
+            create: vec!["vjh-backup-claim-alice"],
+            delete: vec![],
+            backfill: vec![],
+            then_create: vec![],
+        },
+        Case {
+            name: "the user starts on another node: the helper goes at once",
+            pods: vec![
+                helper_pod("alice", Some("node-a"), "Running"),
+                user_pod("alice", Some("node-b"), "Pending"),
+            ],
+            claims: vec!["alice"],
+            window: true,
+            pvbs: vec![],
+            create: vec![],
+            delete: vec![("vjh-backup-claim-alice", UserStarted)],
+            backfill: vec![],
+            then_create: vec![],
+        },
+        Case {
+            name: "the user's pod is not scheduled yet: the helper goes at once",
+            pods: vec![
+                helper_pod("alice", Some("node-a"), "Running"),
+                user_pod("alice", None, "Pending"),
+            ],
+            claims: vec!["alice"],
+            window: true,
+            pvbs: vec![],
+            create: vec![],
+            delete: vec![("vjh-backup-claim-alice", UserStarted)],
+            backfill: vec![],
+            then_create: vec![],
+        },
+        Case {
+            name: "same node, backup of the helper still running: the helper stays",
+            pods: vec![
+                helper_pod("alice", Some("node-a"), "Running"),
+                user_pod("alice", Some("node-a"), "Running"),
+            ],
+            claims: vec!["alice"],
+            window: true,
+            pvbs: vec![("uid-helper-alice", "daily-20261128030000", "InProgress")],
+            create: vec![],
+            delete: vec![],
+            backfill: vec![],
+            then_create: vec![],
+        },
+        Case {
+            name: "same node, helper's PodVolumeBackup done: the helper goes",
+            pods: vec![
+                helper_pod("alice", Some("node-a"), "Running"),
+                user_pod("alice", Some("node-a"), "Running"),
+            ],
+            claims: vec!["alice"],
+            window: true,
+            pvbs: vec![("uid-helper-alice", "daily-20261128030000", "Completed")],
+            create: vec![],
+            delete: vec![("vjh-backup-claim-alice", BackedUpUserRunning)],
+            backfill: vec![],
+            then_create: vec![],
+        },
+        Case {
+            name: "a PodVolumeBackup of an older Backup does not count",
+            pods: vec![
+                helper_pod("alice", Some("node-a"), "Running"),
+                user_pod("alice", Some("node-a"), "Running"),
+            ],
+            claims: vec!["alice"],
+            window: true,
+            pvbs: vec![("uid-helper-alice", "daily-20261127030000", "Completed")],
+            create: vec![],
+            delete: vec![],
+            backfill: vec![],
+            then_create: vec![],
+        },
+        Case {
+            name: "a stopped helper is replaced (deleted now, created on the next pass)",
+            pods: vec![helper_pod("alice", Some("node-a"), "Failed")],
+            claims: vec!["alice"],
+            window: true,
+            pvbs: vec![],
+            create: vec![],
+            delete: vec![("vjh-backup-claim-alice", Stopped)],
+            backfill: vec![],
+            then_create: vec!["vjh-backup-claim-alice"],
+        },
+        Case {
+            name: "a helper whose claim is gone or unbound goes",
+            pods: vec![
+                helper_pod("alice", Some("node-a"), "Running"),
+                helper_pod("bob", Some("node-a"), "Running"),
+            ],
+            claims: vec!["!bob"],
+            window: true,
+            pvbs: vec![],
+            create: vec![],
+            delete: vec![
+                ("vjh-backup-claim-alice", NotIdleUserClaim),
+                ("vjh-backup-claim-bob", NotIdleUserClaim),
+            ],
+            backfill: vec![],
+            then_create: vec![],
+        },
+        Case {
+            name: "backfill: a live user pod without the annotation",
+            pods: vec![unannotated(user_pod("alice", Some("node-a"), "Running"))],
+            claims: vec!["alice"],
+            window: false,
+            pvbs: vec![],
+            create: vec![],
+            delete: vec![],
+            backfill: vec!["jupyter-alice"],
+            then_create: vec![],
+        },
+        Case {
+            name: "no backfill for stopped pods",
+            pods: vec![unannotated(user_pod("alice", Some("node-a"), "Failed"))],
+            claims: vec!["alice"],
+            window: false,
+            pvbs: vec![],
+            create: vec![],
+            delete: vec![],
+            backfill: vec![],
+            then_create: vec![],
+        },
+    ];
+    for case in &cases {
+        run(case);
+    }
+}
+
+#[test]
+fn a_duplicate_helper_goes_and_ours_stays() {
+    let mut other = helper_pod("alice", Some("node-a"), "Running");
+    other.metadata.name = Some("old-helper-alice".to_owned());
+    other.metadata.uid = Some("uid-old".to_owned());
+    run(&Case {
+        name: "duplicate",
+        pods: vec![other, helper_pod("alice", Some("node-a"), "Running")],
+        claims: vec!["alice"],
+        window: true,
+        pvbs: vec![],
+        create: vec![],
+        delete: vec![("old-helper-alice", DeleteReason::Duplicate)],
+        backfill: vec![],
+        then_create: vec![],
+    });
+}
+
+#[test]
+fn the_backfill_value_is_the_webhooks() {
+    let pod = user_pod("alice", Some("node-a"), "Running");
+    let mut v: Value = serde_json::to_value(&pod).expect("json");
+    v["metadata"]["annotations"] = json!({(names::VELERO_BACKUP_VOLUMES): "scratch"});
+    let pod: Pod = serde_json::from_value(v).expect("pod");
+    let globs = ClaimGlobs::parse("claim-*").expect("globs");
+    let namespaces = [NamespaceView {
+        name: NS,
+        claims: &globs,
+    }];
+    let pods = [&pod];
+    let options = options();
+    let got = plan(&PlanInput {
+        namespaces: &namespaces,
+        claims: &[],
+        pods: &pods,
+        windows: &BTreeMap::new(),
+        pvbs: &[],
+        helper: &options,
+    });
+    // Kept what was there, appended the user's volume: the webhook's merge rule.
+    assert_eq!(got.backfill[0].value, "scratch,volume-alice");
+    assert_eq!(got.backfill[0].resource_version, "41");
+}

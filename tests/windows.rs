@@ -1,0 +1,331 @@
+//! Table tests of backup windows (issue 8 item 1): Schedules and Backups shaped as in
+//! tests/fixtures/velero-backup-schedule-restore.example.yaml, the times Velero's
+//! schedule controller would produce (pkg/controller/schedule_controller.go, v1.18).
+
+mod support;
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use serde_json::{Value, json};
+use support::fixtures;
+use velero_jupyterhub::policy::helper;
+use velero_jupyterhub::policy::velero::{ScheduleSpec, ScheduleStatus};
+use velero_jupyterhub::policy::window::{
+    BackupView, ScheduleProblem, ScheduleView, WindowOptions, windows,
+};
+
+fn ts(s: &str) -> Timestamp {
+    s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
+}
+
+/// The fixture's Schedule, with `edit` applied to its spec.
+fn schedule_spec(edit: impl Fn(&mut Value)) -> ScheduleSpec {
+    let mut doc = fixtures::yaml_docs("velero-backup-schedule-restore.example.yaml")
+        .into_iter()
+        .find(|d| d["kind"] == "Schedule")
+        .expect("a Schedule in the fixture");
+    // Our helpers' labels satisfy a plain matchLabels; the fixture's orLabelSelectors
+    // (KubeSpawner's component, or another helper label) is a case of its own below.
+    let template = doc["spec"]["template"].as_object_mut().expect("template");
+    template.remove("orLabelSelectors");
+    template.insert(
+        "labelSelector".into(),
+        json!({"matchLabels": {"backup": "homes"}}),
+    );
+    edit(&mut doc["spec"]);
+    serde_json::from_value(doc["spec"].clone()).expect("spec")
+}
+
+fn status(last_backup: Option<&str>, last_skipped: Option<&str>) -> ScheduleStatus {
+    serde_json::from_value(
+        json!({"phase": "Enabled", "lastBackup": last_backup, "lastSkipped": last_skipped}),
+    )
+    .expect("status")
+}
+
+const OPTIONS: WindowOptions = WindowOptions {
+    lead: SignedDuration::from_mins(10),
+    max: SignedDuration::from_hours(6),
+};
+const CREATED: &str = "2026-11-27T12:00:00Z";
+
+struct Want {
+    open: bool,
+    backups: Vec<&'static str>,
+    next_change: Option<&'static str>,
+}
+
+fn run(
+    name: &str,
+    specs: &[(&str, ScheduleSpec, ScheduleStatus)],
+    backups: &[(&str, &str, &str, Option<&str>)],
+    now: &str,
+    want: Want,
+) -> Vec<(String, ScheduleProblem)> {
+    let schedules: Vec<ScheduleView<'_>> = specs
+        .iter()
+        .map(|(n, spec, status)| ScheduleView {
+            name: n,
+            created: ts(CREATED),
+            spec,
+            status: Some(status),
+        })
+        .collect();
+    let backups: Vec<BackupView<'_>> = backups
+        .iter()
+        .map(|(n, schedule, created, phase)| BackupView {
+            name: n,
+            created: ts(created),
+            schedule: Some(schedule),
+            phase: *phase,
+        })
+        .collect();
+    let own = helper::own_labels(None);
+    let got = windows(
+        ["jhub", "sandbox"],
+        &schedules,
+        &backups,
+        &own,
+        ts(now),
+        OPTIONS,
+    );
+    let window = got.open.get("jhub");
+    assert_eq!(window.is_some(), want.open, "{name}: open");
+    if let Some(w) = window {
+        assert_eq!(w.backups, want.backups, "{name}: backups");
+        assert_eq!(
+            w.labels.get("backup").map(String::as_str),
+            Some("homes"),
+            "{name}"
+        );
+    }
+    assert!(
+        !got.open.contains_key("sandbox"),
+        "{name}: the Schedule names jhub only"
+    );
+    assert_eq!(
+        got.next_change,
+        want.next_change.map(ts),
+        "{name}: next change"
+    );
+    got.problems
+}
+
+#[test]
+fn window_table() {
+    let daily = schedule_spec(|_| {});
+    let none = status(None, None);
+    let after_tick = status(Some("2026-11-28T03:00:12Z"), None);
+    let closed = |next| Want {
+        open: false,
+        backups: vec![],
+        next_change: Some(next),
+    };
+    // From the Schedule's creation, the next tick is 03:00: the window opens at 02:50.
+    run(
+        "before the lead time",
+        &[("daily", daily.clone(), none.clone())],
+        &[],
+        "2026-11-28T02:00:00Z",
+        closed("2026-11-28T02:50:00Z"),
+    );
+    run(
+        "within the lead time: open until max",
+        &[("daily", daily.clone(), none.clone())],
+        &[],
+        "2026-11-28T02:50:00Z",
+        Want {
+            open: true,
+            backups: vec![],
+            next_change: Some("2026-11-28T08:50:00Z"),
+        },
+    );
+    run(
+        "tick passed, Velero has not created the Backup yet: still open",
+        &[("daily", daily.clone(), none.clone())],
+        &[],
+        "2026-11-28T03:00:40Z",
+        Want {
+            open: true,
+            backups: vec![],
+            next_change: Some("2026-11-28T08:50:00Z"),
+        },
+    );
+    let in_progress = [(
+        "daily-20261128030012",
+        "daily",
+        "2026-11-28T03:00:12Z",
+        Some("InProgress"),
+    )];
+    run(
+        "the Backup exists (lastBackup moved on): open while it runs",
+        &[("daily", daily.clone(), after_tick.clone())],
+        &in_progress,
+        "2026-11-28T03:20:00Z",
+        Want {
+            open: true,
+            backups: vec!["daily-20261128030012"],
+            next_change: Some("2026-11-28T09:00:12Z"),
+        },
+    );
+    run(
+        "a Backup with no phase yet (New) keeps it open",
+        &[("daily", daily.clone(), after_tick.clone())],
+        &[(
+            "daily-20261128030012",
+            "daily",
+            "2026-11-28T03:00:12Z",
+            None,
+        )],
+        "2026-11-28T03:00:20Z",
+        Want {
+            open: true,
+            backups: vec!["daily-20261128030012"],
+            next_change: Some("2026-11-28T09:00:12Z"),
+        },
+    );
+    for phase in ["Completed", "PartiallyFailed", "Failed", "FailedValidation"] {
+        run(
+            phase,
+            &[("daily", daily.clone(), after_tick.clone())],
+            &[(
+                "daily-20261128030012",
+                "daily",
+                "2026-11-28T03:00:12Z",
+                Some(phase),
+            )],
+            "2026-11-28T03:20:00Z",
+            closed("2026-11-29T02:50:00Z"),
+        );
+    }
+    run(
+        "a Backup still running after max: closed",
+        &[("daily", daily.clone(), after_tick.clone())],
+        &in_progress,
+        "2026-11-28T09:00:12Z",
+        closed("2026-11-29T02:50:00Z"),
+    );
+    run(
+        "another Schedule's Backup does not count",
+        &[("daily", daily.clone(), after_tick.clone())],
+        &[(
+            "weekly-20261128030012",
+            "weekly",
+            "2026-11-28T03:00:12Z",
+            Some("InProgress"),
+        )],
+        "2026-11-28T03:20:00Z",
+        closed("2026-11-29T02:50:00Z"),
+    );
+    run(
+        "lastSkipped later than lastBackup counts (skipImmediately)",
+        &[(
+            "daily",
+            daily.clone(),
+            status(Some("2026-11-20T03:00:00Z"), Some("2026-11-28T03:30:00Z")),
+        )],
+        &[],
+        "2026-11-28T04:00:00Z",
+        closed("2026-11-29T02:50:00Z"),
+    );
+    let paused = schedule_spec(|s| s["paused"] = true.into());
+    run(
+        "paused",
+        &[("daily", paused, none.clone())],
+        &[],
+        "2026-11-28T02:55:00Z",
+        Want {
+            open: false,
+            backups: vec![],
+            next_change: None,
+        },
+    );
+    let elsewhere =
+        schedule_spec(|s| s["template"]["excludedNamespaces"] = json!(["jhub", "sandbox"]));
+    run(
+        "excluded",
+        &[("daily", elsewhere, none.clone())],
+        &[],
+        "2026-11-28T02:55:00Z",
+        Want {
+            open: false,
+            backups: vec![],
+            next_change: None,
+        },
+    );
+    let berlin = schedule_spec(|s| s["schedule"] = "CRON_TZ=Europe/Berlin 0 3 * * *".into());
+    run(
+        "CRON_TZ: 03:00 in Berlin is 02:00 UTC",
+        &[("daily", berlin, none.clone())],
+        &[],
+        "2026-11-28T01:50:00Z",
+        Want {
+            open: true,
+            backups: vec![],
+            next_change: Some("2026-11-28T07:50:00Z"),
+        },
+    );
+    let every = schedule_spec(|s| s["schedule"] = "@every 5m".into());
+    run(
+        "@every shorter than the lead time: always open",
+        &[("daily", every, status(Some("2026-11-28T03:00:00Z"), None))],
+        &[],
+        "2026-11-28T03:01:00Z",
+        Want {
+            open: true,
+            backups: vec![],
+            next_change: Some("2026-11-28T08:55:00Z"),
+        },
+    );
+}
+
+#[test]
+fn problems_are_reported_per_schedule_and_never_fatal() {
+    let none = status(None, None);
+    // The fixture as written: orLabelSelectors asks for KubeSpawner's component label or
+    // another tool's helper label, neither of which our helpers may carry.
+    let mut doc = fixtures::yaml_docs("velero-backup-schedule-restore.example.yaml")
+        .into_iter()
+        .find(|d| d["kind"] == "Schedule")
+        .expect("schedule");
+    let as_written: ScheduleSpec = serde_json::from_value(doc["spec"].take()).expect("spec");
+    let bad_cron = schedule_spec(|s| s["schedule"] = "0 3 * *".into());
+    let never = schedule_spec(|s| s["schedule"] = "0 0 30 2 *".into());
+    let daily = schedule_spec(|_| {});
+    let other_value = schedule_spec(|s| {
+        s["template"]["labelSelector"] = json!({"matchLabels": {"backup": "all"}})
+    });
+    let problems = run(
+        "one good Schedule among bad ones",
+        &[
+            ("as-written", as_written, none.clone()),
+            ("bad-cron", bad_cron, none.clone()),
+            ("never", never, none.clone()),
+            ("daily", daily, none.clone()),
+            ("other-value", other_value, none.clone()),
+        ],
+        &[],
+        "2026-11-28T02:55:00Z",
+        Want {
+            open: true,
+            backups: vec![],
+            next_change: Some("2026-11-28T08:50:00Z"),
+        },
+    );
+    let by_name: BTreeMap<&str, String> = problems
+        .iter()
+        .map(|(n, p)| (n.as_str(), p.to_string()))
+        .collect();
+    assert!(
+        by_name["as-written"].contains("\"component\""),
+        "{by_name:?}"
+    );
+    assert!(
+        by_name["bad-cron"].contains("expected exactly 5 fields"),
+        "{by_name:?}"
+    );
+    assert!(by_name["never"].contains("no next run"), "{by_name:?}");
+    assert!(by_name["other-value"].contains("\"backup\""), "{by_name:?}");
+    assert_eq!(by_name.len(), 4, "{by_name:?}");
+}
