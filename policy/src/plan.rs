@@ -186,12 +186,21 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         }
         backfill(pod, globs[ns], &mut out.backfill);
     }
+    // Pods whose volume backup is done: (namespace, pod uid) → the Backups it was in.
+    let mut backed_up: HashMap<(&str, &str), Vec<&str>> = HashMap::new();
+    for p in input.pvbs {
+        if velero::pod_volume_backup_is_terminal(p.phase) {
+            backed_up
+                .entry((p.pod_namespace, p.pod_uid))
+                .or_default()
+                .push(p.backup);
+        }
+    }
     let done = |ns: &str, uid: &str, window: &NamespaceWindow| {
-        input.pvbs.iter().any(|p| {
-            p.pod_namespace == ns
-                && p.pod_uid == uid
-                && window.backups.iter().any(|b| b == p.backup)
-                && velero::pod_volume_backup_is_terminal(p.phase)
+        backed_up.get(&(ns, uid)).is_some_and(|backups| {
+            backups
+                .iter()
+                .any(|b| window.backups.iter().any(|w| w == b))
         })
     };
 

@@ -1,0 +1,137 @@
+//! The reconciler's plan at scale: 10,000 user claims and 10,000 pods in one namespace
+//! during an open window (a third of the users live, the rest idle with helpers, some
+//! helpers to delete because their user just started, elsewhere or on the same node, and
+//! a PodVolumeBackup for every other helper). Goal: ≤ 50 ms.
+
+#[allow(dead_code)]
+#[path = "../tests/support/fixtures.rs"]
+mod fixtures;
+
+use std::collections::BTreeMap;
+use std::hint::black_box;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use k8s_openapi::api::core::v1::Pod;
+use serde_json::json;
+use velero_jupyterhub::policy::ClaimGlobs;
+use velero_jupyterhub::policy::helper::{self, ClaimRef, HelperOptions};
+use velero_jupyterhub::policy::plan::{ClaimView, NamespaceView, PlanInput, PvbView, plan};
+use velero_jupyterhub::policy::window::NamespaceWindow;
+
+const USERS: usize = 10_000;
+
+fn bench(c: &mut Criterion) {
+    let options = HelperOptions {
+        image: "registry.k8s.io/pause:3.10".to_owned(),
+        tolerations: vec![],
+        node_selector: BTreeMap::new(),
+    };
+    let names: Vec<(String, String, String)> = (0..USERS)
+        .map(|i| {
+            (
+                format!("claim-user{i}"),
+                format!("uid-claim-{i}"),
+                format!("user{i}"),
+            )
+        })
+        .collect();
+    let claims: Vec<ClaimView<'_>> = names
+        .iter()
+        .map(|(name, uid, user)| ClaimView {
+            namespace: "jhub",
+            name,
+            uid,
+            bound: true,
+            username: Some(user),
+        })
+        .collect();
+    let mut pods: Vec<Pod> = Vec::with_capacity(USERS);
+    for (i, (claim, uid, user)) in names.iter().enumerate() {
+        let node = format!("node-{}", i % 50);
+        if i % 3 == 0 {
+            // A live user (every 30th just started on another node than its helper).
+            let mut pod = fixtures::z2jh_pod();
+            pod["metadata"]["name"] = format!("jupyter-{user}").into();
+            pod["metadata"]["namespace"] = "jhub".into();
+            pod["metadata"]["uid"] = format!("uid-pod-{i}").into();
+            pod["metadata"]["annotations"] =
+                json!({"backup.velero.io/backup-volumes": format!("volume-{user}")});
+            pod["spec"]["containers"][0]["volumeMounts"][0]["name"] =
+                format!("volume-{user}").into();
+            pod["spec"]["volumes"][0] = json!({"name": format!("volume-{user}"), "persistentVolumeClaim": {"claimName": claim}});
+            pod["spec"]["nodeName"] = node.clone().into();
+            pod["status"] = json!({"phase": "Running"});
+            pods.push(serde_json::from_value(pod).expect("pod"));
+        }
+        if i % 3 != 0 || i % 30 == 0 {
+            let claim_ref = ClaimRef {
+                namespace: "jhub",
+                name: claim,
+                uid,
+                username: Some(user),
+            };
+            let mut h = helper::backup_helper(&claim_ref, helper::own_labels(Some(user)), &options);
+            h.metadata.uid = Some(format!("uid-helper-{i}"));
+            // Most live users' helpers are on another node (deleted at once); every 60th
+            // shares the user's node (kept until its PodVolumeBackup is done).
+            let helper_node = if i % 60 == 0 { i % 50 } else { (i + 1) % 50 };
+            h.spec.as_mut().expect("spec").node_name = Some(format!("node-{helper_node}"));
+            h.status = Some(serde_json::from_value(json!({"phase": "Running"})).expect("status"));
+            pods.push(h);
+        }
+    }
+    let pod_refs: Vec<&Pod> = pods.iter().collect();
+    let globs = ClaimGlobs::parse("claim-*").expect("globs");
+    let namespaces = [NamespaceView {
+        name: "jhub",
+        claims: &globs,
+    }];
+    let windows = BTreeMap::from([(
+        "jhub".to_owned(),
+        NamespaceWindow {
+            schedules: vec!["daily".to_owned()],
+            backups: vec!["daily-20261128030012".to_owned()],
+            labels: BTreeMap::new(),
+        },
+    )]);
+    let pvb_uids: Vec<String> = (0..USERS)
+        .step_by(2)
+        .map(|i| format!("uid-helper-{i}"))
+        .collect();
+    let pvbs: Vec<PvbView<'_>> = pvb_uids
+        .iter()
+        .map(|uid| PvbView {
+            backup: "daily-20261128030012",
+            pod_namespace: "jhub",
+            pod_uid: uid,
+            phase: Some("Completed"),
+        })
+        .collect();
+    let input = PlanInput {
+        namespaces: &namespaces,
+        claims: &claims,
+        pods: &pod_refs,
+        windows: &windows,
+        pvbs: &pvbs,
+        helper: &options,
+    };
+    let first = plan(&input);
+    println!(
+        "plan over {} claims and {} pods: {} to create, {} to delete, {} to backfill",
+        claims.len(),
+        pods.len(),
+        first.create.len(),
+        first.delete.len(),
+        first.backfill.len()
+    );
+    c.bench_function("plan_10k_claims_10k_pods", |b| {
+        b.iter(|| plan(black_box(&input)))
+    });
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(20);
+    targets = bench
+}
+criterion_main!(benches);
