@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
+use k8s_openapi::api::core::v1::Toleration;
 
 use crate::policy::ClaimGlobs;
 use crate::server::{self, TlsSource};
@@ -47,6 +48,93 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Answer one AdmissionReview (JSON) from stdin or a file, exactly as `serve` would.
     Review(ReviewArgs),
+    /// Run the reconciler: backup helpers for idle users around Velero Schedules, and
+    /// backfilled annotations (one leader at a time, through a Lease).
+    Controller(Box<ControllerArgs>),
+}
+
+#[derive(Debug, Args)]
+pub struct ControllerArgs {
+    /// The controller's own namespace (its Lease lives there).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "velero-jupyterhub")]
+    pub namespace: String,
+    /// This replica's name in the Lease (default: the host name).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// Where Velero's Schedules, Backups and PodVolumeBackups are.
+    #[arg(long, env = "VJH_VELERO_NAMESPACE", default_value = "velero")]
+    pub velero_namespace: String,
+    /// Helpers start this long before a Schedule's tick.
+    #[arg(long, env = "VJH_LEAD_TIME", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub lead_time: Duration,
+    /// A backup window closes after this long even if its Backup is not finished.
+    #[arg(long, env = "VJH_MAX_WINDOW", default_value = "6h", value_parser = humantime::parse_duration)]
+    pub max_window: Duration,
+    /// The helpers' image: pause-like, running as a non-root user.
+    #[arg(
+        long,
+        env = "VJH_HELPER_IMAGE",
+        default_value = "registry.k8s.io/pause:3.10"
+    )]
+    pub helper_image: String,
+    /// Tolerations for helpers, `key=value:Effect`, `key:Effect` (any value) or
+    /// `key=value` (any effect), comma-separated; default: z2jh's user-node taints.
+    #[arg(
+        long,
+        env = "VJH_HELPER_TOLERATIONS",
+        value_delimiter = ',',
+        default_value = "hub.jupyter.org/dedicated=user:NoSchedule,hub.jupyter.org_dedicated=user:NoSchedule",
+        value_parser = parse_toleration
+    )]
+    pub helper_tolerations: Vec<Toleration>,
+    /// Node selector for helpers, `key=value`, comma-separated (default: none).
+    #[arg(long, env = "VJH_HELPER_NODE_SELECTOR", value_delimiter = ',', value_parser = parse_label)]
+    pub helper_node_selector: Vec<(String, String)>,
+    /// Claim-name globs used when a namespace has no `velero-jupyterhub.io/claims` annotation.
+    #[arg(long, env = "VJH_CLAIMS", default_value = names::DEFAULT_CLAIM_GLOBS)]
+    pub claims: ClaimGlobs,
+    /// How long the Lease holds without renewal.
+    #[arg(long, env = "VJH_LEASE_DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub lease_duration: Duration,
+}
+
+fn parse_toleration(s: &str) -> Result<Toleration, String> {
+    let (key_value, effect) = match s.rsplit_once(':') {
+        Some((kv, e)) => (kv, Some(e)),
+        None => (s, None),
+    };
+    if let Some(e) =
+        effect.filter(|e| !matches!(*e, "NoSchedule" | "PreferNoSchedule" | "NoExecute"))
+    {
+        return Err(format!(
+            "{s:?}: effect {e:?} is not NoSchedule, PreferNoSchedule or NoExecute"
+        ));
+    }
+    let (key, value) = match key_value.split_once('=') {
+        Some((k, v)) => (k, Some(v)),
+        None => (key_value, None),
+    };
+    if !names::is_label_key(key) || value.is_some_and(|v| !names::is_label_value(v)) {
+        return Err(format!(
+            "{s:?}: expected key=value:Effect with a label key and value"
+        ));
+    }
+    Ok(Toleration {
+        key: Some(key.to_owned()),
+        operator: Some(if value.is_some() { "Equal" } else { "Exists" }.to_owned()),
+        value: value.map(str::to_owned),
+        effect: effect.map(str::to_owned),
+        ..Default::default()
+    })
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if names::is_label_key(k) && names::is_label_value(v) => {
+            Ok((k.to_owned(), v.to_owned()))
+        }
+        _ => Err(format!("expected key=value (a label), got {s:?}")),
+    }
 }
 
 #[derive(Debug, Args)]
@@ -215,7 +303,50 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             serve(*args).await.map(|()| 0)
         }
         Command::Review(args) => review(args),
+        Command::Controller(args) => {
+            telemetry::init(cli.log_format, &cli.log_level)?;
+            controller(*args).await.map(|()| 0)
+        }
     }
+}
+
+async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
+    let signalled = shutdown_signal()?;
+    let client = crate::cluster::try_client()
+        .await
+        .context("connecting to the Kubernetes API")?
+        .context(
+            "the controller needs a cluster: no kubeconfig or in-cluster configuration found",
+        )?;
+    let identity = match args.identity {
+        Some(i) if !i.is_empty() => i,
+        _ => {
+            std::env::var("HOSTNAME").unwrap_or_else(|_| "velero-jupyterhub-controller".to_owned())
+        }
+    };
+    let config = crate::controller::Config {
+        namespace: args.namespace,
+        identity,
+        velero_namespace: args.velero_namespace,
+        windows: crate::controller::Config::window_options(args.lead_time, args.max_window)?,
+        helper: crate::policy::helper::HelperOptions {
+            image: args.helper_image,
+            tolerations: args.helper_tolerations,
+            node_selector: args.helper_node_selector.into_iter().collect(),
+        },
+        default_claims: Arc::new(args.claims),
+        lease: crate::controller::LeaseOptions {
+            duration: args.lease_duration,
+            ..Default::default()
+        },
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        signalled.await;
+        stop.cancel();
+    });
+    crate::controller::run(client, config, shutdown).await
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {

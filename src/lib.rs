@@ -18,6 +18,7 @@ pub use velero_jupyterhub_policy::names;
 pub mod admission;
 pub mod cli;
 pub mod cluster;
+pub mod controller;
 pub mod metrics;
 pub mod server;
 pub mod telemetry;

@@ -38,11 +38,27 @@ impl EventSink {
 
     /// A Warning Event about `regarding`.
     pub fn warn(&self, regarding: ObjectReference, reason: &str, action: &str, note: String) {
+        self.publish(EventType::Warning, regarding, reason, action, note);
+    }
+
+    /// A Normal Event about `regarding`.
+    pub fn normal(&self, regarding: ObjectReference, reason: &str, action: &str, note: String) {
+        self.publish(EventType::Normal, regarding, reason, action, note);
+    }
+
+    fn publish(
+        &self,
+        type_: EventType,
+        regarding: ObjectReference,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
         let Some(recorder) = self.recorder.clone() else {
             return;
         };
         let event = Event {
-            type_: EventType::Warning,
+            type_,
             reason: reason.into(),
             note: Some(note),
             action: action.into(),

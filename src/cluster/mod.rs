@@ -2,6 +2,7 @@
 
 pub mod events;
 pub mod namespaces;
+pub mod velero;
 
 pub use namespaces::NamespaceCache;
 

@@ -531,3 +531,75 @@ pub fn backup_volumes(pod: &Pod) -> Option<&str> {
         .get(velero_jupyterhub::names::VELERO_BACKUP_VOLUMES)
         .map(String::as_str)
 }
+
+/// A hand-made Node the real scheduler places pods on: allocatable set, Ready, and the
+/// `node.kubernetes.io/not-ready` taint that admission adds at CREATE removed (the test
+/// server runs no node lifecycle controller, so it would stay forever), plus `taints`.
+pub async fn ready_node(client: &Client, name: &str, taints: Value) {
+    use k8s_openapi::api::core::v1::Node;
+    let api: Api<Node> = Api::all(client.clone());
+    let node: Node = from_json(json!({
+        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+    }));
+    api.create(&PostParams::default(), &node)
+        .await
+        .expect("create node");
+    api.patch(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"taints": taints}})),
+    )
+    .await
+    .expect("set the node's taints");
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let status = json!({"status": {
+        "allocatable": {"cpu": "4", "memory": "8Gi", "pods": "110"},
+        "capacity": {"cpu": "4", "memory": "8Gi", "pods": "110"},
+        "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+                        "message": "played by the test", "lastHeartbeatTime": now, "lastTransitionTime": now}],
+    }});
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(status))
+        .await
+        .expect("node status");
+}
+
+pub async fn delete_node(client: &Client, name: &str) {
+    let api: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    let _ = api.delete(name, &DeleteParams::default()).await;
+}
+
+/// A claim bound to a PersistentVolume made for it (the controller manager's binder binds
+/// them within about a second), with KubeSpawner's username label.
+pub async fn bound_claim(client: &Client, namespace: &str, claim: &str, user: &str) {
+    use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+    let pv_name = unique("pv");
+    let pv: PersistentVolume = from_json(json!({
+        "metadata": {"name": pv_name},
+        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
+                 "persistentVolumeReclaimPolicy": "Delete", "storageClassName": "",
+                 "hostPath": {"path": format!("/tmp/{pv_name}")},
+                 "claimRef": {"namespace": namespace, "name": claim}},
+    }));
+    Api::<PersistentVolume>::all(client.clone())
+        .create(&PostParams::default(), &pv)
+        .await
+        .expect("create pv");
+    let pvc: PersistentVolumeClaim = from_json(json!({
+        "metadata": {"name": claim, "labels": {"hub.jupyter.org/username": user}},
+        "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "", "volumeName": pv_name,
+                 "resources": {"requests": {"storage": "1Gi"}}},
+    }));
+    let api: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
+    api.create(&PostParams::default(), &pvc)
+        .await
+        .expect("create pvc");
+    eventually(Duration::from_secs(30), || {
+        let api = api.clone();
+        async move {
+            let c = api.get(claim).await.ok()?;
+            (c.status?.phase.as_deref() == Some("Bound")).then_some(())
+        }
+    })
+    .await
+    .unwrap_or_else(|| panic!("claim {namespace}/{claim} did not bind"));
+}

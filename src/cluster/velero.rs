@@ -1,0 +1,62 @@
+//! Velero's objects as watched by the controller: metadata plus the fields `policy` reads
+//! (everything else is dropped at decode time, so thousands of Backups and
+//! PodVolumeBackups stay small in memory).
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde::Deserialize;
+
+use crate::policy::velero::{
+    BackupStatus, PodVolumeBackupSpec, PodVolumeBackupStatus, ScheduleSpec, ScheduleStatus,
+};
+
+macro_rules! velero_resource {
+    ($name:ident, $kind:literal, $plural:literal, $spec:ty, $status:ty) => {
+        #[derive(Clone, Debug, Default, Deserialize)]
+        pub struct $name {
+            pub metadata: ObjectMeta,
+            #[serde(default)]
+            pub spec: $spec,
+            #[serde(default)]
+            pub status: Option<$status>,
+        }
+
+        impl k8s_openapi::Resource for $name {
+            const API_VERSION: &'static str = "velero.io/v1";
+            const GROUP: &'static str = "velero.io";
+            const KIND: &'static str = $kind;
+            const VERSION: &'static str = "v1";
+            const URL_PATH_SEGMENT: &'static str = $plural;
+            type Scope = k8s_openapi::NamespaceResourceScope;
+        }
+
+        impl k8s_openapi::Metadata for $name {
+            type Ty = ObjectMeta;
+            fn metadata(&self) -> &ObjectMeta {
+                &self.metadata
+            }
+            fn metadata_mut(&mut self) -> &mut ObjectMeta {
+                &mut self.metadata
+            }
+        }
+    };
+}
+
+/// A Backup's spec is not read: only its labels, creation time and phase.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct Ignored {}
+
+velero_resource!(
+    Schedule,
+    "Schedule",
+    "schedules",
+    ScheduleSpec,
+    ScheduleStatus
+);
+velero_resource!(Backup, "Backup", "backups", Ignored, BackupStatus);
+velero_resource!(
+    PodVolumeBackup,
+    "PodVolumeBackup",
+    "podvolumebackups",
+    PodVolumeBackupSpec,
+    PodVolumeBackupStatus
+);

@@ -1,0 +1,79 @@
+//! `velero-jupyterhub controller`: the reconciler for idle users (issue 8). One replica at
+//! a time leads (a Lease, `leader.rs`); the leader watches namespaces, claims, pods and
+//! Velero's Schedules, Backups and PodVolumeBackups (`stores.rs`), plans with
+//! `policy::window` and `policy::plan` whenever something changes or a window is due to
+//! open or close, and applies the plan (`reconcile.rs`). Everything that writes lives here;
+//! the webhook (`serve`) stays read-only.
+
+pub mod leader;
+pub mod reconcile;
+pub mod stores;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::SignedDuration;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::policy::ClaimGlobs;
+use crate::policy::helper::HelperOptions;
+use crate::policy::window::WindowOptions;
+
+pub use leader::LeaseOptions;
+
+use k8s_openapi::jiff;
+
+/// What `controller`'s flags configure.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Where the Lease lives (`POD_NAMESPACE`).
+    pub namespace: String,
+    /// This replica's name in the Lease (`POD_NAME`, else the host name).
+    pub identity: String,
+    pub velero_namespace: String,
+    pub windows: WindowOptions,
+    pub helper: HelperOptions,
+    pub default_claims: Arc<ClaimGlobs>,
+    pub lease: LeaseOptions,
+}
+
+impl Config {
+    pub fn window_options(lead: Duration, max: Duration) -> anyhow::Result<WindowOptions> {
+        Ok(WindowOptions {
+            lead: SignedDuration::try_from(lead)?,
+            max: SignedDuration::try_from(max)?,
+        })
+    }
+}
+
+/// Runs until `shutdown` is cancelled, or returns an error when leadership is lost (the
+/// process then exits and is restarted: a clean slate, no half-applied state).
+pub async fn run(
+    client: kube::Client,
+    config: Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    info!(identity = %config.identity, namespace = %config.namespace, "waiting to lead");
+    let elector = leader::Elector::new(client.clone(), &config);
+    let leading = tokio::select! {
+        leading = elector.acquire() => leading?,
+        () = shutdown.cancelled() => return Ok(()),
+    };
+    info!(identity = %config.identity, "leading: starting the reconciler");
+    let work = CancellationToken::new();
+    let reconciler = tokio::spawn(reconcile::run(client, config.clone(), work.clone()));
+    let outcome = tokio::select! {
+        lost = leading.keep() => Err(lost),
+        () = shutdown.cancelled() => Ok(()),
+    };
+    work.cancel();
+    let _ = reconciler.await;
+    match outcome {
+        Ok(()) => {
+            elector.release().await;
+            Ok(())
+        }
+        Err(lost) => Err(anyhow::anyhow!("lost the lease: {lost}")),
+    }
+}

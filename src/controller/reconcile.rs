@@ -1,0 +1,417 @@
+//! The leader's loop: read the stores, plan (pure), apply, then sleep until a watch
+//! reports a change or a window is due to open or close. Writes only what the plan
+//! asks for, so a quiet cluster sees no writes at all.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{ObjectReference, PersistentVolumeClaim, Pod};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::Config;
+use super::stores::Stores;
+use crate::cluster::events::EventSink;
+use crate::cluster::velero::Schedule;
+use crate::names;
+use crate::policy::helper;
+use crate::policy::plan::{self, ClaimView, Deletion, NamespaceView, Plan, PlanInput, PvbView};
+use crate::policy::window::{self, BackupView, ScheduleView, Windows};
+use crate::policy::{ClaimGlobs, NamespacePolicy};
+
+/// A write not yet seen by the watches is not repeated for this long.
+const PENDING_FOR: Duration = Duration::from_secs(30);
+/// Changes arriving together are planned together.
+const DEBOUNCE: Duration = Duration::from_millis(20);
+/// Even with nothing to wake for, plan again this often (a safety net, not a poll: a
+/// plan with nothing to do writes nothing).
+const AT_LEAST_EVERY: Duration = Duration::from_secs(300);
+
+pub async fn run(client: kube::Client, config: Config, stop: CancellationToken) {
+    let stores = Stores::start(&client, &config.velero_namespace, &stop);
+    tokio::select! {
+        ready = stores.ready() => if let Err(e) = ready {
+            warn!(error = %e, "watches stopped before they listed");
+            return;
+        },
+        () = stop.cancelled() => return,
+    }
+    info!("watches listed: reconciling");
+    let mut reconciler = Reconciler {
+        client: client.clone(),
+        events: EventSink::new(Some(client)),
+        config,
+        pending: HashMap::new(),
+        reported: HashSet::new(),
+    };
+    loop {
+        let next_change = reconciler.pass(&stores).await;
+        let wake = next_change
+            .and_then(|t| t.duration_since(Timestamp::now()).try_into().ok())
+            .map_or(AT_LEAST_EVERY, |d: Duration| d.min(AT_LEAST_EVERY));
+        tokio::select! {
+            () = stores.changed.notified() => tokio::time::sleep(DEBOUNCE).await,
+            () = tokio::time::sleep(wake) => {}
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
+struct Reconciler {
+    client: kube::Client,
+    events: EventSink,
+    config: Config,
+    /// Writes made and not yet reflected by the watches, by key, with when they were made.
+    pending: HashMap<String, Instant>,
+    /// Schedule problems already reported (Event sent), so each is reported once.
+    reported: HashSet<(String, String)>,
+}
+
+impl Reconciler {
+    /// One plan-and-apply; returns when a window next opens or closes.
+    async fn pass(&mut self, stores: &Stores) -> Option<Timestamp> {
+        let now = Timestamp::now();
+        let namespace_objects = stores.namespaces.state();
+        let policies: Vec<(String, NamespacePolicy)> = namespace_objects
+            .iter()
+            .map(|n| {
+                let m = &n.metadata;
+                let policy = NamespacePolicy::read(
+                    m.labels.as_ref(),
+                    m.annotations.as_ref(),
+                    &self.config.default_claims,
+                );
+                (m.name.clone().unwrap_or_default(), policy)
+            })
+            .filter(|(_, p)| p.opted_in)
+            .collect();
+        let globs: Vec<(&str, Arc<ClaimGlobs>)> = policies
+            .iter()
+            .map(|(n, p)| (n.as_str(), p.claims.clone()))
+            .collect();
+        let namespaces: Vec<NamespaceView<'_>> = globs
+            .iter()
+            .map(|(name, claims)| NamespaceView { name, claims })
+            .collect();
+        let opted_in = |ns: Option<&str>| ns.is_some_and(|ns| globs.iter().any(|(n, _)| *n == ns));
+
+        let claim_objects = stores.claims.state();
+        let claims: Vec<ClaimView<'_>> = claim_objects
+            .iter()
+            .filter(|c| opted_in(c.metadata.namespace.as_deref()))
+            .map(|c| claim_view(c))
+            .collect();
+        let pod_objects: Vec<Arc<Pod>> = stores
+            .pods
+            .state()
+            .into_iter()
+            .filter(|p| opted_in(p.metadata.namespace.as_deref()))
+            .collect();
+        let pods: Vec<&Pod> = pod_objects.iter().map(Arc::as_ref).collect();
+
+        let schedule_objects = stores.schedules.state();
+        let schedules: Vec<ScheduleView<'_>> = schedule_objects
+            .iter()
+            .filter_map(|s| {
+                Some(ScheduleView {
+                    name: s.metadata.name.as_deref()?,
+                    created: s.metadata.creation_timestamp.as_ref()?.0,
+                    spec: &s.spec,
+                    status: s.status.as_ref(),
+                })
+            })
+            .collect();
+        let backup_objects = stores.backups.state();
+        let backups: Vec<BackupView<'_>> = backup_objects
+            .iter()
+            .filter_map(|b| {
+                Some(BackupView {
+                    name: b.metadata.name.as_deref()?,
+                    created: b.metadata.creation_timestamp.as_ref()?.0,
+                    schedule: label(&b.metadata.labels, names::VELERO_SCHEDULE_NAME),
+                    phase: b.status.as_ref().and_then(|s| s.phase.as_deref()),
+                })
+            })
+            .collect();
+        let pvb_objects = stores.pvbs.state();
+        let pvbs: Vec<PvbView<'_>> = pvb_objects
+            .iter()
+            .filter_map(|p| {
+                Some(PvbView {
+                    backup: label(&p.metadata.labels, names::VELERO_BACKUP_NAME)?,
+                    pod_namespace: &p.spec.pod.namespace,
+                    pod_uid: &p.spec.pod.uid,
+                    phase: p.status.as_ref().and_then(|s| s.phase.as_deref()),
+                })
+            })
+            .collect();
+
+        let windows = window::windows(
+            namespaces.iter().map(|n| n.name),
+            &schedules,
+            &backups,
+            &helper::own_labels(None),
+            now,
+            self.config.windows,
+        );
+        self.report_problems(&windows, &schedule_objects);
+        let plan = plan::plan(&PlanInput {
+            namespaces: &namespaces,
+            claims: &claims,
+            pods: &pods,
+            windows: &windows.open,
+            pvbs: &pvbs,
+            helper: &self.config.helper,
+        });
+        let uids: HashMap<(&str, &str), &str> = claims
+            .iter()
+            .map(|c| ((c.namespace, c.name), c.uid))
+            .collect();
+        self.apply(plan, &uids).await;
+        windows.next_change
+    }
+
+    fn report_problems(&mut self, windows: &Windows, schedules: &[Arc<Schedule>]) {
+        let now: HashSet<(String, String)> = windows
+            .problems
+            .iter()
+            .map(|(n, p)| (n.clone(), p.to_string()))
+            .collect();
+        for (name, message) in now.difference(&self.reported) {
+            warn!(schedule = %name, problem = %message, "a Schedule's Backups will miss idle users");
+            if let Some(s) = schedules
+                .iter()
+                .find(|s| s.metadata.name.as_deref() == Some(name))
+            {
+                let reference = ObjectReference {
+                    api_version: Some("velero.io/v1".to_owned()),
+                    kind: Some("Schedule".to_owned()),
+                    name: s.metadata.name.clone(),
+                    namespace: s.metadata.namespace.clone(),
+                    uid: s.metadata.uid.clone(),
+                    ..Default::default()
+                };
+                self.events
+                    .warn(reference, "IdleUsersNotCovered", "Plan", message.clone());
+            }
+        }
+        self.reported = now;
+    }
+
+    /// Applies the plan, skipping writes made recently that the watches have not shown yet.
+    async fn apply(&mut self, plan: Plan, claim_uids: &HashMap<(&str, &str), &str>) {
+        let wanted: HashSet<String> = plan
+            .create
+            .iter()
+            .map(|p| {
+                format!(
+                    "create/{}/{}",
+                    p.metadata.namespace.as_deref().unwrap_or(""),
+                    p.metadata.name.as_deref().unwrap_or("")
+                )
+            })
+            .chain(plan.delete.iter().map(|d| format!("delete/{}", d.uid)))
+            .chain(
+                plan.backfill
+                    .iter()
+                    .map(|b| format!("backfill/{}/{}", b.uid, b.resource_version)),
+            )
+            .collect();
+        // What the plan no longer asks for has been seen done (or undone): forget it.
+        self.pending
+            .retain(|k, at| wanted.contains(k) && at.elapsed() < PENDING_FOR);
+        if plan.is_empty() {
+            return;
+        }
+        debug!(
+            create = plan.create.len(),
+            delete = plan.delete.len(),
+            backfill = plan.backfill.len(),
+            "applying a plan"
+        );
+        for d in &plan.delete {
+            if self.begin(format!("delete/{}", d.uid)) {
+                self.delete(d, claim_uids).await;
+            }
+        }
+        for pod in &plan.create {
+            let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
+            let name = pod.metadata.name.as_deref().unwrap_or_default();
+            if self.begin(format!("create/{ns}/{name}")) {
+                self.create(pod, claim_uids).await;
+            }
+        }
+        for b in &plan.backfill {
+            if !self.begin(format!("backfill/{}/{}", b.uid, b.resource_version)) {
+                continue;
+            }
+            let api: Api<Pod> = Api::namespaced(self.client.clone(), &b.namespace);
+            let patch = json!({"metadata": {
+                "resourceVersion": b.resource_version,
+                "annotations": {(names::VELERO_BACKUP_VOLUMES): b.value},
+            }});
+            match api
+                .patch(&b.name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => {
+                    info!(namespace = %b.namespace, pod = %b.name, volumes = %b.value, "backfilled the backup annotation")
+                }
+                Err(e) => {
+                    warn!(namespace = %b.namespace, pod = %b.name, error = %e, "backfill failed; retried when the pod changes")
+                }
+            }
+        }
+    }
+
+    /// Marks a write as made now; false if it was made recently and is still pending.
+    fn begin(&mut self, key: String) -> bool {
+        if self.pending.contains_key(&key) {
+            return false;
+        }
+        self.pending.insert(key, Instant::now());
+        true
+    }
+
+    async fn create(&self, pod: &Pod, claim_uids: &HashMap<(&str, &str), &str>) {
+        let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
+        let name = pod.metadata.name.as_deref().unwrap_or_default();
+        let claim = pod
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(names::HELPER_CLAIM))
+            .map(String::as_str)
+            .unwrap_or_default();
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), ns);
+        match api.create(&PostParams::default(), pod).await {
+            Ok(_) => {
+                info!(
+                    namespace = ns,
+                    helper = name,
+                    claim,
+                    "created a backup helper"
+                );
+                self.claim_event(
+                    ns,
+                    claim,
+                    claim_uids,
+                    "BackupHelperCreated",
+                    "Create",
+                    format!(
+                        "backup helper {name} mounts this idle claim for the next Velero backup"
+                    ),
+                );
+            }
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                debug!(namespace = ns, helper = name, "already exists")
+            }
+            Err(e) => {
+                warn!(namespace = ns, helper = name, error = %e, "could not create a backup helper");
+                self.claim_warning(
+                    ns,
+                    claim,
+                    claim_uids,
+                    format!("could not create backup helper {name}: {e}"),
+                );
+            }
+        }
+    }
+
+    async fn delete(&self, d: &Deletion, claim_uids: &HashMap<(&str, &str), &str>) {
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), &d.namespace);
+        let params = DeleteParams {
+            grace_period_seconds: d.reason.immediate().then_some(0),
+            preconditions: Some(Preconditions {
+                uid: Some(d.uid.clone()),
+                resource_version: None,
+            }),
+            ..Default::default()
+        };
+        match api.delete(&d.name, &params).await {
+            Ok(_) => {
+                info!(namespace = %d.namespace, helper = %d.name, reason = d.reason.as_str(), "deleted a backup helper");
+                self.claim_event(
+                    &d.namespace,
+                    &d.claim,
+                    claim_uids,
+                    "BackupHelperDeleted",
+                    "Delete",
+                    format!(
+                        "backup helper {} deleted: {}",
+                        d.name,
+                        d.reason.as_str().replace('_', " ")
+                    ),
+                );
+            }
+            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {
+                debug!(helper = %d.name, "already gone")
+            }
+            Err(e) => {
+                warn!(namespace = %d.namespace, helper = %d.name, error = %e, "could not delete a backup helper")
+            }
+        }
+    }
+
+    fn claim_reference(
+        ns: &str,
+        claim: &str,
+        uids: &HashMap<(&str, &str), &str>,
+    ) -> ObjectReference {
+        ObjectReference {
+            api_version: Some("v1".to_owned()),
+            kind: Some("PersistentVolumeClaim".to_owned()),
+            name: Some(claim.to_owned()),
+            namespace: Some(ns.to_owned()),
+            uid: uids.get(&(ns, claim)).map(|u| (*u).to_owned()),
+            ..Default::default()
+        }
+    }
+
+    fn claim_event(
+        &self,
+        ns: &str,
+        claim: &str,
+        uids: &HashMap<(&str, &str), &str>,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        self.events
+            .normal(Self::claim_reference(ns, claim, uids), reason, action, note);
+    }
+
+    fn claim_warning(
+        &self,
+        ns: &str,
+        claim: &str,
+        uids: &HashMap<(&str, &str), &str>,
+        note: String,
+    ) {
+        self.events.warn(
+            Self::claim_reference(ns, claim, uids),
+            "BackupHelperFailed",
+            "Create",
+            note,
+        );
+    }
+}
+
+fn label<'a>(labels: &'a Option<BTreeMap<String, String>>, key: &str) -> Option<&'a str> {
+    labels.as_ref()?.get(key).map(String::as_str)
+}
+
+fn claim_view(c: &PersistentVolumeClaim) -> ClaimView<'_> {
+    let m = &c.metadata;
+    ClaimView {
+        namespace: m.namespace.as_deref().unwrap_or_default(),
+        name: m.name.as_deref().unwrap_or_default(),
+        uid: m.uid.as_deref().unwrap_or_default(),
+        bound: c.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound"),
+        username: label(&m.labels, names::JUPYTERHUB_USERNAME),
+    }
+}

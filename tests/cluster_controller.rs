@@ -1,0 +1,318 @@
+//! The controller against the real API server, with the real scheduler placing pods on
+//! hand-made nodes and the test playing Velero (its schedule controller creates
+//! `<schedule>-<timestamp>` Backups labelled `velero.io/schedule-name` and sets the
+//! Schedule's `status.lastBackup`: pkg/controller/schedule_controller.go, v1.18) and the
+//! kubelet (pod phases). The helpers run in a namespace that enforces Pod Security
+//! `restricted`, so a helper spec a locked-down cluster would refuse fails here.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::jiff::{SignedDuration, Timestamp, ToSpan};
+use kube::Api;
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+use support::cluster::{self, eventually, from_json, unique};
+use tokio_util::sync::CancellationToken;
+use velero_jupyterhub::controller::{self, Config, LeaseOptions};
+use velero_jupyterhub::names;
+use velero_jupyterhub::policy::ClaimGlobs;
+use velero_jupyterhub::policy::helper::HelperOptions;
+use velero_jupyterhub::policy::window::WindowOptions;
+
+const HELPER_SELECTOR: &str = "app.kubernetes.io/component=backup-helper";
+
+async fn namespace(client: &kube::Client, labels: Value) -> String {
+    let name = unique("vjh-ctl");
+    let ns: Namespace = from_json(json!({"metadata": {"name": name, "labels": labels}}));
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .expect("namespace");
+    name
+}
+
+/// The z2jh user pod hardened to pass `restricted` (as locked-down hubs configure it):
+/// no root init container, non-root, no privilege escalation, RuntimeDefault seccomp.
+fn restricted_user_pod(user: &str) -> Pod {
+    let mut pod = serde_json::to_value(cluster::user_pod(user)).expect("json");
+    let spec = pod["spec"].as_object_mut().expect("spec");
+    spec.remove("initContainers");
+    spec.insert(
+        "securityContext".into(),
+        json!({"runAsNonRoot": true, "runAsUser": 1000, "seccompProfile": {"type": "RuntimeDefault"}}),
+    );
+    for c in spec["containers"].as_array_mut().expect("containers") {
+        c["securityContext"] =
+            json!({"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}});
+    }
+    pod["metadata"]["annotations"] = json!({});
+    from_json(pod)
+}
+
+struct Setup {
+    client: kube::Client,
+    users: String,
+    velero: String,
+    nodes: Vec<String>,
+    stop: CancellationToken,
+    controller: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Setup {
+    async fn new() -> Self {
+        let client = cluster::client().await;
+        let minor = cluster::server_minor(&client).await;
+        assert!(
+            minor >= 25,
+            "needs Pod Security admission (v1.25+): run on the current test server"
+        );
+        cluster::install_velero_crds(&client).await;
+        let users = namespace(
+            &client,
+            json!({(names::NAMESPACE_ENABLED): "true", "pod-security.kubernetes.io/enforce": "restricted"}),
+        )
+        .await;
+        let velero = namespace(&client, json!({})).await;
+        // Two user nodes with z2jh's taint, and a taint of this test's own so no other
+        // test's pod is scheduled there.
+        let run = unique("run");
+        let taints = json!([
+            {"key": "hub.jupyter.org/dedicated", "value": "user", "effect": "NoSchedule"},
+            {"key": "velero-jupyterhub-test", "value": run, "effect": "NoSchedule"},
+        ]);
+        let nodes = vec![unique("node-a"), unique("node-b")];
+        for n in &nodes {
+            cluster::ready_node(&client, n, taints.clone()).await;
+        }
+        let mut tolerations: Vec<k8s_openapi::api::core::v1::Toleration> = from_json(json!([
+            {"key": "hub.jupyter.org/dedicated", "operator": "Equal", "value": "user", "effect": "NoSchedule"},
+        ]));
+        tolerations.push(from_json(json!(
+            {"key": "velero-jupyterhub-test", "operator": "Equal", "value": run, "effect": "NoSchedule"}
+        )));
+        let config = Config {
+            namespace: velero.clone(),
+            identity: "replica-a".to_owned(),
+            velero_namespace: velero.clone(),
+            windows: WindowOptions {
+                lead: SignedDuration::from_mins(10),
+                max: SignedDuration::from_hours(6),
+            },
+            helper: HelperOptions {
+                image: "registry.k8s.io/pause:3.10".to_owned(),
+                tolerations,
+                node_selector: BTreeMap::new(),
+            },
+            default_claims: Arc::new(ClaimGlobs::parse("claim-*").expect("globs")),
+            lease: LeaseOptions::default(),
+        };
+        let stop = CancellationToken::new();
+        let controller = tokio::spawn(controller::run(client.clone(), config, stop.clone()));
+        Self {
+            client,
+            users,
+            velero,
+            nodes,
+            stop,
+            controller,
+        }
+    }
+
+    fn pods(&self) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), &self.users)
+    }
+
+    async fn helpers(&self) -> Vec<Pod> {
+        self.pods()
+            .list(&ListParams::default().labels(HELPER_SELECTOR))
+            .await
+            .expect("list helpers")
+            .items
+    }
+
+    /// A Schedule whose next tick is a few minutes away (inside the lead time); returns
+    /// the tick.
+    async fn schedule(&self, name: &str) -> Timestamp {
+        let tick = Timestamp::now() + 5.minutes();
+        let minute = tick.to_zoned(k8s_openapi::jiff::tz::TimeZone::UTC).minute();
+        let schedule = json!({
+            "apiVersion": "velero.io/v1", "kind": "Schedule",
+            "metadata": {"name": name, "namespace": self.velero},
+            "spec": {"schedule": format!("CRON_TZ=UTC {minute} * * * *"),
+                     "template": {"includedNamespaces": [self.users],
+                                  "labelSelector": {"matchLabels": {"backup": "homes"}}}},
+        });
+        cluster::apply_dynamic(&self.client, &schedule).await;
+        let s = tick.as_second();
+        Timestamp::from_second(s - s.rem_euclid(60)).expect("minute")
+    }
+
+    async fn finish(self) {
+        self.stop.cancel();
+        let _ = self.controller.await;
+        for n in &self.nodes {
+            cluster::delete_node(&self.client, n).await;
+        }
+        for ns in [&self.users, &self.velero] {
+            let _ = Api::<Namespace>::all(self.client.clone())
+                .delete(ns, &Default::default())
+                .await;
+        }
+    }
+}
+
+/// Plays Velero's schedule controller at `tick` (the test compresses time: the Backup is
+/// created now, `lastBackup` says the tick, so the next tick is an hour later).
+async fn velero_creates_backup(
+    setup: &Setup,
+    schedule: &str,
+    tick: Timestamp,
+    phase: &str,
+) -> String {
+    let now = tick;
+    let name = format!("{schedule}-{}", now.strftime("%Y%m%d%H%M%S"));
+    let backup = json!({
+        "apiVersion": "velero.io/v1", "kind": "Backup",
+        "metadata": {"name": name, "namespace": setup.velero,
+                     "labels": {(names::VELERO_SCHEDULE_NAME): schedule}},
+        "spec": {"includedNamespaces": [setup.users]},
+    });
+    cluster::apply_dynamic(&setup.client, &backup).await;
+    set_status(setup, "backups", &name, json!({"phase": phase})).await;
+    set_status(
+        setup,
+        "schedules",
+        schedule,
+        json!({"phase": "Enabled", "lastBackup": now.to_string()}),
+    )
+    .await;
+    name
+}
+
+async fn set_status(setup: &Setup, plural: &str, name: &str, status: Value) {
+    use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
+    let kind = match plural {
+        "backups" => "Backup",
+        _ => "Schedule",
+    };
+    let ar =
+        ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("velero.io", "v1", kind), plural);
+    let api: Api<DynamicObject> = Api::namespaced_with(setup.client.clone(), &setup.velero, &ar);
+    // Velero's CRDs have no status subresource: Velero patches the object itself.
+    api.patch(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": status})),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("status of {plural}/{name}: {e}"));
+}
+
+#[tokio::test]
+async fn idle_claims_get_helpers_in_a_window_and_lose_them_to_their_user_and_when_it_closes() {
+    let setup = Setup::new().await;
+    cluster::bound_claim(&setup.client, &setup.users, "claim-alice", "alice").await;
+    cluster::bound_claim(&setup.client, &setup.users, "claim-bob", "bob").await;
+    cluster::bound_claim(&setup.client, &setup.users, "data-shared", "nobody").await;
+    let tick = setup.schedule("homes").await;
+
+    // The window is open (tick within the lead time): one helper per idle user claim,
+    // accepted under `restricted`, placed by the real scheduler on a user node.
+    let helpers = eventually(Duration::from_secs(30), || async {
+        let hs = setup.helpers().await;
+        let placed = hs
+            .iter()
+            .all(|h| h.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some());
+        (hs.len() == 2 && placed).then_some(hs)
+    })
+    .await
+    .expect("two helpers, scheduled");
+    let mut names: Vec<_> = helpers
+        .iter()
+        .filter_map(|h| h.metadata.name.clone())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["vjh-backup-claim-alice", "vjh-backup-claim-bob"],
+        "not for data-shared (no glob match)"
+    );
+    for h in &helpers {
+        let labels = h.metadata.labels.clone().unwrap_or_default();
+        assert_eq!(
+            labels.get("backup").map(String::as_str),
+            Some("homes"),
+            "the Schedule's selector"
+        );
+        assert!(
+            setup.nodes.contains(
+                h.spec
+                    .as_ref()
+                    .and_then(|s| s.node_name.clone())
+                    .as_ref()
+                    .expect("node")
+            )
+        );
+        cluster::set_phase(
+            &setup.pods(),
+            h.metadata.name.as_deref().expect("name"),
+            "Running",
+        )
+        .await;
+    }
+
+    // Alice starts her server (not scheduled yet: "not on the helper's node"): her helper
+    // goes at once; Bob's stays.
+    let started = Instant::now();
+    setup
+        .pods()
+        .create(&PostParams::default(), &restricted_user_pod("alice"))
+        .await
+        .expect("alice's pod is admitted under restricted");
+    eventually(Duration::from_secs(10), || async {
+        let hs = setup.helpers().await;
+        (hs.len() == 1 && hs[0].metadata.name.as_deref() == Some("vjh-backup-claim-bob"))
+            .then_some(())
+    })
+    .await
+    .expect("alice's helper deleted, bob's kept");
+    println!(
+        "user pod created -> its helper gone: {:?}",
+        started.elapsed()
+    );
+
+    // Backfill: Alice's pod was created with no webhook registered (as when it is down).
+    let annotated = eventually(Duration::from_secs(10), || async {
+        let pod = setup.pods().get("jupyter-alice").await.ok()?;
+        pod.metadata
+            .annotations?
+            .get(names::VELERO_BACKUP_VOLUMES)
+            .cloned()
+    })
+    .await
+    .expect("alice's pod backfilled");
+    assert_eq!(annotated, "volume-alice");
+
+    // Velero creates the tick's Backup (lastBackup moves on: the next tick is an hour
+    // away); while it runs Bob's helper stays, when it is terminal the helper goes.
+    let backup = velero_creates_backup(&setup, "homes", tick, "InProgress").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        setup.helpers().await.len(),
+        1,
+        "the window stays open while {backup} runs"
+    );
+    set_status(&setup, "backups", &backup, json!({"phase": "Completed"})).await;
+    eventually(Duration::from_secs(10), || async {
+        setup.helpers().await.is_empty().then_some(())
+    })
+    .await
+    .expect("the window closed: helpers deleted");
+
+    setup.finish().await;
+}
