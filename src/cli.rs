@@ -93,7 +93,11 @@ pub struct ControllerArgs {
     /// Claim-name globs used when a namespace has no `velero-jupyterhub.io/claims` annotation.
     #[arg(long, env = "VJH_CLAIMS", default_value = names::DEFAULT_CLAIM_GLOBS)]
     pub claims: ClaimGlobs,
-    /// How long the Lease holds without renewal.
+    /// The leader-election Lease in `--namespace`.
+    #[arg(long, env = "VJH_LEASE_NAME", default_value = crate::controller::leader::LEASE_NAME)]
+    pub lease_name: String,
+    /// How long the Lease holds without renewal (the leader renews every 2/15 of it and
+    /// stops leading after failing to for 2/3 of it, as client-go does).
     #[arg(long, env = "VJH_LEASE_DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
     pub lease_duration: Duration,
 }
@@ -335,10 +339,10 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
             node_selector: args.helper_node_selector.into_iter().collect(),
         },
         default_claims: Arc::new(args.claims),
-        lease: crate::controller::LeaseOptions {
-            duration: args.lease_duration,
-            ..Default::default()
-        },
+        lease: crate::controller::LeaseOptions::with_duration(
+            &args.lease_name,
+            args.lease_duration,
+        ),
     };
     let shutdown = tokio_util::sync::CancellationToken::new();
     let stop = shutdown.clone();

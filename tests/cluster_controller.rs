@@ -95,8 +95,20 @@ impl Setup {
         tolerations.push(from_json(json!(
             {"key": "velero-jupyterhub-test", "operator": "Equal", "value": run, "effect": "NoSchedule"}
         )));
+        // The controller runs as the manifests' ServiceAccount, with exactly what they grant.
+        cluster::apply_rbac(&client).await;
+        let sa = cluster::manifest("ServiceAccount", "velero-jupyterhub-controller");
+        let own_namespace = sa["metadata"]["namespace"]
+            .as_str()
+            .expect("namespace")
+            .to_owned();
+        let as_controller = cluster::client_as_service_account(
+            &own_namespace,
+            sa["metadata"]["name"].as_str().expect("name"),
+        )
+        .await;
         let config = Config {
-            namespace: velero.clone(),
+            namespace: own_namespace,
             identity: "replica-a".to_owned(),
             velero_namespace: velero.clone(),
             windows: WindowOptions {
@@ -109,10 +121,11 @@ impl Setup {
                 node_selector: BTreeMap::new(),
             },
             default_claims: Arc::new(ClaimGlobs::parse("claim-*").expect("globs")),
-            lease: LeaseOptions::default(),
+            // A Lease of this test's own: tests run side by side on one server.
+            lease: LeaseOptions::with_duration(&unique("lease"), Duration::from_secs(15)),
         };
         let stop = CancellationToken::new();
-        let controller = tokio::spawn(controller::run(client.clone(), config, stop.clone()));
+        let controller = tokio::spawn(controller::run(as_controller, config, stop.clone()));
         Self {
             client,
             users,

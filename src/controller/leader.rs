@@ -13,11 +13,13 @@ use tracing::{debug, info, warn};
 use super::Config;
 use crate::policy::lease::{LeaseAction, LeaseView, decide};
 
-/// The Lease's name in the controller's namespace.
+/// The Lease's default name in the controller's namespace.
 pub const LEASE_NAME: &str = "velero-jupyterhub-controller";
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LeaseOptions {
+    /// The Lease's name (`--lease-name`).
+    pub name: String,
     /// How long a Lease holds without renewal (client-go's default: 15 s).
     pub duration: Duration,
     /// How often the leader renews, and a candidate retries (client-go: 2 s).
@@ -28,10 +30,18 @@ pub struct LeaseOptions {
 
 impl Default for LeaseOptions {
     fn default() -> Self {
+        Self::with_duration(LEASE_NAME, Duration::from_secs(15))
+    }
+}
+
+impl LeaseOptions {
+    /// client-go's proportions: renew every 2/15 and give up after 2/3 of the duration.
+    pub fn with_duration(name: &str, duration: Duration) -> Self {
         Self {
-            duration: Duration::from_secs(15),
-            retry: Duration::from_secs(2),
-            renew_deadline: Duration::from_secs(10),
+            name: name.to_owned(),
+            duration,
+            retry: duration * 2 / 15,
+            renew_deadline: duration * 2 / 3,
         }
     }
 }
@@ -52,7 +62,7 @@ impl Elector {
         Self {
             api: Api::namespaced(client, &config.namespace),
             identity: config.identity.clone(),
-            options: config.lease,
+            options: config.lease.clone(),
         }
     }
 
@@ -60,7 +70,7 @@ impl Elector {
     /// else does (or won a race), with how long to wait before trying again.
     async fn try_once(&self) -> Result<(bool, Duration), kube::Error> {
         let now = Timestamp::now();
-        let current = self.api.get_opt(LEASE_NAME).await?;
+        let current = self.api.get_opt(&self.options.name).await?;
         let spec = current.as_ref().map(|l| l.spec.clone().unwrap_or_default());
         let view = spec.as_ref().map(|spec| LeaseView {
             holder: spec.holder_identity.as_deref(),
@@ -77,7 +87,7 @@ impl Elector {
             (LeaseAction::Create, _) => {
                 let lease = Lease {
                     metadata: ObjectMeta {
-                        name: Some(LEASE_NAME.to_owned()),
+                        name: Some(self.options.name.clone()),
                         ..Default::default()
                     },
                     spec: Some(LeaseSpec {
@@ -102,7 +112,7 @@ impl Elector {
                 spec.lease_duration_seconds = Some(seconds);
                 // The resourceVersion read above makes this a compare-and-swap.
                 self.api
-                    .replace(LEASE_NAME, &PostParams::default(), &lease)
+                    .replace(&self.options.name, &PostParams::default(), &lease)
                     .await
             }
             (_, None) => return Ok((false, Duration::ZERO)),
@@ -131,7 +141,7 @@ impl Elector {
 
     /// Gives the Lease up (at shutdown), so another replica takes over at once.
     pub async fn release(&self) {
-        let Ok(Some(mut lease)) = self.api.get_opt(LEASE_NAME).await else {
+        let Ok(Some(mut lease)) = self.api.get_opt(&self.options.name).await else {
             return;
         };
         let spec = lease.spec.get_or_insert_with(Default::default);
@@ -142,7 +152,7 @@ impl Elector {
         spec.lease_duration_seconds = Some(1);
         match self
             .api
-            .replace(LEASE_NAME, &PostParams::default(), &lease)
+            .replace(&self.options.name, &PostParams::default(), &lease)
             .await
         {
             Ok(_) => info!("released the Lease"),
@@ -155,7 +165,7 @@ impl Leading<'_> {
     /// Renews every `retry` until renewing fails for `renew_deadline` or the Lease is
     /// someone else's; returns why leadership ended.
     pub async fn keep(self) -> String {
-        let options = self.elector.options;
+        let options = self.elector.options.clone();
         let mut last_renewed = Instant::now();
         loop {
             tokio::time::sleep(options.retry).await;
@@ -175,5 +185,23 @@ impl Leading<'_> {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_timings_are_client_gos() {
+        let o = LeaseOptions::default();
+        assert_eq!(
+            (o.duration, o.retry, o.renew_deadline),
+            (
+                Duration::from_secs(15),
+                Duration::from_secs(2),
+                Duration::from_secs(10)
+            )
+        );
     }
 }

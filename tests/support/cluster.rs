@@ -437,6 +437,8 @@ pub async fn apply_rbac(client: &Client) {
             "ServiceAccount",
             "ClusterRole",
             "ClusterRoleBinding",
+            "Role",
+            "RoleBinding",
         ]
         .contains(&kind)
         {
