@@ -55,6 +55,9 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct ControllerArgs {
+    /// Plain HTTP address for operations: the probes (`/healthz`, `/readyz`) and `/metrics`.
+    #[arg(long, env = "VJH_OPS_LISTEN", default_value = "0.0.0.0:8080")]
+    pub ops_listen: SocketAddr,
     /// The controller's own namespace (its Lease lives there).
     #[arg(long, env = "POD_NAMESPACE", default_value = "velero-jupyterhub")]
     pub namespace: String,
@@ -64,6 +67,10 @@ pub struct ControllerArgs {
     /// Where Velero's Schedules, Backups and PodVolumeBackups are.
     #[arg(long, env = "VJH_VELERO_NAMESPACE", default_value = "velero")]
     pub velero_namespace: String,
+    /// Manage only opted-in namespaces that also match this label selector (e.g. to run
+    /// a controller per group of namespaces). Default: every opted-in namespace.
+    #[arg(long, env = "VJH_NAMESPACE_SELECTOR")]
+    pub namespace_selector: Option<String>,
     /// Helpers start this long before a Schedule's tick.
     #[arg(long, env = "VJH_LEAD_TIME", default_value = "10m", value_parser = humantime::parse_duration)]
     pub lead_time: Duration,
@@ -316,6 +323,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
 
 async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
     let signalled = shutdown_signal()?;
+    let args_ops_listen = args.ops_listen;
     let client = crate::cluster::try_client()
         .await
         .context("connecting to the Kubernetes API")?
@@ -332,6 +340,7 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         namespace: args.namespace,
         identity,
         velero_namespace: args.velero_namespace,
+        namespace_selector: args.namespace_selector.filter(|s| !s.is_empty()),
         windows: crate::controller::Config::window_options(args.lead_time, args.max_window)?,
         helper: crate::policy::helper::HelperOptions {
             image: args.helper_image,
@@ -350,7 +359,32 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         signalled.await;
         stop.cancel();
     });
-    crate::controller::run(client, config, shutdown).await
+    // Probes and /metrics, with the same bounds as the webhook's operations port.
+    let metrics = Arc::new(crate::metrics::Metrics::for_controller());
+    let health = crate::webhook::Health::new(None, None);
+    let ops = crate::server::bind(args_ops_listen).with_context(|| {
+        format!("binding the operations address --ops-listen {args_ops_listen}")
+    })?;
+    let listener = crate::webhook::serve::Listener {
+        name: "ops",
+        tcp: ops,
+        tls: None,
+        max_connections: 16,
+    };
+    let router = crate::webhook::ops_router(health, metrics.clone());
+    let ops_stop = shutdown.clone();
+    let ops_task = tokio::spawn(crate::webhook::serve::serve(
+        listener,
+        router,
+        ServeOptions::default(),
+        metrics.clone(),
+        async move { ops_stop.cancelled().await },
+    ));
+    tracing::info!(ops = %args_ops_listen, "serving /healthz, /readyz, /metrics over HTTP");
+    let result = crate::controller::run(client, config, metrics, shutdown.clone()).await;
+    shutdown.cancel();
+    let _ = ops_task.await;
+    result
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {

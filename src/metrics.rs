@@ -41,8 +41,73 @@ pub struct NamespaceLabels {
     pub namespace: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WriteLabels {
+    pub verb: &'static str,
+    pub resource: &'static str,
+}
+
+/// The controller's metrics (registered only by `controller`).
+#[derive(Default)]
+pub struct ControllerMetrics {
+    pub helpers: Family<StateLabels, Gauge>,
+    pub windows_open: Gauge,
+    pub backfilled: Counter,
+    pub reconcile_errors: Counter,
+    pub api_writes: Family<WriteLabels, Counter>,
+    pub leader: Gauge,
+}
+
+impl ControllerMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "backup_helpers",
+            "Backup helper pods by phase (Pending, Running, other), as the pod watch sees them",
+            self.helpers.clone(),
+        );
+        registry.register(
+            "backup_windows_open",
+            "Opted-in namespaces with a backup window open now",
+            self.windows_open.clone(),
+        );
+        registry.register(
+            "backfilled_pods",
+            "Live user pods whose backup annotation the controller added (the webhook missed them)",
+            self.backfilled.clone(),
+        );
+        registry.register(
+            "reconcile_errors",
+            "API writes the controller attempted that failed (each retried on the next pass)",
+            self.reconcile_errors.clone(),
+        );
+        registry.register(
+            "api_writes",
+            "API writes by verb and resource: zero in steady state, a rate proportional to changes otherwise",
+            self.api_writes.clone(),
+        );
+        registry.register(
+            "leader",
+            "1 while this replica holds the controller's Lease",
+            self.leader.clone(),
+        );
+    }
+
+    pub fn write(&self, verb: &'static str, resource: &'static str) {
+        self.api_writes
+            .get_or_create(&WriteLabels { verb, resource })
+            .inc();
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
+    /// Registered only for `controller` (see [`Metrics::for_controller`]).
+    pub controller: ControllerMetrics,
     admission_requests: Family<AdmissionLabels, Counter>,
     admission_duration: Histogram,
     tls_reloads: Family<ResultLabels, Counter>,
@@ -68,64 +133,85 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// The registry of `serve` (the webhook's metrics).
     pub fn new() -> Self {
+        Self::build(true)
+    }
+
+    /// The registry of `controller`: build information and the controller's metrics only
+    /// (no webhook series, e.g. no certificate expiry of 0 for an alert to misread).
+    pub fn for_controller() -> Self {
+        let mut m = Self::build(false);
+        m.controller.register(&mut m.registry);
+        m
+    }
+
+    fn build(webhook: bool) -> Self {
         let mut registry = Registry::with_prefix("velero_jupyterhub");
+        // The webhook's metrics exist either way (the code paths are shared) but are
+        // exposed only by `serve`.
+        let mut unexposed = Registry::default();
+        let reg = if webhook {
+            &mut registry
+        } else {
+            &mut unexposed
+        };
         let admission_requests = Family::<AdmissionLabels, Counter>::default();
-        registry.register(
+        reg.register(
             "admission_requests",
             "AdmissionReview requests by webhook entry and outcome",
             admission_requests.clone(),
         );
         let admission_duration = Histogram::new(DURATION_BUCKETS);
-        registry.register(
+        reg.register(
             "admission_duration_seconds",
             "Time to answer an AdmissionReview, from the request head to the response (body read, namespace lookup, decision, encoding)",
             admission_duration.clone(),
         );
         let tls_reloads = Family::<ResultLabels, Counter>::default();
-        registry.register(
+        reg.register(
             "tls_reloads",
             "Serving certificate (re)loads from files, by result",
             tls_reloads.clone(),
         );
         let tls_expiry = Gauge::default();
-        registry.register(
+        reg.register(
             "tls_certificate_expiry_timestamp_seconds",
             "When the serving certificate in use expires (Unix time; 0 until one is loaded). Alert well before it",
             tls_expiry.clone(),
         );
         let connections = Family::<ConnectionLabels, Counter>::default();
-        registry.register(
+        reg.register(
             "connections",
             "Connections by listener and what became of them: accepted (TLS handshake done on the webhook port), handshake_failed, handshake_timeout, evicted (closed to make room at the connection cap), idle_timeout (no complete request head for --idle-timeout), refused (at the cap, from an address that holds half of it). The API server keeps connections alive: a steady climb means churn",
             connections.clone(),
         );
         let connections_open = Family::<ListenerLabels, Gauge>::default();
-        registry.register(
+        reg.register(
             "connections_open",
             "Connections open now, by listener (at most its connection cap)",
             connections_open.clone(),
         );
         let namespaces_opted_in = Gauge::default();
-        registry.register(
+        reg.register(
             "namespaces_opted_in",
             "Namespaces labelled velero-jupyterhub.io/enabled=true, as the namespace watch sees them",
             namespaces_opted_in.clone(),
         );
         let namespace_fetches = Family::<ResultLabels, Counter>::default();
-        registry.register(
+        reg.register(
             "namespace_fetches",
             "Namespaces fetched because the watch had not delivered them (or their label) yet: fetched, not_found, error, timeout; rate_limited or invalid_name when not fetched",
             namespace_fetches.clone(),
         );
         let namespace_watch_errors = Counter::default();
-        registry.register(
+        reg.register(
             "namespace_watch_errors",
             "Errors of the namespace watch (each retried with backoff)",
             namespace_watch_errors.clone(),
         );
         let claims_problems = Family::<NamespaceLabels, Gauge>::default();
-        registry.register(
+        reg.register(
             "namespace_claims_invalid",
             "1 while an opted-in namespace's velero-jupyterhub.io/claims annotation is empty or has invalid globs (the valid ones, else the default, apply)",
             claims_problems.clone(),
@@ -137,6 +223,7 @@ impl Metrics {
         );
         Self {
             registry,
+            controller: ControllerMetrics::default(),
             admission_requests,
             admission_duration,
             tls_reloads,

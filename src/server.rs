@@ -133,7 +133,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let addr = listener.local_addr()?;
     let ops_addr = ops_listener.local_addr()?;
 
-    let health = Health::new(certs.clone(), namespaces_synced);
+    let health = Health::new(Some(certs.clone()), namespaces_synced);
     let admission = webhook::admission_router(Arc::new(WebhookState::new(
         namespaces.clone(),
         metrics.clone(),
@@ -194,7 +194,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 /// A listening socket with a deep accept queue (the kernel caps it at `somaxconn`): when
 /// a flood fills the queue, the kernel drops new connection attempts and the client
 /// (the API server, a kubelet probe) retries only a second later.
-fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = match addr {
         SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
         SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
@@ -277,7 +277,7 @@ mod tests {
     use super::*;
 
     fn health() -> Health {
-        Health::new(Arc::new(CertStore::default()), None)
+        Health::new(Some(Arc::new(CertStore::default())), None)
     }
 
     #[tokio::test]

@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 use support::cluster::{self, eventually, from_json, unique};
 use tokio_util::sync::CancellationToken;
 use velero_jupyterhub::controller::{self, Config, LeaseOptions};
+use velero_jupyterhub::metrics::{Metrics, sample};
 use velero_jupyterhub::names;
 use velero_jupyterhub::policy::ClaimGlobs;
 use velero_jupyterhub::policy::helper::HelperOptions;
@@ -59,12 +60,46 @@ struct Setup {
     users: String,
     velero: String,
     nodes: Vec<String>,
+    as_controller: kube::Client,
+    config: Config,
+    controllers: Vec<Replica>,
+}
+
+/// One in-process controller replica.
+struct Replica {
     stop: CancellationToken,
-    controller: tokio::task::JoinHandle<anyhow::Result<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Replica {
+    fn leads(&self) -> bool {
+        self.metrics.controller.leader.get() == 1
+    }
+
+    fn writes(&self) -> f64 {
+        let text = self.metrics.encode();
+        ["create", "delete", "patch"]
+            .iter()
+            .filter_map(|verb| {
+                sample(
+                    &text,
+                    &format!(
+                        "velero_jupyterhub_api_writes_total{{verb=\"{verb}\",resource=\"pods\"}}"
+                    ),
+                )
+            })
+            .sum()
+    }
 }
 
 impl Setup {
+    /// Namespaces, nodes, RBAC, and one controller replica (more with [`Self::replica`]).
     async fn new() -> Self {
+        Self::with_lease(Duration::from_secs(15)).await
+    }
+
+    async fn with_lease(lease: Duration) -> Self {
         let client = cluster::client().await;
         let minor = cluster::server_minor(&client).await;
         assert!(
@@ -72,15 +107,16 @@ impl Setup {
             "needs Pod Security admission (v1.25+): run on the current test server"
         );
         cluster::install_velero_crds(&client).await;
+        // Tests run side by side on one server: each controller manages only its test's
+        // namespace (--namespace-selector), and schedules only onto its test's nodes.
+        let run = unique("run");
         let users = namespace(
             &client,
-            json!({(names::NAMESPACE_ENABLED): "true", "pod-security.kubernetes.io/enforce": "restricted"}),
+            json!({(names::NAMESPACE_ENABLED): "true", "pod-security.kubernetes.io/enforce": "restricted",
+                   "vjh-test-run": run}),
         )
         .await;
         let velero = namespace(&client, json!({})).await;
-        // Two user nodes with z2jh's taint, and a taint of this test's own so no other
-        // test's pod is scheduled there.
-        let run = unique("run");
         let taints = json!([
             {"key": "hub.jupyter.org/dedicated", "value": "user", "effect": "NoSchedule"},
             {"key": "velero-jupyterhub-test", "value": run, "effect": "NoSchedule"},
@@ -111,6 +147,7 @@ impl Setup {
             namespace: own_namespace,
             identity: "replica-a".to_owned(),
             velero_namespace: velero.clone(),
+            namespace_selector: Some(format!("vjh-test-run={run}")),
             windows: WindowOptions {
                 lead: SignedDuration::from_mins(10),
                 max: SignedDuration::from_hours(6),
@@ -122,18 +159,38 @@ impl Setup {
             },
             default_claims: Arc::new(ClaimGlobs::parse("claim-*").expect("globs")),
             // A Lease of this test's own: tests run side by side on one server.
-            lease: LeaseOptions::with_duration(&unique("lease"), Duration::from_secs(15)),
+            lease: LeaseOptions::with_duration(&unique("lease"), lease),
         };
-        let stop = CancellationToken::new();
-        let controller = tokio::spawn(controller::run(as_controller, config, stop.clone()));
-        Self {
+        let mut setup = Self {
             client,
             users,
             velero,
             nodes,
+            as_controller,
+            config,
+            controllers: vec![],
+        };
+        setup.replica("replica-a");
+        setup
+    }
+
+    /// Starts another replica (same Lease) named `identity`.
+    fn replica(&mut self, identity: &str) {
+        let mut config = self.config.clone();
+        config.identity = identity.to_owned();
+        let metrics = Arc::new(Metrics::for_controller());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(controller::run(
+            self.as_controller.clone(),
+            config,
+            metrics.clone(),
+            stop.clone(),
+        ));
+        self.controllers.push(Replica {
             stop,
-            controller,
-        }
+            task,
+            metrics,
+        });
     }
 
     fn pods(&self) -> Api<Pod> {
@@ -166,8 +223,10 @@ impl Setup {
     }
 
     async fn finish(self) {
-        self.stop.cancel();
-        let _ = self.controller.await;
+        for r in self.controllers {
+            r.stop.cancel();
+            let _ = r.task.await;
+        }
         for n in &self.nodes {
             cluster::delete_node(&self.client, n).await;
         }
@@ -327,5 +386,103 @@ async fn idle_claims_get_helpers_in_a_window_and_lose_them_to_their_user_and_whe
     .await
     .expect("the window closed: helpers deleted");
 
+    setup.finish().await;
+}
+
+/// Waits for two Running helpers (the test plays the kubelet) and returns their uids.
+async fn two_running_helpers(setup: &Setup) -> Vec<String> {
+    let helpers = eventually(Duration::from_secs(30), || async {
+        let hs = setup.helpers().await;
+        (hs.len() == 2).then_some(hs)
+    })
+    .await
+    .expect("two helpers");
+    for h in &helpers {
+        cluster::set_phase(
+            &setup.pods(),
+            h.metadata.name.as_deref().expect("name"),
+            "Running",
+        )
+        .await;
+    }
+    helpers
+        .iter()
+        .filter_map(|h| h.metadata.uid.clone())
+        .collect()
+}
+
+#[tokio::test]
+async fn steady_state_makes_no_writes_over_a_quiet_minute() {
+    let setup = Setup::new().await;
+    cluster::bound_claim(&setup.client, &setup.users, "claim-alice", "alice").await;
+    cluster::bound_claim(&setup.client, &setup.users, "claim-bob", "bob").await;
+    setup.schedule("homes").await;
+    two_running_helpers(&setup).await;
+    // Let the watches deliver our own writes' effects, then count.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let replica = &setup.controllers[0];
+    let before = replica.writes();
+    assert!(before >= 2.0, "the helpers' creates are counted: {before}");
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(
+        replica.writes(),
+        before,
+        "no API writes while nothing changes"
+    );
+    assert_eq!(setup.helpers().await.len(), 2);
+    setup.finish().await;
+}
+
+#[tokio::test]
+async fn when_the_leader_dies_the_other_replica_takes_over_without_duplicates() {
+    // A short Lease keeps the test short; client-go's proportions apply.
+    let lease = Duration::from_secs(4);
+    let mut setup = Setup::with_lease(lease).await;
+    setup.replica("replica-b");
+    cluster::bound_claim(&setup.client, &setup.users, "claim-alice", "alice").await;
+    cluster::bound_claim(&setup.client, &setup.users, "claim-bob", "bob").await;
+    setup.schedule("homes").await;
+    let uids = two_running_helpers(&setup).await;
+    let leader = eventually(Duration::from_secs(10), || async {
+        let leaders: Vec<usize> = (0..2).filter(|i| setup.controllers[*i].leads()).collect();
+        (leaders.len() == 1).then(|| leaders[0])
+    })
+    .await
+    .expect("exactly one leader");
+
+    // The leader dies without releasing its Lease (its task is aborted, as a crash would).
+    let dead = setup.controllers.remove(leader);
+    dead.task.abort();
+    let died = Instant::now();
+    let _ = dead.task.await;
+    eventually(lease * 3, || async {
+        setup.controllers[0].leads().then_some(())
+    })
+    .await
+    .expect("the other replica leads within the lease duration (plus a retry)");
+    let took_over = died.elapsed();
+    println!(
+        "failover: the other replica led {took_over:?} after the leader died (lease {lease:?})"
+    );
+    assert!(
+        took_over <= lease + lease * 2 / 15 + Duration::from_secs(2),
+        "took {took_over:?}"
+    );
+
+    // A claim that turns up now gets its helper from the new leader; the old helpers are
+    // the same pods (no duplicates, no re-creation).
+    cluster::bound_claim(&setup.client, &setup.users, "claim-carol", "carol").await;
+    let helpers = eventually(Duration::from_secs(15), || async {
+        let hs = setup.helpers().await;
+        (hs.len() == 3).then_some(hs)
+    })
+    .await
+    .expect("carol's helper from the new leader");
+    for uid in &uids {
+        assert!(
+            helpers.iter().any(|h| h.metadata.uid.as_ref() == Some(uid)),
+            "helper {uid} kept"
+        );
+    }
     setup.finish().await;
 }

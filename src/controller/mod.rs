@@ -16,6 +16,7 @@ use jiff::SignedDuration;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use crate::metrics::Metrics;
 use crate::policy::ClaimGlobs;
 use crate::policy::helper::HelperOptions;
 use crate::policy::window::WindowOptions;
@@ -32,6 +33,9 @@ pub struct Config {
     /// This replica's name in the Lease (`POD_NAME`, else the host name).
     pub identity: String,
     pub velero_namespace: String,
+    /// Manage only opted-in namespaces that also match this label selector (several
+    /// controllers for disjoint sets of namespaces; `None`: every opted-in namespace).
+    pub namespace_selector: Option<String>,
     pub windows: WindowOptions,
     pub helper: HelperOptions,
     pub default_claims: Arc<ClaimGlobs>,
@@ -52,6 +56,7 @@ impl Config {
 pub async fn run(
     client: kube::Client,
     config: Config,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     info!(identity = %config.identity, namespace = %config.namespace, "waiting to lead");
@@ -61,14 +66,21 @@ pub async fn run(
         () = shutdown.cancelled() => return Ok(()),
     };
     info!(identity = %config.identity, "leading: starting the reconciler");
+    metrics.controller.leader.set(1);
     let work = CancellationToken::new();
-    let reconciler = tokio::spawn(reconcile::run(client, config.clone(), work.clone()));
+    let reconciler = tokio::spawn(reconcile::run(
+        client,
+        config.clone(),
+        metrics.clone(),
+        work.clone(),
+    ));
     let outcome = tokio::select! {
         lost = leading.keep() => Err(lost),
         () = shutdown.cancelled() => Ok(()),
     };
     work.cancel();
     let _ = reconciler.await;
+    metrics.controller.leader.set(0);
     match outcome {
         Ok(()) => {
             elector.release().await;

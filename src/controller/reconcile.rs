@@ -17,6 +17,7 @@ use super::Config;
 use super::stores::Stores;
 use crate::cluster::events::EventSink;
 use crate::cluster::velero::Schedule;
+use crate::metrics::Metrics;
 use crate::names;
 use crate::policy::helper;
 use crate::policy::plan::{self, ClaimView, Deletion, NamespaceView, Plan, PlanInput, PvbView};
@@ -31,8 +32,18 @@ const DEBOUNCE: Duration = Duration::from_millis(20);
 /// plan with nothing to do writes nothing).
 const AT_LEAST_EVERY: Duration = Duration::from_secs(300);
 
-pub async fn run(client: kube::Client, config: Config, stop: CancellationToken) {
-    let stores = Stores::start(&client, &config.velero_namespace, &stop);
+pub async fn run(
+    client: kube::Client,
+    config: Config,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
+    let stores = Stores::start(
+        &client,
+        &config.velero_namespace,
+        config.namespace_selector.as_deref(),
+        &stop,
+    );
     tokio::select! {
         ready = stores.ready() => if let Err(e) = ready {
             warn!(error = %e, "watches stopped before they listed");
@@ -45,6 +56,7 @@ pub async fn run(client: kube::Client, config: Config, stop: CancellationToken) 
         client: client.clone(),
         events: EventSink::new(Some(client)),
         config,
+        metrics,
         pending: HashMap::new(),
         reported: HashSet::new(),
     };
@@ -65,6 +77,7 @@ struct Reconciler {
     client: kube::Client,
     events: EventSink,
     config: Config,
+    metrics: Arc<Metrics>,
     /// Writes made and not yet reflected by the watches, by key, with when they were made.
     pending: HashMap<String, Instant>,
     /// Schedule problems already reported (Event sent), so each is reported once.
@@ -159,6 +172,7 @@ impl Reconciler {
             self.config.windows,
         );
         self.report_problems(&windows, &schedule_objects);
+        self.count_helpers(&pods, windows.open.len());
         let plan = plan::plan(&PlanInput {
             namespaces: &namespaces,
             claims: &claims,
@@ -173,6 +187,30 @@ impl Reconciler {
             .collect();
         self.apply(plan, &uids).await;
         windows.next_change
+    }
+
+    fn count_helpers(&self, pods: &[&Pod], windows_open: usize) {
+        let m = &self.metrics.controller;
+        let mut by_state: BTreeMap<&'static str, i64> =
+            [("Pending", 0), ("Running", 0), ("other", 0)].into();
+        for p in pods.iter().filter(|p| {
+            label(&p.metadata.labels, names::COMPONENT) == Some(names::BACKUP_HELPER)
+                && label(&p.metadata.labels, names::MANAGED_BY) == Some(names::MANAGED_BY_US)
+        }) {
+            let state = match p.status.as_ref().and_then(|s| s.phase.as_deref()) {
+                Some("Running") => "Running",
+                Some("Pending") | None => "Pending",
+                Some(_) => "other",
+            };
+            *by_state.entry(state).or_default() += 1;
+        }
+        for (state, n) in by_state {
+            m.helpers
+                .get_or_create(&crate::metrics::StateLabels { state })
+                .set(n);
+        }
+        m.windows_open
+            .set(i64::try_from(windows_open).unwrap_or(i64::MAX));
     }
 
     fn report_problems(&mut self, windows: &Windows, schedules: &[Arc<Schedule>]) {
@@ -288,6 +326,7 @@ impl Reconciler {
             .map(String::as_str)
             .unwrap_or_default();
         let api: Api<Pod> = Api::namespaced(self.client.clone(), ns);
+        self.metrics.controller.write("create", "pods");
         match api.create(&PostParams::default(), pod).await {
             Ok(_) => {
                 info!(
@@ -311,6 +350,7 @@ impl Reconciler {
                 debug!(namespace = ns, helper = name, "already exists")
             }
             Err(e) => {
+                self.metrics.controller.reconcile_errors.inc();
                 warn!(namespace = ns, helper = name, error = %e, "could not create a backup helper");
                 self.claim_warning(
                     ns,
@@ -332,6 +372,7 @@ impl Reconciler {
             }),
             ..Default::default()
         };
+        self.metrics.controller.write("delete", "pods");
         match api.delete(&d.name, &params).await {
             Ok(_) => {
                 info!(namespace = %d.namespace, helper = %d.name, reason = d.reason.as_str(), "deleted a backup helper");

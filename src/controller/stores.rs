@@ -33,14 +33,19 @@ impl Stores {
     pub fn start(
         client: &kube::Client,
         velero_namespace: &str,
+        namespace_selector: Option<&str>,
         stop: &tokio_util::sync::CancellationToken,
     ) -> Self {
         let changed = Arc::new(Notify::new());
         let config = watcher::Config::default().any_semantic();
+        let mut namespace_config = config.clone();
+        if let Some(selector) = namespace_selector {
+            namespace_config = namespace_config.labels(selector);
+        }
         // Namespaces: metadata only (labels and annotations are all we read).
         let namespaces = watch(
             Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
-            &config,
+            &namespace_config,
             |n| n.metadata.managed_fields = None,
             &changed,
             stop,

@@ -241,7 +241,8 @@ fn is_json(content_type: Option<&HeaderValue>) -> bool {
 /// What `/readyz` and `/healthz` check.
 #[derive(Clone)]
 pub struct Health {
-    pub certs: Arc<CertStore>,
+    /// The serving certificate (the webhook); `None` for the controller, which serves none.
+    pub certs: Option<Arc<CertStore>>,
     /// Set once the namespace cache has synced (None: no cluster configured).
     pub namespaces_synced: Option<Arc<AtomicBool>>,
     /// Set on shutdown, so the endpoint is taken out of rotation while draining.
@@ -252,7 +253,7 @@ pub struct Health {
 }
 
 impl Health {
-    pub fn new(certs: Arc<CertStore>, namespaces_synced: Option<Arc<AtomicBool>>) -> Self {
+    pub fn new(certs: Option<Arc<CertStore>>, namespaces_synced: Option<Arc<AtomicBool>>) -> Self {
         Self {
             certs,
             namespaces_synced,
@@ -264,7 +265,7 @@ impl Health {
     /// Why the server is not ready (empty when it is).
     pub fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
-        if !self.certs.is_loaded() {
+        if self.certs.as_ref().is_some_and(|c| !c.is_loaded()) {
             problems.push("no serving certificate loaded yet".to_owned());
         }
         if self
