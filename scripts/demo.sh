@@ -4,7 +4,9 @@
 #  2. runs `velero-jupyterhub serve --self-signed` against it and registers the webhook
 #     from manifests/webhook.yaml (url + caBundle rewritten for loopback),
 #  3. opts the `jhub` namespace in, leaves `sandbox` out, creates KubeSpawner-shaped user
-#     pods and claims (tests/fixtures), and prints what happened to each pod and why.
+#     pods and claims (tests/fixtures), and prints what happened to each pod and why,
+#  4. runs `velero-jupyterhub controller` with a Velero Schedule: idle users get backup
+#     helpers before the tick, and a user who starts her server takes her claim back.
 # Everything it started is stopped at the end; `scripts/demo.sh --keep` leaves it running.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,10 +34,11 @@ if ! bash "$envtest" status >/dev/null 2>&1; then
   started_here=1
 fi
 eval "$(bash "$envtest" env)"; export KUBECONFIG
-server_pid=
+server_pid=; controller_pid=
 cleanup() {
   [ "$keep" = 1 ] && { echo "left running: webhook pid $server_pid (https://127.0.0.1:$port), KUBECONFIG=$KUBECONFIG"; return; }
   [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null && wait "$server_pid" 2>/dev/null || true
+  [ -n "$controller_pid" ] && kill "$controller_pid" 2>/dev/null && wait "$controller_pid" 2>/dev/null || true
   kubectl delete mutatingwebhookconfiguration velero-jupyterhub-demo --ignore-not-found >/dev/null 2>&1 || true
   kubectl delete namespace jhub sandbox --ignore-not-found --wait=false >/dev/null 2>&1 || true
   [ "$started_here" = 1 ] && bash "$envtest" stop || true
@@ -137,4 +140,58 @@ PY
 
 say "metrics (http://127.0.0.1:$mport/metrics)"
 curl -s "http://127.0.0.1:$mport/metrics" | grep -E '^velero_jupyterhub_admission_requests_total' || true
+# ---------------------------------------------------------------- idle users
+say "idle users: velero-jupyterhub controller, a Velero Schedule, and two users with no server"
+cport=${DEMO_CONTROLLER_OPS_PORT:-18081}
+kubectl apply -f tests/fixtures/velero-crds/ >/dev/null
+kubectl wait --for condition=established --timeout=60s crd/schedules.velero.io crd/backups.velero.io crd/podvolumebackups.velero.io >/dev/null
+kubectl create namespace velero --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+# A user node for the real scheduler (no kubelet here: the demo plays its part).
+echo '{"apiVersion": "v1", "kind": "Node", "metadata": {"name": "demo-user-node", "labels": {"kubernetes.io/hostname": "demo-user-node"}},
+  "spec": {"taints": [{"key": "hub.jupyter.org/dedicated", "value": "user", "effect": "NoSchedule"}]}}' | kubectl apply -f - >/dev/null
+kubectl taint node demo-user-node node.kubernetes.io/not-ready:NoSchedule- >/dev/null 2>&1 || true
+kubectl patch node demo-user-node --subresource=status --type=merge -p '{"status": {"allocatable": {"cpu": "4", "memory": "8Gi", "pods": "110"}, "capacity": {"cpu": "4", "memory": "8Gi", "pods": "110"}, "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "played by the demo"}]}}' >/dev/null
+# Olivia and Peggy have homes but no server; every claim gets a volume so it binds.
+for user in olivia peggy; do
+  echo "{\"apiVersion\": \"v1\", \"kind\": \"PersistentVolumeClaim\", \"metadata\": {\"name\": \"claim-$user\", \"labels\": {\"hub.jupyter.org/username\": \"$user\"}},
+    \"spec\": {\"accessModes\": [\"ReadWriteOnce\"], \"resources\": {\"requests\": {\"storage\": \"1Gi\"}}}}" | kubectl -n jhub create -f - >/dev/null
+done
+kubectl -n jhub get pvc -o json | python3 -c '
+import json, sys
+for c in json.load(sys.stdin)["items"]:
+    name = c["metadata"]["name"]
+    pv = {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": "demo-" + name, "labels": {"demo": "velero-jupyterhub"}},
+          "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"], "storageClassName": c["spec"].get("storageClassName") or "",
+                   "hostPath": {"path": "/tmp/demo-" + name}, "claimRef": {"namespace": "jhub", "name": name}}}
+    print(json.dumps(pv))' | kubectl apply -f - >/dev/null
+POD_NAMESPACE=velero POD_NAME=demo-controller "$bin" controller --velero-namespace velero \
+  --ops-listen "127.0.0.1:$cport" --log-level info > "$work/controller.log" 2>&1 &
+controller_pid=$!
+minute=$(date -u -d '+5 min' +%M); minute=$((10#$minute))
+say "a Schedule backing up jhub at minute $minute of every hour (UTC): its window opens 10 minutes before"
+echo "{\"apiVersion\": \"velero.io/v1\", \"kind\": \"Schedule\", \"metadata\": {\"name\": \"user-homes\", \"namespace\": \"velero\"},
+  \"spec\": {\"schedule\": \"CRON_TZ=UTC $minute * * * *\", \"template\": {\"includedNamespaces\": [\"jhub\"], \"ttl\": \"720h0m0s\"}}}" \
+  | kubectl apply -f - >/dev/null
+helpers() { kubectl -n jhub get pods -l app.kubernetes.io/component=backup-helper -o custom-columns='HELPER:.metadata.name,CLAIM:.spec.volumes[0].persistentVolumeClaim.claimName,NODE:.spec.nodeName,ANNOTATION:.metadata.annotations.backup\.velero\.io/backup-volumes' "$@"; }
+for _ in $(seq 1 150); do [ "$(helpers --no-headers 2>/dev/null | wc -l)" -ge 2 ] && break; sleep 0.2; done
+helpers
+say "Peggy starts her server: her helper goes at once (the user always wins)"
+kubectl -n jhub get pod jupyter-bob -o json | python3 -c '
+import json, sys
+p = json.load(sys.stdin)
+meta = {"name": "jupyter-peggy", "labels": {**p["metadata"]["labels"], "hub.jupyter.org/username": "peggy"}}
+spec = p["spec"]; spec.pop("nodeName", None)
+for v in spec["volumes"]:
+    if "persistentVolumeClaim" in v: v["persistentVolumeClaim"]["claimName"] = "claim-peggy"
+print(json.dumps({"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}))' | kubectl -n jhub create -f - >/dev/null
+for _ in $(seq 1 50); do kubectl -n jhub get pod vjh-backup-claim-peggy >/dev/null 2>&1 || break; sleep 0.1; done
+helpers
+kubectl -n jhub get events.events.k8s.io --field-selector regarding.name=claim-peggy -o custom-columns='REASON:.reason,NOTE:.note'
+say "controller metrics (http://127.0.0.1:$cport/metrics)"
+curl -s "http://127.0.0.1:$cport/metrics" | grep -E '^velero_jupyterhub_(backup_helpers|backup_windows_open|api_writes_total|leader)' || true
+kill "$controller_pid" 2>/dev/null; wait "$controller_pid" 2>/dev/null || true
+kubectl delete schedule -n velero user-homes --ignore-not-found >/dev/null 2>&1 || true
+kubectl delete node demo-user-node --ignore-not-found >/dev/null 2>&1 || true
+kubectl delete pv -l demo=velero-jupyterhub --ignore-not-found --wait=false >/dev/null 2>&1 || true
+
 say "done in $(( $(date +%s) - t0 )) s"

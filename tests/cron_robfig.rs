@@ -5,6 +5,8 @@
 //! is `0` are kept with that field dropped (ParseStandard has none); the six `15/35`
 //! seconds cases are left out.
 
+mod support;
+
 use k8s_openapi::jiff::tz::{Offset, TimeZone};
 use k8s_openapi::jiff::{self, SignedDuration, Timestamp};
 use velero_jupyterhub::policy::cron::CronSchedule;
@@ -574,4 +576,71 @@ fn berlin_dst() {
     for (start, spec, expected) in runs {
         check(start, spec, expected, "Europe/Berlin DST");
     }
+}
+
+/// Every row of tests/fixtures/robfig-cron-v3.0.1-next.tsv: robfig v3.0.1's own answers,
+/// computed by robfig here (scripts/robfig-truth), for its test tables, edge cases, zones
+/// that change clocks at midnight (where robfig's answers are odd, and Velero's are
+/// robfig's) and 2,000 random expressions started near DST changes.
+#[test]
+fn matches_robfig_run_here() {
+    let text = std::fs::read_to_string(support::fixtures::path("robfig-cron-v3.0.1-next.tsv"))
+        .expect("fixture");
+    let mut checked = 0;
+    let mut wrong = Vec::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let cols: Vec<&str> = line.split('\t').collect();
+        let [id, spec, start, zone, expected] = cols[..] else {
+            panic!("bad row {line:?}");
+        };
+        let start_ts: Timestamp = start.parse().unwrap_or_else(|e| panic!("{id}: {e}"));
+        let location = match zone {
+            "-" => {
+                // Go's time.Parse: "Z" is UTC, "+hh:mm" a fixed zone of that offset.
+                match start.strip_suffix('Z') {
+                    Some(_) => TimeZone::UTC,
+                    None => {
+                        let (_, hhmm) = start.split_at(start.len() - 6);
+                        let sign = if hhmm.starts_with('-') { -1 } else { 1 };
+                        let h: i32 = hhmm[1..3].parse().expect("hh");
+                        let m: i32 = hhmm[4..6].parse().expect("mm");
+                        TimeZone::fixed(
+                            Offset::from_seconds(sign * (h * 3600 + m * 60)).expect("offset"),
+                        )
+                    }
+                }
+            }
+            name => TimeZone::get(name).unwrap_or_else(|e| panic!("{id}: {e}")),
+        };
+        let got = match CronSchedule::parse_in(spec, &location) {
+            Err(_) => "ERR".to_owned(),
+            Ok(s) => match s.next_after(start_ts) {
+                None => "ZERO".to_owned(),
+                Some(t) => t.to_string(),
+            },
+        };
+        let want = match expected {
+            "ERR" | "ZERO" => expected.to_owned(),
+            t => t
+                .parse::<Timestamp>()
+                .unwrap_or_else(|e| panic!("{id}: {e}"))
+                .to_string(),
+        };
+        if got != want {
+            wrong.push(format!(
+                "{id} {spec:?} from {start}: robfig {want}, ours {got}"
+            ));
+        }
+        checked += 1;
+    }
+    assert!(checked > 2000, "{checked} rows");
+    assert!(
+        wrong.is_empty(),
+        "{} of {checked} differ:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
 }

@@ -4,12 +4,16 @@
 //!
 //! This is a port of robfig/cron v3.0.1 parser.go (`ParseStandard`: 5 fields,
 //! descriptors, `@every`, a `TZ=`/`CRON_TZ=` prefix), spec.go (`SpecSchedule.Next`) and
-//! constantdelay.go (`@every`), on jiff. Why a port and not a cron crate: the best-kept
-//! one (croner 4) follows the OCPS rules where robfig does not: a daily job runs once in a
-//! repeated (fall-back) hour there, twice in robfig; `7` is Sunday there, an error in
-//! robfig; `*/2` in day-of-month keeps "wildcard" semantics there, not in robfig. Velero
-//! runs robfig, so a Schedule's tick must be robfig's; tests/cron_robfig.rs checks this
-//! port against robfig's own test tables (and values robfig produced here).
+//! constantdelay.go (`@every`), on jiff. Why a port and not a cron crate: six crates were
+//! run against robfig's answers here (croner 4, cron-parser, cron, cronexpr, saffron,
+//! cronp); none reads ParseStandard's grammar (croner takes `7`, `L`, `#`, six fields, and
+//! rejects `0/15`; others need seconds or AND the day fields), and their DST rules differ
+//! (croner runs a daily job once in a repeated hour, robfig twice). croner matched only
+//! behind a full robfig parser of our own plus a trick on its job classification, and
+//! still not in zones that change clocks at midnight, where robfig's answers are odd but
+//! are Velero's. Velero runs robfig, so a Schedule's tick must be robfig's, quirks
+//! included. tests/cron_robfig.rs checks this port against robfig's own test tables and
+//! 2,169 answers robfig computed here (scripts/robfig-truth/check.sh recomputes them).
 //!
 //! Go's `time.Date` (which robfig calls to truncate and to step over days) is followed
 //! too: a wall time in a gap or a fold resolves as Go resolves it.
