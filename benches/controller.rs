@@ -1,0 +1,246 @@
+//! The controller on the real API server (`scripts/bench.sh` starts it):
+//! 1. reaction time: a user pod created for a claim a backup helper holds, until the
+//!    helper is deleted (goal: the user waits ≤ 1 s plus the volume's detach), median and
+//!    p99 over 100 spawns;
+//! 2. memory: RSS of `velero-jupyterhub controller` (the release binary, its own process)
+//!    watching 10,000 user claims and 10,000 pods (goal ≤ 64 MiB).
+//! `cargo test` runs it once with small numbers as a smoke test.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Pod};
+use k8s_openapi::jiff::{SignedDuration, Timestamp, ToSpan};
+use kube::Api;
+use kube::api::PostParams;
+use kube::runtime::watcher;
+use serde_json::json;
+use support::cluster::{self, eventually, from_json, unique};
+use tokio_util::sync::CancellationToken;
+use velero_jupyterhub::controller::{self, Config, LeaseOptions};
+use velero_jupyterhub::metrics::Metrics;
+use velero_jupyterhub::names;
+use velero_jupyterhub::policy::ClaimGlobs;
+use velero_jupyterhub::policy::helper::HelperOptions;
+use velero_jupyterhub::policy::window::WindowOptions;
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+async fn namespace(client: &kube::Client, labels: serde_json::Value) -> String {
+    let name = unique("vjh-bench");
+    let ns: Namespace = from_json(json!({"metadata": {"name": name, "labels": labels}}));
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .expect("namespace");
+    name
+}
+
+async fn reaction(client: &kube::Client, spawns: usize) {
+    cluster::install_velero_crds(client).await;
+    let run = unique("run");
+    let users = namespace(
+        client,
+        json!({(names::NAMESPACE_ENABLED): "true", "vjh-bench": run}),
+    )
+    .await;
+    let velero = namespace(client, json!({})).await;
+    let config = Config {
+        namespace: velero.clone(),
+        identity: "bench".to_owned(),
+        velero_namespace: velero.clone(),
+        namespace_selector: Some(format!("vjh-bench={run}")),
+        windows: WindowOptions {
+            lead: SignedDuration::from_mins(10),
+            max: SignedDuration::from_hours(6),
+        },
+        helper: HelperOptions {
+            image: "registry.k8s.io/pause:3.10".to_owned(),
+            tolerations: vec![],
+            node_selector: BTreeMap::new(),
+        },
+        default_claims: Arc::new(ClaimGlobs::parse("claim-*").expect("globs")),
+        lease: LeaseOptions::with_duration(&unique("lease"), Duration::from_secs(15)),
+    };
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(controller::run(
+        client.clone(),
+        config,
+        Arc::new(Metrics::for_controller()),
+        stop.clone(),
+    ));
+    let minute = (Timestamp::now() + 5.minutes())
+        .to_zoned(k8s_openapi::jiff::tz::TimeZone::UTC)
+        .minute();
+    cluster::apply_dynamic(client, &json!({
+        "apiVersion": "velero.io/v1", "kind": "Schedule",
+        "metadata": {"name": "homes", "namespace": velero},
+        "spec": {"schedule": format!("CRON_TZ=UTC {minute} * * * *"), "template": {"includedNamespaces": [users]}},
+    }))
+    .await;
+
+    // When each helper disappears, as a watch sees it.
+    let gone: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &users);
+    let watch = {
+        let gone = gone.clone();
+        let cfg = watcher::Config::default().labels("app.kubernetes.io/component=backup-helper");
+        tokio::spawn(watcher::watcher(pods.clone(), cfg).try_for_each(move |e| {
+            if let watcher::Event::Delete(p) = e {
+                gone.lock()
+                    .expect("lock")
+                    .insert(p.metadata.name.unwrap_or_default(), Instant::now());
+            }
+            futures::future::ready(Ok(()))
+        }))
+    };
+    let mut samples = Vec::new();
+    for i in 0..spawns {
+        let user = format!("u{i}");
+        cluster::bound_claim(client, &users, &format!("claim-{user}"), &user).await;
+        let helper = format!("vjh-backup-claim-{user}");
+        eventually(Duration::from_secs(30), || async {
+            pods.get_opt(&helper).await.ok().flatten().map(|_| ())
+        })
+        .await
+        .expect("helper created");
+        let t0 = Instant::now();
+        pods.create(&PostParams::default(), &cluster::user_pod(&user))
+            .await
+            .expect("user pod");
+        let at = eventually(Duration::from_secs(30), || async {
+            gone.lock().expect("lock").get(&helper).copied()
+        })
+        .await
+        .expect("helper deleted");
+        samples.push(at.duration_since(t0).as_secs_f64() * 1000.0);
+    }
+    let (p50, p99) = (pct(&mut samples, 0.5), pct(&mut samples, 0.99));
+    println!(
+        "user pod created -> its backup helper deleted, over {spawns} spawns: median {p50:.1} ms, p99 {p99:.1} ms (goal: <= 1000 ms)"
+    );
+    stop.cancel();
+    let _ = task.await;
+    watch.abort();
+    for ns in [users, velero] {
+        let _ = Api::<Namespace>::all(client.clone())
+            .delete(&ns, &Default::default())
+            .await;
+    }
+}
+
+async fn memory(client: &kube::Client, objects: usize) {
+    // Its own namespaces only (--namespace-selector): tests may share the server.
+    let run = unique("run");
+    let ns = namespace(
+        client,
+        json!({(names::NAMESPACE_ENABLED): "true", "vjh-bench": run}),
+    )
+    .await;
+    let velero = namespace(client, json!({})).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns);
+    let t0 = Instant::now();
+    futures::stream::iter(0..objects)
+        .for_each_concurrent(16, |i| {
+            let (pods, claims) = (pods.clone(), claims.clone());
+            async move {
+                let user = format!("user{i}");
+                let claim: PersistentVolumeClaim = from_json(json!({
+                    "metadata": {"name": format!("claim-{user}"), "labels": {"hub.jupyter.org/username": user}},
+                    "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+                }));
+                claims.create(&PostParams::default(), &claim).await.expect("claim");
+                pods.create(&PostParams::default(), &cluster::user_pod(&user)).await.expect("pod");
+            }
+        })
+        .await;
+    println!(
+        "created {objects} claims and {objects} pods in {:.0} s",
+        t0.elapsed().as_secs_f64()
+    );
+    let kubeconfig = std::env::var("KUBECONFIG").expect("KUBECONFIG");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_velero-jupyterhub"))
+        .args([
+            "controller",
+            "--ops-listen",
+            "127.0.0.1:0",
+            "--velero-namespace",
+            &velero,
+            "--namespace",
+            &velero,
+        ])
+        .args(["--namespace-selector", &format!("vjh-bench={run}")])
+        .env("KUBECONFIG", kubeconfig)
+        .env("POD_NAME", "bench-memory")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("controller");
+    // Until it leads and has listed everything (its log says so), then a few passes more.
+    let pid = child.id();
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("watches listed") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(120))
+        .expect("the controller listed its watches");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_default()
+    };
+    println!(
+        "controller watching {objects} claims and {objects} pods: RSS {}, peak {} (goal: <= 64 MiB)",
+        field("VmRSS:"),
+        field("VmHWM:")
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    for n in [ns, velero] {
+        let _ = Api::<Namespace>::all(client.clone())
+            .delete(&n, &Default::default())
+            .await;
+    }
+}
+
+fn main() {
+    let quick = !std::env::args().any(|a| a == "--bench");
+    if quick {
+        println!(
+            "smoke run (cargo test): the bench works end to end; its figures mean nothing here. Measure with scripts/bench.sh."
+        );
+    }
+    let (spawns, objects) = if quick { (3, 50) } else { (100, 10_000) };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let client = cluster::client().await;
+        reaction(&client, spawns).await;
+        memory(&client, objects).await;
+    });
+}
