@@ -34,25 +34,16 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
     v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
-async fn namespace(client: &kube::Client, labels: serde_json::Value) -> String {
-    let name = unique("vjh-bench");
-    let ns: Namespace = from_json(json!({"metadata": {"name": name, "labels": labels}}));
-    Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &ns)
-        .await
-        .expect("namespace");
-    name
-}
-
 async fn reaction(client: &kube::Client, spawns: usize) {
     cluster::install_velero_crds(client).await;
     let run = unique("run");
-    let users = namespace(
+    let users = cluster::labelled_namespace(
         client,
+        "vjh-bench",
         json!({(names::NAMESPACE_ENABLED): "true", "vjh-bench": run}),
     )
     .await;
-    let velero = namespace(client, json!({})).await;
+    let velero = cluster::labelled_namespace(client, "vjh-bench", json!({})).await;
     let config = Config {
         namespace: velero.clone(),
         identity: "bench".to_owned(),
@@ -140,12 +131,13 @@ async fn reaction(client: &kube::Client, spawns: usize) {
 async fn memory(client: &kube::Client, objects: usize) {
     // Its own namespaces only (--namespace-selector): tests may share the server.
     let run = unique("run");
-    let ns = namespace(
+    let ns = cluster::labelled_namespace(
         client,
+        "vjh-bench",
         json!({(names::NAMESPACE_ENABLED): "true", "vjh-bench": run}),
     )
     .await;
-    let velero = namespace(client, json!({})).await;
+    let velero = cluster::labelled_namespace(client, "vjh-bench", json!({})).await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns);
     let t0 = Instant::now();
@@ -159,7 +151,13 @@ async fn memory(client: &kube::Client, objects: usize) {
                     "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
                 }));
                 claims.create(&PostParams::default(), &claim).await.expect("claim");
-                pods.create(&PostParams::default(), &cluster::user_pod(&user)).await.expect("pod");
+                // As the webhook stores them (annotated): the steady state, nothing to backfill.
+                let mut pod = cluster::user_pod(&user);
+                pod.metadata
+                    .annotations
+                    .get_or_insert_with(BTreeMap::new)
+                    .insert(names::VELERO_BACKUP_VOLUMES.to_owned(), format!("volume-{user}"));
+                pods.create(&PostParams::default(), &pod).await.expect("pod");
             }
         })
         .await;

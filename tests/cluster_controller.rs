@@ -27,16 +27,6 @@ use velero_jupyterhub::policy::window::WindowOptions;
 
 const HELPER_SELECTOR: &str = "app.kubernetes.io/component=backup-helper";
 
-async fn namespace(client: &kube::Client, labels: Value) -> String {
-    let name = unique("vjh-ctl");
-    let ns: Namespace = from_json(json!({"metadata": {"name": name, "labels": labels}}));
-    Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &ns)
-        .await
-        .expect("namespace");
-    name
-}
-
 /// The z2jh user pod hardened to pass `restricted` (as locked-down hubs configure it):
 /// no root init container, non-root, no privilege escalation, RuntimeDefault seccomp.
 fn restricted_user_pod(user: &str) -> Pod {
@@ -110,13 +100,12 @@ impl Setup {
         // Tests run side by side on one server: each controller manages only its test's
         // namespace (--namespace-selector), and schedules only onto its test's nodes.
         let run = unique("run");
-        let users = namespace(
-            &client,
+        let users = cluster::labelled_namespace(&client, "vjh-ctl",
             json!({(names::NAMESPACE_ENABLED): "true", "pod-security.kubernetes.io/enforce": "restricted",
                    "vjh-test-run": run}),
         )
         .await;
-        let velero = namespace(&client, json!({})).await;
+        let velero = cluster::labelled_namespace(&client, "vjh-ctl", json!({})).await;
         let taints = json!([
             {"key": "hub.jupyter.org/dedicated", "value": "user", "effect": "NoSchedule"},
             {"key": "velero-jupyterhub-test", "value": run, "effect": "NoSchedule"},

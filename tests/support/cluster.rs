@@ -605,3 +605,14 @@ pub async fn bound_claim(client: &Client, namespace: &str, claim: &str, user: &s
     .await
     .unwrap_or_else(|| panic!("claim {namespace}/{claim} did not bind"));
 }
+
+/// Creates a namespace named `<prefix>-<unique>` with `labels`; returns its name.
+pub async fn labelled_namespace(client: &Client, prefix: &str, labels: Value) -> String {
+    let name = unique(prefix);
+    let ns: Namespace = from_json(json!({"metadata": {"name": name, "labels": labels}}));
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .expect("create namespace");
+    name
+}
