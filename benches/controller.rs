@@ -4,6 +4,7 @@
 //!    p99 over 100 spawns;
 //! 2. memory: RSS of `velero-jupyterhub controller` (the release binary, its own process)
 //!    watching 10,000 user claims and 10,000 pods (goal ≤ 64 MiB).
+//!
 //! `cargo test` runs it once with small numbers as a smoke test.
 
 #[path = "../tests/support/mod.rs"]
