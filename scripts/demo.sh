@@ -150,7 +150,12 @@ kubectl create namespace velero --dry-run=client -o yaml | kubectl apply -f - >/
 echo '{"apiVersion": "v1", "kind": "Node", "metadata": {"name": "demo-user-node", "labels": {"kubernetes.io/hostname": "demo-user-node"}},
   "spec": {"taints": [{"key": "hub.jupyter.org/dedicated", "value": "user", "effect": "NoSchedule"}]}}' | kubectl apply -f - >/dev/null
 kubectl taint node demo-user-node node.kubernetes.io/not-ready:NoSchedule- >/dev/null 2>&1 || true
-kubectl patch node demo-user-node --subresource=status --type=merge -p '{"status": {"allocatable": {"cpu": "4", "memory": "8Gi", "pods": "110"}, "capacity": {"cpu": "4", "memory": "8Gi", "pods": "110"}, "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "played by the demo"}]}}' >/dev/null
+# Its status through the API (Debian's kubectl 1.20 has no `patch --subresource`).
+run_dir=$(bash "$envtest" run-dir)
+curl -sf --cacert "$run_dir/pki/ca.crt" -H "Authorization: Bearer $(cat "$run_dir/token")" \
+  -X PATCH -H 'Content-Type: application/merge-patch+json' \
+  "$(kubectl config view --minify -o jsonpath='{.clusters[0].cluster.server}')/api/v1/nodes/demo-user-node/status" \
+  -d '{"status": {"allocatable": {"cpu": "4", "memory": "8Gi", "pods": "110"}, "capacity": {"cpu": "4", "memory": "8Gi", "pods": "110"}, "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "played by the demo"}]}}' >/dev/null
 # Olivia and Peggy have homes but no server; every claim gets a volume so it binds.
 for user in olivia peggy; do
   echo "{\"apiVersion\": \"v1\", \"kind\": \"PersistentVolumeClaim\", \"metadata\": {\"name\": \"claim-$user\", \"labels\": {\"hub.jupyter.org/username\": \"$user\"}},

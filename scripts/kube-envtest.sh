@@ -137,9 +137,10 @@ build_from_modules() {
   rm -rf "$build"; mkdir -p "$build"
   local go_env=(env -u GOFLAGS -u GO111MODULE -u GOPATH -u GOBIN GOFLAGS=-mod=mod CGO_ENABLED=0)
   log "go mod download k8s.io/kubernetes@v$KUBE_VERSION"
-  local src; src=$(cd "$build" && "${go_env[@]}" go mod download -json "k8s.io/kubernetes@v$KUBE_VERSION" \
-    | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
-  [ -f "$src/go.mod" ] || die "k8s.io/kubernetes@v$KUBE_VERSION did not download"
+  # go mod download -json reports a failure on stdout (an "Error" field): keep it all.
+  (cd "$build" && "${go_env[@]}" go mod download -json "k8s.io/kubernetes@v$KUBE_VERSION") > "$build/download.json" 2>&1 || true
+  local src; src=$(sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p' "$build/download.json")
+  [ -f "$src/go.mod" ] || { cat "$build/download.json" >&2; die "k8s.io/kubernetes@v$KUBE_VERSION did not download from the Go module proxy (GOPROXY=$(go env GOPROXY))"; }
   {
     printf 'module kube-envtest-build\n\ngo 1.26\n\nrequire k8s.io/kubernetes v%s\n\nreplace (\n' "$KUBE_VERSION"
     awk -v v="v$staging" '$2 == "=>" && $3 ~ /^\.\/staging\// { printf "\t%s => %s %s\n", $1, $1, v }' "$src/go.mod"
@@ -289,6 +290,10 @@ cmd_start() {
   mkdir -p "$RUN/logs"
   exec 9>"$RUN/.lock"; flock 9
   if pid_alive "$(pid_of kube-apiserver)" && apiserver_ready; then
+    # One run dir, one version: never hand out (or stop) a server of another version.
+    local running; running=$(cut -d' ' -f1 "$RUN/version" 2>/dev/null || true)
+    [ "$running" = "$VERSION" ] \
+      || die "a '${running:-unknown}' test API server runs in $RUN; stop it (KUBE_ENVTEST_VERSION=${running:-...} $0 stop) or use another KUBE_ENVTEST_RUN"
     log "already running on https://127.0.0.1:$API_PORT"; echo "$RUN/kubeconfig"; return 0
   fi
   cmd_stop_locked   # leftovers from a crashed run
@@ -400,6 +405,10 @@ cmd_stop_locked() {
 cmd_stop() {
   [ -d "$RUN" ] || return 0
   exec 8>"$RUN/.lock"; flock 8
+  local running; running=$(cut -d' ' -f1 "$RUN/version" 2>/dev/null || true)
+  if [ -n "$running" ] && [ "$running" != "$VERSION" ] && apiserver_ready; then
+    die "the test API server in $RUN is '$running', not '$VERSION': stop it with KUBE_ENVTEST_VERSION=$running"
+  fi
   cmd_stop_locked
   rm -rf "$RUN/pki" "$RUN/logs"
   log "stopped"
