@@ -11,12 +11,11 @@ use std::collections::BTreeMap;
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use k8s_openapi::api::core::v1::Pod;
 use serde_json::json;
-use velero_jupyterhub::policy::ClaimGlobs;
 use velero_jupyterhub::policy::helper::{self, ClaimRef, HelperOptions};
 use velero_jupyterhub::policy::plan::{ClaimView, NamespaceView, PlanInput, PvbView, plan};
 use velero_jupyterhub::policy::window::NamespaceWindow;
+use velero_jupyterhub::policy::{ClaimGlobs, PodRecord};
 
 const USERS: usize = 10_000;
 
@@ -45,7 +44,8 @@ fn bench(c: &mut Criterion) {
             username: Some(user),
         })
         .collect();
-    let mut pods: Vec<Pod> = Vec::with_capacity(USERS);
+    // As the controller's watch keeps them (`PodRecord`, read from the objects' JSON).
+    let mut pods: Vec<PodRecord> = Vec::with_capacity(USERS);
     for (i, (claim, uid, user)) in names.iter().enumerate() {
         let node = format!("node-{}", i % 50);
         if i % 3 == 0 {
@@ -77,10 +77,12 @@ fn bench(c: &mut Criterion) {
             let helper_node = if i % 60 == 0 { i % 50 } else { (i + 1) % 50 };
             h.spec.as_mut().expect("spec").node_name = Some(format!("node-{helper_node}"));
             h.status = Some(serde_json::from_value(json!({"phase": "Running"})).expect("status"));
-            pods.push(h);
+            pods.push(
+                serde_json::from_value(serde_json::to_value(&h).expect("json")).expect("helper"),
+            );
         }
     }
-    let pod_refs: Vec<&Pod> = pods.iter().collect();
+    let pod_refs: Vec<&PodRecord> = pods.iter().collect();
     let globs = ClaimGlobs::parse("claim-*").expect("globs");
     let namespaces = [NamespaceView {
         name: "jhub",

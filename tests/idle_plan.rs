@@ -15,7 +15,7 @@ use velero_jupyterhub::policy::plan::{
     ClaimView, DeleteReason, NamespaceView, PlanInput, PvbView, plan,
 };
 use velero_jupyterhub::policy::window::NamespaceWindow;
-use velero_jupyterhub::policy::{ClaimGlobs, PodFacts};
+use velero_jupyterhub::policy::{ClaimGlobs, PodFacts, PodRecord};
 
 const NS: &str = "jhub";
 
@@ -63,6 +63,11 @@ fn helper_pod(user: &str, node: Option<&str>, phase: &str) -> Pod {
     pod
 }
 
+/// The pod as the controller's watch keeps it.
+fn record(pod: &Pod) -> PodRecord {
+    serde_json::from_value(serde_json::to_value(pod).expect("json")).expect("record")
+}
+
 struct Case {
     name: &'static str,
     pods: Vec<Pod>,
@@ -107,7 +112,8 @@ fn run(case: &Case) {
             username: Some(user),
         })
         .collect();
-    let pods: Vec<&Pod> = case.pods.iter().collect();
+    let records: Vec<PodRecord> = case.pods.iter().map(record).collect();
+    let pods: Vec<&PodRecord> = records.iter().collect();
     let mut windows = BTreeMap::new();
     if case.window {
         windows.insert(
@@ -183,7 +189,8 @@ fn run(case: &Case) {
             .get_or_insert_with(BTreeMap::new)
             .insert(names::VELERO_BACKUP_VOLUMES.to_owned(), b.value.clone());
     }
-    let pods: Vec<&Pod> = after.iter().collect();
+    let records: Vec<PodRecord> = after.iter().map(record).collect();
+    let pods: Vec<&PodRecord> = records.iter().collect();
     let again = plan(&PlanInput {
         pods: &pods,
         ..input
@@ -419,6 +426,7 @@ fn the_backfill_value_is_the_webhooks() {
         name: NS,
         claims: &globs,
     }];
+    let pod = record(&pod);
     let pods = [&pod];
     let options = options();
     let got = plan(&PlanInput {

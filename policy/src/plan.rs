@@ -8,6 +8,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use k8s_openapi::api::core::v1::Pod;
 
+use crate::record::PodRecord;
+
 use crate::claims::ClaimGlobs;
 use crate::helper::{self, ClaimRef, HelperOptions};
 use crate::live::{LiveVerdict, decide_live};
@@ -48,7 +50,7 @@ pub struct PlanInput<'a> {
     pub namespaces: &'a [NamespaceView<'a>],
     pub claims: &'a [ClaimView<'a>],
     /// Pods of the opted-in namespaces (others are ignored).
-    pub pods: &'a [&'a Pod],
+    pub pods: &'a [&'a PodRecord],
     /// Open windows by namespace (`window::windows`).
     pub windows: &'a BTreeMap<String, NamespaceWindow>,
     pub pvbs: &'a [PvbView<'a>],
@@ -130,26 +132,8 @@ fn is_backup_helper<P: PodFacts>(pod: &P) -> bool {
         && pod.label(names::COMPONENT) == Some(names::BACKUP_HELPER)
 }
 
-fn is_stopped(pod: &Pod) -> bool {
-    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-    matches!(phase, Some("Succeeded" | "Failed"))
-}
-
-fn node(pod: &Pod) -> Option<&str> {
-    pod.spec.as_ref()?.node_name.as_deref()
-}
-
-fn meta(pod: &Pod) -> (&str, &str, &str) {
-    let m = &pod.metadata;
-    (
-        m.namespace.as_deref().unwrap_or_default(),
-        m.name.as_deref().unwrap_or_default(),
-        m.uid.as_deref().unwrap_or_default(),
-    )
-}
-
 /// The claim a backup helper holds: its annotation, else its one claim volume.
-fn helper_claim(pod: &Pod) -> Option<&str> {
+fn helper_claim(pod: &PodRecord) -> Option<&str> {
     pod.annotation(names::HELPER_CLAIM)
         .or_else(|| pod.volumes().find_map(|(_, claim)| claim))
 }
@@ -163,10 +147,10 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         .collect();
 
     // Who mounts what: (namespace, claim) → the live pods that are not backup helpers.
-    let mut users: HashMap<(&str, &str), Vec<&Pod>> = HashMap::new();
-    let mut helpers: HashMap<(&str, &str), Vec<&Pod>> = HashMap::new();
+    let mut users: HashMap<(&str, &str), Vec<&PodRecord>> = HashMap::new();
+    let mut helpers: HashMap<(&str, &str), Vec<&PodRecord>> = HashMap::new();
     for pod in input.pods.iter().copied() {
-        let (ns, _, _) = meta(pod);
+        let ns = pod.namespace();
         if !globs.contains_key(ns) {
             continue;
         }
@@ -176,7 +160,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
             }
             continue;
         }
-        if is_stopped(pod) {
+        if pod.is_stopped() {
             continue;
         }
         for (_, claim) in pod.volumes() {
@@ -219,25 +203,25 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         // The one to keep: the one with our name, else the first.
         let keep = pods
             .iter()
-            .position(|p| meta(p).1 == wanted_name)
+            .position(|p| p.name() == wanted_name)
             .unwrap_or(0);
         for (i, pod) in pods.iter().enumerate() {
-            let (_, name, uid) = meta(pod);
+            let (name, uid) = (pod.name(), pod.uid());
             let reason = if i != keep {
                 Some(DeleteReason::Duplicate)
             } else if !user_claim {
                 Some(DeleteReason::NotIdleUserClaim)
-            } else if is_stopped(pod) {
+            } else if pod.is_stopped() {
                 Some(DeleteReason::Stopped)
             } else if let Some(window) = window {
                 let live = users.get(&(ns, claim_name)).map(Vec::as_slice);
-                let helper_node = node(pod);
+                let helper_node = pod.node();
                 match live.unwrap_or_default() {
                     [] => None,
                     users
                         if users
                             .iter()
-                            .any(|u| helper_node.is_none() || node(u) != helper_node) =>
+                            .any(|u| helper_node.is_none() || u.node() != helper_node) =>
                     {
                         Some(DeleteReason::UserStarted)
                     }
@@ -298,17 +282,16 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
 }
 
 /// The webhook's own decision (one shared function), applied to a pod already running.
-fn backfill(pod: &Pod, globs: &ClaimGlobs, out: &mut Vec<Backfill>) {
+fn backfill(pod: &PodRecord, globs: &ClaimGlobs, out: &mut Vec<Backfill>) {
     if pod.metadata.deletion_timestamp.is_some() {
         return;
     }
     let decision = decide_live(pod, globs);
     if let (LiveVerdict::Annotate, Some(value)) = (decision.verdict, decision.new_value) {
-        let (ns, name, uid) = meta(pod);
         out.push(Backfill {
-            namespace: ns.to_owned(),
-            name: name.to_owned(),
-            uid: uid.to_owned(),
+            namespace: pod.namespace().to_owned(),
+            name: pod.name().to_owned(),
+            uid: pod.uid().to_owned(),
             resource_version: pod.metadata.resource_version.clone().unwrap_or_default(),
             value,
         });

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{ObjectReference, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::{ObjectReference, Pod};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use serde_json::json;
@@ -22,7 +22,7 @@ use crate::names;
 use crate::policy::helper;
 use crate::policy::plan::{self, ClaimView, Deletion, NamespaceView, Plan, PlanInput, PvbView};
 use crate::policy::window::{self, BackupView, ScheduleView, Windows};
-use crate::policy::{ClaimGlobs, NamespacePolicy};
+use crate::policy::{ClaimGlobs, NamespacePolicy, PodFacts, PodRecord};
 
 /// A write not yet seen by the watches is not repeated for this long.
 const PENDING_FOR: Duration = Duration::from_secs(30);
@@ -116,15 +116,15 @@ impl Reconciler {
         let claims: Vec<ClaimView<'_>> = claim_objects
             .iter()
             .filter(|c| opted_in(c.metadata.namespace.as_deref()))
-            .map(|c| claim_view(c))
+            .map(|c| c.view())
             .collect();
-        let pod_objects: Vec<Arc<Pod>> = stores
+        let pod_objects: Vec<Arc<PodRecord>> = stores
             .pods
             .state()
             .into_iter()
             .filter(|p| opted_in(p.metadata.namespace.as_deref()))
             .collect();
-        let pods: Vec<&Pod> = pod_objects.iter().map(Arc::as_ref).collect();
+        let pods: Vec<&PodRecord> = pod_objects.iter().map(Arc::as_ref).collect();
 
         let schedule_objects = stores.schedules.state();
         let schedules: Vec<ScheduleView<'_>> = schedule_objects
@@ -189,15 +189,15 @@ impl Reconciler {
         windows.next_change
     }
 
-    fn count_helpers(&self, pods: &[&Pod], windows_open: usize) {
+    fn count_helpers(&self, pods: &[&PodRecord], windows_open: usize) {
         let m = &self.metrics.controller;
         let mut by_state: BTreeMap<&'static str, i64> =
             [("Pending", 0), ("Running", 0), ("other", 0)].into();
         for p in pods.iter().filter(|p| {
-            label(&p.metadata.labels, names::COMPONENT) == Some(names::BACKUP_HELPER)
-                && label(&p.metadata.labels, names::MANAGED_BY) == Some(names::MANAGED_BY_US)
+            p.label(names::COMPONENT) == Some(names::BACKUP_HELPER)
+                && p.label(names::MANAGED_BY) == Some(names::MANAGED_BY_US)
         }) {
-            let state = match p.status.as_ref().and_then(|s| s.phase.as_deref()) {
+            let state = match p.phase() {
                 Some("Running") => "Running",
                 Some("Pending") | None => "Pending",
                 Some(_) => "other",
@@ -444,15 +444,4 @@ impl Reconciler {
 
 fn label<'a>(labels: &'a Option<BTreeMap<String, String>>, key: &str) -> Option<&'a str> {
     labels.as_ref()?.get(key).map(String::as_str)
-}
-
-fn claim_view(c: &PersistentVolumeClaim) -> ClaimView<'_> {
-    let m = &c.metadata;
-    ClaimView {
-        namespace: m.namespace.as_deref().unwrap_or_default(),
-        name: m.name.as_deref().unwrap_or_default(),
-        uid: m.uid.as_deref().unwrap_or_default(),
-        bound: c.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound"),
-        username: label(&m.labels, names::JUPYTERHUB_USERNAME),
-    }
 }

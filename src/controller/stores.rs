@@ -1,11 +1,11 @@
-//! What the reconciler watches: kube-runtime reflectors, each object stripped to what
-//! `policy` reads before it is stored (managed fields, container specs, status details
-//! are dropped), and one `Notify` that any change pokes.
+//! What the reconciler watches: kube-runtime reflectors, and one `Notify` that any change
+//! pokes. Pods and claims are read straight into `policy::record`'s compact records (the
+//! bulk of the memory); the few Velero objects keep their types, minus managed fields.
 
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{Container, Namespace, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::Namespace;
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -15,13 +15,13 @@ use tokio::sync::Notify;
 use tracing::warn;
 
 use crate::cluster::velero::{Backup, PodVolumeBackup, Schedule};
-use crate::names;
+use crate::policy::{ClaimRecord, PodRecord};
 
 #[derive(Clone)]
 pub struct Stores {
     pub namespaces: Store<PartialObjectMeta<Namespace>>,
-    pub claims: Store<PersistentVolumeClaim>,
-    pub pods: Store<Pod>,
+    pub claims: Store<ClaimRecord>,
+    pub pods: Store<PodRecord>,
     pub schedules: Store<Schedule>,
     pub backups: Store<Backup>,
     pub pvbs: Store<PodVolumeBackup>,
@@ -37,7 +37,11 @@ impl Stores {
         stop: &tokio_util::sync::CancellationToken,
     ) -> Self {
         let changed = Arc::new(Notify::new());
-        let config = watcher::Config::default().any_semantic();
+        // Paged lists (500 objects a page, the default), not `any_semantic`: a list at
+        // resourceVersion 0 may be served whole from the API server's cache, ignoring the
+        // page size, and one 10,000-pod answer held while it is read costs more than the
+        // whole store.
+        let config = watcher::Config::default();
         let mut namespace_config = config.clone();
         if let Some(selector) = namespace_selector {
             namespace_config = namespace_config.labels(selector);
@@ -54,7 +58,7 @@ impl Stores {
         let claims = watch(
             Api::all(client.clone()),
             &config,
-            strip_claim,
+            |_| {},
             &changed,
             stop,
             "claims",
@@ -62,7 +66,7 @@ impl Stores {
         let pods = watch(
             Api::all(client.clone()),
             &config,
-            strip_pod,
+            |_| {},
             &changed,
             stop,
             "pods",
@@ -172,74 +176,4 @@ fn spawn<S, T>(
             }
         }
     });
-}
-
-fn strip_claim(c: &mut PersistentVolumeClaim) {
-    c.metadata.managed_fields = None;
-    c.metadata.annotations = None;
-    c.spec = None;
-    if let Some(status) = c.status.as_mut() {
-        *status = k8s_openapi::api::core::v1::PersistentVolumeClaimStatus {
-            phase: status.phase.take(),
-            ..Default::default()
-        };
-    }
-}
-
-/// Keeps what the plan and the webhook's decision read: labels, our and Velero's
-/// annotations, volumes (claims), which containers mount which volume, node and phase.
-fn strip_pod(p: &mut Pod) {
-    let m = &mut p.metadata;
-    m.managed_fields = None;
-    m.owner_references = None;
-    if let Some(a) = m.annotations.as_mut() {
-        a.retain(|k, _| {
-            k == names::VELERO_BACKUP_VOLUMES
-                || k == names::VELERO_BACKUP_VOLUMES_EXCLUDES
-                || k == names::POD_SKIP
-                || k == names::HELPER_CLAIM
-        });
-    }
-    if let Some(spec) = p.spec.as_mut() {
-        let keep_mounts = |c: &mut Container| Container {
-            name: std::mem::take(&mut c.name),
-            volume_mounts: c.volume_mounts.take().map(|mounts| {
-                mounts
-                    .into_iter()
-                    .map(|m| k8s_openapi::api::core::v1::VolumeMount {
-                        name: m.name,
-                        ..Default::default()
-                    })
-                    .collect()
-            }),
-            ..Default::default()
-        };
-        spec.containers = spec.containers.iter_mut().map(keep_mounts).collect();
-        spec.init_containers = spec
-            .init_containers
-            .take()
-            .map(|mut cs| cs.iter_mut().map(keep_mounts).collect());
-        spec.volumes = spec.volumes.take().map(|vs| {
-            vs.into_iter()
-                .map(|v| k8s_openapi::api::core::v1::Volume {
-                    name: v.name,
-                    persistent_volume_claim: v.persistent_volume_claim,
-                    ..Default::default()
-                })
-                .collect()
-        });
-        *spec = k8s_openapi::api::core::v1::PodSpec {
-            containers: std::mem::take(&mut spec.containers),
-            init_containers: spec.init_containers.take(),
-            volumes: spec.volumes.take(),
-            node_name: spec.node_name.take(),
-            ..Default::default()
-        };
-    }
-    if let Some(status) = p.status.as_mut() {
-        *status = k8s_openapi::api::core::v1::PodStatus {
-            phase: status.phase.take(),
-            ..Default::default()
-        };
-    }
 }

@@ -1,0 +1,446 @@
+//! What the controller keeps of each Pod and PersistentVolumeClaim it watches: only what
+//! [`plan`](crate::plan) and the webhook's rules read.
+//!
+//! Why not `k8s_openapi`'s types with fields cleared: their structs stay full size. A Pod
+//! is 2 KiB before any string, each of its Volumes 3 KiB and each Container 2 KiB, so
+//! 10,000 stripped z2jh pods still held ~150 MiB. These records deserialize straight from
+//! the watch's JSON, skip everything else without keeping it (managedFields, container
+//! specs, status), and implement `k8s_openapi::Resource`, so a kube `Api`, watcher and
+//! reflector use them as they are.
+//!
+//! Labels and annotations are kept only for the keys in [`POD_LABELS`] and
+//! [`POD_ANNOTATIONS`] (a pod's other keys are anyone's, and unbounded), in a short list
+//! rather than a map (a BTreeMap node is 544 bytes, whatever it holds), and read through
+//! [`PodFacts`]; reading any other key is a bug, caught by a debug assertion in tests.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use serde::Deserialize;
+
+use crate::names;
+use crate::plan::ClaimView;
+use crate::pod::PodFacts;
+
+/// The pod labels any decision reads.
+pub const POD_LABELS: &[&str] = &[
+    names::MANAGED_BY,
+    names::COMPONENT,
+    names::JUPYTERHUB_COMPONENT,
+    names::JUPYTERHUB_USERNAME,
+    names::VELERO_RESTORE_NAME,
+];
+
+/// The pod annotations any decision reads.
+pub const POD_ANNOTATIONS: &[&str] = &[
+    names::VELERO_BACKUP_VOLUMES,
+    names::VELERO_BACKUP_VOLUMES_EXCLUDES,
+    names::POD_SKIP,
+    names::HELPER_CLAIM,
+];
+
+/// The claim labels any decision reads.
+pub const CLAIM_LABELS: &[&str] = &[names::JUPYTERHUB_USERNAME];
+
+/// A watched Pod.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PodRecord {
+    /// name, namespace, uid, resourceVersion and deletionTimestamp; nothing else.
+    pub metadata: ObjectMeta,
+    labels: Kept,
+    /// `None`: the pod has no annotations map at all.
+    annotations: Option<Kept>,
+    pub node_name: Option<String>,
+    pub phase: Option<String>,
+    /// `(volume name, claim name if a persistentVolumeClaim)`, in `spec.volumes` order.
+    pub volumes: Vec<(String, Option<String>)>,
+    /// Volumes some regular container mounts (Velero backs up only these).
+    pub container_mounts: Vec<String>,
+    /// Volumes some init container mounts.
+    pub init_container_mounts: Vec<String>,
+}
+
+/// A watched PersistentVolumeClaim.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ClaimRecord {
+    /// name, namespace, uid, resourceVersion and deletionTimestamp; nothing else.
+    pub metadata: ObjectMeta,
+    labels: Kept,
+    pub phase: Option<String>,
+}
+
+/// The kept entries of a label or annotation map; each key is one of a fixed list.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Kept(Vec<(&'static str, Box<str>)>);
+
+impl Kept {
+    fn from_map(map: BTreeMap<String, String>, keys: &[&'static str]) -> Self {
+        let mut kept: Vec<(&'static str, Box<str>)> = map
+            .into_iter()
+            .filter_map(|(k, v)| Some((*keys.iter().find(|key| **key == k)?, v.into())))
+            .collect();
+        kept.shrink_to_fit();
+        Self(kept)
+    }
+
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.iter().find(|(k, _)| *k == key).map(|(_, v)| &**v)
+    }
+}
+
+impl PodRecord {
+    pub fn namespace(&self) -> &str {
+        self.metadata.namespace.as_deref().unwrap_or_default()
+    }
+
+    pub fn name(&self) -> &str {
+        self.metadata.name.as_deref().unwrap_or_default()
+    }
+
+    pub fn uid(&self) -> &str {
+        self.metadata.uid.as_deref().unwrap_or_default()
+    }
+
+    pub fn node(&self) -> Option<&str> {
+        self.node_name.as_deref()
+    }
+
+    pub fn phase(&self) -> Option<&str> {
+        self.phase.as_deref()
+    }
+
+    /// Succeeded or Failed: its containers will not run again.
+    pub fn is_stopped(&self) -> bool {
+        matches!(self.phase(), Some("Succeeded" | "Failed"))
+    }
+}
+
+impl ClaimRecord {
+    pub fn label(&self, key: &str) -> Option<&str> {
+        debug_assert!(CLAIM_LABELS.contains(&key), "claim label {key} is not kept");
+        self.labels.get(key)
+    }
+
+    pub fn view(&self) -> ClaimView<'_> {
+        let m = &self.metadata;
+        ClaimView {
+            namespace: m.namespace.as_deref().unwrap_or_default(),
+            name: m.name.as_deref().unwrap_or_default(),
+            uid: m.uid.as_deref().unwrap_or_default(),
+            bound: self.phase.as_deref() == Some("Bound"),
+            username: self.label(names::JUPYTERHUB_USERNAME),
+        }
+    }
+}
+
+impl PodFacts for PodRecord {
+    fn label(&self, key: &str) -> Option<&str> {
+        debug_assert!(POD_LABELS.contains(&key), "pod label {key} is not kept");
+        self.labels.get(key)
+    }
+
+    fn annotation(&self, key: &str) -> Option<&str> {
+        debug_assert!(
+            POD_ANNOTATIONS.contains(&key),
+            "pod annotation {key} is not kept"
+        );
+        self.annotations.as_ref()?.get(key)
+    }
+
+    fn has_annotations_map(&self) -> bool {
+        self.annotations.is_some()
+    }
+
+    fn volumes(&self) -> impl Iterator<Item = (&str, Option<&str>)> {
+        self.volumes
+            .iter()
+            .map(|(name, claim)| (name.as_str(), claim.as_deref()))
+    }
+
+    fn mounted_by_container(&self, volume: &str) -> bool {
+        self.container_mounts.iter().any(|v| v == volume)
+    }
+
+    fn mounted_by_init_container(&self, volume: &str) -> bool {
+        self.init_container_mounts.iter().any(|v| v == volume)
+    }
+}
+
+// kube's `Resource` comes with these (a blanket impl): `Api<PodRecord>` lists and watches
+// `/api/v1/pods` and reads the answer as records.
+impl k8s_openapi::Resource for PodRecord {
+    const API_VERSION: &'static str = "v1";
+    const GROUP: &'static str = "";
+    const KIND: &'static str = "Pod";
+    const VERSION: &'static str = "v1";
+    const URL_PATH_SEGMENT: &'static str = "pods";
+    type Scope = k8s_openapi::NamespaceResourceScope;
+}
+
+impl k8s_openapi::Metadata for PodRecord {
+    type Ty = ObjectMeta;
+    fn metadata(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn metadata_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+impl k8s_openapi::Resource for ClaimRecord {
+    const API_VERSION: &'static str = "v1";
+    const GROUP: &'static str = "";
+    const KIND: &'static str = "PersistentVolumeClaim";
+    const VERSION: &'static str = "v1";
+    const URL_PATH_SEGMENT: &'static str = "persistentvolumeclaims";
+    type Scope = k8s_openapi::NamespaceResourceScope;
+}
+
+impl k8s_openapi::Metadata for ClaimRecord {
+    type Ty = ObjectMeta;
+    fn metadata(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn metadata_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+// ---- the wire shapes: every field optional, unknown fields skipped ----
+
+#[derive(Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct MetaWire {
+    name: Option<String>,
+    namespace: Option<String>,
+    uid: Option<String>,
+    resource_version: Option<String>,
+    deletion_timestamp: Option<Time>,
+    labels: Option<BTreeMap<String, String>>,
+    annotations: Option<BTreeMap<String, String>>,
+}
+
+impl MetaWire {
+    /// The metadata to keep, and the labels and annotations maps as they came.
+    #[allow(clippy::type_complexity)]
+    fn split(
+        self,
+    ) -> (
+        ObjectMeta,
+        Option<BTreeMap<String, String>>,
+        Option<BTreeMap<String, String>>,
+    ) {
+        let meta = ObjectMeta {
+            name: self.name,
+            namespace: self.namespace,
+            uid: self.uid,
+            resource_version: self.resource_version,
+            deletion_timestamp: self.deletion_timestamp,
+            ..ObjectMeta::default()
+        };
+        (meta, self.labels, self.annotations)
+    }
+}
+
+#[derive(Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PodWire {
+    metadata: Option<MetaWire>,
+    spec: Option<PodSpecWire>,
+    status: Option<PhaseWire>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PodSpecWire {
+    node_name: Option<String>,
+    containers: Option<Vec<ContainerWire>>,
+    init_containers: Option<Vec<ContainerWire>>,
+    volumes: Option<Vec<VolumeWire>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ContainerWire {
+    volume_mounts: Option<Vec<NameWire>>,
+}
+
+#[derive(Deserialize)]
+struct NameWire {
+    name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct VolumeWire {
+    name: String,
+    persistent_volume_claim: Option<ClaimSourceWire>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ClaimSourceWire {
+    claim_name: String,
+}
+
+#[derive(Default, Deserialize)]
+struct PhaseWire {
+    phase: Option<String>,
+}
+
+#[derive(Default, Deserialize)]
+struct ClaimWire {
+    metadata: Option<MetaWire>,
+    status: Option<PhaseWire>,
+}
+
+/// The distinct volume names the containers mount.
+fn mounts(containers: Option<Vec<ContainerWire>>) -> Vec<String> {
+    let mut out: Vec<String> = containers
+        .unwrap_or_default()
+        .into_iter()
+        .flat_map(|c| c.volume_mounts.unwrap_or_default())
+        .map(|m| m.name)
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out.shrink_to_fit();
+    out
+}
+
+impl<'de> Deserialize<'de> for PodRecord {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let wire = PodWire::deserialize(d)?;
+        let spec = wire.spec.unwrap_or_default();
+        let (metadata, labels, annotations) = wire.metadata.unwrap_or_default().split();
+        Ok(Self {
+            metadata,
+            labels: Kept::from_map(labels.unwrap_or_default(), POD_LABELS),
+            annotations: annotations.map(|a| Kept::from_map(a, POD_ANNOTATIONS)),
+            node_name: spec.node_name,
+            phase: wire.status.and_then(|s| s.phase),
+            volumes: spec
+                .volumes
+                .unwrap_or_default()
+                .into_iter()
+                .map(|v| (v.name, v.persistent_volume_claim.map(|c| c.claim_name)))
+                .collect(),
+            container_mounts: mounts(spec.containers),
+            init_container_mounts: mounts(spec.init_containers),
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for ClaimRecord {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let wire = ClaimWire::deserialize(d)?;
+        let (metadata, labels, _) = wire.metadata.unwrap_or_default().split();
+        Ok(Self {
+            metadata,
+            labels: Kept::from_map(labels.unwrap_or_default(), CLAIM_LABELS),
+            phase: wire.status.and_then(|s| s.phase),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::Pod;
+
+    const POD: &str = r#"{
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "jupyter-alice", "namespace": "jhub", "uid": "u1",
+            "resourceVersion": "7", "managedFields": [{"manager": "x"}],
+            "labels": {"component": "singleuser-server", "hub.jupyter.org/username": "alice", "app": "jupyterhub"},
+            "annotations": {"backup.velero.io/backup-volumes": "home", "hub.jupyter.org/whatever": "big"}},
+        "spec": {"nodeName": "n1",
+            "initContainers": [{"name": "init", "image": "i", "volumeMounts": [{"name": "scratch", "mountPath": "/s"}]}],
+            "containers": [{"name": "notebook", "image": "j", "env": [{"name": "A", "value": "b"}],
+                "volumeMounts": [{"name": "home", "mountPath": "/home"}, {"name": "home", "mountPath": "/x"}]}],
+            "volumes": [{"name": "home", "persistentVolumeClaim": {"claimName": "claim-alice"}},
+                        {"name": "scratch", "emptyDir": {}}]},
+        "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}
+    }"#;
+
+    #[test]
+    fn a_pod_record_keeps_what_decisions_read_and_answers_like_the_pod() {
+        let record: PodRecord = serde_json::from_str(POD).unwrap();
+        let pod: Pod = serde_json::from_str(POD).unwrap();
+        assert_eq!(record.name(), "jupyter-alice");
+        assert_eq!(record.uid(), "u1");
+        assert_eq!(record.metadata.resource_version.as_deref(), Some("7"));
+        assert_eq!(record.node(), Some("n1"));
+        assert_eq!(record.phase(), Some("Running"));
+        assert!(record.metadata.managed_fields.is_none());
+        // Only the kept keys stay.
+        assert_eq!(record.labels.0.len(), 2);
+        assert_eq!(record.annotations.as_ref().map(|a| a.0.len()), Some(1));
+        // Every fact the decisions read, the same as from the full Pod.
+        for key in [names::JUPYTERHUB_COMPONENT, names::JUPYTERHUB_USERNAME] {
+            assert_eq!(record.label(key), pod.label(key), "{key}");
+        }
+        assert_eq!(
+            record.annotation(names::VELERO_BACKUP_VOLUMES),
+            pod.annotation(names::VELERO_BACKUP_VOLUMES)
+        );
+        assert_eq!(
+            record.volumes().collect::<Vec<_>>(),
+            pod.volumes().collect::<Vec<_>>()
+        );
+        for v in ["home", "scratch", "nope"] {
+            assert_eq!(record.mounted_by_container(v), pod.mounted_by_container(v));
+            assert_eq!(
+                record.mounted_by_init_container(v),
+                pod.mounted_by_init_container(v)
+            );
+        }
+        assert_eq!(record.container_mounts, ["home"]);
+    }
+
+    #[test]
+    fn missing_and_null_fields_are_empty_and_an_emptied_annotation_map_still_exists() {
+        let bare: PodRecord = serde_json::from_str("{}").unwrap();
+        assert_eq!(bare, PodRecord::default());
+        assert!(!bare.has_annotations_map());
+        let nulls: PodRecord = serde_json::from_str(
+            r#"{"metadata": {"labels": null, "annotations": {"other": "x"}}, "spec": {"volumes": null, "containers": [{"volumeMounts": null}]}, "status": null}"#,
+        )
+        .unwrap();
+        assert!(nulls.has_annotations_map());
+        assert_eq!(nulls.volumes().count(), 0);
+        assert!(!nulls.mounted_by_container("x"));
+    }
+
+    #[test]
+    fn a_claim_record_keeps_name_phase_and_username() {
+        let claim: ClaimRecord = serde_json::from_str(
+            r#"{"metadata": {"name": "claim-alice", "namespace": "jhub", "uid": "c1",
+                "labels": {"hub.jupyter.org/username": "alice", "app": "jupyterhub"},
+                "annotations": {"pv.kubernetes.io/bind-completed": "yes"}},
+                "spec": {"accessModes": ["ReadWriteOnce"], "volumeName": "pv-1"},
+                "status": {"phase": "Bound", "capacity": {"storage": "1Gi"}}}"#,
+        )
+        .unwrap();
+        let view = claim.view();
+        assert_eq!(
+            (
+                view.namespace,
+                view.name,
+                view.uid,
+                view.bound,
+                view.username
+            ),
+            ("jhub", "claim-alice", "c1", true, Some("alice"))
+        );
+        assert!(claim.metadata.annotations.is_none());
+        assert_eq!(claim.labels.0.len(), 1);
+    }
+
+    #[test]
+    fn a_wrongly_typed_field_is_an_error_not_a_guess() {
+        assert!(
+            serde_json::from_str::<PodRecord>(r#"{"spec": {"volumes": [{"name": 3}]}}"#).is_err()
+        );
+    }
+}
