@@ -1,5 +1,6 @@
-//! The command line: `serve` (the webhook server) and `review` (one AdmissionReview from
-//! stdin or a file, answered exactly as `serve` would). Every flag is also an env var.
+//! The command line: `serve` (the webhook server), `review` (one AdmissionReview from
+//! stdin or a file, answered exactly as `serve` would), `controller` (the reconciler for
+//! idle users) and `backup` (one Backup of a namespace now). Most flags are also env vars.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -51,6 +52,64 @@ pub enum Command {
     /// Run the reconciler: backup helpers for idle users around Velero Schedules, and
     /// backfilled annotations (one leader at a time, through a Lease).
     Controller(Box<ControllerArgs>),
+    /// Back up one namespace now with Velero, idle users' homes included: opens a backup
+    /// window (the controller starts helpers), creates the Backup, and with --wait
+    /// follows it and reports each user claim. Exit 2: some user claim is not in it.
+    Backup(Box<BackupArgs>),
+}
+
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// The namespace to back up (opted in, with the controller running).
+    #[arg(long, short = 'n')]
+    pub namespace: String,
+    /// Follow the Backup to its end, close the window, and print one row per user claim.
+    #[arg(long)]
+    pub wait: bool,
+    /// The Backup's storage location (default: Velero's default location).
+    #[arg(long)]
+    pub storage_location: Option<String>,
+    /// How long Velero keeps the Backup (default: Velero's, 30 days).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub ttl: Option<Duration>,
+    /// Where Velero's Backups and PodVolumeBackups are.
+    #[arg(long, env = "VJH_VELERO_NAMESPACE", default_value = "velero")]
+    pub velero_namespace: String,
+    /// Claim-name globs used when the namespace has no `velero-jupyterhub.io/claims`
+    /// annotation (the controller's --claims).
+    #[arg(long, env = "VJH_CLAIMS", default_value = names::DEFAULT_CLAIM_GLOBS)]
+    pub claims: ClaimGlobs,
+    /// Back up without the helpers that are not running after this long (their claims
+    /// are reported as not backed up).
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub helper_timeout: Duration,
+    /// The window closes after this long at the latest, and --wait gives up then.
+    #[arg(long, default_value = "6h", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// The controller's namespace and Lease (to check that one is running).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "velero-jupyterhub")]
+    pub controller_namespace: String,
+    /// The controller's Lease in --controller-namespace.
+    #[arg(long, env = "VJH_LEASE_NAME", default_value = crate::controller::leader::LEASE_NAME)]
+    pub lease_name: String,
+}
+
+impl BackupArgs {
+    pub fn options(self) -> crate::backup::Options {
+        crate::backup::Options {
+            namespace: self.namespace,
+            velero_namespace: self.velero_namespace,
+            storage_location: self.storage_location,
+            ttl: self.ttl,
+            wait: self.wait,
+            default_claims: Arc::new(self.claims),
+            helper_timeout: self.helper_timeout,
+            timeout: self.timeout,
+            controller_namespace: self.controller_namespace,
+            lease_name: self.lease_name,
+            poll: Duration::from_secs(1),
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -317,6 +376,28 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Controller(args) => {
             telemetry::init(cli.log_format, &cli.log_level)?;
             controller(*args).await.map(|()| 0)
+        }
+        Command::Backup(args) => backup(*args).await,
+    }
+}
+
+/// Exit 0: the Backup was created (and with --wait, every user claim is in it); 2: it
+/// ended without some user claim (the rows say why); errors exit 1.
+async fn backup(args: BackupArgs) -> anyhow::Result<i32> {
+    let client = crate::cluster::try_client()
+        .await
+        .context("connecting to the Kubernetes API")?
+        .context("no kubeconfig or in-cluster configuration found")?;
+    let options = args.options();
+    let mut stderr = std::io::stderr();
+    match crate::backup::run(client, &options, &mut stderr).await? {
+        crate::backup::Finished::Started { backup } => {
+            println!("{backup}");
+            Ok(0)
+        }
+        crate::backup::Finished::Done(report) => {
+            print!("{}", report.table());
+            Ok(if report.complete() { 0 } else { 2 })
         }
     }
 }

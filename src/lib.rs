@@ -8,7 +8,9 @@
 //! - [`webhook`]: the HTTP edge: admission `Router`, operations `Router`, and the accept
 //!   loop that bounds connections, time and memory.
 //! - [`tls`]: serving certificates: files reloaded on change, or self-signed.
-//! - [`cluster`]: the Kubernetes side (namespace cache, Events).
+//! - [`cluster`]: the Kubernetes side (namespace cache, Events, Velero's objects).
+//! - [`controller`]: `controller`, the reconciler for idle users (Lease, watches, plan
+//!   applied); [`backup`]: `backup`, one Backup of a namespace now, idle users included.
 //! - [`server`]: puts `serve` together; [`cli`]: the command line.
 //! - [`metrics`], [`telemetry`]: Prometheus metrics and logging.
 
@@ -16,6 +18,7 @@ pub use velero_jupyterhub_policy as policy;
 pub use velero_jupyterhub_policy::names;
 
 pub mod admission;
+pub mod backup;
 pub mod cli;
 pub mod cluster;
 pub mod controller;

@@ -256,14 +256,12 @@ async fn velero_creates_backup(
 }
 
 async fn set_status(setup: &Setup, plural: &str, name: &str, status: Value) {
-    use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
     let kind = match plural {
         "backups" => "Backup",
+        "podvolumebackups" => "PodVolumeBackup",
         _ => "Schedule",
     };
-    let ar =
-        ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("velero.io", "v1", kind), plural);
-    let api: Api<DynamicObject> = Api::namespaced_with(setup.client.clone(), &setup.velero, &ar);
+    let api = dynamic(setup, kind, plural);
     // Velero's CRDs have no status subresource: Velero patches the object itself.
     api.patch(
         name,
@@ -474,4 +472,264 @@ async fn when_the_leader_dies_the_other_replica_takes_over_without_duplicates() 
         );
     }
     setup.finish().await;
+}
+
+/// Plays Velero's file-system backup for one Backup, as pkg/podvolume/backupper.go
+/// (v1.18) does: for every Running pod of the namespace, each volume named in its
+/// `backup.velero.io/backup-volumes` that is a claim gets a PodVolumeBackup labelled
+/// `velero.io/backup-name` and `velero.io/pvc-uid`, annotated `velero.io/pvc-name`, with
+/// `spec.pod` the pod it reads through; then the data mover ends each (`failing`: Failed)
+/// and the Backup ends PartiallyFailed if one failed, else Completed.
+async fn velero_backs_up(setup: &Setup, backup: &str, failing: &str) {
+    use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+    set_status(setup, "backups", backup, json!({"phase": "InProgress"})).await;
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(setup.client.clone(), &setup.users);
+    let mut failed = false;
+    for pod in setup
+        .pods()
+        .list(&ListParams::default())
+        .await
+        .expect("pods")
+        .items
+    {
+        let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+        let Some(listed) = cluster::backup_volumes(&pod).map(str::to_owned) else {
+            continue;
+        };
+        if !running {
+            continue;
+        }
+        let spec = pod.spec.clone().unwrap_or_default();
+        for volume in listed.split(',') {
+            let Some(claim) = spec
+                .volumes
+                .iter()
+                .flatten()
+                .find(|v| v.name == volume)
+                .and_then(|v| v.persistent_volume_claim.as_ref())
+                .map(|c| c.claim_name.clone())
+            else {
+                continue;
+            };
+            let claim_uid = claims.get(&claim).await.expect("claim").metadata.uid;
+            let name = unique(backup);
+            let pod_name = pod.metadata.name.clone().unwrap_or_default();
+            cluster::apply_dynamic(&setup.client, &json!({
+                "apiVersion": "velero.io/v1", "kind": "PodVolumeBackup",
+                "metadata": {"name": name, "namespace": setup.velero,
+                    "labels": {(names::VELERO_BACKUP_NAME): backup, "velero.io/pvc-uid": claim_uid},
+                    "annotations": {(names::VELERO_PVC_NAME): claim}},
+                "spec": {"node": spec.node_name, "volume": volume, "uploaderType": "kopia",
+                    "backupStorageLocation": "default", "repoIdentifier": "",
+                    "pod": {"kind": "Pod", "namespace": setup.users, "name": pod_name,
+                            "uid": pod.metadata.uid}},
+            }))
+            .await;
+            let status = if claim == failing {
+                failed = true;
+                json!({"phase": "Failed", "message": "data path backup failed: no space left on device"})
+            } else {
+                json!({"phase": "Completed", "progress": {"totalBytes": 4096, "bytesDone": 4096}})
+            };
+            set_status(setup, "podvolumebackups", &name, status).await;
+        }
+    }
+    let phase = if failed {
+        "PartiallyFailed"
+    } else {
+        "Completed"
+    };
+    set_status(setup, "backups", backup, json!({"phase": phase})).await;
+}
+
+/// Item 5: `velero-jupyterhub backup --namespace NS --wait`, our binary run as an
+/// operator holding only manifests/backup-role.yaml, with the controller running and the
+/// test playing the kubelet and Velero. Alice and Bob are idle (helpers), Carol's server
+/// runs, Dave's claim never bound, and Velero fails on Bob's volume.
+#[tokio::test]
+async fn backup_command_backs_up_idle_and_live_users_and_says_who_is_missing() {
+    use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+    let setup = Setup::new().await;
+    for user in ["alice", "bob", "carol"] {
+        cluster::bound_claim(&setup.client, &setup.users, &format!("claim-{user}"), user).await;
+    }
+    let dave: PersistentVolumeClaim = from_json(json!({
+        "metadata": {"name": "claim-dave"},
+        "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "no-such-class",
+                 "resources": {"requests": {"storage": "1Gi"}}},
+    }));
+    Api::<PersistentVolumeClaim>::namespaced(setup.client.clone(), &setup.users)
+        .create(&PostParams::default(), &dave)
+        .await
+        .expect("dave's claim");
+    let mut carol = serde_json::to_value(restricted_user_pod("carol")).expect("json");
+    carol["metadata"]["annotations"] = json!({(names::VELERO_BACKUP_VOLUMES): "volume-carol"});
+    setup
+        .pods()
+        .create(&PostParams::default(), &from_json(carol))
+        .await
+        .expect("carol's pod");
+    cluster::bind(&setup.pods(), "jupyter-carol", &setup.nodes[0]).await;
+    cluster::set_phase(&setup.pods(), "jupyter-carol", "Running").await;
+
+    // The operator: a user bound to the backup ClusterRole only.
+    let operator = unique("operator");
+    cluster::apply_dynamic(&setup.client, &json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+        "metadata": {"name": operator},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                    "name": "velero-jupyterhub-backup"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": operator}],
+    }))
+    .await;
+    let kubeconfig = cluster::kubeconfig_as(&operator);
+    eventually(Duration::from_secs(10), || async {
+        setup.controllers[0].leads().then_some(())
+    })
+    .await
+    .expect("the controller leads");
+
+    // Kubelet and Velero, played until the Backup ends.
+    let play = async {
+        let backups = dynamic(&setup, "Backup", "backups");
+        loop {
+            for h in setup.helpers().await {
+                let scheduled = h.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some();
+                let phase = h.status.as_ref().and_then(|s| s.phase.clone());
+                if scheduled && phase.as_deref() != Some("Running") {
+                    let name = h.metadata.name.clone().expect("name");
+                    cluster::set_phase(&setup.pods(), &name, "Running").await;
+                }
+            }
+            let created = backups
+                .list(&ListParams::default())
+                .await
+                .expect("backups")
+                .items;
+            if let Some(b) = created.first() {
+                let name = b.metadata.name.clone().expect("name");
+                velero_backs_up(&setup, &name, "claim-bob").await;
+                return b.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_velero-jupyterhub"))
+        .args([
+            "backup",
+            "--namespace",
+            &setup.users,
+            "--wait",
+            "--ttl",
+            "1h",
+        ])
+        .args(["--storage-location", "default", "--helper-timeout", "60s"])
+        .args(["--velero-namespace", &setup.velero])
+        .args(["--controller-namespace", &setup.config.namespace])
+        .args(["--lease-name", &setup.config.lease.name])
+        .env("KUBECONFIG", kubeconfig.path())
+        .kill_on_drop(true)
+        .output();
+    let (output, backup) = tokio::join!(
+        tokio::time::timeout(Duration::from_secs(120), run),
+        tokio::time::timeout(Duration::from_secs(120), play),
+    );
+    let output = output.expect("backup ended in time").expect("backup ran");
+    let backup = backup.expect("a Backup was created");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    println!("{stderr}\n{stdout}");
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "exit 2: a claim is missing\n{stderr}"
+    );
+
+    // The Backup: this namespace, the flags, labelled as ours.
+    assert_eq!(
+        backup.data["spec"]["includedNamespaces"],
+        json!([setup.users])
+    );
+    assert_eq!(backup.data["spec"]["ttl"], "3600s");
+    assert_eq!(backup.data["spec"]["storageLocation"], "default");
+    // One row per user claim, with who it was read through or why not.
+    let row = |claim: &str| {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("{claim} ")))
+            .unwrap_or_else(|| panic!("no row for {claim}:\n{stdout}"))
+            .to_owned()
+    };
+    assert!(
+        row("claim-alice").contains("backed up")
+            && row("claim-alice").contains("from pod vjh-backup-claim-alice"),
+        "{}",
+        row("claim-alice")
+    );
+    assert!(
+        row("claim-carol").contains("from pod jupyter-carol"),
+        "{}",
+        row("claim-carol")
+    );
+    assert!(
+        row("claim-bob").contains("NOT backed up") && row("claim-bob").contains("no space left"),
+        "{}",
+        row("claim-bob")
+    );
+    assert!(
+        row("claim-dave").contains("NOT backed up") && row("claim-dave").contains("not Bound"),
+        "{}",
+        row("claim-dave")
+    );
+    assert!(stdout.contains("2 of 4 user claims backed up"), "{stdout}");
+    assert!(stderr.contains("volumes done"), "a progress line: {stderr}");
+
+    // The window is closed (annotations gone), and with it the helpers.
+    let ns = Api::<Namespace>::all(setup.client.clone())
+        .get(&setup.users)
+        .await
+        .expect("ns");
+    let annotations = ns.metadata.annotations.unwrap_or_default();
+    assert!(
+        !annotations.contains_key(names::NAMESPACE_WINDOW_UNTIL)
+            && !annotations.contains_key(names::NAMESPACE_WINDOW_BACKUP),
+        "{annotations:?}"
+    );
+    eventually(Duration::from_secs(10), || async {
+        setup.helpers().await.is_empty().then_some(())
+    })
+    .await
+    .expect("helpers deleted when the window closed");
+
+    // A namespace that has not opted in: a clear error, exit 1, nothing written.
+    let other = cluster::labelled_namespace(&setup.client, "vjh-ctl", json!({})).await;
+    let refused = tokio::process::Command::new(env!("CARGO_BIN_EXE_velero-jupyterhub"))
+        .args([
+            "backup",
+            "--namespace",
+            &other,
+            "--velero-namespace",
+            &setup.velero,
+        ])
+        .env("KUBECONFIG", kubeconfig.path())
+        .output()
+        .await
+        .expect("ran");
+    assert_eq!(refused.status.code(), Some(1));
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(message.contains("has not opted in"), "{message}");
+    let _ = Api::<Namespace>::all(setup.client.clone())
+        .delete(&other, &Default::default())
+        .await;
+    let _ = Api::<k8s_openapi::api::rbac::v1::ClusterRoleBinding>::all(setup.client.clone())
+        .delete(&operator, &Default::default())
+        .await;
+    setup.finish().await;
+}
+
+fn dynamic(setup: &Setup, kind: &str, plural: &str) -> Api<kube::core::DynamicObject> {
+    use kube::core::{ApiResource, GroupVersionKind};
+    let ar =
+        ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("velero.io", "v1", kind), plural);
+    Api::namespaced_with(setup.client.clone(), &setup.velero, &ar)
 }

@@ -9,10 +9,11 @@ use std::collections::BTreeMap;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use serde_json::{Value, json};
 use support::fixtures;
+use velero_jupyterhub::names;
 use velero_jupyterhub::policy::helper;
 use velero_jupyterhub::policy::velero::{ScheduleSpec, ScheduleStatus};
 use velero_jupyterhub::policy::window::{
-    BackupView, ScheduleProblem, ScheduleView, WindowOptions, windows,
+    BackupView, ManualWindow, ScheduleProblem, ScheduleView, WindowOptions, windows,
 };
 
 fn ts(s: &str) -> Timestamp {
@@ -85,6 +86,7 @@ fn run(
     let got = windows(
         ["jhub", "sandbox"],
         &schedules,
+        &[],
         &backups,
         &own,
         ts(now),
@@ -328,4 +330,137 @@ fn problems_are_reported_per_schedule_and_never_fatal() {
     assert!(by_name["never"].contains("no next run"), "{by_name:?}");
     assert!(by_name["other-value"].contains("\"backup\""), "{by_name:?}");
     assert_eq!(by_name.len(), 4, "{by_name:?}");
+}
+
+/// A namespace's own window (`velero-jupyterhub backup`, or set by hand): open until its
+/// time, or until the Backup it names is terminal; only for opted-in namespaces.
+#[test]
+fn manual_window_table() {
+    struct Case {
+        name: &'static str,
+        until: &'static str,
+        backup: Option<&'static str>,
+        /// The named Backup's phase, if it exists.
+        phase: Option<&'static str>,
+        namespace: &'static str,
+        open: bool,
+        next_change: Option<&'static str>,
+    }
+    let now = "2026-11-28T10:00:00Z";
+    let cases = [
+        Case {
+            name: "until later, no Backup yet: open, wakes at until",
+            until: "2026-11-28T16:00:00Z",
+            backup: None,
+            phase: None,
+            namespace: "jhub",
+            open: true,
+            next_change: Some("2026-11-28T16:00:00Z"),
+        },
+        Case {
+            name: "its Backup in progress: open, the Backup is the current one",
+            until: "2026-11-28T16:00:00Z",
+            backup: Some("vjh-jhub-20261128095500"),
+            phase: Some("InProgress"),
+            namespace: "jhub",
+            open: true,
+            next_change: Some("2026-11-28T16:00:00Z"),
+        },
+        Case {
+            name: "named Backup not created yet: open",
+            until: "2026-11-28T16:00:00Z",
+            backup: Some("vjh-jhub-20261128095500"),
+            phase: None,
+            namespace: "jhub",
+            open: true,
+            next_change: Some("2026-11-28T16:00:00Z"),
+        },
+        Case {
+            name: "its Backup PartiallyFailed: closed",
+            until: "2026-11-28T16:00:00Z",
+            backup: Some("vjh-jhub-20261128095500"),
+            phase: Some("PartiallyFailed"),
+            namespace: "jhub",
+            open: false,
+            next_change: None,
+        },
+        Case {
+            name: "until passed: closed",
+            until: "2026-11-28T10:00:00Z",
+            backup: None,
+            phase: None,
+            namespace: "jhub",
+            open: false,
+            next_change: None,
+        },
+        Case {
+            name: "a namespace that has not opted in: nothing",
+            until: "2026-11-28T16:00:00Z",
+            backup: None,
+            phase: None,
+            namespace: "elsewhere",
+            open: false,
+            next_change: None,
+        },
+    ];
+    for case in cases {
+        let annotations = BTreeMap::from_iter(
+            [
+                (names::NAMESPACE_WINDOW_UNTIL, Some(case.until)),
+                (names::NAMESPACE_WINDOW_BACKUP, case.backup),
+            ]
+            .into_iter()
+            .filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned()))),
+        );
+        let manual = ManualWindow::read(case.namespace, Some(&annotations))
+            .expect("valid")
+            .expect("a window");
+        let backups: Vec<BackupView<'_>> = case
+            .phase
+            .map(|phase| BackupView {
+                name: case.backup.expect("named"),
+                created: ts("2026-11-28T09:55:00Z"),
+                schedule: None,
+                phase: Some(phase),
+            })
+            .into_iter()
+            .collect();
+        let got = windows(
+            ["jhub"],
+            &[],
+            &[manual],
+            &backups,
+            &helper::own_labels(None),
+            ts(now),
+            OPTIONS,
+        );
+        let window = got.open.get("jhub");
+        assert_eq!(window.is_some(), case.open, "{}: open", case.name);
+        if let Some(w) = window {
+            let want: Vec<&str> = case.backup.into_iter().collect();
+            assert_eq!(w.backups, want, "{}: backups", case.name);
+            assert!(w.labels.is_empty(), "{}: no Schedule labels", case.name);
+        }
+        assert_eq!(got.next_change, case.next_change.map(ts), "{}", case.name);
+    }
+}
+
+#[test]
+fn a_manual_window_that_cannot_be_read_says_why() {
+    let bad = BTreeMap::from([(
+        names::NAMESPACE_WINDOW_UNTIL.to_owned(),
+        "tomorrow".to_owned(),
+    )]);
+    let err = ManualWindow::read("jhub", Some(&bad)).expect_err("not a time");
+    assert!(
+        err.contains("RFC 3339") && err.contains("tomorrow"),
+        "{err}"
+    );
+    assert_eq!(ManualWindow::read("jhub", None), Ok(None));
+    let other = BTreeMap::from([(names::NAMESPACE_WINDOW_BACKUP.to_owned(), "b".to_owned())]);
+    assert_eq!(
+        ManualWindow::read("jhub", Some(&other)),
+        Ok(None),
+        "a Backup without a time opens nothing"
+    );
 }

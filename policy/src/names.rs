@@ -18,6 +18,8 @@ pub const VELERO_SCHEDULE_NAME: &str = "velero.io/schedule-name";
 pub const VELERO_BACKUP_NAME: &str = "velero.io/backup-name";
 /// Annotation on a PodVolumeBackup: the claim of the volume it copies.
 pub const VELERO_PVC_NAME: &str = "velero.io/pvc-name";
+/// Label on a PodVolumeBackup: the uid of that claim.
+pub const VELERO_PVC_UID: &str = "velero.io/pvc-uid";
 
 // --- KubeSpawner / zero-to-jupyterhub -------------------------------------------------
 
@@ -33,6 +35,11 @@ pub const JUPYTERHUB_USERNAME: &str = "hub.jupyter.org/username";
 pub const NAMESPACE_ENABLED: &str = "velero-jupyterhub.io/enabled";
 /// Namespace annotation: comma-separated globs of the PVC names that are user data.
 pub const NAMESPACE_CLAIMS: &str = "velero-jupyterhub.io/claims";
+/// Namespace annotation: a backup window is open until this time (RFC 3339), set by
+/// `velero-jupyterhub backup` or by hand.
+pub const NAMESPACE_WINDOW_UNTIL: &str = "velero-jupyterhub.io/backup-window-until";
+/// Namespace annotation: the Backup of that window; it closes when the Backup is terminal.
+pub const NAMESPACE_WINDOW_BACKUP: &str = "velero-jupyterhub.io/backup-window-backup";
 /// Pod annotation: `true` leaves the pod alone.
 pub const POD_SKIP: &str = "velero-jupyterhub.io/skip";
 /// Pods we create or convert: `app.kubernetes.io/managed-by=velero-jupyterhub`, and
@@ -61,6 +68,11 @@ pub fn is_dns1123_label(s: &str) -> bool {
         && b.iter().all(inner)
         && b.first().is_some_and(edge)
         && b.last().is_some_and(edge)
+}
+
+/// A DNS-1123 subdomain (most object names): dot-separated labels, ≤ 253 characters.
+pub fn is_dns1123_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns1123_label)
 }
 
 /// A label value: empty, or up to 63 characters of `A-Za-z0-9-_.` that start and end

@@ -61,6 +61,8 @@ pub struct PodRef {
 #[serde(rename_all = "camelCase", default)]
 pub struct PodVolumeBackupStatus {
     pub phase: Option<String>,
+    /// Why it failed, when it did.
+    pub message: Option<String>,
     pub progress: Progress,
 }
 

@@ -11,12 +11,18 @@
 //! when that is later (`getNextRunTime`); when due it creates `<name>-<timestamp>` labelled
 //! `velero.io/schedule-name` and sets `lastBackup` to now (`submitBackup`), so the next
 //! tick moves on the moment the Backup exists. Paused Schedules are not run.
+//!
+//! A namespace can also open a window of its own ([`ManualWindow`]: its
+//! `backup-window-until` annotation, set by `velero-jupyterhub backup` or by hand), open
+//! until that time or until the Backup its `backup-window-backup` annotation names is
+//! terminal.
 
 use std::collections::BTreeMap;
 
 use jiff::{SignedDuration, Timestamp};
 
 use crate::cron::{CronError, CronSchedule};
+use crate::names;
 use crate::selector::{self, SelectorProblem};
 use crate::velero::{self, ScheduleSpec, ScheduleStatus};
 
@@ -57,6 +63,52 @@ pub struct NamespaceWindow {
     pub backups: Vec<String>,
     /// Labels our helpers need beyond their own so every such Schedule selects them.
     pub labels: BTreeMap<String, String>,
+}
+
+/// A window a namespace's annotations open (`velero-jupyterhub backup`, or by hand).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ManualWindow<'a> {
+    pub namespace: &'a str,
+    /// `velero-jupyterhub.io/backup-window-until`.
+    pub until: Timestamp,
+    /// `velero-jupyterhub.io/backup-window-backup`: the window also closes when this
+    /// Backup is terminal.
+    pub backup: Option<&'a str>,
+}
+
+impl<'a> ManualWindow<'a> {
+    /// The window a namespace's annotations ask for; `Err` says what is wrong with them.
+    pub fn read(
+        namespace: &'a str,
+        annotations: Option<&'a BTreeMap<String, String>>,
+    ) -> Result<Option<Self>, String> {
+        let get = |key: &str| annotations.and_then(|a| a.get(key)).map(String::as_str);
+        let Some(until) = get(names::NAMESPACE_WINDOW_UNTIL) else {
+            return Ok(None);
+        };
+        let until = until.trim().parse::<Timestamp>().map_err(|e| {
+            format!(
+                "{}: {until:?} is not an RFC 3339 time such as 2026-11-28T12:00:00Z: {e}",
+                names::NAMESPACE_WINDOW_UNTIL
+            )
+        })?;
+        let backup = get(names::NAMESPACE_WINDOW_BACKUP).filter(|b| !b.is_empty());
+        Ok(Some(Self {
+            namespace,
+            until,
+            backup,
+        }))
+    }
+
+    /// Open at `now`: before `until`, and its Backup (if named) not terminal yet.
+    pub fn is_open(&self, backups: &[BackupView<'_>], now: Timestamp) -> bool {
+        let finished = self.backup.is_some_and(|name| {
+            backups
+                .iter()
+                .any(|b| b.name == name && velero::backup_is_terminal(b.phase))
+        });
+        now < self.until && !finished
+    }
 }
 
 /// Why a Schedule is left out, reported on the Schedule (an Event), never fatal.
@@ -102,10 +154,12 @@ struct Open {
     backups: Vec<String>,
 }
 
-/// Computes the open windows over `namespaces` (the opted-in ones) at `now`.
+/// Computes the open windows over `namespaces` (the opted-in ones) at `now`: the
+/// Schedules' and the namespaces' own (`manual`, for opted-in namespaces only).
 pub fn windows<'a>(
     namespaces: impl IntoIterator<Item = &'a str> + Clone,
     schedules: &[ScheduleView<'_>],
+    manual: &[ManualWindow<'_>],
     backups: &[BackupView<'_>],
     own_labels: &BTreeMap<String, String>,
     now: Timestamp,
@@ -176,6 +230,14 @@ pub fn windows<'a>(
             w.schedules.push(name.to_owned());
             w.backups.extend(open.backups.iter().cloned());
         }
+    }
+    for m in manual {
+        if !namespaces.clone().into_iter().any(|ns| ns == m.namespace) || !m.is_open(backups, now) {
+            continue;
+        }
+        wake(m.until);
+        let w = out.open.entry(m.namespace.to_owned()).or_default();
+        w.backups.extend(m.backup.map(str::to_owned));
     }
     out.problems = problems;
     out

@@ -5,6 +5,8 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Deserialize;
 
+use crate::names;
+use crate::policy::coverage::PvbFacts;
 use crate::policy::velero::{
     BackupStatus, PodVolumeBackupSpec, PodVolumeBackupStatus, ScheduleSpec, ScheduleStatus,
 };
@@ -60,3 +62,28 @@ velero_resource!(
     PodVolumeBackupSpec,
     PodVolumeBackupStatus
 );
+
+impl PodVolumeBackup {
+    /// What `policy::coverage` reads of it.
+    pub fn facts(&self) -> PvbFacts<'_> {
+        let m = &self.metadata;
+        let status = self.status.as_ref();
+        PvbFacts {
+            name: m.name.as_deref().unwrap_or_default(),
+            pvc_uid: m
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(names::VELERO_PVC_UID))
+                .map(String::as_str),
+            pvc_name: m
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(names::VELERO_PVC_NAME))
+                .map(String::as_str),
+            pod: &self.spec.pod.name,
+            phase: status.and_then(|s| s.phase.as_deref()),
+            bytes_done: status.and_then(|s| s.progress.bytes_done),
+            message: status.and_then(|s| s.message.as_deref()),
+        }
+    }
+}

@@ -72,11 +72,7 @@ impl Elector {
         let now = Timestamp::now();
         let current = self.api.get_opt(&self.options.name).await?;
         let spec = current.as_ref().map(|l| l.spec.clone().unwrap_or_default());
-        let view = spec.as_ref().map(|spec| LeaseView {
-            holder: spec.holder_identity.as_deref(),
-            renewed: spec.renew_time.as_ref().map(|t| t.0),
-            duration: SignedDuration::from_secs(spec.lease_duration_seconds.unwrap_or(15).into()),
-        });
+        let view = spec.as_ref().map(view);
         let action = decide(view.as_ref(), &self.identity, now);
         let seconds = i32::try_from(self.options.duration.as_secs()).unwrap_or(15);
         let written = match (action, current) {
@@ -188,6 +184,24 @@ impl Leading<'_> {
     }
 }
 
+fn view(spec: &LeaseSpec) -> LeaseView<'_> {
+    LeaseView {
+        holder: spec.holder_identity.as_deref(),
+        renewed: spec.renew_time.as_ref().map(|t| t.0),
+        duration: SignedDuration::from_secs(spec.lease_duration_seconds.unwrap_or(15).into()),
+    }
+}
+
+/// Who leads through this Lease at `now`, if anyone (a holder that stopped renewing does
+/// not count).
+pub fn current_leader(lease: &Lease, now: Timestamp) -> Option<String> {
+    let spec = lease.spec.as_ref()?;
+    match decide(Some(&view(spec)), "", now) {
+        LeaseAction::Wait { .. } => spec.holder_identity.clone(),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,5 +217,26 @@ mod tests {
                 Duration::from_secs(10)
             )
         );
+    }
+
+    #[test]
+    fn the_current_leader_is_a_holder_that_still_renews() {
+        let now = Timestamp::from_second(1_800_000_000).unwrap();
+        let lease = |holder: Option<&str>, renewed_ago: i64| Lease {
+            spec: Some(LeaseSpec {
+                holder_identity: holder.map(str::to_owned),
+                renew_time: Some(MicroTime(now - SignedDuration::from_secs(renewed_ago))),
+                lease_duration_seconds: Some(15),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            current_leader(&lease(Some("a"), 5), now).as_deref(),
+            Some("a")
+        );
+        assert_eq!(current_leader(&lease(Some("a"), 16), now), None, "expired");
+        assert_eq!(current_leader(&lease(None, 1), now), None, "released");
+        assert_eq!(current_leader(&Lease::default(), now), None);
     }
 }

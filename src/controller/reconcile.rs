@@ -21,7 +21,7 @@ use crate::metrics::Metrics;
 use crate::names;
 use crate::policy::helper;
 use crate::policy::plan::{self, ClaimView, Deletion, NamespaceView, Plan, PlanInput, PvbView};
-use crate::policy::window::{self, BackupView, ScheduleView, Windows};
+use crate::policy::window::{self, BackupView, ManualWindow, ScheduleView, Windows};
 use crate::policy::{ClaimGlobs, NamespacePolicy, PodFacts, PodRecord};
 
 /// A write not yet seen by the watches is not repeated for this long.
@@ -111,6 +111,19 @@ impl Reconciler {
             .map(|(name, claims)| NamespaceView { name, claims })
             .collect();
         let opted_in = |ns: Option<&str>| ns.is_some_and(|ns| globs.iter().any(|(n, _)| *n == ns));
+        // Windows the namespaces open themselves (`velero-jupyterhub backup`, or by hand).
+        let mut manual = Vec::new();
+        let mut namespace_problems = Vec::new();
+        for n in namespace_objects
+            .iter()
+            .filter(|n| opted_in(n.metadata.name.as_deref()))
+        {
+            let name = n.metadata.name.as_deref().unwrap_or_default();
+            match ManualWindow::read(name, n.metadata.annotations.as_ref()) {
+                Ok(window) => manual.extend(window),
+                Err(problem) => namespace_problems.push((name.to_owned(), problem)),
+            }
+        }
 
         let claim_objects = stores.claims.state();
         let claims: Vec<ClaimView<'_>> = claim_objects
@@ -166,12 +179,13 @@ impl Reconciler {
         let windows = window::windows(
             namespaces.iter().map(|n| n.name),
             &schedules,
+            &manual,
             &backups,
             &helper::own_labels(None),
             now,
             self.config.windows,
         );
-        self.report_problems(&windows, &schedule_objects);
+        self.report_problems(&windows, &schedule_objects, namespace_problems);
         self.count_helpers(&pods, windows.open.len());
         let plan = plan::plan(&PlanInput {
             namespaces: &namespaces,
@@ -213,13 +227,37 @@ impl Reconciler {
             .set(i64::try_from(windows_open).unwrap_or(i64::MAX));
     }
 
-    fn report_problems(&mut self, windows: &Windows, schedules: &[Arc<Schedule>]) {
+    /// Reports each Schedule's and namespace's problem once (a log line and a Warning
+    /// Event), again only after it went away and came back.
+    fn report_problems(
+        &mut self,
+        windows: &Windows,
+        schedules: &[Arc<Schedule>],
+        namespaces: Vec<(String, String)>,
+    ) {
+        let namespace_problems: HashSet<(String, String)> = namespaces
+            .into_iter()
+            .map(|(n, p)| (format!("namespace/{n}"), p))
+            .collect();
         let now: HashSet<(String, String)> = windows
             .problems
             .iter()
             .map(|(n, p)| (n.clone(), p.to_string()))
+            .chain(namespace_problems.iter().cloned())
             .collect();
         for (name, message) in now.difference(&self.reported) {
+            if let Some(namespace) = name.strip_prefix("namespace/") {
+                warn!(namespace, problem = %message, "a namespace's backup window is ignored");
+                let reference = ObjectReference {
+                    api_version: Some("v1".to_owned()),
+                    kind: Some("Namespace".to_owned()),
+                    name: Some(namespace.to_owned()),
+                    ..Default::default()
+                };
+                self.events
+                    .warn(reference, "BackupWindowIgnored", "Plan", message.clone());
+                continue;
+            }
             warn!(schedule = %name, problem = %message, "a Schedule's Backups will miss idle users");
             if let Some(s) = schedules
                 .iter()

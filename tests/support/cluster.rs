@@ -60,6 +60,26 @@ pub async fn client_as_service_account(namespace: &str, name: &str) -> Client {
     Client::try_from(config).expect("client")
 }
 
+/// A kubeconfig file for a child process (our binary) that acts as `user` (kubeconfig's
+/// `as` and `as-groups`: impersonation), so RBAC is enforced as it would be for them.
+pub fn kubeconfig_as(user: &str) -> tempfile::NamedTempFile {
+    let path = kubeconfig_or_die();
+    let mut config: Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(path).expect("kubeconfig"))
+            .expect("kubeconfig yaml");
+    for u in config["users"].as_array_mut().expect("users") {
+        u["user"]["as"] = user.into();
+        u["user"]["as-groups"] = json!(["system:authenticated"]);
+    }
+    let file = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(
+        file.path(),
+        serde_yaml_ng::to_string(&config).expect("yaml"),
+    )
+    .expect("write");
+    file
+}
+
 /// A short unique id: process id + counter (tests in parallel, test binaries in parallel).
 pub fn unique(prefix: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
