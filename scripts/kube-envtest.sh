@@ -20,6 +20,8 @@
 #   kube-envtest.sh status     exit 0 if the API server answers /readyz
 #   kube-envtest.sh env        print `export KUBECONFIG=...` (for eval)
 #   kube-envtest.sh run-dir    print the runtime state dir of the chosen version
+#   kube-envtest.sh restart-apiserver  stop and start kube-apiserver only (etcd keeps
+#                              every object; clients' watches break and must resume)
 #   kube-envtest.sh selftest   start (if needed), run a mutating-webhook + SSA smoke test, stop
 #
 # Environment (all optional):
@@ -283,6 +285,36 @@ EOF
   echo "$TOKEN" > "$RUN/token"
 }
 
+# kube-apiserver on the running etcd (start, restart-apiserver).
+start_apiserver() {
+  local p=$RUN/pki admission=(--disable-admission-plugins=ServiceAccount)
+  if [ "$SA_ADMISSION" = 1 ]; then admission=(); fi
+  # shellcheck disable=SC2086
+  nohup "$BIN/kube-apiserver" \
+    --etcd-servers="http://127.0.0.1:$ETCD_PORT" \
+    --advertise-address=127.0.0.1 --bind-address=127.0.0.1 --secure-port="$API_PORT" \
+    --tls-cert-file="$p/apiserver.crt" --tls-private-key-file="$p/apiserver.key" \
+    --client-ca-file="$p/ca.crt" --token-auth-file="$p/tokens.csv" \
+    --authorization-mode="$AUTHZ" \
+    --service-account-key-file="$p/sa.pub" --service-account-signing-key-file="$p/sa.key" \
+    --service-account-issuer=https://kubernetes.default.svc.cluster.local \
+    --api-audiences=https://kubernetes.default.svc.cluster.local \
+    --service-cluster-ip-range="$SERVICE_CIDR" \
+    --endpoint-reconciler-type=none \
+    --allow-privileged=true \
+    "${admission[@]}" ${KUBE_ENVTEST_EXTRA_APISERVER_FLAGS:-} \
+    7>&- 8>&- 9>&- </dev/null >"$RUN/logs/kube-apiserver.log" 2>&1 &
+  echo $! > "$RUN/kube-apiserver.pid"
+  local t1; t1=$(now)
+  for _ in $(seq 1 900); do
+    apiserver_ready && break
+    pid_alive "$(pid_of kube-apiserver)" || fail_start "kube-apiserver exited" "$RUN/logs/kube-apiserver.log"
+    sleep 0.1
+  done
+  apiserver_ready || fail_start "kube-apiserver not ready after 90 s" "$RUN/logs/kube-apiserver.log"
+  log "kube-apiserver ready after $(since "$t1") s (https://127.0.0.1:$API_PORT)"
+}
+
 fail_start() { log "$1; last lines of $2:"; tail -20 "$2" >&2 || true; cmd_stop_locked; exit 1; }
 
 cmd_start() {
@@ -323,33 +355,9 @@ cmd_start() {
   curl -sf --max-time 1 "http://127.0.0.1:$ETCD_PORT/health" >/dev/null || fail_start "etcd not healthy after 30 s" "$RUN/logs/etcd.log"
   log "etcd healthy after $(since "$t0") s"
 
-  local p=$RUN/pki admission=(--disable-admission-plugins=ServiceAccount)
-  if [ "$SA_ADMISSION" = 1 ]; then admission=(); fi
-  # shellcheck disable=SC2086
-  nohup "$BIN/kube-apiserver" \
-    --etcd-servers="http://127.0.0.1:$ETCD_PORT" \
-    --advertise-address=127.0.0.1 --bind-address=127.0.0.1 --secure-port="$API_PORT" \
-    --tls-cert-file="$p/apiserver.crt" --tls-private-key-file="$p/apiserver.key" \
-    --client-ca-file="$p/ca.crt" --token-auth-file="$p/tokens.csv" \
-    --authorization-mode="$AUTHZ" \
-    --service-account-key-file="$p/sa.pub" --service-account-signing-key-file="$p/sa.key" \
-    --service-account-issuer=https://kubernetes.default.svc.cluster.local \
-    --api-audiences=https://kubernetes.default.svc.cluster.local \
-    --service-cluster-ip-range="$SERVICE_CIDR" \
-    --endpoint-reconciler-type=none \
-    --allow-privileged=true \
-    "${admission[@]}" ${KUBE_ENVTEST_EXTRA_APISERVER_FLAGS:-} \
-    7>&- 8>&- 9>&- </dev/null >"$RUN/logs/kube-apiserver.log" 2>&1 &
-  echo $! > "$RUN/kube-apiserver.pid"
-  local t1; t1=$(now)
-  for _ in $(seq 1 900); do
-    apiserver_ready && break
-    pid_alive "$(pid_of kube-apiserver)" || fail_start "kube-apiserver exited" "$RUN/logs/kube-apiserver.log"
-    sleep 0.1
-  done
-  apiserver_ready || fail_start "kube-apiserver not ready after 90 s" "$RUN/logs/kube-apiserver.log"
-  log "kube-apiserver ready after $(since "$t1") s (https://127.0.0.1:$API_PORT)"
+  start_apiserver
   write_kubeconfig
+  local p=$RUN/pki
 
   if [ "$WITH_CM" = 1 ]; then
     # Off: node IPAM and the cloud parts; node lifecycle (tests keep their hand-made Nodes
@@ -391,6 +399,17 @@ cmd_start() {
   echo "$VERSION $("$BIN/kube-apiserver" --version | cut -d' ' -f2)" > "$RUN/version"
   log "Kubernetes $(cut -d' ' -f2 "$RUN/version") ($VERSION) started in $(since "$t0") s; export KUBECONFIG=$RUN/kubeconfig"
   echo "$RUN/kubeconfig"
+}
+
+# Stops and starts kube-apiserver alone (etcd, and so every object, stays): what a
+# control-plane upgrade or crash looks like to clients; their watches break and resume.
+cmd_restart_apiserver() {
+  exec 9>"$RUN/.lock"; flock 9
+  apiserver_ready || die "no test API server runs in $RUN"
+  local t0; t0=$(now)
+  stop_one kube-apiserver kube-apiserver
+  start_apiserver
+  log "kube-apiserver restarted in $(since "$t0") s"
 }
 
 cmd_stop_locked() {
@@ -494,6 +513,7 @@ case "${1:-}" in
   install)  cmd_install ;;
   start)    cmd_start ;;
   stop)     cmd_stop ;;
+  restart-apiserver) cmd_restart_apiserver ;;
   status)   apiserver_ready && { echo "running: $(cat "$RUN/version" 2>/dev/null) $RUN/kubeconfig"; exit 0; } || { echo "not running ($VERSION)"; exit 1; } ;;
   env)      echo "export KUBECONFIG=$RUN/kubeconfig" ;;
   run-dir)  echo "$RUN" ;;

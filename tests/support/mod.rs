@@ -3,5 +3,6 @@
 
 pub mod baseline;
 pub mod cluster;
+pub mod controller;
 pub mod fixtures;
 pub mod https;

@@ -1,0 +1,299 @@
+//! The controller under test (tests/cluster_controller.rs, tests/cluster_restart.rs): a
+//! test's own namespaces and tainted nodes, the controller run in-process as the
+//! manifests' ServiceAccount, and the test playing the kubelet and Velero's schedule
+//! controller (pkg/controller/schedule_controller.go, v1.18).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::jiff::{SignedDuration, Timestamp, ToSpan};
+use kube::Api;
+use kube::api::{ListParams, Patch, PatchParams};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use velero_jupyterhub::controller::{self, Config, LeaseOptions};
+use velero_jupyterhub::metrics::{Metrics, sample};
+use velero_jupyterhub::names;
+use velero_jupyterhub::policy::ClaimGlobs;
+use velero_jupyterhub::policy::helper::HelperOptions;
+use velero_jupyterhub::policy::window::WindowOptions;
+
+use super::cluster::{self, eventually, from_json, unique};
+
+pub const HELPER_SELECTOR: &str = "app.kubernetes.io/component=backup-helper";
+
+/// The z2jh user pod hardened to pass `restricted` (as locked-down hubs configure it):
+/// no root init container, non-root, no privilege escalation, RuntimeDefault seccomp.
+pub fn restricted_user_pod(user: &str) -> Pod {
+    let mut pod = serde_json::to_value(cluster::user_pod(user)).expect("json");
+    let spec = pod["spec"].as_object_mut().expect("spec");
+    spec.remove("initContainers");
+    spec.insert(
+        "securityContext".into(),
+        json!({"runAsNonRoot": true, "runAsUser": 1000, "seccompProfile": {"type": "RuntimeDefault"}}),
+    );
+    for c in spec["containers"].as_array_mut().expect("containers") {
+        c["securityContext"] =
+            json!({"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}});
+    }
+    pod["metadata"]["annotations"] = json!({});
+    from_json(pod)
+}
+
+pub struct Setup {
+    pub client: kube::Client,
+    pub users: String,
+    pub velero: String,
+    pub nodes: Vec<String>,
+    pub as_controller: kube::Client,
+    pub config: Config,
+    pub controllers: Vec<Replica>,
+}
+
+/// One in-process controller replica.
+pub struct Replica {
+    pub stop: CancellationToken,
+    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Replica {
+    pub fn leads(&self) -> bool {
+        self.metrics.controller.leader.get() == 1
+    }
+
+    pub fn writes(&self) -> f64 {
+        let text = self.metrics.encode();
+        ["create", "delete", "patch"]
+            .iter()
+            .filter_map(|verb| {
+                sample(
+                    &text,
+                    &format!(
+                        "velero_jupyterhub_api_writes_total{{verb=\"{verb}\",resource=\"pods\"}}"
+                    ),
+                )
+            })
+            .sum()
+    }
+}
+
+impl Setup {
+    /// Namespaces, nodes, RBAC, and one controller replica (more with [`Self::replica`]).
+    pub async fn new() -> Self {
+        Self::with_lease(Duration::from_secs(15)).await
+    }
+
+    pub async fn with_lease(lease: Duration) -> Self {
+        let client = cluster::client().await;
+        let minor = cluster::server_minor(&client).await;
+        assert!(
+            minor >= 25,
+            "needs Pod Security admission (v1.25+): run on the current test server"
+        );
+        cluster::install_velero_crds(&client).await;
+        // Tests run side by side on one server: each controller manages only its test's
+        // namespace (--namespace-selector), and schedules only onto its test's nodes.
+        let run = unique("run");
+        let users = cluster::labelled_namespace(&client, "vjh-ctl",
+            json!({(names::NAMESPACE_ENABLED): "true", "pod-security.kubernetes.io/enforce": "restricted",
+                   "vjh-test-run": run}),
+        )
+        .await;
+        let velero = cluster::labelled_namespace(&client, "vjh-ctl", json!({})).await;
+        let taints = json!([
+            {"key": "hub.jupyter.org/dedicated", "value": "user", "effect": "NoSchedule"},
+            {"key": "velero-jupyterhub-test", "value": run, "effect": "NoSchedule"},
+        ]);
+        let nodes = vec![unique("node-a"), unique("node-b")];
+        for n in &nodes {
+            cluster::ready_node(&client, n, taints.clone()).await;
+        }
+        let mut tolerations: Vec<k8s_openapi::api::core::v1::Toleration> = from_json(json!([
+            {"key": "hub.jupyter.org/dedicated", "operator": "Equal", "value": "user", "effect": "NoSchedule"},
+        ]));
+        tolerations.push(from_json(json!(
+            {"key": "velero-jupyterhub-test", "operator": "Equal", "value": run, "effect": "NoSchedule"}
+        )));
+        // The controller runs as the manifests' ServiceAccount, with exactly what they grant.
+        cluster::apply_rbac(&client).await;
+        let sa = cluster::manifest("ServiceAccount", "velero-jupyterhub-controller");
+        let own_namespace = sa["metadata"]["namespace"]
+            .as_str()
+            .expect("namespace")
+            .to_owned();
+        let as_controller = cluster::client_as_service_account(
+            &own_namespace,
+            sa["metadata"]["name"].as_str().expect("name"),
+        )
+        .await;
+        let config = Config {
+            namespace: own_namespace,
+            identity: "replica-a".to_owned(),
+            velero_namespace: velero.clone(),
+            namespace_selector: Some(format!("vjh-test-run={run}")),
+            windows: WindowOptions {
+                lead: SignedDuration::from_mins(10),
+                max: SignedDuration::from_hours(6),
+            },
+            helper: HelperOptions {
+                image: "registry.k8s.io/pause:3.10".to_owned(),
+                tolerations,
+                node_selector: BTreeMap::new(),
+            },
+            default_claims: Arc::new(ClaimGlobs::parse("claim-*").expect("globs")),
+            // A Lease of this test's own: tests run side by side on one server.
+            lease: LeaseOptions::with_duration(&unique("lease"), lease),
+        };
+        let mut setup = Self {
+            client,
+            users,
+            velero,
+            nodes,
+            as_controller,
+            config,
+            controllers: vec![],
+        };
+        setup.replica("replica-a");
+        setup
+    }
+
+    /// Starts another replica (same Lease) named `identity`.
+    pub fn replica(&mut self, identity: &str) {
+        let mut config = self.config.clone();
+        config.identity = identity.to_owned();
+        let metrics = Arc::new(Metrics::for_controller());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(controller::run(
+            self.as_controller.clone(),
+            config,
+            metrics.clone(),
+            stop.clone(),
+        ));
+        self.controllers.push(Replica {
+            stop,
+            task,
+            metrics,
+        });
+    }
+
+    pub fn pods(&self) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), &self.users)
+    }
+
+    pub async fn helpers(&self) -> Vec<Pod> {
+        self.pods()
+            .list(&ListParams::default().labels(HELPER_SELECTOR))
+            .await
+            .expect("list helpers")
+            .items
+    }
+
+    /// A Schedule whose next tick is a few minutes away (inside the lead time); returns
+    /// the tick.
+    pub async fn schedule(&self, name: &str) -> Timestamp {
+        let tick = Timestamp::now() + 5.minutes();
+        let minute = tick.to_zoned(k8s_openapi::jiff::tz::TimeZone::UTC).minute();
+        let schedule = json!({
+            "apiVersion": "velero.io/v1", "kind": "Schedule",
+            "metadata": {"name": name, "namespace": self.velero},
+            "spec": {"schedule": format!("CRON_TZ=UTC {minute} * * * *"),
+                     "template": {"includedNamespaces": [self.users],
+                                  "labelSelector": {"matchLabels": {"backup": "homes"}}}},
+        });
+        cluster::apply_dynamic(&self.client, &schedule).await;
+        let s = tick.as_second();
+        Timestamp::from_second(s - s.rem_euclid(60)).expect("minute")
+    }
+
+    pub async fn finish(self) {
+        for r in self.controllers {
+            r.stop.cancel();
+            let _ = r.task.await;
+        }
+        for n in &self.nodes {
+            cluster::delete_node(&self.client, n).await;
+        }
+        for ns in [&self.users, &self.velero] {
+            let _ = Api::<Namespace>::all(self.client.clone())
+                .delete(ns, &Default::default())
+                .await;
+        }
+    }
+}
+
+/// Plays Velero's schedule controller at `tick` (the test compresses time: the Backup is
+/// created now, `lastBackup` says the tick, so the next tick is an hour later).
+pub async fn velero_creates_backup(
+    setup: &Setup,
+    schedule: &str,
+    tick: Timestamp,
+    phase: &str,
+) -> String {
+    let now = tick;
+    let name = format!("{schedule}-{}", now.strftime("%Y%m%d%H%M%S"));
+    let backup = json!({
+        "apiVersion": "velero.io/v1", "kind": "Backup",
+        "metadata": {"name": name, "namespace": setup.velero,
+                     "labels": {(names::VELERO_SCHEDULE_NAME): schedule}},
+        "spec": {"includedNamespaces": [setup.users]},
+    });
+    cluster::apply_dynamic(&setup.client, &backup).await;
+    set_status(setup, "backups", &name, json!({"phase": phase})).await;
+    set_status(
+        setup,
+        "schedules",
+        schedule,
+        json!({"phase": "Enabled", "lastBackup": now.to_string()}),
+    )
+    .await;
+    name
+}
+
+pub async fn set_status(setup: &Setup, plural: &str, name: &str, status: Value) {
+    let kind = match plural {
+        "backups" => "Backup",
+        "podvolumebackups" => "PodVolumeBackup",
+        _ => "Schedule",
+    };
+    let api = dynamic(setup, kind, plural);
+    // Velero's CRDs have no status subresource: Velero patches the object itself.
+    api.patch(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": status})),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("status of {plural}/{name}: {e}"));
+}
+
+/// Waits for two Running helpers (the test plays the kubelet) and returns their uids.
+pub async fn two_running_helpers(setup: &Setup) -> Vec<String> {
+    let helpers = eventually(Duration::from_secs(30), || async {
+        let hs = setup.helpers().await;
+        (hs.len() == 2).then_some(hs)
+    })
+    .await
+    .expect("two helpers");
+    for h in &helpers {
+        cluster::set_phase(
+            &setup.pods(),
+            h.metadata.name.as_deref().expect("name"),
+            "Running",
+        )
+        .await;
+    }
+    helpers
+        .iter()
+        .filter_map(|h| h.metadata.uid.clone())
+        .collect()
+}
+
+pub fn dynamic(setup: &Setup, kind: &str, plural: &str) -> Api<kube::core::DynamicObject> {
+    use kube::core::{ApiResource, GroupVersionKind};
+    let ar =
+        ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("velero.io", "v1", kind), plural);
+    Api::namespaced_with(setup.client.clone(), &setup.velero, &ar)
+}
