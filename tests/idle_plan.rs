@@ -441,3 +441,39 @@ fn the_backfill_value_is_the_webhooks() {
     assert_eq!(got.backfill[0].value, "scratch,volume-alice");
     assert_eq!(got.backfill[0].resource_version, "41");
 }
+
+#[test]
+fn helpers_not_running_two_minutes_after_creation_are_reported_once_due() {
+    use k8s_openapi::jiff::{SignedDuration, Timestamp};
+    use velero_jupyterhub::policy::plan::stuck_helpers;
+    let now: Timestamp = "2026-11-28T03:00:00Z".parse().expect("time");
+    let created = |pod: Pod, ago: i64| {
+        let mut v = serde_json::to_value(&pod).expect("json");
+        v["metadata"]["creationTimestamp"] =
+            (now - SignedDuration::from_secs(ago)).to_string().into();
+        serde_json::from_value::<PodRecord>(v).expect("record")
+    };
+    let mut deleting = serde_json::to_value(helper_pod("erin", None, "Pending")).expect("json");
+    deleting["metadata"]["creationTimestamp"] = "2026-11-28T02:00:00Z".into();
+    deleting["metadata"]["deletionTimestamp"] = "2026-11-28T02:59:00Z".into();
+    let pods = [
+        created(helper_pod("alice", Some("node-a"), "Running"), 600),
+        created(helper_pod("bob", None, "Pending"), 180),
+        created(helper_pod("carol", Some("node-a"), "Pending"), 30),
+        created(user_pod("dave", None, "Pending"), 600),
+        serde_json::from_value(deleting).expect("record"),
+    ];
+    let refs: Vec<&PodRecord> = pods.iter().collect();
+    let (stuck, next) = stuck_helpers(&refs, now, SignedDuration::from_mins(2));
+    let names: Vec<&str> = stuck.iter().map(|p| p.name()).collect();
+    assert_eq!(
+        names,
+        ["vjh-backup-claim-bob"],
+        "not Running, Pending for 30 s, a user pod, or one going away"
+    );
+    assert_eq!(
+        next,
+        Some(now + SignedDuration::from_secs(90)),
+        "carol's turns due in 90 s"
+    );
+}

@@ -281,6 +281,36 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     out
 }
 
+/// Backup helpers not running `after` their creation (no node takes them, the image does
+/// not pull, ...): their claims will miss the Backup unless someone looks. Returns them,
+/// and when the next one will have waited that long (to wake up then).
+pub fn stuck_helpers<'a>(
+    pods: &[&'a PodRecord],
+    now: jiff::Timestamp,
+    after: jiff::SignedDuration,
+) -> (Vec<&'a PodRecord>, Option<jiff::Timestamp>) {
+    let mut stuck = Vec::new();
+    let mut next = None::<jiff::Timestamp>;
+    for pod in pods.iter().copied().filter(|p| is_backup_helper(*p)) {
+        let running_or_done = matches!(pod.phase(), Some("Running" | "Succeeded" | "Failed"));
+        let created = pod.metadata.creation_timestamp.as_ref().map(|t| t.0);
+        let (Some(created), false) = (
+            created,
+            running_or_done || pod.metadata.deletion_timestamp.is_some(),
+        ) else {
+            continue;
+        };
+        let due = created.saturating_add(after).unwrap_or(created);
+        if due <= now {
+            stuck.push(pod);
+        } else if next.is_none_or(|n| due < n) {
+            next = Some(due);
+        }
+    }
+    stuck.sort_by(|a, b| (a.namespace(), a.name()).cmp(&(b.namespace(), b.name())));
+    (stuck, next)
+}
+
 /// The webhook's own decision (one shared function), applied to a pod already running.
 fn backfill(pod: &PodRecord, globs: &ClaimGlobs, out: &mut Vec<Backfill>) {
     if pod.metadata.deletion_timestamp.is_some() {

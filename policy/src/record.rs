@@ -45,7 +45,8 @@ pub const CLAIM_LABELS: &[&str] = &[names::JUPYTERHUB_USERNAME];
 /// A watched Pod.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct PodRecord {
-    /// name, namespace, uid, resourceVersion and deletionTimestamp; nothing else.
+    /// name, namespace, uid, resourceVersion, creation and deletion timestamps; nothing
+    /// else.
     pub metadata: ObjectMeta,
     labels: Kept,
     /// `None`: the pod has no annotations map at all.
@@ -63,7 +64,8 @@ pub struct PodRecord {
 /// A watched PersistentVolumeClaim.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ClaimRecord {
-    /// name, namespace, uid, resourceVersion and deletionTimestamp; nothing else.
+    /// name, namespace, uid, resourceVersion, creation and deletion timestamps; nothing
+    /// else.
     pub metadata: ObjectMeta,
     labels: Kept,
     pub phase: Option<String>,
@@ -215,6 +217,7 @@ struct MetaWire {
     namespace: Option<String>,
     uid: Option<String>,
     resource_version: Option<String>,
+    creation_timestamp: Option<Time>,
     deletion_timestamp: Option<Time>,
     labels: Option<BTreeMap<String, String>>,
     annotations: Option<BTreeMap<String, String>>,
@@ -235,6 +238,7 @@ impl MetaWire {
             namespace: self.namespace,
             uid: self.uid,
             resource_version: self.resource_version,
+            creation_timestamp: self.creation_timestamp,
             deletion_timestamp: self.deletion_timestamp,
             ..ObjectMeta::default()
         };

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{ObjectReference, Pod};
-use k8s_openapi::jiff::Timestamp;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -26,6 +26,9 @@ use crate::policy::{ClaimGlobs, NamespacePolicy, PodFacts, PodRecord};
 
 /// A write not yet seen by the watches is not repeated for this long.
 const PENDING_FOR: Duration = Duration::from_secs(30);
+/// A helper not running this long after its creation gets a Warning Event on its claim
+/// (the default lead time, 10 minutes, leaves room to fix it before the tick).
+const STUCK_AFTER: SignedDuration = SignedDuration::from_mins(2);
 /// Changes arriving together are planned together.
 const DEBOUNCE: Duration = Duration::from_millis(20);
 /// Even with nothing to wake for, plan again this often (a safety net, not a poll: a
@@ -59,6 +62,7 @@ pub async fn run(
         metrics,
         pending: HashMap::new(),
         reported: HashSet::new(),
+        stuck_reported: HashSet::new(),
     };
     loop {
         let next_change = reconciler.pass(&stores).await;
@@ -82,6 +86,8 @@ struct Reconciler {
     pending: HashMap<String, Instant>,
     /// Schedule problems already reported (Event sent), so each is reported once.
     reported: HashSet<(String, String)>,
+    /// Helpers reported as not running, by uid.
+    stuck_reported: HashSet<String>,
 }
 
 impl Reconciler {
@@ -199,8 +205,44 @@ impl Reconciler {
             .iter()
             .map(|c| ((c.namespace, c.name), c.uid))
             .collect();
+        let (stuck, next_stuck) = plan::stuck_helpers(&pods, now, STUCK_AFTER);
+        self.report_stuck(&stuck, &uids);
         self.apply(plan, &uids).await;
-        windows.next_change
+        [windows.next_change, next_stuck]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// A Warning Event on the claim of each helper not running `STUCK_AFTER` after its
+    /// creation, once per helper.
+    fn report_stuck(&mut self, stuck: &[&PodRecord], uids: &HashMap<(&str, &str), &str>) {
+        let now: HashSet<String> = stuck.iter().map(|p| p.uid().to_owned()).collect();
+        for pod in stuck
+            .iter()
+            .filter(|p| !self.stuck_reported.contains(p.uid()))
+        {
+            let (ns, name) = (pod.namespace(), pod.name());
+            let claim = pod.annotation(names::HELPER_CLAIM).unwrap_or_default();
+            let phase = pod.phase().unwrap_or("not scheduled");
+            warn!(
+                namespace = ns,
+                helper = name,
+                claim,
+                phase,
+                "a backup helper is not running"
+            );
+            self.events.warn(
+                Self::claim_reference(ns, claim, uids),
+                "BackupHelperNotRunning",
+                "Wait",
+                format!(
+                    "backup helper {name} is still {phase} {} after it was created: this claim misses Backups until it runs (kubectl describe pod {name})",
+                    humantime::format_duration(STUCK_AFTER.unsigned_abs())
+                ),
+            );
+        }
+        self.stuck_reported = now;
     }
 
     fn count_helpers(&self, pods: &[&PodRecord], windows_open: usize) {
