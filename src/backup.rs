@@ -196,7 +196,7 @@ async fn back_up(
     let (phase, pvbs) = follow(client, options, &backup, until, progress).await?;
     let facts: Vec<PvbFacts<'_>> = pvbs.iter().map(PodVolumeBackup::facts).collect();
     Ok(Finished::Done(Report {
-        rows: coverage::outcomes(&states, &facts),
+        rows: coverage::outcomes(&states, &phase, &facts),
         backup,
         phase,
     }))

@@ -172,7 +172,7 @@ fn each_user_claim_gets_an_outcome_and_a_reason() {
         pvb("claim-carol", "jupyter-carol", "Completed", 3 << 30),
     ];
     let facts: Vec<PvbFacts<'_>> = pvbs.iter().map(PodVolumeBackup::facts).collect();
-    let got = outcomes(&states, &facts);
+    let got = outcomes(&states, "PartiallyFailed", &facts);
     let backed = |pod: &str, bytes: i64| Outcome::BackedUp {
         pod: pod.to_owned(),
         bytes: Some(bytes),
@@ -227,7 +227,7 @@ fn a_volume_backup_is_matched_by_claim_uid_then_by_claim_name() {
         .insert("velero.io/pvc-uid".to_owned(), "uid-of-another".to_owned());
     let facts = [other.facts()];
     assert!(matches!(
-        outcomes(&states, &facts)[0].1,
+        outcomes(&states, "Completed", &facts)[0].1,
         Outcome::NotBackedUp { .. }
     ));
     // Without the uid label, the pvc-name annotation decides.
@@ -235,7 +235,26 @@ fn a_volume_backup_is_matched_by_claim_uid_then_by_claim_name() {
     named.metadata.labels = None;
     let facts = [named.facts()];
     assert!(matches!(
-        outcomes(&states, &facts)[0].1,
+        outcomes(&states, "Completed", &facts)[0].1,
         Outcome::BackedUp { .. }
     ));
+}
+
+#[test]
+fn nothing_counts_as_backed_up_in_a_backup_velero_will_not_restore_from() {
+    let claims = claims(&[("claim-alice", true)]);
+    let states = states(&claims, &[helper_pod("alice", Some("Running"))]);
+    let pvbs = [pvb("claim-alice", "vjh-backup-claim-alice", "Completed", 5)];
+    let facts: Vec<PvbFacts<'_>> = pvbs.iter().map(PodVolumeBackup::facts).collect();
+    for phase in ["Failed", "FailedValidation", "Deleting"] {
+        match &outcomes(&states, phase, &facts)[0].1 {
+            Outcome::NotBackedUp { reason } => {
+                assert!(
+                    reason.contains(phase) && reason.contains("restores nothing"),
+                    "{reason}"
+                )
+            }
+            other => panic!("{phase}: {other:?}"),
+        }
+    }
 }

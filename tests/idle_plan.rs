@@ -477,3 +477,36 @@ fn helpers_not_running_two_minutes_after_creation_are_reported_once_due() {
         "carol's turns due in 90 s"
     );
 }
+
+#[test]
+fn a_helper_left_in_a_namespace_that_opted_out_goes() {
+    // The helper's namespace is not among the opted-in ones any more (label removed).
+    let helper = record(&helper_pod("alice", Some("node-a"), "Running"));
+    let user = record(&user_pod("bob", Some("node-a"), "Running"));
+    let pods = [&helper, &user];
+    let windows = BTreeMap::from([(NS.to_owned(), NamespaceWindow::default())]);
+    let options = options();
+    let got = plan(&PlanInput {
+        namespaces: &[],
+        claims: &[],
+        pods: &pods,
+        windows: &windows,
+        pvbs: &[],
+        helper: &options,
+    });
+    let deleted: Vec<(&str, &str, DeleteReason)> = got
+        .delete
+        .iter()
+        .map(|d| (d.name.as_str(), d.claim.as_str(), d.reason))
+        .collect();
+    assert_eq!(
+        deleted,
+        [(
+            "vjh-backup-claim-alice",
+            "claim-alice",
+            DeleteReason::NamespaceNotOptedIn
+        )],
+        "the user's own pod is not touched"
+    );
+    assert!(got.create.is_empty() && got.backfill.is_empty());
+}

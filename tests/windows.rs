@@ -154,6 +154,24 @@ fn window_table() {
             next_change: Some("2026-11-28T08:50:00Z"),
         },
     );
+    run(
+        "lastBackup seen before its Backup (separate watches): open, that Backup is awaited",
+        &[("daily", daily.clone(), after_tick.clone())],
+        &[],
+        "2026-11-28T03:00:13Z",
+        Want {
+            open: true,
+            backups: vec!["daily-20261128030012"],
+            next_change: Some("2026-11-28T03:02:12Z"),
+        },
+    );
+    run(
+        "its Backup still unseen two minutes on (deleted): closed",
+        &[("daily", daily.clone(), after_tick.clone())],
+        &[],
+        "2026-11-28T03:02:12Z",
+        closed("2026-11-29T02:50:00Z"),
+    );
     let in_progress = [(
         "daily-20261128030012",
         "daily",
@@ -270,14 +288,14 @@ fn window_table() {
     );
     let every = schedule_spec(|s| s["schedule"] = "@every 5m".into());
     run(
-        "@every shorter than the lead time: always open",
+        "@every shorter than the lead time: always open (lastBackup's Backup awaited)",
         &[("daily", every, status(Some("2026-11-28T03:00:00Z"), None))],
         &[],
         "2026-11-28T03:01:00Z",
         Want {
             open: true,
-            backups: vec![],
-            next_change: Some("2026-11-28T08:55:00Z"),
+            backups: vec!["daily-20261128030000"],
+            next_change: Some("2026-11-28T03:02:00Z"),
         },
     );
 }

@@ -123,9 +123,15 @@ pub enum Outcome {
     NotBackedUp { reason: String },
 }
 
-/// Each user claim's outcome, from who held it when the Backup started (`states`) and
-/// the Backup's PodVolumeBackups once it is terminal.
-pub fn outcomes(states: &[ClaimState], pvbs: &[PvbFacts<'_>]) -> Vec<(String, Outcome)> {
+/// Each user claim's outcome, from who held it when the Backup started (`states`), the
+/// Backup's final phase and its PodVolumeBackups. Velero restores only from a `Completed`
+/// or `PartiallyFailed` Backup: from any other, nothing counts as backed up.
+pub fn outcomes(
+    states: &[ClaimState],
+    backup_phase: &str,
+    pvbs: &[PvbFacts<'_>],
+) -> Vec<(String, Outcome)> {
+    let restorable = matches!(backup_phase, "Completed" | "PartiallyFailed");
     states
         .iter()
         .map(|s| {
@@ -138,6 +144,12 @@ pub fn outcomes(states: &[ClaimState], pvbs: &[PvbFacts<'_>]) -> Vec<(String, Ou
                 .collect();
             let completed = mine.iter().find(|p| p.phase == Some("Completed"));
             let outcome = match (completed, mine.last()) {
+                (Some(p), _) if !restorable => Outcome::NotBackedUp {
+                    reason: format!(
+                        "copied through pod {}, but the Backup ended {backup_phase}: Velero restores nothing from it",
+                        p.pod
+                    ),
+                },
                 (Some(p), _) => Outcome::BackedUp {
                     pod: p.pod.to_owned(),
                     bytes: p.bytes_done,

@@ -49,7 +49,8 @@ pub struct NamespaceView<'a> {
 pub struct PlanInput<'a> {
     pub namespaces: &'a [NamespaceView<'a>],
     pub claims: &'a [ClaimView<'a>],
-    /// Pods of the opted-in namespaces (others are ignored).
+    /// Pods of the namespaces this controller manages, opted in or not (its
+    /// `--namespace-selector`; helpers left where a namespace opted out are deleted).
     pub pods: &'a [&'a PodRecord],
     /// Open windows by namespace (`window::windows`).
     pub windows: &'a BTreeMap<String, NamespaceWindow>,
@@ -89,8 +90,10 @@ pub enum DeleteReason {
     BackedUpUserRunning,
     /// No backup window is open in its namespace any more.
     WindowClosed,
-    /// Its claim is gone, unbound, no longer a user claim, or its namespace opted out.
+    /// Its claim is gone, unbound, or no longer a user claim.
     NotIdleUserClaim,
+    /// Its namespace is not (or no longer) opted in.
+    NamespaceNotOptedIn,
     /// Another helper holds the same claim (e.g. one named by an older version).
     Duplicate,
     /// It stopped (Succeeded/Failed): a new one takes its place.
@@ -109,6 +112,7 @@ impl DeleteReason {
             Self::BackedUpUserRunning => "backed_up_user_running",
             Self::WindowClosed => "window_closed",
             Self::NotIdleUserClaim => "not_an_idle_user_claim",
+            Self::NamespaceNotOptedIn => "namespace_not_opted_in",
             Self::Duplicate => "duplicate",
             Self::Stopped => "stopped",
         }
@@ -152,6 +156,16 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     for pod in input.pods.iter().copied() {
         let ns = pod.namespace();
         if !globs.contains_key(ns) {
+            // A helper left in a namespace that has opted out since: it goes.
+            if is_backup_helper(pod) && pod.metadata.deletion_timestamp.is_none() {
+                out.delete.push(Deletion {
+                    namespace: ns.to_owned(),
+                    name: pod.name().to_owned(),
+                    uid: pod.uid().to_owned(),
+                    claim: helper_claim(pod).unwrap_or_default().to_owned(),
+                    reason: DeleteReason::NamespaceNotOptedIn,
+                });
+            }
             continue;
         }
         if is_backup_helper(pod) {

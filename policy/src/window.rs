@@ -148,6 +148,10 @@ pub struct Windows {
     pub problems: Vec<(String, ScheduleProblem)>,
 }
 
+/// How long after a Schedule's `lastBackup` its Backup is awaited when not seen yet
+/// (watches deliver in seconds; a relisting one may take tens of seconds).
+const AWAIT_BACKUP: SignedDuration = SignedDuration::from_mins(2);
+
 /// One Schedule's window, if open now.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Open {
@@ -264,6 +268,27 @@ fn schedule_window(
         }
     }
     let status = s.status.cloned().unwrap_or_default();
+    // Velero creates `<schedule>-<now>` and then sets `lastBackup` to that `now`; the two
+    // reach us on separate watches. Seeing `lastBackup` first must not close the window
+    // under the Backup that is starting: until it is seen (for `AWAIT_BACKUP`; a Backup
+    // still unseen after that was deleted), it is the open window's Backup.
+    if let Some(last_backup) = status.last_backup.as_ref().map(|t| t.0) {
+        let name = format!(
+            "{}-{}",
+            s.name,
+            last_backup
+                .to_zoned(jiff::tz::TimeZone::UTC)
+                .strftime("%Y%m%d%H%M%S")
+        );
+        let until = last_backup
+            .saturating_add(AWAIT_BACKUP)
+            .unwrap_or(last_backup);
+        if now < until && !backups.iter().any(|b| b.name == name) {
+            wake(until);
+            let open = open.get_or_insert_with(|| Open { backups: vec![] });
+            open.backups.push(name);
+        }
+    }
     let mut last = status.last_backup.map_or(s.created, |t| t.0);
     if let Some(skipped) = status.last_skipped.map(|t| t.0) {
         last = last.max(skipped);

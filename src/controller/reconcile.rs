@@ -137,11 +137,17 @@ impl Reconciler {
             .filter(|c| opted_in(c.metadata.namespace.as_deref()))
             .map(|c| c.view())
             .collect();
+        // Every namespace the watch shows (our --namespace-selector): helpers left in one
+        // that opted out are deleted.
+        let managed: HashSet<&str> = namespace_objects
+            .iter()
+            .filter_map(|n| n.metadata.name.as_deref())
+            .collect();
         let pod_objects: Vec<Arc<PodRecord>> = stores
             .pods
             .state()
             .into_iter()
-            .filter(|p| opted_in(p.metadata.namespace.as_deref()))
+            .filter(|p| managed.contains(p.namespace()))
             .collect();
         let pods: Vec<&PodRecord> = pod_objects.iter().map(Arc::as_ref).collect();
 
