@@ -55,7 +55,10 @@ fn helper_pod(user: &str, node: Option<&str>, phase: &str) -> Pod {
         uid: &uid,
         username: Some(user),
     };
-    let mut pod = helper::backup_helper(&claim_ref, helper::own_labels(Some(user)), &options());
+    // With the table's window labels, as a helper created in that window has them.
+    let mut labels = helper::own_labels(Some(user));
+    labels.insert("backup".to_owned(), "homes".to_owned());
+    let mut pod = helper::backup_helper(&claim_ref, labels, &options());
     pod.metadata.uid = Some(format!("uid-helper-{user}"));
     let spec = pod.spec.as_mut().expect("spec");
     spec.node_name = node.map(str::to_owned);
@@ -159,6 +162,12 @@ fn run(case: &Case) {
     assert_eq!(deleted, case.delete, "{}: delete", case.name);
     let backfilled: Vec<&str> = got.backfill.iter().map(|b| b.name.as_str()).collect();
     assert_eq!(backfilled, case.backfill, "{}: backfill", case.name);
+    assert!(
+        got.relabel.is_empty(),
+        "{}: relabel {:?}",
+        case.name,
+        got.relabel
+    );
     for pod in &got.create {
         // Helpers carry the window's labels, so the Schedule's selector includes them.
         assert_eq!(pod.label("backup"), Some("homes"), "{}", case.name);
@@ -509,4 +518,73 @@ fn a_helper_left_in_a_namespace_that_opted_out_goes() {
         "the user's own pod is not touched"
     );
     assert!(got.create.is_empty() && got.backfill.is_empty());
+}
+
+#[test]
+fn a_helper_made_for_another_window_gets_the_labels_this_one_selects() {
+    // Created in a window whose Schedule selects nothing; now a Schedule selecting
+    // backup=homes opens.
+    let claim = "claim-alice";
+    let claim_ref = ClaimRef {
+        namespace: NS,
+        name: claim,
+        uid: "uid-claim-alice",
+        username: Some("alice"),
+    };
+    let mut bare = helper::backup_helper(&claim_ref, helper::own_labels(Some("alice")), &options());
+    bare.metadata.uid = Some("uid-helper-alice".to_owned());
+    bare.status = Some(serde_json::from_value(json!({"phase": "Running"})).expect("status"));
+    let helper = record(&bare);
+    let globs = ClaimGlobs::parse("claim-*").expect("globs");
+    let namespaces = [NamespaceView {
+        name: NS,
+        claims: &globs,
+    }];
+    let claims = [ClaimView {
+        namespace: NS,
+        name: claim,
+        uid: "uid-claim-alice",
+        bound: true,
+        username: Some("alice"),
+    }];
+    let windows = BTreeMap::from([(
+        NS.to_owned(),
+        NamespaceWindow {
+            schedules: vec!["homes".to_owned()],
+            backups: vec![],
+            labels: BTreeMap::from([("backup".to_owned(), "homes".to_owned())]),
+        },
+    )]);
+    let options = options();
+    let input = PlanInput {
+        namespaces: &namespaces,
+        claims: &claims,
+        pods: &[&helper],
+        windows: &windows,
+        pvbs: &[],
+        helper: &options,
+    };
+    let got = plan(&input);
+    assert!(got.create.is_empty() && got.delete.is_empty(), "{got:?}");
+    assert_eq!(got.relabel.len(), 1);
+    assert_eq!(got.relabel[0].uid, "uid-helper-alice");
+    assert_eq!(
+        got.relabel[0].labels,
+        BTreeMap::from([("backup".to_owned(), "homes".to_owned())])
+    );
+    // Labelled: nothing more to do.
+    let mut labelled = bare.clone();
+    labelled
+        .metadata
+        .labels
+        .get_or_insert_with(BTreeMap::new)
+        .insert("backup".to_owned(), "homes".to_owned());
+    let labelled = record(&labelled);
+    assert!(
+        plan(&PlanInput {
+            pods: &[&labelled],
+            ..input
+        })
+        .is_empty()
+    );
 }

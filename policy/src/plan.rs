@@ -63,12 +63,26 @@ pub struct Plan {
     pub create: Vec<Pod>,
     pub delete: Vec<Deletion>,
     pub backfill: Vec<Backfill>,
+    pub relabel: Vec<Relabel>,
 }
 
 impl Plan {
     pub fn is_empty(&self) -> bool {
-        self.create.is_empty() && self.delete.is_empty() && self.backfill.is_empty()
+        self.create.is_empty()
+            && self.delete.is_empty()
+            && self.backfill.is_empty()
+            && self.relabel.is_empty()
     }
+}
+
+/// A kept helper that lacks labels an open window's Schedule selects (it was created for
+/// another window): they are added.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Relabel {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub labels: BTreeMap<String, String>,
 }
 
 /// A helper to delete (with its uid as a precondition: never someone else's pod).
@@ -245,6 +259,28 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
             } else {
                 Some(DeleteReason::WindowClosed)
             };
+            if reason.is_none()
+                && let Some(window) = window
+            {
+                let missing: BTreeMap<String, String> = window
+                    .labels
+                    .iter()
+                    .filter(|(k, v)| {
+                        !pod.own_pod_labels
+                            .iter()
+                            .any(|(pk, pv)| pk == *k && pv == *v)
+                    })
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                if !missing.is_empty() {
+                    out.relabel.push(Relabel {
+                        namespace: ns.to_owned(),
+                        name: name.to_owned(),
+                        uid: uid.to_owned(),
+                        labels: missing,
+                    });
+                }
+            }
             if let Some(reason) = reason {
                 out.delete.push(Deletion {
                     namespace: ns.to_owned(),
@@ -291,6 +327,8 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     out.delete
         .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     out.backfill
+        .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    out.relabel
         .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     out
 }

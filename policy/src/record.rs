@@ -59,6 +59,9 @@ pub struct PodRecord {
     pub container_mounts: Vec<String>,
     /// Volumes some init container mounts.
     pub init_container_mounts: Vec<String>,
+    /// Every label, for our own pods only (`app.kubernetes.io/managed-by:
+    /// velero-jupyterhub`): a helper must carry what each open window's Schedule selects.
+    pub own_pod_labels: Vec<(String, String)>,
 }
 
 /// A watched PersistentVolumeClaim.
@@ -317,9 +320,17 @@ impl<'de> Deserialize<'de> for PodRecord {
         let wire = PodWire::deserialize(d)?;
         let spec = wire.spec.unwrap_or_default();
         let (metadata, labels, annotations) = wire.metadata.unwrap_or_default().split();
+        let labels = labels.unwrap_or_default();
+        let ours = labels.get(names::MANAGED_BY).map(String::as_str) == Some(names::MANAGED_BY_US);
+        let own_pod_labels = if ours {
+            labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        } else {
+            Vec::new()
+        };
         Ok(Self {
             metadata,
-            labels: Kept::from_map(labels.unwrap_or_default(), POD_LABELS),
+            own_pod_labels,
+            labels: Kept::from_map(labels, POD_LABELS),
             annotations: annotations.map(|a| Kept::from_map(a, POD_ANNOTATIONS)),
             node_name: spec.node_name,
             phase: wire.status.and_then(|s| s.phase),

@@ -344,6 +344,10 @@ impl Reconciler {
                     .iter()
                     .map(|b| format!("backfill/{}/{}", b.uid, b.resource_version)),
             )
+            .chain(plan.relabel.iter().map(|r| {
+                let labels = serde_json::to_string(&r.labels).unwrap_or_default();
+                format!("relabel/{}/{labels}", r.uid)
+            }))
             .collect();
         // What the plan no longer asks for has been seen done (or undone): forget it.
         self.pending
@@ -373,21 +377,42 @@ impl Reconciler {
             if !self.begin(format!("backfill/{}/{}", b.uid, b.resource_version)) {
                 continue;
             }
-            let api: Api<Pod> = Api::namespaced(self.client.clone(), &b.namespace);
+            // Guarded by the resourceVersion read: applies only to the pod as planned.
             let patch = json!({"metadata": {
                 "resourceVersion": b.resource_version,
                 "annotations": {(names::VELERO_BACKUP_VOLUMES): b.value},
             }});
-            match api
-                .patch(&b.name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-            {
-                Ok(_) => {
-                    info!(namespace = %b.namespace, pod = %b.name, volumes = %b.value, "backfilled the backup annotation")
-                }
-                Err(e) => {
-                    warn!(namespace = %b.namespace, pod = %b.name, error = %e, "backfill failed; retried when the pod changes")
-                }
+            if self.patch_pod(&b.namespace, &b.name, &patch).await {
+                self.metrics.controller.backfilled.inc();
+                info!(namespace = %b.namespace, pod = %b.name, volumes = %b.value, "backfilled the backup annotation");
+            }
+        }
+        for r in &plan.relabel {
+            let labels = serde_json::to_string(&r.labels).unwrap_or_default();
+            if !self.begin(format!("relabel/{}/{labels}", r.uid)) {
+                continue;
+            }
+            // Guarded by the uid: never another pod of the same name.
+            let patch = json!({"metadata": {"uid": r.uid, "labels": r.labels}});
+            if self.patch_pod(&r.namespace, &r.name, &patch).await {
+                info!(namespace = %r.namespace, helper = %r.name, labels = %labels, "labelled a backup helper for an open window's Schedule");
+            }
+        }
+    }
+
+    /// A merge patch of a pod, counted; false (logged, counted as an error) if refused.
+    async fn patch_pod(&self, ns: &str, name: &str, patch: &serde_json::Value) -> bool {
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), ns);
+        self.metrics.controller.write("patch", "pods");
+        match api
+            .patch(name, &PatchParams::default(), &Patch::Merge(patch))
+            .await
+        {
+            Ok(_) => true,
+            Err(e) => {
+                self.metrics.controller.reconcile_errors.inc();
+                warn!(namespace = ns, pod = name, error = %e, "patch failed; retried when the pod changes");
+                false
             }
         }
     }
@@ -479,6 +504,7 @@ impl Reconciler {
                 debug!(helper = %d.name, "already gone")
             }
             Err(e) => {
+                self.metrics.controller.reconcile_errors.inc();
                 warn!(namespace = %d.namespace, helper = %d.name, error = %e, "could not delete a backup helper")
             }
         }
