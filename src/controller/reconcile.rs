@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ObjectReference, Pod};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
@@ -29,6 +30,12 @@ const PENDING_FOR: Duration = Duration::from_secs(30);
 /// A helper not running this long after its creation gets a Warning Event on its claim
 /// (the default lead time, 10 minutes, leaves room to fix it before the tick).
 const STUCK_AFTER: SignedDuration = SignedDuration::from_mins(2);
+/// Writes in flight at once, and how long one may take before it is given up (the
+/// pending set then retries it after `PENDING_FOR`).
+const WRITES_IN_FLIGHT: usize = 16;
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Helpers created between two looks at whether anything changed.
+const CREATE_CHUNK: usize = 64;
 /// Changes arriving together are planned together.
 const DEBOUNCE: Duration = Duration::from_millis(20);
 /// Even with nothing to wake for, plan again this often (a safety net, not a poll: a
@@ -213,7 +220,7 @@ impl Reconciler {
             .collect();
         let (stuck, next_stuck) = plan::stuck_helpers(&pods, now, STUCK_AFTER);
         self.report_stuck(&stuck, &uids);
-        self.apply(plan, &uids).await;
+        self.apply(plan, &uids, stores).await;
         [windows.next_change, next_stuck]
             .into_iter()
             .flatten()
@@ -327,7 +334,12 @@ impl Reconciler {
     }
 
     /// Applies the plan, skipping writes made recently that the watches have not shown yet.
-    async fn apply(&mut self, plan: Plan, claim_uids: &HashMap<(&str, &str), &str>) {
+    async fn apply(
+        &mut self,
+        plan: Plan,
+        claim_uids: &HashMap<(&str, &str), &str>,
+        stores: &Stores,
+    ) {
         let wanted: HashSet<String> = plan
             .create
             .iter()
@@ -361,17 +373,51 @@ impl Reconciler {
             backfill = plan.backfill.len(),
             "applying a plan"
         );
-        for d in &plan.delete {
-            if self.begin(format!("delete/{}", d.uid)) {
-                self.delete(d, claim_uids).await;
+        // Deletions first (a user waits on those), all at once, each bounded in time.
+        let deletes: Vec<&Deletion> = plan
+            .delete
+            .iter()
+            .filter(|d| self.begin(format!("delete/{}", d.uid)))
+            .collect();
+        let this = &*self;
+        futures::stream::iter(deletes)
+            .for_each_concurrent(WRITES_IN_FLIGHT, |d| async move {
+                if tokio::time::timeout(WRITE_TIMEOUT, this.delete(d, claim_uids))
+                    .await
+                    .is_err()
+                {
+                    warn!(namespace = %d.namespace, helper = %d.name, "delete timed out; retried later");
+                }
+            })
+            .await;
+        // Creates in chunks: when anything changed meanwhile (a user started?), stop and
+        // plan again, so a window opening over thousands of claims never holds up a user
+        // for longer than one chunk.
+        let generation = stores.generation();
+        for chunk in plan.create.chunks(CREATE_CHUNK) {
+            if stores.generation() != generation {
+                debug!("the cluster changed while creating helpers: planning again");
+                break;
             }
-        }
-        for pod in &plan.create {
-            let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
-            let name = pod.metadata.name.as_deref().unwrap_or_default();
-            if self.begin(format!("create/{ns}/{name}")) {
-                self.create(pod, claim_uids).await;
-            }
+            let todo: Vec<&Pod> = chunk
+                .iter()
+                .filter(|pod| {
+                    let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
+                    let name = pod.metadata.name.as_deref().unwrap_or_default();
+                    self.begin(format!("create/{ns}/{name}"))
+                })
+                .collect();
+            let this = &*self;
+            futures::stream::iter(todo)
+                .for_each_concurrent(WRITES_IN_FLIGHT, |pod| async move {
+                    if tokio::time::timeout(WRITE_TIMEOUT, this.create(pod, claim_uids))
+                        .await
+                        .is_err()
+                    {
+                        warn!(helper = ?pod.metadata.name, "create timed out; retried later");
+                    }
+                })
+                .await;
         }
         for b in &plan.backfill {
             if !self.begin(format!("backfill/{}/{}", b.uid, b.resource_version)) {

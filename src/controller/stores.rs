@@ -3,6 +3,7 @@
 //! bulk of the memory); the few Velero objects keep their types, minus managed fields.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Namespace;
@@ -25,7 +26,27 @@ pub struct Stores {
     pub schedules: Store<Schedule>,
     pub backups: Store<Backup>,
     pub pvbs: Store<PodVolumeBackup>,
-    pub changed: Arc<Notify>,
+    pub changed: Arc<Changed>,
+}
+
+/// What the watches poke on every event: a wake-up for the loop, and a count, so a pass
+/// sees whether anything changed while it was writing.
+#[derive(Default)]
+pub struct Changed {
+    notify: Notify,
+    events: AtomicU64,
+}
+
+impl Changed {
+    fn poke(&self) {
+        self.events.fetch_add(1, Ordering::Relaxed);
+        self.notify.notify_one();
+    }
+
+    /// Until the next event (or at once, if one came since the last wait).
+    pub async fn notified(&self) {
+        self.notify.notified().await;
+    }
 }
 
 impl Stores {
@@ -36,7 +57,7 @@ impl Stores {
         namespace_selector: Option<&str>,
         stop: &tokio_util::sync::CancellationToken,
     ) -> Self {
-        let changed = Arc::new(Notify::new());
+        let changed = Arc::new(Changed::default());
         // Paged lists (500 objects a page, the default), not `any_semantic`: a list at
         // resourceVersion 0 may be served whole from the API server's cache, ignoring the
         // page size, and one 10,000-pod answer held while it is read costs more than the
@@ -112,6 +133,11 @@ impl Stores {
         }
     }
 
+    /// How many watch events have arrived so far.
+    pub fn generation(&self) -> u64 {
+        self.changed.events.load(Ordering::Relaxed)
+    }
+
     /// Waits until every watch has listed once: planning on a partial view would create
     /// helpers for claims whose user pods are not seen yet.
     pub async fn ready(&self) -> anyhow::Result<()> {
@@ -129,7 +155,7 @@ fn watch<K>(
     api: Api<K>,
     config: &watcher::Config,
     strip: fn(&mut K),
-    changed: &Arc<Notify>,
+    changed: &Arc<Changed>,
     stop: &tokio_util::sync::CancellationToken,
     what: &'static str,
 ) -> Store<K>
@@ -155,7 +181,7 @@ where
 fn spawn<S, T>(
     what: &'static str,
     stream: S,
-    changed: &Arc<Notify>,
+    changed: &Arc<Changed>,
     stop: &tokio_util::sync::CancellationToken,
 ) where
     S: Stream<Item = Result<T, watcher::Error>> + Send + 'static,
@@ -168,7 +194,7 @@ fn spawn<S, T>(
             tokio::select! {
                 () = stop.cancelled() => return,
                 event = stream.next() => match event {
-                    Some(Ok(_)) => changed.notify_one(),
+                    Some(Ok(_)) => changed.poke(),
                     // The backoff retries; the store keeps its last state meanwhile.
                     Some(Err(e)) => warn!(watch = what, error = %e, "watch error; retrying"),
                     None => return,
