@@ -150,17 +150,22 @@ pub async fn run(
     require_leader(&client, options).await?;
 
     let until = Timestamp::now() + options.timeout;
-    set_window(&namespaces, ns, Some(&until.to_string()), None).await?;
+    // Only over the namespace as read (and found without an open window): two runs at
+    // once cannot both open one.
+    open_window(
+        &namespaces,
+        ns,
+        meta.resource_version.as_deref(),
+        &until.to_string(),
+    )
+    .await?;
     let _ = writeln!(
         progress,
         "opened a backup window on namespace {ns} until {until}"
     );
     let outcome = tokio::select! {
         outcome = back_up(&client, options, &policy.claims, until, progress) => outcome,
-        interrupted = tokio::signal::ctrl_c() => {
-            interrupted.context("waiting for Ctrl-C")?;
-            Err(anyhow::anyhow!("interrupted"))
-        }
+        signal = stopped() => Err(anyhow::anyhow!("stopped by {}", signal?)),
     };
     // The window stays open for the controller only when the Backup runs on without us.
     if !matches!(outcome, Ok(Finished::Started { .. })) {
@@ -180,7 +185,14 @@ async fn back_up(
     let states = wait_for_helpers(client, options, globs, progress).await?;
     let backup = create_backup(client, options).await?;
     let namespaces: Api<Namespace> = Api::all(client.clone());
-    set_window(&namespaces, ns, Some(&until.to_string()), Some(&backup)).await?;
+    name_backup(&namespaces, ns, &until.to_string(), &backup)
+        .await
+        .with_context(|| {
+            format!(
+                "Backup {}/{backup} was created and runs; naming it in the window failed",
+                options.velero_namespace
+            )
+        })?;
     let _ = writeln!(
         progress,
         "created Backup {}/{backup} of namespace {ns}",
@@ -282,20 +294,71 @@ async fn require_leader(client: &kube::Client, o: &Options) -> anyhow::Result<()
     }
 }
 
-async fn set_window(
+/// SIGINT (Ctrl-C), SIGTERM (a CI job cancelled) or SIGHUP (terminal closed): the
+/// window is closed before exiting.
+async fn stopped() -> anyhow::Result<&'static str> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    Ok(tokio::select! {
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+        _ = hup.recv() => "SIGHUP",
+    })
+}
+
+async fn open_window(
     namespaces: &Api<Namespace>,
     ns: &str,
-    until: Option<&str>,
-    backup: Option<&str>,
+    resource_version: Option<&str>,
+    until: &str,
 ) -> anyhow::Result<()> {
-    let patch = json!({"metadata": {"annotations": {
-        (names::NAMESPACE_WINDOW_UNTIL): until,
-        (names::NAMESPACE_WINDOW_BACKUP): backup,
-    }}});
-    namespaces
+    let patch = json!({"metadata": {
+        "resourceVersion": resource_version,
+        "annotations": {
+            (names::NAMESPACE_WINDOW_UNTIL): until,
+            (names::NAMESPACE_WINDOW_BACKUP): null,
+        },
+    }});
+    match namespaces
         .patch(ns, &PatchParams::default(), &Patch::Merge(&patch))
         .await
-        .with_context(|| format!("annotating namespace {ns} with the backup window"))?;
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => bail!(
+            "namespace {ns} changed while the backup window was being opened (another backup run?); try again"
+        ),
+        Err(e) => {
+            Err(e).with_context(|| format!("annotating namespace {ns} with the backup window"))
+        }
+    }
+}
+
+/// Names the Backup in the window, if the window is still ours.
+async fn name_backup(
+    namespaces: &Api<Namespace>,
+    ns: &str,
+    until: &str,
+    backup: &str,
+) -> anyhow::Result<()> {
+    let current = namespaces.get(ns).await?;
+    let ours = current
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(names::NAMESPACE_WINDOW_UNTIL))
+        .map(String::as_str)
+        == Some(until);
+    if !ours {
+        bail!("the backup window on namespace {ns} was changed or removed by someone else");
+    }
+    let patch = json!({"metadata": {
+        "resourceVersion": current.metadata.resource_version,
+        "annotations": {(names::NAMESPACE_WINDOW_BACKUP): backup},
+    }});
+    namespaces
+        .patch(ns, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
     Ok(())
 }
 

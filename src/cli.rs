@@ -83,11 +83,16 @@ pub struct BackupArgs {
     /// are reported as not backed up).
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     pub helper_timeout: Duration,
-    /// The window closes after this long at the latest, and --wait gives up then.
-    #[arg(long, default_value = "6h", value_parser = humantime::parse_duration)]
+    /// The window closes after this long at the latest, and --wait gives up then (at
+    /// most 24h).
+    #[arg(long, default_value = "6h", value_parser = parse_timeout)]
     pub timeout: Duration,
     /// The controller's namespace and Lease (to check that one is running).
-    #[arg(long, env = "POD_NAMESPACE", default_value = "velero-jupyterhub")]
+    #[arg(
+        long,
+        env = "VJH_CONTROLLER_NAMESPACE",
+        default_value = "velero-jupyterhub"
+    )]
     pub controller_namespace: String,
     /// The controller's Lease in --controller-namespace.
     #[arg(long, env = "VJH_LEASE_NAME", default_value = crate::controller::leader::LEASE_NAME)]
@@ -196,6 +201,14 @@ fn parse_toleration(s: &str) -> Result<Toleration, String> {
         effect: effect.map(str::to_owned),
         ..Default::default()
     })
+}
+
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d.is_zero() || d > Duration::from_secs(24 * 3600) {
+        return Err(format!("{s:?}: between 1s and 24h"));
+    }
+    Ok(d)
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {

@@ -165,7 +165,21 @@ impl Leading<'_> {
         let mut last_renewed = Instant::now();
         loop {
             tokio::time::sleep(options.retry).await;
-            match self.elector.try_once().await {
+            // A renewal that hangs must not keep an expired leader reconciling: it gets
+            // until the renew deadline, like the time since the last renewal.
+            let left = options
+                .renew_deadline
+                .saturating_sub(last_renewed.elapsed());
+            let attempt = match tokio::time::timeout(left, self.elector.try_once()).await {
+                Ok(attempt) => attempt,
+                Err(_) => {
+                    return format!(
+                        "could not renew it for {:?}: the API server did not answer",
+                        options.renew_deadline
+                    );
+                }
+            };
+            match attempt {
                 Ok((true, _)) => {
                     debug!("renewed the Lease");
                     last_renewed = Instant::now();

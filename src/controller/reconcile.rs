@@ -133,7 +133,16 @@ impl Reconciler {
         {
             let name = n.metadata.name.as_deref().unwrap_or_default();
             match ManualWindow::read(name, n.metadata.annotations.as_ref()) {
-                Ok(window) => manual.extend(window),
+                Ok(Some(window)) => {
+                    if window.until.duration_since(now) > self.config.windows.max {
+                        namespace_problems.push((name.to_owned(), format!(
+                            "{} is {}, more than --max-window ahead: helpers stay up until then",
+                            names::NAMESPACE_WINDOW_UNTIL, window.until
+                        )));
+                    }
+                    manual.push(window);
+                }
+                Ok(None) => {}
                 Err(problem) => namespace_problems.push((name.to_owned(), problem)),
             }
         }
@@ -302,15 +311,17 @@ impl Reconciler {
             .collect();
         for (name, message) in now.difference(&self.reported) {
             if let Some(namespace) = name.strip_prefix("namespace/") {
-                warn!(namespace, problem = %message, "a namespace's backup window is ignored");
+                warn!(namespace, problem = %message, "a namespace's backup-window annotation needs attention");
+                // In the namespace itself, where `kubectl describe namespace` finds it.
                 let reference = ObjectReference {
                     api_version: Some("v1".to_owned()),
                     kind: Some("Namespace".to_owned()),
                     name: Some(namespace.to_owned()),
+                    namespace: Some(namespace.to_owned()),
                     ..Default::default()
                 };
                 self.events
-                    .warn(reference, "BackupWindowIgnored", "Plan", message.clone());
+                    .warn(reference, "BackupWindowAnnotation", "Plan", message.clone());
                 continue;
             }
             warn!(schedule = %name, problem = %message, "a Schedule's Backups will miss idle users");

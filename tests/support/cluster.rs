@@ -80,11 +80,20 @@ pub fn kubeconfig_as(user: &str) -> tempfile::NamedTempFile {
     file
 }
 
-/// A short unique id: process id + counter (tests in parallel, test binaries in parallel).
+/// A short unique id: process id, a per-process salt and a counter (tests in parallel,
+/// test binaries in parallel, process ids reused).
 pub fn unique(prefix: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
+    // Process ids come round again while an earlier run's namespaces still terminate: a
+    // per-process salt from the clock keeps names apart.
+    static SALT: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let salt = SALT.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos() & 0xffff)
+    });
     let n = N.fetch_add(1, Ordering::Relaxed);
-    format!("{prefix}-{}-{n}", std::process::id())
+    format!("{prefix}-{}{salt:04x}-{n}", std::process::id())
 }
 
 pub struct TestNamespace {
