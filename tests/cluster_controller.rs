@@ -454,3 +454,74 @@ async fn backup_command_backs_up_idle_and_live_users_and_says_who_is_missing() {
         .await;
     setup.finish().await;
 }
+
+/// manifests/controller-policy.yaml: the controller's ServiceAccount may create and
+/// delete backup helpers only, and patch pods' metadata only, whatever its RBAC allows.
+#[tokio::test]
+async fn the_controllers_pod_rights_stop_at_backup_helpers() {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::{DeleteParams, Patch, PatchParams};
+    let setup = Setup::new().await;
+    let as_controller: Api<Pod> = Api::namespaced(setup.as_controller.clone(), &setup.users);
+    let refused = |r: Result<Pod, kube::Error>, why: &str| match r {
+        Err(kube::Error::Api(e)) => assert!(e.message.contains(why), "{why}: {}", e.message),
+        other => panic!("{why}: not refused: {other:?}"),
+    };
+    // The policy is in force once the API server has loaded it.
+    eventually(Duration::from_secs(20), || async {
+        let probe = as_controller
+            .create(&PostParams { dry_run: true, ..Default::default() }, &restricted_user_pod("probe"))
+            .await;
+        matches!(probe, Err(kube::Error::Api(e)) if e.message.contains("creates backup helpers only")).then_some(())
+    })
+    .await
+    .expect("the policy refuses a non-helper pod");
+
+    // A helper-labelled pod that is not helper-shaped (a service-account token).
+    let mut fake = serde_json::to_value(restricted_user_pod("mallory")).expect("json");
+    fake["metadata"]["labels"] = json!({"app.kubernetes.io/managed-by": "velero-jupyterhub",
+                                         "app.kubernetes.io/component": "backup-helper"});
+    refused(
+        as_controller
+            .create(&PostParams::default(), &from_json(fake))
+            .await,
+        "no service-account token",
+    );
+
+    // A user's pod: not deleted, its spec not patched; its annotation may be.
+    setup
+        .pods()
+        .create(&PostParams::default(), &restricted_user_pod("carol"))
+        .await
+        .expect("carol's pod");
+    match as_controller
+        .delete("jupyter-carol", &DeleteParams::default())
+        .await
+    {
+        Err(kube::Error::Api(e)) => assert!(
+            e.message.contains("deletes backup helpers only"),
+            "{}",
+            e.message
+        ),
+        other => panic!("deleted a user's pod: {other:?}"),
+    }
+    refused(
+        as_controller
+            .patch(
+                "jupyter-carol",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"activeDeadlineSeconds": 60}})),
+            )
+            .await,
+        "metadata only",
+    );
+    as_controller
+        .patch(
+            "jupyter-carol",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {(names::VELERO_BACKUP_VOLUMES): "volume-carol"}}})),
+        )
+        .await
+        .expect("the backfill patch is allowed");
+    setup.finish().await;
+}

@@ -150,10 +150,10 @@ fn is_backup_helper<P: PodFacts>(pod: &P) -> bool {
         && pod.label(names::COMPONENT) == Some(names::BACKUP_HELPER)
 }
 
-/// The claim a backup helper holds: its annotation, else its one claim volume.
+/// The claim a backup helper holds: the claim it mounts (never what an annotation says:
+/// a pod that only claims to hold it must not stand in for its helper).
 fn helper_claim(pod: &PodRecord) -> Option<&str> {
-    pod.annotation(names::HELPER_CLAIM)
-        .or_else(|| pod.volumes().find_map(|(_, claim)| claim))
+    pod.volumes().find_map(|(_, claim)| claim)
 }
 
 pub fn plan(input: &PlanInput<'_>) -> Plan {

@@ -515,7 +515,39 @@ impl Reconciler {
                 );
             }
             Err(kube::Error::Api(e)) if e.code == 409 => {
-                debug!(namespace = ns, helper = name, "already exists")
+                // Ours, not seen by the watch yet; or someone else's pod has the name.
+                let existing = api.get_opt(name).await.ok().flatten();
+                let ours = existing.as_ref().is_some_and(|p| {
+                    let labels = p.metadata.labels.clone().unwrap_or_default();
+                    let mounts_claim =
+                        p.spec
+                            .iter()
+                            .flat_map(|s| s.volumes.iter().flatten())
+                            .any(|v| {
+                                v.persistent_volume_claim
+                                    .as_ref()
+                                    .is_some_and(|c| c.claim_name == claim)
+                            });
+                    labels.get(names::MANAGED_BY).map(String::as_str) == Some(names::MANAGED_BY_US)
+                        && mounts_claim
+                });
+                if ours || existing.is_none() {
+                    debug!(namespace = ns, helper = name, "already exists");
+                } else {
+                    self.metrics.controller.reconcile_errors.inc();
+                    warn!(
+                        namespace = ns,
+                        helper = name,
+                        claim,
+                        "a pod that is not this claim's backup helper has its name"
+                    );
+                    self.claim_warning(
+                        ns,
+                        claim,
+                        claim_uids,
+                        format!("cannot create backup helper {name}: a pod of that name exists and is not this claim's helper; this claim misses Backups until it is gone"),
+                    );
+                }
             }
             Err(e) => {
                 self.metrics.controller.reconcile_errors.inc();

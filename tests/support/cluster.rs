@@ -459,9 +459,12 @@ impl Webhook {
 
 /// Applies the namespace, service account and RBAC objects of manifests/.
 pub async fn apply_rbac(client: &Client) {
+    // The controller's ValidatingAdmissionPolicy (v1 since Kubernetes 1.30) goes with its
+    // RBAC: the tests run the controller under both.
+    let policies = server_minor(client).await >= 30;
     for obj in manifest_objects() {
         let kind = obj["kind"].as_str().unwrap_or_default();
-        if ![
+        let rbac = [
             "Namespace",
             "ServiceAccount",
             "ClusterRole",
@@ -469,11 +472,11 @@ pub async fn apply_rbac(client: &Client) {
             "Role",
             "RoleBinding",
         ]
-        .contains(&kind)
-        {
-            continue;
+        .contains(&kind);
+        let policy = kind.starts_with("ValidatingAdmissionPolicy");
+        if rbac || (policy && policies) {
+            apply_dynamic(client, &obj).await;
         }
-        apply_dynamic(client, &obj).await;
     }
 }
 
