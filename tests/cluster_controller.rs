@@ -525,3 +525,114 @@ async fn the_controllers_pod_rights_stop_at_backup_helpers() {
         .expect("the backfill patch is allowed");
     setup.finish().await;
 }
+
+/// Item 3 on the real scheduler's placement: a user pod bound to another node than the
+/// helper's takes the claim at once; on the helper's own node (both may mount a
+/// ReadWriteOnce volume there) the helper stays until its PodVolumeBackup of the current
+/// Backup is terminal.
+#[tokio::test]
+async fn the_user_wins_at_once_elsewhere_and_after_the_volume_backup_on_the_same_node() {
+    let setup = Setup::new().await;
+    cluster::bound_claim(&setup.client, &setup.users, "claim-alice", "alice").await;
+    cluster::bound_claim(&setup.client, &setup.users, "claim-bob", "bob").await;
+    let tick = setup.schedule("homes").await;
+    two_running_helpers(&setup).await;
+    let helper = |name: &str| {
+        let name = name.to_owned();
+        let setup = &setup;
+        async move {
+            setup
+                .helpers()
+                .await
+                .into_iter()
+                .find(|h| h.metadata.name.as_deref() == Some(name.as_str()))
+        }
+    };
+    let node_of = |p: &k8s_openapi::api::core::v1::Pod| {
+        p.spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .expect("scheduled")
+    };
+    let alice_helper = helper("vjh-backup-claim-alice")
+        .await
+        .expect("alice's helper");
+    let bob_helper = helper("vjh-backup-claim-bob").await.expect("bob's helper");
+
+    // Velero's Backup of the tick is running.
+    let backup = velero_creates_backup(&setup, "homes", tick, "InProgress").await;
+
+    // Alice starts on her helper's node: it stays while its volume backup runs.
+    setup
+        .pods()
+        .create(&PostParams::default(), &restricted_user_pod("alice"))
+        .await
+        .expect("alice's pod");
+    cluster::bind(&setup.pods(), "jupyter-alice", &node_of(&alice_helper)).await;
+    cluster::set_phase(&setup.pods(), "jupyter-alice", "Running").await;
+    let pvb = unique(&backup);
+    cluster::apply_dynamic(&setup.client, &json!({
+        "apiVersion": "velero.io/v1", "kind": "PodVolumeBackup",
+        "metadata": {"name": pvb, "namespace": setup.velero,
+                     "labels": {(names::VELERO_BACKUP_NAME): backup}},
+        "spec": {"node": node_of(&alice_helper), "volume": "data", "backupStorageLocation": "default",
+                 "repoIdentifier": "", "uploaderType": "kopia",
+                 "pod": {"kind": "Pod", "namespace": setup.users, "name": "vjh-backup-claim-alice",
+                         "uid": alice_helper.metadata.uid}},
+    }))
+    .await;
+    set_status(
+        &setup,
+        "podvolumebackups",
+        &pvb,
+        json!({"phase": "InProgress"}),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        helper("vjh-backup-claim-alice").await.is_some(),
+        "kept on the same node while its volume backup runs"
+    );
+    set_status(
+        &setup,
+        "podvolumebackups",
+        &pvb,
+        json!({"phase": "Completed"}),
+    )
+    .await;
+    eventually(Duration::from_secs(10), || async {
+        helper("vjh-backup-claim-alice")
+            .await
+            .is_none()
+            .then_some(())
+    })
+    .await
+    .expect("deleted once its volume is backed up");
+
+    // Bob starts on the other node: his helper goes at once.
+    let other = setup
+        .nodes
+        .iter()
+        .find(|n| **n != node_of(&bob_helper))
+        .expect("another node")
+        .clone();
+    // Created already placed there (spec.nodeName), so it is "on another node" from the
+    // first event, not "unscheduled" (that case is the first test's).
+    let mut bob = serde_json::to_value(restricted_user_pod("bob")).expect("json");
+    bob["spec"]["nodeName"] = other.clone().into();
+    let started = Instant::now();
+    setup
+        .pods()
+        .create(&PostParams::default(), &from_json(bob))
+        .await
+        .expect("bob's pod");
+    eventually(Duration::from_secs(10), || async {
+        helper("vjh-backup-claim-bob").await.is_none().then_some(())
+    })
+    .await
+    .expect("bob's helper deleted");
+    let took = started.elapsed();
+    println!("user pod on another node -> its helper gone: {took:?}");
+    assert!(took < Duration::from_secs(1), "the user waited {took:?}");
+    setup.finish().await;
+}
