@@ -283,9 +283,27 @@ async fn require_leader(client: &kube::Client, o: &Options) -> anyhow::Result<()
             o.controller_namespace, o.lease_name
         )
     })?;
-    match lease.and_then(|l| current_leader(&l, Timestamp::now())) {
-        Some(_) => Ok(()),
-        None => bail!(
+    if lease
+        .as_ref()
+        .and_then(|l| current_leader(l, Timestamp::now()))
+        .is_some()
+    {
+        return Ok(());
+    }
+    // Stale by our clock: maybe our clock is off. A leader renews every 2 s (2/15 of the
+    // Lease): a renewal seen within a few seconds proves it alive.
+    let renewed = |l: &Option<Lease>| {
+        l.as_ref()
+            .and_then(|l| l.spec.as_ref())
+            .filter(|s| s.holder_identity.as_deref().is_some_and(|h| !h.is_empty()))
+            .and_then(|s| s.renew_time.clone())
+    };
+    let before = renewed(&lease);
+    tokio::time::sleep(o.poll.max(Duration::from_secs(3))).await;
+    let after = renewed(&leases.get_opt(&o.lease_name).await?);
+    match (before, after) {
+        (b, Some(a)) if b.as_ref() != Some(&a) => Ok(()),
+        _ => bail!(
             "no velero-jupyterhub controller is running (Lease {}/{} is missing or not renewed): idle users' helpers would never start; \
              start the controller, or pass --controller-namespace/--lease-name if it runs elsewhere",
             o.controller_namespace,

@@ -446,6 +446,31 @@ async fn backup_command_backs_up_idle_and_live_users_and_says_who_is_missing() {
     assert_eq!(refused.status.code(), Some(1));
     let message = String::from_utf8_lossy(&refused.stderr);
     assert!(message.contains("has not opted in"), "{message}");
+    // No controller leading (another Lease name): said at once, instead of waiting.
+    let leaderless = tokio::process::Command::new(env!("CARGO_BIN_EXE_velero-jupyterhub"))
+        .args([
+            "backup",
+            "--namespace",
+            &setup.users,
+            "--velero-namespace",
+            &setup.velero,
+        ])
+        .args([
+            "--controller-namespace",
+            &setup.config.namespace,
+            "--lease-name",
+            "no-such-lease",
+        ])
+        .env("KUBECONFIG", kubeconfig.path())
+        .output()
+        .await
+        .expect("ran");
+    assert_eq!(leaderless.status.code(), Some(1));
+    let message = String::from_utf8_lossy(&leaderless.stderr);
+    assert!(
+        message.contains("no velero-jupyterhub controller is running"),
+        "{message}"
+    );
     let _ = Api::<Namespace>::all(setup.client.clone())
         .delete(&other, &Default::default())
         .await;

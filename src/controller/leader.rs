@@ -50,6 +50,10 @@ pub struct Elector {
     api: Api<Lease>,
     identity: String,
     options: LeaseOptions,
+    /// The Lease as last read (its resourceVersion) and when we first saw it so: expiry
+    /// is measured on our own clock from then, as client-go does, so a holder whose clock
+    /// runs behind or ahead of ours neither loses the Lease early nor keeps it late.
+    observed: std::sync::Mutex<Option<(String, Instant)>>,
 }
 
 /// Held leadership: [`Leading::keep`] renews until it cannot.
@@ -63,6 +67,25 @@ impl Elector {
             api: Api::namespaced(client, &config.namespace),
             identity: config.identity.clone(),
             options: config.lease.clone(),
+            observed: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// How long ago the Lease last changed, as seen from here.
+    fn unchanged_for(&self, lease: Option<&Lease>) -> Duration {
+        let version = lease
+            .and_then(|l| l.metadata.resource_version.clone())
+            .unwrap_or_default();
+        let mut observed = self
+            .observed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match observed.as_ref() {
+            Some((seen, at)) if *seen == version => at.elapsed(),
+            _ => {
+                *observed = Some((version, Instant::now()));
+                Duration::ZERO
+            }
         }
     }
 
@@ -71,8 +94,16 @@ impl Elector {
     async fn try_once(&self) -> Result<(bool, Duration), kube::Error> {
         let now = Timestamp::now();
         let current = self.api.get_opt(&self.options.name).await?;
+        let unchanged_for = self.unchanged_for(current.as_ref());
         let spec = current.as_ref().map(|l| l.spec.clone().unwrap_or_default());
-        let view = spec.as_ref().map(view);
+        // The holder's renewTime is its clock's; ours says when the renewal was seen.
+        let view = spec.as_ref().map(|spec| LeaseView {
+            renewed: spec.renew_time.as_ref().map(|_| {
+                now.checked_sub(SignedDuration::try_from(unchanged_for).unwrap_or_default())
+                    .unwrap_or(now)
+            }),
+            ..view(spec)
+        });
         let action = decide(view.as_ref(), &self.identity, now);
         let seconds = i32::try_from(self.options.duration.as_secs()).unwrap_or(15);
         let written = match (action, current) {
