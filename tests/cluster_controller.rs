@@ -661,3 +661,102 @@ async fn the_user_wins_at_once_elsewhere_and_after_the_volume_backup_on_the_same
     assert!(took < Duration::from_secs(1), "the user waited {took:?}");
     setup.finish().await;
 }
+
+/// RBAC as installed, asked of the API server (SubjectAccessReview): `serve` reads and
+/// files Events, nothing else; the controller has the verbs it uses and no others; who
+/// runs `backup` has its own short list.
+#[tokio::test]
+async fn each_component_has_exactly_the_access_it_uses() {
+    use k8s_openapi::api::authorization::v1::SubjectAccessReview;
+    let client = cluster::client().await;
+    cluster::apply_rbac(&client).await;
+    let sa = |name: &str| format!("system:serviceaccount:velero-jupyterhub:{name}");
+    let webhook = sa("velero-jupyterhub");
+    let controller = sa("velero-jupyterhub-controller");
+    let operator = unique("operator");
+    cluster::apply_dynamic(&client, &json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+        "metadata": {"name": operator},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                    "name": "velero-jupyterhub-backup"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": operator}],
+    }))
+    .await;
+    // (user, verb, group, resource, namespace, allowed)
+    let table: &[(&str, &str, &str, &str, &str, bool)] = &[
+        (&webhook, "list", "", "namespaces", "", true),
+        (&webhook, "create", "events.k8s.io", "events", "jhub", true),
+        (&webhook, "patch", "", "namespaces", "", false),
+        (&webhook, "create", "", "pods", "jhub", false),
+        (&webhook, "patch", "", "pods", "jhub", false),
+        (&webhook, "list", "", "pods", "jhub", false),
+        (&webhook, "get", "", "secrets", "jhub", false),
+        (&controller, "watch", "", "pods", "jhub", true),
+        (&controller, "create", "", "pods", "jhub", true),
+        (&controller, "delete", "", "pods", "jhub", true),
+        (&controller, "patch", "", "pods", "jhub", true),
+        (&controller, "update", "", "pods", "jhub", false),
+        (&controller, "create", "", "pods/exec", "jhub", false),
+        (&controller, "get", "", "secrets", "jhub", false),
+        (
+            &controller,
+            "delete",
+            "",
+            "persistentvolumeclaims",
+            "jhub",
+            false,
+        ),
+        (&controller, "patch", "", "namespaces", "", false),
+        (
+            &controller,
+            "create",
+            "velero.io",
+            "backups",
+            "velero",
+            false,
+        ),
+        (
+            &controller,
+            "update",
+            "coordination.k8s.io",
+            "leases",
+            "velero-jupyterhub",
+            true,
+        ),
+        (
+            &controller,
+            "update",
+            "coordination.k8s.io",
+            "leases",
+            "kube-system",
+            false,
+        ),
+        (&operator, "create", "velero.io", "backups", "velero", true),
+        (&operator, "patch", "", "namespaces", "", true),
+        (&operator, "list", "", "pods", "jhub", true),
+        (&operator, "create", "", "pods", "jhub", false),
+        (&operator, "delete", "velero.io", "backups", "velero", false),
+        (&operator, "get", "", "secrets", "jhub", false),
+    ];
+    let api: Api<SubjectAccessReview> = Api::all(client.clone());
+    for (user, verb, group, resource, namespace, allowed) in table {
+        let (resource, subresource) = resource.split_once('/').unwrap_or((resource, ""));
+        let review: SubjectAccessReview = from_json(json!({
+            "spec": {"user": user, "groups": ["system:authenticated"],
+                     "resourceAttributes": {"verb": verb, "group": group, "resource": resource,
+                                            "subresource": subresource, "namespace": namespace}},
+        }));
+        let answer = api
+            .create(&PostParams::default(), &review)
+            .await
+            .expect("review");
+        let got = answer.status.map(|s| s.allowed).unwrap_or_default();
+        assert_eq!(
+            got, *allowed,
+            "{user} {verb} {group}/{resource} in {namespace:?}"
+        );
+    }
+    let _ = Api::<k8s_openapi::api::rbac::v1::ClusterRoleBinding>::all(client)
+        .delete(&operator, &Default::default())
+        .await;
+}
