@@ -62,9 +62,11 @@ pub struct Report {
 impl Report {
     /// Every user claim is in the Backup.
     pub fn complete(&self) -> bool {
-        self.rows
-            .iter()
-            .all(|(_, o)| matches!(o, Outcome::BackedUp { .. }))
+        matches!(self.phase.as_str(), "Completed" | "PartiallyFailed")
+            && self
+                .rows
+                .iter()
+                .all(|(_, o)| matches!(o, Outcome::BackedUp { .. }))
     }
 
     /// The table `backup --wait` prints.
@@ -149,6 +151,8 @@ pub async fn run(
     refuse_open_window(ns, meta.annotations.as_ref(), &backups).await?;
     require_leader(&client, options).await?;
 
+    // Signal handlers first: from the moment the window opens, a signal closes it.
+    let mut signals = Signals::new()?;
     let until = Timestamp::now() + options.timeout;
     // Only over the namespace as read (and found without an open window): two runs at
     // once cannot both open one.
@@ -165,11 +169,21 @@ pub async fn run(
     );
     let outcome = tokio::select! {
         outcome = back_up(&client, options, &policy.claims, until, progress) => outcome,
-        signal = stopped() => Err(anyhow::anyhow!("stopped by {}", signal?)),
+        signal = signals.recv() => Err(anyhow::anyhow!("stopped by {signal}")),
     };
     // The window stays open for the controller only when the Backup runs on without us.
     if !matches!(outcome, Ok(Finished::Started { .. })) {
-        close_window(&namespaces, ns, &until.to_string(), progress).await;
+        let until_text = until.to_string();
+        let closing = close_window(&namespaces, ns, &until_text, progress);
+        if tokio::time::timeout(Duration::from_secs(30), closing)
+            .await
+            .is_err()
+        {
+            let _ = writeln!(
+                progress,
+                "closing the backup window timed out; it closes by itself at {until}"
+            );
+        }
     }
     outcome
 }
@@ -312,17 +326,31 @@ async fn require_leader(client: &kube::Client, o: &Options) -> anyhow::Result<()
     }
 }
 
-/// SIGINT (Ctrl-C), SIGTERM (a CI job cancelled) or SIGHUP (terminal closed): the
+/// SIGINT (Ctrl-C), SIGTERM (a CI job cancelled) and SIGHUP (terminal closed): the
 /// window is closed before exiting.
-async fn stopped() -> anyhow::Result<&'static str> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
-    Ok(tokio::select! {
-        _ = tokio::signal::ctrl_c() => "SIGINT",
-        _ = term.recv() => "SIGTERM",
-        _ = hup.recv() => "SIGHUP",
-    })
+struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            int: signal(SignalKind::interrupt()).context("SIGINT handler")?,
+            term: signal(SignalKind::terminate()).context("SIGTERM handler")?,
+            hup: signal(SignalKind::hangup()).context("SIGHUP handler")?,
+        })
+    }
+
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.int.recv() => "SIGINT",
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.hup.recv() => "SIGHUP",
+        }
+    }
 }
 
 async fn open_window(
@@ -359,25 +387,33 @@ async fn name_backup(
     until: &str,
     backup: &str,
 ) -> anyhow::Result<()> {
-    let current = namespaces.get(ns).await?;
-    let ours = current
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(names::NAMESPACE_WINDOW_UNTIL))
-        .map(String::as_str)
-        == Some(until);
-    if !ours {
-        bail!("the backup window on namespace {ns} was changed or removed by someone else");
+    for _ in 0..3 {
+        let current = namespaces.get(ns).await?;
+        let ours = current
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(names::NAMESPACE_WINDOW_UNTIL))
+            .map(String::as_str)
+            == Some(until);
+        if !ours {
+            bail!("the backup window on namespace {ns} was changed or removed by someone else");
+        }
+        let patch = json!({"metadata": {
+            "resourceVersion": current.metadata.resource_version,
+            "annotations": {(names::NAMESPACE_WINDOW_BACKUP): backup},
+        }});
+        match namespaces
+            .patch(ns, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => return Ok(()),
+            // The namespace changed meanwhile (a label, say): read it again.
+            Err(kube::Error::Api(e)) if e.code == 409 => continue,
+            Err(e) => return Err(e.into()),
+        }
     }
-    let patch = json!({"metadata": {
-        "resourceVersion": current.metadata.resource_version,
-        "annotations": {(names::NAMESPACE_WINDOW_BACKUP): backup},
-    }});
-    namespaces
-        .patch(ns, &PatchParams::default(), &Patch::Merge(&patch))
-        .await?;
-    Ok(())
+    bail!("namespace {ns} kept changing while the Backup was being named in its window")
 }
 
 /// Removes the window's annotations if they are still ours (another run may have opened

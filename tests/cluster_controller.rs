@@ -540,6 +540,35 @@ async fn the_controllers_pod_rights_stop_at_backup_helpers() {
             .await,
         "metadata only",
     );
+    // Metadata: not our helper labels (then a delete would pass), not a dangling owner
+    // (the garbage collector would delete it), no annotation but the backup list.
+    for (patch, why) in [
+        (
+            json!({"metadata": {"labels": {"app.kubernetes.io/managed-by": "velero-jupyterhub",
+                                           "app.kubernetes.io/component": "backup-helper"}}}),
+            "labels of backup helpers only",
+        ),
+        (
+            json!({"metadata": {"ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap",
+                                                     "name": "gone", "uid": "0000"}]}}),
+            "owners or finalizers",
+        ),
+        (
+            json!({"metadata": {"annotations": {"example.com/other": "x"}}}),
+            "no annotation but backup.velero.io/backup-volumes",
+        ),
+    ] {
+        refused(
+            as_controller
+                .patch(
+                    "jupyter-carol",
+                    &PatchParams::default(),
+                    &Patch::Merge(patch),
+                )
+                .await,
+            why,
+        );
+    }
     as_controller
         .patch(
             "jupyter-carol",
@@ -548,6 +577,31 @@ async fn the_controllers_pod_rights_stop_at_backup_helpers() {
         )
         .await
         .expect("the backfill patch is allowed");
+    // A helper, exactly as the controller builds it, but in a namespace that has not
+    // opted in.
+    let claim = velero_jupyterhub::policy::helper::ClaimRef {
+        namespace: &setup.velero,
+        name: "claim-x",
+        uid: "uid-x",
+        username: None,
+    };
+    let helper = velero_jupyterhub::policy::helper::backup_helper(
+        &claim,
+        velero_jupyterhub::policy::helper::own_labels(None),
+        &setup.config.helper,
+    );
+    refused(
+        Api::<Pod>::namespaced(setup.as_controller.clone(), &setup.velero)
+            .create(
+                &PostParams {
+                    dry_run: true,
+                    ..Default::default()
+                },
+                &helper,
+            )
+            .await,
+        "opted-in namespaces only",
+    );
     setup.finish().await;
 }
 
@@ -588,12 +642,15 @@ async fn the_user_wins_at_once_elsewhere_and_after_the_volume_backup_on_the_same
     let backup = velero_creates_backup(&setup, "homes", tick, "InProgress").await;
 
     // Alice starts on her helper's node: it stays while its volume backup runs.
+    // Created already placed (spec.nodeName): created unscheduled, it would count as "not
+    // on the helper's node" and win at once.
+    let mut alice = serde_json::to_value(restricted_user_pod("alice")).expect("json");
+    alice["spec"]["nodeName"] = node_of(&alice_helper).into();
     setup
         .pods()
-        .create(&PostParams::default(), &restricted_user_pod("alice"))
+        .create(&PostParams::default(), &from_json(alice))
         .await
         .expect("alice's pod");
-    cluster::bind(&setup.pods(), "jupyter-alice", &node_of(&alice_helper)).await;
     cluster::set_phase(&setup.pods(), "jupyter-alice", "Running").await;
     let pvb = unique(&backup);
     cluster::apply_dynamic(&setup.client, &json!({

@@ -115,6 +115,10 @@ pub fn backup_helper(
             annotations: Some(BTreeMap::from([
                 (names::VELERO_BACKUP_VOLUMES.to_owned(), VOLUME.to_owned()),
                 (names::HELPER_CLAIM.to_owned(), claim.name.to_owned()),
+                // No service-mesh sidecar: a helper talks to no one, and an injected
+                // container would not be the one pause-like container it must be.
+                ("sidecar.istio.io/inject".to_owned(), "false".to_owned()),
+                ("linkerd.io/inject".to_owned(), "disabled".to_owned()),
             ])),
             // Deleting the claim deletes its helper (no blockOwnerDeletion: that would
             // need rights on the claim's finalizers).

@@ -72,7 +72,11 @@ pub async fn run(
         stuck_reported: HashSet::new(),
     };
     loop {
-        let next_change = reconciler.pass(&stores).await;
+        // Leadership lost (or shutdown) stops a pass where it is: no more writes.
+        let next_change = tokio::select! {
+            next = reconciler.pass(&stores) => next,
+            () = stop.cancelled() => return,
+        };
         let wake = next_change
             .and_then(|t| t.duration_since(Timestamp::now()).try_into().ok())
             .map_or(AT_LEAST_EVERY, |d: Duration| d.min(AT_LEAST_EVERY));
@@ -82,6 +86,15 @@ pub async fn run(
             () = stop.cancelled() => return,
         }
     }
+}
+
+/// A merge patch to apply to a pod, with its pending-set key.
+struct PodPatch<'a> {
+    key: String,
+    namespace: &'a str,
+    name: &'a str,
+    patch: serde_json::Value,
+    backfill: bool,
 }
 
 struct Reconciler {
@@ -230,7 +243,16 @@ impl Reconciler {
         let (stuck, next_stuck) = plan::stuck_helpers(&pods, now, STUCK_AFTER);
         self.report_stuck(&stuck, &uids);
         self.apply(plan, &uids, stores).await;
-        [windows.next_change, next_stuck]
+        // A write that timed out or failed is retried when its pending entry expires:
+        // wake then, even if nothing else happens.
+        let retry = self
+            .pending
+            .values()
+            .map(|at| (*at + PENDING_FOR).saturating_duration_since(Instant::now()))
+            .min()
+            .and_then(|d| SignedDuration::try_from(d).ok())
+            .map(|d| Timestamp::now() + d);
+        [windows.next_change, next_stuck, retry]
             .into_iter()
             .flatten()
             .min()
@@ -430,30 +452,73 @@ impl Reconciler {
                 })
                 .await;
         }
-        for b in &plan.backfill {
-            if !self.begin(format!("backfill/{}/{}", b.uid, b.resource_version)) {
-                continue;
+        // Patches (backfilled annotations, helpers' labels) the same way: in chunks,
+        // bounded, and not past a change (the next pass plans them again).
+        let patches: Vec<PodPatch> = plan
+            .backfill
+            .iter()
+            .map(|b| PodPatch {
+                key: format!("backfill/{}/{}", b.uid, b.resource_version),
+                namespace: &b.namespace,
+                name: &b.name,
+                // Guarded by the resourceVersion read: applies only to the pod as planned.
+                patch: json!({"metadata": {
+                    "resourceVersion": b.resource_version,
+                    "annotations": {(names::VELERO_BACKUP_VOLUMES): b.value},
+                }}),
+                backfill: true,
+            })
+            .chain(plan.relabel.iter().map(|r| PodPatch {
+                key: format!(
+                    "relabel/{}/{}",
+                    r.uid,
+                    serde_json::to_string(&r.labels).unwrap_or_default()
+                ),
+                namespace: &r.namespace,
+                name: &r.name,
+                // Guarded by the uid (immutable: another uid is refused).
+                patch: json!({"metadata": {"uid": r.uid, "labels": r.labels}}),
+                backfill: false,
+            }))
+            .collect();
+        for chunk in patches.chunks(CREATE_CHUNK) {
+            if stores.generation() != generation {
+                break;
             }
-            // Guarded by the resourceVersion read: applies only to the pod as planned.
-            let patch = json!({"metadata": {
-                "resourceVersion": b.resource_version,
-                "annotations": {(names::VELERO_BACKUP_VOLUMES): b.value},
-            }});
-            if self.patch_pod(&b.namespace, &b.name, &patch).await {
-                self.metrics.controller.backfilled.inc();
-                info!(namespace = %b.namespace, pod = %b.name, volumes = %b.value, "backfilled the backup annotation");
-            }
-        }
-        for r in &plan.relabel {
-            let labels = serde_json::to_string(&r.labels).unwrap_or_default();
-            if !self.begin(format!("relabel/{}/{labels}", r.uid)) {
-                continue;
-            }
-            // Guarded by the uid: never another pod of the same name.
-            let patch = json!({"metadata": {"uid": r.uid, "labels": r.labels}});
-            if self.patch_pod(&r.namespace, &r.name, &patch).await {
-                info!(namespace = %r.namespace, helper = %r.name, labels = %labels, "labelled a backup helper for an open window's Schedule");
-            }
+            let todo: Vec<&PodPatch> = chunk.iter().filter(|p| self.begin(p.key.clone())).collect();
+            let this = &*self;
+            futures::stream::iter(todo)
+                .for_each_concurrent(WRITES_IN_FLIGHT, |p| async move {
+                    let patched = tokio::time::timeout(
+                        WRITE_TIMEOUT,
+                        this.patch_pod(p.namespace, p.name, &p.patch),
+                    )
+                    .await;
+                    match patched {
+                        Ok(true) if p.backfill => {
+                            this.metrics.controller.backfilled.inc();
+                            info!(
+                                namespace = p.namespace,
+                                pod = p.name,
+                                "backfilled the backup annotation"
+                            );
+                        }
+                        Ok(true) => {
+                            info!(
+                                namespace = p.namespace,
+                                helper = p.name,
+                                "labelled a backup helper for an open window's Schedule"
+                            );
+                        }
+                        Ok(false) => {}
+                        Err(_) => warn!(
+                            namespace = p.namespace,
+                            pod = p.name,
+                            "patch timed out; retried later"
+                        ),
+                    }
+                })
+                .await;
         }
     }
 
