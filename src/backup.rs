@@ -380,13 +380,15 @@ async fn open_window(
     }
 }
 
-/// Names the Backup in the window, if the window is still ours.
-async fn name_backup(
+/// Sets the window's annotations to `annotations` if the window is still ours (its
+/// `until` as we wrote it): a patch conditional on the namespace as read, read again when
+/// something else changed it meanwhile. `Ok(false)`: not ours any more.
+async fn patch_own_window(
     namespaces: &Api<Namespace>,
     ns: &str,
     until: &str,
-    backup: &str,
-) -> anyhow::Result<()> {
+    annotations: serde_json::Value,
+) -> Result<bool, kube::Error> {
     for _ in 0..3 {
         let current = namespaces.get(ns).await?;
         let ours = current
@@ -397,63 +399,58 @@ async fn name_backup(
             .map(String::as_str)
             == Some(until);
         if !ours {
-            bail!("the backup window on namespace {ns} was changed or removed by someone else");
+            return Ok(false);
         }
         let patch = json!({"metadata": {
             "resourceVersion": current.metadata.resource_version,
-            "annotations": {(names::NAMESPACE_WINDOW_BACKUP): backup},
+            "annotations": annotations,
         }});
         match namespaces
             .patch(ns, &PatchParams::default(), &Patch::Merge(&patch))
             .await
         {
-            Ok(_) => return Ok(()),
-            // The namespace changed meanwhile (a label, say): read it again.
+            Ok(_) => return Ok(true),
             Err(kube::Error::Api(e)) if e.code == 409 => continue,
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e),
         }
     }
-    bail!("namespace {ns} kept changing while the Backup was being named in its window")
+    Ok(false)
+}
+
+/// Names the Backup in the window, if the window is still ours.
+async fn name_backup(
+    namespaces: &Api<Namespace>,
+    ns: &str,
+    until: &str,
+    backup: &str,
+) -> anyhow::Result<()> {
+    let named = patch_own_window(
+        namespaces,
+        ns,
+        until,
+        json!({(names::NAMESPACE_WINDOW_BACKUP): backup}),
+    )
+    .await?;
+    if !named {
+        bail!("the backup window on namespace {ns} was changed or removed by someone else");
+    }
+    Ok(())
 }
 
 /// Removes the window's annotations if they are still ours (another run may have opened
-/// its own since): a patch conditional on the namespace's resourceVersion as read.
+/// its own since).
 async fn close_window(
     namespaces: &Api<Namespace>,
     ns: &str,
     until: &str,
     progress: &mut (dyn Write + Send),
 ) {
-    let closed = async {
-        for _ in 0..3 {
-            let current = namespaces.get(ns).await?;
-            let annotations = current.metadata.annotations.unwrap_or_default();
-            if annotations
-                .get(names::NAMESPACE_WINDOW_UNTIL)
-                .map(String::as_str)
-                != Some(until)
-            {
-                return Ok::<_, kube::Error>(false);
-            }
-            let patch = json!({"metadata": {
-                "resourceVersion": current.metadata.resource_version,
-                "annotations": {
-                    (names::NAMESPACE_WINDOW_UNTIL): null,
-                    (names::NAMESPACE_WINDOW_BACKUP): null,
-                },
-            }});
-            match namespaces
-                .patch(ns, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-            {
-                Ok(_) => return Ok(true),
-                // Changed since we read it (someone else's annotation): look again.
-                Err(kube::Error::Api(e)) if e.code == 409 => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(false)
-    };
+    let closed = patch_own_window(
+        namespaces,
+        ns,
+        until,
+        json!({(names::NAMESPACE_WINDOW_UNTIL): null, (names::NAMESPACE_WINDOW_BACKUP): null}),
+    );
     match closed.await {
         Ok(true) => {
             let _ = writeln!(progress, "closed the backup window on namespace {ns}");

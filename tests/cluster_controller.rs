@@ -301,15 +301,7 @@ async fn backup_command_backs_up_idle_and_live_users_and_says_who_is_missing() {
     cluster::set_phase(&setup.pods(), "jupyter-carol", "Running").await;
 
     // The operator: a user bound to the backup ClusterRole only.
-    let operator = unique("operator");
-    cluster::apply_dynamic(&setup.client, &json!({
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-        "metadata": {"name": operator},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                    "name": "velero-jupyterhub-backup"},
-        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": operator}],
-    }))
-    .await;
+    let operator = backup_operator(&setup.client).await;
     let kubeconfig = cluster::kubeconfig_as(&operator);
     eventually(Duration::from_secs(10), || async {
         setup.controllers[0].leads().then_some(())
@@ -730,15 +722,7 @@ async fn each_component_has_exactly_the_access_it_uses() {
     let sa = |name: &str| format!("system:serviceaccount:velero-jupyterhub:{name}");
     let webhook = sa("velero-jupyterhub");
     let controller = sa("velero-jupyterhub-controller");
-    let operator = unique("operator");
-    cluster::apply_dynamic(&client, &json!({
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-        "metadata": {"name": operator},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                    "name": "velero-jupyterhub-backup"},
-        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": operator}],
-    }))
-    .await;
+    let operator = backup_operator(&client).await;
     // (user, verb, group, resource, namespace, allowed)
     let table: &[(&str, &str, &str, &str, &str, bool)] = &[
         (&webhook, "list", "", "namespaces", "", true),
@@ -816,4 +800,18 @@ async fn each_component_has_exactly_the_access_it_uses() {
     let _ = Api::<k8s_openapi::api::rbac::v1::ClusterRoleBinding>::all(client)
         .delete(&operator, &Default::default())
         .await;
+}
+
+/// A user bound (ClusterRoleBinding of its own name) to manifests/backup-role.yaml only.
+async fn backup_operator(client: &kube::Client) -> String {
+    let operator = unique("operator");
+    cluster::apply_dynamic(client, &json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+        "metadata": {"name": operator},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                    "name": "velero-jupyterhub-backup"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": operator}],
+    }))
+    .await;
+    operator
 }
