@@ -92,17 +92,7 @@ pub fn backup_helper(
         name: "helper".to_owned(),
         image: Some(options.image.clone()),
         image_pull_policy: Some("IfNotPresent".to_owned()),
-        resources: Some(ResourceRequirements {
-            requests: Some(BTreeMap::from([
-                ("cpu".to_owned(), Quantity("1m".to_owned())),
-                ("memory".to_owned(), Quantity("8Mi".to_owned())),
-            ])),
-            limits: Some(BTreeMap::from([(
-                "memory".to_owned(),
-                Quantity("32Mi".to_owned()),
-            )])),
-            ..Default::default()
-        }),
+        resources: helper_resources(),
         security_context: Some(restricted_container()),
         volume_mounts: Some(vec![mount]),
         ..Default::default()
@@ -152,6 +142,21 @@ pub fn backup_helper(
         }),
         status: None,
     }
+}
+
+/// A pause-like helper's resources: 1m CPU and 8Mi requested, 32Mi limit.
+pub fn helper_resources() -> Option<ResourceRequirements> {
+    Some(ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_owned(), Quantity("1m".to_owned())),
+            ("memory".to_owned(), Quantity("8Mi".to_owned())),
+        ])),
+        limits: Some(BTreeMap::from([(
+            "memory".to_owned(),
+            Quantity("32Mi".to_owned()),
+        )])),
+        ..Default::default()
+    })
 }
 
 /// Pod Security `restricted`, pod level: non-root, RuntimeDefault seccomp.

@@ -16,6 +16,7 @@ pub mod namespace;
 pub mod plan;
 pub mod pod;
 pub mod record;
+pub mod restore;
 pub mod selector;
 pub mod velero;
 pub mod volume_list;

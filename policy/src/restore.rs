@@ -1,0 +1,148 @@
+//! SPEC §3.2 (issue 9, first part): a pod Velero re-creates in a restore becomes a
+//! restore helper: a pod whose only job is to let Velero's `restore-wait` init container
+//! and node-agent fill its volumes, and that cannot start a stale notebook server.
+//!
+//! Velero's part (v1.18): `pkg/restore/restore.go` labels the pod `velero.io/restore-name`
+//! before creating it; `pkg/restore/actions/pod_volume_restore_action.go` prepends the
+//! `restore-wait` init container (legacy `restic-wait`), mounting at `/restores/<volume>`
+//! exactly the volumes that have a PodVolumeBackup. The node-agent writes through the
+//! pod's volume directory, so those volumes must be writable; nothing else of the pod is
+//! needed, and anything else may keep it from starting (a claim not restored, a ConfigMap
+//! not there yet, a scheduler or priority class not restored yet).
+//!
+//! [`restore_helper`] is the whole conversion, from the pod as Velero sends it to the pod
+//! to store; it is idempotent (converting a restore helper again changes nothing). The
+//! admission edge turns the difference into a patch.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Container, Pod, PodSecurityContext, PodSpec, VolumeMount};
+
+use crate::helper::{self, HelperOptions};
+use crate::names;
+use crate::pod::PodFacts;
+
+/// Velero's init container that waits for the node-agent to fill the volumes.
+pub const RESTORE_WAIT: &str = "restore-wait";
+/// Its name before Velero 1.10.
+pub const RESTIC_WAIT: &str = "restic-wait";
+/// Where the restore helper's own container mounts each kept volume.
+pub const MOUNT_ROOT: &str = "/volumes";
+/// The restore helper's container.
+pub const CONTAINER: &str = "restore-helper";
+
+/// Labels a re-created user pod loses: KubeSpawner's role labels (they select it into
+/// the hub's Services and NetworkPolicies, which a restore helper must not join).
+const DROPPED_LABELS: &[&str] = &[
+    names::JUPYTERHUB_COMPONENT,
+    names::COMPONENT,
+    "hub.jupyter.org/network-access-hub",
+];
+
+/// A pod the restore path converts: re-created by a Velero restore, and either a user
+/// server or one of our backup helpers (or already a restore helper: idempotence).
+pub fn is_restore_candidate<P: PodFacts>(pod: &P) -> bool {
+    let ours = pod.label(names::MANAGED_BY) == Some(names::MANAGED_BY_US)
+        && matches!(
+            pod.label(names::COMPONENT),
+            Some(names::BACKUP_HELPER | names::RESTORE_HELPER)
+        );
+    pod.label(names::VELERO_RESTORE_NAME).is_some()
+        && (ours || pod.label(names::JUPYTERHUB_COMPONENT) == Some(names::SINGLEUSER_SERVER))
+}
+
+/// The restore helper `pod` becomes. Name, namespace, Velero's labels, the username,
+/// tolerations, node selector and affinity stay; `restore-wait` stays first and
+/// untouched, with exactly the volumes it mounts (claims made writable); one minimal
+/// container mounts them all; everything else goes.
+pub fn restore_helper(pod: &Pod, options: &HelperOptions) -> Pod {
+    let spec = pod.spec.clone().unwrap_or_default();
+    let wait: Option<Container> = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .find(|c| c.name == RESTORE_WAIT || c.name == RESTIC_WAIT)
+        .cloned();
+    let restored: Vec<&str> = wait
+        .iter()
+        .flat_map(|c| c.volume_mounts.iter().flatten())
+        .map(|m| m.name.as_str())
+        .collect();
+    let volumes: Vec<_> = spec
+        .volumes
+        .iter()
+        .flatten()
+        .filter(|v| restored.contains(&v.name.as_str()))
+        .cloned()
+        .map(|mut v| {
+            if let Some(claim) = v.persistent_volume_claim.as_mut() {
+                claim.read_only = None;
+            }
+            v
+        })
+        .collect();
+    let mut container = Container {
+        name: CONTAINER.to_owned(),
+        image: Some(options.image.clone()),
+        image_pull_policy: Some("IfNotPresent".to_owned()),
+        resources: helper::helper_resources(),
+        security_context: Some(helper::restricted_container()),
+        volume_mounts: Some(
+            volumes
+                .iter()
+                .map(|v| VolumeMount {
+                    name: v.name.clone(),
+                    mount_path: format!("{MOUNT_ROOT}/{}", v.name),
+                    ..Default::default()
+                })
+                .collect(),
+        ),
+        ..Default::default()
+    };
+    if container.volume_mounts.as_ref().is_some_and(Vec::is_empty) {
+        container.volume_mounts = None;
+    }
+    // Restricted, but with the pod's own group settings: files Velero writes keep the
+    // ownership the user's server expects.
+    let original = spec.security_context.clone().unwrap_or_default();
+    let security_context = PodSecurityContext {
+        fs_group: original.fs_group,
+        fs_group_change_policy: original.fs_group_change_policy,
+        supplemental_groups: original.supplemental_groups,
+        ..helper::restricted_pod()
+    };
+    let new_spec = PodSpec {
+        init_containers: wait.map(|w| vec![w]),
+        containers: vec![container],
+        volumes: (!volumes.is_empty()).then_some(volumes),
+        automount_service_account_token: Some(false),
+        enable_service_links: Some(false),
+        security_context: Some(security_context),
+        termination_grace_period_seconds: Some(0),
+        tolerations: spec.tolerations,
+        node_selector: spec.node_selector,
+        affinity: spec.affinity,
+        ..Default::default()
+    };
+
+    let mut metadata = pod.metadata.clone();
+    let labels = metadata.labels.get_or_insert_with(BTreeMap::new);
+    labels.retain(|k, _| !DROPPED_LABELS.contains(&k.as_str()));
+    labels.insert(
+        names::MANAGED_BY.to_owned(),
+        names::MANAGED_BY_US.to_owned(),
+    );
+    labels.insert(
+        names::COMPONENT.to_owned(),
+        names::RESTORE_HELPER.to_owned(),
+    );
+    if let Some(annotations) = metadata.annotations.as_mut() {
+        // A half-restored volume must not be backed up.
+        annotations.remove(names::VELERO_BACKUP_VOLUMES);
+    }
+    Pod {
+        metadata,
+        spec: Some(new_spec),
+        status: None,
+    }
+}

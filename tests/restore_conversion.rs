@@ -1,0 +1,154 @@
+//! Table tests of the restore conversion (`policy::restore`, issue 9's first part) on
+//! pods as Velero re-creates them: the fixture's Velero-re-created helper
+//! (tests/fixtures/velero-helper-pod-and-restored-pod.example.yaml) and the z2jh user pod
+//! with Velero's changes applied as pkg/restore/restore.go and
+//! pkg/restore/actions/pod_volume_restore_action.go make them (v1.18).
+
+mod support;
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Pod;
+use serde_json::{Value, json};
+use support::fixtures;
+use velero_jupyterhub::names;
+use velero_jupyterhub::policy::PodFacts;
+use velero_jupyterhub::policy::helper::HelperOptions;
+use velero_jupyterhub::policy::restore::{is_restore_candidate, restore_helper};
+
+fn options() -> HelperOptions {
+    HelperOptions {
+        image: "registry.k8s.io/pause:3.10".to_owned(),
+        tolerations: vec![],
+        node_selector: BTreeMap::new(),
+    }
+}
+
+/// Velero's `restore-wait` for `volumes` (pod_volume_restore_action.go), as in the fixture.
+fn restore_wait(volumes: &[&str]) -> Value {
+    json!({
+        "name": "restore-wait", "image": "velero/velero:v1.18.1",
+        "command": ["/velero-restore-helper"], "args": ["9c0f7a52-0000-4000-8000-00000000aaaa"],
+        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"cpu": "100m", "memory": "128Mi"}},
+        "volumeMounts": volumes.iter().map(|v| json!({"name": v, "mountPath": format!("/restores/{v}")})).collect::<Vec<_>>(),
+    })
+}
+
+/// The z2jh pod of `alice` as Velero re-creates it: restore labels, nodeName cleared,
+/// `restore-wait` prepended for the volumes that have a PodVolumeBackup.
+fn restored_z2jh(restored: &[&str]) -> Pod {
+    let mut pod = fixtures::z2jh_pod();
+    pod["metadata"]["labels"]["velero.io/restore-name"] = "restore-1".into();
+    pod["metadata"]["labels"]["velero.io/backup-name"] = "daily-20261128030000".into();
+    pod["spec"]
+        .as_object_mut()
+        .expect("spec")
+        .remove("nodeName");
+    // Velero adds restore-wait only when some volume has a PodVolumeBackup.
+    if !restored.is_empty() {
+        let mut init = vec![restore_wait(restored)];
+        let theirs = pod["spec"]["initContainers"].as_array().cloned();
+        init.extend(theirs.unwrap_or_default());
+        pod["spec"]["initContainers"] = init.into();
+    }
+    serde_json::from_value(pod).expect("pod")
+}
+
+fn first_claim_volume(pod: &Pod) -> String {
+    pod.volumes()
+        .find_map(|(name, claim)| claim.map(|_| name.to_owned()))
+        .expect("a claim volume")
+}
+
+#[test]
+fn a_restored_user_pod_becomes_a_restore_helper() {
+    let home = first_claim_volume(&restored_z2jh(&[]));
+    let pod = restored_z2jh(&[&home]);
+    assert!(is_restore_candidate(&pod));
+    let got = restore_helper(&pod, &options());
+    let spec = got.spec.as_ref().expect("spec");
+    let original = pod.spec.as_ref().expect("spec");
+
+    // restore-wait first and untouched; z2jh's privileged init container gone.
+    let init = spec.init_containers.as_ref().expect("init");
+    assert_eq!(init.len(), 1);
+    assert_eq!(init[0], original.init_containers.as_ref().expect("init")[0]);
+    // Exactly the restored volume, writable; one minimal container mounting it.
+    let volumes = spec.volumes.as_ref().expect("volumes");
+    assert_eq!(volumes.len(), 1);
+    assert_eq!(volumes[0].name, home);
+    assert!(
+        volumes[0]
+            .persistent_volume_claim
+            .as_ref()
+            .expect("pvc")
+            .read_only
+            .is_none()
+    );
+    assert_eq!(spec.containers.len(), 1);
+    let c = &spec.containers[0];
+    assert_eq!(c.image.as_deref(), Some("registry.k8s.io/pause:3.10"));
+    let mounts = c.volume_mounts.as_ref().expect("mounts");
+    assert_eq!(
+        (mounts[0].name.as_str(), mounts[0].read_only),
+        (home.as_str(), None)
+    );
+    assert_eq!(spec.automount_service_account_token, Some(false));
+    assert!(spec.scheduler_name.is_none() && spec.priority_class_name.is_none());
+    assert_eq!(spec.tolerations, original.tolerations, "placement kept");
+    assert_eq!(spec.affinity, original.affinity);
+    // Labels: KubeSpawner's role labels gone, ours in, the user's and Velero's kept.
+    assert_eq!(got.label(names::JUPYTERHUB_COMPONENT), None);
+    assert_eq!(got.label("hub.jupyter.org/network-access-hub"), None);
+    assert_eq!(got.label(names::COMPONENT), Some(names::RESTORE_HELPER));
+    assert_eq!(got.label(names::MANAGED_BY), Some(names::MANAGED_BY_US));
+    assert_eq!(
+        got.label(names::JUPYTERHUB_USERNAME),
+        pod.label(names::JUPYTERHUB_USERNAME)
+    );
+    assert_eq!(got.label(names::VELERO_RESTORE_NAME), Some("restore-1"));
+    assert_eq!(got.annotation(names::VELERO_BACKUP_VOLUMES), None);
+    assert_eq!(got.metadata.name, pod.metadata.name);
+}
+
+#[test]
+fn the_fixtures_restored_helper_keeps_restore_wait_byte_for_byte_and_loses_read_only() {
+    let doc = fixtures::yaml_docs("velero-helper-pod-and-restored-pod.example.yaml").remove(1);
+    let pod: Pod = serde_json::from_value(doc).expect("pod");
+    let got = restore_helper(&pod, &options());
+    let spec = got.spec.as_ref().expect("spec");
+    let before =
+        serde_json::to_value(&pod.spec.as_ref().expect("spec").init_containers).expect("json");
+    let after = serde_json::to_value(&spec.init_containers).expect("json");
+    assert_eq!(after, before);
+    let claim = spec.volumes.as_ref().expect("volumes")[0]
+        .persistent_volume_claim
+        .as_ref()
+        .expect("pvc");
+    assert_eq!(
+        (claim.claim_name.as_str(), claim.read_only),
+        ("claim-alice-smith", None)
+    );
+    // Another tool's helper is converted if asked, but the webhook does not ask.
+    assert!(!is_restore_candidate(&pod), "not ours, not a user server");
+}
+
+#[test]
+fn converting_twice_changes_nothing_and_nothing_to_restore_keeps_no_volume() {
+    let home = first_claim_volume(&restored_z2jh(&[]));
+    for restored in [vec![home.as_str()], vec![]] {
+        let once = restore_helper(&restored_z2jh(&restored), &options());
+        assert!(
+            is_restore_candidate(&once),
+            "a restore helper is a candidate again"
+        );
+        assert_eq!(restore_helper(&once, &options()), once, "{restored:?}");
+        if restored.is_empty() {
+            let spec = once.spec.as_ref().expect("spec");
+            assert!(spec.volumes.is_none() && spec.init_containers.is_none());
+        }
+    }
+    // Not re-created by a restore: not a candidate.
+    let plain: Pod = serde_json::from_value(fixtures::z2jh_pod()).expect("pod");
+    assert!(!is_restore_candidate(&plain));
+}
