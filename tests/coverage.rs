@@ -13,14 +13,14 @@ use velero_jupyterhub::cluster::velero::PodVolumeBackup;
 use velero_jupyterhub::policy::coverage::{
     ClaimState, Holder, Outcome, PvbFacts, claim_states, outcomes, progress,
 };
-use velero_jupyterhub::policy::helper::{self, ClaimRef, HelperOptions};
+use velero_jupyterhub::policy::helper::{self, ClaimRef};
 use velero_jupyterhub::policy::plan::ClaimView;
 use velero_jupyterhub::policy::{ClaimGlobs, PodRecord};
 
 const NS: &str = "jhub";
 
 fn record(v: Value) -> PodRecord {
-    serde_json::from_value(v).expect("record")
+    fixtures::record(&v)
 }
 
 fn user_pod(user: &str, phase: &str) -> PodRecord {
@@ -41,11 +41,7 @@ fn helper_pod(user: &str, phase: Option<&str>) -> PodRecord {
         uid: &uid,
         username: Some(user),
     };
-    let options = HelperOptions {
-        image: "registry.k8s.io/pause:3.10".to_owned(),
-        tolerations: vec![],
-        node_selector: BTreeMap::new(),
-    };
+    let options = fixtures::helper_options();
     let pod = helper::backup_helper(&claim_ref, helper::own_labels(Some(user)), &options);
     let mut v = serde_json::to_value(&pod).expect("json");
     if let Some(phase) = phase {

@@ -20,11 +20,7 @@ use velero_jupyterhub::policy::{ClaimGlobs, PodFacts, PodRecord};
 const NS: &str = "jhub";
 
 fn options() -> HelperOptions {
-    HelperOptions {
-        image: "registry.k8s.io/pause:3.10".to_owned(),
-        tolerations: vec![],
-        node_selector: BTreeMap::new(),
-    }
+    fixtures::helper_options()
 }
 
 /// The z2jh user pod of `user`, mounting `claim-<user>`, as a watch shows it.
@@ -68,7 +64,7 @@ fn helper_pod(user: &str, node: Option<&str>, phase: &str) -> Pod {
 
 /// The pod as the controller's watch keeps it.
 fn record(pod: &Pod) -> PodRecord {
-    serde_json::from_value(serde_json::to_value(pod).expect("json")).expect("record")
+    fixtures::record(pod)
 }
 
 struct Case {

@@ -6,8 +6,6 @@
 
 mod support;
 
-use std::collections::BTreeMap;
-
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::{Value, json};
 use support::fixtures;
@@ -17,11 +15,7 @@ use velero_jupyterhub::policy::helper::HelperOptions;
 use velero_jupyterhub::policy::restore::{is_restore_candidate, restore_helper};
 
 fn options() -> HelperOptions {
-    HelperOptions {
-        image: "registry.k8s.io/pause:3.10".to_owned(),
-        tolerations: vec![],
-        node_selector: BTreeMap::new(),
-    }
+    fixtures::helper_options()
 }
 
 /// Velero's `restore-wait` for `volumes` (pod_volume_restore_action.go), as in the fixture.

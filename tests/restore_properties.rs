@@ -2,11 +2,11 @@
 //! re-created pods: idempotent, `restore-wait` never changed or moved, no kept volume
 //! read-only, and exactly the volumes `restore-wait` mounts kept.
 
+mod support;
+
 use k8s_openapi::api::core::v1::Pod;
 use proptest::prelude::*;
 use serde_json::{Value, json};
-use std::collections::BTreeMap;
-use velero_jupyterhub::policy::helper::HelperOptions;
 use velero_jupyterhub::policy::restore::{RESTIC_WAIT, RESTORE_WAIT, restore_helper};
 
 #[derive(Debug, Clone)]
@@ -85,11 +85,7 @@ fn pod() -> impl Strategy<Value = (Pod, bool)> {
 proptest! {
     #[test]
     fn the_conversion_holds_its_invariants((pod, has_wait) in pod()) {
-        let options = HelperOptions {
-            image: "registry.k8s.io/pause:3.10".to_owned(),
-            tolerations: vec![],
-            node_selector: BTreeMap::new(),
-        };
+        let options = support::fixtures::helper_options();
         let once = restore_helper(&pod, &options);
         // Idempotent.
         prop_assert_eq!(&restore_helper(&once, &options), &once);

@@ -88,6 +88,18 @@ pub async fn run(
     }
 }
 
+/// The pending-set keys of the plan's writes: the same write planned again while the
+/// first is not yet seen by the watches has the same key.
+fn create_key(pod: &Pod) -> String {
+    let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
+    let name = pod.metadata.name.as_deref().unwrap_or_default();
+    format!("create/{ns}/{name}")
+}
+
+fn delete_key(d: &Deletion) -> String {
+    format!("delete/{}", d.uid)
+}
+
 /// A merge patch to apply to a pod, with its pending-set key.
 struct PodPatch<'a> {
     key: String,
@@ -373,87 +385,7 @@ impl Reconciler {
         claim_uids: &HashMap<(&str, &str), &str>,
         stores: &Stores,
     ) {
-        let wanted: HashSet<String> = plan
-            .create
-            .iter()
-            .map(|p| {
-                format!(
-                    "create/{}/{}",
-                    p.metadata.namespace.as_deref().unwrap_or(""),
-                    p.metadata.name.as_deref().unwrap_or("")
-                )
-            })
-            .chain(plan.delete.iter().map(|d| format!("delete/{}", d.uid)))
-            .chain(
-                plan.backfill
-                    .iter()
-                    .map(|b| format!("backfill/{}/{}", b.uid, b.resource_version)),
-            )
-            .chain(plan.relabel.iter().map(|r| {
-                let labels = serde_json::to_string(&r.labels).unwrap_or_default();
-                format!("relabel/{}/{labels}", r.uid)
-            }))
-            .collect();
-        // What the plan no longer asks for has been seen done (or undone): forget it.
-        self.pending
-            .retain(|k, at| wanted.contains(k) && at.elapsed() < PENDING_FOR);
-        if plan.is_empty() {
-            return;
-        }
-        debug!(
-            create = plan.create.len(),
-            delete = plan.delete.len(),
-            backfill = plan.backfill.len(),
-            "applying a plan"
-        );
-        // Deletions first (a user waits on those), all at once, each bounded in time.
-        let deletes: Vec<&Deletion> = plan
-            .delete
-            .iter()
-            .filter(|d| self.begin(format!("delete/{}", d.uid)))
-            .collect();
-        let this = &*self;
-        futures::stream::iter(deletes)
-            .for_each_concurrent(WRITES_IN_FLIGHT, |d| async move {
-                if tokio::time::timeout(WRITE_TIMEOUT, this.delete(d, claim_uids))
-                    .await
-                    .is_err()
-                {
-                    warn!(namespace = %d.namespace, helper = %d.name, "delete timed out; retried later");
-                }
-            })
-            .await;
-        // Creates in chunks: when anything changed meanwhile (a user started?), stop and
-        // plan again, so a window opening over thousands of claims never holds up a user
-        // for longer than one chunk.
-        let generation = stores.generation();
-        for chunk in plan.create.chunks(CREATE_CHUNK) {
-            if stores.generation() != generation {
-                debug!("the cluster changed while creating helpers: planning again");
-                break;
-            }
-            let todo: Vec<&Pod> = chunk
-                .iter()
-                .filter(|pod| {
-                    let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
-                    let name = pod.metadata.name.as_deref().unwrap_or_default();
-                    self.begin(format!("create/{ns}/{name}"))
-                })
-                .collect();
-            let this = &*self;
-            futures::stream::iter(todo)
-                .for_each_concurrent(WRITES_IN_FLIGHT, |pod| async move {
-                    if tokio::time::timeout(WRITE_TIMEOUT, this.create(pod, claim_uids))
-                        .await
-                        .is_err()
-                    {
-                        warn!(helper = ?pod.metadata.name, "create timed out; retried later");
-                    }
-                })
-                .await;
-        }
-        // Patches (backfilled annotations, helpers' labels) the same way: in chunks,
-        // bounded, and not past a change (the next pass plans them again).
+        // Patches: backfilled annotations and helpers' labels.
         let patches: Vec<PodPatch> = plan
             .backfill
             .iter()
@@ -481,6 +413,68 @@ impl Reconciler {
                 backfill: false,
             }))
             .collect();
+        let wanted: HashSet<String> = plan
+            .create
+            .iter()
+            .map(create_key)
+            .chain(plan.delete.iter().map(delete_key))
+            .chain(patches.iter().map(|p| p.key.clone()))
+            .collect();
+        // What the plan no longer asks for has been seen done (or undone): forget it.
+        self.pending
+            .retain(|k, at| wanted.contains(k) && at.elapsed() < PENDING_FOR);
+        if plan.is_empty() {
+            return;
+        }
+        debug!(
+            create = plan.create.len(),
+            delete = plan.delete.len(),
+            backfill = plan.backfill.len(),
+            "applying a plan"
+        );
+        // Deletions first (a user waits on those), all at once, each bounded in time.
+        let deletes: Vec<&Deletion> = plan
+            .delete
+            .iter()
+            .filter(|d| self.begin(delete_key(d)))
+            .collect();
+        let this = &*self;
+        futures::stream::iter(deletes)
+            .for_each_concurrent(WRITES_IN_FLIGHT, |d| async move {
+                if tokio::time::timeout(WRITE_TIMEOUT, this.delete(d, claim_uids))
+                    .await
+                    .is_err()
+                {
+                    warn!(namespace = %d.namespace, helper = %d.name, "delete timed out; retried later");
+                }
+            })
+            .await;
+        // Creates in chunks: when anything changed meanwhile (a user started?), stop and
+        // plan again, so a window opening over thousands of claims never holds up a user
+        // for longer than one chunk.
+        let generation = stores.generation();
+        for chunk in plan.create.chunks(CREATE_CHUNK) {
+            if stores.generation() != generation {
+                debug!("the cluster changed while creating helpers: planning again");
+                break;
+            }
+            let todo: Vec<&Pod> = chunk
+                .iter()
+                .filter(|pod| self.begin(create_key(pod)))
+                .collect();
+            let this = &*self;
+            futures::stream::iter(todo)
+                .for_each_concurrent(WRITES_IN_FLIGHT, |pod| async move {
+                    if tokio::time::timeout(WRITE_TIMEOUT, this.create(pod, claim_uids))
+                        .await
+                        .is_err()
+                    {
+                        warn!(helper = ?pod.metadata.name, "create timed out; retried later");
+                    }
+                })
+                .await;
+        }
+        // In chunks, bounded, and not past a change (the next pass plans them again).
         for chunk in patches.chunks(CREATE_CHUNK) {
             if stores.generation() != generation {
                 break;

@@ -111,3 +111,18 @@ pub fn golden_review() -> (Vec<u8>, Value) {
 pub fn globs(globs: &str) -> Arc<ClaimGlobs> {
     Arc::new(ClaimGlobs::parse(globs).expect("globs"))
 }
+
+/// Helper options as the tests use them: the default pause image, no tolerations or
+/// node selector.
+pub fn helper_options() -> velero_jupyterhub::policy::helper::HelperOptions {
+    velero_jupyterhub::policy::helper::HelperOptions {
+        image: "registry.k8s.io/pause:3.10".to_owned(),
+        tolerations: vec![],
+        node_selector: std::collections::BTreeMap::new(),
+    }
+}
+
+/// An object as the controller's watch keeps it: its JSON read as a `PodRecord`.
+pub fn record(pod: &impl serde::Serialize) -> velero_jupyterhub::policy::PodRecord {
+    serde_json::from_value(serde_json::to_value(pod).expect("json")).expect("record")
+}
