@@ -256,6 +256,7 @@ fn main() {
             ops_listen: "127.0.0.1:0".parse().expect("addr"),
             tls: TlsSource::Pem(pair.clone()),
             default_claims: ClaimGlobs::parse("claim-*").expect("globs"),
+            helper: velero_jupyterhub::policy::helper::HelperOptions::with_image(velero_jupyterhub::policy::helper::DEFAULT_IMAGE),
             cluster: None,
             serve: ServeOptions::default(),
             shutdown_delay: Duration::ZERO,

@@ -14,6 +14,8 @@ use clap::{Args, Parser, Subcommand};
 use k8s_openapi::api::core::v1::Toleration;
 
 use crate::policy::ClaimGlobs;
+use crate::policy::helper::HelperOptions;
+use crate::policy::restore::RestoringClaim;
 use crate::server::{self, TlsSource};
 use crate::telemetry::{self, LogFormat};
 use crate::tls::PemFiles;
@@ -142,11 +144,7 @@ pub struct ControllerArgs {
     #[arg(long, env = "VJH_MAX_WINDOW", default_value = "6h", value_parser = humantime::parse_duration)]
     pub max_window: Duration,
     /// The helpers' image: pause-like, running as a non-root user.
-    #[arg(
-        long,
-        env = "VJH_HELPER_IMAGE",
-        default_value = "registry.k8s.io/pause:3.10"
-    )]
+    #[arg(long, env = "VJH_HELPER_IMAGE", default_value = crate::policy::helper::DEFAULT_IMAGE)]
     pub helper_image: String,
     /// Tolerations for helpers, `key=value:Effect`, `key:Effect` (any value) or
     /// `key=value` (any effect), comma-separated; default: z2jh's user-node taints.
@@ -263,6 +261,10 @@ pub struct ServeArgs {
     /// Claim-name globs used when a namespace has no `velero-jupyterhub.io/claims` annotation.
     #[arg(long, env = "VJH_CLAIMS", default_value = names::DEFAULT_CLAIM_GLOBS)]
     pub claims: ClaimGlobs,
+    /// The image of the restore helpers pods re-created by a Velero restore become:
+    /// pause-like, running as a non-root user (the controller's `--helper-image`).
+    #[arg(long, env = "VJH_HELPER_IMAGE", default_value = crate::policy::helper::DEFAULT_IMAGE)]
+    pub helper_image: String,
     /// Run without any API server (webhook only; every namespace uses `--claims`).
     #[arg(long, env = "VJH_NO_CLUSTER")]
     pub no_cluster: bool,
@@ -360,9 +362,28 @@ pub struct ReviewArgs {
     /// AdmissionReview: review it as if it were being created.
     #[arg(long)]
     pub pod: bool,
-    /// Also explain on stderr, per volume, why it was or was not listed.
+    /// Also explain on stderr what was decided and why: per volume for a user server,
+    /// per container and volume for a restore conversion.
     #[arg(long)]
     pub explain: bool,
+    /// The restore helpers' image, as `serve --helper-image`.
+    #[arg(long, env = "VJH_HELPER_IMAGE", default_value = crate::policy::helper::DEFAULT_IMAGE)]
+    pub helper_image: String,
+    /// Review as if a restore helper of Velero restore RESTORE mounted CLAIM in the pod's
+    /// namespace (the restore guard): `CLAIM=RESTORE` (repeatable).
+    #[arg(long, value_parser = parse_restoring)]
+    pub restoring: Vec<RestoringClaim>,
+}
+
+fn parse_restoring(s: &str) -> Result<RestoringClaim, String> {
+    match s.split_once('=') {
+        Some((claim, restore)) if !claim.is_empty() && !restore.is_empty() => Ok(RestoringClaim {
+            claim: claim.to_owned(),
+            restore: restore.to_owned(),
+            pod: "(given with --restoring)".to_owned(),
+        }),
+        _ => Err(format!("expected CLAIM=RESTORE, got {s:?}")),
+    }
 }
 
 fn parse_namespace_claims(s: &str) -> Result<(String, ClaimGlobs), String> {
@@ -455,7 +476,7 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
     });
     // Probes and /metrics, with the same bounds as the webhook's operations port.
     let metrics = Arc::new(crate::metrics::Metrics::for_controller());
-    let health = crate::webhook::Health::new(None, None);
+    let health = crate::webhook::Health::new(None, Vec::new());
     let ops = crate::server::bind(args_ops_listen).with_context(|| {
         format!("binding the operations address --ops-listen {args_ops_listen}")
     })?;
@@ -513,6 +534,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ops_listen: args.ops_listen,
         tls,
         default_claims: args.claims,
+        helper: HelperOptions::with_image(&args.helper_image),
         cluster,
         serve,
         shutdown_delay: args.shutdown_delay,
@@ -566,8 +588,13 @@ fn review(args: ReviewArgs) -> anyhow::Result<i32> {
         .into_iter()
         .map(|(ns, g)| (ns, Arc::new(g)))
         .collect();
-    let claims_for = |ns: &str| overrides.get(ns).unwrap_or(&default).clone();
-    let reviewed = match admission::review(&body, claims_for, args.explain) {
+    let helper = Arc::new(HelperOptions::with_image(&args.helper_image));
+    let scope_for = |ns: &str| admission::Scope {
+        claims: overrides.get(ns).unwrap_or(&default).clone(),
+        helper,
+        restoring: args.restoring,
+    };
+    let reviewed = match admission::review(&body, scope_for, args.explain) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("velero-jupyterhub review: {e}");
@@ -593,6 +620,9 @@ pub fn explain_text(r: &admission::Reviewed) -> String {
     );
     if let Some(detail) = &r.detail {
         out.push_str(&format!("  {detail}\n"));
+    }
+    for note in &r.notes {
+        out.push_str(&format!("  {note}\n"));
     }
     for v in &r.explanation {
         let claim = v

@@ -15,8 +15,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::cluster::NamespaceCache;
+use crate::cluster::RestoreHelpers;
 use crate::metrics::Metrics;
 use crate::policy::ClaimGlobs;
+use crate::policy::helper::HelperOptions;
 use crate::tls::{self, CertStore, FileReloader, PemFiles, PemPair};
 use crate::webhook::serve::{Listener, ServeOptions, serve};
 use crate::webhook::{self, Health, WebhookState};
@@ -41,6 +43,8 @@ pub struct Config {
     pub ops_listen: SocketAddr,
     pub tls: TlsSource,
     pub default_claims: ClaimGlobs,
+    /// What restore helpers run (`--helper-image`).
+    pub helper: HelperOptions,
     /// Watch namespaces through this client; `None` runs without a cluster.
     pub cluster: Option<kube::Client>,
     pub serve: ServeOptions,
@@ -113,12 +117,22 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         }
     };
 
+    let restore_helpers = match &config.cluster {
+        Some(client) => {
+            let (helpers, watch) = RestoreHelpers::start(client.clone());
+            background.push(("restore helper watch", tokio::spawn(watch)));
+            helpers
+        }
+        None => RestoreHelpers::default(),
+    };
     let with_cluster = config.cluster.is_some();
     let namespaces = NamespaceCache::new(config.cluster, config.default_claims, metrics.clone());
     // A namespace fetch leaves its request half of its time to be answered.
     let namespaces = Arc::new(namespaces.with_fetch_timeout(config.serve.request_timeout / 2));
-    let namespaces_synced = with_cluster.then(|| namespaces.synced());
+    let mut synced = Vec::new();
     if with_cluster {
+        synced.push(("namespace cache", namespaces.synced()));
+        synced.push(("restore helper watch", restore_helpers.synced()));
         background.push(("namespace watch", tokio::spawn(namespaces.clone().run())));
     }
 
@@ -133,9 +147,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let addr = listener.local_addr()?;
     let ops_addr = ops_listener.local_addr()?;
 
-    let health = Health::new(Some(certs.clone()), namespaces_synced);
+    let health = Health::new(Some(certs.clone()), synced);
     let admission = webhook::admission_router(Arc::new(WebhookState::new(
         namespaces.clone(),
+        restore_helpers,
+        config.helper,
         metrics.clone(),
         &config.serve,
         health.shutting_down.clone(),
@@ -178,7 +194,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         shutdown.clone(),
         supervisors,
     ));
-    info!(%addr, %ops_addr, "serving: POST /mutate/live over HTTPS; /healthz, /readyz, /metrics over HTTP");
+    info!(%addr, %ops_addr, "serving: POST /mutate/live, /mutate/restore over HTTPS; /healthz, /readyz, /metrics over HTTP");
     Ok(Running {
         addr,
         ops_addr,
@@ -277,7 +293,7 @@ mod tests {
     use super::*;
 
     fn health() -> Health {
-        Health::new(Some(Arc::new(CertStore::default())), None)
+        Health::new(Some(Arc::new(CertStore::default())), Vec::new())
     }
 
     #[tokio::test]

@@ -19,6 +19,8 @@ async fn answer(body: Vec<u8>) -> (StatusCode, Vec<u8>) {
     let namespaces = Arc::new(NamespaceCache::new(None, globs, metrics.clone()));
     let app = admission_router(Arc::new(WebhookState::new(
         namespaces,
+        Default::default(),
+        velero_jupyterhub::policy::helper::HelperOptions::with_image("pause"),
         metrics,
         &ServeOptions::default(),
         Default::default(),

@@ -221,7 +221,7 @@ async fn bad_input_gets_a_clear_4xx() {
 
     // A pod whose fields have shapes we do not know is allowed unchanged, not refused.
     let odd = with(&|v| v["request"]["object"]["spec"]["volumes"] = json!("not-a-list"));
-    let (status, body) = client.mutate(odd).await.unwrap();
+    let (status, body) = client.post("/mutate", ct, odd).await.unwrap();
     assert_eq!(status, StatusCode::OK);
     let v: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(v["response"]["allowed"], true);
@@ -253,7 +253,7 @@ async fn bad_input_gets_a_clear_4xx() {
         ("not_understood", 1.0),
     ] {
         let series = format!(
-            "velero_jupyterhub_admission_requests_total{{webhook=\"live\",outcome=\"{outcome}\"}}"
+            "velero_jupyterhub_admission_requests_total{{webhook=\"mutate\",outcome=\"{outcome}\"}}"
         );
         assert_eq!(sample(&metrics, &series), Some(n), "{series} in\n{metrics}");
     }
@@ -398,7 +398,7 @@ async fn idle_and_slow_clients_are_timed_out() {
     let (_, metrics) = https::http_get(server.ops_addr, "/metrics").await;
     let metrics = body_text(&metrics);
     let timeouts =
-        r#"velero_jupyterhub_admission_requests_total{webhook="live",outcome="timeout"}"#;
+        r#"velero_jupyterhub_admission_requests_total{webhook="mutate",outcome="timeout"}"#;
     assert_eq!(sample(&metrics, timeouts), Some(1.0), "{metrics}");
     let handshakes =
         r#"velero_jupyterhub_connections_total{listener="webhook",result="handshake_timeout"}"#;

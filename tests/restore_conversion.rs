@@ -7,7 +7,6 @@
 mod support;
 
 use k8s_openapi::api::core::v1::Pod;
-use serde_json::{Value, json};
 use support::fixtures;
 use velero_jupyterhub::names;
 use velero_jupyterhub::policy::PodFacts;
@@ -18,34 +17,8 @@ fn options() -> HelperOptions {
     fixtures::helper_options()
 }
 
-/// Velero's `restore-wait` for `volumes` (pod_volume_restore_action.go), as in the fixture.
-fn restore_wait(volumes: &[&str]) -> Value {
-    json!({
-        "name": "restore-wait", "image": "velero/velero:v1.18.1",
-        "command": ["/velero-restore-helper"], "args": ["9c0f7a52-0000-4000-8000-00000000aaaa"],
-        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"cpu": "100m", "memory": "128Mi"}},
-        "volumeMounts": volumes.iter().map(|v| json!({"name": v, "mountPath": format!("/restores/{v}")})).collect::<Vec<_>>(),
-    })
-}
-
-/// The z2jh pod of `alice` as Velero re-creates it: restore labels, nodeName cleared,
-/// `restore-wait` prepended for the volumes that have a PodVolumeBackup.
 fn restored_z2jh(restored: &[&str]) -> Pod {
-    let mut pod = fixtures::z2jh_pod();
-    pod["metadata"]["labels"]["velero.io/restore-name"] = "restore-1".into();
-    pod["metadata"]["labels"]["velero.io/backup-name"] = "daily-20261128030000".into();
-    pod["spec"]
-        .as_object_mut()
-        .expect("spec")
-        .remove("nodeName");
-    // Velero adds restore-wait only when some volume has a PodVolumeBackup.
-    if !restored.is_empty() {
-        let mut init = vec![restore_wait(restored)];
-        let theirs = pod["spec"]["initContainers"].as_array().cloned();
-        init.extend(theirs.unwrap_or_default());
-        pod["spec"]["initContainers"] = init.into();
-    }
-    serde_json::from_value(pod).expect("pod")
+    serde_json::from_value(fixtures::restored_z2jh(restored)).expect("pod")
 }
 
 fn first_claim_volume(pod: &Pod) -> String {

@@ -24,6 +24,20 @@ pub struct HelperOptions {
     pub node_selector: BTreeMap<String, String>,
 }
 
+/// The default helper image (`--helper-image`).
+pub const DEFAULT_IMAGE: &str = "registry.k8s.io/pause:3.10";
+
+impl HelperOptions {
+    /// `image`, and no tolerations or node selector.
+    pub fn with_image(image: &str) -> Self {
+        Self {
+            image: image.to_owned(),
+            tolerations: Vec::new(),
+            node_selector: BTreeMap::new(),
+        }
+    }
+}
+
 /// The user claim a helper mounts.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClaimRef<'a> {
@@ -102,14 +116,15 @@ pub fn backup_helper(
             name: Some(helper_name(claim.name)),
             namespace: Some(claim.namespace.to_owned()),
             labels: Some(labels),
-            annotations: Some(BTreeMap::from([
-                (names::VELERO_BACKUP_VOLUMES.to_owned(), VOLUME.to_owned()),
-                (names::HELPER_CLAIM.to_owned(), claim.name.to_owned()),
-                // No service-mesh sidecar: a helper talks to no one, and an injected
-                // container would not be the one pause-like container it must be.
-                ("sidecar.istio.io/inject".to_owned(), "false".to_owned()),
-                ("linkerd.io/inject".to_owned(), "disabled".to_owned()),
-            ])),
+            annotations: Some(
+                [
+                    (names::VELERO_BACKUP_VOLUMES.to_owned(), VOLUME.to_owned()),
+                    (names::HELPER_CLAIM.to_owned(), claim.name.to_owned()),
+                ]
+                .into_iter()
+                .chain(no_mesh_sidecar())
+                .collect(),
+            ),
             // Deleting the claim deletes its helper (no blockOwnerDeletion: that would
             // need rights on the claim's finalizers).
             owner_references: Some(vec![OwnerReference {
@@ -142,6 +157,15 @@ pub fn backup_helper(
         }),
         status: None,
     }
+}
+
+/// Annotations that keep service meshes from injecting a sidecar: a helper talks to no
+/// one, and an injected container would not be the one pause-like container it must be.
+pub fn no_mesh_sidecar() -> [(String, String); 2] {
+    [
+        ("sidecar.istio.io/inject".to_owned(), "false".to_owned()),
+        ("linkerd.io/inject".to_owned(), "disabled".to_owned()),
+    ]
 }
 
 /// A pause-like helper's resources: 1m CPU and 8Mi requested, 32Mi limit.

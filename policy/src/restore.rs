@@ -30,6 +30,9 @@ pub const RESTIC_WAIT: &str = "restic-wait";
 pub const MOUNT_ROOT: &str = "/volumes";
 /// The restore helper's container.
 pub const CONTAINER: &str = "restore-helper";
+const DEFAULT_SERVICE_ACCOUNT: &str = "default";
+/// What the API server defaults `schedulerName` to.
+const DEFAULT_SCHEDULER: &str = "default-scheduler";
 
 /// Labels a re-created user pod loses: KubeSpawner's role labels (they select it into
 /// the hub's Services and NetworkPolicies, which a restore helper must not join).
@@ -116,6 +119,9 @@ pub fn restore_helper(pod: &Pod, options: &HelperOptions) -> Pod {
         containers: vec![container],
         volumes: (!volumes.is_empty()).then_some(volumes),
         automount_service_account_token: Some(false),
+        // The ServiceAccount admission plugin has already run (it sets the name before
+        // webhooks); the namespace's `default` always exists, the pod's own may not yet.
+        service_account_name: Some(DEFAULT_SERVICE_ACCOUNT.to_owned()),
         enable_service_links: Some(false),
         security_context: Some(security_context),
         termination_grace_period_seconds: Some(0),
@@ -136,13 +142,137 @@ pub fn restore_helper(pod: &Pod, options: &HelperOptions) -> Pod {
         names::COMPONENT.to_owned(),
         names::RESTORE_HELPER.to_owned(),
     );
-    if let Some(annotations) = metadata.annotations.as_mut() {
-        // A half-restored volume must not be backed up.
-        annotations.remove(names::VELERO_BACKUP_VOLUMES);
-    }
+    let annotations = metadata.annotations.get_or_insert_with(BTreeMap::new);
+    // A half-restored volume must not be backed up.
+    annotations.remove(names::VELERO_BACKUP_VOLUMES);
+    annotations.extend(helper::no_mesh_sidecar());
     Pod {
         metadata,
         spec: Some(new_spec),
         status: None,
     }
+}
+
+/// Whether `pod` is already the restore helper [`restore_helper`] makes of it, as the API
+/// server stores it (with its defaults filled in): a reinvoked webhook, or the second of
+/// two matching entries, then has nothing to change.
+pub fn is_converted(pod: &Pod, options: &HelperOptions) -> bool {
+    let want = restore_helper(pod, options);
+    let (Some(have), Some(want_spec)) = (pod.spec.as_ref(), want.spec.as_ref()) else {
+        return false;
+    };
+    let [container] = have.containers.as_slice() else {
+        return false;
+    };
+    let want_container = &want_spec.containers[0];
+    want.metadata.labels == pod.metadata.labels
+        && want.metadata.annotations == pod.metadata.annotations
+        && have.init_containers == want_spec.init_containers
+        && have.volumes == want_spec.volumes
+        && container.name == want_container.name
+        && container.image == want_container.image
+        && container.volume_mounts == want_container.volume_mounts
+        && container.security_context == want_container.security_context
+        && have.security_context == want_spec.security_context
+        && have.automount_service_account_token == Some(false)
+        && have.priority_class_name.is_none()
+        && have.scheduler_name.as_deref().unwrap_or(DEFAULT_SCHEDULER) == DEFAULT_SCHEDULER
+}
+
+/// What the conversion of `pod` into `helper` did, one line each (`review --explain`).
+pub fn explain(pod: &Pod, helper: &Pod) -> Vec<String> {
+    let names_of = |containers: Option<&Vec<Container>>| -> Vec<String> {
+        containers
+            .into_iter()
+            .flatten()
+            .map(|c| c.name.clone())
+            .collect()
+    };
+    let (spec, new_spec) = (pod.spec.clone().unwrap_or_default(), helper.spec.clone());
+    let new_spec = new_spec.unwrap_or_default();
+    let kept = names_of(new_spec.init_containers.as_ref());
+    let mut lines = Vec::new();
+    match kept.first() {
+        Some(wait) => lines.push(format!("init container {wait}: kept first, unchanged")),
+        None => lines.push(
+            "no restore-wait init container: nothing to restore; the helper is removed at once"
+                .to_owned(),
+        ),
+    }
+    for name in names_of(spec.init_containers.as_ref()) {
+        if !kept.contains(&name) {
+            lines.push(format!("init container {name}: removed"));
+        }
+    }
+    for name in names_of(Some(&spec.containers)) {
+        if name != CONTAINER {
+            lines.push(format!("container {name}: replaced by {CONTAINER}"));
+        }
+    }
+    let kept_volumes: Vec<&str> = new_spec
+        .volumes
+        .iter()
+        .flatten()
+        .map(|v| v.name.as_str())
+        .collect();
+    for (name, claim) in pod.volumes() {
+        let what = claim.map(|c| format!(" (claim {c})")).unwrap_or_default();
+        let fate = match kept_volumes.contains(&name) {
+            true => "kept, writable: restore-wait mounts it",
+            false => "removed: restore-wait does not mount it",
+        };
+        lines.push(format!("volume {name}{what}: {fate}"));
+    }
+    lines
+}
+
+/// A claim a restore helper in the namespace mounts: the user may not start a server on it
+/// until the helper is gone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RestoringClaim {
+    pub claim: String,
+    /// The Velero Restore (the helper's `velero.io/restore-name`).
+    pub restore: String,
+    /// The restore helper pod.
+    pub pod: String,
+}
+
+/// The restore guard (SPEC §3.2): the first claim of `pod` that a restore helper mounts.
+/// A user server starting on it would race Velero's node-agent writing the data back.
+pub fn guard<'r, P: PodFacts>(
+    pod: &P,
+    restoring: &'r [RestoringClaim],
+) -> Option<&'r RestoringClaim> {
+    if restoring.is_empty() {
+        return None;
+    }
+    pod.volumes()
+        .filter_map(|(_, claim)| claim)
+        .find_map(|claim| restoring.iter().find(|r| r.claim == claim))
+}
+
+/// The restore guard's refusal, as the user sees it in the spawn progress.
+pub fn guard_message(r: &RestoringClaim) -> String {
+    format!(
+        "home volume {} is being restored by Velero restore {} (pod {}); try again when it completes",
+        r.claim, r.restore, r.pod
+    )
+}
+
+/// The claims `pod` holds as a restore helper (it is ours, a restore helper, and made by
+/// a restore), for the guard.
+pub fn restoring_claims<P: PodFacts>(pod: &P, pod_name: &str) -> Vec<RestoringClaim> {
+    let ours = pod.label(names::MANAGED_BY) == Some(names::MANAGED_BY_US)
+        && pod.label(names::COMPONENT) == Some(names::RESTORE_HELPER);
+    let Some(restore) = pod.label(names::VELERO_RESTORE_NAME).filter(|_| ours) else {
+        return Vec::new();
+    };
+    pod.volumes()
+        .filter_map(|(_, claim)| claim)
+        .map(|claim| RestoringClaim {
+            claim: claim.to_owned(),
+            restore: restore.to_owned(),
+            pod: pod_name.to_owned(),
+        })
+        .collect()
 }

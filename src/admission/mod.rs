@@ -6,14 +6,21 @@
 //! server from starting.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use k8s_openapi::api::core::v1::Pod;
+
 use crate::names;
+use crate::policy::helper::HelperOptions;
 use crate::policy::pod::Str;
-use crate::policy::{ClaimGlobs, LiveDecision, LiveVerdict, PodView, VolumeReport, decide_live};
+use crate::policy::restore::{self, RestoringClaim};
+use crate::policy::{
+    ClaimGlobs, LiveDecision, LiveVerdict, PodFacts, PodView, VolumeReport, decide_live,
+};
 
 pub const ADMISSION_API_VERSION: &str = "admission.k8s.io/v1";
 
@@ -55,11 +62,48 @@ impl ReviewError {
     }
 }
 
+/// What the decision for a pod needs besides the pod: its namespace's claim globs, the
+/// restore helpers' image, and the claims restore helpers in the namespace mount.
+#[derive(Clone, Debug)]
+pub struct Scope {
+    pub claims: Arc<ClaimGlobs>,
+    pub helper: Arc<HelperOptions>,
+    pub restoring: Vec<RestoringClaim>,
+}
+
+impl From<Arc<ClaimGlobs>> for Scope {
+    /// Just the claim globs: the default helper image, and no restore under way.
+    fn from(claims: Arc<ClaimGlobs>) -> Self {
+        Self {
+            claims,
+            helper: Arc::new(HelperOptions::with_image(
+                crate::policy::helper::DEFAULT_IMAGE,
+            )),
+            restoring: Vec::new(),
+        }
+    }
+}
+
+/// What the restore path did with a pod a Velero restore re-creates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RestoreVerdict {
+    /// Patched into a restore helper.
+    Converted,
+    /// Already a restore helper (reinvocation, or the other entry got there first).
+    AlreadyConverted,
+    /// Not readable as a Pod: refused, so no stale notebook server starts instead.
+    Unreadable,
+}
+
 /// What happened to one request, for logs and the `outcome` metric label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
     /// A live-session decision was made (patched or not).
     Live(LiveVerdict),
+    /// A pod re-created by a Velero restore went through the restore path.
+    Restore(RestoreVerdict),
+    /// A user server that mounts a claim being restored: refused (the restore guard).
+    Guarded,
     /// Not a Pod CREATE (other kinds, UPDATE/DELETE/CONNECT, subresources).
     NotPodCreate,
     /// A Pod whose fields we could not read; allowed unchanged.
@@ -70,13 +114,28 @@ impl Outcome {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Live(v) => v.as_str(),
+            Self::Restore(RestoreVerdict::Converted) => "restore_converted",
+            Self::Restore(RestoreVerdict::AlreadyConverted) => "restore_already_converted",
+            Self::Restore(RestoreVerdict::Unreadable) => "restore_unreadable",
+            Self::Guarded => "restore_guard_denied",
             Self::NotPodCreate => "not_pod_create",
             Self::NotUnderstood => "not_understood",
         }
     }
 
     pub fn patched(self) -> bool {
-        self == Self::Live(LiveVerdict::Annotate)
+        matches!(
+            self,
+            Self::Live(LiveVerdict::Annotate) | Self::Restore(RestoreVerdict::Converted)
+        )
+    }
+
+    /// Whether the request was refused.
+    pub fn denied(self) -> bool {
+        matches!(
+            self,
+            Self::Guarded | Self::Restore(RestoreVerdict::Unreadable)
+        )
     }
 }
 
@@ -91,8 +150,10 @@ pub struct Reviewed {
     pub object: Option<String>,
     /// Per-volume reasons; filled only when asked for (`review --explain`).
     pub explanation: Vec<ExplainedVolume>,
-    /// Why the pod was not understood (with [`Outcome::NotUnderstood`]).
+    /// Why the pod was not understood, or refused.
     pub detail: Option<String>,
+    /// What a restore conversion did, one line each; filled only when asked for.
+    pub notes: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -188,6 +249,8 @@ pub struct PodCreate<'a> {
     uid: Str<'a>,
     namespace: Str<'a>,
     pod: PodView<'a>,
+    /// The whole request, read again in full for a restore conversion (rare).
+    body: &'a str,
 }
 
 impl PodCreate<'_> {
@@ -197,10 +260,30 @@ impl PodCreate<'_> {
         &self.namespace
     }
 
-    /// Decides with the namespace's claim globs. Being called for this pod means the
-    /// webhook registration's namespaceSelector matched: the namespace is opted in.
-    pub fn decide(&self, globs: &ClaimGlobs, explain: bool) -> Reviewed {
-        let decision = decide_live(&self.pod, globs);
+    /// Decides from the pod itself, whichever webhook entry asked: a pod a Velero restore
+    /// re-creates becomes a restore helper; a user server on a claim being restored is
+    /// refused; any other user server gets its backup annotation. Being called for this
+    /// pod means the webhook registration's namespaceSelector matched: the namespace is
+    /// opted in.
+    pub fn decide(&self, scope: &Scope, explain: bool) -> Reviewed {
+        if restore::is_restore_candidate(&self.pod) {
+            return self.decide_restore(scope, explain);
+        }
+        let is_user_server = self.pod.label(names::VELERO_RESTORE_NAME).is_none()
+            && self.pod.label(names::JUPYTERHUB_COMPONENT) == Some(names::SINGLEUSER_SERVER);
+        if let Some(restoring) = is_user_server
+            .then(|| restore::guard(&self.pod, &scope.restoring))
+            .flatten()
+        {
+            let mut reviewed = deny(
+                &self.uid,
+                Outcome::Guarded,
+                restore::guard_message(restoring),
+            );
+            reviewed.object = Some(self.pod.display_name());
+            return reviewed;
+        }
+        let decision = decide_live(&self.pod, &scope.claims);
         let patch = render_patch(&decision);
         let mut reviewed = allow(
             &self.uid,
@@ -215,6 +298,57 @@ impl PodCreate<'_> {
         if explain {
             reviewed.explanation = decision.volumes.iter().map(ExplainedVolume::from).collect();
         }
+        reviewed
+    }
+
+    /// SPEC §3.2: the pod becomes a restore helper. The conversion needs the whole pod, so
+    /// the request is read again, in full (a restore re-creates a pod once per user).
+    fn decide_restore(&self, scope: &Scope, explain: bool) -> Reviewed {
+        let pod = match serde_json::from_str::<ReviewIn<Pod>>(self.body) {
+            Ok(ReviewIn {
+                request:
+                    Some(RequestIn {
+                        object: Some(pod), ..
+                    }),
+                ..
+            }) => pod,
+            other => {
+                let why = other
+                    .err()
+                    .map_or("no object".to_owned(), |e| e.to_string());
+                let message = format!(
+                    "velero-jupyterhub could not read this pod, re-created by a Velero restore, \
+                     to make it a restore helper ({why}); refused so that no stale notebook \
+                     server starts in its place"
+                );
+                let outcome = Outcome::Restore(RestoreVerdict::Unreadable);
+                let mut reviewed = deny(&self.uid, outcome, message);
+                reviewed.object = Some(self.pod.display_name());
+                return reviewed;
+            }
+        };
+        let mut reviewed = if restore::is_converted(&pod, &scope.helper) {
+            allow(
+                &self.uid,
+                Outcome::Restore(RestoreVerdict::AlreadyConverted),
+                None,
+                None,
+            )
+        } else {
+            let helper = restore::restore_helper(&pod, &scope.helper);
+            let patch = render_restore_patch(&helper);
+            let mut reviewed = allow(
+                &self.uid,
+                Outcome::Restore(RestoreVerdict::Converted),
+                patch.as_deref(),
+                None,
+            );
+            if explain {
+                reviewed.notes = restore::explain(&pod, &helper);
+            }
+            reviewed
+        };
+        reviewed.object = Some(self.pod.display_name());
         reviewed
     }
 }
@@ -236,28 +370,51 @@ fn render_patch(decision: &LiveDecision<'_>) -> Option<Vec<u8>> {
     }
 }
 
+/// The restore conversion as a patch: labels, annotations and spec, each replaced whole
+/// by an `add` (labels exist: Velero set its own; metadata and spec always exist).
+fn render_restore_patch(helper: &Pod) -> Option<Vec<u8>> {
+    let empty = Default::default();
+    let labels = helper.metadata.labels.as_ref().unwrap_or(&empty);
+    let annotations = helper.metadata.annotations.as_ref().unwrap_or(&empty);
+    let spec = serde_json::to_value(&helper.spec).ok()?;
+    let ops = [
+        Add::new(LABELS_POINTER, serde_json::to_value(labels).ok()?),
+        Add::new(ANNOTATIONS_POINTER, serde_json::to_value(annotations).ok()?),
+        Add::new(SPEC_POINTER, spec),
+    ];
+    serde_json::to_vec(&ops).ok()
+}
+
+#[derive(Serialize)]
+struct Add<'a, V> {
+    op: &'static str,
+    path: &'a str,
+    value: V,
+}
+
+impl<'a, V> Add<'a, V> {
+    fn new(path: &'a str, value: V) -> Self {
+        Self {
+            op: "add",
+            path,
+            value,
+        }
+    }
+}
+
 /// A one-operation JSON patch: `[{"op":"add","path":…,"value":…}]`.
 fn add<V: Serialize>(path: &str, value: V) -> Option<Vec<u8>> {
-    #[derive(Serialize)]
-    struct Add<'a, V> {
-        op: &'static str,
-        path: &'a str,
-        value: V,
-    }
     let mut patch = Vec::with_capacity(128);
     // Serializing strings into a Vec cannot fail.
-    let op = Add {
-        op: "add",
-        path,
-        value,
-    };
-    serde_json::to_writer(&mut patch, &[op])
+    serde_json::to_writer(&mut patch, &[Add::new(path, value)])
         .ok()
         .map(|()| patch)
 }
 
 /// JSON pointers (RFC 6901) of what we patch: `/` in a key is written `~1`.
 const ANNOTATIONS_POINTER: &str = "/metadata/annotations";
+const LABELS_POINTER: &str = "/metadata/labels";
+const SPEC_POINTER: &str = "/spec";
 const BACKUP_VOLUMES_POINTER: &str = "/metadata/annotations/backup.velero.io~1backup-volumes";
 
 /// Reads and checks one AdmissionReview (the request body).
@@ -270,10 +427,10 @@ pub fn parse(body: &[u8]) -> Result<Parsed<'_>, ReviewError> {
     // UTF-8 is checked once for the whole body (JSON must be UTF-8), not string by string.
     let body = std::str::from_utf8(body).map_err(ReviewError::NotUtf8)?;
     match serde_json::from_str::<ReviewIn<PodView>>(body) {
-        Ok(review) => check(review, ObjectIn::Pod),
+        Ok(review) => check(review, body, ObjectIn::Pod),
         Err(error) => {
             let review: ReviewIn<&RawValue> = serde_json::from_str(body)?;
-            check(review, |raw| ObjectIn::Odd {
+            check(review, body, |raw| ObjectIn::Odd {
                 is_object: raw.get().starts_with('{'),
                 error: error.to_string(),
             })
@@ -282,21 +439,23 @@ pub fn parse(body: &[u8]) -> Result<Parsed<'_>, ReviewError> {
 }
 
 /// Reviews one AdmissionReview and returns the response to send: [`parse`], then decide
-/// with the claim globs `claims_for` gives the pod's namespace (the `review` command,
-/// benchmarks and fuzzing; the server looks namespaces up asynchronously).
-pub fn review(
+/// with the [`Scope`] (or just the claim globs) `scope_for` gives the pod's namespace
+/// (the `review` command, benchmarks and fuzzing; the server looks namespaces up
+/// asynchronously).
+pub fn review<S: Into<Scope>>(
     body: &[u8],
-    claims_for: impl FnOnce(&str) -> std::sync::Arc<ClaimGlobs>,
+    scope_for: impl FnOnce(&str) -> S,
     explain: bool,
 ) -> Result<Reviewed, ReviewError> {
     Ok(match parse(body)? {
         Parsed::Answered(reviewed) => reviewed,
-        Parsed::PodCreate(create) => create.decide(&claims_for(create.namespace()), explain),
+        Parsed::PodCreate(create) => create.decide(&scope_for(create.namespace()).into(), explain),
     })
 }
 
 fn check<'a, O>(
     review: ReviewIn<'a, O>,
+    body: &'a str,
     read_object: impl FnOnce(O) -> ObjectIn<'a>,
 ) -> Result<Parsed<'a>, ReviewError> {
     match review.api_version.as_deref() {
@@ -399,6 +558,7 @@ fn check<'a, O>(
         uid: request.uid,
         namespace,
         pod,
+        body,
     }))
 }
 
@@ -436,6 +596,30 @@ fn allow(uid: &str, outcome: Outcome, patch: Option<&[u8]>, detail: Option<Strin
         object: None,
         explanation: Vec::new(),
         detail,
+        notes: Vec::new(),
+    }
+}
+
+/// A refusing response (403, with `message` shown to whoever made the request).
+fn deny(uid: &str, outcome: Outcome, message: String) -> Reviewed {
+    let response = serde_json::json!({
+        "apiVersion": ADMISSION_API_VERSION,
+        "kind": "AdmissionReview",
+        "response": {
+            "uid": uid,
+            "allowed": false,
+            "status": {"code": 403, "reason": "Forbidden", "message": message},
+        },
+    });
+    Reviewed {
+        // Serializing a Value cannot fail.
+        body: serde_json::to_vec(&response).unwrap_or_default(),
+        uid: uid.to_owned(),
+        outcome,
+        object: None,
+        explanation: Vec::new(),
+        detail: Some(message),
+        notes: Vec::new(),
     }
 }
 

@@ -2,9 +2,11 @@
 
 pub mod events;
 pub mod namespaces;
+pub mod restoring;
 pub mod velero;
 
 pub use namespaces::NamespaceCache;
+pub use restoring::RestoreHelpers;
 
 /// A client from the kubeconfig (`KUBECONFIG`, `~/.kube/config`) or the in-cluster
 /// service account, whichever `kube` finds. `Ok(None)` only when no configuration exists

@@ -21,9 +21,10 @@ use tokio::sync::Semaphore;
 use tower_http::catch_panic::{CatchPanicLayer, ResponseForPanic};
 use tracing::{debug, error, info, warn};
 
-use crate::admission::{self, Outcome, Parsed, ReviewError};
-use crate::cluster::NamespaceCache;
+use crate::admission::{self, Outcome, Parsed, ReviewError, Scope};
+use crate::cluster::{NamespaceCache, RestoreHelpers};
 use crate::metrics::{self, Metrics};
+use crate::policy::helper::HelperOptions;
 use crate::tls::CertStore;
 use serve::ServeOptions;
 
@@ -36,6 +37,10 @@ pub const SMALL_BODY_BYTES: usize = 64 * 1024;
 /// What the admission handlers need.
 pub struct WebhookState {
     pub namespaces: Arc<NamespaceCache>,
+    /// What the restore guard checks a user server's claims against.
+    pub restore_helpers: RestoreHelpers,
+    /// The restore helpers' image (`--helper-image`).
+    pub helper: Arc<HelperOptions>,
     pub metrics: Arc<Metrics>,
     /// One request, body included, must arrive and be answered within this time.
     pub request_timeout: Duration,
@@ -51,12 +56,16 @@ impl WebhookState {
     /// needs it).
     pub fn new(
         namespaces: Arc<NamespaceCache>,
+        restore_helpers: RestoreHelpers,
+        helper: HelperOptions,
         metrics: Arc<Metrics>,
         opts: &ServeOptions,
         shutting_down: Arc<AtomicBool>,
     ) -> Self {
         Self {
             namespaces,
+            restore_helpers,
+            helper: Arc::new(helper),
             metrics,
             request_timeout: opts.request_timeout,
             large_bodies: Semaphore::new(opts.large_body_budget.max(MAX_BODY_BYTES)),
@@ -65,14 +74,24 @@ impl WebhookState {
     }
 }
 
-/// The admission router. `POST /mutate/live` is the live-session webhook entry;
-/// `POST /mutate` answers the same for configurations installed before the paths were
-/// split. Each entry labels its metrics and catches its panics.
+/// The admission router: `POST /mutate/live` (the live-session entry), `POST
+/// /mutate/restore` (pods re-created by a Velero restore) and `POST /mutate` (for
+/// configurations installed before the paths were split). Every entry decides from the
+/// pod itself, so a pod that matches two entries gets the same answer from both (and
+/// nothing left to change from the second); the path only names the entry in metrics
+/// and logs. Each entry catches its panics.
 pub fn admission_router(state: Arc<WebhookState>) -> Router {
     let metrics = state.metrics.clone();
+    let route = |webhook: &'static str| {
+        let handler = move |state: State<Arc<WebhookState>>, request: Request| {
+            handle(webhook, state, request)
+        };
+        entry(webhook, post(handler), &metrics)
+    };
     Router::new()
-        .route("/mutate/live", entry("live", post(live), &metrics))
-        .route("/mutate", entry("live", post(live), &metrics))
+        .route("/mutate/live", route("live"))
+        .route("/mutate/restore", route("restore"))
+        .route("/mutate", route("mutate"))
         .with_state(state)
 }
 
@@ -115,7 +134,11 @@ impl ResponseForPanic for PanicResponder {
     }
 }
 
-async fn live(State(state): State<Arc<WebhookState>>, request: Request) -> Response {
+async fn handle(
+    webhook: &'static str,
+    State(state): State<Arc<WebhookState>>,
+    request: Request,
+) -> Response {
     let started = Instant::now();
     // A request whose body has already arrived (the usual case: the API server sends it
     // with the head) is answered without arming a timer at all.
@@ -139,7 +162,7 @@ async fn live(State(state): State<Arc<WebhookState>>, request: Request) -> Respo
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     let seconds = started.elapsed().as_secs_f64();
-    state.metrics.admission("live", outcome, seconds);
+    state.metrics.admission(webhook, outcome, seconds);
     response
 }
 
@@ -191,8 +214,13 @@ async fn answer(state: &WebhookState, request: Request) -> (Response, &'static s
     let reviewed = match admission::parse(&body) {
         Ok(Parsed::Answered(reviewed)) => reviewed,
         Ok(Parsed::PodCreate(create)) => {
-            let claims = state.namespaces.claims_for(create.namespace()).await;
-            create.decide(&claims, false)
+            let namespace = create.namespace();
+            let scope = Scope {
+                claims: state.namespaces.claims_for(namespace).await,
+                helper: state.helper.clone(),
+                restoring: state.restore_helpers.in_namespace(namespace),
+            };
+            create.decide(&scope, false)
         }
         Err(e) => return (bad_request(&e), "bad_request"),
     };
@@ -218,9 +246,19 @@ fn bad_request(e: &ReviewError) -> Response {
 fn log_reviewed(r: &admission::Reviewed) {
     let object = r.object.as_deref().unwrap_or("");
     match r.outcome {
+        Outcome::Restore(admission::RestoreVerdict::Converted) => {
+            info!(uid = %r.uid, pod = object, "made a pod re-created by a Velero restore a restore helper")
+        }
         o if o.patched() => {
             info!(uid = %r.uid, pod = object, outcome = o.as_str(), "annotated user pod for Velero")
         }
+        o if o.denied() => warn!(
+            uid = %r.uid,
+            pod = object,
+            outcome = o.as_str(),
+            reason = r.detail.as_deref().unwrap_or(""),
+            "refused"
+        ),
         Outcome::NotUnderstood => warn!(
             uid = %r.uid,
             detail = r.detail.as_deref().unwrap_or(""),
@@ -243,8 +281,9 @@ fn is_json(content_type: Option<&HeaderValue>) -> bool {
 pub struct Health {
     /// The serving certificate (the webhook); `None` for the controller, which serves none.
     pub certs: Option<Arc<CertStore>>,
-    /// Set once the namespace cache has synced (None: no cluster configured).
-    pub namespaces_synced: Option<Arc<AtomicBool>>,
+    /// Caches that must have synced before the server is ready (none without a cluster),
+    /// each with what it is, for the not-ready message.
+    pub synced: Vec<(&'static str, Arc<AtomicBool>)>,
     /// Set on shutdown, so the endpoint is taken out of rotation while draining.
     pub shutting_down: Arc<AtomicBool>,
     /// Set when a task that must run as long as the server (the namespace watch, the
@@ -253,10 +292,13 @@ pub struct Health {
 }
 
 impl Health {
-    pub fn new(certs: Option<Arc<CertStore>>, namespaces_synced: Option<Arc<AtomicBool>>) -> Self {
+    pub fn new(
+        certs: Option<Arc<CertStore>>,
+        synced: Vec<(&'static str, Arc<AtomicBool>)>,
+    ) -> Self {
         Self {
             certs,
-            namespaces_synced,
+            synced,
             shutting_down: Arc::default(),
             failed: Arc::default(),
         }
@@ -268,12 +310,10 @@ impl Health {
         if self.certs.as_ref().is_some_and(|c| !c.is_loaded()) {
             problems.push("no serving certificate loaded yet".to_owned());
         }
-        if self
-            .namespaces_synced
-            .as_ref()
-            .is_some_and(|s| !s.load(Ordering::Acquire))
-        {
-            problems.push("namespace cache has not synced yet".to_owned());
+        for (what, synced) in &self.synced {
+            if !synced.load(Ordering::Acquire) {
+                problems.push(format!("{what} has not synced yet"));
+            }
         }
         if self.shutting_down.load(Ordering::Acquire) {
             problems.push("shutting down".to_owned());

@@ -307,23 +307,23 @@ impl Webhook {
                 ca_out: None,
             },
             default_claims: ClaimGlobs::parse("claim-*").expect("globs"),
+            helper: velero_jupyterhub::policy::helper::HelperOptions::with_image(
+                velero_jupyterhub::policy::helper::DEFAULT_IMAGE,
+            ),
             cluster: Some(webhook_client),
             serve,
             shutdown_delay: Duration::ZERO,
         })
         .await
         .expect("webhook server starts");
-        let synced = server
-            .health
-            .namespaces_synced
-            .clone()
-            .expect("cluster mode");
+        let health = server.health.clone();
+        assert_eq!(health.synced.len(), 2, "cluster mode: two caches to sync");
         eventually(Duration::from_secs(20), || {
-            let s = synced.clone();
-            async move { s.load(Ordering::Acquire).then_some(()) }
+            let problems = health.problems();
+            async move { problems.is_empty().then_some(()) }
         })
         .await
-        .expect("namespace cache syncs (RBAC lets the service account list and watch namespaces)");
+        .expect("namespace cache and restore helper watch sync (RBAC lets the service account list and watch namespaces and pods)");
 
         let run_label = unique("run");
         let configuration = format!("velero-jupyterhub-{run_label}");

@@ -126,3 +126,34 @@ pub fn helper_options() -> velero_jupyterhub::policy::helper::HelperOptions {
 pub fn record(pod: &impl serde::Serialize) -> velero_jupyterhub::policy::PodRecord {
     serde_json::from_value(serde_json::to_value(pod).expect("json")).expect("record")
 }
+
+/// Velero's `restore-wait` init container for `volumes`, as
+/// pkg/restore/actions/pod_volume_restore_action.go builds it (v1.18; image, args and
+/// resources as in tests/fixtures/velero-helper-pod-and-restored-pod.example.yaml).
+pub fn restore_wait(volumes: &[&str]) -> Value {
+    json!({
+        "name": "restore-wait", "image": "velero/velero:v1.18.1",
+        "command": ["/velero-restore-helper"], "args": ["9c0f7a52-0000-4000-8000-00000000aaaa"],
+        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"cpu": "100m", "memory": "128Mi"}},
+        "volumeMounts": volumes.iter().map(|v| json!({"name": v, "mountPath": format!("/restores/{v}")})).collect::<Vec<_>>(),
+    })
+}
+
+/// The z2jh pod of `alice` as Velero re-creates it (pkg/restore/restore.go): restore
+/// labels, nodeName cleared, `restore-wait` prepended for the volumes that have a
+/// PodVolumeBackup (none: no restore-wait at all).
+pub fn restored_z2jh(restored: &[&str]) -> Value {
+    let mut pod = z2jh_pod();
+    pod["metadata"]["labels"]["velero.io/restore-name"] = "restore-1".into();
+    pod["metadata"]["labels"]["velero.io/backup-name"] = "daily-20261128030000".into();
+    if let Some(spec) = pod["spec"].as_object_mut() {
+        spec.remove("nodeName");
+    }
+    if !restored.is_empty() {
+        let mut init = vec![restore_wait(restored)];
+        let theirs = pod["spec"]["initContainers"].as_array().cloned();
+        init.extend(theirs.unwrap_or_default());
+        pod["spec"]["initContainers"] = init.into();
+    }
+    pod
+}

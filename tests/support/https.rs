@@ -44,6 +44,9 @@ pub async fn start(tls: TlsSource, serve: ServeOptions) -> Running {
         ops_listen: "127.0.0.1:0".parse().expect("addr"),
         tls,
         default_claims: ClaimGlobs::parse("claim-*").expect("globs"),
+        helper: velero_jupyterhub::policy::helper::HelperOptions::with_image(
+            velero_jupyterhub::policy::helper::DEFAULT_IMAGE,
+        ),
         cluster: None,
         serve,
         shutdown_delay: Duration::ZERO,
@@ -137,7 +140,8 @@ impl HttpsClient {
     }
 
     pub async fn mutate(&self, body: Vec<u8>) -> Result<Response, String> {
-        self.post("/mutate", Some("application/json"), body).await
+        self.post("/mutate/live", Some("application/json"), body)
+            .await
     }
 
     /// The DER of the leaf certificate the server presents now.

@@ -1,0 +1,172 @@
+//! The restore path at the admission edge (issue 9): a pod Velero re-creates in a restore
+//! is answered with the patch that makes it a restore helper, by every entry alike; the
+//! patched pod needs nothing more; a user server on a claim being restored is refused
+//! with a clear message; `review --explain` says what the conversion did.
+
+mod support;
+
+use k8s_openapi::api::core::v1::Pod;
+use serde_json::Value;
+use support::fixtures;
+use velero_jupyterhub::admission::{self, Outcome, RestoreVerdict, Scope};
+use velero_jupyterhub::policy::LiveVerdict;
+use velero_jupyterhub::policy::restore::{RestoringClaim, restore_helper};
+
+fn scope(restoring: Vec<RestoringClaim>) -> Scope {
+    Scope {
+        claims: fixtures::globs("claim-*"),
+        helper: std::sync::Arc::new(fixtures::helper_options()),
+        restoring,
+    }
+}
+
+fn home_volume(pod: &Value) -> String {
+    let volumes = pod["spec"]["volumes"].as_array().expect("volumes");
+    let home = volumes
+        .iter()
+        .find(|v| v.get("persistentVolumeClaim").is_some())
+        .expect("a claim volume");
+    home["name"].as_str().expect("name").to_owned()
+}
+
+fn apply(pod: &Value, reviewed: &admission::Reviewed) -> Value {
+    let mut patched = pod.clone();
+    if let Some(patch) = admission::decode_patch(&reviewed.body).expect("patch") {
+        let patch: json_patch::Patch = serde_json::from_value(patch).expect("a JSON patch");
+        json_patch::patch(&mut patched, &patch).expect("the patch applies");
+    }
+    patched
+}
+
+fn response(reviewed: &admission::Reviewed) -> Value {
+    serde_json::from_slice::<Value>(&reviewed.body).expect("json")["response"].clone()
+}
+
+#[test]
+fn a_restored_user_pod_is_converted_by_the_patch_and_then_left_alone() {
+    let home = home_volume(&fixtures::z2jh_pod());
+    let pod = fixtures::restored_z2jh(&[&home]);
+    let request = fixtures::pod_create_review(&pod, "r-1");
+    let reviewed = admission::review(&request, |_| scope(vec![]), true).expect("review");
+    assert_eq!(
+        reviewed.outcome,
+        Outcome::Restore(RestoreVerdict::Converted)
+    );
+    assert_eq!(response(&reviewed)["allowed"], true);
+
+    // The patch is only `add`s, and applied it gives exactly the conversion.
+    let ops = admission::decode_patch(&reviewed.body).unwrap().unwrap();
+    let ops = ops.as_array().expect("ops");
+    assert!(ops.iter().all(|op| op["op"] == "add"), "{ops:?}");
+    let patched = apply(&pod, &reviewed);
+    let typed: Pod = serde_json::from_value(pod.clone()).expect("pod");
+    let want = serde_json::to_value(restore_helper(&typed, &fixtures::helper_options())).unwrap();
+    assert_eq!(patched, want);
+
+    // Reviewed again (reinvocation, or the other matching entry): nothing to change.
+    let again = fixtures::pod_create_review(&patched, "r-2");
+    let reviewed = admission::review(&again, |_| scope(vec![]), false).expect("review");
+    assert_eq!(
+        reviewed.outcome,
+        Outcome::Restore(RestoreVerdict::AlreadyConverted)
+    );
+    assert!(admission::decode_patch(&reviewed.body).unwrap().is_none());
+
+    // The explanation names what went where.
+    let reviewed = admission::review(&request, |_| scope(vec![]), true).expect("review");
+    let notes = reviewed.notes.join("\n");
+    for want in [
+        "init container restore-wait: kept first, unchanged".to_owned(),
+        "init container block-cloud-metadata: removed".to_owned(),
+        "container notebook: replaced by restore-helper".to_owned(),
+        format!("volume {home} (claim claim-alice-smith): kept, writable"),
+    ] {
+        assert!(notes.contains(&want), "{want:?} not in\n{notes}");
+    }
+}
+
+#[test]
+fn a_restored_pod_with_nothing_to_restore_still_becomes_a_helper() {
+    let pod = fixtures::restored_z2jh(&[]);
+    let request = fixtures::pod_create_review(&pod, "r-3");
+    let reviewed = admission::review(&request, |_| scope(vec![]), true).expect("review");
+    assert_eq!(
+        reviewed.outcome,
+        Outcome::Restore(RestoreVerdict::Converted)
+    );
+    let patched = apply(&pod, &reviewed);
+    assert_eq!(patched["spec"]["containers"].as_array().unwrap().len(), 1);
+    assert!(patched["spec"].get("volumes").is_none());
+    assert!(patched["spec"].get("initContainers").is_none());
+    assert!(
+        reviewed.notes[0].contains("nothing to restore"),
+        "{:?}",
+        reviewed.notes
+    );
+}
+
+#[test]
+fn a_restored_pod_that_cannot_be_read_in_full_is_refused_not_started_as_is() {
+    let home = home_volume(&fixtures::z2jh_pod());
+    let mut pod = fixtures::restored_z2jh(&[&home]);
+    // Readable for the fast path (which skips this field), not as a full Pod.
+    pod["spec"]["restartPolicy"] = 7.into();
+    let request = fixtures::pod_create_review(&pod, "r-4");
+    let reviewed = admission::review(&request, |_| scope(vec![]), false).expect("review");
+    assert_eq!(
+        reviewed.outcome,
+        Outcome::Restore(RestoreVerdict::Unreadable)
+    );
+    let response = response(&reviewed);
+    assert_eq!(response["allowed"], false);
+    assert_eq!(response["status"]["code"], 403);
+    let message = response["status"]["message"].as_str().unwrap();
+    assert!(message.contains("no stale notebook server"), "{message}");
+}
+
+#[test]
+fn the_restore_guard_refuses_a_user_server_on_a_claim_being_restored() {
+    let pod = fixtures::z2jh_pod();
+    let restoring = RestoringClaim {
+        claim: "claim-alice-smith".to_owned(),
+        restore: "restore-1".to_owned(),
+        pod: "jupyter-alice".to_owned(),
+    };
+    let request = fixtures::pod_create_review(&pod, "g-1");
+    let reviewed =
+        admission::review(&request, |_| scope(vec![restoring.clone()]), false).expect("review");
+    assert_eq!(reviewed.outcome, Outcome::Guarded);
+    let response = response(&reviewed);
+    assert_eq!(
+        (
+            response["allowed"].clone(),
+            response["status"]["code"].clone()
+        ),
+        (false.into(), 403.into())
+    );
+    assert_eq!(
+        response["status"]["message"],
+        "home volume claim-alice-smith is being restored by Velero restore restore-1 (pod jupyter-alice); try again when it completes"
+    );
+
+    // Another user's claim being restored does not concern alice.
+    let other = RestoringClaim {
+        claim: "claim-bob".to_owned(),
+        ..restoring
+    };
+    let reviewed = admission::review(&request, |_| scope(vec![other]), false).expect("review");
+    assert_eq!(reviewed.outcome, Outcome::Live(LiveVerdict::Annotate));
+}
+
+#[test]
+fn not_ours_and_not_a_user_server_a_restored_pod_is_left_alone() {
+    let mut pod = fixtures::restored_z2jh(&[]);
+    pod["metadata"]["labels"]
+        .as_object_mut()
+        .unwrap()
+        .remove("component");
+    let request = fixtures::pod_create_review(&pod, "r-5");
+    let reviewed = admission::review(&request, |_| scope(vec![]), false).expect("review");
+    assert_eq!(reviewed.outcome, Outcome::Live(LiveVerdict::Restored));
+    assert!(admission::decode_patch(&reviewed.body).unwrap().is_none());
+}
