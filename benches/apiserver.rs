@@ -76,7 +76,7 @@ async fn stand_in() -> (String, String, CancellationToken) {
     certs.set(pair.certified_key().expect("key"));
     let config = tls::server_config(certs).expect("tls");
     let (addr, stop) = support::baseline::serve_plain_tls(app, config).await;
-    (format!("https://{addr}/mutate"), ca, stop)
+    (format!("https://{addr}"), ca, stop)
 }
 
 fn main() {

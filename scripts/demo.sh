@@ -60,7 +60,8 @@ wh = json.load(sys.stdin)
 wh["metadata"]["name"] = "velero-jupyterhub-demo"
 ca = base64.b64encode(open(sys.argv[1], "rb").read()).decode()
 for h in wh["webhooks"]:
-    h["clientConfig"] = {"url": "https://127.0.0.1:%s/mutate/live" % sys.argv[2], "caBundle": ca}
+    path = h["clientConfig"]["service"]["path"]
+    h["clientConfig"] = {"url": "https://127.0.0.1:%s%s" % (sys.argv[2], path), "caBundle": ca}
 print(json.dumps(wh))' "$work/ca.pem" "$port" | kubectl apply -f - >/dev/null
 
 say "namespace jhub opted in (velero-jupyterhub.io/enabled=true); namespace sandbox not"

@@ -302,7 +302,7 @@ async fn with_the_webhook_hanging_user_pods_are_created_after_its_short_timeout(
     webhook.stop_server().await;
     // A black hole: accepts connections and never answers (not even the TLS handshake).
     let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("https://{}/mutate", hole.local_addr().unwrap());
+    let url = format!("https://{}", hole.local_addr().unwrap());
     let held = tokio::spawn(async move {
         let mut conns = Vec::new();
         while let Ok((c, _)) = hole.accept().await {

@@ -346,9 +346,9 @@ impl Webhook {
         self.wait_until_called(true).await;
     }
 
-    /// This server's admission URL (the live entry) and CA.
+    /// This server's base URL (each entry's path comes from the manifest) and CA.
     pub fn url(&self) -> String {
-        format!("https://{}/mutate/live", self.server.addr)
+        format!("https://{}", self.server.addr)
     }
 
     pub fn ca_pem(&self) -> &str {
@@ -357,17 +357,20 @@ impl Webhook {
 
     /// Registers this test's configuration with another endpoint (a stand-in server, a
     /// black hole), without waiting for the API server to use it.
-    pub async fn register_at(&self, url: &str, ca_pem: &str) {
-        self.register_edited(url, ca_pem, |_| ()).await;
+    pub async fn register_at(&self, base: &str, ca_pem: &str) {
+        self.register_edited(base, ca_pem, |_| ()).await;
     }
 
     /// Registers this test's configuration with `edit` applied to each webhook entry
-    /// (e.g. `matchConditions`), without waiting for the API server to use it.
-    pub async fn register_edited(&self, url: &str, ca_pem: &str, edit: impl Fn(&mut Value)) {
+    /// (e.g. `matchConditions`), without waiting for the API server to use it. `base` is
+    /// `https://host:port`; each entry keeps its path from the manifest.
+    pub async fn register_edited(&self, base: &str, ca_pem: &str, edit: impl Fn(&mut Value)) {
         let mut wh = manifest("MutatingWebhookConfiguration", "velero-jupyterhub");
         wh["metadata"]["name"] = self.configuration.clone().into();
         let ca = base64::engine::general_purpose::STANDARD.encode(ca_pem);
         for hook in wh["webhooks"].as_array_mut().expect("webhooks") {
+            let path = hook["clientConfig"]["service"]["path"].as_str().expect("a path");
+            let url = format!("{base}{path}");
             hook["clientConfig"] = json!({"url": url, "caBundle": ca});
             hook["namespaceSelector"]["matchLabels"][TEST_LABEL] = self.run_label.clone().into();
             edit(hook);
