@@ -162,6 +162,10 @@ pub struct ControllerArgs {
     /// Claim-name globs used when a namespace has no `velero-jupyterhub.io/claims` annotation.
     #[arg(long, env = "VJH_CLAIMS", default_value = names::DEFAULT_CLAIM_GLOBS)]
     pub claims: ClaimGlobs,
+    /// A restore helper whose volume failed to restore is kept this long for inspection
+    /// (a Warning Event on the claim says so), then deleted.
+    #[arg(long, env = "VJH_FAILED_HELPER_TTL", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub failed_helper_ttl: Duration,
     /// The leader-election Lease in `--namespace`.
     #[arg(long, env = "VJH_LEASE_NAME", default_value = crate::controller::leader::LEASE_NAME)]
     pub lease_name: String,
@@ -467,6 +471,8 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
             &args.lease_name,
             args.lease_duration,
         ),
+        failed_helper_ttl: k8s_openapi::jiff::SignedDuration::try_from(args.failed_helper_ttl)
+            .context("--failed-helper-ttl")?,
     };
     let shutdown = tokio_util::sync::CancellationToken::new();
     let stop = shutdown.clone();

@@ -61,6 +61,9 @@ pub struct ControllerMetrics {
     pub reconcile_errors: Counter,
     pub api_writes: Family<WriteLabels, Counter>,
     pub leader: Gauge,
+    pub restore_helpers: Family<StateLabels, Gauge>,
+    pub restored_bytes: Counter,
+    pub restores_failed: Counter,
 }
 
 impl ControllerMetrics {
@@ -89,6 +92,21 @@ impl ControllerMetrics {
             "api_writes",
             "API writes by verb and resource: zero in steady state, a rate proportional to changes otherwise",
             self.api_writes.clone(),
+        );
+        registry.register(
+            "restore_helpers",
+            "Restore helper pods by state (restoring, failed: kept for inspection, done: about to be deleted)",
+            self.restore_helpers.clone(),
+        );
+        registry.register(
+            "restored_bytes",
+            "Bytes Velero restored into volumes of restore helpers (PodVolumeRestores Completed)",
+            self.restored_bytes.clone(),
+        );
+        registry.register(
+            "restore_volumes_failed",
+            "Volumes of restore helpers whose PodVolumeRestore failed, or was unfinished when its Restore ended",
+            self.restores_failed.clone(),
         );
         registry.register(
             "leader",

@@ -6,6 +6,7 @@
 //! the `velero-jupyterhub` crate) only feed it and carry its answers out.
 
 pub mod claims;
+pub mod cleanup;
 pub mod coverage;
 pub mod cron;
 pub mod helper;

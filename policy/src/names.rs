@@ -16,6 +16,8 @@ pub const VELERO_RESTORE_NAME: &str = "velero.io/restore-name";
 pub const VELERO_SCHEDULE_NAME: &str = "velero.io/schedule-name";
 /// On a PodVolumeBackup: the Backup it belongs to.
 pub const VELERO_BACKUP_NAME: &str = "velero.io/backup-name";
+/// Label on a PodVolumeRestore: the uid of the pod whose volume it fills.
+pub const VELERO_POD_UID: &str = "velero.io/pod-uid";
 /// Annotation on a PodVolumeBackup: the claim of the volume it copies.
 pub const VELERO_PVC_NAME: &str = "velero.io/pvc-name";
 /// Label on a PodVolumeBackup: the uid of that claim.

@@ -73,6 +73,54 @@ pub struct Progress {
     pub bytes_done: Option<i64>,
 }
 
+/// `Restore.spec`: the Backup it restores from.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct RestoreSpec {
+    pub backup_name: String,
+}
+
+/// `Restore.status`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct RestoreStatus {
+    pub phase: Option<String>,
+    pub completion_timestamp: Option<Time>,
+}
+
+/// `PodVolumeRestore.spec`: which pod's volume it fills.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct PodVolumeRestoreSpec {
+    pub pod: PodRef,
+    pub volume: String,
+}
+
+/// `PodVolumeRestore.status`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct PodVolumeRestoreStatus {
+    pub phase: Option<String>,
+    pub message: Option<String>,
+    pub progress: Progress,
+    pub completion_timestamp: Option<Time>,
+}
+
+/// Restore phases after which Velero does nothing more with it
+/// (pkg/apis/velero/v1/restore_types.go).
+pub fn restore_is_terminal(phase: Option<&str>) -> bool {
+    matches!(
+        phase,
+        Some("Completed" | "PartiallyFailed" | "Failed" | "FailedValidation")
+    )
+}
+
+/// PodVolumeRestore phases after which the node-agent writes no more
+/// (pkg/apis/velero/v1/pod_volume_restore_types.go).
+pub fn pod_volume_restore_is_terminal(phase: Option<&str>) -> bool {
+    matches!(phase, Some("Completed" | "Failed" | "Canceled"))
+}
+
 /// Backup phases after which Velero does nothing more with it
 /// (pkg/apis/velero/v1/backup_types.go). `Deleting` ends it too: it is going away.
 pub fn backup_is_terminal(phase: Option<&str>) -> bool {

@@ -8,7 +8,8 @@ use serde::Deserialize;
 use crate::names;
 use crate::policy::coverage::PvbFacts;
 use crate::policy::velero::{
-    BackupStatus, PodVolumeBackupSpec, PodVolumeBackupStatus, ScheduleSpec, ScheduleStatus,
+    BackupStatus, PodVolumeBackupSpec, PodVolumeBackupStatus, PodVolumeRestoreSpec,
+    PodVolumeRestoreStatus, RestoreSpec, RestoreStatus, ScheduleSpec, ScheduleStatus,
 };
 
 macro_rules! velero_resource {
@@ -61,6 +62,15 @@ velero_resource!(
     "podvolumebackups",
     PodVolumeBackupSpec,
     PodVolumeBackupStatus
+);
+
+velero_resource!(Restore, "Restore", "restores", RestoreSpec, RestoreStatus);
+velero_resource!(
+    PodVolumeRestore,
+    "PodVolumeRestore",
+    "podvolumerestores",
+    PodVolumeRestoreSpec,
+    PodVolumeRestoreStatus
 );
 
 impl PodVolumeBackup {

@@ -7,6 +7,7 @@
 
 pub mod leader;
 pub mod reconcile;
+pub mod restores;
 pub mod stores;
 
 use std::sync::Arc;
@@ -40,6 +41,8 @@ pub struct Config {
     pub helper: HelperOptions,
     pub default_claims: Arc<ClaimGlobs>,
     pub lease: LeaseOptions,
+    /// A restore helper whose volume failed to restore is kept this long for inspection.
+    pub failed_helper_ttl: SignedDuration,
 }
 
 impl Config {

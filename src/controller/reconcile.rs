@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::Config;
+use super::restores::RestoreCleanup;
 use super::stores::Stores;
 use crate::cluster::events::EventSink;
 use crate::cluster::velero::Schedule;
@@ -62,7 +63,9 @@ pub async fn run(
         () = stop.cancelled() => return,
     }
     info!("watches listed: reconciling");
+    let restores = RestoreCleanup::new(client.clone(), metrics.clone(), config.failed_helper_ttl);
     let mut reconciler = Reconciler {
+        restores,
         client: client.clone(),
         events: EventSink::new(Some(client)),
         config,
@@ -120,6 +123,8 @@ struct Reconciler {
     reported: HashSet<(String, String)>,
     /// Helpers reported as not running, by uid.
     stuck_reported: HashSet<String>,
+    /// Restore helpers done with.
+    restores: RestoreCleanup,
 }
 
 impl Reconciler {
@@ -254,6 +259,7 @@ impl Reconciler {
             .collect();
         let (stuck, next_stuck) = plan::stuck_helpers(&pods, now, STUCK_AFTER);
         self.report_stuck(&stuck, &uids);
+        let next_failed_expiry = self.restores.pass(stores, &pods, &uids, now).await;
         self.apply(plan, &uids, stores).await;
         // A write that timed out or failed is retried when its pending entry expires:
         // wake then, even if nothing else happens.
@@ -264,7 +270,7 @@ impl Reconciler {
             .min()
             .and_then(|d| SignedDuration::try_from(d).ok())
             .map(|d| Timestamp::now() + d);
-        [windows.next_change, next_stuck, retry]
+        [windows.next_change, next_stuck, retry, next_failed_expiry]
             .into_iter()
             .flatten()
             .min()

@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 use tracing::warn;
 
-use crate::cluster::velero::{Backup, PodVolumeBackup, Schedule};
+use crate::cluster::velero::{Backup, PodVolumeBackup, PodVolumeRestore, Restore, Schedule};
 use crate::policy::{ClaimRecord, PodRecord};
 
 #[derive(Clone)]
@@ -26,6 +26,8 @@ pub struct Stores {
     pub schedules: Store<Schedule>,
     pub backups: Store<Backup>,
     pub pvbs: Store<PodVolumeBackup>,
+    pub restores: Store<Restore>,
+    pub pvrs: Store<PodVolumeRestore>,
     pub changed: Arc<Changed>,
 }
 
@@ -122,6 +124,29 @@ impl Stores {
             stop,
             "podvolumebackups",
         );
+        // Restores and PodVolumeRestores: when a restore helper is done.
+        let restores = watch(
+            Api::namespaced(client.clone(), velero_namespace),
+            &config,
+            |r: &mut Restore| {
+                r.metadata.managed_fields = None;
+                r.metadata.annotations = None;
+            },
+            &changed,
+            stop,
+            "restores",
+        );
+        let pvrs = watch(
+            Api::namespaced(client.clone(), velero_namespace),
+            &config,
+            |p: &mut PodVolumeRestore| {
+                p.metadata.managed_fields = None;
+                p.metadata.annotations = None;
+            },
+            &changed,
+            stop,
+            "podvolumerestores",
+        );
         Self {
             namespaces,
             claims,
@@ -129,6 +154,8 @@ impl Stores {
             schedules,
             backups,
             pvbs,
+            restores,
+            pvrs,
             changed,
         }
     }
@@ -147,6 +174,8 @@ impl Stores {
         self.schedules.wait_until_ready().await?;
         self.backups.wait_until_ready().await?;
         self.pvbs.wait_until_ready().await?;
+        self.restores.wait_until_ready().await?;
+        self.pvrs.wait_until_ready().await?;
         Ok(())
     }
 }

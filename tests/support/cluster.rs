@@ -369,7 +369,9 @@ impl Webhook {
         wh["metadata"]["name"] = self.configuration.clone().into();
         let ca = base64::engine::general_purpose::STANDARD.encode(ca_pem);
         for hook in wh["webhooks"].as_array_mut().expect("webhooks") {
-            let path = hook["clientConfig"]["service"]["path"].as_str().expect("a path");
+            let path = hook["clientConfig"]["service"]["path"]
+                .as_str()
+                .expect("a path");
             let url = format!("{base}{path}");
             hook["clientConfig"] = json!({"url": url, "caBundle": ca});
             hook["namespaceSelector"]["matchLabels"][TEST_LABEL] = self.run_label.clone().into();

@@ -146,6 +146,8 @@ impl Setup {
             default_claims: Arc::new(ClaimGlobs::parse("claim-*").expect("globs")),
             // A Lease of this test's own: tests run side by side on one server.
             lease: LeaseOptions::with_duration(&unique("lease"), lease),
+            // Short, so the restore tests see a failed helper kept and then deleted.
+            failed_helper_ttl: SignedDuration::from_secs(6),
         };
         let mut setup = Self {
             client,
