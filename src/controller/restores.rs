@@ -16,8 +16,8 @@ use super::stores::Stores;
 use crate::cluster::events::EventSink;
 use crate::metrics::{Metrics, StateLabels};
 use crate::names;
-use crate::policy::{PodFacts, PodRecord};
 use crate::policy::cleanup::{self, HelperState, PvrView, RestoreHelper, RestoreView};
+use crate::policy::{PodFacts, PodRecord};
 
 /// A deletion made is not repeated (nor its Events) until the watch shows it, or this long.
 const DELETED_FOR: Duration = Duration::from_secs(30);

@@ -258,6 +258,8 @@ pub async fn set_status(setup: &Setup, plural: &str, name: &str, status: Value) 
     let kind = match plural {
         "backups" => "Backup",
         "podvolumebackups" => "PodVolumeBackup",
+        "restores" => "Restore",
+        "podvolumerestores" => "PodVolumeRestore",
         _ => "Schedule",
     };
     let api = dynamic(setup, kind, plural);

@@ -1,0 +1,745 @@
+//! Restores against the real API server (issue 9): the test plays Velero exactly as its
+//! source does (v1.18, cited per step), our webhook and controller run as the manifests'
+//! ServiceAccounts, the real kube-scheduler places the restore helpers, and the test plays
+//! the node-agent's PodVolumeRestores and KubeSpawner's spawn during the restore.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Event, Pod};
+use kube::Api;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+use support::cluster::{self, Webhook, eventually, from_json, unique};
+use support::controller::{Setup, dynamic, restricted_user_pod, set_status};
+use velero_jupyterhub::metrics::sample;
+use velero_jupyterhub::names;
+
+const VELERO_IMAGE: &str = "velero/velero:v1.18.1";
+
+/// A pod from the backup, as Velero re-creates it in restore `restore` (uid `restore_uid`)
+/// of backup `backup`, with PodVolumeBackups for `with_pvb`:
+/// - pkg/restore/restore.go `resetMetadataAndStatus`: generateName, uid, resourceVersion,
+///   creationTimestamp, ownerReferences… and status go; `addRestoreLabels` adds
+///   `velero.io/backup-name` and `velero.io/restore-name` before the create call;
+/// - pkg/restore/actions/pod_action.go: `spec.nodeName` and `spec.priority` cleared;
+/// - pkg/restore/actions/pod_volume_restore_action.go: any restore-wait removed, then one
+///   prepended (only if some volume has a PodVolumeBackup) named `restore-wait`, args the
+///   Restore's uid, env POD_NAMESPACE/POD_NAME from fieldRefs, 100m/128Mi requests and
+///   limits, the first container's securityContext copied (else Velero's restricted
+///   default), and `/restores/<volume>` mounts for exactly those volumes.
+fn velero_recreates(
+    mut pod: Value,
+    restore: &str,
+    restore_uid: &str,
+    backup: &str,
+    with_pvb: &[&str],
+) -> Value {
+    let meta = pod["metadata"].as_object_mut().expect("metadata");
+    for k in [
+        "generateName",
+        "selfLink",
+        "uid",
+        "resourceVersion",
+        "generation",
+        "creationTimestamp",
+        "deletionTimestamp",
+        "deletionGracePeriodSeconds",
+        "ownerReferences",
+        "namespace",
+    ] {
+        meta.remove(k);
+    }
+    pod.as_object_mut().expect("pod").remove("status");
+    pod["metadata"]["labels"]["velero.io/backup-name"] = backup.into();
+    pod["metadata"]["labels"][names::VELERO_RESTORE_NAME] = restore.into();
+    let spec = pod["spec"].as_object_mut().expect("spec");
+    spec.remove("nodeName");
+    spec.remove("priority");
+    let mut init: Vec<Value> = spec
+        .get("initContainers")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|c| c["name"] != "restore-wait" && c["name"] != "restic-wait")
+        .collect();
+    if !with_pvb.is_empty() {
+        let security_context = spec["containers"][0]
+            .get("securityContext")
+            .cloned()
+            .unwrap_or_else(|| {
+                json!({"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]},
+                   "runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532,
+                   "seccompProfile": {"type": "RuntimeDefault"}})
+            });
+        let wait = json!({
+            "name": "restore-wait", "image": VELERO_IMAGE,
+            "command": ["/velero-restore-helper"], "args": [restore_uid],
+            "env": [
+                {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            ],
+            "resources": {"requests": {"cpu": "100m", "memory": "128Mi"},
+                          "limits": {"cpu": "100m", "memory": "128Mi"}},
+            "securityContext": security_context,
+            "volumeMounts": with_pvb.iter()
+                .map(|v| json!({"name": v, "mountPath": format!("/restores/{v}")}))
+                .collect::<Vec<_>>(),
+        });
+        init.insert(0, wait);
+    }
+    if init.is_empty() {
+        spec.remove("initContainers");
+    } else {
+        spec.insert("initContainers".into(), init.into());
+    }
+    pod
+}
+
+/// Every field of `sent` is in `stored` with the same value (the API server adds its
+/// defaults, e.g. `terminationMessagePath`, and nothing else may differ).
+fn is_subset(sent: &Value, stored: &Value) -> bool {
+    match (sent, stored) {
+        (Value::Object(a), Value::Object(b)) => a
+            .iter()
+            .all(|(k, v)| b.get(k).is_some_and(|w| is_subset(v, w))),
+        (Value::Array(a), Value::Array(b)) => {
+            a.len() == b.len() && a.iter().zip(b).all(|(v, w)| is_subset(v, w))
+        }
+        _ => sent == stored,
+    }
+}
+
+/// The z2jh hub's ServiceAccount, with the pod rights z2jh gives it (jupyterhub/templates/
+/// hub/rbac.yaml: get, watch, list, create, delete; no patch).
+async fn hub_client(client: &kube::Client, namespace: &str) -> kube::Client {
+    let role = json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+        "metadata": {"name": "hub", "namespace": namespace},
+        "rules": [{"apiGroups": [""], "resources": ["pods", "persistentvolumeclaims"],
+                   "verbs": ["get", "watch", "list", "create", "delete"]}],
+    });
+    let binding = json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": "hub", "namespace": namespace},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "hub"},
+        "subjects": [{"kind": "ServiceAccount", "name": "hub", "namespace": namespace}],
+    });
+    cluster::apply_dynamic(client, &role).await;
+    cluster::apply_dynamic(client, &binding).await;
+    cluster::client_as_service_account(namespace, "hub").await
+}
+
+/// The first Event about `kind`/`name` with `reason` in `namespace`.
+async fn event(
+    client: &kube::Client,
+    namespace: &str,
+    kind: &str,
+    name: &str,
+    reason: &str,
+) -> Event {
+    let api: Api<Event> = Api::namespaced(client.clone(), namespace);
+    let selector = format!("involvedObject.kind={kind},involvedObject.name={name},reason={reason}");
+    eventually(Duration::from_secs(20), || {
+        let (api, selector) = (api.clone(), selector.clone());
+        async move {
+            let list = api
+                .list(&ListParams::default().fields(&selector))
+                .await
+                .ok()?;
+            list.items.into_iter().next()
+        }
+    })
+    .await
+    .unwrap_or_else(|| panic!("no {reason} Event about {kind} {namespace}/{name}"))
+}
+
+/// A PodVolumeRestore as pkg/podvolume/restorer.go `newPodVolumeRestore` makes it.
+async fn pod_volume_restore(
+    setup: &Setup,
+    restore: &str,
+    restore_uid: &str,
+    pod: &Pod,
+    volume: &str,
+) -> String {
+    let name = unique(&format!("{restore}-"));
+    let uid = pod.metadata.uid.as_deref().expect("uid");
+    let pvr = json!({
+        "apiVersion": "velero.io/v1", "kind": "PodVolumeRestore",
+        "metadata": {"name": name, "namespace": setup.velero, "labels": {
+            (names::VELERO_RESTORE_NAME): restore, "velero.io/restore-uid": restore_uid,
+            (names::VELERO_POD_UID): uid}},
+        "spec": {"pod": {"kind": "Pod", "namespace": setup.users,
+                         "name": pod.metadata.name, "uid": uid},
+                 "volume": volume, "snapshotID": "4c3b2a1f0e9d8c7b", "backupStorageLocation": "default",
+                 "repoIdentifier": "", "uploaderType": "kopia", "sourceNamespace": setup.users},
+    });
+    cluster::apply_dynamic(&setup.client, &pvr).await;
+    set_status(
+        setup,
+        "podvolumerestores",
+        &name,
+        json!({"phase": "InProgress"}),
+    )
+    .await;
+    name
+}
+
+/// The Nebari-shaped user pod of `user` (KubeSpawner with Nebari's spawner config): the
+/// home claim as volume `home`, a second per-user claim, a shared RWX claim mounted with
+/// `subPath`, a ConfigMap, and a (preferred) podAffinity.
+fn nebari_pod(user: &str, shared_claim: &str) -> Value {
+    let mut pod = serde_json::to_value(restricted_user_pod(user)).expect("json");
+    pod["spec"]["volumes"] = json!([
+        {"name": "home", "persistentVolumeClaim": {"claimName": format!("claim-{user}")}},
+        {"name": "projects", "persistentVolumeClaim": {"claimName": format!("claim-{user}-projects")}},
+        {"name": "shared", "persistentVolumeClaim": {"claimName": shared_claim}},
+        {"name": "etc-jupyter", "configMap": {"name": "etc-jupyter"}},
+    ]);
+    pod["spec"]["containers"][0]["volumeMounts"] = json!([
+        {"name": "home", "mountPath": "/home/jovyan"},
+        {"name": "projects", "mountPath": "/home/jovyan/projects"},
+        {"name": "shared", "mountPath": "/shared/analysts", "subPath": "shared/analysts"},
+        {"name": "etc-jupyter", "mountPath": "/etc/jupyter"},
+    ]);
+    pod["spec"]["affinity"] = json!({"podAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+        {"weight": 100, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname",
+            "labelSelector": {"matchLabels": {"app.kubernetes.io/component": "dask-worker"}}}}]}});
+    pod
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn velero_re_created_pods_become_restore_helpers_guarded_and_cleaned_up() {
+    let setup = Setup::new().await;
+    let client = setup.client.clone();
+    assert!(
+        cluster::server_minor(&client).await >= 30,
+        "the restore guard's DELETE policy is a ValidatingAdmissionPolicy (v1.30+): run on the current test server"
+    );
+    let webhook = Webhook::start(&client).await;
+    // Into the webhook's registration (its test label); Pod Security `restricted` so far.
+    let ns = setup.users.clone();
+    let namespaces = Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone());
+    let label = |labels: Value| {
+        let namespaces = namespaces.clone();
+        let ns = ns.clone();
+        async move {
+            let patch = Patch::Merge(json!({"metadata": {"labels": labels}}));
+            namespaces
+                .patch(&ns, &PatchParams::default(), &patch)
+                .await
+                .expect("label the namespace");
+        }
+    };
+    label(json!({(cluster::TEST_LABEL): webhook.run_label})).await;
+    let shared = unique("jupyterhub-shared");
+    for (claim, user) in [
+        ("claim-alice", "alice"),
+        ("claim-bob", "bob"),
+        ("claim-bob-projects", "bob"),
+        (shared.as_str(), "none"),
+        ("claim-carol", "carol"),
+    ] {
+        cluster::bound_claim(&client, &ns, claim, user).await;
+    }
+
+    // The Restore, as `velero restore create` makes it; Velero sets InProgress.
+    let restore = unique("restore");
+    let backup = "daily-20261128030000";
+    let created = cluster::apply_dynamic(
+        &client,
+        &json!({"apiVersion": "velero.io/v1", "kind": "Restore",
+                "metadata": {"name": restore, "namespace": setup.velero},
+                "spec": {"backupName": backup, "includedNamespaces": [ns]}}),
+    )
+    .await;
+    let restore_uid = created["metadata"]["uid"].as_str().expect("uid").to_owned();
+    set_status(&setup, "restores", &restore, json!({"phase": "InProgress"})).await;
+
+    // The pods in the backup. Each tolerates this test's nodes (as the hub's do theirs).
+    let run_toleration = setup.config.helper.tolerations.clone();
+    let with_tolerations = |mut pod: Value| {
+        let mut tolerations = pod["spec"]["tolerations"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        tolerations.extend(
+            run_toleration
+                .iter()
+                .map(|t| serde_json::to_value(t).unwrap()),
+        );
+        pod["spec"]["tolerations"] = tolerations.into();
+        pod
+    };
+    let mut alice = serde_json::to_value(cluster::user_pod("alice")).unwrap();
+    alice["spec"]["nodeName"] = setup.nodes[0].clone().into();
+    alice["status"] = json!({"phase": "Running"});
+    alice["metadata"]["annotations"][names::VELERO_BACKUP_VOLUMES] = "volume-alice".into();
+    let bob = nebari_pod("bob", &shared);
+    let helper_options = setup.config.helper.clone();
+    let carol = serde_json::to_value(velero_jupyterhub::policy::helper::backup_helper(
+        &velero_jupyterhub::policy::helper::ClaimRef {
+            namespace: &ns,
+            name: "claim-carol",
+            uid: "0c0c0c0c-0000-4000-8000-000000000001",
+            username: Some("carol"),
+        },
+        velero_jupyterhub::policy::helper::own_labels(Some("carol")),
+        &helper_options,
+    ))
+    .unwrap();
+    // dave's server was in the backup, but none of its volumes was backed up.
+    let dave = serde_json::to_value(cluster::user_pod("dave")).unwrap();
+    let backed_up = [
+        (alice, vec!["volume-alice"]),
+        (bob, vec!["home", "projects"]),
+        (carol, vec![velero_jupyterhub::policy::helper::VOLUME]),
+        (dave, vec![]),
+    ];
+
+    let pods = setup.pods();
+    // In a `restricted` namespace, the restore helper of a pod whose container is
+    // restricted (Velero copies its securityContext to restore-wait) passes Pod Security;
+    // that of a stock z2jh pod does not, because of Velero's restore-wait alone.
+    let dry_run = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    for (pod, volumes) in &backed_up {
+        let sent = velero_recreates(
+            with_tolerations(pod.clone()),
+            &restore,
+            &restore_uid,
+            backup,
+            volumes,
+        );
+        let stock_z2jh = sent["spec"]["initContainers"].as_array().is_some_and(|i| {
+            i.iter().any(|c| c["name"] == "block-cloud-metadata")
+                && i.iter().any(|c| c["name"] == "restore-wait")
+        });
+        let sent: Pod = from_json(sent);
+        let outcome = eventually(Duration::from_secs(20), || {
+            let (pods, sent, dry_run) = (pods.clone(), sent.clone(), dry_run.clone());
+            async move {
+                match pods.create(&dry_run, &sent).await {
+                    // Converted by the webhook (its registration may take a moment).
+                    Ok(p) if p.spec.as_ref()?.containers[0].name == "restore-helper" => {
+                        Some(Ok(()))
+                    }
+                    Ok(_) => None,
+                    Err(kube::Error::Api(e)) if e.message.contains("violates PodSecurity") => {
+                        Some(Err(e.message))
+                    }
+                    Err(_) => None,
+                }
+            }
+        })
+        .await
+        .expect("an answer");
+        match (stock_z2jh, outcome) {
+            (false, Ok(())) => {}
+            (true, Err(message)) => assert!(
+                message.contains(r#"container "restore-wait""#)
+                    && !message.contains(r#"container "restore-helper""#),
+                "{message}"
+            ),
+            (stock, outcome) => panic!("stock z2jh {stock}: {outcome:?}"),
+        }
+    }
+    // Then `baseline`, as z2jh's own pods (a privileged init container) need.
+    label(json!({"pod-security.kubernetes.io/enforce": "baseline",
+                 "pod-security.kubernetes.io/warn": "restricted"}))
+    .await;
+    let mut stored = BTreeMap::new();
+    for (pod, volumes) in backed_up {
+        let sent = velero_recreates(
+            with_tolerations(pod),
+            &restore,
+            &restore_uid,
+            backup,
+            &volumes,
+        );
+        let name = sent["metadata"]["name"].as_str().unwrap().to_owned();
+        // As Velero: a plain create (pkg/restore/restore.go `createResource`).
+        let got = pods
+            .create(&PostParams::default(), &from_json(sent.clone()))
+            .await
+            .unwrap_or_else(|e| panic!("Velero's create of {name}: {e}"));
+        let got = serde_json::to_value(got).unwrap();
+        assert_restore_helper(&sent, &got, &volumes, &helper_options.image);
+        stored.insert(name, (sent, got));
+    }
+    let carol_name = velero_jupyterhub::policy::helper::helper_name("claim-carol");
+    // Nebari's pod: the shared claim and the ConfigMap are gone; podAffinity kept.
+    let (bob_sent, bob_got) = &stored["jupyter-bob"];
+    assert_eq!(bob_got["spec"]["affinity"], bob_sent["spec"]["affinity"]);
+    let kept: Vec<&str> = bob_got["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(kept, ["home", "projects"]);
+    // The backup helper's read-only claim is writable now (the node-agent writes to it).
+    let (_, carol_got) = &stored[&carol_name];
+    assert_eq!(
+        carol_got["spec"]["volumes"][0]["persistentVolumeClaim"].get("readOnly"),
+        None
+    );
+
+    // dave's had nothing to restore: the controller deletes it at once.
+    eventually(Duration::from_secs(20), || async {
+        pods.get_opt("jupyter-dave")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await
+    .expect("a restore helper with nothing to restore is deleted");
+    stored.remove("jupyter-dave");
+
+    // The real kube-scheduler places each one (no z2jh user-scheduler needed).
+    for name in stored.keys() {
+        let node = eventually(Duration::from_secs(30), || {
+            let pods = pods.clone();
+            async move { pods.get(name).await.ok()?.spec?.node_name }
+        })
+        .await
+        .unwrap_or_else(|| panic!("the scheduler did not place {name}"));
+        assert!(setup.nodes.contains(&node), "{name} on {node}");
+    }
+    // The kubelet starts them (the test plays it: restore-wait waits for the node-agent).
+    for name in stored.keys() {
+        cluster::set_phase(&pods, name, "Pending").await;
+    }
+
+    // KubeSpawner spawns alice meanwhile. Admission runs before the name is checked, so
+    // the webhook's guard answers first, with a message the hub shows the user.
+    let hub = hub_client(&client, &ns).await;
+    let hub_pods: Api<Pod> = Api::namespaced(hub.clone(), &ns);
+    let want = format!(
+        "home volume claim-alice is being restored by Velero restore {restore} (pod jupyter-alice); try again when it completes"
+    );
+    let err = hub_pods
+        .create(&PostParams::default(), &cluster::user_pod("alice"))
+        .await
+        .expect_err("the restore guard refuses it");
+    assert!(
+        matches!(&err, kube::Error::Api(e) if e.code == 403 && e.message.contains(&want)),
+        "{err}"
+    );
+    // With the webhook missed (failurePolicy Ignore), KubeSpawner would get a 409 and
+    // delete the pod that has the name: the guard policy refuses that, in the API server.
+    let err = hub_pods
+        .delete("jupyter-alice", &DeleteParams::default())
+        .await
+        .expect_err("the guard refuses KubeSpawner's delete");
+    let message = err.to_string();
+    assert!(
+        message.contains("is restoring home volumes for Velero restore")
+            && message.contains(&restore),
+        "{message}"
+    );
+    assert!(
+        pods.get_opt("jupyter-alice").await.unwrap().is_some(),
+        "the helper survives"
+    );
+    // A named server of alice's mounting the same claim: the webhook refuses it, clearly.
+    let mut named = serde_json::to_value(restricted_user_pod("alice")).unwrap();
+    named["metadata"]["name"] = "jupyter-alice--gpu".into();
+    let err = hub_pods
+        .create(&PostParams::default(), &from_json(named.clone()))
+        .await
+        .expect_err("the restore guard refuses it");
+    assert!(err.to_string().contains(&want), "{err}");
+
+    // The node-agent fills the volumes (pkg/podvolume/restorer.go: one PodVolumeRestore
+    // per volume, labelled with the pod's uid) …
+    let uid_of = |name: &str| from_json::<Pod>(stored[name].1.clone());
+    let alice_pod = uid_of("jupyter-alice");
+    let bob_pod = uid_of("jupyter-bob");
+    let carol_pod = uid_of(&carol_name);
+    let pvr_alice =
+        pod_volume_restore(&setup, &restore, &restore_uid, &alice_pod, "volume-alice").await;
+    let pvr_bob_home = pod_volume_restore(&setup, &restore, &restore_uid, &bob_pod, "home").await;
+    let pvr_bob_projects =
+        pod_volume_restore(&setup, &restore, &restore_uid, &bob_pod, "projects").await;
+    let pvr_carol = pod_volume_restore(
+        &setup,
+        &restore,
+        &restore_uid,
+        &carol_pod,
+        velero_jupyterhub::policy::helper::VOLUME,
+    )
+    .await;
+    // … and while they run, every helper stays.
+    let metrics = setup.controllers[0].metrics.clone();
+    eventually(Duration::from_secs(20), || async {
+        let text = metrics.encode();
+        (sample(
+            &text,
+            r#"velero_jupyterhub_restore_helpers{state="restoring"}"#,
+        ) == Some(3.0))
+        .then_some(())
+    })
+    .await
+    .expect("three restore helpers restoring");
+    assert_eq!(
+        pods.list(&ListParams::default().labels("app.kubernetes.io/component=restore-helper"))
+            .await
+            .unwrap()
+            .items
+            .len(),
+        3
+    );
+
+    let done = |bytes: i64| {
+        json!({"phase": "Completed", "progress": {"totalBytes": bytes, "bytesDone": bytes},
+               "completionTimestamp": k8s_openapi::jiff::Timestamp::now().to_string()})
+    };
+    set_status(&setup, "podvolumerestores", &pvr_alice, done(1_048_576)).await;
+    set_status(&setup, "podvolumerestores", &pvr_carol, done(4096)).await;
+    set_status(&setup, "podvolumerestores", &pvr_bob_home, done(2048)).await;
+    set_status(
+        &setup,
+        "podvolumerestores",
+        &pvr_bob_projects,
+        json!({"phase": "Failed", "message": "error restoring volume: repository not found",
+               "completionTimestamp": k8s_openapi::jiff::Timestamp::now().to_string()}),
+    )
+    .await;
+
+    // Completed: deleted, and the claim says what came back.
+    for name in ["jupyter-alice", carol_name.as_str()] {
+        eventually(Duration::from_secs(20), || async {
+            pods.get_opt(name).await.ok()?.is_none().then_some(())
+        })
+        .await
+        .unwrap_or_else(|| panic!("{name} deleted once restored"));
+    }
+    let restored = event(
+        &client,
+        &ns,
+        "PersistentVolumeClaim",
+        "claim-alice",
+        "Restored",
+    )
+    .await;
+    assert_eq!(
+        restored.message.as_deref().unwrap_or_default(),
+        format!(
+            "restored from backup {backup} by restore {restore} (1048576 bytes, volume volume-alice of pod jupyter-alice)"
+        )
+    );
+    // Failed: a Warning on the claim, the helper kept for inspection …
+    let failed = event(
+        &client,
+        &ns,
+        "PersistentVolumeClaim",
+        "claim-bob-projects",
+        "RestoreFailed",
+    )
+    .await;
+    assert_eq!(failed.type_.as_deref(), Some("Warning"));
+    let message = failed.message.unwrap_or_default();
+    assert!(
+        message.contains(
+            "did not restore volume projects (Failed): error restoring volume: repository not found"
+        ) && message.contains("kept until"),
+        "{message}"
+    );
+    assert!(
+        pods.get_opt("jupyter-bob").await.unwrap().is_some(),
+        "kept for inspection"
+    );
+    let text = metrics.encode();
+    assert_eq!(
+        sample(
+            &text,
+            r#"velero_jupyterhub_restore_helpers{state="failed"}"#
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "velero_jupyterhub_restored_bytes_total"),
+        Some(1_048_576.0 + 4096.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "velero_jupyterhub_restore_volumes_failed_total"),
+        Some(1.0),
+        "{text}"
+    );
+    // … then deleted after --failed-helper-ttl (6 s in these tests).
+    eventually(Duration::from_secs(30), || async {
+        pods.get_opt("jupyter-bob")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await
+    .expect("the failed helper is deleted after its time");
+
+    // The restore is over for alice: her server starts, and gets its backup annotation.
+    let created = eventually(Duration::from_secs(20), || {
+        let hub_pods = hub_pods.clone();
+        async move {
+            hub_pods
+                .create(&PostParams::default(), &restricted_user_pod("alice"))
+                .await
+                .ok()
+        }
+    })
+    .await
+    .expect("alice's server starts once the restore is done");
+    assert_eq!(cluster::backup_volumes(&created), Some("volume-alice"));
+    let _ = hub_pods
+        .create(&PostParams::default(), &from_json(named))
+        .await
+        .expect("the named server too");
+
+    // Nothing else was touched: the webhook counted what it did per entry.
+    let text = webhook.server.metrics.encode();
+    // Each pod converted once by the dry run and once for real.
+    let converted = r#"velero_jupyterhub_admission_requests_total{webhook="restore",outcome="restore_converted"}"#;
+    assert_eq!(sample(&text, converted), Some(8.0), "{text}");
+    let guarded = r#"velero_jupyterhub_admission_requests_total{webhook="live",outcome="restore_guard_denied"}"#;
+    assert_eq!(sample(&text, guarded), Some(2.0), "{text}");
+    // Every later call (the restore-helper entry after restore-user, reinvocations)
+    // found nothing to change: each pod was converted exactly once.
+    let no_op = r#"velero_jupyterhub_admission_requests_total{webhook="restore",outcome="restore_already_converted"}"#;
+    assert!(sample(&text, no_op).is_some_and(|n| n >= 3.0), "{text}");
+    let restore_lines = text
+        .lines()
+        .filter(|l| l.contains(r#"webhook="restore""#))
+        .count();
+    assert_eq!(
+        restore_lines, 2,
+        "only conversions and no-ops on the restore path: {text}"
+    );
+
+    let _ = dynamic(&setup, "Restore", "restores")
+        .delete(&restore, &DeleteParams::default())
+        .await;
+    webhook.finish().await;
+    setup.finish().await;
+}
+
+/// The restore helper as stored, field by field, against the pod Velero sent.
+fn assert_restore_helper(sent: &Value, got: &Value, restored: &[&str], image: &str) {
+    let name = got["metadata"]["name"].as_str().unwrap_or_default();
+    let spec = &got["spec"];
+    let init = spec["initContainers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    if restored.is_empty() {
+        assert!(
+            init.is_empty(),
+            "{name}: no restore-wait, no init container"
+        );
+        assert!(spec.get("volumes").is_none(), "{name}: {spec}");
+    } else {
+        // restore-wait first, alone, and as Velero sent it (plus the API server's defaults).
+        assert_eq!(init.len(), 1, "{name}: {init:?}");
+        assert!(
+            is_subset(&sent["spec"]["initContainers"][0], &init[0]),
+            "{name}: {:?}",
+            init[0]
+        );
+        let volumes: Vec<&str> = spec["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(volumes, restored, "{name}: exactly the restored volumes");
+        for v in spec["volumes"].as_array().unwrap() {
+            assert!(
+                v["persistentVolumeClaim"].get("readOnly").is_none(),
+                "{name}: {v}"
+            );
+        }
+    }
+    let containers = spec["containers"].as_array().unwrap();
+    assert_eq!(containers.len(), 1, "{name}");
+    let c = &containers[0];
+    assert_eq!(
+        (c["name"].as_str(), c["image"].as_str()),
+        (Some("restore-helper"), Some(image))
+    );
+    let mounts: Vec<(&str, &str)> = c["volumeMounts"]
+        .as_array()
+        .map(|m| {
+            m.iter()
+                .map(|m| {
+                    (
+                        m["name"].as_str().unwrap(),
+                        m["mountPath"].as_str().unwrap(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let want: Vec<(String, String)> = restored
+        .iter()
+        .map(|v| (v.to_string(), format!("/volumes/{v}")))
+        .collect();
+    let want: Vec<(&str, &str)> = want.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    assert_eq!(mounts, want, "{name}");
+    assert_eq!(
+        c["securityContext"]["allowPrivilegeEscalation"], false,
+        "{name}"
+    );
+    assert_eq!(
+        c["securityContext"]["capabilities"]["drop"],
+        json!(["ALL"]),
+        "{name}"
+    );
+    assert_eq!(spec["automountServiceAccountToken"], false, "{name}");
+    assert_eq!(spec["serviceAccountName"], "default", "{name}");
+    assert_eq!(
+        spec["schedulerName"], "default-scheduler",
+        "{name}: the API server's default"
+    );
+    assert!(spec.get("priorityClassName").is_none(), "{name}");
+    assert_eq!(spec["securityContext"]["runAsNonRoot"], true, "{name}");
+    // Placement kept (the DefaultTolerationSeconds admission plugin adds its own).
+    let stored_tolerations = spec["tolerations"].as_array().cloned().unwrap_or_default();
+    for t in sent["spec"]["tolerations"].as_array().into_iter().flatten() {
+        assert!(stored_tolerations.contains(t), "{name}: {t} kept");
+    }
+    assert_eq!(
+        spec["securityContext"].get("fsGroup"),
+        sent["spec"]["securityContext"].get("fsGroup"),
+        "{name}: the pod's fsGroup kept"
+    );
+    let labels = &got["metadata"]["labels"];
+    assert_eq!(labels[names::MANAGED_BY], names::MANAGED_BY_US, "{name}");
+    assert_eq!(labels[names::COMPONENT], names::RESTORE_HELPER, "{name}");
+    assert!(labels.get("component").is_none(), "{name}: {labels}");
+    assert!(
+        labels.get("hub.jupyter.org/network-access-hub").is_none(),
+        "{name}"
+    );
+    assert_eq!(
+        labels[names::VELERO_RESTORE_NAME],
+        sent["metadata"]["labels"][names::VELERO_RESTORE_NAME]
+    );
+    assert_eq!(
+        labels[names::JUPYTERHUB_USERNAME],
+        sent["metadata"]["labels"][names::JUPYTERHUB_USERNAME]
+    );
+    let annotations = &got["metadata"]["annotations"];
+    assert!(
+        annotations.get(names::VELERO_BACKUP_VOLUMES).is_none(),
+        "{name}: {annotations}"
+    );
+    assert_eq!(annotations["sidecar.istio.io/inject"], "false", "{name}");
+}
