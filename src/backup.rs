@@ -622,7 +622,7 @@ async fn follow(
     }
 }
 
-fn human_bytes(b: i64) -> String {
+pub(crate) fn human_bytes(b: i64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = b as f64;
     let mut unit = 0;

@@ -58,6 +58,58 @@ pub enum Command {
     /// window (the controller starts helpers), creates the Backup, and with --wait
     /// follows it and reports each user claim. Exit 2: some user claim is not in it.
     Backup(Box<BackupArgs>),
+    /// Restore users' homes from a Velero Backup: checks their servers are stopped and
+    /// nothing would be skipped or overwritten silently, creates the Restore, and with
+    /// --wait follows it and reports each claim. Exit 2: some claim was not restored.
+    Restore(Box<RestoreArgs>),
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// The namespace to restore into (opted in, with the webhook running).
+    #[arg(long, short = 'n')]
+    pub namespace: String,
+    /// The Velero Backup to restore from.
+    #[arg(long)]
+    pub from_backup: String,
+    /// Restore only this user (their `hub.jupyter.org/username` label, as on their pods
+    /// and claims); repeat for more. Default: every user of the namespace.
+    #[arg(long = "user")]
+    pub users: Vec<String>,
+    /// Follow the Restore to its end and print one row per claim.
+    #[arg(long)]
+    pub wait: bool,
+    /// Restore into claims that still exist: the backup's files are written over theirs
+    /// (same-named files replaced, files created since kept). Without it, an existing
+    /// claim stops the restore; delete it first for an exact restore.
+    #[arg(long)]
+    pub into_existing: bool,
+    /// Where Velero's Backups, Restores and their volume objects are.
+    #[arg(long, env = "VJH_VELERO_NAMESPACE", default_value = "velero")]
+    pub velero_namespace: String,
+    /// Claim-name globs used when the namespace has no `velero-jupyterhub.io/claims`
+    /// annotation (the controller's --claims).
+    #[arg(long, env = "VJH_CLAIMS", default_value = names::DEFAULT_CLAIM_GLOBS)]
+    pub claims: ClaimGlobs,
+    /// --wait gives up after this long (the Restore goes on; at most 24h).
+    #[arg(long, default_value = "6h", value_parser = parse_timeout)]
+    pub timeout: Duration,
+}
+
+impl RestoreArgs {
+    pub fn options(self) -> crate::restore::Options {
+        crate::restore::Options {
+            namespace: self.namespace,
+            velero_namespace: self.velero_namespace,
+            backup: self.from_backup,
+            users: self.users,
+            wait: self.wait,
+            into_existing: self.into_existing,
+            timeout: self.timeout,
+            default_claims: Arc::new(self.claims),
+            poll: Duration::from_secs(1),
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -416,6 +468,28 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             controller(*args).await.map(|()| 0)
         }
         Command::Backup(args) => backup(*args).await,
+        Command::Restore(args) => restore(*args).await,
+    }
+}
+
+/// Exit 0: the Restore was created (and with --wait, every claim restored); 2: some
+/// claim was not (the rows say why); errors, refusals included, exit 1.
+async fn restore(args: RestoreArgs) -> anyhow::Result<i32> {
+    let client = crate::cluster::try_client()
+        .await
+        .context("connecting to the Kubernetes API")?
+        .context("no kubeconfig or in-cluster configuration found")?;
+    let options = args.options();
+    let mut stderr = std::io::stderr();
+    match crate::restore::run(client, &options, &mut stderr).await? {
+        crate::restore::Finished::Started { restore } => {
+            println!("{restore}");
+            Ok(0)
+        }
+        crate::restore::Finished::Done(report) => {
+            print!("{}", report.table());
+            Ok(if report.complete() { 0 } else { 2 })
+        }
     }
 }
 

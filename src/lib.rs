@@ -23,6 +23,7 @@ pub mod cli;
 pub mod cluster;
 pub mod controller;
 pub mod metrics;
+pub mod restore;
 pub mod server;
 pub mod telemetry;
 pub mod tls;

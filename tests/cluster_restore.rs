@@ -743,3 +743,306 @@ fn assert_restore_helper(sent: &Value, got: &Value, restored: &[&str], image: &s
     );
     assert_eq!(annotations["sidecar.istio.io/inject"], "false", "{name}");
 }
+
+/// A user bound to the restore ClusterRole only (manifests/restore-role.yaml).
+async fn restore_operator(client: &kube::Client) -> String {
+    let operator = unique("operator");
+    cluster::apply_dynamic(client, &json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+        "metadata": {"name": operator},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                    "name": "velero-jupyterhub-restore"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": operator}],
+    }))
+    .await;
+    operator
+}
+
+/// A PodVolumeBackup of `backup`, as pkg/podvolume/backupper.go `newPodVolumeBackup`
+/// makes it, Completed.
+async fn pod_volume_backup(setup: &Setup, backup: &str, pod: &str, volume: &str, claim: &str) {
+    let name = unique(backup);
+    cluster::apply_dynamic(&setup.client, &json!({
+        "apiVersion": "velero.io/v1", "kind": "PodVolumeBackup",
+        "metadata": {"name": name, "namespace": setup.velero,
+            "labels": {(names::VELERO_BACKUP_NAME): backup},
+            "annotations": {(names::VELERO_PVC_NAME): claim}},
+        "spec": {"node": setup.nodes[0], "volume": volume, "uploaderType": "kopia",
+            "backupStorageLocation": "default", "repoIdentifier": "",
+            "pod": {"kind": "Pod", "namespace": setup.users, "name": pod, "uid": unique("uid")}},
+    }))
+    .await;
+    set_status(
+        setup,
+        "podvolumebackups",
+        &name,
+        json!({"phase": "Completed",
+        "progress": {"totalBytes": 4096, "bytesDone": 4096}}),
+    )
+    .await;
+}
+
+async fn run_restore(
+    setup: &Setup,
+    kubeconfig: &std::path::Path,
+    namespace: &str,
+    backup: &str,
+    extra: &[&str],
+) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_velero-jupyterhub"))
+        .args([
+            "restore",
+            "--namespace",
+            namespace,
+            "--from-backup",
+            backup,
+            "--wait",
+        ])
+        .args(["--velero-namespace", &setup.velero])
+        .args(extra)
+        .env("KUBECONFIG", kubeconfig)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("restore runs")
+}
+
+async fn finished(child: tokio::process::Child) -> (Option<i32>, String, String) {
+    let output = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
+        .await
+        .expect("restore ended in time")
+        .expect("restore ran");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    println!("{stderr}\n{stdout}");
+    (output.status.code(), stdout, stderr)
+}
+
+/// Waits for the command's Restore, and returns it.
+async fn the_restore(setup: &Setup, seen: &[String]) -> Value {
+    let restores = dynamic(setup, "Restore", "restores");
+    let restore = eventually(Duration::from_secs(60), || async {
+        let list = restores.list(&ListParams::default()).await.ok()?;
+        list.items
+            .into_iter()
+            .find(|r| !seen.contains(r.metadata.name.as_ref().unwrap()))
+    })
+    .await
+    .expect("the command created a Restore");
+    serde_json::to_value(restore).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn restore_command_checks_first_then_restores_and_reports_each_claim() {
+    let setup = Setup::new().await;
+    let client = setup.client.clone();
+    let webhook = Webhook::start(&client).await;
+    let ns = setup.users.clone();
+    let patch = Patch::Merge(json!({"metadata": {"labels": {
+        (cluster::TEST_LABEL): webhook.run_label, "pod-security.kubernetes.io/enforce": "baseline"}}}));
+    Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone())
+        .patch(&ns, &PatchParams::default(), &patch)
+        .await
+        .expect("label the namespace");
+    let operator = restore_operator(&client).await;
+    let kubeconfig = cluster::kubeconfig_as(&operator);
+
+    // The Backup: alice's home through her running server, bob's through a backup
+    // helper; carol's claim was never backed up.
+    let backup = unique("daily");
+    cluster::apply_dynamic(
+        &client,
+        &json!({"apiVersion": "velero.io/v1", "kind": "Backup",
+        "metadata": {"name": backup, "namespace": setup.velero},
+        "spec": {"includedNamespaces": [ns]}}),
+    )
+    .await;
+    set_status(&setup, "backups", &backup, json!({"phase": "Completed"})).await;
+    pod_volume_backup(
+        &setup,
+        &backup,
+        "jupyter-alice",
+        "volume-alice",
+        "claim-alice",
+    )
+    .await;
+    let bob_helper = velero_jupyterhub::policy::helper::helper_name("claim-bob");
+    pod_volume_backup(&setup, &backup, &bob_helper, "data", "claim-bob").await;
+
+    // Now: alice's server runs on her claim; carol's claim exists; bob's is gone.
+    cluster::bound_claim(&client, &ns, "claim-alice", "alice").await;
+    cluster::bound_claim(&client, &ns, "claim-carol", "carol").await;
+    let pods = setup.pods();
+    pods.create(&PostParams::default(), &restricted_user_pod("alice"))
+        .await
+        .expect("alice's server");
+    cluster::bind(&pods, "jupyter-alice", &setup.nodes[0]).await;
+    cluster::set_phase(&pods, "jupyter-alice", "Running").await;
+
+    // A namespace whose restored pods the webhook would not convert: refused.
+    let unguarded = cluster::labelled_namespace(
+        &client,
+        "vjh-ctl",
+        json!({(names::NAMESPACE_ENABLED): "true"}),
+    )
+    .await;
+    let (code, _, stderr) =
+        finished(run_restore(&setup, kubeconfig.path(), &unguarded, &backup, &[]).await).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("webhook did not convert a restored pod"),
+        "{stderr}"
+    );
+
+    // The whole namespace: refused, naming every reason, and nothing created.
+    let (code, _, stderr) =
+        finished(run_restore(&setup, kubeconfig.path(), &ns, &backup, &[]).await).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    for want in [
+        "user alice's server jupyter-alice is running: stop it first",
+        "claim claim-alice exists: Velero would write the backup's files over its current files",
+        "claim claim-carol exists",
+    ] {
+        assert!(stderr.contains(want), "{want:?} in {stderr}");
+    }
+    let restores = dynamic(&setup, "Restore", "restores");
+    assert!(
+        restores
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+
+    // bob alone: allowed. The test plays Velero for the Restore it creates.
+    let child = run_restore(&setup, kubeconfig.path(), &ns, &backup, &["--user", "bob"]).await;
+    let restore = the_restore(&setup, &[]).await;
+    let restore_name = restore["metadata"]["name"].as_str().unwrap().to_owned();
+    assert_eq!(restore["spec"]["backupName"], backup.as_str());
+    assert_eq!(restore["spec"]["includedNamespaces"], json!([ns]));
+    assert_eq!(
+        restore["spec"]["includedResources"],
+        json!(["pods", "persistentvolumeclaims", "persistentvolumes"]),
+        "Velero makes PodVolumeRestores only with claims and volumes included (restore.go)"
+    );
+    assert_eq!(
+        restore["spec"]["labelSelector"],
+        json!({"matchExpressions": [{"key": "hub.jupyter.org/username", "operator": "In", "values": ["bob"]}]})
+    );
+    set_status(
+        &setup,
+        "restores",
+        &restore_name,
+        json!({"phase": "InProgress"}),
+    )
+    .await;
+    // Velero re-creates bob's claim, then his helper (restore-wait for `data`).
+    cluster::bound_claim(&client, &ns, "claim-bob", "bob").await;
+    let helper = serde_json::to_value(velero_jupyterhub::policy::helper::backup_helper(
+        &velero_jupyterhub::policy::helper::ClaimRef {
+            namespace: &ns,
+            name: "claim-bob",
+            uid: "u",
+            username: Some("bob"),
+        },
+        velero_jupyterhub::policy::helper::own_labels(Some("bob")),
+        &setup.config.helper,
+    ))
+    .unwrap();
+    let restore_uid = restore["metadata"]["uid"].as_str().unwrap().to_owned();
+    let sent = velero_recreates(helper, &restore_name, &restore_uid, &backup, &["data"]);
+    let created = pods
+        .create(&PostParams::default(), &from_json(sent))
+        .await
+        .expect("Velero's create");
+    let claim_uid =
+        Api::<k8s_openapi::api::core::v1::PersistentVolumeClaim>::namespaced(client.clone(), &ns)
+            .get("claim-bob")
+            .await
+            .unwrap()
+            .metadata
+            .uid
+            .unwrap();
+    let pvr = pod_volume_restore(&setup, &restore_name, &restore_uid, &created, "data").await;
+    dynamic(&setup, "PodVolumeRestore", "podvolumerestores")
+        .patch(
+            &pvr,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {(names::VELERO_PVC_UID): claim_uid}}})),
+        )
+        .await
+        .unwrap();
+    set_status(
+        &setup,
+        "podvolumerestores",
+        &pvr,
+        json!({"phase": "Completed",
+        "progress": {"totalBytes": 4096, "bytesDone": 4096}}),
+    )
+    .await;
+    set_status(
+        &setup,
+        "restores",
+        &restore_name,
+        json!({"phase": "Completed"}),
+    )
+    .await;
+    let (code, stdout, stderr) = finished(child).await;
+    assert_eq!(code, Some(0), "{stderr}\n{stdout}");
+    let row = stdout
+        .lines()
+        .find(|l| l.starts_with("claim-bob "))
+        .unwrap_or_default();
+    assert!(
+        row.contains("restored") && row.contains("4.0 KiB"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("1 of 1 claims restored"), "{stdout}");
+    assert!(
+        stderr.contains("1 of 1 volumes done"),
+        "a progress line: {stderr}"
+    );
+
+    // carol, into her existing claim: allowed with the flag; the Backup holds nothing of
+    // hers, so nothing comes back, and the row says why (exit 2).
+    let child = run_restore(
+        &setup,
+        kubeconfig.path(),
+        &ns,
+        &backup,
+        &["--user", "carol", "--into-existing"],
+    )
+    .await;
+    let restore = the_restore(&setup, &[restore_name]).await;
+    let carol_restore = restore["metadata"]["name"].as_str().unwrap().to_owned();
+    set_status(
+        &setup,
+        "restores",
+        &carol_restore,
+        json!({"phase": "Completed"}),
+    )
+    .await;
+    let (code, stdout, stderr) = finished(child).await;
+    assert_eq!(code, Some(2), "{stderr}\n{stdout}");
+    let row = stdout
+        .lines()
+        .find(|l| l.starts_with("claim-carol "))
+        .unwrap_or_default();
+    assert!(
+        row.contains("NOT restored") && row.contains("holds no file-system copy"),
+        "{stdout}"
+    );
+
+    for r in [&carol_restore] {
+        let _ = dynamic(&setup, "Restore", "restores")
+            .delete(r, &DeleteParams::default())
+            .await;
+    }
+    let _ = Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone())
+        .delete(&unguarded, &DeleteParams::default())
+        .await;
+    webhook.finish().await;
+    setup.finish().await;
+}

@@ -18,6 +18,7 @@ pub mod plan;
 pub mod pod;
 pub mod record;
 pub mod restore;
+pub mod restore_report;
 pub mod selector;
 pub mod velero;
 pub mod volume_list;

@@ -1,0 +1,244 @@
+//! `velero-jupyterhub restore` (SPEC §3.2), the decisions: may the restore start, and what
+//! happened to each claim?
+//!
+//! Velero restores a volume's files only through a pod it re-creates
+//! (pkg/restore/restore.go creates PodVolumeRestores only for a pod it created, never for
+//! one that already existed), and writes them into whatever claim the pod mounts: an
+//! existing claim is not replaced, the backed-up files are written over it
+//! (pkg/uploader/kopia/snapshot.go restores with `OverwriteFiles`, `OverwriteDirectories`:
+//! same-named files are replaced, newer files stay). So before a restore:
+//! - a user's server that runs would keep its pod (and its volumes) from being re-created;
+//! - a pod with the name of one in the Backup would be skipped, silently;
+//! - an existing claim would get the backup merged into it: only with an explicit flag.
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use crate::velero;
+
+/// Which users a restore is for: the named ones, or (empty) every user.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Users(pub Vec<String>);
+
+impl Users {
+    /// Whether an object with this `hub.jupyter.org/username` label is restored.
+    pub fn selects(&self, username: Option<&str>) -> bool {
+        match username {
+            None => false,
+            Some(u) => self.0.is_empty() || self.0.iter().any(|s| s == u),
+        }
+    }
+}
+
+/// A pod in the namespace now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodNow<'a> {
+    pub name: &'a str,
+    pub username: Option<&'a str>,
+    /// A JupyterHub user server (not one re-created by a restore).
+    pub user_server: bool,
+    pub stopped: bool,
+}
+
+/// A claim in the namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClaimNow<'a> {
+    pub name: &'a str,
+    pub uid: &'a str,
+    pub username: Option<&'a str>,
+}
+
+/// A PodVolumeBackup of the Backup, for a pod of the namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PvbOfBackup<'a> {
+    pub pod: &'a str,
+    pub volume: &'a str,
+    /// Its `velero.io/pvc-name` annotation.
+    pub claim: Option<&'a str>,
+    pub phase: Option<&'a str>,
+}
+
+/// Why a restore may not start.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The user's server runs: stop it first (from the hub's admin page).
+    ServerRunning { pod: String, user: String },
+    /// A pod with the name of one the Backup holds exists: Velero would not re-create it,
+    /// so its volumes would not be restored.
+    PodExists { pod: String },
+    /// The claim exists: the backup would be written over it (`--into-existing`), or it
+    /// must be deleted first for an exact restore.
+    ClaimExists { claim: String },
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::ServerRunning { pod, user } => write!(
+                f,
+                "user {user}'s server {pod} is running: stop it first (JupyterHub admin page, or `jupyterhub` API), then run restore again"
+            ),
+            Self::PodExists { pod } => write!(
+                f,
+                "pod {pod} exists: Velero would not re-create it and would not restore its volumes; delete it (or wait for the backup window to close, if it is a backup helper)"
+            ),
+            Self::ClaimExists { claim } => write!(
+                f,
+                "claim {claim} exists: Velero would write the backup's files over its current files (same-named files replaced, newer files kept); pass --into-existing for that, or delete the claim first for an exact restore"
+            ),
+        }
+    }
+}
+
+/// What must hold before a restore of `users` from a Backup with `pvbs` starts, given the
+/// namespace's `pods` and `claims` now.
+pub fn preflight(
+    users: &Users,
+    pods: &[PodNow<'_>],
+    claims: &[ClaimNow<'_>],
+    pvbs: &[PvbOfBackup<'_>],
+    into_existing: bool,
+) -> Vec<Refusal> {
+    let mut refusals = Vec::new();
+    for pod in pods {
+        if pod.user_server && !pod.stopped && users.selects(pod.username) {
+            refusals.push(Refusal::ServerRunning {
+                pod: pod.name.to_owned(),
+                user: pod.username.unwrap_or_default().to_owned(),
+            });
+        }
+    }
+    // The Backup's pods that restore the selected users' claims (a claim not in the
+    // cluster now belongs to whom its restored labels say: Velero's selector decides).
+    let restored_pods: BTreeSet<&str> = pvbs
+        .iter()
+        .filter(|p| {
+            p.claim.is_none_or(|c| {
+                claims
+                    .iter()
+                    .find(|claim| claim.name == c)
+                    .is_none_or(|claim| users.selects(claim.username))
+            })
+        })
+        .map(|p| p.pod)
+        .collect();
+    for pod in pods {
+        let running_server = refusals
+            .iter()
+            .any(|r| matches!(r, Refusal::ServerRunning { pod: p, .. } if p == pod.name));
+        if restored_pods.contains(pod.name) && !running_server {
+            refusals.push(Refusal::PodExists {
+                pod: pod.name.to_owned(),
+            });
+        }
+    }
+    if !into_existing {
+        for claim in claims.iter().filter(|c| users.selects(c.username)) {
+            refusals.push(Refusal::ClaimExists {
+                claim: claim.name.to_owned(),
+            });
+        }
+    }
+    refusals
+}
+
+/// A PodVolumeRestore of the Restore.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PvrOfRestore<'a> {
+    /// Its `velero.io/pvc-uid` label: the claim it writes to.
+    pub claim_uid: Option<&'a str>,
+    pub phase: Option<&'a str>,
+    pub bytes_done: Option<i64>,
+    pub message: Option<&'a str>,
+}
+
+/// What happened to one claim.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClaimOutcome {
+    Restored {
+        bytes: Option<i64>,
+    },
+    /// Still being restored (the command stopped following first).
+    InProgress,
+    Failed {
+        reason: String,
+    },
+}
+
+/// One row per claim of the selected users, after (or while) Restore `restore` of
+/// `backup` runs: the claims there are now, and the ones the Backup holds data of.
+pub fn outcomes(
+    users: &Users,
+    claims: &[ClaimNow<'_>],
+    pvbs: &[PvbOfBackup<'_>],
+    pvrs: &[PvrOfRestore<'_>],
+    restore_phase: Option<&str>,
+    backup: &str,
+    restore: &str,
+) -> Vec<(String, ClaimOutcome)> {
+    let over = velero::restore_is_terminal(restore_phase);
+    let mut rows: Vec<(String, ClaimOutcome)> = Vec::new();
+    for claim in claims.iter().filter(|c| users.selects(c.username)) {
+        let mine: Vec<&PvrOfRestore<'_>> = pvrs
+            .iter()
+            .filter(|p| p.claim_uid == Some(claim.uid))
+            .collect();
+        let in_backup = pvbs
+            .iter()
+            .any(|p| p.claim == Some(claim.name) && p.phase == Some("Completed"));
+        let outcome = if let Some(failed) = mine
+            .iter()
+            .find(|p| matches!(p.phase, Some("Failed" | "Canceled")))
+        {
+            ClaimOutcome::Failed {
+                reason: format!(
+                    "PodVolumeRestore {}: {}",
+                    failed.phase.unwrap_or_default(),
+                    failed.message.unwrap_or("no message")
+                ),
+            }
+        } else if !mine.is_empty() && mine.iter().all(|p| p.phase == Some("Completed")) {
+            let bytes = mine.iter().map(|p| p.bytes_done).sum::<Option<i64>>();
+            ClaimOutcome::Restored { bytes }
+        } else if !mine.is_empty() && !over {
+            ClaimOutcome::InProgress
+        } else if !mine.is_empty() {
+            ClaimOutcome::Failed {
+                reason: format!(
+                    "restore {restore} ended {} before its PodVolumeRestore did",
+                    restore_phase.unwrap_or("")
+                ),
+            }
+        } else if !in_backup {
+            ClaimOutcome::Failed {
+                reason: format!(
+                    "backup {backup} holds no file-system copy of it (no Completed PodVolumeBackup): nothing to restore"
+                ),
+            }
+        } else if over {
+            ClaimOutcome::Failed {
+                reason: format!(
+                    "Velero restored no data into it (no PodVolumeRestore): see `velero restore describe {restore} --details`"
+                ),
+            }
+        } else {
+            ClaimOutcome::InProgress
+        };
+        rows.push((claim.name.to_owned(), outcome));
+    }
+    // Claims the Backup holds data of that are not here (not re-created).
+    for pvb in pvbs.iter().filter(|p| p.phase == Some("Completed")) {
+        let Some(name) = pvb.claim else { continue };
+        if users.0.is_empty() && !rows.iter().any(|(c, _)| c == name) && over {
+            rows.push((
+                name.to_owned(),
+                ClaimOutcome::Failed {
+                    reason: format!("restore {restore} did not re-create the claim"),
+                },
+            ));
+        }
+    }
+    rows.sort_by(|a, b| a.0.cmp(&b.0));
+    rows.dedup_by(|a, b| a.0 == b.0);
+    rows
+}

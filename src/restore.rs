@@ -1,0 +1,423 @@
+//! `velero-jupyterhub restore --namespace NS --from-backup B [--user NAME …] [--wait]`:
+//! a Velero Restore of users' homes, with the checks that keep it from silently restoring
+//! nothing or writing over current data (`policy::restore_report`), and a row per claim.
+//!
+//! It creates only the Restore. Velero re-creates the users' pods and claims; our webhook
+//! makes the pods restore helpers; the node-agent fills the volumes; the controller
+//! deletes the helpers when their PodVolumeRestores end.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::Write;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Pod};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, ListParams, PostParams};
+use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
+use serde_json::json;
+
+use crate::backup::{backup_name, human_bytes};
+use crate::cluster::velero::{Backup, PodVolumeBackup, PodVolumeRestore, Restore};
+use crate::names;
+use crate::policy::restore_report::{
+    self, ClaimNow, ClaimOutcome, PodNow, PvbOfBackup, PvrOfRestore, Users,
+};
+use crate::policy::{ClaimGlobs, NamespacePolicy, velero};
+
+/// What `restore`'s flags configure.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub namespace: String,
+    pub velero_namespace: String,
+    pub backup: String,
+    /// `hub.jupyter.org/username` values; empty: every user of the namespace.
+    pub users: Vec<String>,
+    /// Follow the Restore to its end and report each claim.
+    pub wait: bool,
+    /// Restore into claims that exist (the backup's files written over theirs).
+    pub into_existing: bool,
+    /// `--wait` gives up after this long.
+    pub timeout: Duration,
+    pub default_claims: std::sync::Arc<ClaimGlobs>,
+    /// How often to look again while waiting.
+    pub poll: Duration,
+}
+
+/// What a `--wait` run found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Report {
+    pub restore: String,
+    pub phase: String,
+    pub rows: Vec<(String, ClaimOutcome)>,
+}
+
+impl Report {
+    pub fn complete(&self) -> bool {
+        !self.rows.is_empty()
+            && self
+                .rows
+                .iter()
+                .all(|(_, o)| matches!(o, ClaimOutcome::Restored { .. }))
+    }
+
+    /// The table `restore --wait` prints.
+    pub fn table(&self) -> String {
+        let width = self
+            .rows
+            .iter()
+            .map(|(c, _)| c.len())
+            .max()
+            .unwrap_or(5)
+            .max(5);
+        let mut out = format!(
+            "{:width$}  {:12}  {:>9}  DETAIL\n",
+            "CLAIM", "RESULT", "BYTES"
+        );
+        for (claim, outcome) in &self.rows {
+            let (result, bytes, detail) = match outcome {
+                ClaimOutcome::Restored { bytes } => (
+                    "restored",
+                    bytes.map_or_else(|| "-".to_owned(), human_bytes),
+                    String::new(),
+                ),
+                ClaimOutcome::InProgress => ("in progress", "-".to_owned(), String::new()),
+                ClaimOutcome::Failed { reason } => ("NOT restored", "-".to_owned(), reason.clone()),
+            };
+            let _ = writeln!(out, "{claim:width$}  {result:12}  {bytes:>9}  {detail}");
+        }
+        let restored = self
+            .rows
+            .iter()
+            .filter(|(_, o)| matches!(o, ClaimOutcome::Restored { .. }))
+            .count();
+        let _ = writeln!(
+            out,
+            "Restore {} {}: {restored} of {} claims restored",
+            self.restore,
+            self.phase,
+            self.rows.len()
+        );
+        out
+    }
+}
+
+pub enum Finished {
+    Started { restore: String },
+    Done(Report),
+}
+
+pub async fn run(
+    client: kube::Client,
+    options: &Options,
+    progress: &mut (dyn Write + Send),
+) -> anyhow::Result<Finished> {
+    validate(options)?;
+    let ns = &options.namespace;
+    let namespace = Api::<Namespace>::all(client.clone())
+        .get_opt(ns)
+        .await
+        .with_context(|| format!("reading namespace {ns}"))?
+        .with_context(|| format!("namespace {ns} does not exist (create it, labelled {}=true, before restoring into it)", names::NAMESPACE_ENABLED))?;
+    let policy = NamespacePolicy::read(
+        namespace.metadata.labels.as_ref(),
+        namespace.metadata.annotations.as_ref(),
+        &options.default_claims,
+    );
+    if !policy.opted_in {
+        bail!(
+            "namespace {ns} has not opted in: label it {}=true first, or the restored pods would start as stale notebook servers instead of restore helpers",
+            names::NAMESPACE_ENABLED
+        );
+    }
+    let vns = &options.velero_namespace;
+    let backup = Api::<Backup>::namespaced(client.clone(), vns)
+        .get_opt(&options.backup)
+        .await
+        .with_context(|| format!("reading Backup {vns}/{}", options.backup))?
+        .with_context(|| format!("Backup {vns}/{} does not exist", options.backup))?;
+    let backup_phase = backup.status.and_then(|s| s.phase).unwrap_or_default();
+    if !matches!(backup_phase.as_str(), "Completed" | "PartiallyFailed") {
+        bail!(
+            "Backup {} is {}: only a Completed or PartiallyFailed Backup can be restored from",
+            options.backup,
+            if backup_phase.is_empty() {
+                "New"
+            } else {
+                &backup_phase
+            }
+        );
+    }
+    webhook_converts(&client, ns).await?;
+
+    let users = Users(options.users.clone());
+    let pod_objects = Api::<Pod>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await
+        .with_context(|| format!("listing pods in {ns}"))?
+        .items;
+    let claim_objects = list_claims(&client, ns).await?;
+    let pvb_objects = Api::<PodVolumeBackup>::namespaced(client.clone(), vns)
+        .list(&ListParams::default().labels(&format!(
+            "{}={}",
+            names::VELERO_BACKUP_NAME,
+            options.backup
+        )))
+        .await
+        .context("listing the Backup's PodVolumeBackups")?
+        .items;
+    let pods: Vec<PodNow<'_>> = pod_objects.iter().map(pod_now).collect();
+    let claims: Vec<ClaimNow<'_>> = claim_objects.iter().map(claim_now).collect();
+    let pvbs = pvbs_of(&pvb_objects, ns);
+    let refusals = restore_report::preflight(&users, &pods, &claims, &pvbs, options.into_existing);
+    if !refusals.is_empty() {
+        let mut message = format!("not restoring into namespace {ns}:");
+        for r in &refusals {
+            let _ = write!(message, "\n  - {r}");
+        }
+        bail!(message);
+    }
+
+    let restore = create_restore(&client, options).await?;
+    let _ = writeln!(
+        progress,
+        "created Restore {vns}/{restore} of Backup {} into namespace {ns}",
+        options.backup
+    );
+    if !options.wait {
+        let _ = writeln!(
+            progress,
+            "follow it with `velero restore describe {restore}`, or run again with --wait"
+        );
+        return Ok(Finished::Started { restore });
+    }
+    let (phase, pvrs) = follow(&client, options, &restore, progress).await?;
+    let claim_objects = list_claims(&client, ns).await?;
+    let claims: Vec<ClaimNow<'_>> = claim_objects.iter().map(claim_now).collect();
+    let pvrs: Vec<PvrOfRestore<'_>> = pvrs.iter().map(pvr_of).collect();
+    let rows = restore_report::outcomes(
+        &users,
+        &claims,
+        &pvbs,
+        &pvrs,
+        Some(&phase),
+        &options.backup,
+        &restore,
+    );
+    Ok(Finished::Done(Report {
+        restore,
+        phase,
+        rows,
+    }))
+}
+
+fn validate(o: &Options) -> anyhow::Result<()> {
+    for (flag, value) in [
+        ("--namespace", &o.namespace),
+        ("--velero-namespace", &o.velero_namespace),
+    ] {
+        if !names::is_dns1123_label(value) {
+            bail!("{flag} {value:?} is not a namespace name (a DNS-1123 label)");
+        }
+    }
+    if !names::is_dns1123_subdomain(&o.backup) {
+        bail!(
+            "--from-backup {:?} is not an object name (a DNS-1123 subdomain)",
+            o.backup
+        );
+    }
+    for user in &o.users {
+        if user.is_empty() || !names::is_label_value(user) {
+            bail!(
+                "--user {user:?} is not a label value: give the user's {} label, as on their pods and claims",
+                names::JUPYTERHUB_USERNAME
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The restore is only safe if our webhook turns the pods Velero re-creates into restore
+/// helpers: a server-side dry run of such a pod must come back converted.
+async fn webhook_converts(client: &kube::Client, ns: &str) -> anyhow::Result<()> {
+    let probe: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "vjh-restore-probe", "labels": {
+            (names::VELERO_RESTORE_NAME): "vjh-restore-probe",
+            (names::JUPYTERHUB_COMPONENT): names::SINGLEUSER_SERVER}},
+        "spec": {"containers": [{"name": "notebook", "image": crate::policy::helper::DEFAULT_IMAGE}]},
+    }))?;
+    let params = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let converted = Api::<Pod>::namespaced(client.clone(), ns)
+        .create(&params, &probe)
+        .await
+        .with_context(|| {
+            format!(
+                "a dry run of a restored pod in {ns} failed (is the velero-jupyterhub webhook up?)"
+            )
+        })?;
+    let component = converted
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(names::COMPONENT))
+        .map(String::as_str);
+    if component != Some(names::RESTORE_HELPER) {
+        bail!(
+            "the velero-jupyterhub webhook did not convert a restored pod in {ns} (a dry run came back as it went in): is its restore entry installed (manifests/webhook.yaml)?"
+        );
+    }
+    Ok(())
+}
+
+async fn list_claims(
+    client: &kube::Client,
+    ns: &str,
+) -> anyhow::Result<Vec<PersistentVolumeClaim>> {
+    Ok(Api::<PersistentVolumeClaim>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await
+        .with_context(|| format!("listing claims in {ns}"))?
+        .items)
+}
+
+fn label<'a>(labels: Option<&'a BTreeMap<String, String>>, key: &str) -> Option<&'a str> {
+    labels?.get(key).map(String::as_str)
+}
+
+fn pod_now(p: &Pod) -> PodNow<'_> {
+    let labels = p.metadata.labels.as_ref();
+    let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+    PodNow {
+        name: p.metadata.name.as_deref().unwrap_or_default(),
+        username: label(labels, names::JUPYTERHUB_USERNAME),
+        user_server: label(labels, names::JUPYTERHUB_COMPONENT) == Some(names::SINGLEUSER_SERVER)
+            && label(labels, names::VELERO_RESTORE_NAME).is_none(),
+        stopped: matches!(phase, Some("Succeeded" | "Failed")),
+    }
+}
+
+fn claim_now(c: &PersistentVolumeClaim) -> ClaimNow<'_> {
+    ClaimNow {
+        name: c.metadata.name.as_deref().unwrap_or_default(),
+        uid: c.metadata.uid.as_deref().unwrap_or_default(),
+        username: label(c.metadata.labels.as_ref(), names::JUPYTERHUB_USERNAME),
+    }
+}
+
+fn pvbs_of<'a>(pvbs: &'a [PodVolumeBackup], ns: &str) -> Vec<PvbOfBackup<'a>> {
+    pvbs.iter()
+        .filter(|p| p.spec.pod.namespace == ns)
+        .map(|p| {
+            let facts = p.facts();
+            PvbOfBackup {
+                pod: &p.spec.pod.name,
+                volume: &p.spec.volume,
+                claim: facts.pvc_name,
+                phase: facts.phase,
+            }
+        })
+        .collect()
+}
+
+fn pvr_of(p: &PodVolumeRestore) -> PvrOfRestore<'_> {
+    let status = p.status.as_ref();
+    PvrOfRestore {
+        claim_uid: label(p.metadata.labels.as_ref(), names::VELERO_PVC_UID),
+        phase: status.and_then(|s| s.phase.as_deref()),
+        bytes_done: status.and_then(|s| s.progress.bytes_done),
+        message: status.and_then(|s| s.message.as_deref()),
+    }
+}
+
+/// The Restore: the users' pods and claims (and their volumes: Velero makes
+/// PodVolumeRestores only when PersistentVolumes and claims are included, restore.go),
+/// chosen by KubeSpawner's username label, which our backup helpers carry too.
+async fn create_restore(client: &kube::Client, o: &Options) -> anyhow::Result<String> {
+    let name = backup_name(&o.namespace, Timestamp::now());
+    let selector = if o.users.is_empty() {
+        json!({"matchExpressions": [{"key": names::JUPYTERHUB_USERNAME, "operator": "Exists"}]})
+    } else {
+        json!({"matchExpressions": [{"key": names::JUPYTERHUB_USERNAME, "operator": "In", "values": o.users}]})
+    };
+    let spec = json!({
+        "backupName": o.backup,
+        "includedNamespaces": [o.namespace],
+        "includedResources": ["pods", "persistentvolumeclaims", "persistentvolumes"],
+        "labelSelector": selector,
+    });
+    let ar = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("velero.io", "v1", "Restore"),
+        "restores",
+    );
+    let mut object = DynamicObject::new(&name, &ar).data(json!({"spec": spec}));
+    object.metadata.namespace = Some(o.velero_namespace.clone());
+    object.metadata.labels = Some(BTreeMap::from([(
+        names::MANAGED_BY.to_owned(),
+        names::MANAGED_BY_US.to_owned(),
+    )]));
+    Api::<DynamicObject>::namespaced_with(client.clone(), &o.velero_namespace, &ar)
+        .create(&PostParams::default(), &object)
+        .await
+        .with_context(|| format!("creating Restore {}/{name}", o.velero_namespace))?;
+    Ok(name)
+}
+
+/// Follows the Restore until it is terminal, a line each time a volume ends.
+async fn follow(
+    client: &kube::Client,
+    o: &Options,
+    restore: &str,
+    progress: &mut (dyn Write + Send),
+) -> anyhow::Result<(String, Vec<PodVolumeRestore>)> {
+    let restores: Api<Restore> = Api::namespaced(client.clone(), &o.velero_namespace);
+    let pvrs: Api<PodVolumeRestore> = Api::namespaced(client.clone(), &o.velero_namespace);
+    let selector = format!("{}={restore}", names::VELERO_RESTORE_NAME);
+    let until = Timestamp::now() + o.timeout;
+    let mut last = (String::new(), usize::MAX, usize::MAX);
+    loop {
+        let r = restores
+            .get_opt(restore)
+            .await?
+            .with_context(|| format!("Restore {restore} was deleted while it ran"))?;
+        let phase = r.status.and_then(|s| s.phase).unwrap_or_default();
+        let list = pvrs
+            .list(&ListParams::default().labels(&selector))
+            .await?
+            .items;
+        let done = list
+            .iter()
+            .filter(|p| {
+                velero::pod_volume_restore_is_terminal(
+                    p.status.as_ref().and_then(|s| s.phase.as_deref()),
+                )
+            })
+            .count();
+        if (phase.as_str(), done, list.len()) != (last.0.as_str(), last.1, last.2) {
+            let bytes: i64 = list
+                .iter()
+                .filter_map(|p| p.status.as_ref()?.progress.bytes_done)
+                .sum();
+            let _ = writeln!(
+                progress,
+                "Restore {restore}: {}; {done} of {} volumes done, {}",
+                if phase.is_empty() { "New" } else { &phase },
+                list.len(),
+                human_bytes(bytes)
+            );
+            last = (phase.clone(), done, list.len());
+        }
+        if velero::restore_is_terminal(Some(&phase)) {
+            return Ok((phase, list));
+        }
+        if Timestamp::now() >= until {
+            bail!(
+                "Restore {restore} is still {phase} after --timeout; it goes on without us (`velero restore describe {restore}`)"
+            );
+        }
+        tokio::time::sleep(o.poll).await;
+    }
+}
