@@ -15,6 +15,9 @@ use velero_jupyterhub::policy::restore_report::{
     ClaimNow, ClaimOutcome, PodNow, PvbOfBackup, PvrOfRestore, Refusal, Users, outcomes, preflight,
 };
 
+/// (case, volumes restore-wait mounts, PodVolumeRestores, Restore phase, expected state)
+type Case<'a> = (&'a str, Vec<&'a str>, Vec<PvrView<'a>>, Option<&'a str>, HelperState);
+
 const UID: &str = "6e2d1c00-0000-4000-8000-00000000d001";
 
 /// alice's restore helper as stored: `restored` are the volumes restore-wait mounts.
@@ -50,7 +53,7 @@ fn when_a_restore_helper_is_done() {
         phase,
         completed: None,
     };
-    let cases: Vec<(&str, Vec<&str>, Vec<PvrView>, Option<&str>, HelperState)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "PVR running",
             vec![home],
