@@ -242,7 +242,7 @@ async fn manifests_are_accepted_by_the_api_server() {
         if minor < 21 && obj["apiVersion"] == "policy/v1" {
             continue;
         }
-        // ValidatingAdmissionPolicy v1 arrived in 1.30 (README: drop the two files before).
+        // ValidatingAdmissionPolicy v1 arrived in 1.30 (README: drop those files before).
         let kind = obj["kind"].as_str().unwrap_or_default();
         if minor < 30 && kind.starts_with("ValidatingAdmissionPolicy") {
             continue;
