@@ -16,7 +16,13 @@ use velero_jupyterhub::policy::restore_report::{
 };
 
 /// (case, volumes restore-wait mounts, PodVolumeRestores, Restore phase, expected state)
-type Case<'a> = (&'a str, Vec<&'a str>, Vec<PvrView<'a>>, Option<&'a str>, HelperState);
+type Case<'a> = (
+    &'a str,
+    Vec<&'a str>,
+    Vec<PvrView<'a>>,
+    Option<&'a str>,
+    HelperState,
+);
 
 const UID: &str = "6e2d1c00-0000-4000-8000-00000000d001";
 

@@ -115,3 +115,29 @@ proptest! {
         prop_assert!(spec.scheduler_name.is_none());
     }
 }
+
+proptest! {
+    /// At the admission edge: the patch applied to the pod is exactly the conversion, and
+    /// the patched pod reviewed again (reinvocation, the other entry) gets no patch.
+    #[test]
+    fn the_patch_is_the_conversion_and_converts_once((pod, _) in pod()) {
+        use velero_jupyterhub::admission::{self, Outcome, RestoreVerdict};
+        let options = support::fixtures::helper_options();
+        let value = serde_json::to_value(&pod).expect("json");
+        let request = support::fixtures::pod_create_review(&value, "p");
+        let reviewed = admission::review(&request, |_| support::fixtures::globs("claim-*"), false)
+            .expect("review");
+        prop_assert_eq!(reviewed.outcome, Outcome::Restore(RestoreVerdict::Converted));
+        let ops = admission::decode_patch(&reviewed.body).expect("patch").expect("a patch");
+        prop_assert!(ops.as_array().expect("ops").iter().all(|op| op["op"] == "add"));
+        let patch: json_patch::Patch = serde_json::from_value(ops).expect("a JSON patch");
+        let mut patched = value.clone();
+        json_patch::patch(&mut patched, &patch).expect("the patch applies");
+        prop_assert_eq!(&patched, &serde_json::to_value(restore_helper(&pod, &options)).expect("json"));
+        let again = support::fixtures::pod_create_review(&patched, "q");
+        let reviewed = admission::review(&again, |_| support::fixtures::globs("claim-*"), false)
+            .expect("review");
+        prop_assert_eq!(reviewed.outcome, Outcome::Restore(RestoreVerdict::AlreadyConverted));
+        prop_assert!(admission::decode_patch(&reviewed.body).expect("patch").is_none());
+    }
+}
