@@ -59,8 +59,8 @@ async fn stand_in() -> (String, String, CancellationToken) {
     }
     let patch = base64::engine::general_purpose::STANDARD
         .encode(r#"[{"op":"add","path":"/metadata/annotations/backup.velero.io~1backup-volumes","value":"volume-stand-in"}]"#);
-    let app = Router::new().route(
-        "/mutate",
+    // Every entry's path (the registration keeps the manifest's).
+    let app = Router::new().fallback(
         post(move |body: Bytes| {
             let patch = patch.clone();
             async move {
