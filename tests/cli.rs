@@ -397,7 +397,10 @@ fn cli_defaults_are_the_library_defaults() {
         let api_server_timeout = Duration::from_secs(hook["timeoutSeconds"].as_u64().unwrap());
         assert!(lib.request_timeout < api_server_timeout, "{}", hook["name"]);
         let path = hook["clientConfig"]["service"]["path"].as_str().unwrap();
-        assert!(["/mutate/live", "/mutate/restore"].contains(&path), "{path}");
+        assert!(
+            ["/mutate/live", "/mutate/restore"].contains(&path),
+            "{path}"
+        );
     }
     assert!(lib.idle_timeout > Duration::from_secs(90));
 }

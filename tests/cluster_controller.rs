@@ -516,7 +516,8 @@ async fn the_controllers_pod_rights_stop_at_backup_helpers() {
         .await
     {
         Err(kube::Error::Api(e)) => assert!(
-            e.message.contains("deletes backup and restore helpers only"),
+            e.message
+                .contains("deletes backup and restore helpers only"),
             "{}",
             e.message
         ),
@@ -733,9 +734,30 @@ async fn each_component_has_exactly_the_access_it_uses() {
         // The restore guard's watch of restore helpers (by label; RBAC cannot narrow it).
         (&webhook, "list", "", "pods", "jhub", true),
         (&webhook, "get", "", "pods", "jhub", false),
-        (&controller, "watch", "velero.io", "restores", "velero", true),
-        (&controller, "watch", "velero.io", "podvolumerestores", "velero", true),
-        (&controller, "create", "velero.io", "restores", "velero", false),
+        (
+            &controller,
+            "watch",
+            "velero.io",
+            "restores",
+            "velero",
+            true,
+        ),
+        (
+            &controller,
+            "watch",
+            "velero.io",
+            "podvolumerestores",
+            "velero",
+            true,
+        ),
+        (
+            &controller,
+            "create",
+            "velero.io",
+            "restores",
+            "velero",
+            false,
+        ),
         (&webhook, "get", "", "secrets", "jhub", false),
         (&controller, "watch", "", "pods", "jhub", true),
         (&controller, "create", "", "pods", "jhub", true),

@@ -513,6 +513,18 @@ async fn velero_re_created_pods_become_restore_helpers_guarded_and_cleaned_up() 
     )
     .await;
 
+    // restore-wait has not exited yet (the pod is still Pending): the helper stays, so
+    // restore-wait can clean the node-agent's marker out of the home.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        pods.get_opt("jupyter-alice").await.unwrap().is_some(),
+        "not deleted before restore-wait exits"
+    );
+    // restore-wait sees the node-agent's done-file and exits; the helper's container runs
+    // (the test plays the kubelet). Only then is a completed helper deleted.
+    for name in ["jupyter-alice", carol_name.as_str(), "jupyter-bob"] {
+        cluster::set_phase(&pods, name, "Running").await;
+    }
     // Completed: deleted, and the claim says what came back.
     for name in ["jupyter-alice", carol_name.as_str()] {
         eventually(Duration::from_secs(20), || async {

@@ -119,3 +119,49 @@ fn converting_twice_changes_nothing_and_nothing_to_restore_keeps_no_volume() {
     let plain: Pod = serde_json::from_value(fixtures::z2jh_pod()).expect("pod");
     assert!(!is_restore_candidate(&plain));
 }
+
+#[test]
+fn a_service_account_token_restore_wait_mounts_stays_for_it_but_is_not_the_helpers() {
+    // The ServiceAccount admission plugin runs before webhooks and mounts the token into
+    // every container, restore-wait included (a pod with a ServiceAccount of its own).
+    let home = first_claim_volume(&restored_z2jh(&[]));
+    let mut pod = fixtures::restored_z2jh(&[&home]);
+    let token = "kube-api-access-x7k2p";
+    pod["spec"]["volumes"]
+        .as_array_mut()
+        .expect("volumes")
+        .push(serde_json::json!({"name": token, "projected": {"sources": [
+            {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}}]}}));
+    for c in ["initContainers", "containers"] {
+        pod["spec"][c][0]["volumeMounts"]
+            .as_array_mut()
+            .expect("mounts")
+            .push(serde_json::json!({"name": token, "readOnly": true,
+                "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"}));
+    }
+    let pod: Pod = serde_json::from_value(pod).expect("pod");
+    let got = restore_helper(&pod, &options());
+    let spec = got.spec.as_ref().expect("spec");
+    // restore-wait stays valid as it is: the volume it mounts stays …
+    let kept: Vec<&str> = spec
+        .volumes
+        .iter()
+        .flatten()
+        .map(|v| v.name.as_str())
+        .collect();
+    assert_eq!(kept, [home.as_str(), token]);
+    // … but our container mounts only what Velero restores, and no token.
+    let mounts: Vec<&str> = spec.containers[0]
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| m.name.as_str())
+        .collect();
+    assert_eq!(mounts, [home.as_str()]);
+    assert_eq!(restore_helper(&got, &options()), got, "idempotent");
+    let notes = velero_jupyterhub::policy::restore::explain(&pod, &got).join("\n");
+    assert!(
+        notes.contains(&format!("volume {token}: kept for restore-wait only")),
+        "{notes}"
+    );
+}

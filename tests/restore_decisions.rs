@@ -7,6 +7,7 @@ mod support;
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use serde_json::json;
 use support::fixtures;
 use velero_jupyterhub::policy::PodRecord;
 use velero_jupyterhub::policy::cleanup::{HelperState, PvrView, RestoreView, restore_helpers};
@@ -174,6 +175,119 @@ fn when_a_restore_helper_is_done() {
     let user: PodRecord = fixtures::record(&fixtures::z2jh_pod());
     let (helpers, _) = restore_helpers(&[&user], &pvrs, &[], now, ttl);
     assert!(helpers.is_empty());
+}
+
+#[test]
+fn a_restore_helper_is_not_ended_early() {
+    let now: Timestamp = "2026-11-28T12:00:00Z".parse().unwrap();
+    let ttl = SignedDuration::from_hours(1);
+    let home = "volume-alice-smith";
+    let at = |t: &str| -> Timestamp { t.parse().unwrap() };
+    // Velero's label for a Restore named over 63 characters (pkg/label GetValidName).
+    let long_name = format!(
+        "{}-20261128030000-20261128110502",
+        "nightly-user-homes".repeat(2)
+    );
+    let mut pod = fixtures::restored_z2jh(&[home]);
+    pod["metadata"]["uid"] = UID.into();
+    pod["metadata"]["creationTimestamp"] = "2026-11-28T11:59:00Z".into();
+    pod["metadata"]["labels"]["velero.io/restore-name"] =
+        velero_jupyterhub::policy::velero::label_value(&long_name)
+            .into_owned()
+            .into();
+    let typed: Pod = serde_json::from_value(pod.clone()).expect("pod");
+    let long = fixtures::record(&restore_helper(&typed, &fixtures::helper_options()));
+    let running = RestoreView {
+        name: &long_name,
+        backup: "b",
+        phase: Some("InProgress"),
+        completed: None,
+    };
+    let (helpers, _) = restore_helpers(&[&long], &[], &[running], now, ttl);
+    assert_eq!(
+        helpers[0].state,
+        HelperState::Restoring,
+        "the truncated label still finds its Restore"
+    );
+
+    // A Restore the watch does not show (yet): kept for a while, then taken as gone.
+    let young = helper(&[home], "2026-11-28T11:58:00Z");
+    let (helpers, next) = restore_helpers(&[&young], &[], &[], now, ttl);
+    assert_eq!(
+        (helpers[0].state.clone(), next),
+        (HelperState::Restoring, Some(at("2026-11-28T12:03:00Z")))
+    );
+
+    // Two volumes to restore, one PodVolumeRestore so far (Velero makes them one by one).
+    pod["spec"]["volumes"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "projects",
+        "persistentVolumeClaim": {"claimName": "claim-alice-projects"}}));
+    pod["spec"]["initContainers"][0]["volumeMounts"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "projects", "mountPath": "/restores/projects"}));
+    pod["metadata"]["labels"]["velero.io/restore-name"] = "restore-1".into();
+    let typed: Pod = serde_json::from_value(pod).expect("pod");
+    let two = fixtures::record(&restore_helper(&typed, &fixtures::helper_options()));
+    let restore = RestoreView {
+        name: "restore-1",
+        backup: "b",
+        phase: Some("InProgress"),
+        completed: None,
+    };
+    let first = [pvr(home, Some("Completed"), Some("2026-11-28T11:59:00Z"))];
+    let (helpers, _) = restore_helpers(&[&two], &first, std::slice::from_ref(&restore), now, ttl);
+    assert_eq!(helpers[0].state, HelperState::Restoring);
+    assert_eq!(helpers[0].volumes.len(), 2);
+    // The Restore ends with the second never begun: that volume failed.
+    let over = RestoreView {
+        phase: Some("PartiallyFailed"),
+        ..restore.clone()
+    };
+    let (helpers, _) = restore_helpers(&[&two], &first, &[over], now, ttl);
+    assert!(
+        matches!(helpers[0].state, HelperState::Failed { .. }),
+        "{:?}",
+        helpers[0].state
+    );
+    let projects = helpers[0]
+        .volumes
+        .iter()
+        .find(|v| v.volume == "projects")
+        .expect("a row");
+    assert_eq!(
+        (projects.claim, projects.phase),
+        (Some("claim-alice-projects"), None)
+    );
+
+    // Completed a moment ago: restore-wait has not exited yet (the pod is not Running).
+    let just = [pvr(home, Some("Completed"), Some("2026-11-28T11:59:50Z"))];
+    let pending = helper(&[home], "2026-11-28T11:55:00Z");
+    let (helpers, next) =
+        restore_helpers(&[&pending], &just, std::slice::from_ref(&restore), now, ttl);
+    assert_eq!(
+        (helpers[0].state.clone(), next),
+        (HelperState::Restoring, Some(at("2026-11-28T12:00:20Z")))
+    );
+    let mut running = pending.clone();
+    running.phase = Some("Running".to_owned());
+    let (helpers, _) =
+        restore_helpers(&[&running], &just, std::slice::from_ref(&restore), now, ttl);
+    assert_eq!(
+        helpers[0].state,
+        HelperState::Completed,
+        "its container runs: restore-wait is done"
+    );
+
+    // Another pod's PodVolumeRestore is not this helper's.
+    let other = [PvrView {
+        pod_uid: "someone-else",
+        ..pvr(home, Some("Completed"), None)
+    }];
+    let (helpers, _) = restore_helpers(&[&running], &other, &[restore], now, ttl);
+    assert_eq!(helpers[0].state, HelperState::Restoring);
 }
 
 #[test]

@@ -7,7 +7,11 @@
 //! - all `Completed`: delete it, and say on each claim how many bytes came back;
 //! - any `Failed` (or `Canceled`): warn, keep it `failed_ttl` for inspection, then delete;
 //! - none at all: nothing to restore (no `restore-wait`) → delete at once; else delete
-//!   once the Restore is over (or gone).
+//!   once the Restore is over (or gone for `RESTORE_GONE_AFTER`).
+//!
+//! "All" means one per volume `restore-wait` restores (Velero creates them one by one),
+//! and a completed helper goes only once `restore-wait` has exited (it removes the
+//! node-agent's marker files from the volume then).
 
 use jiff::{SignedDuration, Timestamp};
 
@@ -15,6 +19,16 @@ use crate::names;
 use crate::pod::PodFacts;
 use crate::record::PodRecord;
 use crate::velero;
+
+/// A Restore the watch does not show is taken as deleted after this long.
+pub const RESTORE_GONE_AFTER: SignedDuration = SignedDuration::from_mins(5);
+/// After its last PodVolumeRestore completed, a helper whose container is not seen
+/// running is deleted after this long (restore-wait looks once a second).
+pub const RESTORE_WAIT_EXITS: SignedDuration = SignedDuration::from_secs(30);
+
+fn earliest(a: Option<Timestamp>, b: Timestamp) -> Option<Timestamp> {
+    Some(a.map_or(b, |a| a.min(b)))
+}
 
 /// A PodVolumeRestore, as the decision reads it.
 #[derive(Clone, Debug, PartialEq)]
@@ -95,6 +109,7 @@ pub struct RestoreHelper<'a> {
     pub restore: &'a str,
     /// The Backup restored from (the Restore's, else the pod's `velero.io/backup-name`).
     pub backup: Option<&'a str>,
+    /// One per volume `restore-wait` restores.
     pub volumes: Vec<VolumeOutcome<'a>>,
     pub state: HelperState,
 }
@@ -118,56 +133,83 @@ pub fn restore_helpers<'a>(
         let Some(restore_name) = own_label(pod, names::VELERO_RESTORE_NAME) else {
             continue;
         };
-        let restore = restores.iter().find(|r| r.name == restore_name);
+        // Velero writes the Restore's name into the label as a valid label value.
+        let restore = restores
+            .iter()
+            .find(|r| velero::label_value(r.name) == restore_name);
         let mine: Vec<&PvrView<'a>> = pvrs.iter().filter(|p| p.pod_uid == pod.uid()).collect();
         let claim_of = |volume: &str| {
             pod.volumes()
                 .find(|(name, _)| *name == volume)
                 .and_then(|(_, claim)| claim)
         };
-        let volumes: Vec<VolumeOutcome<'a>> = mine
+        // One per volume restore-wait restores (our container mounts exactly those), with
+        // its PodVolumeRestore's result if there is one yet.
+        let volumes: Vec<VolumeOutcome<'a>> = pod
+            .container_mounts
             .iter()
-            .map(|p| VolumeOutcome {
-                volume: p.volume,
-                claim: claim_of(p.volume),
-                phase: p.phase,
-                bytes_done: p.bytes_done,
-                message: p.message,
+            .map(|volume| {
+                let pvr = mine.iter().find(|p| p.volume == volume);
+                VolumeOutcome {
+                    volume: pvr.map_or(volume.as_str(), |p| p.volume),
+                    claim: claim_of(volume),
+                    phase: pvr.and_then(|p| p.phase),
+                    bytes_done: pvr.and_then(|p| p.bytes_done),
+                    message: pvr.and_then(|p| p.message),
+                }
             })
             .collect();
-        let restore_over = restore.is_none_or(|r| velero::restore_is_terminal(r.phase));
-        let state = if mine.is_empty() {
-            if pod.volumes().next().is_none() {
-                HelperState::NothingToRestore
-            } else if restore_over {
-                HelperState::RestoreOver
-            } else {
-                HelperState::Restoring
+        let created = pod.metadata.creation_timestamp.as_ref().map(|t| t.0);
+        // A Restore not (yet) seen is over only once the helper is old enough: a watch
+        // that lags must not end a restore that has just begun.
+        let restore_over = match restore {
+            Some(r) => velero::restore_is_terminal(r.phase),
+            None => {
+                let due = created.map_or(now, |c| c + RESTORE_GONE_AFTER);
+                if due > now {
+                    next = earliest(next, due);
+                }
+                due <= now
             }
-        } else if mine
+        };
+        // The volumes restore-wait restores (our container mounts exactly those): each
+        // gets a PodVolumeRestore, created one after another.
+        let restored = &pod.container_mounts;
+        let all_started = restored.iter().all(|v| mine.iter().any(|p| p.volume == v));
+        let all_terminal = mine
             .iter()
-            .all(|p| velero::pod_volume_restore_is_terminal(p.phase))
-            || restore_over
-        {
-            // A Restore that ended with a volume unfinished failed that volume.
-            let failed = mine.iter().any(|p| p.phase != Some("Completed"));
+            .all(|p| velero::pod_volume_restore_is_terminal(p.phase));
+        let state = if restored.is_empty() {
+            HelperState::NothingToRestore
+        } else if mine.is_empty() && restore_over {
+            HelperState::RestoreOver
+        } else if (all_started && all_terminal) || restore_over {
+            // A Restore that ended with a volume unfinished (or never begun) failed it.
+            let failed = !all_started || mine.iter().any(|p| p.phase != Some("Completed"));
+            let finished = mine
+                .iter()
+                .filter_map(|p| p.completed)
+                .chain(restore.and_then(|r| r.completed))
+                .max();
             if failed {
-                let since = mine
-                    .iter()
-                    .filter_map(|p| p.completed)
-                    .chain(restore.and_then(|r| r.completed))
-                    .max()
-                    .or_else(|| pod.metadata.creation_timestamp.as_ref().map(|t| t.0))
-                    .unwrap_or(now);
-                let until = since + failed_ttl;
+                let until = finished.or(created).unwrap_or(now) + failed_ttl;
                 if until <= now {
                     HelperState::FailedExpired
                 } else {
-                    next = Some(next.map_or(until, |n| n.min(until)));
+                    next = earliest(next, until);
                     HelperState::Failed { until }
                 }
             } else {
-                HelperState::Completed
+                // restore-wait sees the node-agent's done-file within a second, removes
+                // it and exits; deleting the pod before that would leave `.velero/` in
+                // the home. Its container running says restore-wait is done.
+                let done = finished.map_or(now, |f| f + RESTORE_WAIT_EXITS);
+                if matches!(pod.phase(), Some("Running" | "Succeeded" | "Failed")) || done <= now {
+                    HelperState::Completed
+                } else {
+                    next = earliest(next, done);
+                    HelperState::Restoring
+                }
             }
         } else {
             HelperState::Restoring

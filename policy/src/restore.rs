@@ -26,7 +26,9 @@ use crate::pod::PodFacts;
 pub const RESTORE_WAIT: &str = "restore-wait";
 /// Its name before Velero 1.10.
 pub const RESTIC_WAIT: &str = "restic-wait";
-/// Where the restore helper's own container mounts each kept volume.
+/// Where `restore-wait` mounts each volume Velero restores (pod_volume_restore_action.go).
+pub const RESTORES_ROOT: &str = "/restores/";
+/// Where the restore helper's own container mounts each restored volume.
 pub const MOUNT_ROOT: &str = "/volumes";
 /// The restore helper's container.
 pub const CONTAINER: &str = "restore-helper";
@@ -66,16 +68,20 @@ pub fn restore_helper(pod: &Pod, options: &HelperOptions) -> Pod {
         .flatten()
         .find(|c| c.name == RESTORE_WAIT || c.name == RESTIC_WAIT)
         .cloned();
-    let restored: Vec<&str> = wait
-        .iter()
-        .flat_map(|c| c.volume_mounts.iter().flatten())
+    // Every volume restore-wait mounts stays (it must stay valid as it is), but only those
+    // it mounts under /restores/ are restored: another (the ServiceAccount admission
+    // plugin's token, which it adds to init containers too) is not ours to mount.
+    let mounts = wait.iter().flat_map(|c| c.volume_mounts.iter().flatten());
+    let kept: Vec<&str> = mounts.clone().map(|m| m.name.as_str()).collect();
+    let restored: Vec<&str> = mounts
+        .filter(|m| m.mount_path.starts_with(RESTORES_ROOT))
         .map(|m| m.name.as_str())
         .collect();
     let volumes: Vec<_> = spec
         .volumes
         .iter()
         .flatten()
-        .filter(|v| restored.contains(&v.name.as_str()))
+        .filter(|v| kept.contains(&v.name.as_str()))
         .cloned()
         .map(|mut v| {
             if let Some(claim) = v.persistent_volume_claim.as_mut() {
@@ -93,6 +99,7 @@ pub fn restore_helper(pod: &Pod, options: &HelperOptions) -> Pod {
         volume_mounts: Some(
             volumes
                 .iter()
+                .filter(|v| restored.contains(&v.name.as_str()))
                 .map(|v| VolumeMount {
                     name: v.name.clone(),
                     mount_path: format!("{MOUNT_ROOT}/{}", v.name),
@@ -215,11 +222,20 @@ pub fn explain(pod: &Pod, helper: &Pod) -> Vec<String> {
         .flatten()
         .map(|v| v.name.as_str())
         .collect();
+    let restored: Vec<&str> = new_spec
+        .containers
+        .iter()
+        .flat_map(|c| c.volume_mounts.iter().flatten())
+        .map(|m| m.name.as_str())
+        .collect();
     for (name, claim) in pod.volumes() {
         let what = claim.map(|c| format!(" (claim {c})")).unwrap_or_default();
-        let fate = match kept_volumes.contains(&name) {
-            true => "kept, writable: restore-wait mounts it",
-            false => "removed: restore-wait does not mount it",
+        let fate = match (restored.contains(&name), kept_volumes.contains(&name)) {
+            (true, _) => "kept, writable: restore-wait restores it",
+            (false, true) => {
+                "kept for restore-wait only (it mounts it outside /restores/: not restored)"
+            }
+            (false, false) => "removed: restore-wait does not mount it",
         };
         lines.push(format!("volume {name}{what}: {fate}"));
     }

@@ -106,6 +106,22 @@ pub struct PodVolumeRestoreStatus {
     pub completion_timestamp: Option<Time>,
 }
 
+/// The label value Velero writes for an object name (`velero.io/restore-name`,
+/// `velero.io/backup-name`): pkg/label/label.go `GetValidName`. A name over 63 characters
+/// keeps its first 57, followed by the first 6 hex digits of its SHA-256.
+pub fn label_value(name: &str) -> std::borrow::Cow<'_, str> {
+    use sha2::Digest as _;
+    const MAX: usize = 63;
+    if name.len() <= MAX {
+        return name.into();
+    }
+    let digest = sha2::Sha256::digest(name.as_bytes());
+    let hex: String = digest[..3].iter().map(|b| format!("{b:02x}")).collect();
+    // Velero cuts bytes; a name that reaches us as a Kubernetes name is ASCII.
+    let head = name.get(..MAX - 6).unwrap_or(name);
+    format!("{head}{hex}").into()
+}
+
 /// Restore phases after which Velero does nothing more with it
 /// (pkg/apis/velero/v1/restore_types.go).
 pub fn restore_is_terminal(phase: Option<&str>) -> bool {
@@ -193,6 +209,20 @@ mod tests {
         }
         assert!(BackupTemplate::default().covers_namespace("jhub"));
     }
+
+    #[test]
+    fn label_values_as_velero_writes_them() {
+        assert_eq!(label_value("restore-1"), "restore-1");
+        let long = format!("{}-20261128030000-20261128110502", "a".repeat(40));
+        let got = label_value(&long);
+        assert_eq!(got.len(), 63);
+        assert!(got.starts_with(&long[..57]));
+        // The first 6 hex digits of that name's SHA-256 (computed apart, with Python's hashlib).
+        assert_eq!(&got[57..], SHA_OF_LONG);
+        assert_eq!(label_value(&"b".repeat(63)), "b".repeat(63));
+    }
+
+    const SHA_OF_LONG: &str = "545dc9";
 
     #[test]
     fn reads_velero_objects() {

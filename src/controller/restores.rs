@@ -16,8 +16,8 @@ use super::stores::Stores;
 use crate::cluster::events::EventSink;
 use crate::metrics::{Metrics, StateLabels};
 use crate::names;
+use crate::policy::PodRecord;
 use crate::policy::cleanup::{self, HelperState, PvrView, RestoreHelper, RestoreView};
-use crate::policy::{PodFacts, PodRecord};
 
 /// A deletion made is not repeated (nor its Events) until the watch shows it, or this long.
 const DELETED_FOR: Duration = Duration::from_secs(30);
@@ -141,13 +141,11 @@ impl RestoreCleanup {
                 volume = volume.volume,
                 "{message}"
             );
-            let claim = volume.claim.unwrap_or_default();
-            self.events.warn(
-                claim_reference(helper.pod.namespace(), claim, uids),
-                "RestoreFailed",
-                "Restore",
-                message,
-            );
+            if let Some(claim) = volume.claim {
+                let reference = claim_reference(helper.pod.namespace(), claim, uids);
+                self.events
+                    .warn(reference, "RestoreFailed", "Restore", message);
+            }
         }
     }
 
@@ -202,31 +200,28 @@ impl RestoreCleanup {
                         .controller
                         .restored_bytes
                         .inc_by(u64::try_from(bytes).unwrap_or(0));
-                    self.events.normal(
-                        claim_reference(ns, volume.claim.unwrap_or_default(), uids),
-                        "Restored",
-                        "Restore",
-                        cleanup::restored_message(helper, volume),
-                    );
+                    if let Some(claim) = volume.claim {
+                        let note = cleanup::restored_message(helper, volume);
+                        let reference = claim_reference(ns, claim, uids);
+                        self.events.normal(reference, "Restored", "Restore", note);
+                    }
                 }
             }
             HelperState::RestoreOver => {
-                // The pod had volumes for restore-wait, but Velero made no
-                // PodVolumeRestore for them: the data did not come back.
-                for (volume, claim) in helper.pod.volumes() {
+                // restore-wait was to restore these, but Velero made no PodVolumeRestore
+                // for them: the data did not come back.
+                for volume in &helper.volumes {
                     let note = format!(
-                        "restore {} ended without restoring volume {volume} of pod {name} (no PodVolumeRestore for it); restore helper deleted",
-                        helper.restore
+                        "restore {} ended without restoring volume {} of pod {name} (no PodVolumeRestore for it); restore helper deleted",
+                        helper.restore, volume.volume
                     );
-                    warn!(namespace = ns, pod = name, volume, "{note}");
+                    warn!(namespace = ns, pod = name, volume = volume.volume, "{note}");
                     self.metrics.controller.restores_failed.inc();
-                    let claim = claim.unwrap_or_default();
-                    self.events.warn(
-                        claim_reference(ns, claim, uids),
-                        "RestoreFailed",
-                        "Restore",
-                        note,
-                    );
+                    if let Some(claim) = volume.claim {
+                        let reference = claim_reference(ns, claim, uids);
+                        self.events
+                            .warn(reference, "RestoreFailed", "Restore", note);
+                    }
                 }
             }
             _ => {}
