@@ -133,6 +133,26 @@ async fn hub_client(client: &kube::Client, namespace: &str) -> kube::Client {
     cluster::client_as_service_account(namespace, "hub").await
 }
 
+/// Velero's ServiceAccount (`velero install`'s name), allowed to create pods in
+/// `namespace`: only Velero may create restore helpers (manifests/restore-guard.yaml).
+async fn velero_pods(client: &kube::Client, namespace: &str) -> Api<Pod> {
+    let role = json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+        "metadata": {"name": "velero", "namespace": namespace},
+        "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["create", "get"]}],
+    });
+    let binding = json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": "velero", "namespace": namespace},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "velero"},
+        "subjects": [{"kind": "ServiceAccount", "name": "velero", "namespace": "velero"}],
+    });
+    cluster::apply_dynamic(client, &role).await;
+    cluster::apply_dynamic(client, &binding).await;
+    let velero = cluster::client_as_service_account("velero", "velero").await;
+    Api::namespaced(velero, namespace)
+}
+
 /// The first Event about `kind`/`name` with `reason` in `namespace`.
 async fn event(
     client: &kube::Client,
@@ -301,6 +321,7 @@ async fn velero_re_created_pods_become_restore_helpers_guarded_and_cleaned_up() 
     ];
 
     let pods = setup.pods();
+    let velero_pods = velero_pods(&client, &ns).await;
     // In a `restricted` namespace, the restore helper of a pod whose container is
     // restricted (Velero copies its securityContext to restore-wait) passes Pod Security;
     // that of a stock z2jh pod does not, because of Velero's restore-wait alone.
@@ -322,9 +343,9 @@ async fn velero_re_created_pods_become_restore_helpers_guarded_and_cleaned_up() 
         });
         let sent: Pod = from_json(sent);
         let outcome = eventually(Duration::from_secs(20), || {
-            let (pods, sent, dry_run) = (pods.clone(), sent.clone(), dry_run.clone());
+            let (velero_pods, sent, dry_run) = (velero_pods.clone(), sent.clone(), dry_run.clone());
             async move {
-                match pods.create(&dry_run, &sent).await {
+                match velero_pods.create(&dry_run, &sent).await {
                     // Converted by the webhook (its registration may take a moment).
                     Ok(p) if p.spec.as_ref()?.containers[0].name == "restore-helper" => {
                         Some(Ok(()))
@@ -364,7 +385,7 @@ async fn velero_re_created_pods_become_restore_helpers_guarded_and_cleaned_up() 
         );
         let name = sent["metadata"]["name"].as_str().unwrap().to_owned();
         // As Velero: a plain create (pkg/restore/restore.go `createResource`).
-        let got = pods
+        let got = velero_pods
             .create(&PostParams::default(), &from_json(sent.clone()))
             .await
             .unwrap_or_else(|e| panic!("Velero's create of {name}: {e}"));
@@ -388,6 +409,26 @@ async fn velero_re_created_pods_become_restore_helpers_guarded_and_cleaned_up() 
     assert_eq!(
         carol_got["spec"]["volumes"][0]["persistentVolumeClaim"].get("readOnly"),
         None
+    );
+
+    // Anyone but Velero creating a pod that would become a restore helper (and lock alice
+    // out of her home) is refused, whatever their pod rights.
+    let mut forged = velero_recreates(
+        with_tolerations(serde_json::to_value(cluster::user_pod("mallory")).unwrap()),
+        &restore,
+        &restore_uid,
+        backup,
+        &["volume-mallory"],
+    );
+    forged["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] = "claim-alice".into();
+    let err = pods
+        .create(&PostParams::default(), &from_json(forged))
+        .await
+        .expect_err("only Velero creates restore helpers");
+    assert!(
+        err.to_string()
+            .contains("only Velero creates restore helpers"),
+        "{err}"
     );
 
     // dave's had nothing to restore: the controller deletes it at once.
@@ -618,9 +659,16 @@ async fn velero_re_created_pods_become_restore_helpers_guarded_and_cleaned_up() 
 
     // Nothing else was touched: the webhook counted what it did per entry.
     let text = webhook.server.metrics.encode();
-    // Each pod converted once by the dry run and once for real.
+    // Each pod converted once by the dry run and once for real, and the forged one (then
+    // refused by the origin policy).
     let converted = r#"velero_jupyterhub_admission_requests_total{webhook="restore",outcome="restore_converted"}"#;
-    assert_eq!(sample(&text, converted), Some(8.0), "{text}");
+    assert_eq!(sample(&text, converted), Some(9.0), "{text}");
+    // The live entry never saw a restored pod: the restore entries come first and convert.
+    let live_conversions = text
+        .lines()
+        .filter(|l| l.contains(r#"webhook="live",outcome="restore_"#) && !l.contains("guard"))
+        .count();
+    assert_eq!(live_conversions, 0, "{text}");
     let guarded = r#"velero_jupyterhub_admission_requests_total{webhook="live",outcome="restore_guard_denied"}"#;
     assert_eq!(sample(&text, guarded), Some(2.0), "{text}");
     // Every later call (the restore-helper entry after restore-user, reinvocations)
@@ -965,7 +1013,8 @@ async fn restore_command_checks_first_then_restores_and_reports_each_claim() {
     .unwrap();
     let restore_uid = restore["metadata"]["uid"].as_str().unwrap().to_owned();
     let sent = velero_recreates(helper, &restore_name, &restore_uid, &backup, &["data"]);
-    let created = pods
+    let created = velero_pods(&client, &ns)
+        .await
         .create(&PostParams::default(), &from_json(sent))
         .await
         .expect("Velero's create");
