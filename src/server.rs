@@ -61,6 +61,7 @@ pub struct Running {
     pub metrics: Arc<Metrics>,
     pub health: Health,
     pub namespaces: Arc<NamespaceCache>,
+    pub restore_helpers: RestoreHelpers,
     shutdown: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -119,7 +120,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 
     let restore_helpers = match &config.cluster {
         Some(client) => {
-            let (helpers, watch) = RestoreHelpers::start(client.clone());
+            let (helpers, watch) = RestoreHelpers::start(client.clone(), metrics.clone());
             background.push(("restore helper watch", tokio::spawn(watch)));
             helpers
         }
@@ -132,7 +133,6 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let mut synced = Vec::new();
     if with_cluster {
         synced.push(("namespace cache", namespaces.synced()));
-        synced.push(("restore helper watch", restore_helpers.synced()));
         background.push(("namespace watch", tokio::spawn(namespaces.clone().run())));
     }
 
@@ -150,7 +150,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let health = Health::new(Some(certs.clone()), synced);
     let admission = webhook::admission_router(Arc::new(WebhookState::new(
         namespaces.clone(),
-        restore_helpers,
+        restore_helpers.clone(),
         config.helper,
         metrics.clone(),
         &config.serve,
@@ -202,6 +202,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         metrics,
         health,
         namespaces,
+        restore_helpers,
         shutdown,
         task,
     })

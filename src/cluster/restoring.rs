@@ -11,6 +11,7 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt as _, watcher};
 use tracing::warn;
 
+use crate::metrics::Metrics;
 use crate::names;
 use crate::policy::PodRecord;
 use crate::policy::restore::{self, RestoringClaim};
@@ -27,7 +28,9 @@ pub fn selector() -> String {
     )
 }
 
-/// Restore helpers, as watched (empty without a cluster).
+/// Restore helpers, as watched (empty without a cluster). Readiness does not wait for
+/// this watch: the live webhook's main job (the backup annotation) must not depend on a
+/// guard; until it has listed, the guard lets user servers through.
 #[derive(Clone, Default)]
 pub struct RestoreHelpers {
     store: Option<Store<PodRecord>>,
@@ -37,7 +40,10 @@ pub struct RestoreHelpers {
 impl RestoreHelpers {
     /// Starts the watch; the returned future runs it (forever: a watch error is retried
     /// with backoff while the store keeps its last state).
-    pub fn start(client: kube::Client) -> (Self, impl Future<Output = ()> + Send + 'static) {
+    pub fn start(
+        client: kube::Client,
+        metrics: Arc<Metrics>,
+    ) -> (Self, impl Future<Output = ()> + Send + 'static) {
         let (store, writer) = reflector::store();
         let config = watcher::Config::default().labels(&selector());
         let stream = watcher::watcher(Api::<PodRecord>::all(client), config)
@@ -52,13 +58,15 @@ impl RestoreHelpers {
             let ready = async {
                 if store.wait_until_ready().await.is_ok() {
                     synced.store(true, Ordering::Release);
+                    metrics.restore_guard_synced();
                 }
             };
             let drive = async {
                 let mut stream = std::pin::pin!(stream);
                 while let Some(event) = stream.next().await {
                     if let Err(e) = event {
-                        warn!(watch = "restore helpers", error = %e, "watch error; retrying");
+                        metrics.restore_guard_watch_error();
+                        warn!(watch = "restore helpers", error = %e, "restore guard: watch error; retrying (meanwhile the guard lets user servers through)");
                     }
                 }
             };

@@ -317,10 +317,10 @@ impl Webhook {
         .await
         .expect("webhook server starts");
         let health = server.health.clone();
-        assert_eq!(health.synced.len(), 2, "cluster mode: two caches to sync");
+        let guard = server.restore_helpers.synced();
         eventually(Duration::from_secs(20), || {
-            let problems = health.problems();
-            async move { problems.is_empty().then_some(()) }
+            let ready = health.problems().is_empty() && guard.load(Ordering::Acquire);
+            async move { ready.then_some(()) }
         })
         .await
         .expect("namespace cache and restore helper watch sync (RBAC lets the service account list and watch namespaces and pods)");
