@@ -26,6 +26,9 @@ use crate::policy::restore_report::{
 };
 use crate::policy::{ClaimGlobs, NamespacePolicy, velero};
 
+/// While bytes keep coming, a progress line at least this often.
+const PROGRESS_EVERY: Duration = Duration::from_secs(30);
+
 /// What `restore`'s flags configure.
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -242,7 +245,8 @@ fn validate(o: &Options) -> anyhow::Result<()> {
 /// helpers: a server-side dry run of such a pod must come back converted.
 async fn webhook_converts(client: &kube::Client, ns: &str) -> anyhow::Result<()> {
     let probe: Pod = serde_json::from_value(json!({
-        "metadata": {"name": "vjh-restore-probe", "labels": {
+        // generateName: a pod that happens to have the name cannot fail the dry run.
+        "metadata": {"generateName": "vjh-restore-probe-", "labels": {
             (names::VELERO_RESTORE_NAME): "vjh-restore-probe",
             (names::JUPYTERHUB_COMPONENT): names::SINGLEUSER_SERVER}},
         "spec": {"containers": [{"name": "notebook", "image": crate::policy::helper::DEFAULT_IMAGE}]},
@@ -378,6 +382,7 @@ async fn follow(
     let selector = format!("{}={restore}", names::VELERO_RESTORE_NAME);
     let until = Timestamp::now() + o.timeout;
     let mut last = (String::new(), usize::MAX, usize::MAX);
+    let (mut last_bytes, mut last_line) = (0, std::time::Instant::now());
     loop {
         let r = restores
             .get_opt(restore)
@@ -396,11 +401,14 @@ async fn follow(
                 )
             })
             .count();
-        if (phase.as_str(), done, list.len()) != (last.0.as_str(), last.1, last.2) {
-            let bytes: i64 = list
-                .iter()
-                .filter_map(|p| p.status.as_ref()?.progress.bytes_done)
-                .sum();
+        let bytes: i64 = list
+            .iter()
+            .filter_map(|p| p.status.as_ref()?.progress.bytes_done)
+            .sum();
+        // A line when a volume ends, and every 30 s while bytes keep coming (one large
+        // home can take hours).
+        let moved = bytes != last_bytes && last_line.elapsed() >= PROGRESS_EVERY;
+        if moved || (phase.as_str(), done, list.len()) != (last.0.as_str(), last.1, last.2) {
             let _ = writeln!(
                 progress,
                 "Restore {restore}: {}; {done} of {} volumes done, {}",
@@ -409,6 +417,7 @@ async fn follow(
                 human_bytes(bytes)
             );
             last = (phase.clone(), done, list.len());
+            (last_bytes, last_line) = (bytes, std::time::Instant::now());
         }
         if velero::restore_is_terminal(Some(&phase)) {
             return Ok((phase, list));

@@ -545,4 +545,21 @@ fn the_restore_command_reports_each_claim() {
         "r1",
     );
     assert_eq!(rows.len(), 1);
+    // A user with no claim at all gets a row saying so.
+    let two = Users(vec!["bob".into(), "zed".into()]);
+    let rows = outcomes(
+        &two,
+        &claims,
+        &pvbs,
+        &pvrs,
+        Some("Completed"),
+        "daily",
+        "r1",
+    );
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0].0, "(user zed)");
+    assert!(
+        matches!(&rows[0].1, ClaimOutcome::Failed { reason } if reason.contains("hub.jupyter.org/username=zed")),
+        "{rows:?}"
+    );
 }

@@ -238,6 +238,22 @@ pub fn outcomes(
             ));
         }
     }
+    // A user asked for with no claim at all: say so (a misspelt name, or nothing of
+    // theirs in the Backup), rather than print nothing.
+    for user in &users.0 {
+        let has_claim = claims.iter().any(|c| c.username == Some(user.as_str()));
+        if !has_claim && over {
+            rows.push((
+                format!("(user {user})"),
+                ClaimOutcome::Failed {
+                    reason: format!(
+                        "no claim labelled {}={user} after the restore: backup {backup} holds none of theirs, or the name is not their label value",
+                        crate::names::JUPYTERHUB_USERNAME
+                    ),
+                },
+            ));
+        }
+    }
     rows.sort_by(|a, b| a.0.cmp(&b.0));
     rows.dedup_by(|a, b| a.0 == b.0);
     rows
