@@ -8,7 +8,8 @@
 //! exactly the volumes that have a PodVolumeBackup. The node-agent writes through the
 //! pod's volume directory, so those volumes must be writable; nothing else of the pod is
 //! needed, and anything else may keep it from starting (a claim not restored, a ConfigMap
-//! not there yet, a scheduler or priority class not restored yet).
+//! not there yet, a custom scheduler not running yet). The priority class goes too (a
+//! helper needs no priority; the API server checked the class before us).
 //!
 //! [`restore_helper`] is the whole conversion, from the pod as Velero sends it to the pod
 //! to store; it is idempotent (converting a restore helper again changes nothing). The
