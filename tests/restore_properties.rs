@@ -39,8 +39,9 @@ fn pod() -> impl Strategy<Value = (Pod, bool)> {
         any::<bool>(),
         any::<bool>(),
         0usize..3,
+        0usize..3,
     )
-        .prop_map(|(mut volumes, legacy, with_wait, other_inits)| {
+        .prop_map(|(mut volumes, legacy, with_wait, other_inits, wait_at)| {
             volumes.sort_by(|a, b| a.name.cmp(&b.name));
             volumes.dedup_by(|a, b| a.name == b.name);
             let source = |v: &GenVolume| match v.kind {
@@ -58,15 +59,16 @@ fn pod() -> impl Strategy<Value = (Pod, bool)> {
             let mounted: Vec<&GenVolume> = volumes.iter().filter(|v| v.mounted).collect();
             let mut init: Vec<Value> = Vec::new();
             let has_wait = with_wait && !restored.is_empty();
-            if has_wait {
-                let name = if legacy { RESTIC_WAIT } else { RESTORE_WAIT };
-                init.push(json!({"name": name, "image": "velero/velero:v1.18.1",
-                                 "args": ["uid"], "volumeMounts": mounts(&restored, "/restores", false)}));
-            }
             for i in 0..other_inits {
                 init.push(json!({"name": format!("init-{i}"), "image": "busybox",
                                  "securityContext": {"privileged": true},
                                  "volumeMounts": mounts(&mounted, "/x", false)}));
+            }
+            if has_wait {
+                // Velero prepends it; anywhere else it must still come out first.
+                let name = if legacy { RESTIC_WAIT } else { RESTORE_WAIT };
+                init.insert(wait_at.min(init.len()), json!({"name": name, "image": "velero/velero:v1.18.1",
+                                 "args": ["uid"], "volumeMounts": mounts(&restored, "/restores", false)}));
             }
             let pod = json!({
                 "metadata": {"name": "jupyter-alice", "namespace": "jhub",
