@@ -1,6 +1,8 @@
 //! The admission decision end to end, from request bytes to response bytes: parse the
 //! AdmissionReview, decide, build the JSON patch, encode the response. Goal: ≤ 10 µs median
-//! for the z2jh fixture.
+//! for the z2jh fixture. The restore path (a pod re-created by Velero: read again in full,
+//! converted) is rare (once per user per restore) and has no goal; it is measured so a
+//! regression shows.
 
 #[allow(dead_code)]
 #[path = "../tests/support/fixtures.rs"]
@@ -30,6 +32,11 @@ fn bench(c: &mut Criterion) {
     });
     group.bench_function("z2jh_pod_reinvocation_no_patch", |b| {
         b.iter(|| admission::review(black_box(&reinvocation), claims, false).expect("review"))
+    });
+    let volume = "volume-alice-smith";
+    let restored = fixtures::pod_create_review(&fixtures::restored_z2jh(&[volume]), "r");
+    group.bench_function("z2jh_restored_pod_conversion", |b| {
+        b.iter(|| admission::review(black_box(&restored), claims, false).expect("review"))
     });
     group.finish();
 }
