@@ -62,6 +62,29 @@ pub enum Command {
     /// nothing would be skipped or overwritten silently, creates the Restore, and with
     /// --wait follows it and reports each claim. Exit 2: some claim was not restored.
     Restore(Box<RestoreArgs>),
+    /// Is every user's home in a recent backup? One row per user claim: who holds it
+    /// and its last completed backup. Exit 2: some claim is stale (or never backed up).
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// One namespace (opted in); default: every opted-in namespace.
+    #[arg(long, short = 'n')]
+    pub namespace: Option<String>,
+    /// `table` (with a summary line) or `json`.
+    #[arg(long, short = 'o', value_enum, default_value = "table")]
+    pub output: crate::status::Output,
+    /// A claim whose last completed backup is older than this is STALE.
+    #[arg(long, env = "VJH_STALE_AFTER", default_value = "26h", value_parser = humantime::parse_duration)]
+    pub stale_after: Duration,
+    /// Where Velero's Backups and PodVolumeBackups are.
+    #[arg(long, env = "VJH_VELERO_NAMESPACE", default_value = "velero")]
+    pub velero_namespace: String,
+    /// Claim-name globs used when a namespace has no `velero-jupyterhub.io/claims`
+    /// annotation (the controller's --claims).
+    #[arg(long, env = "VJH_CLAIMS", default_value = names::DEFAULT_CLAIM_GLOBS)]
+    pub claims: ClaimGlobs,
 }
 
 #[derive(Debug, Args)]
@@ -469,7 +492,32 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Backup(args) => backup(*args).await,
         Command::Restore(args) => restore(*args).await,
+        Command::Status(args) => status(args).await,
     }
+}
+
+/// Exit 0: every user claim has a completed backup within --stale-after; 2: some has not
+/// (the rows say which); errors exit 1.
+async fn status(args: StatusArgs) -> anyhow::Result<i32> {
+    let client = crate::cluster::try_client()
+        .await
+        .context("connecting to the Kubernetes API")?
+        .context("no kubeconfig or in-cluster configuration found")?;
+    let options = crate::status::Options {
+        namespace: args.namespace,
+        velero_namespace: args.velero_namespace,
+        stale_after: args.stale_after,
+        default_claims: Arc::new(args.claims),
+    };
+    let rows = crate::status::run(client, &options).await?;
+    match args.output {
+        crate::status::Output::Table => print!("{}", crate::status::table(&rows, args.stale_after)),
+        crate::status::Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&crate::status::json(&rows, args.stale_after))?
+        ),
+    }
+    Ok(if rows.iter().any(|r| r.stale) { 2 } else { 0 })
 }
 
 /// Exit 0: the Restore was created (and with --wait, every claim restored); 2: some

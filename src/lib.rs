@@ -25,6 +25,7 @@ pub mod controller;
 pub mod metrics;
 pub mod restore;
 pub mod server;
+pub mod status;
 pub mod telemetry;
 pub mod tls;
 pub mod webhook;

@@ -133,26 +133,6 @@ async fn hub_client(client: &kube::Client, namespace: &str) -> kube::Client {
     cluster::client_as_service_account(namespace, "hub").await
 }
 
-/// Velero's ServiceAccount (`velero install`'s name), allowed to create pods in
-/// `namespace`: only Velero may create restore helpers (manifests/restore-guard.yaml).
-async fn velero_pods(client: &kube::Client, namespace: &str) -> Api<Pod> {
-    let role = json!({
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-        "metadata": {"name": "velero", "namespace": namespace},
-        "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["create", "get"]}],
-    });
-    let binding = json!({
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-        "metadata": {"name": "velero", "namespace": namespace},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "velero"},
-        "subjects": [{"kind": "ServiceAccount", "name": "velero", "namespace": "velero"}],
-    });
-    cluster::apply_dynamic(client, &role).await;
-    cluster::apply_dynamic(client, &binding).await;
-    let velero = cluster::client_as_service_account("velero", "velero").await;
-    Api::namespaced(velero, namespace)
-}
-
 /// The first Event about `kind`/`name` with `reason` in `namespace`.
 async fn event(
     client: &kube::Client,
@@ -321,7 +301,7 @@ async fn velero_re_created_pods_become_restore_helpers_guarded_and_cleaned_up() 
     ];
 
     let pods = setup.pods();
-    let velero_pods = velero_pods(&client, &ns).await;
+    let velero_pods = cluster::velero_pods(&client, &ns).await;
     // In a `restricted` namespace, the restore helper of a pod whose container is
     // restricted (Velero copies its securityContext to restore-wait) passes Pod Security;
     // that of a stock z2jh pod does not, because of Velero's restore-wait alone.
@@ -1013,7 +993,7 @@ async fn restore_command_checks_first_then_restores_and_reports_each_claim() {
     .unwrap();
     let restore_uid = restore["metadata"]["uid"].as_str().unwrap().to_owned();
     let sent = velero_recreates(helper, &restore_name, &restore_uid, &backup, &["data"]);
-    let created = velero_pods(&client, &ns)
+    let created = cluster::velero_pods(&client, &ns)
         .await
         .create(&PostParams::default(), &from_json(sent))
         .await

@@ -20,6 +20,7 @@ pub mod record;
 pub mod restore;
 pub mod restore_report;
 pub mod selector;
+pub mod status;
 pub mod velero;
 pub mod volume_list;
 pub mod window;

@@ -64,6 +64,7 @@ pub struct PodVolumeBackupStatus {
     /// Why it failed, when it did.
     pub message: Option<String>,
     pub progress: Progress,
+    pub completion_timestamp: Option<Time>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]

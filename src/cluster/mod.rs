@@ -29,3 +29,21 @@ pub async fn try_client() -> anyhow::Result<Option<kube::Client>> {
         }
     }
 }
+
+/// Every object `api` lists, a page (500) at a time: one answer of 10,000 pods held while
+/// it is read would cost more than the objects themselves.
+pub async fn list_all<K>(api: &kube::Api<K>, params: kube::api::ListParams) -> kube::Result<Vec<K>>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let mut params = params.limit(500);
+    let mut out = Vec::new();
+    loop {
+        let page = api.list(&params).await?;
+        out.extend(page.items);
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(token) => params = params.continue_token(&token),
+            None => return Ok(out),
+        }
+    }
+}

@@ -655,3 +655,23 @@ pub async fn labelled_namespace(client: &Client, prefix: &str, labels: Value) ->
         .expect("create namespace");
     name
 }
+
+/// Velero's ServiceAccount (`velero install`'s name), allowed to create pods in
+/// `namespace`: only Velero may create restore helpers (manifests/restore-guard.yaml).
+pub async fn velero_pods(client: &kube::Client, namespace: &str) -> Api<Pod> {
+    let role = json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+        "metadata": {"name": "velero", "namespace": namespace},
+        "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["create", "get"]}],
+    });
+    let binding = json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": "velero", "namespace": namespace},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "velero"},
+        "subjects": [{"kind": "ServiceAccount", "name": "velero", "namespace": "velero"}],
+    });
+    apply_dynamic(client, &role).await;
+    apply_dynamic(client, &binding).await;
+    let velero = client_as_service_account("velero", "velero").await;
+    Api::namespaced(velero, namespace)
+}
