@@ -13,7 +13,7 @@ use kube::Api;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use support::cluster::{self, Webhook, eventually, from_json, unique};
-use support::controller::{Setup, dynamic, restricted_user_pod, set_status};
+use support::controller::{Setup, dynamic, pod_volume_backup, restricted_user_pod, set_status};
 use velero_jupyterhub::metrics::sample;
 use velero_jupyterhub::names;
 
@@ -796,30 +796,6 @@ async fn restore_operator(client: &kube::Client) -> String {
     }))
     .await;
     operator
-}
-
-/// A PodVolumeBackup of `backup`, as pkg/podvolume/backupper.go `newPodVolumeBackup`
-/// makes it, Completed.
-async fn pod_volume_backup(setup: &Setup, backup: &str, pod: &str, volume: &str, claim: &str) {
-    let name = unique(backup);
-    cluster::apply_dynamic(&setup.client, &json!({
-        "apiVersion": "velero.io/v1", "kind": "PodVolumeBackup",
-        "metadata": {"name": name, "namespace": setup.velero,
-            "labels": {(names::VELERO_BACKUP_NAME): backup},
-            "annotations": {(names::VELERO_PVC_NAME): claim}},
-        "spec": {"node": setup.nodes[0], "volume": volume, "uploaderType": "kopia",
-            "backupStorageLocation": "default", "repoIdentifier": "",
-            "pod": {"kind": "Pod", "namespace": setup.users, "name": pod, "uid": unique("uid")}},
-    }))
-    .await;
-    set_status(
-        setup,
-        "podvolumebackups",
-        &name,
-        json!({"phase": "Completed",
-        "progress": {"totalBytes": 4096, "bytesDone": 4096}}),
-    )
-    .await;
 }
 
 async fn run_restore(

@@ -301,3 +301,35 @@ pub fn dynamic(setup: &Setup, kind: &str, plural: &str) -> Api<kube::core::Dynam
         ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("velero.io", "v1", kind), plural);
     Api::namespaced_with(setup.client.clone(), &setup.velero, &ar)
 }
+
+/// A Completed PodVolumeBackup of `backup` (4 KiB), as pkg/podvolume/backupper.go
+/// `newPodVolumeBackup` makes it, for `pod`'s `volume` of `claim` in the test namespace;
+/// completed now.
+pub async fn pod_volume_backup(setup: &Setup, backup: &str, pod: &str, volume: &str, claim: &str) {
+    pod_volume_backup_at(setup, backup, pod, volume, claim, Timestamp::now()).await;
+}
+
+/// The same, completed at `at`.
+pub async fn pod_volume_backup_at(
+    setup: &Setup,
+    backup: &str,
+    pod: &str,
+    volume: &str,
+    claim: &str,
+    at: Timestamp,
+) {
+    let name = unique(backup);
+    cluster::apply_dynamic(&setup.client, &json!({
+        "apiVersion": "velero.io/v1", "kind": "PodVolumeBackup",
+        "metadata": {"name": name, "namespace": setup.velero,
+            "labels": {(names::VELERO_BACKUP_NAME): backup},
+            "annotations": {(names::VELERO_PVC_NAME): claim}},
+        "spec": {"node": setup.nodes[0], "volume": volume, "uploaderType": "kopia",
+            "backupStorageLocation": "default", "repoIdentifier": "",
+            "pod": {"kind": "Pod", "namespace": setup.users, "name": pod, "uid": unique("uid")}},
+    }))
+    .await;
+    let status = json!({"phase": "Completed", "completionTimestamp": at.to_string(),
+        "progress": {"totalBytes": 4096, "bytesDone": 4096}});
+    set_status(setup, "podvolumebackups", &name, status).await;
+}
