@@ -195,7 +195,10 @@ pub fn summary(rows: &[Row], stale_after: Duration) -> String {
         } else {
             states.join(", ")
         },
-        humantime::format_duration(stale_after)
+        match stale_after.as_secs() {
+            s if s % 3600 == 0 && s > 0 => format!("{}h", s / 3600),
+            _ => humantime::format_duration(stale_after).to_string(),
+        }
     )
 }
 
