@@ -62,6 +62,7 @@ async fn reaction(client: &kube::Client, spawns: usize) {
         default_claims: Arc::new(ClaimGlobs::parse("claim-*").expect("globs")),
         lease: LeaseOptions::with_duration(&unique("lease"), Duration::from_secs(15)),
         failed_helper_ttl: k8s_openapi::jiff::SignedDuration::from_secs(3600),
+        stale_after: k8s_openapi::jiff::SignedDuration::from_hours(26),
     };
     let stop = CancellationToken::new();
     let task = tokio::spawn(controller::run(

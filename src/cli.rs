@@ -241,6 +241,10 @@ pub struct ControllerArgs {
     /// (a Warning Event on the claim says so), then deleted.
     #[arg(long, env = "VJH_FAILED_HELPER_TTL", default_value = "1h", value_parser = humantime::parse_duration)]
     pub failed_helper_ttl: Duration,
+    /// A user claim with no completed backup within this is stale (the coverage metrics,
+    /// as `status --stale-after`).
+    #[arg(long, env = "VJH_STALE_AFTER", default_value = "26h", value_parser = humantime::parse_duration)]
+    pub stale_after: Duration,
     /// The leader-election Lease in `--namespace`.
     #[arg(long, env = "VJH_LEASE_NAME", default_value = crate::controller::leader::LEASE_NAME)]
     pub lease_name: String,
@@ -595,6 +599,8 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         ),
         failed_helper_ttl: k8s_openapi::jiff::SignedDuration::try_from(args.failed_helper_ttl)
             .context("--failed-helper-ttl")?,
+        stale_after: k8s_openapi::jiff::SignedDuration::try_from(args.stale_after)
+            .context("--stale-after")?,
     };
     let shutdown = tokio_util::sync::CancellationToken::new();
     let stop = shutdown.clone();

@@ -42,6 +42,12 @@ pub struct NamespaceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClaimLabels {
+    pub namespace: String,
+    pub claim: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabels {
     pub state: &'static str,
 }
@@ -64,6 +70,9 @@ pub struct ControllerMetrics {
     pub restore_helpers: Family<StateLabels, Gauge>,
     pub restored_bytes: Counter,
     pub restores_failed: Counter,
+    pub claim_last_backup: Family<ClaimLabels, Gauge>,
+    pub claims: Family<StateLabels, Gauge>,
+    pub claims_stale: Gauge,
 }
 
 impl ControllerMetrics {
@@ -92,6 +101,21 @@ impl ControllerMetrics {
             "api_writes",
             "API writes by verb and resource: zero in steady state, a rate proportional to changes otherwise",
             self.api_writes.clone(),
+        );
+        registry.register(
+            "claim_last_backup_timestamp_seconds",
+            "Per user claim: when its last completed file-system backup (of a restorable Backup) finished; 0 if never",
+            self.claim_last_backup.clone(),
+        );
+        registry.register(
+            "claims",
+            "User claims by who holds them (live, idle, backup-helper, restoring), as `velero-jupyterhub status` shows them",
+            self.claims.clone(),
+        );
+        registry.register(
+            "claims_stale",
+            "User claims with no completed backup within --stale-after (or never): alert on > 0",
+            self.claims_stale.clone(),
         );
         registry.register(
             "restore_helpers",

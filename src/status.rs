@@ -104,30 +104,11 @@ pub async fn run(client: kube::Client, o: &Options) -> anyhow::Result<Vec<Row>> 
 
     let restorable: BTreeMap<&str, bool> = backups
         .iter()
-        .filter_map(|b| {
-            let phase = b.status.as_ref().and_then(|s| s.phase.as_deref());
-            Some((
-                b.metadata.name.as_deref()?,
-                matches!(phase, Some("Completed" | "PartiallyFailed")),
-            ))
-        })
+        .filter_map(|b| Some((b.metadata.name.as_deref()?, b.restorable())))
         .collect();
     let pvbs: Vec<PvbDone<'_>> = pvb_objects
         .iter()
-        .filter_map(|p| {
-            let status = p.status.as_ref()?;
-            if status.phase.as_deref() != Some("Completed") {
-                return None;
-            }
-            let facts = p.facts();
-            Some(PvbDone {
-                backup: p.metadata.labels.as_ref()?.get(names::VELERO_BACKUP_NAME)?,
-                pod_namespace: &p.spec.pod.namespace,
-                claim: facts.pvc_name?,
-                completed: status.completion_timestamp.as_ref()?.0,
-                bytes: facts.bytes_done,
-            })
-        })
+        .filter_map(PodVolumeBackup::done)
         .collect();
     let claim_views: Vec<_> = claim_objects.iter().map(ClaimRecord::view).collect();
     let pod_refs: Vec<&PodRecord> = pod_objects.iter().collect();

@@ -28,7 +28,7 @@ async fn run_status(kubeconfig: &std::path::Path, args: &[&str]) -> (Option<i32>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn status_shows_each_user_claim_and_fails_while_one_is_stale() {
-    let setup = Setup::new().await;
+    let mut setup = Setup::new().await;
     // No controller: it would delete a backup helper outside a backup window at once.
     for r in &setup.controllers {
         r.stop.cancel();
@@ -139,9 +139,10 @@ async fn status_shows_each_user_claim_and_fails_while_one_is_stale() {
         "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": operator}],
     })).await;
     let kubeconfig = cluster::kubeconfig_as(&operator);
+    let velero = setup.velero.clone();
     let base = [
         "--velero-namespace",
-        setup.velero.as_str(),
+        velero.as_str(),
         "--stale-after",
         "26h",
     ];
@@ -205,6 +206,47 @@ async fn status_shows_each_user_claim_and_fails_while_one_is_stale() {
         stdout.lines().any(|l| l.starts_with(&ns)),
         "{stderr}\n{stdout}"
     );
+
+    // The controller exports the same as metrics. Started now, it deletes dave's backup
+    // helper (no backup window is open), so his claim turns idle.
+    setup.replica("replica-b");
+    let metrics = setup.controllers.last().unwrap().metrics.clone();
+    let sample = |text: &str, series: &str| velero_jupyterhub::metrics::sample(text, series);
+    let text = cluster::eventually(std::time::Duration::from_secs(60), || {
+        let text = metrics.encode();
+        let idle = sample(&text, r#"velero_jupyterhub_claims{state="idle"}"#);
+        async move { (idle == Some(4.0)).then_some(text) }
+    })
+    .await
+    .unwrap_or_else(|| panic!("coverage metrics: {}", metrics.encode()));
+    assert_eq!(
+        sample(&text, r#"velero_jupyterhub_claims{state="live"}"#),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, r#"velero_jupyterhub_claims{state="restoring"}"#),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "velero_jupyterhub_claims_stale"),
+        Some(4.0),
+        "{text}"
+    );
+    let last = |claim: &str| {
+        let series = format!(
+            r#"velero_jupyterhub_claim_last_backup_timestamp_seconds{{namespace="{ns}",claim="{claim}"}}"#
+        );
+        sample(&text, &series)
+    };
+    let alice = last("claim-alice").expect("alice's series");
+    assert!(
+        (alice - (now - 2.hours()).as_second() as f64).abs() < 2.0,
+        "{alice}"
+    );
+    assert_eq!(last("claim-carol"), Some(0.0), "never backed up: 0");
+    assert_eq!(last("claim-frank"), Some(0.0), "only in a Failed Backup: 0");
 
     // A namespace that has not opted in: a clear error, exit 1.
     let other = cluster::labelled_namespace(&client, "vjh-ctl", json!({})).await;

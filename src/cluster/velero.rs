@@ -73,7 +73,36 @@ velero_resource!(
     PodVolumeRestoreStatus
 );
 
+impl Backup {
+    /// Whether Velero restores from it: `Completed` or `PartiallyFailed`.
+    pub fn restorable(&self) -> bool {
+        let phase = self.status.as_ref().and_then(|s| s.phase.as_deref());
+        matches!(phase, Some("Completed" | "PartiallyFailed"))
+    }
+}
+
 impl PodVolumeBackup {
+    /// What `policy::status` reads of a Completed one (`None` for any other, or one
+    /// without a Backup label, claim annotation or completion time).
+    pub fn done(&self) -> Option<crate::policy::status::PvbDone<'_>> {
+        let status = self.status.as_ref()?;
+        if status.phase.as_deref() != Some("Completed") {
+            return None;
+        }
+        let facts = self.facts();
+        Some(crate::policy::status::PvbDone {
+            backup: self
+                .metadata
+                .labels
+                .as_ref()?
+                .get(names::VELERO_BACKUP_NAME)?,
+            pod_namespace: &self.spec.pod.namespace,
+            claim: facts.pvc_name?,
+            completed: status.completion_timestamp.as_ref()?.0,
+            bytes: facts.bytes_done,
+        })
+    }
+
     /// What `policy::coverage` reads of it.
     pub fn facts(&self) -> PvbFacts<'_> {
         let m = &self.metadata;

@@ -43,6 +43,8 @@ pub struct Config {
     pub lease: LeaseOptions,
     /// A restore helper whose volume failed to restore is kept this long for inspection.
     pub failed_helper_ttl: SignedDuration,
+    /// A user claim with no completed backup within this is stale (coverage metrics).
+    pub stale_after: SignedDuration,
 }
 
 impl Config {

@@ -39,6 +39,9 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 const CREATE_CHUNK: usize = 64;
 /// Changes arriving together are planned together.
 const DEBOUNCE: Duration = Duration::from_millis(20);
+/// The coverage metrics (a row per user claim, `policy::status`) are worked out at most
+/// this often: scrapes are slower, and it reads every PodVolumeBackup.
+const COVERAGE_EVERY: Duration = Duration::from_secs(10);
 /// Even with nothing to wake for, plan again this often (a safety net, not a poll: a
 /// plan with nothing to do writes nothing).
 const AT_LEAST_EVERY: Duration = Duration::from_secs(300);
@@ -66,6 +69,9 @@ pub async fn run(
     let restores = RestoreCleanup::new(client.clone(), metrics.clone(), config.failed_helper_ttl);
     let mut reconciler = Reconciler {
         restores,
+        coverage_at: None,
+        coverage_series: HashSet::new(),
+        coverage_generation: 0,
         client: client.clone(),
         events: EventSink::new(Some(client)),
         config,
@@ -103,6 +109,15 @@ fn delete_key(d: &Deletion) -> String {
     format!("delete/{}", d.uid)
 }
 
+/// What the coverage metrics are worked out from: the pass's views of the stores.
+struct CoverageInput<'a> {
+    globs: &'a [(&'a str, Arc<ClaimGlobs>)],
+    claims: &'a [ClaimView<'a>],
+    pods: &'a [&'a PodRecord],
+    pvbs: &'a [Arc<crate::cluster::velero::PodVolumeBackup>],
+    backups: &'a [Arc<crate::cluster::velero::Backup>],
+}
+
 /// A merge patch to apply to a pod, with its pending-set key.
 struct PodPatch<'a> {
     key: String,
@@ -125,6 +140,10 @@ struct Reconciler {
     stuck_reported: HashSet<String>,
     /// Restore helpers done with.
     restores: RestoreCleanup,
+    /// When the coverage metrics were last worked out, and the claims they have series for.
+    coverage_at: Option<Instant>,
+    coverage_series: HashSet<crate::metrics::ClaimLabels>,
+    coverage_generation: u64,
 }
 
 impl Reconciler {
@@ -260,6 +279,14 @@ impl Reconciler {
         let (stuck, next_stuck) = plan::stuck_helpers(&pods, now, STUCK_AFTER);
         self.report_stuck(&stuck, &uids);
         let next_failed_expiry = self.restores.pass(stores, &pods, &uids, now).await;
+        let coverage = CoverageInput {
+            globs: &globs,
+            claims: &claims,
+            pods: &pods,
+            pvbs: &pvb_objects,
+            backups: &backup_objects,
+        };
+        let coverage_due = self.report_coverage(&coverage, stores.generation(), now);
         self.apply(plan, &uids, stores).await;
         // A write that timed out or failed is retried when its pending entry expires:
         // wake then, even if nothing else happens.
@@ -270,10 +297,16 @@ impl Reconciler {
             .min()
             .and_then(|d| SignedDuration::try_from(d).ok())
             .map(|d| Timestamp::now() + d);
-        [windows.next_change, next_stuck, retry, next_failed_expiry]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            windows.next_change,
+            next_stuck,
+            retry,
+            next_failed_expiry,
+            coverage_due,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// A Warning Event on the claim of each helper not running `STUCK_AFTER` after its
@@ -305,6 +338,86 @@ impl Reconciler {
             );
         }
         self.stuck_reported = now;
+    }
+
+    /// The coverage metrics: per user claim its last backup, claims by holder, stale ones.
+    /// Worked out when the watches changed (at most every `COVERAGE_EVERY`: returns when
+    /// it is due if it had to wait) or, as time makes claims stale, on the loop's safety
+    /// net.
+    fn report_coverage(
+        &mut self,
+        input: &CoverageInput<'_>,
+        generation: u64,
+        now: Timestamp,
+    ) -> Option<Timestamp> {
+        let CoverageInput {
+            globs,
+            claims,
+            pods,
+            pvbs,
+            backups,
+        } = *input;
+        if let Some(at) = self.coverage_at {
+            let changed = generation != self.coverage_generation;
+            if !changed && at.elapsed() < AT_LEAST_EVERY {
+                return None;
+            }
+            if at.elapsed() < COVERAGE_EVERY {
+                let wait = COVERAGE_EVERY.saturating_sub(at.elapsed());
+                return SignedDuration::try_from(wait).ok().map(|d| now + d);
+            }
+        }
+        self.coverage_at = Some(Instant::now());
+        self.coverage_generation = generation;
+        let restorable: HashSet<&str> = backups
+            .iter()
+            .filter(|b| b.restorable())
+            .filter_map(|b| b.metadata.name.as_deref())
+            .collect();
+        let done: Vec<_> = pvbs.iter().filter_map(|p| p.done()).collect();
+        let rows = crate::policy::status::rows(
+            |ns| globs.iter().find(|(n, _)| *n == ns).map(|(_, g)| g.clone()),
+            claims,
+            pods,
+            &done,
+            |b| restorable.contains(b),
+            now,
+            self.config.stale_after,
+        );
+        let m = &self.metrics.controller;
+        let mut by_state: BTreeMap<&'static str, i64> = [
+            ("live", 0),
+            ("idle", 0),
+            ("backup-helper", 0),
+            ("restoring", 0),
+        ]
+        .into();
+        let mut series = HashSet::new();
+        for r in &rows {
+            *by_state.entry(r.holder.as_str()).or_default() += 1;
+            let labels = crate::metrics::ClaimLabels {
+                namespace: r.namespace.clone(),
+                claim: r.claim.clone(),
+            };
+            let at = r.last.as_ref().map_or(0, |l| l.at.as_second());
+            m.claim_last_backup.get_or_create(&labels).set(at);
+            series.insert(labels);
+        }
+        // Claims gone (deleted, or their namespace opted out) leave the metric.
+        for old in std::mem::replace(&mut self.coverage_series, series)
+            .into_iter()
+            .filter(|l| !self.coverage_series.contains(l))
+        {
+            m.claim_last_backup.remove(&old);
+        }
+        for (state, n) in by_state {
+            m.claims
+                .get_or_create(&crate::metrics::StateLabels { state })
+                .set(n);
+        }
+        let stale = rows.iter().filter(|r| r.stale).count();
+        m.claims_stale.set(i64::try_from(stale).unwrap_or(i64::MAX));
+        None
     }
 
     fn count_helpers(&self, pods: &[&PodRecord], windows_open: usize) {

@@ -16,6 +16,7 @@ use tokio::sync::Notify;
 use tracing::warn;
 
 use crate::cluster::velero::{Backup, PodVolumeBackup, PodVolumeRestore, Restore, Schedule};
+use crate::names;
 use crate::policy::{ClaimRecord, PodRecord};
 
 #[derive(Clone)]
@@ -118,7 +119,10 @@ impl Stores {
             &config,
             |p: &mut PodVolumeBackup| {
                 p.metadata.managed_fields = None;
-                p.metadata.annotations = None;
+                // Only the claim's name (coverage) is read.
+                if let Some(a) = p.metadata.annotations.as_mut() {
+                    a.retain(|k, _| k == names::VELERO_PVC_NAME);
+                }
             },
             &changed,
             stop,

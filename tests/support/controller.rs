@@ -148,6 +148,7 @@ impl Setup {
             lease: LeaseOptions::with_duration(&unique("lease"), lease),
             // Short, so the restore tests see a failed helper kept and then deleted.
             failed_helper_ttl: SignedDuration::from_secs(6),
+            stale_after: SignedDuration::from_hours(26),
         };
         let mut setup = Self {
             client,
