@@ -10,10 +10,16 @@ cd "$(dirname "$0")/.."
 
 # The https bench's smoke run drives Debian's wrk (an external load generator); it
 # fails with a clear message if wrk is missing and cannot be installed here.
-if ! command -v wrk >/dev/null && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
-  echo "test.sh: installing wrk" >&2
+# wrk (the https benchmark's external client) and promtool (Debian's `prometheus`
+# package: tests/observability.rs checks the alert rules with it).
+missing=""
+command -v wrk >/dev/null || missing="$missing wrk"
+command -v promtool >/dev/null || missing="$missing prometheus"
+if [ -n "$missing" ] && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+  echo "test.sh: installing$missing" >&2
   apt-get update -qq -o DPkg::Lock::Timeout=600 >&2 || true
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends -o DPkg::Lock::Timeout=600 wrk >&2 || true
+  # shellcheck disable=SC2086
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends -o DPkg::Lock::Timeout=600 $missing >&2 || true
 fi
 
 envtest=scripts/kube-envtest.sh   # KUBE_ENVTEST_VERSION picks the version (default current)
