@@ -47,16 +47,61 @@ pub async fn client() -> Client {
     Client::try_from(config().await).expect("client")
 }
 
-/// A client that acts as `system:serviceaccount:<namespace>:<name>` (impersonation), so
-/// RBAC is enforced as it would be for the deployed service.
+/// A client that authenticates as `system:serviceaccount:<namespace>:<name>` with a real
+/// token of that ServiceAccount (the TokenRequest API, as a kubelet gets one for a pod),
+/// so authentication and RBAC are the API server's own, exactly as for the deployed
+/// service. The namespace and the ServiceAccount are created if missing.
 pub async fn client_as_service_account(namespace: &str, name: &str) -> Client {
+    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    let admin = client().await;
+    let namespaces: Api<Namespace> = Api::all(admin.clone());
+    if namespaces
+        .get_opt(namespace)
+        .await
+        .expect("get namespace")
+        .is_none()
+    {
+        let ns: Namespace = from_json(json!({"metadata": {"name": namespace}}));
+        match namespaces.create(&PostParams::default(), &ns).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => panic!("create namespace {namespace}: {e}"),
+        }
+    }
+    let accounts: Api<ServiceAccount> = Api::namespaced(admin, namespace);
+    if accounts
+        .get_opt(name)
+        .await
+        .expect("get service account")
+        .is_none()
+    {
+        let sa: ServiceAccount = from_json(json!({"metadata": {"name": name}}));
+        match accounts.create(&PostParams::default(), &sa).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => panic!("create service account {namespace}/{name}: {e}"),
+        }
+    }
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            expiration_seconds: Some(3600),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let token = accounts
+        .create_token_request(name, &PostParams::default(), &request)
+        .await
+        .unwrap_or_else(|e| panic!("a token for {namespace}/{name}: {e}"))
+        .status
+        .expect("a token")
+        .token;
     let mut config = config().await;
-    config.auth_info.impersonate = Some(format!("system:serviceaccount:{namespace}:{name}"));
-    config.auth_info.impersonate_groups = Some(vec![
-        "system:serviceaccounts".into(),
-        format!("system:serviceaccounts:{namespace}"),
-        "system:authenticated".into(),
-    ]);
+    config.auth_info = kube::config::AuthInfo {
+        token: Some(token.into()),
+        ..Default::default()
+    };
     Client::try_from(config).expect("client")
 }
 
