@@ -503,10 +503,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
 /// Exit 0: every user claim has a completed backup within --stale-after; 2: some has not
 /// (the rows say which); errors exit 1.
 async fn status(args: StatusArgs) -> anyhow::Result<i32> {
-    let client = crate::cluster::try_client()
-        .await
-        .context("connecting to the Kubernetes API")?
-        .context("no kubeconfig or in-cluster configuration found")?;
+    let client = tool_client().await?;
     let options = crate::status::Options {
         namespace: args.namespace,
         velero_namespace: args.velero_namespace,
@@ -524,13 +521,19 @@ async fn status(args: StatusArgs) -> anyhow::Result<i32> {
     Ok(if rows.iter().any(|r| r.stale) { 2 } else { 0 })
 }
 
+/// The Kubernetes client of a command-line tool (`backup`, `restore`, `status`): one is
+/// required.
+async fn tool_client() -> anyhow::Result<kube::Client> {
+    crate::cluster::try_client()
+        .await
+        .context("connecting to the Kubernetes API")?
+        .context("no kubeconfig or in-cluster configuration found")
+}
+
 /// Exit 0: the Restore was created (and with --wait, every claim restored); 2: some
 /// claim was not (the rows say why); errors, refusals included, exit 1.
 async fn restore(args: RestoreArgs) -> anyhow::Result<i32> {
-    let client = crate::cluster::try_client()
-        .await
-        .context("connecting to the Kubernetes API")?
-        .context("no kubeconfig or in-cluster configuration found")?;
+    let client = tool_client().await?;
     let options = args.options();
     let mut stderr = std::io::stderr();
     match crate::restore::run(client, &options, &mut stderr).await? {
@@ -548,10 +551,7 @@ async fn restore(args: RestoreArgs) -> anyhow::Result<i32> {
 /// Exit 0: the Backup was created (and with --wait, every user claim is in it); 2: it
 /// ended without some user claim (the rows say why); errors exit 1.
 async fn backup(args: BackupArgs) -> anyhow::Result<i32> {
-    let client = crate::cluster::try_client()
-        .await
-        .context("connecting to the Kubernetes API")?
-        .context("no kubeconfig or in-cluster configuration found")?;
+    let client = tool_client().await?;
     let options = args.options();
     let mut stderr = std::io::stderr();
     match crate::backup::run(client, &options, &mut stderr).await? {

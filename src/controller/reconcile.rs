@@ -328,7 +328,7 @@ impl Reconciler {
                 "a backup helper is not running"
             );
             self.events.warn(
-                Self::claim_reference(ns, claim, uids),
+                claim_reference(ns, claim, uids),
                 "BackupHelperNotRunning",
                 "Wait",
                 format!(
@@ -777,21 +777,6 @@ impl Reconciler {
         }
     }
 
-    fn claim_reference(
-        ns: &str,
-        claim: &str,
-        uids: &HashMap<(&str, &str), &str>,
-    ) -> ObjectReference {
-        ObjectReference {
-            api_version: Some("v1".to_owned()),
-            kind: Some("PersistentVolumeClaim".to_owned()),
-            name: Some(claim.to_owned()),
-            namespace: Some(ns.to_owned()),
-            uid: uids.get(&(ns, claim)).map(|u| (*u).to_owned()),
-            ..Default::default()
-        }
-    }
-
     fn claim_event(
         &self,
         ns: &str,
@@ -802,7 +787,7 @@ impl Reconciler {
         note: String,
     ) {
         self.events
-            .normal(Self::claim_reference(ns, claim, uids), reason, action, note);
+            .normal(claim_reference(ns, claim, uids), reason, action, note);
     }
 
     fn claim_warning(
@@ -813,7 +798,7 @@ impl Reconciler {
         note: String,
     ) {
         self.events.warn(
-            Self::claim_reference(ns, claim, uids),
+            claim_reference(ns, claim, uids),
             "BackupHelperFailed",
             "Create",
             note,
@@ -823,4 +808,20 @@ impl Reconciler {
 
 fn label<'a>(labels: &'a Option<BTreeMap<String, String>>, key: &str) -> Option<&'a str> {
     labels.as_ref()?.get(key).map(String::as_str)
+}
+
+/// An Event's reference to a user claim (its uid when the watch has it).
+pub(super) fn claim_reference(
+    ns: &str,
+    claim: &str,
+    uids: &HashMap<(&str, &str), &str>,
+) -> ObjectReference {
+    ObjectReference {
+        api_version: Some("v1".to_owned()),
+        kind: Some("PersistentVolumeClaim".to_owned()),
+        name: Some(claim.to_owned()),
+        namespace: Some(ns.to_owned()),
+        uid: uids.get(&(ns, claim)).map(|u| (*u).to_owned()),
+        ..Default::default()
+    }
 }

@@ -7,11 +7,12 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{ObjectReference, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, DeleteParams, Preconditions};
 use tracing::{info, warn};
 
+use super::reconcile::claim_reference;
 use super::stores::Stores;
 use crate::cluster::events::EventSink;
 use crate::metrics::{Metrics, StateLabels};
@@ -226,16 +227,5 @@ impl RestoreCleanup {
             }
             _ => {}
         }
-    }
-}
-
-fn claim_reference(ns: &str, claim: &str, uids: &HashMap<(&str, &str), &str>) -> ObjectReference {
-    ObjectReference {
-        api_version: Some("v1".to_owned()),
-        kind: Some("PersistentVolumeClaim".to_owned()),
-        name: Some(claim.to_owned()),
-        namespace: Some(ns.to_owned()),
-        uid: uids.get(&(ns, claim)).map(|u| (*u).to_owned()),
-        ..Default::default()
     }
 }
