@@ -199,8 +199,8 @@ pub struct ControllerArgs {
     /// Plain HTTP address for operations: the probes (`/healthz`, `/readyz`) and `/metrics`.
     #[arg(long, env = "VJH_OPS_LISTEN", default_value = "0.0.0.0:8080")]
     pub ops_listen: SocketAddr,
-    /// The controller's own namespace (its Lease lives there).
-    #[arg(long, env = "POD_NAMESPACE", default_value = "velero-jupyterhub")]
+    /// The controller's own namespace (its Lease, and the certificate Secrets, live there).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "velero-jupyterhub", value_parser = parse_namespace)]
     pub namespace: String,
     /// This replica's name in the Lease (default: the host name).
     #[arg(long, env = "POD_NAME")]
@@ -252,6 +252,67 @@ pub struct ControllerArgs {
     /// stops leading after failing to for 2/3 of it, as client-go does).
     #[arg(long, env = "VJH_LEASE_DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
     pub lease_duration: Duration,
+    /// Self-managed webhook certificates: the leader keeps a CA and the serving
+    /// certificate in Secrets of `--namespace` and the webhook configuration's caBundle in
+    /// step. `false` when something else does (cert-manager: `certs/`).
+    #[arg(long, env = "VJH_MANAGE_CERTIFICATES", default_value_t = true, action = clap::ArgAction::Set)]
+    pub manage_certificates: bool,
+    /// The MutatingWebhookConfiguration whose caBundle the controller keeps.
+    #[arg(long, env = "VJH_WEBHOOK_CONFIGURATION", default_value = crate::controller::certs::WEBHOOK_CONFIGURATION, value_parser = parse_object_name)]
+    pub webhook_configuration: String,
+    /// The webhook's Service in `--namespace`: the serving certificate is for its DNS names.
+    #[arg(long, env = "VJH_WEBHOOK_SERVICE", default_value = crate::controller::certs::WEBHOOK_SERVICE, value_parser = parse_namespace)]
+    pub webhook_service: String,
+    /// The Secret the serving certificate is written to (the webhook's `--tls-secret`).
+    #[arg(long, env = "VJH_TLS_SECRET", default_value = crate::controller::certs::TLS_SECRET, value_parser = parse_object_name)]
+    pub tls_secret: String,
+    /// The Secret holding the CA's key (read by the controller only).
+    #[arg(long, env = "VJH_CA_SECRET", default_value = crate::controller::certs::CA_SECRET, value_parser = parse_object_name)]
+    pub ca_secret: String,
+    /// Lifetime of each CA (replaced after 2/3 of it).
+    #[arg(long, env = "VJH_CA_VALIDITY", default_value = "365d", value_parser = humantime::parse_duration)]
+    pub ca_validity: Duration,
+    /// Lifetime of each serving certificate (renewed after 2/3 of it).
+    #[arg(long, env = "VJH_CERT_VALIDITY", default_value = "90d", value_parser = humantime::parse_duration)]
+    pub cert_validity: Duration,
+    /// How long a new CA is trusted before it signs, and an old one after it stopped
+    /// (covers the API servers and webhook replicas catching up).
+    #[arg(long, env = "VJH_CA_OVERLAP", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub ca_overlap: Duration,
+}
+
+impl ControllerArgs {
+    fn certificates(&self) -> anyhow::Result<Option<crate::controller::certs::CertConfig>> {
+        use k8s_openapi::jiff::SignedDuration;
+        if !self.manage_certificates {
+            return Ok(None);
+        }
+        let options = crate::policy::certs::CertOptions {
+            ca_validity: SignedDuration::try_from(self.ca_validity).context("--ca-validity")?,
+            cert_validity: SignedDuration::try_from(self.cert_validity)
+                .context("--cert-validity")?,
+            overlap: SignedDuration::try_from(self.ca_overlap).context("--ca-overlap")?,
+        };
+        anyhow::ensure!(
+            options.cert_validity <= options.ca_validity,
+            "--cert-validity ({}) must not exceed --ca-validity ({})",
+            humantime::format_duration(self.cert_validity),
+            humantime::format_duration(self.ca_validity)
+        );
+        anyhow::ensure!(
+            options.overlap * 3 < options.ca_validity,
+            "--ca-overlap must be well below --ca-validity (a third of it at most)"
+        );
+        let mut config = crate::controller::certs::CertConfig::for_service(
+            &self.namespace,
+            &self.webhook_service,
+            options,
+        );
+        config.webhook_configuration = self.webhook_configuration.clone();
+        config.tls_secret = self.tls_secret.clone();
+        config.ca_secret = self.ca_secret.clone();
+        Ok(Some(config))
+    }
 }
 
 fn parse_toleration(s: &str) -> Result<Toleration, String> {
@@ -292,6 +353,26 @@ fn parse_timeout(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// A Kubernetes object name (DNS-1123 subdomain): it goes into API paths.
+fn parse_object_name(s: &str) -> Result<String, String> {
+    if names::is_dns1123_subdomain(s) {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "{s:?} is not a Kubernetes object name (DNS-1123 subdomain)"
+        ))
+    }
+}
+
+/// A namespace name (DNS-1123 label).
+fn parse_namespace(s: &str) -> Result<String, String> {
+    if names::is_dns1123_label(s) {
+        Ok(s.to_owned())
+    } else {
+        Err(format!("{s:?} is not a namespace name (DNS-1123 label)"))
+    }
+}
+
 fn parse_label(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if names::is_label_key(k) && names::is_label_value(v) => {
@@ -302,7 +383,7 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 }
 
 #[derive(Debug, Args)]
-#[command(group(clap::ArgGroup::new("tls").required(true).args(["tls_cert", "self_signed"])))]
+#[command(group(clap::ArgGroup::new("tls").required(true).args(["tls_cert", "tls_secret", "self_signed"])))]
 pub struct ServeArgs {
     /// HTTPS address for the webhook (`POST /mutate/live`).
     #[arg(long, env = "VJH_LISTEN", default_value = "0.0.0.0:8443")]
@@ -322,12 +403,20 @@ pub struct ServeArgs {
     /// Private key of the serving certificate (PEM); reloaded with the certificate.
     #[arg(long, env = "VJH_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// The serving certificate from this `kubernetes.io/tls` Secret (`tls.crt`, `tls.key`),
+    /// read through a watch: the controller's self-managed certificates (the default
+    /// install), or cert-manager's Secret.
+    #[arg(long, env = "VJH_TLS_SECRET", conflicts_with_all = ["tls_cert", "tls_key"], value_parser = parse_object_name)]
+    pub tls_secret: Option<String>,
+    /// The namespace of `--tls-secret` (the pod's own, from the downward API).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "velero-jupyterhub", value_parser = parse_namespace)]
+    pub tls_secret_namespace: String,
     /// How often to check the certificate files for changes.
     #[arg(long, env = "VJH_TLS_RELOAD_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub tls_reload_interval: Duration,
     /// Development: make a CA and a serving certificate for localhost, 127.0.0.1 and
     /// `--dns-names` in memory.
-    #[arg(long, env = "VJH_SELF_SIGNED", conflicts_with_all = ["tls_cert", "tls_key"])]
+    #[arg(long, env = "VJH_SELF_SIGNED", conflicts_with_all = ["tls_cert", "tls_key", "tls_secret"])]
     pub self_signed: bool,
     /// Extra names for the self-signed certificate (repeat or comma-separate).
     #[arg(
@@ -575,6 +664,7 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         .context(
             "the controller needs a cluster: no kubeconfig or in-cluster configuration found",
         )?;
+    let certificates = args.certificates()?;
     let identity = match args.identity {
         Some(i) if !i.is_empty() => i,
         _ => {
@@ -582,6 +672,7 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         }
     };
     let config = crate::controller::Config {
+        certificates,
         namespace: args.namespace,
         identity,
         velero_namespace: args.velero_namespace,
@@ -639,10 +730,18 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let signalled = shutdown_signal()?;
     crate::tls::install_default_provider();
-    let tls = match (args.tls_cert.clone(), args.tls_key.clone()) {
-        (Some(cert), Some(key)) => TlsSource::Files {
+    let tls = match (
+        args.tls_cert.clone(),
+        args.tls_key.clone(),
+        &args.tls_secret,
+    ) {
+        (Some(cert), Some(key), _) => TlsSource::Files {
             files: PemFiles { cert, key },
             reload_interval: args.tls_reload_interval,
+        },
+        (_, _, Some(name)) => TlsSource::Secret {
+            namespace: args.tls_secret_namespace.clone(),
+            name: name.clone(),
         },
         _ => TlsSource::SelfSigned {
             dns_names: args.dns_names.clone(),

@@ -73,6 +73,14 @@ pub struct ControllerMetrics {
     pub claim_last_backup: Family<ClaimLabels, Gauge>,
     pub claims: Family<StateLabels, Gauge>,
     pub claims_stale: Gauge,
+    pub certificate_steps: Family<StepLabels, Counter>,
+    pub certificate_errors: Counter,
+    pub ca_expiry: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StepLabels {
+    pub step: &'static str,
 }
 
 impl ControllerMetrics {
@@ -136,6 +144,21 @@ impl ControllerMetrics {
             "leader",
             "1 while this replica holds the controller's Lease",
             self.leader.clone(),
+        );
+        registry.register(
+            "certificate_steps",
+            "Self-managed certificates: steps taken (create, issue, introduce, promote, retire, write_bundle)",
+            self.certificate_steps.clone(),
+        );
+        registry.register(
+            "certificate_errors",
+            "Self-managed certificates: checks that failed (API errors, a Secret owned by someone else); retried",
+            self.certificate_errors.clone(),
+        );
+        registry.register(
+            "ca_certificate_expiry_timestamp_seconds",
+            "Self-managed certificates: when the current CA expires (it is replaced at 2/3 of its life)",
+            self.ca_expiry.clone(),
         );
     }
 

@@ -34,6 +34,9 @@ pub enum TlsSource {
         dns_names: Vec<String>,
         ca_out: Option<PathBuf>,
     },
+    /// A `kubernetes.io/tls` Secret, watched through the API (needs a cluster): the
+    /// controller's self-managed certificates, or cert-manager's Secret.
+    Secret { namespace: String, name: String },
     /// A given certificate (tests).
     Pem(PemPair),
 }
@@ -111,6 +114,20 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 info!(ca = %path.display(), "self-signed: wrote the CA bundle (use it as caBundle or curl --cacert)");
             }
             Some(ca_pem)
+        }
+        TlsSource::Secret { namespace, name } => {
+            let client = config.cluster.clone().context(
+                "--tls-secret reads the certificate through the API: it needs a cluster (not --no-cluster)",
+            )?;
+            let watch = crate::cluster::tls_secret::run(
+                client,
+                namespace,
+                name,
+                certs.clone(),
+                metrics.clone(),
+            );
+            background.push(("certificate Secret watch", tokio::spawn(watch)));
+            None
         }
         TlsSource::Pem(pair) => {
             certs.set(pair.certified_key()?);

@@ -9,9 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
+use k8s_openapi::jiff;
 use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
 };
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
@@ -19,6 +20,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tracing::{info, warn};
+use x509_parser::extensions::GeneralName;
+
+use crate::policy::certs::Validity;
 
 use crate::metrics::Metrics;
 
@@ -37,6 +41,8 @@ pub enum TlsError {
     KeyPem(String),
     #[error("certificate and key do not belong together, or the key is unusable: {0}")]
     Mismatch(rustls::Error),
+    #[error("certificate validity: {0}")]
+    Validity(String),
     #[error("generating a certificate: {0}")]
     Generate(#[from] rcgen::Error),
 }
@@ -162,39 +168,62 @@ impl PemFiles {
     }
 }
 
-/// Keeps a [`CertStore`] in step with PEM files: polls their content every `interval` and
-/// swaps in a new certificate when it changes and parses. A half-written or mismatched
-/// pair is reported and retried on the next poll; the old certificate stays in use.
-pub struct FileReloader {
-    files: PemFiles,
+/// Loads certificate/key pairs into a [`CertStore`] as a source offers them (files,
+/// a Secret): each distinct pair is handled once; a half-written or mismatched pair is
+/// reported and the old certificate stays in use.
+pub struct Loader {
     store: Arc<CertStore>,
     metrics: Arc<Metrics>,
-    /// The content last looked at (loaded or rejected), so each change is handled once.
+    /// The content last looked at (loaded or rejected).
     seen: Option<(Vec<u8>, Vec<u8>)>,
 }
 
-impl FileReloader {
-    pub fn new(files: PemFiles, store: Arc<CertStore>, metrics: Arc<Metrics>) -> Self {
+impl Loader {
+    pub fn new(store: Arc<CertStore>, metrics: Arc<Metrics>) -> Self {
         Self {
-            files,
             store,
             metrics,
             seen: None,
         }
     }
 
-    /// Checks the files once; returns whether a new certificate was loaded.
-    pub async fn poll(&mut self) -> Result<bool, TlsError> {
-        let content = self.files.read().await?;
+    /// Returns whether a new certificate was loaded.
+    pub fn offer(&mut self, cert_pem: Vec<u8>, key_pem: Vec<u8>) -> Result<bool, TlsError> {
+        let content = (cert_pem, key_pem);
         if self.seen.as_ref() == Some(&content) {
             return Ok(false);
         }
         let result = certified_key_from_pem(&content.0, &content.1);
         self.seen = Some(content);
         self.metrics.tls_reload(result.is_ok());
-        let key = result?;
-        self.store.set(key);
+        self.store.set(result?);
         Ok(true)
+    }
+
+    pub fn is_loaded(&self) -> bool {
+        self.store.is_loaded()
+    }
+}
+
+/// Keeps a [`CertStore`] in step with PEM files: polls their content every `interval` and
+/// swaps in a new certificate when it changes and parses.
+pub struct FileReloader {
+    files: PemFiles,
+    loader: Loader,
+}
+
+impl FileReloader {
+    pub fn new(files: PemFiles, store: Arc<CertStore>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            files,
+            loader: Loader::new(store, metrics),
+        }
+    }
+
+    /// Checks the files once; returns whether a new certificate was loaded.
+    pub async fn poll(&mut self) -> Result<bool, TlsError> {
+        let (cert, key) = self.files.read().await?;
+        self.loader.offer(cert, key)
     }
 
     /// Polls forever (until the task is dropped).
@@ -214,7 +243,7 @@ impl FileReloader {
                     // Say it once per distinct problem, not every few seconds.
                     let msg = e.to_string();
                     if last_error.as_deref() != Some(&msg) {
-                        warn!(error = %msg, loaded = self.store.is_loaded(), "serving certificate not (re)loaded; will retry");
+                        warn!(error = %msg, loaded = self.loader.is_loaded(), "serving certificate not (re)loaded; will retry");
                         last_error = Some(msg);
                     }
                 }
@@ -238,11 +267,18 @@ impl PemPair {
 
 /// A private certificate authority that issues serving certificates.
 pub struct Ca {
-    issuer: CertifiedIssuer<'static, KeyPair>,
+    issuer: Issuer<'static, KeyPair>,
+    cert_pem: String,
 }
 
 impl Ca {
+    /// A new CA with rcgen's default validity (development and tests).
     pub fn generate(common_name: &str) -> Result<Self, TlsError> {
+        Self::generate_valid(common_name, None)
+    }
+
+    /// A new CA, valid for `validity` when given.
+    pub fn generate_valid(common_name: &str, validity: Option<Validity>) -> Result<Self, TlsError> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.distinguished_name = distinguished_name(common_name);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -251,16 +287,56 @@ impl Ca {
             KeyUsagePurpose::CrlSign,
             KeyUsagePurpose::DigitalSignature,
         ];
-        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate()?)?;
-        Ok(Self { issuer })
+        set_validity(&mut params, validity)?;
+        let key = KeyPair::generate()?;
+        let cert = params.self_signed(&key)?;
+        Ok(Self {
+            cert_pem: cert.pem(),
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// A CA kept as PEM (a Secret), to sign with again. The key must be the
+    /// certificate's (else what it signs would never verify).
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
+        let key = KeyPair::from_pem(key_pem).map_err(|e| TlsError::KeyPem(e.to_string()))?;
+        let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .map_err(|e| TlsError::CertPem(e.to_string()))?;
+        let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
+            .map_err(|e| TlsError::CertPem(e.to_string()))?;
+        if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            return Err(TlsError::KeyPem(
+                "the CA key does not belong to the CA certificate".to_owned(),
+            ));
+        }
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key)
+            .map_err(|e| TlsError::CertPem(e.to_string()))?;
+        Ok(Self {
+            issuer,
+            cert_pem: cert_pem.to_owned(),
+        })
     }
 
     pub fn cert_pem(&self) -> String {
-        self.issuer.pem()
+        self.cert_pem.clone()
     }
 
-    /// A serving certificate for `names` (DNS names or IP addresses), with a fresh key.
+    pub fn key_pem(&self) -> String {
+        self.issuer.key().serialize_pem()
+    }
+
+    /// A serving certificate for `names` (DNS names or IP addresses), with a fresh key and
+    /// rcgen's default validity.
     pub fn issue_serving(&self, names: &[String]) -> Result<PemPair, TlsError> {
+        self.issue_serving_valid(names, None)
+    }
+
+    /// A serving certificate for `names`, valid for `validity` when given.
+    pub fn issue_serving_valid(
+        &self,
+        names: &[String],
+        validity: Option<Validity>,
+    ) -> Result<PemPair, TlsError> {
         let mut params = CertificateParams::new(names.to_vec())?;
         params.distinguished_name =
             distinguished_name(names.first().map_or("velero-jupyterhub", String::as_str));
@@ -269,12 +345,83 @@ impl Ca {
             KeyUsagePurpose::KeyEncipherment,
         ];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        set_validity(&mut params, validity)?;
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(PemPair {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
         })
+    }
+}
+
+fn set_validity(
+    params: &mut CertificateParams,
+    validity: Option<Validity>,
+) -> Result<(), TlsError> {
+    let Some(v) = validity else { return Ok(()) };
+    let date = |t: jiff::Timestamp| {
+        time::OffsetDateTime::from_unix_timestamp(t.as_second())
+            .map_err(|e| TlsError::Validity(e.to_string()))
+    };
+    params.not_before = date(v.not_before)?;
+    params.not_after = date(v.not_after)?;
+    Ok(())
+}
+
+/// What the certificate planner reads from a certificate.
+#[derive(Clone, Debug)]
+pub struct CertInfo {
+    pub validity: Validity,
+    /// Subject alternative names: DNS names, and IP addresses as text.
+    pub names: Vec<String>,
+    pub der: CertificateDer<'static>,
+}
+
+impl CertInfo {
+    /// The first certificate of PEM text; `None` when there is none or it does not parse.
+    pub fn from_pem(pem: &[u8]) -> Option<Self> {
+        let der = CertificateDer::pem_slice_iter(pem).next()?.ok()?;
+        let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+        let timestamp =
+            |t: x509_parser::time::ASN1Time| jiff::Timestamp::from_second(t.timestamp()).ok();
+        let validity = Validity {
+            not_before: timestamp(cert.validity().not_before)?,
+            not_after: timestamp(cert.validity().not_after)?,
+        };
+        let mut names = Vec::new();
+        if let Ok(Some(san)) = cert.subject_alternative_name() {
+            for name in &san.value.general_names {
+                match name {
+                    GeneralName::DNSName(n) => names.push((*n).to_owned()),
+                    GeneralName::IPAddress(ip) => {
+                        let ip = match ip.len() {
+                            4 => <[u8; 4]>::try_from(*ip).ok().map(std::net::IpAddr::from),
+                            _ => <[u8; 16]>::try_from(*ip).ok().map(std::net::IpAddr::from),
+                        };
+                        names.extend(ip.map(|ip| ip.to_string()));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        drop(cert);
+        Some(Self {
+            validity,
+            names,
+            der: der.into_owned(),
+        })
+    }
+
+    /// Whether `ca`'s key signed this certificate.
+    pub fn signed_by(&self, ca: &CertInfo) -> bool {
+        let Ok((_, cert)) = x509_parser::parse_x509_certificate(self.der.as_ref()) else {
+            return false;
+        };
+        let Ok((_, ca)) = x509_parser::parse_x509_certificate(ca.der.as_ref()) else {
+            return false;
+        };
+        cert.verify_signature(Some(ca.public_key())).is_ok()
     }
 }
 
@@ -318,6 +465,48 @@ mod tests {
         ));
         assert!(matches!(
             certified_key_from_pem(a.cert_pem.as_bytes(), b"junk"),
+            Err(TlsError::KeyPem(_))
+        ));
+    }
+
+    /// A CA read back from its PEM (as from a Secret) signs again, its certificates
+    /// verify against it and not against another CA, and validity and names read back.
+    #[test]
+    fn a_stored_ca_signs_again_and_its_certificates_say_so() {
+        let t = |s: &str| s.parse::<jiff::Timestamp>().unwrap();
+        let validity = Validity {
+            not_before: t("2026-01-01T00:00:00Z"),
+            not_after: t("2027-01-01T00:00:00Z"),
+        };
+        let ca = Ca::generate_valid("stored", Some(validity)).unwrap();
+        let stored = Ca::from_pem(&ca.cert_pem(), &ca.key_pem()).unwrap();
+        let other = Ca::generate("other").unwrap();
+        let names = vec![
+            "svc.ns.svc".to_owned(),
+            "127.0.0.1".to_owned(),
+            "::1".to_owned(),
+        ];
+        let serving_validity = Validity {
+            not_before: t("2026-02-01T00:00:00Z"),
+            not_after: t("2026-05-01T00:00:00Z"),
+        };
+        let pair = stored
+            .issue_serving_valid(&names, Some(serving_validity))
+            .unwrap();
+        assert!(pair.certified_key().is_ok());
+        let cert = CertInfo::from_pem(pair.cert_pem.as_bytes()).unwrap();
+        let ca_info = CertInfo::from_pem(ca.cert_pem().as_bytes()).unwrap();
+        let other_info = CertInfo::from_pem(other.cert_pem().as_bytes()).unwrap();
+        assert_eq!(cert.validity, serving_validity);
+        assert_eq!(ca_info.validity, validity);
+        assert_eq!(cert.names, names);
+        assert!(cert.signed_by(&ca_info));
+        assert!(!cert.signed_by(&other_info));
+        assert!(CertInfo::from_pem(b"not a certificate").is_none());
+        // A CA certificate with someone else's key would sign certificates that never
+        // verify: refused.
+        assert!(matches!(
+            Ca::from_pem(&ca.cert_pem(), &other.key_pem()),
             Err(TlsError::KeyPem(_))
         ));
     }

@@ -5,6 +5,7 @@
 //! driven by table tests on real object shapes; the edges (admission, webhook, cluster in
 //! the `velero-jupyterhub` crate) only feed it and carry its answers out.
 
+pub mod certs;
 pub mod claims;
 pub mod cleanup;
 pub mod coverage;

@@ -3,6 +3,7 @@
 pub mod events;
 pub mod namespaces;
 pub mod restoring;
+pub mod tls_secret;
 pub mod velero;
 
 pub use namespaces::NamespaceCache;

@@ -5,6 +5,7 @@
 //! open or close, and applies the plan (`reconcile.rs`). Everything that writes lives here;
 //! the webhook (`serve`) stays read-only.
 
+pub mod certs;
 pub mod leader;
 pub mod reconcile;
 pub mod restores;
@@ -45,6 +46,8 @@ pub struct Config {
     pub failed_helper_ttl: SignedDuration,
     /// A user claim with no completed backup within this is stale (coverage metrics).
     pub stale_after: SignedDuration,
+    /// Self-managed webhook certificates (`None`: someone else manages them).
+    pub certificates: Option<certs::CertConfig>,
 }
 
 impl Config {
@@ -73,6 +76,14 @@ pub async fn run(
     info!(identity = %config.identity, "leading: starting the reconciler");
     metrics.controller.leader.set(1);
     let work = CancellationToken::new();
+    let certificates = config.certificates.clone().map(|certs| {
+        tokio::spawn(certs::run(
+            client.clone(),
+            certs,
+            metrics.clone(),
+            work.clone(),
+        ))
+    });
     let reconciler = tokio::spawn(reconcile::run(
         client,
         config.clone(),
@@ -85,6 +96,9 @@ pub async fn run(
     };
     work.cancel();
     let _ = reconciler.await;
+    if let Some(certificates) = certificates {
+        let _ = certificates.await;
+    }
     metrics.controller.leader.set(0);
     match outcome {
         Ok(()) => {

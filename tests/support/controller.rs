@@ -149,6 +149,7 @@ impl Setup {
             // Short, so the restore tests see a failed helper kept and then deleted.
             failed_helper_ttl: SignedDuration::from_secs(6),
             stale_after: SignedDuration::from_hours(26),
+            certificates: None,
         };
         let mut setup = Self {
             client,
