@@ -19,6 +19,8 @@
 #   kube-envtest.sh stop       stop everything this script started (by pid file), wipe state
 #   kube-envtest.sh status     exit 0 if the API server answers /readyz
 #   kube-envtest.sh env        print `export KUBECONFIG=...` (for eval)
+#   kube-envtest.sh kubectl    build kubectl of the current version into the cache (once)
+#                              and print its path
 #   kube-envtest.sh run-dir    print the runtime state dir of the chosen version
 #   kube-envtest.sh restart-apiserver  stop and start kube-apiserver only (etcd keeps
 #                              every object; clients' watches break and must resume)
@@ -129,18 +131,18 @@ cmd_install() {
 # staging modules at ./staging/...; a module that requires it must pin them to the
 # published v0.x releases of the same version instead: one replace line each, derived
 # from its own go.mod. Nothing is vendored; the module cache and build cache are Go's.
-build_from_modules() {
-  local t0; t0=$(now)
+# Writes $1/go.mod: a module that requires k8s.io/kubernetes@v$KUBE_VERSION, with its
+# staging modules pinned to the matching published releases; prints the module's source dir.
+prepare_module() {
+  local build=$1 staging=0.${KUBE_VERSION#1.}
   command -v go >/dev/null || die "building Kubernetes $KUBE_VERSION needs Go >= 1.26 (none on PATH)"
   local gov; gov=$(go env GOVERSION); gov=${gov#go}
   [ "$(printf '%s\n1.26\n' "${gov%%[!0-9.]*}" | sort -V | head -1)" = 1.26 ] \
     || die "building Kubernetes $KUBE_VERSION needs Go >= 1.26, this machine has $gov"
-  local build=$CACHE/build-$KUBE_VERSION staging=0.${KUBE_VERSION#1.}
   rm -rf "$build"; mkdir -p "$build"
-  local go_env=(env -u GOFLAGS -u GO111MODULE -u GOPATH -u GOBIN GOFLAGS=-mod=mod CGO_ENABLED=0)
   log "go mod download k8s.io/kubernetes@v$KUBE_VERSION"
   # go mod download -json reports a failure on stdout (an "Error" field): keep it all.
-  (cd "$build" && "${go_env[@]}" go mod download -json "k8s.io/kubernetes@v$KUBE_VERSION") > "$build/download.json" 2>&1 || true
+  (cd "$build" && "${GO_ENV[@]}" go mod download -json "k8s.io/kubernetes@v$KUBE_VERSION") > "$build/download.json" 2>&1 || true
   local src; src=$(sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p' "$build/download.json")
   [ -f "$src/go.mod" ] || { cat "$build/download.json" >&2; die "k8s.io/kubernetes@v$KUBE_VERSION did not download from the Go module proxy (GOPROXY=$(go env GOPROXY))"; }
   {
@@ -148,20 +150,57 @@ build_from_modules() {
     awk -v v="v$staging" '$2 == "=>" && $3 ~ /^\.\/staging\// { printf "\t%s => %s %s\n", $1, $1, v }' "$src/go.mod"
     printf ')\n'
   } > "$build/go.mod"
-  printf '//go:build tools\n\npackage tools\n\nimport (\n\t_ "k8s.io/kubernetes/cmd/kube-apiserver"\n\t_ "k8s.io/kubernetes/cmd/kube-controller-manager"\n\t_ "k8s.io/kubernetes/cmd/kube-scheduler"\n)\n' > "$build/tools.go"
+}
+GO_ENV=(env -u GOFLAGS -u GO111MODULE -u GOPATH -u GOBIN GOFLAGS=-mod=mod CGO_ENABLED=0)
+
+# Builds the given k8s.io/kubernetes/cmd/... packages (the tools.go lines name them) from
+# the module prepared in $1 into $1/out.
+go_build_cmds() {
+  local build=$1; shift
   local pkg=k8s.io/component-base/version minor=${KUBE_VERSION#1.}; minor=${minor%%.*}
   local ldflags="-s -w -X $pkg.gitVersion=v$KUBE_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean"
-  log "building kube-apiserver, kube-controller-manager, kube-scheduler v$KUBE_VERSION from Go modules ($(go version | cut -d' ' -f3)); ~8 min on 2 cores"
-  ( cd "$build" && "${go_env[@]}" go mod tidy && mkdir -p out \
-      && "${go_env[@]}" go build -trimpath -ldflags "$ldflags" -o out/ \
-           k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kube-scheduler
+  { printf '//go:build tools\n\npackage tools\n\nimport (\n'; printf '\t_ "%s"\n' "$@"; printf ')\n'; } > "$build/tools.go"
+  ( cd "$build" && "${GO_ENV[@]}" go mod tidy && mkdir -p out \
+      && "${GO_ENV[@]}" go build -trimpath -ldflags "$ldflags" -o out/ "$@"
   ) > "$build/build.log" 2>&1 || { tail -40 "$build/build.log" >&2; die "build failed, full log: $build/build.log"; }
+}
+
+# current: k8s.io/kubernetes from the Go module proxy. Its go.mod points the k8s.io/*
+# staging modules at ./staging/...; a module that requires it must pin them to the
+# published v0.x releases of the same version instead: one replace line each, derived
+# from its own go.mod. Nothing is vendored; the module cache and build cache are Go's.
+build_from_modules() {
+  local t0; t0=$(now)
+  local build=$CACHE/build-$KUBE_VERSION
+  prepare_module "$build"
+  log "building kube-apiserver, kube-controller-manager, kube-scheduler v$KUBE_VERSION from Go modules ($(go version | cut -d' ' -f3)); ~8 min on 2 cores"
+  go_build_cmds "$build" k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kube-scheduler
   mkdir -p "$BIN"
   install -m 0755 "$build/out/"* "$BIN/"
   echo "$RECIPE" > "$BIN/.recipe"
-  echo "$("$BIN/kube-apiserver" --version) from the Go module proxy (staging modules v$staging)" > "$BIN/.version"
+  echo "$("$BIN/kube-apiserver" --version) from the Go module proxy (staging modules v0.${KUBE_VERSION#1.})" > "$BIN/.version"
   rm -rf "$build"
   log "built in $(since "$t0") s: $(cat "$BIN/.version")"
+}
+
+# kubectl of the same version (the install tests run `kubectl apply -k`), built on first
+# use into its own cache directory, so the server binaries are not rebuilt for it.
+cmd_kubectl() {
+  [ "$VERSION" = current ] || die "kubectl is built for the current version only"
+  local dir=$CACHE/kubectl-$KUBE_VERSION
+  if [ ! -x "$dir/kubectl" ] || [ "${KUBE_ENVTEST_REBUILD:-0}" = 1 ]; then
+    mkdir -p "$CACHE"; exec 7>"$CACHE/.lock"; flock 7
+    if [ ! -x "$dir/kubectl" ] || [ "${KUBE_ENVTEST_REBUILD:-0}" = 1 ]; then
+      local t0; t0=$(now) build=$CACHE/build-kubectl-$KUBE_VERSION
+      prepare_module "$build"
+      log "building kubectl v$KUBE_VERSION from Go modules; ~3 min on 2 cores"
+      go_build_cmds "$build" k8s.io/kubernetes/cmd/kubectl
+      mkdir -p "$dir"; install -m 0755 "$build/out/kubectl" "$dir/kubectl"
+      rm -rf "$build"
+      log "kubectl built in $(since "$t0") s"
+    fi
+  fi
+  echo "$dir/kubectl"
 }
 
 # 1.20: Debian bookworm's source package, with its complete vendor/.
@@ -516,6 +555,7 @@ case "${1:-}" in
   restart-apiserver) cmd_restart_apiserver ;;
   status)   apiserver_ready && { echo "running: $(cat "$RUN/version" 2>/dev/null) $RUN/kubeconfig"; exit 0; } || { echo "not running ($VERSION)"; exit 1; } ;;
   env)      echo "export KUBECONFIG=$RUN/kubeconfig" ;;
+  kubectl)  cmd_kubectl ;;
   run-dir)  echo "$RUN" ;;
   selftest) cmd_selftest ;;
   *) sed -n '2,45p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;

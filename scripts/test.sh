@@ -56,6 +56,10 @@ else
 fi
 eval "$(bash "$envtest" env)"
 export KUBECONFIG
+# kubectl of the current version (tests/cluster_install.rs runs `kubectl apply -k`), built
+# from the Go module proxy on first use and cached beside the server binaries.
+KUBECTL=$(KUBE_ENVTEST_VERSION=current bash "$envtest" kubectl)
+export KUBECTL
 
 if [ $# -eq 0 ]; then set -- --workspace --all-targets --no-fail-fast; fi
 cargo test --locked "$@" 2>&1 | tee "$log"

@@ -355,7 +355,38 @@ fn the_deployment_in_manifests_passes_flags_the_binary_accepts() {
     let Sub::Serve(serve) = cli.command else {
         panic!("not serve: {argv:?}")
     };
-    assert!(serve.tls_cert.is_some() && serve.tls_key.is_some() && !serve.self_signed);
+    // Self-managed certificates: the Secret the controller writes by default, which the
+    // webhook's Role names.
+    assert_eq!(
+        serve.tls_secret.as_deref(),
+        Some(velero_jupyterhub::controller::certs::TLS_SECRET)
+    );
+    assert!(serve.tls_cert.is_none() && !serve.self_signed);
+    let role = support::cluster::manifest("Role", "velero-jupyterhub");
+    assert_eq!(
+        role["rules"][0]["resourceNames"],
+        serde_json::json!([velero_jupyterhub::controller::certs::TLS_SECRET])
+    );
+    let controller = support::cluster::manifest("Deployment", "velero-jupyterhub-controller");
+    let mut argv = vec!["velero-jupyterhub".to_owned()];
+    argv.extend(
+        controller["spec"]["template"]["spec"]["containers"][0]["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_owned()),
+    );
+    let Sub::Controller(args) = Cli::try_parse_from(&argv).unwrap().command else {
+        panic!("not controller: {argv:?}")
+    };
+    assert!(
+        args.manage_certificates,
+        "certificates are self-managed by default"
+    );
+    assert_eq!(
+        args.tls_secret,
+        velero_jupyterhub::controller::certs::TLS_SECRET
+    );
     // Env values in the manifest parse too (e.g. VJH_CLAIMS).
     for env in container["env"].as_array().into_iter().flatten() {
         if env["name"] == "VJH_CLAIMS" {

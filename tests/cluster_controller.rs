@@ -806,13 +806,90 @@ async fn each_component_has_exactly_the_access_it_uses() {
         (&operator, "delete", "velero.io", "backups", "velero", false),
         (&operator, "get", "", "secrets", "jhub", false),
     ];
+    // Self-managed certificates, by object name: the webhook reads its own serving
+    // certificate and nothing else; the controller keeps both Secrets and one caBundle.
+    // (user, verb, group, resource, namespace/name, allowed)
+    let (ns, tls, ca) = (
+        "velero-jupyterhub",
+        "velero-jupyterhub-tls",
+        "velero-jupyterhub-webhook-ca",
+    );
+    let admission = "admissionregistration.k8s.io";
+    let hooks = "mutatingwebhookconfigurations";
+    type Row<'a> = (&'a str, &'a str, &'a str, &'a str, (&'a str, &'a str), bool);
+    let named: &[Row] = &[
+        (&webhook, "get", "", "secrets", (ns, tls), true),
+        (&webhook, "watch", "", "secrets", (ns, tls), true),
+        (&webhook, "list", "", "secrets", (ns, ""), false),
+        (&webhook, "get", "", "secrets", (ns, ca), false),
+        (&webhook, "update", "", "secrets", (ns, tls), false),
+        (
+            &webhook,
+            "update",
+            admission,
+            hooks,
+            ("", "velero-jupyterhub"),
+            false,
+        ),
+        (&controller, "get", "", "secrets", (ns, ca), true),
+        (&controller, "update", "", "secrets", (ns, ca), true),
+        (&controller, "update", "", "secrets", (ns, tls), true),
+        (
+            &controller,
+            "get",
+            "",
+            "secrets",
+            (ns, "someone-elses"),
+            false,
+        ),
+        (&controller, "delete", "", "secrets", (ns, tls), false),
+        (&controller, "create", "", "secrets", (ns, ""), true),
+        (&controller, "create", "", "secrets", ("jhub", ""), false),
+        (
+            &controller,
+            "update",
+            admission,
+            hooks,
+            ("", "velero-jupyterhub"),
+            true,
+        ),
+        (
+            &controller,
+            "watch",
+            admission,
+            hooks,
+            ("", "velero-jupyterhub"),
+            true,
+        ),
+        (
+            &controller,
+            "update",
+            admission,
+            hooks,
+            ("", "someone-elses"),
+            false,
+        ),
+        (
+            &controller,
+            "update",
+            admission,
+            "validatingwebhookconfigurations",
+            ("", "velero-jupyterhub"),
+            false,
+        ),
+    ];
+    let rows = table
+        .iter()
+        .map(|&(u, v, g, r, n, a)| (u, v, g, r, (n, ""), a))
+        .chain(named.iter().copied());
     let api: Api<SubjectAccessReview> = Api::all(client.clone());
-    for (user, verb, group, resource, namespace, allowed) in table {
+    for (user, verb, group, resource, (namespace, name), allowed) in rows {
         let (resource, subresource) = resource.split_once('/').unwrap_or((resource, ""));
         let review: SubjectAccessReview = from_json(json!({
             "spec": {"user": user, "groups": ["system:authenticated"],
                      "resourceAttributes": {"verb": verb, "group": group, "resource": resource,
-                                            "subresource": subresource, "namespace": namespace}},
+                                            "subresource": subresource, "namespace": namespace,
+                                            "name": name}},
         }));
         let answer = api
             .create(&PostParams::default(), &review)
@@ -820,8 +897,8 @@ async fn each_component_has_exactly_the_access_it_uses() {
             .expect("review");
         let got = answer.status.map(|s| s.allowed).unwrap_or_default();
         assert_eq!(
-            got, *allowed,
-            "{user} {verb} {group}/{resource} in {namespace:?}"
+            got, allowed,
+            "{user} {verb} {group}/{resource} {name:?} in {namespace:?}"
         );
     }
     let _ = Api::<k8s_openapi::api::rbac::v1::ClusterRoleBinding>::all(client)

@@ -6,70 +6,18 @@
 
 mod support;
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::PostParams;
-use support::cluster::{self, eventually};
+use support::cluster::{self, OwnServer, eventually};
 use support::controller::{
     Setup, restricted_user_pod, set_status, two_running_helpers, velero_creates_backup,
 };
 
-/// A test API server of its own, stopped on drop.
-struct OwnServer {
-    script: PathBuf,
-    env: Vec<(&'static str, String)>,
-}
-
-impl OwnServer {
-    fn start() -> (Self, String) {
-        let server = Self {
-            script: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/kube-envtest.sh"),
-            // Ports and run dir apart from the shared server's (16443/12379) and 1.20's.
-            env: vec![
-                (
-                    "KUBE_ENVTEST_RUN",
-                    "/tmp/velero-jupyterhub-envtest-restart".to_owned(),
-                ),
-                ("KUBE_ENVTEST_API_PORT", "16473".to_owned()),
-                ("KUBE_ENVTEST_ETCD_PORT", "12409".to_owned()),
-            ],
-        };
-        let kubeconfig = server.run("start");
-        (server, kubeconfig.trim().to_owned())
-    }
-
-    fn run(&self, command: &str) -> String {
-        let out = Command::new("bash")
-            .arg(&self.script)
-            .arg(command)
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .output()
-            .expect("run kube-envtest.sh");
-        assert!(
-            out.status.success(),
-            "kube-envtest.sh {command}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-}
-
-impl Drop for OwnServer {
-    fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(&self.script)
-            .arg("stop")
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .output();
-    }
-}
-
 #[tokio::test]
 async fn an_api_server_restart_mid_window_leaves_no_duplicates_or_leaks_and_watches_resume() {
-    let (server, kubeconfig) = OwnServer::start();
+    let (server, kubeconfig) = OwnServer::start("restart", 16473, 12409);
     // SAFETY: the only test in this binary, before any client or thread reads the env.
     unsafe { std::env::set_var("KUBECONFIG", &kubeconfig) };
     // A Lease long enough to ride out the restart: this test is about the watches (a

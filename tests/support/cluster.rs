@@ -720,3 +720,56 @@ pub async fn velero_pods(client: &kube::Client, namespace: &str) -> Api<Pod> {
     let velero = client_as_service_account("velero", "velero").await;
     Api::namespaced(velero, namespace)
 }
+
+/// A test API server of its own (its own run dir and ports, `scripts/kube-envtest.sh`),
+/// for a test that restarts it or installs cluster-wide objects the shared one must not
+/// see. Stopped on drop.
+pub struct OwnServer {
+    script: std::path::PathBuf,
+    env: Vec<(&'static str, String)>,
+}
+
+impl OwnServer {
+    /// Ports apart from the shared server's (16443/12379), 1.20's and each other's.
+    pub fn start(name: &str, api_port: u16, etcd_port: u16) -> (Self, String) {
+        let server = Self {
+            script: std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("scripts/kube-envtest.sh"),
+            env: vec![
+                (
+                    "KUBE_ENVTEST_RUN",
+                    format!("/tmp/velero-jupyterhub-envtest-{name}"),
+                ),
+                ("KUBE_ENVTEST_API_PORT", api_port.to_string()),
+                ("KUBE_ENVTEST_ETCD_PORT", etcd_port.to_string()),
+            ],
+        };
+        let kubeconfig = server.run("start");
+        (server, kubeconfig.trim().to_owned())
+    }
+
+    pub fn run(&self, command: &str) -> String {
+        let out = std::process::Command::new("bash")
+            .arg(&self.script)
+            .arg(command)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .output()
+            .expect("run kube-envtest.sh");
+        assert!(
+            out.status.success(),
+            "kube-envtest.sh {command}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for OwnServer {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("bash")
+            .arg(&self.script)
+            .arg("stop")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .output();
+    }
+}
