@@ -179,6 +179,9 @@ async fn memory(client: &kube::Client, objects: usize) {
             &velero,
             "--namespace",
             &velero,
+            // The webhook's certificates are not this bench's business (and the shared
+            // test server's webhook configuration belongs to the tests).
+            "--manage-certificates=false",
         ])
         .args(["--namespace-selector", &format!("vjh-bench={run}")])
         .env("KUBECONFIG", kubeconfig)

@@ -170,7 +170,7 @@ for c in json.load(sys.stdin)["items"]:
           "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"], "storageClassName": c["spec"].get("storageClassName") or "",
                    "hostPath": {"path": "/tmp/demo-" + name}, "claimRef": {"namespace": "jhub", "name": name}}}
     print(json.dumps(pv))' | kubectl apply -f - >/dev/null
-POD_NAMESPACE=velero POD_NAME=demo-controller "$bin" controller --velero-namespace velero \
+POD_NAMESPACE=velero POD_NAME=demo-controller "$bin" controller --velero-namespace velero --manage-certificates=false \
   --ops-listen "127.0.0.1:$cport" --log-level info > "$work/controller.log" 2>&1 &
 controller_pid=$!
 minute=$(date -u -d '+5 min' +%M); minute=$((10#$minute))
