@@ -583,6 +583,20 @@ pub async fn set_phase(pods: &Api<Pod>, name: &str, phase: &str) {
         .expect("set pod phase");
 }
 
+/// Plays the kubelet for a pod that may be deleted meanwhile (a helper the controller
+/// removes between a list and this call): a pod that is gone is no error.
+pub async fn set_phase_if_present(pods: &Api<Pod>, name: &str, phase: &str) {
+    let status = json!({"status": {"phase": phase, "conditions": [{"type": "Ready", "status": if phase == "Running" {"True"} else {"False"}}]}});
+    match pods
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(status))
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 404 => {}
+        Err(e) => panic!("set pod phase of {name}: {e}"),
+    }
+}
+
 /// A KubeSpawner-shaped user pod (the z2jh fixture) renamed for `user`, ready to create.
 pub fn user_pod(user: &str) -> Pod {
     let mut pod = super::fixtures::z2jh_pod();
