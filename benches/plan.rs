@@ -2,6 +2,10 @@
 //! during an open window (a third of the users live, the rest idle with helpers, some
 //! helpers to delete because their user just started, elsewhere or on the same node, and
 //! a PodVolumeBackup for every other helper). Goal: ≤ 50 ms.
+//!
+//! And the next wave for 10,000 idle claims over 100 nodes (issue 11): attach limit 16
+//! and 110 pods per node, backups spread over the last month, a tenth of the claims zonal
+//! (three eligible nodes each), some never backed up. Goal: ≤ 50 ms.
 
 #[allow(dead_code)]
 #[path = "../tests/support/fixtures.rs"]
@@ -131,9 +135,51 @@ fn bench(c: &mut Criterion) {
     });
 }
 
+fn bench_waves(c: &mut Criterion) {
+    use velero_jupyterhub::policy::waves::{IdleClaim, NodeRoom, next_wave};
+    let start: k8s_openapi::jiff::Timestamp = "2026-11-01T03:00:00Z".parse().expect("time");
+    let names: Vec<String> = (0..USERS).map(|i| format!("claim-user{i}")).collect();
+    let claims: Vec<IdleClaim<'_>> = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| IdleClaim {
+            namespace: "jhub",
+            claim: name,
+            // Every 13th never backed up; the rest spread over 30 days, in no order.
+            last_backup: (i % 13 != 0).then(|| {
+                start
+                    .checked_add(k8s_openapi::jiff::SignedDuration::from_secs(
+                        ((i * 7919) % (30 * 86_400)) as i64,
+                    ))
+                    .expect("time")
+            }),
+            driver: Some("csi.hetzner.cloud"),
+            nodes: (i % 10 == 0).then(|| vec![i % 100, (i + 33) % 100, (i + 66) % 100]),
+        })
+        .collect();
+    let nodes: Vec<NodeRoom<'_>> = (0..100)
+        .map(|n| NodeRoom {
+            name: Box::leak(format!("node-{n}").into_boxed_str()),
+            free_pods: 110 - (n % 7) as u32 * 10,
+            free_attach: vec![("csi.hetzner.cloud", 16 - (n % 5) as u32)],
+        })
+        .collect();
+    let wave = next_wave(&claims, &nodes, usize::MAX);
+    println!(
+        "wave over {} idle claims and {} nodes: {} placed, {} waiting",
+        claims.len(),
+        nodes.len(),
+        wave.placed.len(),
+        wave.waiting
+    );
+    c.bench_function("next_wave_10k_claims_100_nodes", |b| {
+        b.iter(|| next_wave(black_box(&claims), black_box(&nodes), usize::MAX))
+    });
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20);
-    targets = bench
+    targets = bench, bench_waves
 }
 criterion_main!(benches);

@@ -24,6 +24,7 @@ pub mod selector;
 pub mod status;
 pub mod velero;
 pub mod volume_list;
+pub mod waves;
 pub mod window;
 
 pub use claims::{ClaimGlobs, ClaimGlobsError};
