@@ -59,10 +59,10 @@ impl NodeRoom<'_> {
 
     fn take(&mut self, driver: Option<&str>) {
         self.free_pods = self.free_pods.saturating_sub(1);
-        if let Some(d) = driver {
-            if let Some((_, n)) = self.free_attach.iter_mut().find(|(name, _)| *name == d) {
-                *n = n.saturating_sub(1);
-            }
+        if let Some((_, n)) =
+            driver.and_then(|d| self.free_attach.iter_mut().find(|(name, _)| *name == d))
+        {
+            *n = n.saturating_sub(1);
         }
     }
 }
