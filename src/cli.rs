@@ -275,10 +275,13 @@ pub struct ControllerArgs {
     /// Lifetime of each serving certificate (renewed after 2/3 of it).
     #[arg(long, env = "VJH_CERT_VALIDITY", default_value = "90d", value_parser = humantime::parse_duration)]
     pub cert_validity: Duration,
-    /// How long a new CA is trusted before it signs, and an old one after it stopped
-    /// (covers the API servers and webhook replicas catching up).
+    /// How long a new CA is trusted before it signs (the API servers catch up).
     #[arg(long, env = "VJH_CA_OVERLAP", default_value = "5m", value_parser = humantime::parse_duration)]
     pub ca_overlap: Duration,
+    /// How long the old CA stays trusted after the new one signs (webhook replicas catch
+    /// up; an extra CA in the caBundle costs nothing).
+    #[arg(long, env = "VJH_CA_RETIRE_AFTER", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub ca_retire_after: Duration,
 }
 
 impl ControllerArgs {
@@ -292,17 +295,18 @@ impl ControllerArgs {
             cert_validity: SignedDuration::try_from(self.cert_validity)
                 .context("--cert-validity")?,
             overlap: SignedDuration::try_from(self.ca_overlap).context("--ca-overlap")?,
+            retire_after: SignedDuration::try_from(self.ca_retire_after)
+                .context("--ca-retire-after")?,
         };
-        anyhow::ensure!(
-            options.cert_validity <= options.ca_validity,
-            "--cert-validity ({}) must not exceed --ca-validity ({})",
-            humantime::format_duration(self.cert_validity),
-            humantime::format_duration(self.ca_validity)
-        );
-        anyhow::ensure!(
-            options.overlap * 3 < options.ca_validity,
-            "--ca-overlap must be well below --ca-validity (a third of it at most)"
-        );
+        options.check().map_err(|e| {
+            anyhow::anyhow!(
+                "{e} (--ca-validity {}, --cert-validity {}, --ca-overlap {}, --ca-retire-after {})",
+                humantime::format_duration(self.ca_validity),
+                humantime::format_duration(self.cert_validity),
+                humantime::format_duration(self.ca_overlap),
+                humantime::format_duration(self.ca_retire_after)
+            )
+        })?;
         let mut config = crate::controller::certs::CertConfig::for_service(
             &self.namespace,
             &self.webhook_service,

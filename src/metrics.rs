@@ -74,8 +74,13 @@ pub struct ControllerMetrics {
     pub claims: Family<StateLabels, Gauge>,
     pub claims_stale: Gauge,
     pub certificate_steps: Family<StepLabels, Counter>,
-    pub certificate_errors: Counter,
+    pub certificate_errors: Family<ReasonLabels, Counter>,
     pub ca_expiry: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -152,7 +157,7 @@ impl ControllerMetrics {
         );
         registry.register(
             "certificate_errors",
-            "Self-managed certificates: checks that failed (API errors, a Secret owned by someone else); retried",
+            "Self-managed certificates: checks that failed, by reason (foreign_secret, no_webhook_configuration, wrong_service, churn, tls, api); retried",
             self.certificate_errors.clone(),
         );
         registry.register(

@@ -2,7 +2,8 @@
 //! certificate keeper and two webhook replicas, each with its ServiceAccount token and
 //! the manifests' RBAC, behind a round-robin TCP proxy the API server calls. CAs and
 //! serving certificates live seconds instead of months, so several renewals and CA
-//! rollovers happen while pods are being created: none may fail admission.
+//! rollovers happen while pods are being created, and halfway the CA Secret is deleted:
+//! none may fail admission.
 
 mod support;
 
@@ -163,7 +164,9 @@ async fn certificates_roll_over_while_pods_are_created_and_no_admission_fails() 
         ca_validity: SignedDuration::from_secs(24),
         cert_validity: SignedDuration::from_secs(9),
         overlap: SignedDuration::from_secs(2),
+        retire_after: SignedDuration::from_secs(3),
     };
+    options.check().expect("valid options");
     let mut config = CertConfig::for_service(NAMESPACE, "velero-jupyterhub", options);
     config.names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
     config.check_interval = Duration::from_millis(500);
@@ -185,7 +188,12 @@ async fn certificates_roll_over_while_pods_are_created_and_no_admission_fails() 
             .then_some(())
     })
     .await
-    .expect("both replicas ready once the controller wrote the certificate");
+    .unwrap_or_else(|| {
+        panic!(
+            "both replicas ready once the controller wrote the certificate; keeper metrics:\n{}",
+            metrics.encode()
+        )
+    });
     eprintln!(
         "replicas ready {:?} after the keeper started",
         started.elapsed()
@@ -241,10 +249,41 @@ async fn certificates_roll_over_while_pods_are_created_and_no_admission_fails() 
         }));
     }
 
+    // The API server keeps its connections open, so most of its calls reuse a handshake
+    // made long before. Fresh handshakes with each replica directly, against the caBundle
+    // the API server holds at that moment, show what a new connection would get.
+    let probes = {
+        let (webhooks, addrs) = (
+            Api::<MutatingWebhookConfiguration>::all(admin.clone()),
+            replicas.iter().map(|r| r.addr).collect::<Vec<_>>(),
+        );
+        tokio::spawn(async move {
+            let (mut ok, mut failed) = (0, Vec::new());
+            while Instant::now() < deadline {
+                let bundle = webhooks
+                    .get(certs::WEBHOOK_CONFIGURATION)
+                    .await
+                    .ok()
+                    .and_then(|c| c.webhooks?.first()?.client_config.ca_bundle.clone())
+                    .and_then(|b| String::from_utf8(b.0).ok())
+                    .unwrap_or_default();
+                for &addr in &addrs {
+                    match served(addr, &bundle).await {
+                        Some(_) => ok += 1,
+                        None => failed.push(format!("{addr} at {:?}", Instant::now())),
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            (ok, failed)
+        })
+    };
+
     // Meanwhile, watch what the API server is told to trust, and what is served.
     let mut bundles_seen: Vec<usize> = Vec::new();
     let mut cas_seen: BTreeSet<Vec<u8>> = BTreeSet::new();
     let mut serving_seen: BTreeSet<Vec<u8>> = BTreeSet::new();
+    let mut ca_deleted = false;
     while Instant::now() < deadline {
         if let Ok(config) = webhooks.get(certs::WEBHOOK_CONFIGURATION).await {
             for hook in config.webhooks.unwrap_or_default() {
@@ -262,11 +301,32 @@ async fn certificates_roll_over_while_pods_are_created_and_no_admission_fails() 
         if let Ok(tls) = secrets.get(certs::TLS_SECRET).await {
             serving_seen.insert(secret_field(&tls, "tls.crt"));
         }
+        // Halfway, someone deletes the CA Secret (the CA's key is lost): what replicas
+        // serve must stay trusted while a new CA takes over.
+        if !ca_deleted
+            && deadline.saturating_duration_since(Instant::now()) < Duration::from_secs(22)
+        {
+            secrets
+                .delete(certs::CA_SECRET, &DeleteParams::default())
+                .await
+                .expect("delete the CA Secret");
+            ca_deleted = true;
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     for task in load {
         task.await.expect("load worker");
     }
+    let (probed, probe_failures) = probes.await.expect("probes");
+    eprintln!(
+        "{probed} fresh handshakes verified against the live caBundle, {} failed",
+        probe_failures.len()
+    );
+    assert!(
+        probe_failures.is_empty(),
+        "a fresh handshake failed to verify: {probe_failures:?}"
+    );
+    assert!(probed > 100, "the probes ran ({probed})");
     let failed = failed.lock().expect("lock").clone();
     let ok = ok.load(Ordering::Relaxed);
     eprintln!(
@@ -337,9 +397,17 @@ async fn certificates_roll_over_while_pods_are_created_and_no_admission_fails() 
         assert!(n.is_some_and(|n| n >= 1.0), "step {step} taken: {n:?}");
     }
     assert_eq!(
-        sample(&text, "velero_jupyterhub_certificate_errors_total"),
-        Some(0.0),
-        "{text}"
+        sample(
+            &text,
+            r#"velero_jupyterhub_certificate_steps_total{step="create"}"#
+        ),
+        Some(1.0),
+        "created once; the deleted CA was replaced by a rollover, not from scratch"
+    );
+    assert!(ca_deleted);
+    assert!(
+        !text.contains("velero_jupyterhub_certificate_errors_total{"),
+        "no certificate errors: {text}"
     );
     // Secrets are labelled ours; the CA key is in the CA Secret only.
     let tls = secrets.get(certs::TLS_SECRET).await.expect("tls secret");
@@ -349,6 +417,43 @@ async fn certificates_roll_over_while_pods_are_created_and_no_admission_fails() 
 
     stop.cancel();
     keeper.await.expect("keeper stops");
+
+    // A leaked controller token gets no further than the keeper goes (Kubernetes 1.30+:
+    // the ValidatingAdmissionPolicy of manifests/controller-certificates-policy.yaml).
+    if cluster::server_minor(&admin).await >= 30 {
+        let as_controller =
+            cluster::client_as_service_account(NAMESPACE, "velero-jupyterhub-controller").await;
+        let hooks: Api<MutatingWebhookConfiguration> = Api::all(as_controller.clone());
+        let redirect = json!({"webhooks": [{"name": "live.velero-jupyterhub.io",
+            "clientConfig": {"url": "https://attacker.example:443/mutate"}}]});
+        let err = hooks
+            .patch(
+                certs::WEBHOOK_CONFIGURATION,
+                &PatchParams::default(),
+                &Patch::Strategic(&redirect),
+            )
+            .await
+            .expect_err("the controller may not point the webhook elsewhere");
+        assert!(
+            err.to_string()
+                .contains("only each webhook entry's caBundle"),
+            "{err}"
+        );
+        let own: Api<Secret> = Api::namespaced(as_controller, NAMESPACE);
+        let token: Secret = serde_json::from_value(json!({
+            "metadata": {"name": "minted", "annotations": {"kubernetes.io/service-account.name": "velero-jupyterhub"}},
+            "type": "kubernetes.io/service-account-token",
+        }))
+        .expect("secret");
+        let err = own
+            .create(&PostParams::default(), &token)
+            .await
+            .expect_err("the controller may not mint other Secrets");
+        assert!(
+            err.to_string().contains("only its two certificate Secrets"),
+            "{err}"
+        );
+    }
     let _ = webhooks
         .delete(certs::WEBHOOK_CONFIGURATION, &DeleteParams::default())
         .await;
@@ -386,8 +491,24 @@ async fn a_secret_the_controller_does_not_own_is_left_alone() {
         .create(&PostParams::default(), &foreign)
         .await
         .expect("create");
+    // A webhook configuration that exists, so the ownership rule is the only obstacle.
+    let mut wh = manifest("MutatingWebhookConfiguration", certs::WEBHOOK_CONFIGURATION);
+    wh["metadata"]["name"] = format!("{ns}-hooks").into();
+    for hook in wh["webhooks"].as_array_mut().expect("webhooks") {
+        hook["clientConfig"] = json!({"url": "https://127.0.0.1:9/mutate"});
+        hook["namespaceSelector"]["matchLabels"][TEST_LABEL] = ns.clone().into();
+    }
+    let hooks: Api<MutatingWebhookConfiguration> = Api::all(admin.clone());
+    hooks
+        .patch(
+            &format!("{ns}-hooks"),
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&wh),
+        )
+        .await
+        .expect("register");
     let mut config = CertConfig::for_service(&ns, "velero-jupyterhub", CertOptions::default());
-    config.webhook_configuration = format!("{ns}-none");
+    config.webhook_configuration = format!("{ns}-hooks");
     config.check_interval = Duration::from_millis(200);
     let metrics = Arc::new(Metrics::for_controller());
     let stop = CancellationToken::new();
@@ -400,7 +521,7 @@ async fn a_secret_the_controller_does_not_own_is_left_alone() {
     eventually(Duration::from_secs(20), || async {
         let errors = sample(
             &metrics.encode(),
-            "velero_jupyterhub_certificate_errors_total",
+            r#"velero_jupyterhub_certificate_errors_total{reason="foreign_secret"}"#,
         )?;
         (errors >= 2.0).then_some(())
     })
@@ -425,6 +546,18 @@ async fn a_secret_the_controller_does_not_own_is_left_alone() {
             .is_none(),
         "no CA made next to it"
     );
+    let untouched = hooks.get(&format!("{ns}-hooks")).await.expect("hooks");
+    assert!(
+        untouched
+            .webhooks
+            .iter()
+            .flatten()
+            .all(|w| w.client_config.ca_bundle.is_none()),
+        "no caBundle written"
+    );
+    let _ = hooks
+        .delete(&format!("{ns}-hooks"), &DeleteParams::default())
+        .await;
     let _ = Api::<k8s_openapi::api::core::v1::Namespace>::all(admin)
         .delete(&ns, &DeleteParams::default())
         .await;

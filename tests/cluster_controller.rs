@@ -847,11 +847,19 @@ async fn each_component_has_exactly_the_access_it_uses() {
         (&controller, "create", "", "secrets", ("jhub", ""), false),
         (
             &controller,
-            "update",
+            "patch",
             admission,
             hooks,
             ("", "velero-jupyterhub"),
             true,
+        ),
+        (
+            &controller,
+            "update",
+            admission,
+            hooks,
+            ("", "velero-jupyterhub"),
+            false,
         ),
         (
             &controller,
@@ -863,7 +871,7 @@ async fn each_component_has_exactly_the_access_it_uses() {
         ),
         (
             &controller,
-            "update",
+            "patch",
             admission,
             hooks,
             ("", "someone-elses"),

@@ -35,6 +35,9 @@ fn exported() -> BTreeSet<String> {
     c.certificate_steps
         .get_or_create(&velero_jupyterhub::metrics::StepLabels { step: "issue" })
         .inc();
+    c.certificate_errors
+        .get_or_create(&velero_jupyterhub::metrics::ReasonLabels { reason: "api" })
+        .inc();
     let mut names = BTreeSet::new();
     for text in [webhook.encode(), controller.encode()] {
         for line in text.lines() {

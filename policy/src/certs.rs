@@ -59,6 +59,10 @@ pub struct CertState {
     /// Since when every webhook entry's `caBundle` has held exactly the bundle the
     /// Secrets describe (known to this leader only; `None` when not, or not yet seen).
     pub bundle_in_place_since: Option<Timestamp>,
+    /// With no usable current CA: the certificate served now is unexpired and signed by
+    /// a CA the webhook configuration still trusts (whose key is lost). Kept trusted
+    /// (as `previous`) until a new CA has taken over.
+    pub orphan_trusted: bool,
 }
 
 /// The serving certificate, as read.
@@ -75,8 +79,11 @@ pub struct Serving {
 pub struct CertOptions {
     pub ca_validity: SignedDuration,
     pub cert_validity: SignedDuration,
-    /// How long a new CA is trusted before it signs, and an old one after it stops.
+    /// How long a new CA is trusted before it signs (the API servers catch up).
     pub overlap: SignedDuration,
+    /// How long the old CA stays trusted after the new one signs (replicas catch up; an
+    /// extra CA in the bundle costs nothing, so this is long).
+    pub retire_after: SignedDuration,
 }
 
 impl Default for CertOptions {
@@ -87,7 +94,32 @@ impl Default for CertOptions {
             // cert-manager's usual 90 days, renewed with 30 left.
             cert_validity: SignedDuration::from_hours(90 * 24),
             overlap: SignedDuration::from_mins(5),
+            retire_after: SignedDuration::from_hours(24),
         }
+    }
+}
+
+impl CertOptions {
+    /// Refuses settings that would make the keeper churn: each certificate must outlive
+    /// the waits around it many times over.
+    pub fn check(&self) -> Result<(), String> {
+        if self.overlap <= SignedDuration::ZERO {
+            return Err("the CA overlap must be positive".to_owned());
+        }
+        if self.retire_after < self.overlap {
+            return Err("the old CA must stay trusted at least as long as the overlap".to_owned());
+        }
+        if self.cert_validity < self.overlap * 3 {
+            return Err(
+                "the certificate validity must be at least 3 times the CA overlap".to_owned(),
+            );
+        }
+        if self.ca_validity < self.cert_validity
+            || self.ca_validity < (self.overlap + self.retire_after) * 3
+        {
+            return Err("the CA validity must be at least the certificate validity, and 3 times overlap + retire-after".to_owned());
+        }
+        Ok(())
     }
 }
 
@@ -136,18 +168,13 @@ pub enum CertStep {
 /// Secrets describe right now.
 pub fn next_step(state: &CertState, now: Timestamp, opts: &CertOptions) -> CertStep {
     let Some(current) = state.current.filter(|ca| ca.usable_at(now)) else {
-        // A next CA that is already trusted can take over from an expired current one.
-        return match state.next {
-            Some((next, _)) if next.usable_at(now) && state.bundle_in_place_since.is_some() => {
-                CertStep::Promote
-            }
-            _ => CertStep::Create,
-        };
+        return without_current(state, now, opts);
     };
     let Some(trusted_since) = state.bundle_in_place_since else {
         return CertStep::WriteBundle;
     };
     let mut wake = Vec::new();
+    let mut promote_due = None;
     match state.next {
         None if now >= current.renew_at() => return CertStep::Introduce,
         None => wake.push(current.renew_at()),
@@ -157,6 +184,7 @@ pub fn next_step(state: &CertState, now: Timestamp, opts: &CertOptions) -> CertS
             if now >= due {
                 return CertStep::Promote;
             }
+            promote_due = Some(due);
             wake.push(due);
         }
     }
@@ -165,19 +193,58 @@ pub fn next_step(state: &CertState, now: Timestamp, opts: &CertOptions) -> CertS
         Some(s) if !s.signed_by_current => return CertStep::Issue(Reason::OtherCa),
         Some(s) if !s.names_match => return CertStep::Issue(Reason::Names),
         Some(s) if now >= s.validity.renew_at() || !s.validity.usable_at(now) => {
-            return CertStep::Issue(Reason::Expiring);
+            // A certificate issued now would be cut at the current CA's end: when even
+            // that would be due at once, the CA is nearly over, and issuing again and
+            // again would not help. The next CA takes over instead (at once if the
+            // served certificate is about to expire, else when it is due).
+            let fresh = issue_validity(now, opts.cert_validity, &current);
+            if now < fresh.renew_at() {
+                return CertStep::Issue(Reason::Expiring);
+            }
+            match promote_due {
+                Some(due) if s.validity.usable_at(now) && due < s.validity.not_after => {}
+                Some(_) => return CertStep::Promote,
+                None => return CertStep::Issue(Reason::Expiring),
+            }
         }
         Some(s) => wake.push(s.validity.renew_at()),
     }
     if let Some(promoted) = state.previous {
-        let due = plus(promoted, opts.overlap);
+        let due = plus(promoted, opts.retire_after);
         if now >= due {
             return CertStep::Retire;
         }
         wake.push(due);
     }
     CertStep::Wait {
-        until: wake.into_iter().min().unwrap_or(now),
+        until: wake
+            .into_iter()
+            .filter(|&t| t > now)
+            .min()
+            .unwrap_or(plus(now, SignedDuration::from_secs(1))),
+    }
+}
+
+/// No usable current CA (a first install; the CA Secret deleted, unreadable or expired).
+fn without_current(state: &CertState, now: Timestamp, opts: &CertOptions) -> CertStep {
+    match state.next {
+        // A next CA takes over once trusted for the overlap, as in a rollover.
+        Some((next, introduced)) if next.usable_at(now) => {
+            let Some(trusted_since) = state.bundle_in_place_since else {
+                return CertStep::WriteBundle;
+            };
+            let due = plus(introduced.max(trusted_since), opts.overlap);
+            if now >= due {
+                CertStep::Promote
+            } else {
+                CertStep::Wait { until: due }
+            }
+        }
+        // What replicas serve is still trusted (its CA is in the bundle, its key lost):
+        // keep trusting it, and introduce a new CA beside it, as in a rollover.
+        _ if state.orphan_trusted => CertStep::Introduce,
+        // Nothing served can be trusted anyway: start afresh.
+        _ => CertStep::Create,
     }
 }
 
@@ -216,6 +283,7 @@ mod tests {
             ca_validity: SignedDuration::from_hours(24 * 300),
             cert_validity: SignedDuration::from_hours(24 * 90),
             overlap: SignedDuration::from_mins(5),
+            retire_after: SignedDuration::from_mins(30),
         }
     }
 
@@ -231,6 +299,7 @@ mod tests {
                 names_match: true,
             }),
             bundle_in_place_since: Some(t("2026-01-01T00:00:10Z")),
+            orphan_trusted: false,
         }
     }
 
@@ -309,12 +378,12 @@ mod tests {
                 }),
             ),
             (
-                "promoted 1 min ago: wait",
-                with(&|s| s.previous = Some(t("2026-01-31T23:59:00Z"))),
+                "promoted 10 min ago: wait for retire-after (30 min)",
+                with(&|s| s.previous = Some(t("2026-01-31T23:50:00Z"))),
             ),
             (
-                "promoted 10 min ago",
-                with(&|s| s.previous = Some(t("2026-01-31T23:50:00Z"))),
+                "promoted an hour ago",
+                with(&|s| s.previous = Some(t("2026-01-31T23:00:00Z"))),
             ),
             (
                 "promoted long ago but serving still from the old CA: issue first",
@@ -333,6 +402,59 @@ mod tests {
                     ));
                 }),
             ),
+            (
+                "current expired, next, bundle not in place: write it, keep next",
+                with(&|s| {
+                    s.current = Some(valid("2025-01-01T00:00:00Z", "2026-01-15T00:00:00Z"));
+                    s.next = Some((
+                        valid("2026-01-01T00:00:00Z", "2027-01-01T00:00:00Z"),
+                        t("2026-01-01T00:00:00Z"),
+                    ));
+                    s.bundle_in_place_since = None;
+                }),
+            ),
+            (
+                "CA Secret lost, what is served still trusted: introduce beside it",
+                with(&|s| {
+                    s.current = None;
+                    s.orphan_trusted = true;
+                }),
+            ),
+            (
+                "CA lost, orphan kept, next introduced 1 min ago: wait",
+                with(&|s| {
+                    s.current = None;
+                    s.orphan_trusted = true;
+                    s.next = Some((
+                        valid("2026-01-31T23:59:00Z", "2027-01-31T00:00:00Z"),
+                        t("2026-01-31T23:59:00Z"),
+                    ));
+                }),
+            ),
+            (
+                "CA nearly over, served certificate due, next not yet trusted long enough: wait",
+                with(&|s| {
+                    s.current = Some(valid("2025-02-01T00:00:00Z", "2026-02-01T00:00:30Z"));
+                    s.next = Some((
+                        valid("2026-01-31T23:59:00Z", "2027-01-31T00:00:00Z"),
+                        t("2026-01-31T23:59:00Z"),
+                    ));
+                    s.serving.as_mut().unwrap().validity =
+                        valid("2026-01-31T00:00:00Z", "2026-02-01T00:10:00Z");
+                }),
+            ),
+            (
+                "CA nearly over, served certificate expires before promotion: promote now",
+                with(&|s| {
+                    s.current = Some(valid("2025-02-01T00:00:00Z", "2026-02-01T00:00:30Z"));
+                    s.next = Some((
+                        valid("2026-01-31T23:59:00Z", "2027-01-31T00:00:00Z"),
+                        t("2026-01-31T23:59:00Z"),
+                    ));
+                    s.serving.as_mut().unwrap().validity =
+                        valid("2026-01-31T00:00:00Z", "2026-02-01T00:00:20Z");
+                }),
+            ),
         ];
         let got: Vec<String> = cases.iter().map(|(n, s)| format!("{n}: {s:?}")).collect();
         let want = vec![
@@ -349,10 +471,15 @@ mod tests {
             "next introduced 1 min ago: wait: Wait { until: 2026-02-01T00:04:00Z }",
             "next introduced 10 min ago: Promote",
             "next introduced long ago, bundle landed 1 min ago: Wait { until: 2026-02-01T00:04:00Z }",
-            "promoted 1 min ago: wait: Wait { until: 2026-02-01T00:04:00Z }",
-            "promoted 10 min ago: Retire",
+            "promoted 10 min ago: wait for retire-after (30 min): Wait { until: 2026-02-01T00:20:00Z }",
+            "promoted an hour ago: Retire",
             "promoted long ago but serving still from the old CA: issue first: Issue(OtherCa)",
             "current expired, next trusted: promote: Promote",
+            "current expired, next, bundle not in place: write it, keep next: WriteBundle",
+            "CA Secret lost, what is served still trusted: introduce beside it: Introduce",
+            "CA lost, orphan kept, next introduced 1 min ago: wait: Wait { until: 2026-02-01T00:04:00Z }",
+            "CA nearly over, served certificate due, next not yet trusted long enough: wait: Wait { until: 2026-02-01T00:04:00Z }",
+            "CA nearly over, served certificate expires before promotion: promote now: Promote",
         ];
         assert_eq!(got, want);
     }
@@ -403,6 +530,7 @@ mod tests {
                     names_match: true,
                 }),
                 bundle_in_place_since: if bundle == want { bundle_since } else { None },
+                orphan_trusted: false,
             };
             let step = next_step(&state, now, &o);
             match step {

@@ -23,15 +23,17 @@ use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{ObjectReference, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::api::PostParams;
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 use kube::{Api, Resource as _};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject as _;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::cluster::events::EventSink;
 use crate::cluster::tls_secret::{CA_KEY, CERT_KEY, KEY_KEY};
-use crate::metrics::{Metrics, StepLabels};
+use crate::metrics::{Metrics, ReasonLabels, StepLabels};
 use crate::names;
 use crate::policy::certs::{self, CertOptions, CertState, CertStep, Serving, Validity};
 use crate::tls::{Ca, CertInfo, TlsError};
@@ -95,11 +97,46 @@ pub enum CertError {
         "MutatingWebhookConfiguration {0} not found: install manifests/ (kubectl apply -k manifests/)"
     )]
     NoWebhookConfiguration(String),
+    #[error(
+        "the webhook configuration {configuration} calls Service {called}, but the serving \
+         certificate would be for {ours}: set --webhook-service and --namespace to match"
+    )]
+    WrongService {
+        configuration: String,
+        called: String,
+        ours: String,
+    },
+    #[error(
+        "the same step ({0}) was needed {CHURN_LIMIT} times in a row: something else keeps \
+         changing the certificates or the caBundle (a cert-manager CA injector annotation, a \
+         GitOps tool reverting the webhook configuration?); backing off"
+    )]
+    Churn(&'static str),
     #[error("{0}")]
     Tls(#[from] TlsError),
     #[error("{0}")]
     Api(#[from] kube::Error),
 }
+
+impl CertError {
+    /// The `reason` label of `certificate_errors_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            CertError::Foreign(_) => "foreign_secret",
+            CertError::NoWebhookConfiguration(_) => "no_webhook_configuration",
+            CertError::WrongService { .. } => "wrong_service",
+            CertError::Churn(_) => "churn",
+            CertError::Tls(_) => "tls",
+            CertError::Api(_) => "api",
+        }
+    }
+}
+
+/// A step needed this many times in a row (no wait between) means a fight with another
+/// writer, or a bug: stop writing and back off.
+const CHURN_LIMIT: u32 = 8;
+/// At least this long between two writing steps.
+const STEP_GAP: Duration = Duration::from_millis(100);
 
 /// Runs until `cancel`: checks, applies a step, and waits for the next due time, a
 /// change of the webhook configuration (a re-apply of manifests/ that added an entry
@@ -130,24 +167,43 @@ pub async fn run(
     };
     let watch = tokio::spawn(watch);
     let mut last_error: Option<String> = None;
+    let mut repeats: (Option<&'static str>, u32) = (None, 0);
     loop {
-        let wait = match keeper.step().await {
-            Ok(Some(until)) => {
+        let result = match keeper.step().await {
+            Ok(Stepped::Took(step)) if repeats.0 == Some(step) && repeats.1 + 1 >= CHURN_LIMIT => {
+                repeats = (None, 0);
+                Err(CertError::Churn(step))
+            }
+            other => other,
+        };
+        let wait = match result {
+            Ok(Stepped::Wait(until)) => {
                 last_error = None;
+                repeats = (None, 0);
                 let left = until.duration_since(Timestamp::now());
                 Duration::try_from(left)
                     .unwrap_or(Duration::ZERO)
                     .min(config.check_interval)
             }
-            Ok(None) => continue,
+            Ok(Stepped::Took(step)) => {
+                repeats = match repeats {
+                    (Some(last), n) if last == step => (Some(step), n + 1),
+                    _ => (Some(step), 1),
+                };
+                STEP_GAP
+            }
             Err(e) => {
-                metrics.controller.certificate_errors.inc();
+                metrics
+                    .controller
+                    .certificate_errors
+                    .get_or_create(&ReasonLabels { reason: e.reason() })
+                    .inc();
                 let msg = e.to_string();
                 if last_error.as_deref() != Some(&msg) {
                     warn!(error = %msg, "self-managed certificates: check failed; retrying");
                     last_error = Some(msg);
                 }
-                Duration::from_secs(5).min(config.check_interval)
+                Duration::from_secs(5).min(config.check_interval.max(Duration::from_secs(1)))
             }
         };
         tokio::select! {
@@ -157,6 +213,14 @@ pub async fn run(
         }
     }
     watch.abort();
+}
+
+/// What one check did.
+enum Stepped {
+    /// Wrote something (check again at once, after a short gap).
+    Took(&'static str),
+    /// Nothing is due before this time.
+    Wait(Timestamp),
 }
 
 /// The CAs as the CA Secret holds them.
@@ -273,9 +337,8 @@ impl Keeper {
         }
     }
 
-    /// One check: `Ok(None)` after applying a step (check again at once), `Ok(Some(t))`
-    /// when nothing is due before `t`.
-    async fn step(&mut self) -> Result<Option<Timestamp>, CertError> {
+    /// One check: read, decide, apply at most one step.
+    async fn step(&mut self) -> Result<Stepped, CertError> {
         let now = Timestamp::now();
         let ca_secret = self.owned(&self.config.ca_secret).await?;
         let tls_secret = self.owned(&self.config.tls_secret).await?;
@@ -286,7 +349,18 @@ impl Keeper {
             .ok_or_else(|| {
                 CertError::NoWebhookConfiguration(self.config.webhook_configuration.clone())
             })?;
-        let cas = Cas::read(ca_secret.as_ref());
+        self.check_service(&webhook)?;
+        let mut cas = Cas::read(ca_secret.as_ref());
+        // The CA is lost (Secret deleted, unreadable) but what replicas serve is still
+        // trusted: keep trusting its CA (without its key) until a new one took over.
+        let mut orphan_trusted = false;
+        if cas.current.is_none()
+            && cas.previous.is_none()
+            && let Some(orphan) = orphan_ca(tls_secret.as_ref(), &webhook, now)
+        {
+            cas.previous = Some((orphan, now));
+            orphan_trusted = true;
+        }
         if let Some((info, ..)) = &cas.current {
             self.metrics
                 .controller
@@ -332,11 +406,30 @@ impl Keeper {
             previous: cas.previous.as_ref().map(|p| p.1),
             serving,
             bundle_in_place_since: self.bundle_seen.as_ref().map(|b| b.1),
+            orphan_trusted,
         };
+        // The TLS Secret's ca.crt (for clients such as `curl --cacert`) follows the bundle
+        // once it is in place; not a step of its own.
+        if let (true, Some(secret)) = (in_place, &tls_secret) {
+            let stored = secret.data.as_ref().and_then(|d| d.get(CA_KEY));
+            if stored.is_some_and(|b| b.0 != bundle.as_bytes()) {
+                let mut data = secret.data.clone().unwrap_or_default();
+                data.insert(CA_KEY.to_owned(), ByteString(bundle.clone().into_bytes()));
+                self.put(
+                    Some(secret.clone()),
+                    &self.config.tls_secret,
+                    "kubernetes.io/tls",
+                    data,
+                    BTreeMap::new(),
+                )
+                .await?;
+                return Ok(Stepped::Took("bundle_copy"));
+            }
+        }
         let step = certs::next_step(&state, now, &self.config.options);
         let opts = self.config.options;
         let (label, note) = match step {
-            CertStep::Wait { until } => return Ok(Some(until)),
+            CertStep::Wait { until } => return Ok(Stepped::Wait(until)),
             CertStep::Create => {
                 let ca = new_ca(now, opts.ca_validity)?;
                 let info = ca_info(&ca)?;
@@ -363,9 +456,14 @@ impl Keeper {
             }
             CertStep::Promote => {
                 let Some((info, cert, key, _)) = cas.next else {
-                    return Ok(None);
+                    return Ok(Stepped::Wait(now));
                 };
-                let previous = cas.current.map(|(_, pem, _)| (pem, now));
+                // The CA that signed what is served now stays trusted: the current one,
+                // or (the CA lost) the one kept from the bundle.
+                let previous = cas
+                    .current
+                    .map(|(_, pem, _)| (pem, now))
+                    .or(cas.previous.map(|(pem, _)| (pem, now)));
                 let cas = Cas {
                     current: Some((info.clone(), cert.clone(), key.clone())),
                     next: None,
@@ -379,7 +477,7 @@ impl Keeper {
             }
             CertStep::Issue(reason) => {
                 let Some((info, cert, key)) = &cas.current else {
-                    return Ok(None);
+                    return Ok(Stepped::Wait(now));
                 };
                 let ca = Ca::from_pem(cert, key)?;
                 self.write_serving(tls_secret, &ca, &info.validity, &bundle, now)
@@ -405,16 +503,6 @@ impl Keeper {
             }
             CertStep::WriteBundle => {
                 self.write_bundle(webhook, &bundle).await?;
-                if let Some(mut secret) = tls_secret {
-                    let data = secret.data.get_or_insert_default();
-                    if data.get(CA_KEY).map(|b| b.0.as_slice()) != Some(bundle.as_bytes()) {
-                        data.insert(CA_KEY.to_owned(), ByteString(bundle.into_bytes()));
-                        self.secrets
-                            .replace(&self.config.tls_secret, &PostParams::default(), &secret)
-                            .await?;
-                        self.metrics.controller.write("update", "secrets");
-                    }
-                }
                 (
                     "write_bundle",
                     format!("caBundle of {} updated", self.config.webhook_configuration),
@@ -431,7 +519,25 @@ impl Keeper {
             self.events
                 .normal(self.tls_reference(), "Certificates", label, note);
         }
-        Ok(None)
+        Ok(Stepped::Took(label))
+    }
+
+    /// The names the certificate carries must be those the API server calls: compare
+    /// with the Service the webhook entries name (entries with a `url` are left alone).
+    fn check_service(&self, webhook: &MutatingWebhookConfiguration) -> Result<(), CertError> {
+        for entry in webhook.webhooks.iter().flatten() {
+            if let Some(service) = &entry.client_config.service {
+                let called = format!("{}.{}.svc", service.name, service.namespace);
+                if !self.config.names.contains(&called) {
+                    return Err(CertError::WrongService {
+                        configuration: self.config.webhook_configuration.clone(),
+                        called,
+                        ours: self.config.names.join(", "),
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The Secret, if it exists and is ours; a Secret of someone else's is an error.
@@ -483,8 +589,11 @@ impl Keeper {
         .await
     }
 
-    /// Creates the Secret, or replaces the one read (its resourceVersion guards against a
-    /// concurrent writer: a conflict fails this check, and the next one starts afresh).
+    /// Creates the Secret, or replaces the one read, keeping its other metadata (labels,
+    /// annotations, finalizers someone added); its resourceVersion guards against a
+    /// concurrent writer (a conflict fails this check; the next one starts afresh).
+    /// Both Secrets are excluded from Velero backups: a backup must not carry the CA's
+    /// private key to object storage, and a restored old certificate helps nobody.
     async fn put(
         &self,
         existing: Option<Secret>,
@@ -493,64 +602,73 @@ impl Keeper {
         data: BTreeMap<String, ByteString>,
         annotations: BTreeMap<String, String>,
     ) -> Result<(), CertError> {
-        let secret = Secret {
+        let create = existing.is_none();
+        let mut secret = existing.unwrap_or_else(|| Secret {
             metadata: ObjectMeta {
                 name: Some(name.to_owned()),
                 namespace: Some(self.config.namespace.clone()),
-                labels: Some(BTreeMap::from([
-                    (
-                        names::MANAGED_BY.to_owned(),
-                        names::MANAGED_BY_US.to_owned(),
-                    ),
-                    (
-                        "app.kubernetes.io/name".to_owned(),
-                        "velero-jupyterhub".to_owned(),
-                    ),
-                ])),
-                annotations: Some(annotations),
-                resource_version: existing
-                    .as_ref()
-                    .and_then(|s| s.metadata.resource_version.clone()),
                 ..ObjectMeta::default()
             },
-            type_: Some(
-                existing
-                    .as_ref()
-                    .and_then(|s| s.type_.clone())
-                    .unwrap_or_else(|| type_.to_owned()),
-            ),
-            data: Some(data),
+            type_: Some(type_.to_owned()),
             ..Secret::default()
-        };
+        });
+        let labels = secret.metadata.labels.get_or_insert_default();
+        for (k, v) in [
+            (names::MANAGED_BY, names::MANAGED_BY_US),
+            ("app.kubernetes.io/name", "velero-jupyterhub"),
+            ("velero.io/exclude-from-backup", "true"),
+        ] {
+            labels.insert(k.to_owned(), v.to_owned());
+        }
+        // Our annotations are rewritten whole; anyone else's stay.
+        let kept = secret.metadata.annotations.get_or_insert_default();
+        kept.retain(|k, _| k != NEXT_INTRODUCED && k != PROMOTED);
+        kept.extend(annotations);
+        secret.data = Some(data);
         let pp = PostParams::default();
-        if existing.is_some() {
-            self.secrets.replace(name, &pp, &secret).await?;
-            self.metrics.controller.write("update", "secrets");
-        } else {
+        if create {
             self.secrets.create(&pp, &secret).await?;
             self.metrics.controller.write("create", "secrets");
+        } else {
+            self.secrets.replace(name, &pp, &secret).await?;
+            self.metrics.controller.write("update", "secrets");
         }
         Ok(())
     }
 
+    /// Sets every entry's `caBundle` with a JSON patch (only that field, guarded by the
+    /// resourceVersion read), so fields this build's API types do not know survive.
     async fn write_bundle(
         &self,
-        mut webhook: MutatingWebhookConfiguration,
+        webhook: MutatingWebhookConfiguration,
         bundle: &str,
     ) -> Result<(), CertError> {
-        for entry in webhook.webhooks.iter_mut().flatten() {
-            entry.client_config.ca_bundle = Some(ByteString(bundle.as_bytes().to_vec()));
+        use base64::Engine as _;
+        let encoded = base64::engine::general_purpose::STANDARD.encode(bundle);
+        let mut ops = vec![serde_json::json!({
+            "op": "test",
+            "path": "/metadata/resourceVersion",
+            "value": webhook.metadata.resource_version,
+        })];
+        for i in 0..webhook.webhooks.as_ref().map_or(0, Vec::len) {
+            ops.push(serde_json::json!({
+                "op": "add",
+                "path": format!("/webhooks/{i}/clientConfig/caBundle"),
+                "value": encoded,
+            }));
         }
+        let patch: json_patch::Patch = serde_json::from_value(serde_json::Value::Array(ops))
+            .map_err(|e| TlsError::Validity(format!("building the caBundle patch: {e}")))?;
         self.webhooks
-            .replace(
+            .patch(
                 &self.config.webhook_configuration,
-                &PostParams::default(),
-                &webhook,
+                &PatchParams::default(),
+                &Patch::Json::<()>(patch),
             )
             .await?;
         self.metrics
             .controller
-            .write("update", "mutatingwebhookconfigurations");
+            .write("patch", "mutatingwebhookconfigurations");
         Ok(())
     }
 
@@ -587,4 +705,46 @@ fn new_ca(now: Timestamp, validity: SignedDuration) -> Result<Ca, TlsError> {
 
 fn ca_info(ca: &Ca) -> Result<CertInfo, TlsError> {
     CertInfo::from_pem(ca.cert_pem().as_bytes()).ok_or(TlsError::NoCertificate)
+}
+
+/// The CA, among those the TLS Secret's `ca.crt` and the webhook configuration trust now,
+/// that signed the unexpired certificate in the TLS Secret (PEM), if any.
+fn orphan_ca(
+    tls: Option<&Secret>,
+    webhook: &MutatingWebhookConfiguration,
+    now: Timestamp,
+) -> Option<String> {
+    let data = tls?.data.as_ref()?;
+    let serving = CertInfo::from_pem(&data.get(CERT_KEY)?.0)?;
+    if !serving.validity.usable_at(now) {
+        return None;
+    }
+    let trusted = webhook
+        .webhooks
+        .iter()
+        .flatten()
+        .filter_map(|w| w.client_config.ca_bundle.as_ref())
+        .chain(data.get(CA_KEY));
+    for bundle in trusted {
+        for der in CertificateDer::pem_slice_iter(&bundle.0).flatten() {
+            let pem = pem_of(&der);
+            if CertInfo::from_pem(pem.as_bytes()).is_some_and(|ca| serving.signed_by(&ca)) {
+                return Some(pem);
+            }
+        }
+    }
+    None
+}
+
+/// A certificate as PEM text.
+fn pem_of(der: &CertificateDer<'_>) -> String {
+    use base64::Engine as _;
+    let body = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
+    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in body.as_bytes().chunks(64) {
+        out.push_str(&String::from_utf8_lossy(line));
+        out.push('\n');
+    }
+    out.push_str("-----END CERTIFICATE-----\n");
+    out
 }
