@@ -54,6 +54,11 @@ pub const RESTORE_HELPER: &str = "restore-helper";
 /// Annotation on a backup helper: the claim it mounts (claim names can be longer than a
 /// label value may be).
 pub const HELPER_CLAIM: &str = "velero-jupyterhub.io/claim";
+/// On wave Backups and the helpers of their wave: which Schedule's run, which tick (Unix
+/// seconds) and which wave of it. Not `velero.io/schedule-name`: see `waves::wave_backup`.
+pub const WAVE_SCHEDULE: &str = "velero-jupyterhub.io/wave-schedule";
+pub const WAVE_TICK: &str = "velero-jupyterhub.io/wave-tick";
+pub const WAVE_NUMBER: &str = "velero-jupyterhub.io/wave";
 /// Default for `--claims`: KubeSpawner's `claim-{user_server}`.
 pub const DEFAULT_CLAIM_GLOBS: &str = "claim-*";
 

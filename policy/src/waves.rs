@@ -19,6 +19,8 @@ use std::cmp::Reverse;
 
 use jiff::Timestamp;
 
+use crate::names;
+
 /// An idle user claim waiting for its backup.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IdleClaim<'a> {
@@ -131,6 +133,119 @@ fn best_node(
         .map(|(_, Reverse(n))| n)
 }
 
+/// Which wave of which Schedule's run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WaveId<'a> {
+    /// The Schedule's namespace (Velero's) and name.
+    pub velero_namespace: &'a str,
+    pub schedule: &'a str,
+    /// The tick the run belongs to.
+    pub tick: Timestamp,
+    /// 1, 2, … within the run.
+    pub number: u32,
+}
+
+impl WaveId<'_> {
+    /// The Backup's name: `<schedule>-wave<N>-<tick as yyyymmddhhmmss>`, the shape of the
+    /// Schedule's own Backups, `<schedule>-<yyyymmddhhmmss>` (pkg/apis/velero/v1/
+    /// schedule_types.go `TimestampedName`), in UTC.
+    pub fn backup_name(&self) -> String {
+        let tick = self.tick.strftime("%Y%m%d%H%M%S");
+        format!("{}-wave{}-{tick}", self.schedule, self.number)
+    }
+
+    /// The labels a wave's helpers and its Backup carry (the Backup selects the helpers
+    /// by them).
+    pub fn labels(&self) -> Vec<(&'static str, String)> {
+        vec![
+            (
+                names::WAVE_SCHEDULE,
+                crate::velero::label_value(self.schedule).into_owned(),
+            ),
+            (names::WAVE_TICK, self.tick.as_second().to_string()),
+            (names::WAVE_NUMBER, self.number.to_string()),
+        ]
+    }
+}
+
+/// The Velero Backup of one wave, made from its Schedule as Velero's own Schedule
+/// controller makes a scheduled Backup (pkg/builder/backup_builder.go `FromSchedule`):
+/// the Schedule's `spec.template` as the spec (storage location, TTL, hooks, resource
+/// policy, everything), the template's labels if it has any, else the Schedule's, the
+/// Schedule's annotations, and an owner reference to the Schedule when it asks for one
+/// (`useOwnerReferencesInBackup`). Then narrowed to the wave: only `namespace`, only the
+/// wave's helpers (a label selector on [`WaveId::labels`]) with their claims and
+/// volumes.
+///
+/// One difference, on purpose: no `velero.io/schedule-name` label. Velero's Schedule
+/// controller lists Backups with that label and skips its own next tick while any of them
+/// is New or InProgress (pkg/controller/schedule_controller.go
+/// `checkIfBackupInNewOrProgress`), so a night of waves would make the Schedule skip
+/// live users' Backup. Our labels say which Schedule a wave belongs to instead.
+///
+/// `schedule` is the Schedule object as JSON (metadata and spec).
+pub fn wave_backup(
+    schedule: &serde_json::Value,
+    wave: &WaveId<'_>,
+    namespace: &str,
+) -> serde_json::Value {
+    use serde_json::{Map, Value, json};
+    let template = &schedule["spec"]["template"];
+    let mut spec = template.as_object().cloned().unwrap_or_default();
+    spec.remove("metadata");
+    // The wave: one namespace, our helpers of this wave, their claims and volumes.
+    spec.insert("includedNamespaces".into(), json!([namespace]));
+    spec.remove("excludedNamespaces");
+    spec.remove("orLabelSelectors");
+    spec.remove("excludedResources");
+    spec.remove("excludedNamespaceScopedResources");
+    spec.remove("includedNamespaceScopedResources");
+    spec.insert(
+        "includedResources".into(),
+        json!(["pods", "persistentvolumeclaims", "persistentvolumes"]),
+    );
+    let selector: Map<String, Value> = wave
+        .labels()
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), Value::String(v)))
+        .collect();
+    spec.insert("labelSelector".into(), json!({"matchLabels": selector}));
+
+    let template_labels = template["metadata"]["labels"].as_object();
+    let mut labels = template_labels
+        .or(schedule["metadata"]["labels"].as_object())
+        .cloned()
+        .unwrap_or_default();
+    labels.remove(names::VELERO_SCHEDULE_NAME);
+    for (k, v) in wave.labels() {
+        labels.insert(k.to_owned(), Value::String(v));
+    }
+    labels.insert(names::MANAGED_BY.into(), names::MANAGED_BY_US.into());
+    let mut metadata = json!({
+        "name": wave.backup_name(),
+        "namespace": wave.velero_namespace,
+        "labels": labels,
+    });
+    if let Some(annotations) = schedule["metadata"]["annotations"].as_object() {
+        metadata["annotations"] = Value::Object(annotations.clone());
+    }
+    if schedule["spec"]["useOwnerReferencesInBackup"] == Value::Bool(true) {
+        metadata["ownerReferences"] = json!([{
+            "apiVersion": "velero.io/v1",
+            "kind": "Schedule",
+            "name": schedule["metadata"]["name"],
+            "uid": schedule["metadata"]["uid"],
+            "controller": true,
+        }]);
+    }
+    json!({
+        "apiVersion": "velero.io/v1",
+        "kind": "Backup",
+        "metadata": metadata,
+        "spec": Value::Object(spec),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -230,6 +345,83 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A Schedule as users write it (Velero's docs: a TTL, a storage location, a hook, a
+    /// resource policy, template labels), read as the API server returns it.
+    #[test]
+    fn a_wave_backup_is_the_schedules_backup_narrowed_to_the_wave() {
+        let schedule: serde_json::Value = serde_json::json!({
+            "apiVersion": "velero.io/v1", "kind": "Schedule",
+            "metadata": {"name": "homes", "namespace": "velero", "uid": "u-1",
+                         "labels": {"team": "platform"}, "annotations": {"note": "nightly"}},
+            "spec": {
+                "schedule": "0 3 * * *",
+                "useOwnerReferencesInBackup": true,
+                "template": {
+                    "metadata": {"labels": {"tier": "homes", "velero.io/schedule-name": "forged"}},
+                    "includedNamespaces": ["*"],
+                    "excludedNamespaces": ["kube-system"],
+                    "orLabelSelectors": [{"matchLabels": {"a": "b"}}],
+                    "storageLocation": "s3-eu",
+                    "ttl": "720h0m0s",
+                    "defaultVolumesToFsBackup": false,
+                    "hooks": {"resources": [{"name": "sync", "pre": [{"exec": {"command": ["sync"]}}]}]},
+                    "resourcePolicy": {"kind": "configmap", "name": "skip-big"}
+                }
+            }
+        });
+        let wave = WaveId {
+            velero_namespace: "velero",
+            schedule: "homes",
+            tick: t("2026-11-28T03:00:00Z"),
+            number: 2,
+        };
+        let backup = wave_backup(&schedule, &wave, "jhub");
+        let want = serde_json::json!({
+            "apiVersion": "velero.io/v1", "kind": "Backup",
+            "metadata": {
+                "name": "homes-wave2-20261128030000",
+                "namespace": "velero",
+                "labels": {
+                    "tier": "homes",
+                    "velero-jupyterhub.io/wave-schedule": "homes",
+                    "velero-jupyterhub.io/wave-tick": "1795834800",
+                    "velero-jupyterhub.io/wave": "2",
+                    "app.kubernetes.io/managed-by": "velero-jupyterhub"
+                },
+                "annotations": {"note": "nightly"},
+                "ownerReferences": [{"apiVersion": "velero.io/v1", "kind": "Schedule",
+                                     "name": "homes", "uid": "u-1", "controller": true}]
+            },
+            "spec": {
+                "includedNamespaces": ["jhub"],
+                "includedResources": ["pods", "persistentvolumeclaims", "persistentvolumes"],
+                "labelSelector": {"matchLabels": {
+                    "velero-jupyterhub.io/wave-schedule": "homes",
+                    "velero-jupyterhub.io/wave-tick": "1795834800",
+                    "velero-jupyterhub.io/wave": "2"
+                }},
+                "storageLocation": "s3-eu",
+                "ttl": "720h0m0s",
+                "defaultVolumesToFsBackup": false,
+                "hooks": {"resources": [{"name": "sync", "pre": [{"exec": {"command": ["sync"]}}]}]},
+                "resourcePolicy": {"kind": "configmap", "name": "skip-big"}
+            }
+        });
+        assert_eq!(backup, want);
+        // Without template labels the Schedule's own labels are used, as Velero does.
+        let mut plain = schedule.clone();
+        plain["spec"]["template"]["metadata"] = serde_json::json!({});
+        plain["spec"]["useOwnerReferencesInBackup"] = false.into();
+        let backup = wave_backup(&plain, &wave, "jhub");
+        assert_eq!(backup["metadata"]["labels"]["team"], "platform");
+        assert!(backup["metadata"].get("ownerReferences").is_none());
+        assert!(
+            backup["metadata"]["labels"]
+                .get("velero.io/schedule-name")
+                .is_none()
+        );
     }
 
     #[test]
