@@ -246,6 +246,83 @@ pub fn wave_backup(
     })
 }
 
+/// A helper of the current wave, as the pod watch sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WaveHelper {
+    pub phase: HelperPhase,
+    pub created: Timestamp,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HelperPhase {
+    /// Not Running yet (not scheduled, volume attaching, image pulling).
+    Pending,
+    Running,
+    /// Failed, or gone (its user started a server and it was deleted).
+    Gone,
+}
+
+/// Where the wave's Backup is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WaveBackup {
+    NotCreated,
+    /// Created, not terminal.
+    Running,
+    /// Terminal: Completed (`true`) or not.
+    Done(bool),
+}
+
+/// What to do with the current wave.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WaveStep {
+    /// Helpers are still starting: look again by `until` (or on a change).
+    WaitForHelpers { until: Timestamp },
+    /// Create the wave's Backup now. `given_up`: helpers (indexes) that did not run
+    /// within the bound: delete them; their claims go back to the queue (reported, and
+    /// retried in a later wave), so one stuck volume does not hold the wave.
+    Back { given_up: Vec<usize> },
+    /// The Backup runs.
+    WaitForBackup,
+    /// Over: delete the wave's helpers, then plan the next wave. `completed`: whether its
+    /// Backup completed (if not, its claims keep their old last-backup time and so come
+    /// first in the next wave).
+    Over { completed: bool },
+}
+
+/// The current wave's next step. `start_bound`: how long a helper may take to run.
+pub fn wave_step(
+    helpers: &[WaveHelper],
+    backup: WaveBackup,
+    now: Timestamp,
+    start_bound: jiff::SignedDuration,
+) -> WaveStep {
+    match backup {
+        WaveBackup::Done(completed) => return WaveStep::Over { completed },
+        WaveBackup::Running => return WaveStep::WaitForBackup,
+        WaveBackup::NotCreated => {}
+    }
+    let deadline = |h: &WaveHelper| h.created.checked_add(start_bound).unwrap_or(Timestamp::MAX);
+    let pending: Vec<usize> = helpers
+        .iter()
+        .enumerate()
+        .filter(|(_, h)| h.phase == HelperPhase::Pending)
+        .map(|(i, _)| i)
+        .collect();
+    let running = helpers.iter().any(|h| h.phase == HelperPhase::Running);
+    let waiting_until = pending
+        .iter()
+        .map(|&i| deadline(&helpers[i]))
+        .filter(|&d| d > now)
+        .max();
+    match waiting_until {
+        Some(until) => WaveStep::WaitForHelpers { until },
+        // Everyone Running, gone, or past the bound. A wave with nobody Running backs up
+        // nothing: over (uncompleted), its claims back to the queue.
+        None if !running => WaveStep::Over { completed: false },
+        None => WaveStep::Back { given_up: pending },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -422,6 +499,87 @@ mod tests {
                 .get("velero.io/schedule-name")
                 .is_none()
         );
+    }
+
+    #[test]
+    fn wave_steps_table() {
+        use HelperPhase::*;
+        let bound = jiff::SignedDuration::from_mins(5);
+        let now = t("2026-11-28T03:10:00Z");
+        let h = |phase, created: &str| WaveHelper {
+            phase,
+            created: t(created),
+        };
+        let cases: Vec<(&str, Vec<WaveHelper>, WaveBackup, WaveStep)> = vec![
+            (
+                "all running: back up",
+                vec![
+                    h(Running, "2026-11-28T03:08:00Z"),
+                    h(Running, "2026-11-28T03:09:00Z"),
+                ],
+                WaveBackup::NotCreated,
+                WaveStep::Back { given_up: vec![] },
+            ),
+            (
+                "one still starting within its bound: wait for it",
+                vec![
+                    h(Running, "2026-11-28T03:08:00Z"),
+                    h(Pending, "2026-11-28T03:09:00Z"),
+                ],
+                WaveBackup::NotCreated,
+                WaveStep::WaitForHelpers {
+                    until: t("2026-11-28T03:14:00Z"),
+                },
+            ),
+            (
+                "one stuck past its bound: back up without it",
+                vec![
+                    h(Running, "2026-11-28T03:08:00Z"),
+                    h(Pending, "2026-11-28T03:04:00Z"),
+                ],
+                WaveBackup::NotCreated,
+                WaveStep::Back { given_up: vec![1] },
+            ),
+            (
+                "a user took one over: the rest go on",
+                vec![
+                    h(Gone, "2026-11-28T03:08:00Z"),
+                    h(Running, "2026-11-28T03:08:00Z"),
+                ],
+                WaveBackup::NotCreated,
+                WaveStep::Back { given_up: vec![] },
+            ),
+            (
+                "nobody ran: over, uncompleted",
+                vec![
+                    h(Pending, "2026-11-28T03:00:00Z"),
+                    h(Gone, "2026-11-28T03:08:00Z"),
+                ],
+                WaveBackup::NotCreated,
+                WaveStep::Over { completed: false },
+            ),
+            (
+                "backup running",
+                vec![h(Running, "2026-11-28T03:08:00Z")],
+                WaveBackup::Running,
+                WaveStep::WaitForBackup,
+            ),
+            (
+                "backup completed",
+                vec![h(Running, "2026-11-28T03:08:00Z")],
+                WaveBackup::Done(true),
+                WaveStep::Over { completed: true },
+            ),
+            (
+                "backup failed",
+                vec![h(Running, "2026-11-28T03:08:00Z")],
+                WaveBackup::Done(false),
+                WaveStep::Over { completed: false },
+            ),
+        ];
+        for (name, helpers, backup, want) in cases {
+            assert_eq!(wave_step(&helpers, backup, now, bound), want, "{name}");
+        }
     }
 
     #[test]
