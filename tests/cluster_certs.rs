@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::SignedDuration;
+use kube::Api;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
-use kube::{Api, Client};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use serde_json::json;
@@ -29,9 +29,7 @@ use support::https::HttpsClient;
 use tokio_util::sync::CancellationToken;
 use velero_jupyterhub::controller::certs::{self, CertConfig};
 use velero_jupyterhub::metrics::{Metrics, sample};
-use velero_jupyterhub::policy::ClaimGlobs;
 use velero_jupyterhub::policy::certs::CertOptions;
-use velero_jupyterhub::server::{self, Running, TlsSource};
 
 const NAMESPACE: &str = "velero-jupyterhub";
 
@@ -53,26 +51,6 @@ async fn round_robin(backends: Vec<SocketAddr>) -> SocketAddr {
         }
     });
     addr
-}
-
-async fn replica(client: Client) -> Running {
-    server::start(server::Config {
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        ops_listen: "127.0.0.1:0".parse().expect("addr"),
-        tls: TlsSource::Secret {
-            namespace: NAMESPACE.to_owned(),
-            name: certs::TLS_SECRET.to_owned(),
-        },
-        default_claims: ClaimGlobs::parse("claim-*").expect("globs"),
-        helper: velero_jupyterhub::policy::helper::HelperOptions::with_image(
-            velero_jupyterhub::policy::helper::DEFAULT_IMAGE,
-        ),
-        cluster: Some(client),
-        serve: Default::default(),
-        shutdown_delay: Duration::ZERO,
-    })
-    .await
-    .expect("webhook replica starts")
 }
 
 /// The CA certificates (DER) in a PEM bundle.
@@ -119,8 +97,8 @@ async fn certificates_roll_over_while_pods_are_created_and_no_admission_fails() 
     // Two webhook replicas, as the webhook's ServiceAccount: no certificate yet, not ready.
     let webhook_client = cluster::client_as_service_account(NAMESPACE, "velero-jupyterhub").await;
     let replicas = [
-        replica(webhook_client.clone()).await,
-        replica(webhook_client).await,
+        cluster::webhook_from_secret(webhook_client.clone()).await,
+        cluster::webhook_from_secret(webhook_client).await,
     ];
     for r in &replicas {
         let problems = r.health.problems().join("; ");

@@ -19,9 +19,7 @@ use support::cluster::{self, OwnServer, eventually};
 use tokio_util::sync::CancellationToken;
 use velero_jupyterhub::controller::certs::{self, CertConfig};
 use velero_jupyterhub::metrics::Metrics;
-use velero_jupyterhub::policy::ClaimGlobs;
 use velero_jupyterhub::policy::certs::CertOptions;
-use velero_jupyterhub::server::{self, TlsSource};
 use velero_jupyterhub::tls::CertInfo;
 
 const NAMESPACE: &str = "velero-jupyterhub";
@@ -132,23 +130,10 @@ async fn kubectl_apply_k_installs_everything_and_certificates_need_no_other_step
         Arc::new(Metrics::for_controller()),
         stop.clone(),
     ));
-    let replica = server::start(server::Config {
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        ops_listen: "127.0.0.1:0".parse().expect("addr"),
-        tls: TlsSource::Secret {
-            namespace: NAMESPACE.to_owned(),
-            name: certs::TLS_SECRET.to_owned(),
-        },
-        default_claims: ClaimGlobs::parse("claim-*").expect("globs"),
-        helper: velero_jupyterhub::policy::helper::HelperOptions::with_image(
-            velero_jupyterhub::policy::helper::DEFAULT_IMAGE,
-        ),
-        cluster: Some(cluster::client_as_service_account(NAMESPACE, "velero-jupyterhub").await),
-        serve: Default::default(),
-        shutdown_delay: Duration::ZERO,
-    })
-    .await
-    .expect("webhook starts");
+    let replica = cluster::webhook_from_secret(
+        cluster::client_as_service_account(NAMESPACE, "velero-jupyterhub").await,
+    )
+    .await;
     eventually(Duration::from_secs(30), || async {
         replica.health.problems().is_empty().then_some(())
     })

@@ -787,3 +787,25 @@ impl Drop for OwnServer {
             .output();
     }
 }
+
+/// A webhook replica as installed: its certificate from the controller's Secret in
+/// `velero-jupyterhub` (a watch, `serve --tls-secret`), the cluster through `client`.
+pub async fn webhook_from_secret(client: Client) -> Running {
+    server::start(server::Config {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        ops_listen: "127.0.0.1:0".parse().expect("addr"),
+        tls: TlsSource::Secret {
+            namespace: "velero-jupyterhub".to_owned(),
+            name: velero_jupyterhub::controller::certs::TLS_SECRET.to_owned(),
+        },
+        default_claims: ClaimGlobs::parse("claim-*").expect("globs"),
+        helper: velero_jupyterhub::policy::helper::HelperOptions::with_image(
+            velero_jupyterhub::policy::helper::DEFAULT_IMAGE,
+        ),
+        cluster: Some(client),
+        serve: Default::default(),
+        shutdown_delay: Duration::ZERO,
+    })
+    .await
+    .expect("webhook replica starts")
+}
