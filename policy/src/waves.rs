@@ -323,6 +323,67 @@ pub fn wave_step(
     }
 }
 
+/// The nodes (indexes into `nodes`, each a name and its labels) a volume can attach on,
+/// from its PersistentVolume's `spec.nodeAffinity.required` (a zonal disk, a local
+/// volume); `None` when it says nothing (any node). The terms are ORed and each term's
+/// requirements ANDed, with the operators of core/v1 NodeSelectorRequirement (In, NotIn,
+/// Exists, DoesNotExist, Gt, Lt); `matchFields` knows `metadata.name` only, as the
+/// scheduler does. An operator we do not know matches nothing (the helper would not
+/// schedule there either).
+pub fn volume_nodes(
+    affinity: Option<&k8s_openapi::api::core::v1::VolumeNodeAffinity>,
+    nodes: &[(&str, &std::collections::BTreeMap<String, String>)],
+) -> Option<Vec<usize>> {
+    use k8s_openapi::api::core::v1::NodeSelectorRequirement;
+    let terms = &affinity?.required.as_ref()?.node_selector_terms;
+    let holds = |r: &NodeSelectorRequirement, value: Option<&str>| {
+        let values = r.values.as_deref().unwrap_or_default();
+        let number = |v: &str| v.parse::<i64>().ok();
+        match r.operator.as_str() {
+            "In" => value.is_some_and(|v| values.iter().any(|w| w == v)),
+            "NotIn" => value.is_none_or(|v| values.iter().all(|w| w != v)),
+            "Exists" => value.is_some(),
+            "DoesNotExist" => value.is_none(),
+            "Gt" | "Lt" => match (
+                value.and_then(number),
+                values.first().and_then(|w| number(w)),
+            ) {
+                (Some(v), Some(w)) if values.len() == 1 => {
+                    if r.operator == "Gt" {
+                        v > w
+                    } else {
+                        v < w
+                    }
+                }
+                _ => false,
+            },
+            _ => false,
+        }
+    };
+    let matches = |(name, labels): &(&str, &std::collections::BTreeMap<String, String>)| {
+        terms.iter().any(|term| {
+            let expressions = term.match_expressions.as_deref().unwrap_or_default();
+            let fields = term.match_fields.as_deref().unwrap_or_default();
+            // An empty term matches nothing (core/v1 NodeSelectorTerm).
+            (!expressions.is_empty() || !fields.is_empty())
+                && expressions
+                    .iter()
+                    .all(|r| holds(r, labels.get(&r.key).map(String::as_str)))
+                && fields
+                    .iter()
+                    .all(|r| r.key == "metadata.name" && holds(r, Some(name)))
+        })
+    };
+    Some(
+        nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| matches(n))
+            .map(|(i, _)| i)
+            .collect(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -580,6 +641,84 @@ mod tests {
         for (name, helpers, backup, want) in cases {
             assert_eq!(wave_step(&helpers, backup, now, bound), want, "{name}");
         }
+    }
+
+    #[test]
+    fn volume_node_affinity_as_the_scheduler_reads_it() {
+        use std::collections::BTreeMap;
+        let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        let (a, b, c) = (
+            labels(&[("topology.kubernetes.io/zone", "fsn1"), ("disks", "12")]),
+            labels(&[("topology.kubernetes.io/zone", "nbg1"), ("disks", "4")]),
+            labels(&[("kubernetes.io/hostname", "c")]),
+        );
+        let nodes = [("a", &a), ("b", &b), ("c", &c)];
+        let affinity =
+            |terms: serde_json::Value| -> k8s_openapi::api::core::v1::VolumeNodeAffinity {
+                serde_json::from_value(
+                    serde_json::json!({"required": {"nodeSelectorTerms": terms}}),
+                )
+                .unwrap()
+            };
+        let cases: Vec<(&str, serde_json::Value, Vec<usize>)> = vec![
+            (
+                "a Hetzner volume's zone (In)",
+                serde_json::json!([{"matchExpressions": [
+                {"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["fsn1"]}]}]),
+                vec![0],
+            ),
+            (
+                "terms are ORed",
+                serde_json::json!([
+                {"matchExpressions": [{"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["fsn1"]}]},
+                {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["c"]}]}]),
+                vec![0, 2],
+            ),
+            (
+                "requirements are ANDed",
+                serde_json::json!([{"matchExpressions": [
+                {"key": "topology.kubernetes.io/zone", "operator": "Exists"},
+                {"key": "disks", "operator": "Gt", "values": ["5"]}]}]),
+                vec![0],
+            ),
+            (
+                "NotIn and DoesNotExist hold without the label",
+                serde_json::json!([{"matchExpressions": [
+                {"key": "topology.kubernetes.io/zone", "operator": "NotIn", "values": ["fsn1"]},
+                {"key": "gpu", "operator": "DoesNotExist"}]}]),
+                vec![1, 2],
+            ),
+            (
+                "Lt needs one integer",
+                serde_json::json!([{"matchExpressions": [
+                {"key": "disks", "operator": "Lt", "values": ["5", "6"]}]}]),
+                vec![],
+            ),
+            (
+                "an empty term matches nothing",
+                serde_json::json!([{}]),
+                vec![],
+            ),
+            (
+                "an unknown operator matches nothing",
+                serde_json::json!([{"matchExpressions": [
+                {"key": "disks", "operator": "Near", "values": ["4"]}]}]),
+                vec![],
+            ),
+        ];
+        for (name, terms, want) in cases {
+            assert_eq!(
+                volume_nodes(Some(&affinity(terms)), &nodes),
+                Some(want),
+                "{name}"
+            );
+        }
+        assert_eq!(volume_nodes(None, &nodes), None, "no affinity: any node");
     }
 
     #[test]
