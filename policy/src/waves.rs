@@ -384,6 +384,83 @@ pub fn volume_nodes(
     )
 }
 
+/// What each schedulable node can still take, from the cluster's objects: a Node's
+/// allocatable `pods` minus the pods bound to it that still hold a slot (not Succeeded or
+/// Failed), and per CSI driver its CSINode's `allocatable.count` minus the
+/// VolumeAttachments of that driver to that node. Nodes that are unschedulable
+/// (cordoned) or not Ready are left out. The scheduler counts the same way
+/// (NodeResourcesFit for pods, NodeVolumeLimits for attachments).
+pub fn node_rooms<'a>(
+    nodes: &'a [k8s_openapi::api::core::v1::Node],
+    csinodes: &'a [k8s_openapi::api::storage::v1::CSINode],
+    pods: &[k8s_openapi::api::core::v1::Pod],
+    attachments: &[k8s_openapi::api::storage::v1::VolumeAttachment],
+) -> Vec<NodeRoom<'a>> {
+    use std::collections::HashMap;
+    let mut pods_on: HashMap<&str, u32> = HashMap::new();
+    for pod in pods {
+        let done = matches!(
+            pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+            Some("Succeeded" | "Failed")
+        );
+        if let Some(node) = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.as_deref())
+            .filter(|_| !done)
+        {
+            *pods_on.entry(node).or_default() += 1;
+        }
+    }
+    let mut attached: HashMap<(&str, &str), u32> = HashMap::new();
+    for a in attachments {
+        *attached
+            .entry((a.spec.node_name.as_str(), a.spec.attacher.as_str()))
+            .or_default() += 1;
+    }
+    nodes
+        .iter()
+        .filter_map(|node| {
+            let name = node.metadata.name.as_deref()?;
+            let spec = node.spec.as_ref();
+            if spec.and_then(|s| s.unschedulable) == Some(true) {
+                return None;
+            }
+            let status = node.status.as_ref()?;
+            let ready = status
+                .conditions
+                .iter()
+                .flatten()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            if !ready {
+                return None;
+            }
+            let allocatable = status
+                .allocatable
+                .as_ref()
+                .and_then(|a| a.get("pods"))
+                .and_then(|q| q.0.parse::<u32>().ok())
+                .unwrap_or(0);
+            let free_pods = allocatable.saturating_sub(pods_on.get(name).copied().unwrap_or(0));
+            let free_attach = csinodes
+                .iter()
+                .filter(|c| c.metadata.name.as_deref() == Some(name))
+                .flat_map(|c| c.spec.drivers.iter())
+                .filter_map(|d| {
+                    let limit = u32::try_from(d.allocatable.as_ref()?.count?).ok()?;
+                    let used = attached.get(&(name, d.name.as_str())).copied().unwrap_or(0);
+                    Some((d.name.as_str(), limit.saturating_sub(used)))
+                })
+                .collect();
+            Some(NodeRoom {
+                name,
+                free_pods,
+                free_attach,
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -719,6 +796,69 @@ mod tests {
             );
         }
         assert_eq!(volume_nodes(None, &nodes), None, "no affinity: any node");
+    }
+
+    /// Two user nodes as a Hetzner cluster reports them (CSINode limit 16), one cordoned
+    /// and one not Ready; pods and attachments on them.
+    #[test]
+    fn node_rooms_count_what_the_scheduler_counts() {
+        use k8s_openapi::api::core::v1::{Node, Pod};
+        use k8s_openapi::api::storage::v1::{CSINode, VolumeAttachment};
+        use serde_json::json;
+        let node = |name: &str, ready: &str, cordoned: bool| -> Node {
+            serde_json::from_value(json!({"metadata": {"name": name}, "spec": {"unschedulable": cordoned},
+                "status": {"allocatable": {"pods": "110"}, "conditions": [{"type": "Ready", "status": ready}]}})).unwrap()
+        };
+        let nodes = vec![
+            node("a", "True", false),
+            node("b", "True", false),
+            node("c", "True", true),
+            node("d", "False", false),
+        ];
+        let csinode = |name: &str| -> CSINode {
+            serde_json::from_value(json!({"metadata": {"name": name}, "spec": {"drivers": [
+                {"name": "csi.hetzner.cloud", "nodeID": "1", "allocatable": {"count": 16}},
+                {"name": "nfs.csi.k8s.io", "nodeID": "1"}]}}))
+            .unwrap()
+        };
+        let csinodes = vec![csinode("a"), csinode("b")];
+        let pod = |node: &str, phase: &str| -> Pod {
+            serde_json::from_value(
+                json!({"spec": {"nodeName": node, "containers": []}, "status": {"phase": phase}}),
+            )
+            .unwrap()
+        };
+        let mut pods: Vec<Pod> = (0..100).map(|_| pod("a", "Running")).collect();
+        pods.push(pod("a", "Succeeded"));
+        pods.push(pod("b", "Pending"));
+        let attachment = |node: &str, driver: &str| -> VolumeAttachment {
+            serde_json::from_value(
+                json!({"metadata": {"name": "x"}, "spec": {"attacher": driver, "nodeName": node,
+                "source": {"persistentVolumeName": "pv"}}}),
+            )
+            .unwrap()
+        };
+        let attachments: Vec<_> = (0..12)
+            .map(|_| attachment("a", "csi.hetzner.cloud"))
+            .chain([attachment("b", "other")])
+            .collect();
+        let rooms = node_rooms(&nodes, &csinodes, &pods, &attachments);
+        assert_eq!(
+            rooms,
+            vec![
+                NodeRoom {
+                    name: "a",
+                    free_pods: 10,
+                    free_attach: vec![("csi.hetzner.cloud", 4)]
+                },
+                NodeRoom {
+                    name: "b",
+                    free_pods: 109,
+                    free_attach: vec![("csi.hetzner.cloud", 16)]
+                },
+            ],
+            "cordoned c and not-Ready d left out; finished pods and drivers without a limit not counted"
+        );
     }
 
     #[test]
