@@ -861,6 +861,97 @@ mod tests {
         );
     }
 
+    /// A night in miniature, pure: 60 idle claims, 3 nodes with room for 4 attachments
+    /// each. Wave after wave (each Backup takes 10 minutes; one helper in the second wave
+    /// never starts), everyone is backed up, in 6 waves, never more than 4 helpers on a
+    /// node, the stuck claim first in the wave after.
+    #[test]
+    fn a_night_of_waves_reaches_everyone_within_the_limits() {
+        let names: Vec<String> = (0..60).map(|i| format!("claim-{i:02}")).collect();
+        let mut last: Vec<Option<Timestamp>> = (0..60)
+            .map(|i| (i % 2 == 0).then(|| t("2026-11-20T03:00:00Z")))
+            .collect();
+        let nodes = vec![node("a", 110, 4), node("b", 110, 4), node("c", 110, 4)];
+        let bound = jiff::SignedDuration::from_mins(5);
+        let night = t("2026-11-28T03:00:00Z");
+        let mut now = night;
+        let mut waves = 0;
+        let mut stuck_claim = None;
+        while last.iter().any(|l| l.is_none_or(|l| l < night)) {
+            waves += 1;
+            assert!(waves <= 10, "the night does not end");
+            let claims: Vec<IdleClaim<'_>> = names
+                .iter()
+                .zip(&last)
+                .filter(|(_, l)| l.is_none_or(|l| l < night))
+                .map(|(n, l)| IdleClaim {
+                    namespace: "jhub",
+                    claim: n,
+                    last_backup: *l,
+                    driver: Some("csi.hetzner.cloud"),
+                    nodes: None,
+                })
+                .collect();
+            let wave = next_wave(&claims, &nodes, usize::MAX);
+            for (n, room) in nodes.iter().enumerate() {
+                let on = wave.placed.iter().filter(|&&(_, at)| at == n).count();
+                assert!(on <= 4, "wave {waves}: {on} helpers on {}", room.name);
+            }
+            if waves == 3 {
+                assert_eq!(
+                    claims[wave.placed[0].0].claim,
+                    stuck_claim.unwrap_or_default(),
+                    "the claim left out last wave goes first"
+                );
+            }
+            // Helpers come up within a minute, except one in wave 2.
+            let helpers: Vec<WaveHelper> = wave
+                .placed
+                .iter()
+                .enumerate()
+                .map(|(k, _)| WaveHelper {
+                    phase: if waves == 2 && k == 0 {
+                        HelperPhase::Pending
+                    } else {
+                        HelperPhase::Running
+                    },
+                    created: now,
+                })
+                .collect();
+            now = now.checked_add(jiff::SignedDuration::from_mins(1)).unwrap();
+            let given_up = match wave_step(&helpers, WaveBackup::NotCreated, now, bound) {
+                WaveStep::Back { given_up } => given_up,
+                WaveStep::WaitForHelpers { until } => {
+                    now = until;
+                    match wave_step(&helpers, WaveBackup::NotCreated, now, bound) {
+                        WaveStep::Back { given_up } => given_up,
+                        other => panic!("{other:?}"),
+                    }
+                }
+                other => panic!("{other:?}"),
+            };
+            now = now
+                .checked_add(jiff::SignedDuration::from_mins(10))
+                .unwrap();
+            assert_eq!(
+                wave_step(&helpers, WaveBackup::Done(true), now, bound),
+                WaveStep::Over { completed: true }
+            );
+            for (k, &(c, _)) in wave.placed.iter().enumerate() {
+                let name = claims[c].claim;
+                if given_up.contains(&k) {
+                    stuck_claim = Some(name);
+                    continue;
+                }
+                let i = names.iter().position(|n| n == name).unwrap();
+                last[i] = Some(now);
+            }
+        }
+        assert_eq!(waves, 6, "60 claims, 12 at a time, one retried: 6 waves");
+        let took = now.duration_since(night);
+        assert!(took < jiff::SignedDuration::from_mins(90), "{took:?}");
+    }
+
     #[test]
     fn a_claim_goes_only_where_its_volume_can_attach() {
         let mut zonal = claim("claim-zonal", None);
