@@ -112,6 +112,8 @@ pub enum CertError {
          GitOps tool reverting the webhook configuration?); backing off"
     )]
     Churn(&'static str),
+    #[error("building the caBundle patch: {0}")]
+    Patch(String),
     #[error("{0}")]
     Tls(#[from] TlsError),
     #[error("{0}")]
@@ -126,7 +128,7 @@ impl CertError {
             CertError::NoWebhookConfiguration(_) => "no_webhook_configuration",
             CertError::WrongService { .. } => "wrong_service",
             CertError::Churn(_) => "churn",
-            CertError::Tls(_) => "tls",
+            CertError::Patch(_) | CertError::Tls(_) => "tls",
             CertError::Api(_) => "api",
         }
     }
@@ -658,7 +660,7 @@ impl Keeper {
             }));
         }
         let patch: json_patch::Patch = serde_json::from_value(serde_json::Value::Array(ops))
-            .map_err(|e| TlsError::Validity(format!("building the caBundle patch: {e}")))?;
+            .map_err(|e| CertError::Patch(e.to_string()))?;
         self.webhooks
             .patch(
                 &self.config.webhook_configuration,

@@ -55,34 +55,11 @@ pub async fn client_as_service_account(namespace: &str, name: &str) -> Client {
     use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
     use k8s_openapi::api::core::v1::ServiceAccount;
     let admin = client().await;
-    let namespaces: Api<Namespace> = Api::all(admin.clone());
-    if namespaces
-        .get_opt(namespace)
-        .await
-        .expect("get namespace")
-        .is_none()
-    {
-        let ns: Namespace = from_json(json!({"metadata": {"name": namespace}}));
-        match namespaces.create(&PostParams::default(), &ns).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 409 => {}
-            Err(e) => panic!("create namespace {namespace}: {e}"),
-        }
-    }
+    let ns: Namespace = from_json(json!({"metadata": {"name": namespace}}));
+    create_if_missing(&Api::all(admin.clone()), &ns).await;
     let accounts: Api<ServiceAccount> = Api::namespaced(admin, namespace);
-    if accounts
-        .get_opt(name)
-        .await
-        .expect("get service account")
-        .is_none()
-    {
-        let sa: ServiceAccount = from_json(json!({"metadata": {"name": name}}));
-        match accounts.create(&PostParams::default(), &sa).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 409 => {}
-            Err(e) => panic!("create service account {namespace}/{name}: {e}"),
-        }
-    }
+    let sa: ServiceAccount = from_json(json!({"metadata": {"name": name}}));
+    create_if_missing(&accounts, &sa).await;
     let request = TokenRequest {
         spec: TokenRequestSpec {
             expiration_seconds: Some(3600),
@@ -103,6 +80,22 @@ pub async fn client_as_service_account(namespace: &str, name: &str) -> Client {
         ..Default::default()
     };
     Client::try_from(config).expect("client")
+}
+
+/// Creates `object` unless an object of its name exists (or appears meanwhile).
+async fn create_if_missing<K>(api: &Api<K>, object: &K)
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::Serialize + serde::de::DeserializeOwned,
+{
+    let name = object.meta().name.clone().expect("a name");
+    if api.get_opt(&name).await.expect("get").is_some() {
+        return;
+    }
+    match api.create(&PostParams::default(), object).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => panic!("create {name}: {e}"),
+    }
 }
 
 /// A kubeconfig file for a child process (our binary) that acts as `user` (kubeconfig's
