@@ -72,6 +72,9 @@ pub struct ClaimRecord {
     pub metadata: ObjectMeta,
     labels: Kept,
     pub phase: Option<String>,
+    /// `spec.volumeName`: the PersistentVolume it is bound to (its CSI driver and node
+    /// affinity decide where a helper can mount it).
+    pub volume_name: Option<Box<str>>,
 }
 
 /// The kept entries of a label or annotation map; each key is one of a fixed list.
@@ -117,6 +120,14 @@ impl PodRecord {
     /// Succeeded or Failed: its containers will not run again.
     pub fn is_stopped(&self) -> bool {
         matches!(self.phase(), Some("Succeeded" | "Failed"))
+    }
+
+    /// An own pod's label (ours carry all theirs: [`PodRecord::own_pod_labels`]).
+    pub fn own_label(&self, key: &str) -> Option<&str> {
+        self.own_pod_labels
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -298,7 +309,14 @@ struct PhaseWire {
 #[derive(Default, Deserialize)]
 struct ClaimWire {
     metadata: Option<MetaWire>,
+    spec: Option<ClaimSpecWire>,
     status: Option<PhaseWire>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ClaimSpecWire {
+    volume_name: Option<String>,
 }
 
 /// The distinct volume names the containers mount.
@@ -354,6 +372,11 @@ impl<'de> Deserialize<'de> for ClaimRecord {
             metadata,
             labels: Kept::from_map(labels.unwrap_or_default(), CLAIM_LABELS),
             phase: wire.status.and_then(|s| s.phase),
+            volume_name: wire
+                .spec
+                .and_then(|s| s.volume_name)
+                .filter(|v| !v.is_empty())
+                .map(String::into_boxed_str),
         })
     }
 }

@@ -173,8 +173,8 @@ impl WaveId<'_> {
 /// the Schedule's `spec.template` as the spec (storage location, TTL, hooks, resource
 /// policy, everything), the template's labels if it has any, else the Schedule's, the
 /// Schedule's annotations, and an owner reference to the Schedule when it asks for one
-/// (`useOwnerReferencesInBackup`). Then narrowed to the wave: only `namespace`, only the
-/// wave's helpers (a label selector on [`WaveId::labels`]) with their claims and
+/// (`useOwnerReferencesInBackup`). Then narrowed to the wave: only `namespaces` (those of
+/// the wave's claims), only the wave's helpers (a label selector on [`WaveId::labels`]) with their claims and
 /// volumes.
 ///
 /// One difference, on purpose: no `velero.io/schedule-name` label. Velero's Schedule
@@ -187,14 +187,14 @@ impl WaveId<'_> {
 pub fn wave_backup(
     schedule: &serde_json::Value,
     wave: &WaveId<'_>,
-    namespace: &str,
+    namespaces: &[&str],
 ) -> serde_json::Value {
     use serde_json::{Map, Value, json};
     let template = &schedule["spec"]["template"];
     let mut spec = template.as_object().cloned().unwrap_or_default();
     spec.remove("metadata");
     // The wave: one namespace, our helpers of this wave, their claims and volumes.
-    spec.insert("includedNamespaces".into(), json!([namespace]));
+    spec.insert("includedNamespaces".into(), json!(namespaces));
     spec.remove("excludedNamespaces");
     spec.remove("orLabelSelectors");
     spec.remove("excludedResources");
@@ -316,10 +316,231 @@ pub fn wave_step(
         .max();
     match waiting_until {
         Some(until) => WaveStep::WaitForHelpers { until },
-        // Everyone Running, gone, or past the bound. A wave with nobody Running backs up
-        // nothing: over (uncompleted), its claims back to the queue.
-        None if !running => WaveStep::Over { completed: false },
+        // Every helper gone (their users started servers): nothing to back up.
+        None if !running && pending.is_empty() => WaveStep::Over { completed: false },
+        // Everyone Running, gone, or past the bound. Even with nobody Running the Backup
+        // is made (empty): it records the claims given up, so a run does not try them
+        // again and again.
         None => WaveStep::Back { given_up: pending },
+    }
+}
+
+/// Options of every run (`controller` flags).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RunOptions {
+    /// At most this many helpers at once (`--max-helpers`).
+    pub max_helpers: usize,
+    /// A run stops starting waves this long after its tick (`--max-window`).
+    pub max_window: jiff::SignedDuration,
+    /// How long a helper may take to run before its wave goes on without it
+    /// (`--helper-start-timeout`).
+    pub start_bound: jiff::SignedDuration,
+}
+
+/// How often a run tries a claim whose helper never started: twice, then the next run.
+const TRIES: usize = 2;
+
+/// A wave Backup of the run, as it records itself (its number label, its phase, and the
+/// claims it was made for and those given up, in its annotations).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WaveRecord<'a> {
+    pub number: u32,
+    pub backup: WaveBackup,
+    /// When it became terminal (`status.completionTimestamp`), if it is.
+    pub finished: Option<Timestamp>,
+    /// `(namespace, claim)` of the helpers Running when it was made.
+    pub claims: Vec<(&'a str, &'a str)>,
+    pub given_up: Vec<(&'a str, &'a str)>,
+}
+
+/// A helper of the Schedule's runs (its wave labels read back).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RunHelper<'a> {
+    pub namespace: &'a str,
+    pub claim: &'a str,
+    /// Its run's tick (Unix seconds) and its wave number.
+    pub tick: i64,
+    pub number: u32,
+    pub helper: WaveHelper,
+}
+
+/// One Schedule's run of waves after a tick: everything the decision reads.
+///
+/// A run backs up what the Schedule's own Backup of the tick did not: when every idle
+/// claim fits at once, the window's helpers put them all in that Backup and the run finds
+/// nothing left; when they do not fit (or a helper did not start in time), the rest go in
+/// waves. So a small hub keeps one Backup a night and a large one gets as many as it needs,
+/// decided afresh from the cluster's objects on every pass (a new leader picks up where the
+/// old one stopped).
+#[derive(Clone, Debug)]
+pub struct RunInput<'a> {
+    /// The tick: the creation time of the Schedule's own Backup for it.
+    pub tick: Timestamp,
+    /// Whether that Backup is terminal: the run starts after it (its window is over).
+    pub tick_backup_done: bool,
+    /// The idle user claims of the Schedule's namespaces: bound, mounted by no user pod,
+    /// and not held by a helper outside this run. `last_backup` at or after `tick`: the
+    /// claim is backed up in this run already.
+    pub claims: &'a [IdleClaim<'a>],
+    pub waves: &'a [WaveRecord<'a>],
+    /// The Schedule's wave helpers, of this run and of older ones.
+    pub helpers: &'a [RunHelper<'a>],
+    /// Room on the nodes now (our own helpers already counted in).
+    pub nodes: &'a [NodeRoom<'a>],
+    /// Helpers of any kind up now, ours (towards `max_helpers`).
+    pub helpers_up: usize,
+    pub now: Timestamp,
+    pub options: RunOptions,
+}
+
+/// What a run does next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RunStep {
+    /// The Schedule's own Backup of the tick is still running (its window's helpers are
+    /// in it): the run has not started.
+    NotStarted,
+    /// Create wave `number`'s helpers: (claim index, node index) pairs. `waiting`: claims
+    /// left for later waves.
+    Start {
+        number: u32,
+        placed: Vec<(usize, usize)>,
+        waiting: usize,
+    },
+    WaitForHelpers {
+        until: Timestamp,
+    },
+    /// Delete the `given_up` helpers (indexes into the helpers) and create wave `number`'s
+    /// Backup, recording `running` (helper indexes) and `given_up`.
+    Back {
+        number: u32,
+        running: Vec<usize>,
+        given_up: Vec<usize>,
+    },
+    WaitForBackup,
+    /// Delete these helpers (indexes): their wave is over, or their run is.
+    Clear {
+        helpers: Vec<usize>,
+    },
+    /// Claims are left and no node has room for any: wait for a change.
+    NoRoom {
+        waiting: usize,
+    },
+    /// The run is over: every claim reached, or tried as often as it may be, or the
+    /// window's end reached. `not_reached`: claims without a backup in this run.
+    Finished {
+        waves: usize,
+        reached: usize,
+        not_reached: usize,
+        /// When its last wave's Backup finished (the tick, if it had no wave).
+        ended: Timestamp,
+    },
+}
+
+/// The next step of the run after `input.tick`.
+pub fn run_step(input: &RunInput<'_>) -> RunStep {
+    if !input.tick_backup_done {
+        return RunStep::NotStarted;
+    }
+    let tick = input.tick.as_second();
+    let deadline = input
+        .tick
+        .checked_add(input.options.max_window)
+        .unwrap_or(Timestamp::MAX);
+    // Helpers of older runs: their run is over.
+    let stale: Vec<usize> = (0..input.helpers.len())
+        .filter(|&i| input.helpers[i].tick != tick)
+        .collect();
+    if !stale.is_empty() {
+        return RunStep::Clear { helpers: stale };
+    }
+    let current = input
+        .helpers
+        .iter()
+        .map(|h| h.number)
+        .chain(input.waves.iter().map(|w| w.number))
+        .max();
+    if let Some(number) = current {
+        let backup = input
+            .waves
+            .iter()
+            .find(|w| w.number == number)
+            .map_or(WaveBackup::NotCreated, |w| w.backup);
+        // Helpers of earlier waves (a new leader finds them), and of this one once over.
+        let earlier: Vec<usize> = (0..input.helpers.len())
+            .filter(|&i| input.helpers[i].number < number)
+            .collect();
+        if !earlier.is_empty() {
+            return RunStep::Clear { helpers: earlier };
+        }
+        let ours: Vec<usize> = (0..input.helpers.len()).collect();
+        let helpers: Vec<WaveHelper> = input.helpers.iter().map(|h| h.helper).collect();
+        match wave_step(&helpers, backup, input.now, input.options.start_bound) {
+            WaveStep::WaitForHelpers { until } => return RunStep::WaitForHelpers { until },
+            WaveStep::Back { given_up } => {
+                let running = ours
+                    .into_iter()
+                    .filter(|&i| helpers[i].phase == HelperPhase::Running)
+                    .collect();
+                return RunStep::Back {
+                    number,
+                    running,
+                    given_up,
+                };
+            }
+            WaveStep::WaitForBackup => return RunStep::WaitForBackup,
+            WaveStep::Over { .. } if !ours.is_empty() => {
+                return RunStep::Clear { helpers: ours };
+            }
+            WaveStep::Over { .. } => {}
+        }
+    }
+    // The next wave, if the run goes on: the claims not backed up in it yet, not in one of
+    // its finished waves already, and given up fewer than `TRIES` times.
+    let tried = |c: &IdleClaim<'_>| {
+        let key = (c.namespace, c.claim);
+        let made = input.waves.iter().any(|w| w.claims.contains(&key));
+        let given_up = input
+            .waves
+            .iter()
+            .filter(|w| w.given_up.contains(&key))
+            .count();
+        made || given_up >= TRIES
+    };
+    let reached = |c: &IdleClaim<'_>| c.last_backup.is_some_and(|l| l >= input.tick);
+    let left: Vec<usize> = (0..input.claims.len())
+        .filter(|&i| !reached(&input.claims[i]))
+        .collect();
+    let todo: Vec<usize> = left
+        .iter()
+        .copied()
+        .filter(|&i| !tried(&input.claims[i]))
+        .collect();
+    if todo.is_empty() || input.now >= deadline {
+        let ended = input
+            .waves
+            .iter()
+            .filter_map(|w| w.finished)
+            .max()
+            .unwrap_or(input.tick);
+        return RunStep::Finished {
+            waves: input.waves.len(),
+            reached: input.claims.len() - left.len(),
+            not_reached: left.len(),
+            ended,
+        };
+    }
+    let candidates: Vec<IdleClaim<'_>> = todo.iter().map(|&i| input.claims[i].clone()).collect();
+    let budget = input.options.max_helpers.saturating_sub(input.helpers_up);
+    let wave = next_wave(&candidates, input.nodes, budget);
+    if wave.placed.is_empty() {
+        return RunStep::NoRoom {
+            waiting: wave.waiting,
+        };
+    }
+    RunStep::Start {
+        number: current.map_or(1, |n| n + 1),
+        placed: wave.placed.into_iter().map(|(c, n)| (todo[c], n)).collect(),
+        waiting: wave.waiting,
     }
 }
 
@@ -384,58 +605,63 @@ pub fn volume_nodes(
     )
 }
 
-/// What each schedulable node can still take, from the cluster's objects: a Node's
-/// allocatable `pods` minus the pods bound to it that still hold a slot (not Succeeded or
-/// Failed), and per CSI driver its CSINode's `allocatable.count` minus the
-/// VolumeAttachments of that driver to that node. Nodes that are unschedulable
-/// (cordoned) or not Ready are left out. The scheduler counts the same way
-/// (NodeResourcesFit for pods, NodeVolumeLimits for attachments).
+/// A pod bound to a node, as [`node_rooms`] counts it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodOnNode<'a> {
+    pub node: &'a str,
+    /// Not Succeeded or Failed: it holds a pod slot.
+    pub holds_slot: bool,
+    /// Its volumes that an attach limit counts: (CSI driver, PersistentVolume name).
+    pub volumes: Vec<(&'a str, &'a str)>,
+}
+
+/// What each node a helper may use can still take, from the cluster's objects: a Node's
+/// allocatable `pods` minus the pods bound to it that hold a slot, and per CSI driver its
+/// CSINode's `allocatable.count` minus the distinct volumes of that driver in use there:
+/// mounted by a pod bound to it, or attached (a VolumeAttachment, until the volume is
+/// detached). The scheduler counts the same way (NodeResourcesFit for pods,
+/// NodeVolumeLimits for volumes). Left out: nodes that are unschedulable (cordoned), not
+/// Ready, tainted with a NoSchedule or NoExecute taint the helpers do not tolerate, or
+/// without the helpers' node selector labels.
 pub fn node_rooms<'a>(
     nodes: &'a [k8s_openapi::api::core::v1::Node],
     csinodes: &'a [k8s_openapi::api::storage::v1::CSINode],
-    pods: &[k8s_openapi::api::core::v1::Pod],
+    pods: &[PodOnNode<'_>],
     attachments: &[k8s_openapi::api::storage::v1::VolumeAttachment],
+    helper: &crate::helper::HelperOptions,
 ) -> Vec<NodeRoom<'a>> {
-    use std::collections::HashMap;
+    use std::collections::{HashMap, HashSet};
     let mut pods_on: HashMap<&str, u32> = HashMap::new();
+    let mut volumes_on: HashSet<(&str, &str, &str)> = HashSet::new();
     for pod in pods {
-        let done = matches!(
-            pod.status.as_ref().and_then(|s| s.phase.as_deref()),
-            Some("Succeeded" | "Failed")
-        );
-        if let Some(node) = pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.node_name.as_deref())
-            .filter(|_| !done)
-        {
-            *pods_on.entry(node).or_default() += 1;
+        if pod.holds_slot {
+            *pods_on.entry(pod.node).or_default() += 1;
+            for &(driver, pv) in &pod.volumes {
+                volumes_on.insert((pod.node, driver, pv));
+            }
         }
     }
-    let mut attached: HashMap<(&str, &str), u32> = HashMap::new();
     for a in attachments {
-        *attached
-            .entry((a.spec.node_name.as_str(), a.spec.attacher.as_str()))
-            .or_default() += 1;
+        let pv = a
+            .spec
+            .source
+            .persistent_volume_name
+            .as_deref()
+            .unwrap_or_default();
+        volumes_on.insert((a.spec.node_name.as_str(), a.spec.attacher.as_str(), pv));
+    }
+    let mut used: HashMap<(&str, &str), u32> = HashMap::new();
+    for (node, driver, _) in volumes_on {
+        *used.entry((node, driver)).or_default() += 1;
     }
     nodes
         .iter()
+        .filter(|node| usable(node, helper))
         .filter_map(|node| {
             let name = node.metadata.name.as_deref()?;
-            let spec = node.spec.as_ref();
-            if spec.and_then(|s| s.unschedulable) == Some(true) {
-                return None;
-            }
-            let status = node.status.as_ref()?;
-            let ready = status
-                .conditions
-                .iter()
-                .flatten()
-                .any(|c| c.type_ == "Ready" && c.status == "True");
-            if !ready {
-                return None;
-            }
-            let allocatable = status
+            let allocatable = node
+                .status
+                .as_ref()?
                 .allocatable
                 .as_ref()
                 .and_then(|a| a.get("pods"))
@@ -448,7 +674,7 @@ pub fn node_rooms<'a>(
                 .flat_map(|c| c.spec.drivers.iter())
                 .filter_map(|d| {
                     let limit = u32::try_from(d.allocatable.as_ref()?.count?).ok()?;
-                    let used = attached.get(&(name, d.name.as_str())).copied().unwrap_or(0);
+                    let used = used.get(&(name, d.name.as_str())).copied().unwrap_or(0);
                     Some((d.name.as_str(), limit.saturating_sub(used)))
                 })
                 .collect();
@@ -459,6 +685,45 @@ pub fn node_rooms<'a>(
             })
         })
         .collect()
+}
+
+/// Whether a helper may run on `node`: schedulable, Ready, its NoSchedule and NoExecute
+/// taints tolerated (core/v1 Toleration matching), and the helpers' node selector met.
+fn usable(node: &k8s_openapi::api::core::v1::Node, helper: &crate::helper::HelperOptions) -> bool {
+    let spec = node.spec.as_ref();
+    if spec.and_then(|s| s.unschedulable) == Some(true) {
+        return false;
+    }
+    let ready = node.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .flatten()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+    });
+    let labels = node.metadata.labels.as_ref();
+    let selected = helper
+        .node_selector
+        .iter()
+        .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v));
+    let tolerated = spec
+        .and_then(|s| s.taints.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|t| t.effect != "PreferNoSchedule")
+        .all(|taint| {
+            helper.tolerations.iter().any(|t| {
+                let key = t.key.as_deref().unwrap_or_default();
+                let exists = t.operator.as_deref() == Some("Exists");
+                let effect = t.effect.as_deref().unwrap_or_default();
+                (effect.is_empty() || effect == taint.effect)
+                    && (key.is_empty() && exists
+                        || key == taint.key
+                            && (exists
+                                || t.value.as_deref().unwrap_or_default()
+                                    == taint.value.as_deref().unwrap_or_default()))
+            })
+        });
+    ready && selected && tolerated
 }
 
 #[cfg(test)]
@@ -592,7 +857,7 @@ mod tests {
             tick: t("2026-11-28T03:00:00Z"),
             number: 2,
         };
-        let backup = wave_backup(&schedule, &wave, "jhub");
+        let backup = wave_backup(&schedule, &wave, &["jhub"]);
         let want = serde_json::json!({
             "apiVersion": "velero.io/v1", "kind": "Backup",
             "metadata": {
@@ -629,7 +894,7 @@ mod tests {
         let mut plain = schedule.clone();
         plain["spec"]["template"]["metadata"] = serde_json::json!({});
         plain["spec"]["useOwnerReferencesInBackup"] = false.into();
-        let backup = wave_backup(&plain, &wave, "jhub");
+        let backup = wave_backup(&plain, &wave, &["jhub"]);
         assert_eq!(backup["metadata"]["labels"]["team"], "platform");
         assert!(backup["metadata"].get("ownerReferences").is_none());
         assert!(
@@ -688,11 +953,17 @@ mod tests {
                 WaveStep::Back { given_up: vec![] },
             ),
             (
-                "nobody ran: over, uncompleted",
+                "nobody ran: back up nothing, recording who was given up",
                 vec![
                     h(Pending, "2026-11-28T03:00:00Z"),
                     h(Gone, "2026-11-28T03:08:00Z"),
                 ],
+                WaveBackup::NotCreated,
+                WaveStep::Back { given_up: vec![0] },
+            ),
+            (
+                "every user took theirs over: over, nothing to back up",
+                vec![h(Gone, "2026-11-28T03:08:00Z")],
                 WaveBackup::NotCreated,
                 WaveStep::Over { completed: false },
             ),
@@ -798,22 +1069,39 @@ mod tests {
         assert_eq!(volume_nodes(None, &nodes), None, "no affinity: any node");
     }
 
-    /// Two user nodes as a Hetzner cluster reports them (CSINode limit 16), one cordoned
-    /// and one not Ready; pods and attachments on them.
+    /// User nodes as a Hetzner cluster reports them (CSINode limit 16): one cordoned, one
+    /// not Ready, one tainted for GPUs, one without the helpers' node selector label;
+    /// pods, their volumes and attachments on them.
     #[test]
     fn node_rooms_count_what_the_scheduler_counts() {
-        use k8s_openapi::api::core::v1::{Node, Pod};
+        use k8s_openapi::api::core::v1::Node;
         use k8s_openapi::api::storage::v1::{CSINode, VolumeAttachment};
         use serde_json::json;
-        let node = |name: &str, ready: &str, cordoned: bool| -> Node {
-            serde_json::from_value(json!({"metadata": {"name": name}, "spec": {"unschedulable": cordoned},
+        let node = |name: &str,
+                    ready: &str,
+                    cordoned: bool,
+                    taints: serde_json::Value,
+                    pool: &str|
+         -> Node {
+            serde_json::from_value(json!({"metadata": {"name": name, "labels": {"pool": pool}},
+                "spec": {"unschedulable": cordoned, "taints": taints},
                 "status": {"allocatable": {"pods": "110"}, "conditions": [{"type": "Ready", "status": ready}]}})).unwrap()
         };
+        let user_taint = json!([{"key": "hub.jupyter.org/dedicated", "value": "user", "effect": "NoSchedule"},
+                                {"key": "spot", "value": "yes", "effect": "PreferNoSchedule"}]);
         let nodes = vec![
-            node("a", "True", false),
-            node("b", "True", false),
-            node("c", "True", true),
-            node("d", "False", false),
+            node("a", "True", false, user_taint.clone(), "user"),
+            node("b", "True", false, json!([]), "user"),
+            node("c", "True", true, json!([]), "user"),
+            node("d", "False", false, json!([]), "user"),
+            node(
+                "gpu",
+                "True",
+                false,
+                json!([{"key": "nvidia.com/gpu", "value": "true", "effect": "NoExecute"}]),
+                "user",
+            ),
+            node("core", "True", false, json!([]), "core"),
         ];
         let csinode = |name: &str| -> CSINode {
             serde_json::from_value(json!({"metadata": {"name": name}, "spec": {"drivers": [
@@ -822,27 +1110,52 @@ mod tests {
             .unwrap()
         };
         let csinodes = vec![csinode("a"), csinode("b")];
-        let pod = |node: &str, phase: &str| -> Pod {
-            serde_json::from_value(
-                json!({"spec": {"nodeName": node, "containers": []}, "status": {"phase": phase}}),
-            )
-            .unwrap()
-        };
-        let mut pods: Vec<Pod> = (0..100).map(|_| pod("a", "Running")).collect();
-        pods.push(pod("a", "Succeeded"));
-        pods.push(pod("b", "Pending"));
-        let attachment = |node: &str, driver: &str| -> VolumeAttachment {
+        let pv_names: Vec<String> = (0..100).map(|i| format!("pv-{i}")).collect();
+        let mut pods: Vec<PodOnNode<'_>> = (0..100)
+            .map(|i| PodOnNode {
+                node: "a",
+                holds_slot: true,
+                // Ten pods mount a Hetzner volume each; pv-0..pv-7 are attached too.
+                volumes: if i < 10 {
+                    vec![("csi.hetzner.cloud", pv_names[i].as_str())]
+                } else {
+                    vec![]
+                },
+            })
+            .collect();
+        pods.push(PodOnNode {
+            node: "a",
+            holds_slot: false,
+            volumes: vec![("csi.hetzner.cloud", "pv-done")],
+        });
+        pods.push(PodOnNode {
+            node: "b",
+            holds_slot: true,
+            volumes: vec![],
+        });
+        let attachment = |node: &str, driver: &str, pv: &str| -> VolumeAttachment {
             serde_json::from_value(
                 json!({"metadata": {"name": "x"}, "spec": {"attacher": driver, "nodeName": node,
-                "source": {"persistentVolumeName": "pv"}}}),
+                "source": {"persistentVolumeName": pv}}}),
             )
             .unwrap()
         };
-        let attachments: Vec<_> = (0..12)
-            .map(|_| attachment("a", "csi.hetzner.cloud"))
-            .chain([attachment("b", "other")])
+        // pv-0..pv-7 mounted and attached (counted once), pv-a1/pv-a2 still attached after
+        // their pods went: 12 in use on a.
+        let attachments: Vec<_> = (0..8)
+            .map(|i| attachment("a", "csi.hetzner.cloud", &pv_names[i]))
+            .chain([
+                attachment("a", "csi.hetzner.cloud", "pv-a1"),
+                attachment("a", "csi.hetzner.cloud", "pv-a2"),
+                attachment("b", "other", "pv-b"),
+            ])
             .collect();
-        let rooms = node_rooms(&nodes, &csinodes, &pods, &attachments);
+        let mut helper = crate::helper::HelperOptions::with_image("pause");
+        helper.tolerations = serde_json::from_value(json!([
+            {"key": "hub.jupyter.org/dedicated", "operator": "Equal", "value": "user", "effect": "NoSchedule"}]))
+        .unwrap();
+        helper.node_selector = [("pool".to_owned(), "user".to_owned())].into();
+        let rooms = node_rooms(&nodes, &csinodes, &pods, &attachments, &helper);
         assert_eq!(
             rooms,
             vec![
@@ -857,33 +1170,340 @@ mod tests {
                     free_attach: vec![("csi.hetzner.cloud", 16)]
                 },
             ],
-            "cordoned c and not-Ready d left out; finished pods and drivers without a limit not counted"
+            "cordoned c, not-Ready d, untolerated gpu and unselected core left out; finished pods and drivers without a limit not counted"
+        );
+        // Tolerating everything (an empty key with Exists) takes the GPU node in.
+        helper.tolerations = serde_json::from_value(json!([{"operator": "Exists"}])).unwrap();
+        let rooms = node_rooms(&nodes, &csinodes, &pods, &attachments, &helper);
+        let names: Vec<&str> = rooms.iter().map(|r| r.name).collect();
+        assert_eq!(names, ["a", "b", "gpu"]);
+    }
+
+    fn options(max_helpers: usize) -> RunOptions {
+        RunOptions {
+            max_helpers,
+            max_window: jiff::SignedDuration::from_hours(6),
+            start_bound: jiff::SignedDuration::from_mins(5),
+        }
+    }
+
+    fn run_helper(
+        claim: &'static str,
+        number: u32,
+        phase: HelperPhase,
+        created: &str,
+    ) -> RunHelper<'static> {
+        RunHelper {
+            namespace: "jhub",
+            claim,
+            tick: t("2026-11-28T03:00:00Z").as_second(),
+            number,
+            helper: WaveHelper {
+                phase,
+                created: t(created),
+            },
+        }
+    }
+
+    fn record(
+        number: u32,
+        backup: WaveBackup,
+        claims: &[&'static str],
+        given_up: &[&'static str],
+    ) -> WaveRecord<'static> {
+        WaveRecord {
+            number,
+            backup,
+            finished: matches!(backup, WaveBackup::Done(_)).then(|| t("2026-11-28T03:40:00Z")),
+            claims: claims.iter().map(|c| ("jhub", *c)).collect(),
+            given_up: given_up.iter().map(|c| ("jhub", *c)).collect(),
+        }
+    }
+
+    #[test]
+    fn run_steps_table() {
+        use HelperPhase::*;
+        let tick = t("2026-11-28T03:00:00Z");
+        let claims = vec![
+            claim("claim-a", Some("2026-11-20T03:00:00Z")),
+            claim("claim-b", None),
+            claim("claim-c", Some("2026-11-28T03:05:00Z")), // in the Schedule's own Backup
+            claim("claim-d", Some("2026-11-21T03:00:00Z")),
+        ];
+        let nodes = vec![node("n1", 110, 1), node("n2", 110, 1)];
+        struct Case {
+            name: &'static str,
+            done: bool,
+            waves: Vec<WaveRecord<'static>>,
+            helpers: Vec<RunHelper<'static>>,
+            now: &'static str,
+            max: usize,
+            up: usize,
+            want: RunStep,
+        }
+        let case = |name, waves, helpers, now, want| Case {
+            name,
+            done: true,
+            waves,
+            helpers,
+            now,
+            max: 10,
+            up: 0,
+            want,
+        };
+        let mut cases = vec![
+            Case {
+                done: false,
+                ..case(
+                    "the Schedule's own Backup still runs",
+                    vec![],
+                    vec![],
+                    "2026-11-28T03:10:00Z",
+                    RunStep::NotStarted,
+                )
+            },
+            case(
+                "wave 1: the least recently backed up first, one per node (attach room 1)",
+                vec![],
+                vec![],
+                "2026-11-28T03:10:00Z",
+                RunStep::Start {
+                    number: 1,
+                    placed: vec![(1, 0), (0, 1)],
+                    waiting: 1,
+                },
+            ),
+            Case {
+                max: 3,
+                up: 2,
+                ..case(
+                    "--max-helpers counts the helpers up already",
+                    vec![],
+                    vec![],
+                    "2026-11-28T03:10:00Z",
+                    RunStep::Start {
+                        number: 1,
+                        placed: vec![(1, 0)],
+                        waiting: 2,
+                    },
+                )
+            },
+            Case {
+                max: 2,
+                up: 2,
+                ..case(
+                    "no budget left",
+                    vec![],
+                    vec![],
+                    "2026-11-28T03:10:00Z",
+                    RunStep::NoRoom { waiting: 3 },
+                )
+            },
+            case(
+                "helpers starting",
+                vec![],
+                vec![
+                    run_helper("claim-b", 1, Running, "2026-11-28T03:10:00Z"),
+                    run_helper("claim-a", 1, Pending, "2026-11-28T03:10:00Z"),
+                ],
+                "2026-11-28T03:11:00Z",
+                RunStep::WaitForHelpers {
+                    until: t("2026-11-28T03:15:00Z"),
+                },
+            ),
+            case(
+                "one stuck past the bound: back up the other, give it up",
+                vec![],
+                vec![
+                    run_helper("claim-b", 1, Running, "2026-11-28T03:10:00Z"),
+                    run_helper("claim-a", 1, Pending, "2026-11-28T03:10:00Z"),
+                ],
+                "2026-11-28T03:16:00Z",
+                RunStep::Back {
+                    number: 1,
+                    running: vec![0],
+                    given_up: vec![1],
+                },
+            ),
+            case(
+                "the wave's Backup runs",
+                vec![record(1, WaveBackup::Running, &["claim-b"], &["claim-a"])],
+                vec![run_helper("claim-b", 1, Running, "2026-11-28T03:10:00Z")],
+                "2026-11-28T03:20:00Z",
+                RunStep::WaitForBackup,
+            ),
+            case(
+                "the wave's Backup finished: its helpers go",
+                vec![record(
+                    1,
+                    WaveBackup::Done(true),
+                    &["claim-b"],
+                    &["claim-a"],
+                )],
+                vec![run_helper("claim-b", 1, Running, "2026-11-28T03:10:00Z")],
+                "2026-11-28T03:40:00Z",
+                RunStep::Clear { helpers: vec![0] },
+            ),
+            case(
+                "wave 2: the given-up claim is tried again; b failed in wave 1, so not again tonight",
+                vec![record(
+                    1,
+                    WaveBackup::Done(false),
+                    &["claim-b"],
+                    &["claim-a"],
+                )],
+                vec![],
+                "2026-11-28T03:41:00Z",
+                RunStep::Start {
+                    number: 2,
+                    placed: vec![(0, 0), (3, 1)],
+                    waiting: 0,
+                },
+            ),
+            case(
+                "given up twice: next run",
+                vec![
+                    record(1, WaveBackup::Done(true), &["claim-b"], &["claim-a"]),
+                    record(2, WaveBackup::Done(true), &[], &["claim-a"]),
+                ],
+                vec![],
+                "2026-11-28T03:50:00Z",
+                RunStep::Start {
+                    number: 3,
+                    placed: vec![(3, 0)],
+                    waiting: 0,
+                },
+            ),
+            case(
+                "a new leader finds helpers of an earlier wave and of an older run",
+                vec![
+                    record(1, WaveBackup::Done(true), &["claim-b"], &[]),
+                    record(2, WaveBackup::Running, &["claim-a"], &[]),
+                ],
+                vec![
+                    run_helper("claim-b", 1, Running, "2026-11-28T03:10:00Z"),
+                    RunHelper {
+                        tick: t("2026-11-27T03:00:00Z").as_second(),
+                        ..run_helper("claim-d", 4, Running, "2026-11-27T05:00:00Z")
+                    },
+                ],
+                "2026-11-28T03:50:00Z",
+                RunStep::Clear { helpers: vec![1] },
+            ),
+            case(
+                "then the earlier wave's",
+                vec![
+                    record(1, WaveBackup::Done(true), &["claim-b"], &[]),
+                    record(2, WaveBackup::Running, &["claim-a"], &[]),
+                ],
+                vec![
+                    run_helper("claim-b", 1, Running, "2026-11-28T03:10:00Z"),
+                    run_helper("claim-a", 2, Running, "2026-11-28T03:40:00Z"),
+                ],
+                "2026-11-28T03:50:00Z",
+                RunStep::Clear { helpers: vec![0] },
+            ),
+            case(
+                "past the window: no new wave, what is left is reported",
+                vec![record(1, WaveBackup::Done(true), &["claim-b"], &[])],
+                vec![],
+                "2026-11-28T09:00:00Z",
+                RunStep::Finished {
+                    waves: 1,
+                    reached: 1,
+                    not_reached: 3,
+                    ended: t("2026-11-28T03:40:00Z"),
+                },
+            ),
+        ];
+        // Everyone backed up in the Schedule's own Backup: nothing to do.
+        let all_in: Vec<IdleClaim<'static>> = claims
+            .iter()
+            .map(|c| IdleClaim {
+                last_backup: Some(t("2026-11-28T03:05:00Z")),
+                ..c.clone()
+            })
+            .collect();
+        for c in cases.drain(..) {
+            let input = RunInput {
+                tick,
+                tick_backup_done: c.done,
+                claims: &claims,
+                waves: &c.waves,
+                helpers: &c.helpers,
+                nodes: &nodes,
+                helpers_up: c.up,
+                now: t(c.now),
+                options: options(c.max),
+            };
+            assert_eq!(run_step(&input), c.want, "{}", c.name);
+        }
+        let input = RunInput {
+            tick,
+            tick_backup_done: true,
+            claims: &all_in,
+            waves: &[],
+            helpers: &[],
+            nodes: &nodes,
+            helpers_up: 0,
+            now: t("2026-11-28T03:10:00Z"),
+            options: options(10),
+        };
+        assert_eq!(
+            run_step(&input),
+            RunStep::Finished {
+                waves: 0,
+                reached: 4,
+                not_reached: 0,
+                ended: tick
+            },
+            "a small hub: the window took everyone"
         );
     }
 
-    /// A night in miniature, pure: 60 idle claims, 3 nodes with room for 4 attachments
-    /// each. Wave after wave (each Backup takes 10 minutes; one helper in the second wave
-    /// never starts), everyone is backed up, in 6 waves, never more than 4 helpers on a
-    /// node, the stuck claim first in the wave after.
+    /// A night in miniature, pure, driven by [`run_step`] as the reconciler drives it: 60
+    /// idle claims, 3 nodes with room for 4 attachments each; Velero's part played (a
+    /// wave's Backup takes 10 minutes and backs up the Running helpers; wave 3's fails).
+    /// One helper of wave 2 never starts. Everyone is reached but wave 3's claims, which go
+    /// first in the next run; never more than 4 helpers on a node; the stuck claim is
+    /// tried again in the wave after.
     #[test]
     fn a_night_of_waves_reaches_everyone_within_the_limits() {
         let names: Vec<String> = (0..60).map(|i| format!("claim-{i:02}")).collect();
         let mut last: Vec<Option<Timestamp>> = (0..60)
             .map(|i| (i % 2 == 0).then(|| t("2026-11-20T03:00:00Z")))
             .collect();
-        let nodes = vec![node("a", 110, 4), node("b", 110, 4), node("c", 110, 4)];
-        let bound = jiff::SignedDuration::from_mins(5);
-        let night = t("2026-11-28T03:00:00Z");
-        let mut now = night;
-        let mut waves = 0;
-        let mut stuck_claim = None;
-        while last.iter().any(|l| l.is_none_or(|l| l < night)) {
-            waves += 1;
-            assert!(waves <= 10, "the night does not end");
+        let tick = t("2026-11-28T03:00:00Z");
+        let mut now = tick;
+        // (number, phase, made at, claims, given up)
+        type Played = (u32, WaveBackup, Timestamp, Vec<String>, Vec<String>);
+        let mut waves: Vec<Played> = vec![];
+        // (claim index, node, phase, created, number)
+        let mut helpers: Vec<(usize, usize, HelperPhase, Timestamp, u32)> = vec![];
+        let mut stuck: Option<usize> = None;
+        let mut failed: Vec<String> = vec![];
+        let mut steps = 0;
+        let result = loop {
+            steps += 1;
+            assert!(steps < 200, "the night does not end");
+            // Velero: a running wave Backup finishes 10 minutes after it was made.
+            for w in waves.iter_mut().filter(|w| w.1 == WaveBackup::Running) {
+                if now >= w.2 + jiff::SignedDuration::from_mins(10) {
+                    let ok = w.0 != 3;
+                    w.1 = WaveBackup::Done(ok);
+                    for c in &w.3 {
+                        let i = names.iter().position(|n| n == c).unwrap();
+                        if ok {
+                            last[i] = Some(now);
+                        } else {
+                            failed.push(c.clone());
+                        }
+                    }
+                }
+            }
             let claims: Vec<IdleClaim<'_>> = names
                 .iter()
                 .zip(&last)
-                .filter(|(_, l)| l.is_none_or(|l| l < night))
                 .map(|(n, l)| IdleClaim {
                     namespace: "jhub",
                     claim: n,
@@ -892,64 +1512,140 @@ mod tests {
                     nodes: None,
                 })
                 .collect();
-            let wave = next_wave(&claims, &nodes, usize::MAX);
-            for (n, room) in nodes.iter().enumerate() {
-                let on = wave.placed.iter().filter(|&&(_, at)| at == n).count();
-                assert!(on <= 4, "wave {waves}: {on} helpers on {}", room.name);
-            }
-            if waves == 3 {
-                assert_eq!(
-                    claims[wave.placed[0].0].claim,
-                    stuck_claim.unwrap_or_default(),
-                    "the claim left out last wave goes first"
-                );
-            }
-            // Helpers come up within a minute, except one in wave 2.
-            let helpers: Vec<WaveHelper> = wave
-                .placed
+            let records: Vec<WaveRecord<'_>> = waves
                 .iter()
-                .enumerate()
-                .map(|(k, _)| WaveHelper {
-                    phase: if waves == 2 && k == 0 {
-                        HelperPhase::Pending
-                    } else {
-                        HelperPhase::Running
-                    },
-                    created: now,
+                .map(|(number, backup, made, claims, given_up)| WaveRecord {
+                    number: *number,
+                    backup: *backup,
+                    finished: matches!(backup, WaveBackup::Done(_))
+                        .then(|| *made + jiff::SignedDuration::from_mins(10)),
+                    claims: claims.iter().map(|c| ("jhub", c.as_str())).collect(),
+                    given_up: given_up.iter().map(|c| ("jhub", c.as_str())).collect(),
                 })
                 .collect();
-            now = now.checked_add(jiff::SignedDuration::from_mins(1)).unwrap();
-            let given_up = match wave_step(&helpers, WaveBackup::NotCreated, now, bound) {
-                WaveStep::Back { given_up } => given_up,
-                WaveStep::WaitForHelpers { until } => {
-                    now = until;
-                    match wave_step(&helpers, WaveBackup::NotCreated, now, bound) {
-                        WaveStep::Back { given_up } => given_up,
-                        other => panic!("{other:?}"),
+            let run_helpers: Vec<RunHelper<'_>> = helpers
+                .iter()
+                .map(|&(c, _, phase, created, number)| RunHelper {
+                    namespace: "jhub",
+                    claim: &names[c],
+                    tick: tick.as_second(),
+                    number,
+                    helper: WaveHelper { phase, created },
+                })
+                .collect();
+            // Room: 4 attachments a node, minus our helpers there.
+            let nodes: Vec<NodeRoom<'_>> = ["a", "b", "c"]
+                .iter()
+                .enumerate()
+                .map(|(n, name)| {
+                    let on = helpers.iter().filter(|h| h.1 == n).count() as u32;
+                    node(name, 110, 4 - on)
+                })
+                .collect();
+            let step = run_step(&RunInput {
+                tick,
+                tick_backup_done: true,
+                claims: &claims,
+                waves: &records,
+                helpers: &run_helpers,
+                nodes: &nodes,
+                helpers_up: helpers.len(),
+                now,
+                options: options(100),
+            });
+            match step {
+                RunStep::Start { number, placed, .. } => {
+                    for (k, &(c, n)) in placed.iter().enumerate() {
+                        // The first helper of wave 2 never starts.
+                        let phase = if number == 2 && k == 0 {
+                            stuck = Some(c);
+                            HelperPhase::Pending
+                        } else {
+                            HelperPhase::Running
+                        };
+                        helpers.push((c, n, phase, now, number));
                     }
+                    for n in 0..3 {
+                        assert!(
+                            helpers.iter().filter(|h| h.1 == n).count() <= 4,
+                            "wave {number}: node {n}"
+                        );
+                    }
+                    if number == 3 {
+                        assert!(
+                            placed.iter().any(|&(c, _)| Some(c) == stuck),
+                            "the stuck claim is tried again in wave 3"
+                        );
+                    }
+                    now += jiff::SignedDuration::from_mins(1);
                 }
+                RunStep::WaitForHelpers { until } => now = until,
+                RunStep::Back {
+                    number,
+                    running,
+                    given_up,
+                } => {
+                    let claim = |i: &usize| names[helpers[*i].0].clone();
+                    waves.push((
+                        number,
+                        WaveBackup::Running,
+                        now,
+                        running.iter().map(claim).collect(),
+                        given_up.iter().map(claim).collect(),
+                    ));
+                    let gone: Vec<usize> = given_up.iter().map(|&i| helpers[i].0).collect();
+                    helpers.retain(|h| !gone.contains(&h.0));
+                }
+                RunStep::WaitForBackup => now += jiff::SignedDuration::from_mins(1),
+                RunStep::Clear { helpers: gone } => {
+                    let gone: Vec<usize> = gone.iter().map(|&i| helpers[i].0).collect();
+                    helpers.retain(|h| !gone.contains(&h.0));
+                }
+                RunStep::Finished {
+                    waves,
+                    reached,
+                    not_reached,
+                    ended,
+                } => break (waves, reached, not_reached, ended),
                 other => panic!("{other:?}"),
-            };
-            now = now
-                .checked_add(jiff::SignedDuration::from_mins(10))
-                .unwrap();
-            assert_eq!(
-                wave_step(&helpers, WaveBackup::Done(true), now, bound),
-                WaveStep::Over { completed: true }
-            );
-            for (k, &(c, _)) in wave.placed.iter().enumerate() {
-                let name = claims[c].claim;
-                if given_up.contains(&k) {
-                    stuck_claim = Some(name);
-                    continue;
-                }
-                let i = names.iter().position(|n| n == name).unwrap();
-                last[i] = Some(now);
             }
-        }
-        assert_eq!(waves, 6, "60 claims, 12 at a time, one retried: 6 waves");
-        let took = now.duration_since(night);
-        assert!(took < jiff::SignedDuration::from_mins(90), "{took:?}");
+        };
+        let (wave_count, reached, not_reached, ended) = result;
+        assert_eq!(failed.len(), 12, "wave 3 held 12 claims");
+        assert_eq!(
+            (reached, not_reached),
+            (48, 12),
+            "everyone but wave 3's claims"
+        );
+        assert_eq!(
+            wave_count, 6,
+            "60 claims, 12 at a time, one tried again: 6 waves"
+        );
+        assert!(
+            ended.duration_since(tick) < jiff::SignedDuration::from_mins(90),
+            "{ended}"
+        );
+        // Next night the failed ones come first (their last backup is the oldest).
+        let claims: Vec<IdleClaim<'_>> = names
+            .iter()
+            .zip(&last)
+            .map(|(n, l)| IdleClaim {
+                namespace: "jhub",
+                claim: n,
+                last_backup: *l,
+                driver: Some("csi.hetzner.cloud"),
+                nodes: None,
+            })
+            .collect();
+        let wave = next_wave(&claims, &[node("a", 110, 12)], 12);
+        let mut first: Vec<String> = wave
+            .placed
+            .iter()
+            .map(|&(c, _)| claims[c].claim.to_owned())
+            .collect();
+        first.sort();
+        failed.sort();
+        assert_eq!(first, failed);
     }
 
     #[test]
