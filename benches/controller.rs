@@ -63,6 +63,8 @@ async fn reaction(client: &kube::Client, spawns: usize) {
         lease: LeaseOptions::with_duration(&unique("lease"), Duration::from_secs(15)),
         failed_helper_ttl: k8s_openapi::jiff::SignedDuration::from_secs(3600),
         stale_after: k8s_openapi::jiff::SignedDuration::from_hours(26),
+        max_helpers: 200,
+        helper_start_timeout: k8s_openapi::jiff::SignedDuration::from_mins(5),
         certificates: None,
     };
     let stop = CancellationToken::new();

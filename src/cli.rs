@@ -218,6 +218,15 @@ pub struct ControllerArgs {
     /// A backup window closes after this long even if its Backup is not finished.
     #[arg(long, env = "VJH_MAX_WINDOW", default_value = "6h", value_parser = humantime::parse_duration)]
     pub max_window: Duration,
+    /// At most this many backup helpers at once, across namespaces. Idle claims beyond
+    /// it (or beyond the nodes' free pod slots and CSI attach limits) are backed up in
+    /// waves after the Schedule's own Backup, each wave a Backup of its own.
+    #[arg(long, env = "VJH_MAX_HELPERS", default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_helpers: u32,
+    /// A wave's helper not Running this long after its creation is given up: the wave is
+    /// backed up without it, and it is tried once more in a later wave.
+    #[arg(long, env = "VJH_HELPER_START_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub helper_start_timeout: Duration,
     /// The helpers' image: pause-like, running as a non-root user.
     #[arg(long, env = "VJH_HELPER_IMAGE", default_value = crate::policy::helper::DEFAULT_IMAGE)]
     pub helper_image: String,
@@ -682,6 +691,11 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         velero_namespace: args.velero_namespace,
         namespace_selector: args.namespace_selector.filter(|s| !s.is_empty()),
         windows: crate::controller::Config::window_options(args.lead_time, args.max_window)?,
+        max_helpers: args.max_helpers as usize,
+        helper_start_timeout: k8s_openapi::jiff::SignedDuration::try_from(
+            args.helper_start_timeout,
+        )
+        .context("--helper-start-timeout")?,
         helper: crate::policy::helper::HelperOptions {
             image: args.helper_image,
             tolerations: args.helper_tolerations,

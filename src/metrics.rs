@@ -76,6 +76,17 @@ pub struct ControllerMetrics {
     pub certificate_steps: Family<StepLabels, Counter>,
     pub certificate_errors: Family<ReasonLabels, Counter>,
     pub ca_expiry: Gauge,
+    pub waves: Family<ScheduleLabels, Counter>,
+    pub wave_claims: Family<ScheduleLabels, Counter>,
+    pub wave_given_up: Family<ScheduleLabels, Counter>,
+    pub run_waves: Family<ScheduleLabels, Gauge>,
+    pub run_not_reached: Family<ScheduleLabels, Gauge>,
+    pub run_duration: Family<ScheduleLabels, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ScheduleLabels {
+    pub schedule: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -164,6 +175,36 @@ impl ControllerMetrics {
             "ca_certificate_expiry_timestamp_seconds",
             "Self-managed certificates: when the current CA expires (it is replaced at 2/3 of its life)",
             self.ca_expiry.clone(),
+        );
+        registry.register(
+            "waves",
+            "Wave Backups created (idle claims beyond what the cluster holds at once, after a Schedule's own Backup), by Schedule",
+            self.waves.clone(),
+        );
+        registry.register(
+            "wave_claims",
+            "Idle claims put in wave Backups (with waves_total: claims per wave), by Schedule",
+            self.wave_claims.clone(),
+        );
+        registry.register(
+            "wave_helpers_given_up",
+            "Wave helpers not Running within --helper-start-timeout: their wave went on without them, by Schedule",
+            self.wave_given_up.clone(),
+        );
+        registry.register(
+            "run_waves",
+            "Waves of the Schedule's last finished run (0: its own Backup took every idle claim)",
+            self.run_waves.clone(),
+        );
+        registry.register(
+            "run_claims_not_reached",
+            "Idle claims the Schedule's last finished run did not back up (failed waves, helpers that never started, --max-window reached): alert on > 0",
+            self.run_not_reached.clone(),
+        );
+        registry.register(
+            "run_duration_seconds",
+            "The Schedule's last finished run: from its tick to the end of its last wave Backup",
+            self.run_duration.clone(),
         );
     }
 

@@ -159,6 +159,34 @@ pub fn backup_helper(
     }
 }
 
+/// Pins a helper to `node` with a required node affinity on the node's name (as a
+/// DaemonSet's pods are): the scheduler still checks the node's taints, pod slots and
+/// volume limits, so a plan that no longer fits leaves the helper Pending (and given up
+/// in time), never over a limit.
+pub fn pin_to_node(pod: &mut Pod, node: &str) {
+    use k8s_openapi::api::core::v1::{
+        Affinity, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
+    };
+    if let Some(spec) = pod.spec.as_mut() {
+        spec.affinity = Some(Affinity {
+            node_affinity: Some(NodeAffinity {
+                required_during_scheduling_ignored_during_execution: Some(NodeSelector {
+                    node_selector_terms: vec![NodeSelectorTerm {
+                        match_fields: Some(vec![NodeSelectorRequirement {
+                            key: "metadata.name".to_owned(),
+                            operator: "In".to_owned(),
+                            values: Some(vec![node.to_owned()]),
+                        }]),
+                        ..Default::default()
+                    }],
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
+}
+
 /// Annotations that keep service meshes from injecting a sidecar: a helper talks to no
 /// one, and an injected container would not be the one pause-like container it must be.
 pub fn no_mesh_sidecar() -> [(String, String); 2] {

@@ -59,6 +59,11 @@ pub const HELPER_CLAIM: &str = "velero-jupyterhub.io/claim";
 pub const WAVE_SCHEDULE: &str = "velero-jupyterhub.io/wave-schedule";
 pub const WAVE_TICK: &str = "velero-jupyterhub.io/wave-tick";
 pub const WAVE_NUMBER: &str = "velero-jupyterhub.io/wave";
+/// On a wave Backup: the claims of the helpers it was made for, and those given up (not
+/// Running in time), as comma-separated `namespace/claim`; a run reads them back to
+/// know whom it tried.
+pub const WAVE_CLAIMS: &str = "velero-jupyterhub.io/wave-claims";
+pub const WAVE_GIVEN_UP: &str = "velero-jupyterhub.io/wave-given-up";
 /// Default for `--claims`: KubeSpawner's `claim-{user_server}`.
 pub const DEFAULT_CLAIM_GLOBS: &str = "claim-*";
 

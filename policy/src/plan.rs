@@ -112,6 +112,10 @@ pub enum DeleteReason {
     Duplicate,
     /// It stopped (Succeeded/Failed): a new one takes its place.
     Stopped,
+    /// Its wave's Backup is terminal, or its run is over (`waves::run_step`).
+    WaveOver,
+    /// It did not run within `--helper-start-timeout`: its wave went on without it.
+    GivenUp,
 }
 
 impl DeleteReason {
@@ -129,6 +133,8 @@ impl DeleteReason {
             Self::NamespaceNotOptedIn => "namespace_not_opted_in",
             Self::Duplicate => "duplicate",
             Self::Stopped => "stopped",
+            Self::WaveOver => "wave_over",
+            Self::GivenUp => "given_up",
         }
     }
 }
@@ -143,6 +149,11 @@ pub struct Backfill {
     /// The pod's resourceVersion: the patch applies only to the pod as it was read.
     pub resource_version: String,
     pub value: String,
+}
+
+/// A helper of a wave (`waves`): its run, not a window, decides when it goes.
+pub fn is_wave_helper(pod: &PodRecord) -> bool {
+    pod.own_label(names::WAVE_SCHEDULE).is_some()
 }
 
 fn is_backup_helper<P: PodFacts>(pod: &P) -> bool {
@@ -241,6 +252,12 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                 Some(DeleteReason::NotIdleUserClaim)
             } else if pod.is_stopped() {
                 Some(DeleteReason::Stopped)
+            } else if is_wave_helper(pod) {
+                // Its user is in the Schedule's own Backup (the webhook annotated their
+                // server): the helper goes at once, wherever it runs.
+                users
+                    .contains_key(&(ns, claim_name))
+                    .then_some(DeleteReason::UserStarted)
             } else if let Some(window) = window {
                 let live = users.get(&(ns, claim_name)).map(Vec::as_slice);
                 let helper_node = pod.node();
@@ -260,6 +277,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                 Some(DeleteReason::WindowClosed)
             };
             if reason.is_none()
+                && !is_wave_helper(pod)
                 && let Some(window) = window
             {
                 let missing: BTreeMap<String, String> = window

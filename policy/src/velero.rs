@@ -38,6 +38,8 @@ pub struct ScheduleStatus {
 #[serde(rename_all = "camelCase", default)]
 pub struct BackupStatus {
     pub phase: Option<String>,
+    /// When it became terminal (how long a run of waves took).
+    pub completion_timestamp: Option<Time>,
 }
 
 /// `PodVolumeBackup.spec`: which pod's volume it copies.

@@ -10,6 +10,7 @@ pub mod leader;
 pub mod reconcile;
 pub mod restores;
 pub mod stores;
+pub mod waves;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,6 +40,10 @@ pub struct Config {
     /// controllers for disjoint sets of namespaces; `None`: every opted-in namespace).
     pub namespace_selector: Option<String>,
     pub windows: WindowOptions,
+    /// Helpers at once (`--max-helpers`) and how long one may take to start
+    /// (`--helper-start-timeout`); a run's window is `windows.max`.
+    pub max_helpers: usize,
+    pub helper_start_timeout: SignedDuration,
     pub helper: HelperOptions,
     pub default_claims: Arc<ClaimGlobs>,
     pub lease: LeaseOptions,

@@ -17,12 +17,14 @@ use tracing::{debug, info, warn};
 use super::Config;
 use super::restores::RestoreCleanup;
 use super::stores::Stores;
+use super::waves::{WaveBackupToMake, Waves};
 use crate::cluster::events::EventSink;
 use crate::cluster::velero::Schedule;
 use crate::metrics::Metrics;
 use crate::names;
 use crate::policy::helper;
 use crate::policy::plan::{self, ClaimView, Deletion, NamespaceView, Plan, PlanInput, PvbView};
+use crate::policy::waves::RunOptions;
 use crate::policy::window::{self, BackupView, ManualWindow, ScheduleView, Windows};
 use crate::policy::{ClaimGlobs, NamespacePolicy, PodFacts, PodRecord};
 
@@ -67,13 +69,25 @@ pub async fn run(
     }
     info!("watches listed: reconciling");
     let restores = RestoreCleanup::new(client.clone(), metrics.clone(), config.failed_helper_ttl);
+    let events = EventSink::new(Some(client.clone()));
+    let waves = Waves::new(
+        RunOptions {
+            max_helpers: config.max_helpers,
+            max_window: config.windows.max,
+            start_bound: config.helper_start_timeout,
+        },
+        config.helper.clone(),
+        events.clone(),
+        metrics.clone(),
+    );
     let mut reconciler = Reconciler {
         restores,
+        waves,
         coverage_at: None,
         coverage_series: HashSet::new(),
         coverage_generation: 0,
         client: client.clone(),
-        events: EventSink::new(Some(client)),
+        events,
         config,
         metrics,
         pending: HashMap::new(),
@@ -140,6 +154,8 @@ struct Reconciler {
     stuck_reported: HashSet<String>,
     /// Restore helpers done with.
     restores: RestoreCleanup,
+    /// Idle claims beyond what fits at once: runs of waves.
+    waves: Waves,
     /// When the coverage metrics were last worked out, and the claims they have series for.
     coverage_at: Option<Instant>,
     coverage_series: HashSet<crate::metrics::ClaimLabels>,
@@ -264,7 +280,7 @@ impl Reconciler {
         );
         self.report_problems(&windows, &schedule_objects, namespace_problems);
         self.count_helpers(&pods, windows.open.len());
-        let plan = plan::plan(&PlanInput {
+        let mut plan = plan::plan(&PlanInput {
             namespaces: &namespaces,
             claims: &claims,
             pods: &pods,
@@ -287,7 +303,12 @@ impl Reconciler {
             backups: &backup_objects,
         };
         let coverage_due = self.report_coverage(&coverage, stores.generation(), now);
+        // Within the helpers' limits: the window's helpers that fit, then the waves.
+        let waves = self.waves.plan(stores, &globs, &mut plan.create, now);
+        plan.create.extend(waves.create);
+        plan.delete.extend(waves.delete);
         self.apply(plan, &uids, stores).await;
+        self.make_wave_backups(&waves.backups).await;
         // A write that timed out or failed is retried when its pending entry expires:
         // wake then, even if nothing else happens.
         let retry = self
@@ -303,6 +324,7 @@ impl Reconciler {
             retry,
             next_failed_expiry,
             coverage_due,
+            waves.next_change,
         ]
         .into_iter()
         .flatten()
@@ -632,6 +654,85 @@ impl Reconciler {
                     }
                 })
                 .await;
+        }
+    }
+
+    /// Creates each wave's Backup from its Schedule as it is now (read whole: the
+    /// template's every field goes into the Backup).
+    async fn make_wave_backups(&mut self, backups: &[WaveBackupToMake]) {
+        let velero = self.config.velero_namespace.clone();
+        let todo: Vec<&WaveBackupToMake> = backups
+            .iter()
+            .filter(|b| self.begin(format!("backup/{}", b.id(&velero).backup_name())))
+            .collect();
+        let this = &*self;
+        futures::stream::iter(todo)
+            .for_each_concurrent(WRITES_IN_FLIGHT, |b| {
+                let velero = velero.clone();
+                async move {
+                    if tokio::time::timeout(WRITE_TIMEOUT, this.make_wave_backup(b, &velero))
+                        .await
+                        .is_err()
+                    {
+                        warn!(schedule = %b.schedule, wave = b.number, "creating a wave Backup timed out; retried later");
+                    }
+                }
+            })
+            .await;
+    }
+
+    async fn make_wave_backup(&self, b: &WaveBackupToMake, velero: &str) {
+        let resource = kube::api::ApiResource::erase::<crate::cluster::velero::Backup>(&());
+        let schedules: Api<kube::core::DynamicObject> = Api::namespaced_with(
+            self.client.clone(),
+            velero,
+            &kube::api::ApiResource::erase::<Schedule>(&()),
+        );
+        let backups: Api<kube::core::DynamicObject> =
+            Api::namespaced_with(self.client.clone(), velero, &resource);
+        let id = b.id(velero);
+        let name = id.backup_name();
+        let schedule = match schedules.get(&b.schedule).await {
+            Ok(s) => s,
+            Err(e) => {
+                self.metrics.controller.reconcile_errors.inc();
+                warn!(schedule = %b.schedule, error = %e, "could not read the Schedule for a wave Backup; retried later");
+                return;
+            }
+        };
+        let schedule = serde_json::to_value(&schedule).unwrap_or_default();
+        let namespaces: Vec<&str> = b.namespaces.iter().map(String::as_str).collect();
+        let mut backup = crate::policy::waves::wave_backup(&schedule, &id, &namespaces);
+        backup["metadata"]["annotations"][names::WAVE_CLAIMS] = b.claims.join(",").into();
+        backup["metadata"]["annotations"][names::WAVE_GIVEN_UP] = b.given_up.join(",").into();
+        let object: kube::core::DynamicObject = match serde_json::from_value(backup) {
+            Ok(o) => o,
+            Err(e) => {
+                warn!(backup = %name, error = %e, "a wave Backup did not encode");
+                return;
+            }
+        };
+        self.metrics.controller.write("create", "backups");
+        match backups.create(&PostParams::default(), &object).await {
+            Ok(_) => {
+                let labels = crate::metrics::ScheduleLabels {
+                    schedule: b.schedule.clone(),
+                };
+                let m = &self.metrics.controller;
+                m.waves.get_or_create(&labels).inc();
+                m.wave_claims
+                    .get_or_create(&labels)
+                    .inc_by(b.claims.len() as u64);
+                m.wave_given_up
+                    .get_or_create(&labels)
+                    .inc_by(b.given_up.len() as u64);
+                info!(backup = %name, claims = b.claims.len(), given_up = b.given_up.len(), "created a wave Backup");
+            }
+            Err(kube::Error::Api(e)) if e.code == 409 => debug!(backup = %name, "already exists"),
+            Err(e) => {
+                self.metrics.controller.reconcile_errors.inc();
+                warn!(backup = %name, error = %e, "could not create a wave Backup; retried later");
+            }
         }
     }
 

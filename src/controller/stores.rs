@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::{Namespace, Node, PersistentVolume};
+use k8s_openapi::api::storage::v1::{CSINode, VolumeAttachment};
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -29,6 +30,12 @@ pub struct Stores {
     pub pvbs: Store<PodVolumeBackup>,
     pub restores: Store<Restore>,
     pub pvrs: Store<PodVolumeRestore>,
+    /// Where helpers fit (`policy::waves::node_rooms`): Nodes, their CSI attach limits,
+    /// attached volumes, and the volumes' drivers and node affinity.
+    pub nodes: Store<Node>,
+    pub csinodes: Store<CSINode>,
+    pub attachments: Store<VolumeAttachment>,
+    pub volumes: Store<PersistentVolume>,
     pub changed: Arc<Changed>,
 }
 
@@ -108,7 +115,10 @@ impl Stores {
             &config,
             |b: &mut Backup| {
                 b.metadata.managed_fields = None;
-                b.metadata.annotations = None;
+                // Only a wave Backup's record of its claims is read.
+                if let Some(a) = b.metadata.annotations.as_mut() {
+                    a.retain(|k, _| k == names::WAVE_CLAIMS || k == names::WAVE_GIVEN_UP);
+                }
             },
             &changed,
             stop,
@@ -151,7 +161,75 @@ impl Stores {
             stop,
             "podvolumerestores",
         );
+        let nodes = watch(
+            Api::all(client.clone()),
+            &config,
+            |n: &mut Node| {
+                n.metadata.managed_fields = None;
+                n.metadata.annotations = None;
+                if let Some(s) = n.status.as_mut() {
+                    // The bulk of a Node: only allocatable and conditions are read.
+                    s.images = None;
+                    s.volumes_attached = None;
+                    s.volumes_in_use = None;
+                    s.node_info = None;
+                    s.addresses = None;
+                    s.capacity = None;
+                    s.daemon_endpoints = None;
+                    s.features = None;
+                    s.runtime_handlers = None;
+                }
+            },
+            &changed,
+            stop,
+            "nodes",
+        );
+        let csinodes = watch(
+            Api::all(client.clone()),
+            &config,
+            |c: &mut CSINode| c.metadata.managed_fields = None,
+            &changed,
+            stop,
+            "csinodes",
+        );
+        let attachments = watch(
+            Api::all(client.clone()),
+            &config,
+            |a: &mut VolumeAttachment| {
+                a.metadata.managed_fields = None;
+                a.status = None;
+            },
+            &changed,
+            stop,
+            "volumeattachments",
+        );
+        let volumes = watch(
+            Api::all(client.clone()),
+            &config,
+            |v: &mut PersistentVolume| {
+                // Only the CSI driver and the node affinity are read.
+                v.metadata.managed_fields = None;
+                v.metadata.annotations = None;
+                v.metadata.labels = None;
+                v.status = None;
+                if let Some(s) = v.spec.as_mut() {
+                    s.claim_ref = None;
+                    s.mount_options = None;
+                    s.capacity = None;
+                    if let Some(csi) = s.csi.as_mut() {
+                        csi.volume_attributes = None;
+                    }
+                }
+            },
+            &changed,
+            stop,
+            "persistentvolumes",
+        );
         Self {
+            nodes,
+            csinodes,
+            attachments,
+            volumes,
             namespaces,
             claims,
             pods,
@@ -180,6 +258,10 @@ impl Stores {
         self.pvbs.wait_until_ready().await?;
         self.restores.wait_until_ready().await?;
         self.pvrs.wait_until_ready().await?;
+        self.nodes.wait_until_ready().await?;
+        self.csinodes.wait_until_ready().await?;
+        self.attachments.wait_until_ready().await?;
+        self.volumes.wait_until_ready().await?;
         Ok(())
     }
 }

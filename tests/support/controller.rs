@@ -149,6 +149,8 @@ impl Setup {
             // Short, so the restore tests see a failed helper kept and then deleted.
             failed_helper_ttl: SignedDuration::from_secs(6),
             stale_after: SignedDuration::from_hours(26),
+            max_helpers: 200,
+            helper_start_timeout: k8s_openapi::jiff::SignedDuration::from_mins(5),
             certificates: None,
         };
         let mut setup = Self {

@@ -1,0 +1,685 @@
+//! Idle users at scale (issue 11), the edge: reads the stores into the views
+//! `policy::waves` decides on, and turns its decisions into writes for the reconciler to
+//! apply: window helpers limited to what fits (and pinned to the node chosen), each
+//! Schedule's run of waves after its tick (helpers, wave Backups), Events and metrics.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{ObjectReference, Pod};
+use k8s_openapi::jiff::Timestamp;
+use tracing::{info, warn};
+
+use super::stores::Stores;
+use crate::cluster::events::EventSink;
+use crate::cluster::velero::{Backup, Schedule};
+use crate::metrics::{Metrics, ScheduleLabels};
+use crate::names;
+use crate::policy::helper::{self, ClaimRef, HelperOptions};
+use crate::policy::plan::{DeleteReason, Deletion, is_wave_helper};
+use crate::policy::waves::{
+    self, HelperPhase, IdleClaim, NodeRoom, PodOnNode, RunHelper, RunInput, RunOptions, RunStep,
+    WaveBackup, WaveHelper, WaveId, WaveRecord,
+};
+use crate::policy::{ClaimGlobs, ClaimRecord, PodFacts, PodRecord};
+
+/// A wave Backup to create: made from its Schedule (read whole when it is made).
+#[derive(Clone, Debug)]
+pub struct WaveBackupToMake {
+    pub schedule: String,
+    pub tick: Timestamp,
+    pub number: u32,
+    pub namespaces: Vec<String>,
+    /// `namespace/claim` of the Running helpers, and of those given up.
+    pub claims: Vec<String>,
+    pub given_up: Vec<String>,
+}
+
+impl WaveBackupToMake {
+    pub fn id<'a>(&'a self, velero_namespace: &'a str) -> WaveId<'a> {
+        WaveId {
+            velero_namespace,
+            schedule: &self.schedule,
+            tick: self.tick,
+            number: self.number,
+        }
+    }
+}
+
+/// What the runs ask for in one pass.
+#[derive(Default)]
+pub struct WavePlan {
+    pub create: Vec<Pod>,
+    pub delete: Vec<Deletion>,
+    pub backups: Vec<WaveBackupToMake>,
+    pub next_change: Option<Timestamp>,
+}
+
+impl WavePlan {
+    fn wake(&mut self, at: Timestamp) {
+        if self.next_change.is_none_or(|n| at < n) {
+            self.next_change = Some(at);
+        }
+    }
+}
+
+pub struct Waves {
+    pub options: RunOptions,
+    helper: HelperOptions,
+    events: EventSink,
+    metrics: Arc<Metrics>,
+    /// What was reported once (a finished run, a Schedule without room), by key.
+    reported: HashSet<String>,
+}
+
+/// Where a claim's volume can go: its CSI driver (whose attach limit counts) and the
+/// nodes it can attach on (`None`: any).
+type Placement<'a> = (Option<&'a str>, Option<Vec<usize>>);
+
+/// The cluster as the decisions read it, built once a pass.
+struct View<'a> {
+    /// Opted-in user claims, by (namespace, name).
+    claims: HashMap<(&'a str, &'a str), &'a ClaimRecord>,
+    /// Claims mounted by a pod that is not ours (a user's server): not idle.
+    live: HashSet<(&'a str, &'a str)>,
+    /// Last completed file-system backup per claim (of a restorable Backup).
+    last: HashMap<(&'a str, &'a str), Timestamp>,
+    /// The CSI driver and the nodes (indexes into `rooms`) of each claim's volume.
+    volume: HashMap<(&'a str, &'a str), Placement<'a>>,
+    rooms: Vec<NodeRoom<'a>>,
+    /// Our backup helpers up (towards --max-helpers).
+    helpers_up: usize,
+}
+
+impl View<'_> {
+    fn idle_claim<'b>(&'b self, ns: &'b str, claim: &'b str) -> IdleClaim<'b> {
+        let (driver, nodes) = self.volume.get(&(ns, claim)).cloned().unwrap_or_default();
+        IdleClaim {
+            namespace: ns,
+            claim,
+            last_backup: self.last.get(&(ns, claim)).copied(),
+            driver,
+            nodes,
+        }
+    }
+
+    /// Marks helpers as placed: (their volume's CSI driver, the node index).
+    fn take(&mut self, placed: &[(Option<String>, usize)]) {
+        for (driver, n) in placed {
+            if let Some(room) = self.rooms.get_mut(*n) {
+                room.free_pods = room.free_pods.saturating_sub(1);
+                if let Some((_, left)) = room
+                    .free_attach
+                    .iter_mut()
+                    .find(|(d, _)| Some(*d) == driver.as_deref())
+                {
+                    *left = left.saturating_sub(1);
+                }
+            }
+            self.helpers_up += 1;
+        }
+    }
+}
+
+/// The placed claims' drivers, owned (the view is borrowed mutably next).
+fn placements(claims: &[IdleClaim<'_>], placed: &[(usize, usize)]) -> Vec<(Option<String>, usize)> {
+    placed
+        .iter()
+        .map(|&(c, n)| (claims[c].driver.map(str::to_owned), n))
+        .collect()
+}
+
+impl Waves {
+    pub fn new(
+        options: RunOptions,
+        helper: HelperOptions,
+        events: EventSink,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            options,
+            helper,
+            events,
+            metrics,
+            reported: HashSet::new(),
+        }
+    }
+
+    /// Limits the window's helpers (`window_creates`) to what fits now, pinned to their
+    /// nodes, and plans each Schedule's run of waves.
+    pub fn plan(
+        &mut self,
+        stores: &Stores,
+        opted_in: &[(&str, Arc<ClaimGlobs>)],
+        window_creates: &mut Vec<Pod>,
+        now: Timestamp,
+    ) -> WavePlan {
+        let claim_objects = stores.claims.state();
+        let pod_objects = stores.pods.state();
+        let pv_objects = stores.volumes.state();
+        let node_objects: Vec<_> = stores.nodes.state().iter().map(|n| (**n).clone()).collect();
+        let csinodes: Vec<_> = stores
+            .csinodes
+            .state()
+            .iter()
+            .map(|c| (**c).clone())
+            .collect();
+        let attachments: Vec<_> = stores
+            .attachments
+            .state()
+            .iter()
+            .map(|a| (**a).clone())
+            .collect();
+        let backup_objects = stores.backups.state();
+        let pvb_objects = stores.pvbs.state();
+        let mut view = self.view(
+            opted_in,
+            &claim_objects,
+            &pod_objects,
+            &pv_objects,
+            &node_objects,
+            &csinodes,
+            &attachments,
+            &backup_objects,
+            &pvb_objects,
+        );
+        let mut out = WavePlan::default();
+        self.limit_window(&mut view, window_creates);
+        let creating: HashSet<(String, String)> = window_creates
+            .iter()
+            .filter_map(|p| {
+                let ns = p.metadata.namespace.clone()?;
+                let claim = p.metadata.annotations.as_ref()?.get(names::HELPER_CLAIM)?;
+                Some((ns, claim.clone()))
+            })
+            .collect();
+        let schedules = stores.schedules.state();
+        let mut schedules: Vec<&Arc<Schedule>> = schedules.iter().collect();
+        schedules.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+        for schedule in schedules {
+            self.run(
+                schedule,
+                opted_in,
+                &pod_objects,
+                &backup_objects,
+                &creating,
+                &mut view,
+                now,
+                &mut out,
+            );
+        }
+        out
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn view<'a>(
+        &self,
+        opted_in: &[(&str, Arc<ClaimGlobs>)],
+        claims: &'a [Arc<ClaimRecord>],
+        pods: &'a [Arc<PodRecord>],
+        volumes: &'a [Arc<k8s_openapi::api::core::v1::PersistentVolume>],
+        nodes: &'a [k8s_openapi::api::core::v1::Node],
+        csinodes: &'a [k8s_openapi::api::storage::v1::CSINode],
+        attachments: &'a [k8s_openapi::api::storage::v1::VolumeAttachment],
+        backups: &'a [Arc<Backup>],
+        pvbs: &'a [Arc<crate::cluster::velero::PodVolumeBackup>],
+    ) -> View<'a> {
+        let pv: HashMap<&str, &k8s_openapi::api::core::v1::PersistentVolume> = volumes
+            .iter()
+            .filter_map(|v| Some((v.metadata.name.as_deref()?, v.as_ref())))
+            .collect();
+        let driver_of = |pv_name: &str| -> Option<&'a str> {
+            let v = *pv.get(pv_name)?;
+            v.spec.as_ref()?.csi.as_ref().map(|c| c.driver.as_str())
+        };
+        let all_claims: HashMap<(&str, &str), &ClaimRecord> = claims
+            .iter()
+            .map(|c| {
+                let v = c.view();
+                ((v.namespace, v.name), c.as_ref())
+            })
+            .collect();
+        // Every pod bound to a node holds a slot there, and its volumes count.
+        let on_nodes: Vec<PodOnNode<'_>> = pods
+            .iter()
+            .filter_map(|p| {
+                Some(PodOnNode {
+                    node: p.node()?,
+                    holds_slot: !p.is_stopped(),
+                    volumes: p
+                        .volumes()
+                        .filter_map(|(_, claim)| {
+                            let c = all_claims.get(&(p.namespace(), claim?))?;
+                            let pv_name = c.volume_name.as_deref()?;
+                            Some((driver_of(pv_name)?, pv_name))
+                        })
+                        .collect(),
+                })
+            })
+            .collect();
+        let rooms = waves::node_rooms(nodes, csinodes, &on_nodes, attachments, &self.helper);
+        let room_labels: Vec<(&str, &BTreeMap<String, String>)> = rooms
+            .iter()
+            .filter_map(|r| {
+                let node = nodes
+                    .iter()
+                    .find(|n| n.metadata.name.as_deref() == Some(r.name))?;
+                static EMPTY: BTreeMap<String, String> = BTreeMap::new();
+                Some((r.name, node.metadata.labels.as_ref().unwrap_or(&EMPTY)))
+            })
+            .collect();
+        let globs: HashMap<&str, &ClaimGlobs> =
+            opted_in.iter().map(|(n, g)| (*n, g.as_ref())).collect();
+        let user_claims: HashMap<(&str, &str), &ClaimRecord> = all_claims
+            .into_iter()
+            .filter(|((ns, name), c)| {
+                c.view().bound && globs.get(ns).is_some_and(|g| g.matches(name))
+            })
+            .collect();
+        let volume = user_claims
+            .iter()
+            .map(|(&key, c)| {
+                let pv_name = c.volume_name.as_deref();
+                let v = pv_name.and_then(|n| pv.get(n));
+                let driver = pv_name.and_then(driver_of);
+                let affinity = v.and_then(|v| v.spec.as_ref()?.node_affinity.as_ref());
+                (key, (driver, waves::volume_nodes(affinity, &room_labels)))
+            })
+            .collect();
+        let mut live = HashSet::new();
+        let mut helpers_up = 0;
+        for p in pods.iter().filter(|p| !p.is_stopped()) {
+            let ours = p.label(names::MANAGED_BY) == Some(names::MANAGED_BY_US);
+            if ours && p.label(names::COMPONENT) == Some(names::BACKUP_HELPER) {
+                helpers_up += 1;
+                continue;
+            }
+            if ours {
+                continue;
+            }
+            for claim in p.volumes().filter_map(|(_, c)| c) {
+                live.insert((p.namespace(), claim));
+            }
+        }
+        let restorable: HashSet<&str> = backups
+            .iter()
+            .filter(|b| b.restorable())
+            .filter_map(|b| b.metadata.name.as_deref())
+            .collect();
+        let mut last: HashMap<(&str, &str), Timestamp> = HashMap::new();
+        for done in pvbs.iter().filter_map(|p| p.done()) {
+            if restorable.contains(done.backup) {
+                let entry = last
+                    .entry((done.pod_namespace, done.claim))
+                    .or_insert(done.completed);
+                *entry = (*entry).max(done.completed);
+            }
+        }
+        View {
+            claims: user_claims,
+            live,
+            last,
+            volume,
+            rooms,
+            helpers_up,
+        }
+    }
+
+    /// The window's helpers: only as many as fit (least recently backed up first), each
+    /// pinned to its node; the others wait for the run after the tick.
+    fn limit_window(&self, view: &mut View<'_>, creates: &mut Vec<Pod>) {
+        if creates.is_empty() {
+            return;
+        }
+        let keys: Vec<(String, String)> = creates
+            .iter()
+            .map(|p| {
+                let ns = p.metadata.namespace.clone().unwrap_or_default();
+                let claim = p
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(names::HELPER_CLAIM))
+                    .cloned()
+                    .unwrap_or_default();
+                (ns, claim)
+            })
+            .collect();
+        let candidates: Vec<IdleClaim<'_>> =
+            keys.iter().map(|(ns, c)| view.idle_claim(ns, c)).collect();
+        let budget = self.options.max_helpers.saturating_sub(view.helpers_up);
+        let wave = waves::next_wave(&candidates, &view.rooms, budget);
+        let placed: HashMap<usize, &str> = wave
+            .placed
+            .iter()
+            .map(|&(c, n)| (c, view.rooms[n].name))
+            .collect();
+        let mut kept = Vec::with_capacity(placed.len());
+        for (i, mut pod) in std::mem::take(creates).into_iter().enumerate() {
+            if let Some(node) = placed.get(&i) {
+                helper::pin_to_node(&mut pod, node);
+                kept.push(pod);
+            }
+        }
+        if wave.waiting > 0 {
+            info!(
+                placed = kept.len(),
+                waiting = wave.waiting,
+                "more idle claims than fit at once: the rest go in waves after the tick"
+            );
+        }
+        let taken = placements(&candidates, &wave.placed);
+        view.take(&taken);
+        *creates = kept;
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &mut self,
+        schedule: &Schedule,
+        opted_in: &[(&str, Arc<ClaimGlobs>)],
+        pods: &[Arc<PodRecord>],
+        backups: &[Arc<Backup>],
+        creating: &HashSet<(String, String)>,
+        view: &mut View<'_>,
+        now: Timestamp,
+        out: &mut WavePlan,
+    ) {
+        let Some(name) = schedule.metadata.name.as_deref() else {
+            return;
+        };
+        // The tick: the Schedule's newest own Backup.
+        let Some(own) = backups
+            .iter()
+            .filter(|b| label(b, names::VELERO_SCHEDULE_NAME) == Some(name))
+            .filter(|b| b.metadata.creation_timestamp.is_some())
+            .max_by_key(|b| b.metadata.creation_timestamp.as_ref().map(|t| t.0))
+        else {
+            return;
+        };
+        let Some(tick) = own.metadata.creation_timestamp.as_ref().map(|t| t.0) else {
+            return;
+        };
+        let deadline = tick
+            .checked_add(self.options.max_window)
+            .unwrap_or(Timestamp::MAX);
+        let schedule_label = crate::policy::velero::label_value(name);
+        let tick_label = tick.as_second().to_string();
+        let covered: Vec<&str> = opted_in
+            .iter()
+            .map(|(n, _)| *n)
+            .filter(|ns| schedule.spec.template.covers_namespace(ns))
+            .collect();
+        // This Schedule's wave helpers, and the claims other helpers hold.
+        let mut run_helpers: Vec<(RunHelper<'_>, &PodRecord)> = Vec::new();
+        let mut held: HashSet<(&str, &str)> = HashSet::new();
+        for p in pods.iter().filter(|p| {
+            p.label(names::MANAGED_BY) == Some(names::MANAGED_BY_US)
+                && p.metadata.deletion_timestamp.is_none()
+        }) {
+            let Some(claim) = p.volumes().find_map(|(_, c)| c) else {
+                continue;
+            };
+            let mine = is_wave_helper(p)
+                && p.own_label(names::WAVE_SCHEDULE) == Some(schedule_label.as_ref());
+            if !mine {
+                held.insert((p.namespace(), claim));
+                continue;
+            }
+            let number = p
+                .own_label(names::WAVE_NUMBER)
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            let helper_tick = p
+                .own_label(names::WAVE_TICK)
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            let phase = match p.phase() {
+                Some("Running") => HelperPhase::Running,
+                Some("Succeeded" | "Failed") => HelperPhase::Gone,
+                _ => HelperPhase::Pending,
+            };
+            let created = p.metadata.creation_timestamp.as_ref().map_or(now, |t| t.0);
+            run_helpers.push((
+                RunHelper {
+                    namespace: p.namespace(),
+                    claim,
+                    tick: helper_tick,
+                    number,
+                    helper: WaveHelper { phase, created },
+                },
+                p.as_ref(),
+            ));
+        }
+        if covered.is_empty() && run_helpers.is_empty() {
+            return;
+        }
+        let claims: Vec<IdleClaim<'_>> = view
+            .claims
+            .keys()
+            .filter(|(ns, claim)| {
+                covered.contains(ns)
+                    && !view.live.contains(&(*ns, *claim))
+                    && !held.contains(&(*ns, *claim))
+                    && !creating.contains(&((*ns).to_owned(), (*claim).to_owned()))
+            })
+            .map(|&(ns, claim)| view.idle_claim(ns, claim))
+            .collect();
+        let records: Vec<WaveRecord<'_>> = backups
+            .iter()
+            .filter(|b| {
+                label(b, names::WAVE_SCHEDULE) == Some(schedule_label.as_ref())
+                    && label(b, names::WAVE_TICK) == Some(tick_label.as_str())
+            })
+            .filter_map(|b| {
+                let number = label(b, names::WAVE_NUMBER)?.parse().ok()?;
+                let status = b.status.as_ref();
+                let phase = status.and_then(|s| s.phase.as_deref());
+                let backup = if crate::policy::velero::backup_is_terminal(phase) {
+                    WaveBackup::Done(phase == Some("Completed"))
+                } else {
+                    WaveBackup::Running
+                };
+                let list = |key: &str| -> Vec<(&str, &str)> {
+                    b.metadata
+                        .annotations
+                        .as_ref()
+                        .and_then(|a| a.get(key))
+                        .map(|v| v.split(',').filter_map(|c| c.split_once('/')).collect())
+                        .unwrap_or_default()
+                };
+                Some(WaveRecord {
+                    number,
+                    backup,
+                    finished: status
+                        .and_then(|s| s.completion_timestamp.as_ref())
+                        .map(|t| t.0),
+                    claims: list(names::WAVE_CLAIMS),
+                    given_up: list(names::WAVE_GIVEN_UP),
+                })
+            })
+            .collect();
+        let helpers: Vec<RunHelper<'_>> = run_helpers.iter().map(|(h, _)| *h).collect();
+        let step = waves::run_step(&RunInput {
+            tick,
+            tick_backup_done: crate::policy::velero::backup_is_terminal(
+                own.status.as_ref().and_then(|s| s.phase.as_deref()),
+            ),
+            claims: &claims,
+            waves: &records,
+            helpers: &helpers,
+            nodes: &view.rooms,
+            helpers_up: view.helpers_up,
+            now,
+            options: self.options,
+        });
+        let deletion = |i: usize, reason: DeleteReason| {
+            let (h, pod) = &run_helpers[i];
+            Deletion {
+                namespace: h.namespace.to_owned(),
+                name: pod.name().to_owned(),
+                uid: pod.uid().to_owned(),
+                claim: h.claim.to_owned(),
+                reason,
+            }
+        };
+        let key = |what: &str| format!("{what}/{name}/{}", tick.as_second());
+        match step {
+            RunStep::NotStarted => {}
+            RunStep::Start {
+                number,
+                placed,
+                waiting,
+            } => {
+                let id = WaveId {
+                    velero_namespace: "",
+                    schedule: name,
+                    tick,
+                    number,
+                };
+                for &(c, n) in &placed {
+                    let claim = &claims[c];
+                    let Some(record) = view.claims.get(&(claim.namespace, claim.claim)) else {
+                        continue;
+                    };
+                    let v = record.view();
+                    let mut labels = helper::own_labels(v.username);
+                    labels.extend(id.labels().into_iter().map(|(k, v)| (k.to_owned(), v)));
+                    let claim_ref = ClaimRef {
+                        namespace: v.namespace,
+                        name: v.name,
+                        uid: v.uid,
+                        username: v.username,
+                    };
+                    let mut pod = helper::backup_helper(&claim_ref, labels, &self.helper);
+                    helper::pin_to_node(&mut pod, view.rooms[n].name);
+                    out.create.push(pod);
+                }
+                let taken = placements(&claims, &placed);
+                view.take(&taken);
+                info!(
+                    schedule = name,
+                    wave = number,
+                    helpers = placed.len(),
+                    waiting,
+                    "starting a wave"
+                );
+                self.schedule_event(
+                    schedule,
+                    false,
+                    "WaveStarted",
+                    format!(
+                        "wave {number} of the run after {tick}: helpers for {} idle claims ({waiting} left for later waves)",
+                        placed.len()
+                    ),
+                );
+                out.wake(deadline);
+            }
+            RunStep::WaitForHelpers { until } => out.wake(until),
+            RunStep::Back {
+                number,
+                running,
+                given_up,
+            } => {
+                let claim = |&i: &usize| format!("{}/{}", helpers[i].namespace, helpers[i].claim);
+                let mut namespaces: Vec<String> = running
+                    .iter()
+                    .map(|&i| helpers[i].namespace.to_owned())
+                    .collect();
+                namespaces.sort();
+                namespaces.dedup();
+                if namespaces.is_empty() {
+                    // Nobody to back up: the Backup only records who was given up.
+                    namespaces = covered.iter().take(1).map(|n| (*n).to_owned()).collect();
+                }
+                for &i in &given_up {
+                    out.delete.push(deletion(i, DeleteReason::GivenUp));
+                }
+                out.backups.push(WaveBackupToMake {
+                    schedule: name.to_owned(),
+                    tick,
+                    number,
+                    namespaces,
+                    claims: running.iter().map(claim).collect(),
+                    given_up: given_up.iter().map(claim).collect(),
+                });
+            }
+            RunStep::WaitForBackup => {}
+            RunStep::Clear { helpers: gone } => {
+                for i in gone {
+                    out.delete.push(deletion(i, DeleteReason::WaveOver));
+                }
+            }
+            RunStep::NoRoom { waiting } => {
+                if self.reported.insert(key("no-room")) {
+                    warn!(
+                        schedule = name,
+                        waiting, "idle claims left and no node has room for a helper"
+                    );
+                    self.schedule_event(
+                        schedule,
+                        true,
+                        "NoRoomForHelpers",
+                        format!("{waiting} idle claims wait for a wave, and no node the helpers may use has a free pod slot or attach slot (or --max-helpers are up); waiting for room until {deadline}"),
+                    );
+                }
+                out.wake(deadline);
+            }
+            RunStep::Finished {
+                waves: count,
+                reached,
+                not_reached,
+                ended,
+            } => {
+                let labels = ScheduleLabels {
+                    schedule: name.to_owned(),
+                };
+                let m = &self.metrics.controller;
+                m.run_waves
+                    .get_or_create(&labels)
+                    .set(i64::try_from(count).unwrap_or(i64::MAX));
+                m.run_not_reached
+                    .get_or_create(&labels)
+                    .set(i64::try_from(not_reached).unwrap_or(i64::MAX));
+                m.run_duration
+                    .get_or_create(&labels)
+                    .set(ended.duration_since(tick).as_secs());
+                if count > 0 && self.reported.insert(key("finished")) {
+                    let took = ended.duration_since(tick);
+                    info!(schedule = name, waves = count, reached, not_reached, took = %format!("{took:#}"), "a run of waves finished");
+                    self.schedule_event(
+                        schedule,
+                        not_reached > 0,
+                        "WavesFinished",
+                        format!(
+                            "the run after {tick}: {count} waves in {took:#}; {reached} idle claims backed up, {not_reached} not reached (they go first next time)"
+                        ),
+                    );
+                }
+                if now < deadline {
+                    out.wake(deadline);
+                }
+            }
+        }
+    }
+
+    fn schedule_event(&self, schedule: &Schedule, warning: bool, reason: &str, note: String) {
+        let reference = ObjectReference {
+            api_version: Some("velero.io/v1".to_owned()),
+            kind: Some("Schedule".to_owned()),
+            name: schedule.metadata.name.clone(),
+            namespace: schedule.metadata.namespace.clone(),
+            uid: schedule.metadata.uid.clone(),
+            ..Default::default()
+        };
+        if warning {
+            self.events.warn(reference, reason, "Waves", note);
+        } else {
+            self.events.normal(reference, reason, "Waves", note);
+        }
+    }
+}
+
+fn label<'a>(b: &'a Backup, key: &str) -> Option<&'a str> {
+    b.metadata.labels.as_ref()?.get(key).map(String::as_str)
+}
