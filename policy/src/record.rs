@@ -52,6 +52,9 @@ pub struct PodRecord {
     /// `None`: the pod has no annotations map at all.
     annotations: Option<Kept>,
     pub node_name: Option<String>,
+    /// The one node a required node affinity on `metadata.name` pins it to (our helpers,
+    /// DaemonSet pods): where it will run once the scheduler binds it.
+    pub pinned_node: Option<String>,
     pub phase: Option<String>,
     /// `(volume name, claim name if a persistentVolumeClaim)`, in `spec.volumes` order.
     pub volumes: Vec<(String, Option<String>)>,
@@ -272,9 +275,56 @@ struct PodWire {
 #[serde(rename_all = "camelCase")]
 struct PodSpecWire {
     node_name: Option<String>,
+    affinity: Option<AffinityWire>,
     containers: Option<Vec<ContainerWire>>,
     init_containers: Option<Vec<ContainerWire>>,
     volumes: Option<Vec<VolumeWire>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AffinityWire {
+    node_affinity: Option<NodeAffinityWire>,
+}
+
+#[derive(Deserialize)]
+struct NodeAffinityWire {
+    #[serde(rename = "requiredDuringSchedulingIgnoredDuringExecution")]
+    required: Option<NodeSelectorWire>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NodeSelectorWire {
+    node_selector_terms: Vec<TermWire>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TermWire {
+    match_expressions: Option<Vec<serde::de::IgnoredAny>>,
+    match_fields: Option<Vec<RequirementWire>>,
+}
+
+#[derive(Deserialize)]
+struct RequirementWire {
+    key: String,
+    operator: String,
+    values: Option<Vec<String>>,
+}
+
+impl AffinityWire {
+    /// One term, whose only requirement is `metadata.name In [node]`.
+    fn pinned_node(self) -> Option<String> {
+        let [term] =
+            <[TermWire; 1]>::try_from(self.node_affinity?.required?.node_selector_terms).ok()?;
+        if term.match_expressions.is_some_and(|e| !e.is_empty()) {
+            return None;
+        }
+        let [field] = <[RequirementWire; 1]>::try_from(term.match_fields?).ok()?;
+        let [node] = <[String; 1]>::try_from(field.values?).ok()?;
+        (field.key == "metadata.name" && field.operator == "In").then_some(node)
+    }
 }
 
 #[derive(Deserialize)]
@@ -351,6 +401,7 @@ impl<'de> Deserialize<'de> for PodRecord {
             labels: Kept::from_map(labels, POD_LABELS),
             annotations: annotations.map(|a| Kept::from_map(a, POD_ANNOTATIONS)),
             node_name: spec.node_name,
+            pinned_node: spec.affinity.and_then(AffinityWire::pinned_node),
             phase: wire.status.and_then(|s| s.phase),
             volumes: spec
                 .volumes
@@ -480,5 +531,52 @@ mod tests {
         assert!(
             serde_json::from_str::<PodRecord>(r#"{"spec": {"volumes": [{"name": 3}]}}"#).is_err()
         );
+    }
+
+    #[test]
+    fn a_pod_pinned_to_one_node_by_affinity_is_counted_there() {
+        let pinned = |affinity: serde_json::Value| -> Option<String> {
+            let pod = serde_json::json!({"metadata": {"name": "p"}, "spec": {"affinity": affinity, "containers": []}});
+            serde_json::from_value::<PodRecord>(pod)
+                .unwrap()
+                .pinned_node
+        };
+        let term = |fields: serde_json::Value| {
+            serde_json::json!({"nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [fields]}}})
+        };
+        assert_eq!(
+            pinned(term(
+                serde_json::json!({"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["n1"]}]})
+            )),
+            Some("n1".to_owned())
+        );
+        for (case, affinity) in [
+            (
+                "two nodes",
+                term(
+                    serde_json::json!({"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["n1", "n2"]}]}),
+                ),
+            ),
+            (
+                "NotIn",
+                term(
+                    serde_json::json!({"matchFields": [{"key": "metadata.name", "operator": "NotIn", "values": ["n1"]}]}),
+                ),
+            ),
+            (
+                "and a label",
+                term(
+                    serde_json::json!({"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["n1"]}],
+                "matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}),
+                ),
+            ),
+            (
+                "preferred only",
+                serde_json::json!({"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": []}}),
+            ),
+        ] {
+            assert_eq!(pinned(affinity), None, "{case}");
+        }
     }
 }

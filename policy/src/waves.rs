@@ -340,6 +340,11 @@ pub struct RunOptions {
 /// How often a run tries a claim whose helper never started: twice, then the next run.
 const TRIES: usize = 2;
 
+/// After a wave, the next waits this long at most for the last one's helpers to be gone
+/// and their volumes detached (a cloud detach takes seconds to a minute): starting
+/// sooner would find the nodes still full and make a small wave.
+pub const SETTLE: jiff::SignedDuration = jiff::SignedDuration::from_mins(2);
+
 /// A wave Backup of the run, as it records itself (its number label, its phase, and the
 /// claims it was made for and those given up, in its annotations).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -389,6 +394,8 @@ pub struct RunInput<'a> {
     pub nodes: &'a [NodeRoom<'a>],
     /// Helpers of any kind up now, ours (towards `max_helpers`).
     pub helpers_up: usize,
+    /// The last wave's helpers are still terminating or their volumes still attached.
+    pub settling: bool,
     pub now: Timestamp,
     pub options: RunOptions,
 }
@@ -407,6 +414,11 @@ pub enum RunStep {
         waiting: usize,
     },
     WaitForHelpers {
+        until: Timestamp,
+    },
+    /// The last wave's helpers are going and their volumes detaching: the next wave waits
+    /// for that (a change wakes it) until `until` at most.
+    Settle {
         until: Timestamp,
     },
     /// Delete the `given_up` helpers (indexes into the helpers) and create wave `number`'s
@@ -528,6 +540,13 @@ pub fn run_step(input: &RunInput<'_>) -> RunStep {
             not_reached: left.len(),
             ended,
         };
+    }
+    let last_ended = input.waves.iter().filter_map(|w| w.finished).max();
+    if input.settling
+        && let Some(until) = last_ended.and_then(|t| t.checked_add(SETTLE).ok())
+        && input.now < until
+    {
+        return RunStep::Settle { until };
     }
     let candidates: Vec<IdleClaim<'_>> = todo.iter().map(|&i| input.claims[i].clone()).collect();
     let budget = input.options.max_helpers.saturating_sub(input.helpers_up);
@@ -1239,6 +1258,7 @@ mod tests {
             now: &'static str,
             max: usize,
             up: usize,
+            settling: bool,
             want: RunStep,
         }
         let case = |name, waves, helpers, now, want| Case {
@@ -1249,6 +1269,7 @@ mod tests {
             now,
             max: 10,
             up: 0,
+            settling: false,
             want,
         };
         let mut cases = vec![
@@ -1360,6 +1381,37 @@ mod tests {
                     waiting: 0,
                 },
             ),
+            Case {
+                settling: true,
+                ..case(
+                    "the last wave's volumes still detaching: wait (at most SETTLE after it ended)",
+                    vec![record(
+                        1,
+                        WaveBackup::Done(true),
+                        &["claim-b"],
+                        &["claim-a"],
+                    )],
+                    vec![],
+                    "2026-11-28T03:41:00Z",
+                    RunStep::Settle {
+                        until: t("2026-11-28T03:42:00Z"),
+                    },
+                )
+            },
+            Case {
+                settling: true,
+                ..case(
+                    "detaching for longer than SETTLE: go on",
+                    vec![record(1, WaveBackup::Done(true), &["claim-b"], &[])],
+                    vec![],
+                    "2026-11-28T03:43:00Z",
+                    RunStep::Start {
+                        number: 2,
+                        placed: vec![(0, 0), (3, 1)],
+                        waiting: 0,
+                    },
+                )
+            },
             case(
                 "given up twice: next run",
                 vec![
@@ -1433,6 +1485,7 @@ mod tests {
                 helpers: &c.helpers,
                 nodes: &nodes,
                 helpers_up: c.up,
+                settling: c.settling,
                 now: t(c.now),
                 options: options(c.max),
             };
@@ -1446,6 +1499,7 @@ mod tests {
             helpers: &[],
             nodes: &nodes,
             helpers_up: 0,
+            settling: false,
             now: t("2026-11-28T03:10:00Z"),
             options: options(10),
         };
@@ -1550,6 +1604,7 @@ mod tests {
                 helpers: &run_helpers,
                 nodes: &nodes,
                 helpers_up: helpers.len(),
+                settling: false,
                 now,
                 options: options(100),
             });

@@ -87,6 +87,8 @@ struct View<'a> {
     /// The CSI driver and the nodes (indexes into `rooms`) of each claim's volume.
     volume: HashMap<(&'a str, &'a str), Placement<'a>>,
     rooms: Vec<NodeRoom<'a>>,
+    /// PersistentVolumes with a VolumeAttachment (attached, or detaching).
+    attached: HashSet<&'a str>,
     /// Our backup helpers up (towards --max-helpers).
     helpers_up: usize,
 }
@@ -243,8 +245,10 @@ impl Waves {
         let on_nodes: Vec<PodOnNode<'_>> = pods
             .iter()
             .filter_map(|p| {
+                // A helper pinned and not bound yet counts where it will run.
+                let node = p.node().or(p.pinned_node.as_deref())?;
                 Some(PodOnNode {
-                    node: p.node()?,
+                    node,
                     holds_slot: !p.is_stopped(),
                     volumes: p
                         .volumes()
@@ -315,7 +319,12 @@ impl Waves {
                 *entry = (*entry).max(done.completed);
             }
         }
+        let attached = attachments
+            .iter()
+            .filter_map(|a| a.spec.source.persistent_volume_name.as_deref())
+            .collect();
         View {
+            attached,
             claims: user_claims,
             live,
             last,
@@ -413,15 +422,20 @@ impl Waves {
         // This Schedule's wave helpers, and the claims other helpers hold.
         let mut run_helpers: Vec<(RunHelper<'_>, &PodRecord)> = Vec::new();
         let mut held: HashSet<(&str, &str)> = HashSet::new();
-        for p in pods.iter().filter(|p| {
-            p.label(names::MANAGED_BY) == Some(names::MANAGED_BY_US)
-                && p.metadata.deletion_timestamp.is_none()
-        }) {
+        let mut terminating = false;
+        for p in pods
+            .iter()
+            .filter(|p| p.label(names::MANAGED_BY) == Some(names::MANAGED_BY_US))
+        {
             let Some(claim) = p.volumes().find_map(|(_, c)| c) else {
                 continue;
             };
             let mine = is_wave_helper(p)
                 && p.own_label(names::WAVE_SCHEDULE) == Some(schedule_label.as_ref());
+            if p.metadata.deletion_timestamp.is_some() {
+                terminating |= mine;
+                continue;
+            }
             if !mine {
                 held.insert((p.namespace(), claim));
                 continue;
@@ -500,6 +514,16 @@ impl Waves {
             })
             .collect();
         let helpers: Vec<RunHelper<'_>> = run_helpers.iter().map(|(h, _)| *h).collect();
+        // The last wave's volumes still attached (a VolumeAttachment until detached).
+        let last_wave = records.iter().max_by_key(|w| w.number);
+        let detaching = last_wave.is_some_and(|w| {
+            w.claims.iter().chain(&w.given_up).any(|key| {
+                view.claims
+                    .get(key)
+                    .and_then(|c| c.volume_name.as_deref())
+                    .is_some_and(|pv| view.attached.contains(pv))
+            })
+        });
         let step = waves::run_step(&RunInput {
             tick,
             tick_backup_done: crate::policy::velero::backup_is_terminal(
@@ -510,6 +534,7 @@ impl Waves {
             helpers: &helpers,
             nodes: &view.rooms,
             helpers_up: view.helpers_up,
+            settling: terminating || detaching,
             now,
             options: self.options,
         });
@@ -575,7 +600,7 @@ impl Waves {
                 );
                 out.wake(deadline);
             }
-            RunStep::WaitForHelpers { until } => out.wake(until),
+            RunStep::WaitForHelpers { until } | RunStep::Settle { until } => out.wake(until),
             RunStep::Back {
                 number,
                 running,

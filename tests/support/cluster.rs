@@ -664,15 +664,36 @@ pub async fn delete_node(client: &Client, name: &str) {
 /// A claim bound to a PersistentVolume made for it (the controller manager's binder binds
 /// them within about a second), with KubeSpawner's username label.
 pub async fn bound_claim(client: &Client, namespace: &str, claim: &str, user: &str) {
+    bound_claim_with(client, namespace, claim, user, None).await;
+}
+
+/// The same, its volume from CSI `driver` (whose attach limit the scheduler counts) when
+/// given, else a hostPath volume (no limit).
+pub async fn bound_claim_with(
+    client: &Client,
+    namespace: &str,
+    claim: &str,
+    user: &str,
+    driver: Option<&str>,
+) {
     use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
     let pv_name = unique("pv");
-    let pv: PersistentVolume = from_json(json!({
+    let mut pv = json!({
         "metadata": {"name": pv_name},
         "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
                  "persistentVolumeReclaimPolicy": "Delete", "storageClassName": "",
                  "hostPath": {"path": format!("/tmp/{pv_name}")},
                  "claimRef": {"namespace": namespace, "name": claim}},
-    }));
+    });
+    if let Some(driver) = driver {
+        let spec = pv["spec"].as_object_mut().expect("spec");
+        spec.remove("hostPath");
+        spec.insert(
+            "csi".into(),
+            json!({"driver": driver, "volumeHandle": pv_name}),
+        );
+    }
+    let pv: PersistentVolume = from_json(pv);
     Api::<PersistentVolume>::all(client.clone())
         .create(&PostParams::default(), &pv)
         .await

@@ -47,6 +47,8 @@ pub struct Setup {
     pub users: String,
     pub velero: String,
     pub nodes: Vec<String>,
+    /// The taints of this test's nodes (the helpers tolerate them).
+    pub taints: Value,
     pub as_controller: kube::Client,
     pub config: Config,
     pub controllers: Vec<Replica>,
@@ -87,6 +89,11 @@ impl Setup {
     }
 
     pub async fn with_lease(lease: Duration) -> Self {
+        Self::configured(lease, |_| {}).await
+    }
+
+    /// With the controller's configuration edited before its first replica starts.
+    pub async fn configured(lease: Duration, edit: impl FnOnce(&mut Config)) -> Self {
         let client = cluster::client().await;
         let minor = cluster::server_minor(&client).await;
         assert!(
@@ -111,6 +118,7 @@ impl Setup {
         for n in &nodes {
             cluster::ready_node(&client, n, taints.clone()).await;
         }
+        let taints_kept = taints.clone();
         let mut tolerations: Vec<k8s_openapi::api::core::v1::Toleration> = from_json(json!([
             {"key": "hub.jupyter.org/dedicated", "operator": "Equal", "value": "user", "effect": "NoSchedule"},
         ]));
@@ -153,11 +161,14 @@ impl Setup {
             helper_start_timeout: k8s_openapi::jiff::SignedDuration::from_mins(5),
             certificates: None,
         };
+        let mut config = config;
+        edit(&mut config);
         let mut setup = Self {
             client,
             users,
             velero,
             nodes,
+            taints: taints_kept,
             as_controller,
             config,
             controllers: vec![],
@@ -183,6 +194,14 @@ impl Setup {
             task,
             metrics,
         });
+    }
+
+    /// Another Ready node of this test's.
+    pub async fn add_node(&mut self) -> String {
+        let name = unique("node-c");
+        cluster::ready_node(&self.client, &name, self.taints.clone()).await;
+        self.nodes.push(name.clone());
+        name
     }
 
     pub fn pods(&self) -> Api<Pod> {

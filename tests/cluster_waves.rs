@@ -1,0 +1,606 @@
+//! Idle users at scale (issue 11) against the real API server and the real scheduler: a
+//! night in miniature. 60 idle claims on CSI volumes, 3 nodes whose CSINodes allow 4
+//! attachments each. The test plays the kubelet (helpers Running once bound; one never
+//! starts) and Velero: its schedule controller (pkg/controller/schedule_controller.go:
+//! `<schedule>-<timestamp>` labelled `velero.io/schedule-name`, `status.lastBackup`) and
+//! its file-system backup (pkg/podvolume/backupper.go: a PodVolumeBackup per volume named
+//! in `backup.velero.io/backup-volumes` of each Running pod the Backup selects, labelled
+//! `velero.io/backup-name`, annotated `velero.io/pvc-name`), each Backup taking a second.
+//! The limits are asserted from a watch of the pods, not from the controller's counters.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::jiff::{SignedDuration, ToSpan};
+use kube::Api;
+use kube::api::{ListParams, PostParams};
+use kube::core::DynamicObject;
+use kube::runtime::watcher;
+use serde_json::{Value, json};
+use support::cluster::{self, eventually, from_json};
+use support::controller::{
+    HELPER_SELECTOR, Setup, dynamic, restricted_user_pod, velero_creates_backup,
+};
+use velero_jupyterhub::metrics::sample;
+use velero_jupyterhub::names;
+
+const DRIVER: &str = "csi.vjh.test";
+const ATTACH: usize = 4;
+const CLAIMS: usize = 60;
+
+/// What the watch saw: the most helpers bound to one node at once, and at once overall.
+#[derive(Default)]
+struct Seen {
+    on: HashMap<String, String>,
+    max_on_node: usize,
+    max_total: usize,
+}
+
+#[tokio::test]
+async fn a_night_of_waves_backs_up_every_idle_claim_within_the_limits() {
+    let mut setup = Setup::configured(Duration::from_secs(4), |c| {
+        c.helper_start_timeout = SignedDuration::from_secs(8);
+    })
+    .await;
+    setup.replica("replica-b");
+    setup.add_node().await;
+    for node in &setup.nodes {
+        cluster::apply_dynamic(&setup.client, &json!({
+            "apiVersion": "storage.k8s.io/v1", "kind": "CSINode",
+            "metadata": {"name": node},
+            "spec": {"drivers": [{"name": DRIVER, "nodeID": node, "allocatable": {"count": ATTACH}}]},
+        }))
+        .await;
+    }
+    let claims: Vec<String> = (0..CLAIMS).map(|i| format!("claim-u{i:02}")).collect();
+    futures::stream::iter(&claims)
+        .for_each_concurrent(16, |c| {
+            let user = c.trim_start_matches("claim-").to_owned();
+            let (client, ns) = (setup.client.clone(), setup.users.clone());
+            async move { cluster::bound_claim_with(&client, &ns, c, &user, Some(DRIVER)).await }
+        })
+        .await;
+
+    // The limits, from a watch of the helpers.
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let watching = tokio::spawn(watch_limits(setup.pods(), seen.clone()));
+    // The kubelet and Velero.
+    let stuck = "claim-u15";
+    let played = tokio::spawn(play_kubelet_and_velero(
+        setup.client.clone(),
+        setup.users.clone(),
+        setup.velero.clone(),
+        stuck,
+    ));
+
+    // The window before the tick: as many helpers as fit (3 nodes x 4 attachments), the
+    // never-backed-up claims by name.
+    let tick = setup.schedule("homes").await;
+    let window = eventually(Duration::from_secs(60), || async {
+        let hs = setup.helpers().await;
+        let running = hs.iter().filter(|h| phase(h) == "Running").count();
+        (hs.len() == 12 && running == 12).then_some(hs)
+    })
+    .await;
+    let Some(window) = window else {
+        let hs = setup.helpers().await;
+        let states: Vec<String> = hs
+            .iter()
+            .map(|h| {
+                format!(
+                    "{} {} {:?}",
+                    claim_of(h),
+                    phase(h),
+                    h.spec.as_ref().and_then(|s| s.node_name.clone())
+                )
+            })
+            .collect();
+        panic!("12 window helpers, Running: {states:#?}");
+    };
+    let window_claims: BTreeSet<String> = window.iter().map(claim_of).collect();
+    assert_eq!(window_claims, claims[..12].iter().cloned().collect());
+    velero_creates_backup(&setup, "homes", tick, "InProgress").await;
+
+    // The run: waves until every claim is reached or tried. A user starts in wave 3;
+    // the leader is stopped in wave 4.
+    let mut user_claim = None;
+    let mut stopped = false;
+    let mut finished = None;
+    let deadline = std::time::Instant::now() + Duration::from_secs(240);
+    while finished.is_none() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let hs = setup.helpers().await;
+        let in_wave = |n: &str| {
+            hs.iter()
+                .find(|h| label(h, names::WAVE_NUMBER).as_deref() == Some(n))
+        };
+        if user_claim.is_none()
+            && let Some(h) = in_wave("3")
+        {
+            let claim = claim_of(h);
+            let user = claim.trim_start_matches("claim-").to_owned();
+            let mut pod = serde_json::to_value(restricted_user_pod(&user)).expect("json");
+            pod["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] = claim.clone().into();
+            setup
+                .pods()
+                .create(&PostParams::default(), &from_json(pod))
+                .await
+                .expect("user pod");
+            user_claim = Some(claim);
+        }
+        if !stopped
+            && in_wave("4").is_some()
+            && let Some(leader) = setup.controllers.iter().position(|r| r.leads())
+        {
+            setup.controllers[leader].stop.cancel();
+            stopped = true;
+        }
+        let text: String = setup
+            .controllers
+            .iter()
+            .map(|r| r.metrics.encode())
+            .collect();
+        let waves = sample(&text, "velero_jupyterhub_run_waves{schedule=\"homes\"}");
+        let not_reached = sample(
+            &text,
+            "velero_jupyterhub_run_claims_not_reached{schedule=\"homes\"}",
+        );
+        if let (Some(waves), Some(not_reached)) = (waves, not_reached)
+            && waves > 0.0
+        {
+            finished = Some((waves, not_reached));
+        }
+    }
+    let backups = dynamic(&setup, "Backup", "backups")
+        .list(&ListParams::default())
+        .await
+        .expect("backups")
+        .items;
+    let waves: Vec<&DynamicObject> = backups
+        .iter()
+        .filter(|b| {
+            b.metadata
+                .labels
+                .as_ref()
+                .is_some_and(|l| l.contains_key(names::WAVE_NUMBER))
+        })
+        .collect();
+    let summary: Vec<String> = waves
+        .iter()
+        .map(|b| {
+            format!(
+                "{} {} {:?}",
+                b.metadata.name.as_deref().unwrap_or_default(),
+                b.data["status"]["phase"],
+                annotation(b, names::WAVE_CLAIMS)
+            )
+        })
+        .collect();
+    let (wave_count, not_reached) =
+        finished.unwrap_or_else(|| panic!("the run did not finish: {summary:#?}"));
+    assert!(stopped, "the leader was stopped in wave 4");
+    let user_claim = user_claim.expect("a user started in wave 3");
+
+    // Every wave is a Backup of the Schedule narrowed to its helpers, and not labelled as
+    // the Schedule's (Velero would skip its next tick while one runs).
+    for b in &waves {
+        let labels = b.metadata.labels.clone().unwrap_or_default();
+        assert!(
+            !labels.contains_key(names::VELERO_SCHEDULE_NAME),
+            "{summary:#?}"
+        );
+        assert_eq!(b.data["spec"]["includedNamespaces"], json!([setup.users]));
+        assert_eq!(
+            b.data["spec"]["labelSelector"]["matchLabels"][names::WAVE_NUMBER],
+            json!(labels[names::WAVE_NUMBER])
+        );
+    }
+    // Numbers 1..=n, each once: no duplicate wave across the failover.
+    let mut numbers: Vec<u32> = waves
+        .iter()
+        .filter_map(|b| {
+            b.metadata
+                .labels
+                .as_ref()?
+                .get(names::WAVE_NUMBER)?
+                .parse()
+                .ok()
+        })
+        .collect();
+    numbers.sort();
+    assert_eq!(
+        numbers,
+        (1..=numbers.len() as u32).collect::<Vec<_>>(),
+        "{summary:#?}"
+    );
+    assert_eq!(wave_count as usize, numbers.len());
+    // Each claim in at most one wave, but the one given up (tried again).
+    let mut times: BTreeMap<String, usize> = BTreeMap::new();
+    for b in &waves {
+        for c in annotation(b, names::WAVE_CLAIMS)
+            .split(',')
+            .filter(|c| !c.is_empty())
+        {
+            *times
+                .entry(c.rsplit('/').next().unwrap_or(c).to_owned())
+                .or_default() += 1;
+        }
+    }
+    assert!(times.values().all(|&n| n == 1), "{times:?}");
+    let given_up: Vec<String> = waves
+        .iter()
+        .flat_map(|b| {
+            annotation(b, names::WAVE_GIVEN_UP)
+                .split(',')
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .filter(|c| !c.is_empty())
+        .collect();
+    assert_eq!(
+        given_up,
+        [format!("{}/{stuck}", setup.users)],
+        "{summary:#?}"
+    );
+    assert!(
+        times.contains_key(stuck),
+        "the claim given up is tried again: {summary:#?}"
+    );
+    // Wave 2 failed: its claims are not reached tonight, and only they (and the user's,
+    // now live) are missing.
+    let failed: BTreeSet<String> = waves
+        .iter()
+        .filter(|b| b.data["status"]["phase"] == "Failed")
+        .flat_map(|b| {
+            annotation(b, names::WAVE_CLAIMS)
+                .split(',')
+                .map(|c| c.rsplit('/').next().unwrap_or(c).to_owned())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(failed.len(), 12, "{summary:#?}");
+    assert_eq!(not_reached as usize, failed.len(), "{summary:#?}");
+    let backed_up = backed_up_claims(&setup).await;
+    for c in &claims {
+        let expect = !failed.contains(c) && *c != user_claim;
+        assert_eq!(backed_up.contains(c), expect, "{c}: {summary:#?}");
+    }
+    {
+        let seen = seen.lock().expect("seen");
+        println!(
+            "{} waves; at most {} helpers on a node, {} at once",
+            numbers.len(),
+            seen.max_on_node,
+            seen.max_total
+        );
+        assert!(
+            seen.max_on_node <= ATTACH,
+            "a node held {} helpers",
+            seen.max_on_node
+        );
+        assert_eq!(seen.max_on_node, ATTACH, "the waves filled the nodes");
+        assert!(seen.max_total <= ATTACH * 3);
+    }
+
+    // The next run starts with the claims the failed wave missed.
+    velero_creates_backup(&setup, "homes", tick + 1.hour(), "Completed").await;
+    let first = eventually(Duration::from_secs(60), || async {
+        let hs = setup.helpers().await;
+        let next: BTreeSet<String> = hs
+            .iter()
+            .filter(|h| label(h, names::WAVE_NUMBER).as_deref() == Some("1"))
+            .map(claim_of)
+            .collect();
+        (next.len() == 12).then_some(next)
+    })
+    .await
+    .expect("wave 1 of the next run");
+    assert_eq!(first, failed);
+
+    played.abort();
+    watching.abort();
+    setup.finish().await;
+}
+
+/// The controller's service account may create wave Backups and nothing else in Velero
+/// (controller-backups-policy.yaml): not one that takes Secrets along, not one labelled
+/// as a Schedule's own.
+#[tokio::test]
+async fn the_controller_creates_only_wave_backups() {
+    let client = cluster::client().await;
+    if cluster::server_minor(&client).await < 30 {
+        panic!(
+            "needs ValidatingAdmissionPolicy v1 (Kubernetes 1.30+): run on the current test server"
+        );
+    }
+    let setup = Setup::new().await;
+    let api = Api::<DynamicObject>::namespaced_with(
+        setup.as_controller.clone(),
+        &setup.velero,
+        &kube::core::ApiResource::from_gvk_with_plural(
+            &kube::core::GroupVersionKind::gvk("velero.io", "v1", "Backup"),
+            "backups",
+        ),
+    );
+    let wave = |edit: &dyn Fn(&mut Value)| {
+        let mut b = json!({
+            "apiVersion": "velero.io/v1", "kind": "Backup",
+            "metadata": {"name": cluster::unique("homes-wave1"), "namespace": setup.velero,
+                "labels": {"app.kubernetes.io/managed-by": "velero-jupyterhub",
+                    (names::WAVE_SCHEDULE): "homes", (names::WAVE_TICK): "1795834800", (names::WAVE_NUMBER): "1"}},
+            "spec": {"includedNamespaces": [setup.users],
+                "includedResources": ["pods", "persistentvolumeclaims", "persistentvolumes"],
+                "labelSelector": {"matchLabels": {(names::WAVE_SCHEDULE): "homes",
+                    (names::WAVE_TICK): "1795834800", (names::WAVE_NUMBER): "1"}},
+                "storageLocation": "default", "ttl": "720h0m0s"},
+        });
+        edit(&mut b);
+        from_json::<DynamicObject>(b)
+    };
+    type Edit = Box<dyn Fn(&mut Value)>;
+    let cases: Vec<(&str, Edit, bool)> = vec![
+        ("a wave Backup", Box::new(|_| {}), true),
+        (
+            "with Secrets",
+            Box::new(|b| b["spec"]["includedResources"] = json!(["pods", "secrets"])),
+            false,
+        ),
+        (
+            "every resource",
+            Box::new(|b| {
+                b["spec"]
+                    .as_object_mut()
+                    .expect("spec")
+                    .remove("includedResources");
+            }),
+            false,
+        ),
+        (
+            "every namespace",
+            Box::new(|b| b["spec"]["includedNamespaces"] = json!(["*"])),
+            false,
+        ),
+        (
+            "cluster resources",
+            Box::new(|b| b["spec"]["includeClusterResources"] = json!(true)),
+            false,
+        ),
+        (
+            "as the Schedule's own",
+            Box::new(|b| b["metadata"]["labels"][names::VELERO_SCHEDULE_NAME] = json!("homes")),
+            false,
+        ),
+        (
+            "selecting other pods",
+            Box::new(|b| b["spec"]["labelSelector"] = json!({"matchLabels": {"app": "db"}})),
+            false,
+        ),
+    ];
+    for (name, edit, allowed) in cases {
+        let made = api.create(&PostParams::default(), &wave(&*edit)).await;
+        assert_eq!(made.is_ok(), allowed, "{name}: {made:?}");
+    }
+    setup.finish().await;
+}
+
+fn label(pod: &Pod, key: &str) -> Option<String> {
+    pod.metadata.labels.as_ref()?.get(key).cloned()
+}
+
+fn phase(pod: &Pod) -> String {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.phase.clone())
+        .unwrap_or_default()
+}
+
+fn claim_of(pod: &Pod) -> String {
+    pod.spec
+        .iter()
+        .flat_map(|s| s.volumes.iter().flatten())
+        .find_map(|v| Some(v.persistent_volume_claim.as_ref()?.claim_name.clone()))
+        .unwrap_or_default()
+}
+
+fn annotation(b: &DynamicObject, key: &str) -> String {
+    b.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(key))
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Claims with a Completed PodVolumeBackup in a Backup Velero restores from (Completed
+/// or PartiallyFailed), as `status` counts them.
+async fn backed_up_claims(setup: &Setup) -> HashSet<String> {
+    let restorable: HashSet<String> = dynamic(setup, "Backup", "backups")
+        .list(&ListParams::default())
+        .await
+        .expect("backups")
+        .items
+        .into_iter()
+        .filter(|b| {
+            matches!(
+                b.data["status"]["phase"].as_str(),
+                Some("Completed" | "PartiallyFailed")
+            )
+        })
+        .filter_map(|b| b.metadata.name)
+        .collect();
+    dynamic(setup, "PodVolumeBackup", "podvolumebackups")
+        .list(&ListParams::default())
+        .await
+        .expect("pvbs")
+        .items
+        .iter()
+        .filter(|p| p.data["status"]["phase"] == "Completed")
+        .filter(|p| {
+            p.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(names::VELERO_BACKUP_NAME))
+                .is_some_and(|b| restorable.contains(b))
+        })
+        .filter_map(|p| {
+            p.metadata
+                .annotations
+                .as_ref()?
+                .get(names::VELERO_PVC_NAME)
+                .cloned()
+        })
+        .collect()
+}
+
+/// Follows the helpers bound to nodes and records the most on one node and overall.
+async fn watch_limits(pods: Api<Pod>, seen: Arc<Mutex<Seen>>) {
+    let stream = watcher::watcher(pods, watcher::Config::default().labels(HELPER_SELECTOR));
+    let mut stream = std::pin::pin!(stream);
+    while let Some(event) = stream.next().await {
+        let Ok(event) = event else { continue };
+        let mut seen = seen.lock().expect("seen");
+        let mut track = |p: &Pod, present: bool| {
+            let uid = p.metadata.uid.clone().unwrap_or_default();
+            match p.spec.as_ref().and_then(|s| s.node_name.clone()) {
+                Some(node) if present => {
+                    seen.on.insert(uid, node);
+                }
+                _ => {
+                    seen.on.remove(&uid);
+                }
+            }
+        };
+        match event {
+            watcher::Event::Apply(p) | watcher::Event::InitApply(p) => track(&p, true),
+            watcher::Event::Delete(p) => track(&p, false),
+            watcher::Event::Init | watcher::Event::InitDone => {}
+        }
+        let mut per_node: HashMap<&String, usize> = HashMap::new();
+        for node in seen.on.values() {
+            *per_node.entry(node).or_default() += 1;
+        }
+        let most = per_node.values().copied().max().unwrap_or(0);
+        let total = seen.on.len();
+        seen.max_on_node = seen.max_on_node.max(most);
+        seen.max_total = seen.max_total.max(total);
+    }
+}
+
+/// The kubelet: helpers bound to a node become Running (but the first helper of
+/// `stuck`). Velero: every Backup not yet terminal gets, a second later, a Completed
+/// PodVolumeBackup for each Running pod it selects, and ends Completed (a wave 2 Backup
+/// ends Failed).
+async fn play_kubelet_and_velero(client: kube::Client, users: String, velero: String, stuck: &str) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &users);
+    let resource = |kind: &str, plural: &str| {
+        kube::core::ApiResource::from_gvk_with_plural(
+            &kube::core::GroupVersionKind::gvk("velero.io", "v1", kind),
+            plural,
+        )
+    };
+    let backups: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), &velero, &resource("Backup", "backups"));
+    let pvbs: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        &velero,
+        &resource("PodVolumeBackup", "podvolumebackups"),
+    );
+    let mut stuck_uid: Option<String> = None;
+    let mut seen_backups: HashMap<String, std::time::Instant> = HashMap::new();
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let Ok(list) = pods
+            .list(&ListParams::default().labels(HELPER_SELECTOR))
+            .await
+        else {
+            continue;
+        };
+        for p in &list.items {
+            let uid = p.metadata.uid.clone().unwrap_or_default();
+            let bound = p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some();
+            if !bound || phase(p) == "Running" || p.metadata.deletion_timestamp.is_some() {
+                continue;
+            }
+            if claim_of(p) == stuck
+                && stuck_uid.as_ref().is_none_or(|u| *u == uid)
+                && label(p, names::WAVE_NUMBER).is_some()
+            {
+                stuck_uid = Some(uid);
+                continue;
+            }
+            cluster::set_phase_if_present(
+                &pods,
+                p.metadata.name.as_deref().unwrap_or_default(),
+                "Running",
+            )
+            .await;
+        }
+        let Ok(list) = backups.list(&ListParams::default()).await else {
+            continue;
+        };
+        for b in &list.items {
+            let name = b.metadata.name.clone().unwrap_or_default();
+            let phase = b.data["status"]["phase"].as_str().unwrap_or("New");
+            if !matches!(phase, "New" | "InProgress") {
+                continue;
+            }
+            let since = *seen_backups
+                .entry(name.clone())
+                .or_insert_with(std::time::Instant::now);
+            if since.elapsed() < Duration::from_secs(1) {
+                continue;
+            }
+            let selector: BTreeMap<String, String> =
+                serde_json::from_value(b.data["spec"]["labelSelector"]["matchLabels"].clone())
+                    .unwrap_or_default();
+            let selected = |p: &Pod| {
+                let labels = p.metadata.labels.clone().unwrap_or_default();
+                selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+            };
+            for p in list_pods(&pods)
+                .await
+                .iter()
+                .filter(|p| selected(p) && phase_is_running(p))
+            {
+                let pvb = cluster::unique(&name);
+                let made = pvbs.create(&PostParams::default(), &from_json(json!({
+                    "apiVersion": "velero.io/v1", "kind": "PodVolumeBackup",
+                    "metadata": {"name": pvb, "namespace": velero,
+                        "labels": {(names::VELERO_BACKUP_NAME): name},
+                        "annotations": {(names::VELERO_PVC_NAME): claim_of(p)}},
+                    "spec": {"node": p.spec.as_ref().and_then(|s| s.node_name.clone()), "volume": "data",
+                        "uploaderType": "kopia", "backupStorageLocation": "default", "repoIdentifier": "",
+                        "pod": {"kind": "Pod", "namespace": users, "name": p.metadata.name, "uid": p.metadata.uid}},
+                }))).await;
+                if made.is_ok() {
+                    let _ = pvbs.patch(&pvb, &Default::default(), &kube::api::Patch::Merge(json!({"status": {
+                        "phase": "Completed", "completionTimestamp": k8s_openapi::jiff::Timestamp::now().to_string(),
+                        "progress": {"totalBytes": 4096, "bytesDone": 4096}}}))).await;
+                }
+            }
+            let end = if name.contains("-wave2-") {
+                "Failed"
+            } else {
+                "Completed"
+            };
+            let _ = backups.patch(&name, &Default::default(), &kube::api::Patch::Merge(json!({"status": {
+                "phase": end, "completionTimestamp": k8s_openapi::jiff::Timestamp::now().to_string()}}))).await;
+        }
+    }
+}
+
+async fn list_pods(pods: &Api<Pod>) -> Vec<Pod> {
+    pods.list(&ListParams::default())
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default()
+}
+
+fn phase_is_running(p: &Pod) -> bool {
+    phase(p) == "Running" && p.metadata.deletion_timestamp.is_none()
+}
