@@ -93,8 +93,13 @@ pub struct RestoreArgs {
     #[arg(long, short = 'n')]
     pub namespace: String,
     /// The Velero Backup to restore from.
-    #[arg(long)]
-    pub from_backup: String,
+    #[arg(long, required_unless_present = "latest", conflicts_with = "latest")]
+    pub from_backup: Option<String>,
+    /// Restore from the newest Backup (a Schedule's, a wave's, or one of `backup`) that
+    /// holds the --user's claim: their claim now, else `claim-<user>` (KubeSpawner's
+    /// default name). Needs --user.
+    #[arg(long, requires = "users")]
+    pub latest: bool,
     /// Restore only this user (their `hub.jupyter.org/username` label, as on their pods
     /// and claims); repeat for more. Default: every user of the namespace.
     #[arg(long = "user")]
@@ -124,7 +129,8 @@ impl RestoreArgs {
         crate::restore::Options {
             namespace: self.namespace,
             velero_namespace: self.velero_namespace,
-            backup: self.from_backup,
+            backup: self.from_backup.unwrap_or_default(),
+            latest: self.latest,
             users: self.users,
             wait: self.wait,
             into_existing: self.into_existing,

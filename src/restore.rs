@@ -1,4 +1,4 @@
-//! `velero-jupyterhub restore --namespace NS --from-backup B [--user NAME …] [--wait]`:
+//! `velero-jupyterhub restore --namespace NS (--from-backup B | --latest) [--user NAME …] [--wait]`:
 //! a Velero Restore of users' homes, with the checks that keep it from silently restoring
 //! nothing or writing over current data (`policy::restore_report`), and a row per claim.
 //!
@@ -34,7 +34,10 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(30);
 pub struct Options {
     pub namespace: String,
     pub velero_namespace: String,
+    /// Empty with `latest`: found from the users' claims.
     pub backup: String,
+    /// Restore from the newest Backup holding the users' claims.
+    pub latest: bool,
     /// `hub.jupyter.org/username` values; empty: every user of the namespace.
     pub users: Vec<String>,
     /// Follow the Restore to its end and report each claim.
@@ -135,6 +138,21 @@ pub async fn run(
         );
     }
     let vns = &options.velero_namespace;
+    let resolved;
+    let options = if options.latest {
+        let backup = latest_backup(&client, options).await?;
+        let _ = writeln!(
+            progress,
+            "the newest Backup holding the users' claims: {backup}"
+        );
+        resolved = Options {
+            backup,
+            ..options.clone()
+        };
+        &resolved
+    } else {
+        options
+    };
     let backup = Api::<Backup>::namespaced(client.clone(), vns)
         .get_opt(&options.backup)
         .await
@@ -215,6 +233,67 @@ pub async fn run(
     }))
 }
 
+/// `--latest`: the newest restorable Backup with a Completed PodVolumeBackup of each
+/// user's claim (their claims now, by the username label, else `claim-<user>`); the same
+/// Backup for every user, or an error saying which user's is which.
+pub async fn latest_backup(client: &kube::Client, o: &Options) -> anyhow::Result<String> {
+    let ns = &o.namespace;
+    let vns = &o.velero_namespace;
+    let claims = list_claims(client, ns).await?;
+    let backups = Api::<Backup>::namespaced(client.clone(), vns)
+        .list(&ListParams::default())
+        .await
+        .context("listing Backups")?
+        .items;
+    let restorable: std::collections::HashSet<&str> = backups
+        .iter()
+        .filter(|b| b.restorable())
+        .filter_map(|b| b.metadata.name.as_deref())
+        .collect();
+    let pvbs = Api::<PodVolumeBackup>::namespaced(client.clone(), vns)
+        .list(&ListParams::default())
+        .await
+        .context("listing PodVolumeBackups")?
+        .items;
+    let done: Vec<_> = pvbs.iter().filter_map(PodVolumeBackup::done).collect();
+    let mut found: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+    for user in &o.users {
+        let mut names: Vec<String> = claims
+            .iter()
+            .filter(|c| label(c.metadata.labels.as_ref(), names::JUPYTERHUB_USERNAME) == Some(user))
+            .filter_map(|c| c.metadata.name.clone())
+            .collect();
+        if names.is_empty() {
+            names.push(format!("claim-{user}"));
+        }
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let newest = crate::policy::status::newest_backup_of(
+            &done,
+            |b| restorable.contains(b),
+            ns,
+            &refs,
+        )
+        .with_context(|| {
+            format!(
+                "no Completed or PartiallyFailed Backup holds user {user}'s claim ({}) in namespace {ns}: `velero-jupyterhub status -n {ns}` shows each claim's last backup",
+                names.join(", ")
+            )
+        })?;
+        found.entry(newest.backup).or_default().push(user);
+    }
+    if found.len() > 1 {
+        let each: Vec<String> = found
+            .iter()
+            .map(|(b, users)| format!("{} in {b}", users.join(", ")))
+            .collect();
+        bail!(
+            "the users' newest backups are in different Backups ({}): restore them one --user at a time",
+            each.join("; ")
+        );
+    }
+    found.into_keys().next().context("--latest needs --user")
+}
+
 fn validate(o: &Options) -> anyhow::Result<()> {
     for (flag, value) in [
         ("--namespace", &o.namespace),
@@ -224,7 +303,10 @@ fn validate(o: &Options) -> anyhow::Result<()> {
             bail!("{flag} {value:?} is not a namespace name (a DNS-1123 label)");
         }
     }
-    if !names::is_dns1123_subdomain(&o.backup) {
+    if o.latest && o.users.is_empty() {
+        bail!("--latest needs --user: each user's newest Backup is found from their claim");
+    }
+    if !o.latest && !names::is_dns1123_subdomain(&o.backup) {
         bail!(
             "--from-backup {:?} is not an object name (a DNS-1123 subdomain)",
             o.backup

@@ -144,6 +144,27 @@ fn serve_refuses_bad_flags_with_a_reason() {
             &["serve", "--self-signed", "--idle-timeout", "soon"],
             "--idle-timeout",
         ),
+        // restore: a Backup, or --latest with --user; not both.
+        (&["restore", "-n", "jhub"], "--from-backup"),
+        (&["restore", "-n", "jhub", "--latest"], "--user"),
+        (
+            &[
+                "restore",
+                "-n",
+                "jhub",
+                "--latest",
+                "--user",
+                "a",
+                "--from-backup",
+                "b",
+            ],
+            "cannot be used with",
+        ),
+        (&["controller", "--max-helpers", "0"], "--max-helpers"),
+        (
+            &["controller", "--helper-start-timeout", "soon"],
+            "--helper-start-timeout",
+        ),
     ];
     for (args, want) in cases {
         let out = Command::new(BIN)

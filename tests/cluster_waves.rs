@@ -287,6 +287,94 @@ async fn a_night_of_waves_backs_up_every_idle_claim_within_the_limits() {
         assert!(seen.max_total <= ATTACH * 3);
     }
 
+    // `status` shows each claim's last backup whichever Backup took it; `restore
+    // --latest` finds it.
+    let wave1 = waves
+        .iter()
+        .find(|b| {
+            b.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(names::WAVE_NUMBER))
+                .map(String::as_str)
+                == Some("1")
+        })
+        .and_then(|b| b.metadata.name.clone())
+        .expect("wave 1");
+    let in_wave1 = annotation(
+        waves
+            .iter()
+            .find(|b| b.metadata.name.as_deref() == Some(&wave1))
+            .expect("wave 1"),
+        names::WAVE_CLAIMS,
+    );
+    let wave1_claim = in_wave1
+        .split(',')
+        .next()
+        .and_then(|c| c.rsplit('/').next())
+        .expect("a claim")
+        .to_owned();
+    let own = format!("homes-{}", tick.strftime("%Y%m%d%H%M%S"));
+    let rows = velero_jupyterhub::status::run(
+        setup.client.clone(),
+        &velero_jupyterhub::status::Options {
+            namespace: Some(setup.users.clone()),
+            velero_namespace: setup.velero.clone(),
+            stale_after: Duration::from_secs(3600),
+            default_claims: setup.config.default_claims.clone(),
+        },
+    )
+    .await
+    .expect("status");
+    let last_of = |claim: &str| {
+        rows.iter()
+            .find(|r| r.claim == claim)
+            .and_then(|r| r.last.as_ref())
+            .map(|l| l.backup.clone())
+    };
+    assert_eq!(
+        last_of("claim-u00"),
+        Some(own.clone()),
+        "the window's claims: the Schedule's own Backup"
+    );
+    assert_eq!(last_of(&wave1_claim), Some(wave1.clone()));
+    let failed_claim = failed.iter().next().expect("a failed claim").clone();
+    assert_eq!(last_of(&failed_claim), None, "a failed wave is no backup");
+    let latest = |users: &[&str]| {
+        let options = velero_jupyterhub::restore::Options {
+            namespace: setup.users.clone(),
+            velero_namespace: setup.velero.clone(),
+            backup: String::new(),
+            latest: true,
+            users: users.iter().map(|u| (*u).to_owned()).collect(),
+            wait: false,
+            into_existing: false,
+            timeout: Duration::from_secs(60),
+            default_claims: setup.config.default_claims.clone(),
+            poll: Duration::from_secs(1),
+        };
+        let client = setup.client.clone();
+        async move {
+            velero_jupyterhub::restore::latest_backup(&client, &options)
+                .await
+                .map_err(|e| format!("{e:#}"))
+        }
+    };
+    let user_of = |claim: &str| claim.trim_start_matches("claim-").to_owned();
+    assert_eq!(latest(&["u00"]).await, Ok(own.clone()));
+    assert_eq!(latest(&[&user_of(&wave1_claim)]).await, Ok(wave1.clone()));
+    let both = latest(&["u00", &user_of(&wave1_claim)])
+        .await
+        .expect_err("two Backups");
+    assert!(both.contains("different Backups"), "{both}");
+    let none = latest(&[&user_of(&failed_claim)])
+        .await
+        .expect_err("no backup");
+    assert!(
+        none.contains("no Completed or PartiallyFailed Backup"),
+        "{none}"
+    );
+
     // The next run starts with the claims the failed wave missed.
     velero_creates_backup(&setup, "homes", tick + 1.hour(), "Completed").await;
     let first = eventually(Duration::from_secs(60), || async {

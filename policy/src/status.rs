@@ -137,6 +137,26 @@ pub fn rows(
     out
 }
 
+/// The newest restorable Backup holding one of `claims` of `namespace` (a Completed
+/// PodVolumeBackup of it): what `restore --latest` restores a user from. Any Backup
+/// counts: a Schedule's own, a wave's (issue 11), one of `velero-jupyterhub backup`.
+pub fn newest_backup_of(
+    pvbs: &[PvbDone<'_>],
+    restorable: impl Fn(&str) -> bool,
+    namespace: &str,
+    claims: &[&str],
+) -> Option<LastBackup> {
+    pvbs.iter()
+        .filter(|p| p.pod_namespace == namespace && claims.contains(&p.claim))
+        .filter(|p| restorable(p.backup))
+        .max_by_key(|p| (p.completed, p.backup))
+        .map(|p| LastBackup {
+            at: p.completed,
+            backup: p.backup.to_owned(),
+            bytes: p.bytes,
+        })
+}
+
 /// Of two pods on one claim, the one the row shows: a restore above all (the user cannot
 /// start), then the user's server, then our helper.
 fn strongest(a: Holder, b: Holder) -> Holder {
