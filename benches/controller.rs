@@ -3,7 +3,11 @@
 //!    helper is deleted (goal: the user waits ≤ 1 s plus the volume's detach), median and
 //!    p99 over 100 spawns;
 //! 2. memory: RSS of `velero-jupyterhub controller` (the release binary, its own process)
-//!    watching 10,000 user claims and 10,000 pods (goal ≤ 64 MiB).
+//!    watching 10,000 user claims and 10,000 pods (goal ≤ 64 MiB);
+//! 3. a simulated night (issue 11): 2,000 idle claims on CSI volumes, 10 user nodes whose
+//!    CSINodes allow 16 attachments and 110 pods each, Velero's part played with each
+//!    Backup taking 10 s: every claim backed up, the waves and the time it took, and the
+//!    most helpers bound at once on a node and overall, from a watch of the pods.
 //!
 //! `cargo test` runs it once with small numbers as a smoke test.
 
@@ -232,6 +236,113 @@ async fn memory(client: &kube::Client, objects: usize) {
     }
 }
 
+async fn night(claims: usize, nodes: usize, attach: usize, backup_takes: Duration) {
+    use support::controller::{Setup, velero_creates_backup};
+    use support::night::{self, Play};
+    const DRIVER: &str = "csi.vjh.bench";
+    let mut setup = Setup::configured(Duration::from_secs(15), |_| {}).await;
+    while setup.nodes.len() < nodes {
+        setup.add_node().await;
+    }
+    for node in &setup.nodes {
+        cluster::apply_dynamic(&setup.client, &json!({
+            "apiVersion": "storage.k8s.io/v1", "kind": "CSINode",
+            "metadata": {"name": node},
+            "spec": {"drivers": [{"name": DRIVER, "nodeID": node, "allocatable": {"count": attach}}]},
+        }))
+        .await;
+    }
+    let made = Instant::now();
+    futures::stream::iter(0..claims)
+        .for_each_concurrent(64, |i| {
+            let (client, ns) = (setup.client.clone(), setup.users.clone());
+            async move {
+                let user = format!("u{i:04}");
+                cluster::bound_claim_with(
+                    &client,
+                    &ns,
+                    &format!("claim-{user}"),
+                    &user,
+                    Some(DRIVER),
+                )
+                .await
+            }
+        })
+        .await;
+    println!("{claims} bound claims made in {:.0?}", made.elapsed());
+    let seen = Arc::new(Mutex::new(night::Seen::default()));
+    let watching = tokio::spawn(night::watch_limits(setup.pods(), seen.clone()));
+    let played = tokio::spawn(night::play_kubelet_and_velero(
+        setup.client.clone(),
+        setup.users.clone(),
+        setup.velero.clone(),
+        Play {
+            stuck: None,
+            failing: None,
+            backup_takes,
+        },
+    ));
+    let fits = nodes * attach;
+    let tick = setup.schedule("homes").await;
+    let started = Instant::now();
+    eventually(Duration::from_secs(600), || async {
+        let hs = setup.helpers().await;
+        let running = hs.iter().filter(|h| night::phase(h) == "Running").count();
+        (running == fits.min(claims)).then_some(())
+    })
+    .await
+    .expect("the window's helpers Running");
+    let window_took = started.elapsed();
+    velero_creates_backup(&setup, "homes", tick, "InProgress").await;
+    let finished = eventually(Duration::from_secs(3600), || async {
+        let text = setup.controllers[0].metrics.encode();
+        velero_jupyterhub::metrics::sample(&text, "velero_jupyterhub_run_waves{schedule=\"homes\"}")
+            .filter(|w| *w > 0.0 || claims <= fits)
+    })
+    .await
+    .expect("the run finished");
+    let took = started.elapsed();
+    let text = setup.controllers[0].metrics.encode();
+    let not_reached = velero_jupyterhub::metrics::sample(
+        &text,
+        "velero_jupyterhub_run_claims_not_reached{schedule=\"homes\"}",
+    )
+    .unwrap_or(f64::NAN);
+    let backed_up = Api::<kube::core::DynamicObject>::namespaced_with(
+        setup.client.clone(),
+        &setup.velero,
+        &kube::core::ApiResource::from_gvk_with_plural(
+            &kube::core::GroupVersionKind::gvk("velero.io", "v1", "PodVolumeBackup"),
+            "podvolumebackups",
+        ),
+    )
+    .list(&Default::default())
+    .await
+    .map(|l| l.items.len())
+    .unwrap_or(0);
+    let (on_node, total) = {
+        let seen = seen.lock().expect("seen");
+        (seen.max_on_node, seen.max_total)
+    };
+    println!(
+        "simulated night: {claims} idle claims, {nodes} nodes x {attach} attachments, Backups taking {backup_takes:?}: \
+         the window's {} helpers Running after {window_took:.0?}; the Schedule's Backup + {finished} waves; \
+         {backed_up} volumes backed up, {not_reached} claims not reached, in {took:.0?} \
+         ({:.1} s a wave); at most {on_node} helpers on a node (limit {attach}) and {total} at once (limit {fits})",
+        fits.min(claims),
+        took.as_secs_f64() / (finished + 1.0),
+    );
+    assert_eq!(backed_up, claims, "every claim backed up");
+    assert_eq!(not_reached, 0.0);
+    assert!(
+        on_node <= attach && total <= fits,
+        "over the limits: {on_node} on a node, {total} in all"
+    );
+    played.abort();
+    watching.abort();
+    setup.finish().await;
+}
+
 fn main() {
     let quick = !std::env::args().any(|a| a == "--bench");
     if quick {
@@ -247,7 +358,25 @@ fn main() {
         .expect("runtime");
     rt.block_on(async {
         let client = cluster::client().await;
-        reaction(&client, spawns).await;
-        memory(&client, objects).await;
+        // `cargo bench --bench controller -- night`: only the parts named.
+        let only: Vec<String> = std::env::args()
+            .skip(1)
+            .filter(|a| !a.starts_with("--"))
+            .collect();
+        let runs = |part: &str| only.is_empty() || only.iter().any(|o| o == part);
+        if runs("reaction") {
+            reaction(&client, spawns).await;
+        }
+        if runs("memory") {
+            memory(&client, objects).await;
+        }
+        if runs("night") {
+            let (claims, nodes, attach, backup) = if quick {
+                (30, 2, 4, 1)
+            } else {
+                (2000, 10, 16, 10)
+            };
+            night(claims, nodes, attach, Duration::from_secs(backup)).await;
+        }
     });
 }

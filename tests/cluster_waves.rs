@@ -10,36 +10,25 @@
 
 mod support;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::{SignedDuration, ToSpan};
 use kube::Api;
 use kube::api::{ListParams, PostParams};
 use kube::core::DynamicObject;
-use kube::runtime::watcher;
 use serde_json::{Value, json};
 use support::cluster::{self, eventually, from_json};
-use support::controller::{
-    HELPER_SELECTOR, Setup, dynamic, restricted_user_pod, velero_creates_backup,
-};
+use support::controller::{Setup, dynamic, restricted_user_pod, velero_creates_backup};
+use support::night::{self, Play, Seen, claim_of, label, phase};
 use velero_jupyterhub::metrics::sample;
 use velero_jupyterhub::names;
 
 const DRIVER: &str = "csi.vjh.test";
 const ATTACH: usize = 4;
 const CLAIMS: usize = 60;
-
-/// What the watch saw: the most helpers bound to one node at once, and at once overall.
-#[derive(Default)]
-struct Seen {
-    on: HashMap<String, String>,
-    max_on_node: usize,
-    max_total: usize,
-}
 
 #[tokio::test]
 async fn a_night_of_waves_backs_up_every_idle_claim_within_the_limits() {
@@ -68,14 +57,18 @@ async fn a_night_of_waves_backs_up_every_idle_claim_within_the_limits() {
 
     // The limits, from a watch of the helpers.
     let seen = Arc::new(Mutex::new(Seen::default()));
-    let watching = tokio::spawn(watch_limits(setup.pods(), seen.clone()));
+    let watching = tokio::spawn(night::watch_limits(setup.pods(), seen.clone()));
     // The kubelet and Velero.
     let stuck = "claim-u15";
-    let played = tokio::spawn(play_kubelet_and_velero(
+    let played = tokio::spawn(night::play_kubelet_and_velero(
         setup.client.clone(),
         setup.users.clone(),
         setup.velero.clone(),
-        stuck,
+        Play {
+            stuck: Some(stuck.to_owned()),
+            failing: Some("-wave2-".to_owned()),
+            backup_takes: Duration::from_secs(1),
+        },
     ));
 
     // The window before the tick: as many helpers as fit (3 nodes x 4 attachments), the
@@ -476,25 +469,6 @@ async fn the_controller_creates_only_wave_backups() {
     setup.finish().await;
 }
 
-fn label(pod: &Pod, key: &str) -> Option<String> {
-    pod.metadata.labels.as_ref()?.get(key).cloned()
-}
-
-fn phase(pod: &Pod) -> String {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.phase.clone())
-        .unwrap_or_default()
-}
-
-fn claim_of(pod: &Pod) -> String {
-    pod.spec
-        .iter()
-        .flat_map(|s| s.volumes.iter().flatten())
-        .find_map(|v| Some(v.persistent_volume_claim.as_ref()?.claim_name.clone()))
-        .unwrap_or_default()
-}
-
 fn annotation(b: &DynamicObject, key: &str) -> String {
     b.metadata
         .annotations
@@ -543,152 +517,4 @@ async fn backed_up_claims(setup: &Setup) -> HashSet<String> {
                 .cloned()
         })
         .collect()
-}
-
-/// Follows the helpers bound to nodes and records the most on one node and overall.
-async fn watch_limits(pods: Api<Pod>, seen: Arc<Mutex<Seen>>) {
-    let stream = watcher::watcher(pods, watcher::Config::default().labels(HELPER_SELECTOR));
-    let mut stream = std::pin::pin!(stream);
-    while let Some(event) = stream.next().await {
-        let Ok(event) = event else { continue };
-        let mut seen = seen.lock().expect("seen");
-        let mut track = |p: &Pod, present: bool| {
-            let uid = p.metadata.uid.clone().unwrap_or_default();
-            match p.spec.as_ref().and_then(|s| s.node_name.clone()) {
-                Some(node) if present => {
-                    seen.on.insert(uid, node);
-                }
-                _ => {
-                    seen.on.remove(&uid);
-                }
-            }
-        };
-        match event {
-            watcher::Event::Apply(p) | watcher::Event::InitApply(p) => track(&p, true),
-            watcher::Event::Delete(p) => track(&p, false),
-            watcher::Event::Init | watcher::Event::InitDone => {}
-        }
-        let mut per_node: HashMap<&String, usize> = HashMap::new();
-        for node in seen.on.values() {
-            *per_node.entry(node).or_default() += 1;
-        }
-        let most = per_node.values().copied().max().unwrap_or(0);
-        let total = seen.on.len();
-        seen.max_on_node = seen.max_on_node.max(most);
-        seen.max_total = seen.max_total.max(total);
-    }
-}
-
-/// The kubelet: helpers bound to a node become Running (but the first helper of
-/// `stuck`). Velero: every Backup not yet terminal gets, a second later, a Completed
-/// PodVolumeBackup for each Running pod it selects, and ends Completed (a wave 2 Backup
-/// ends Failed).
-async fn play_kubelet_and_velero(client: kube::Client, users: String, velero: String, stuck: &str) {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &users);
-    let resource = |kind: &str, plural: &str| {
-        kube::core::ApiResource::from_gvk_with_plural(
-            &kube::core::GroupVersionKind::gvk("velero.io", "v1", kind),
-            plural,
-        )
-    };
-    let backups: Api<DynamicObject> =
-        Api::namespaced_with(client.clone(), &velero, &resource("Backup", "backups"));
-    let pvbs: Api<DynamicObject> = Api::namespaced_with(
-        client.clone(),
-        &velero,
-        &resource("PodVolumeBackup", "podvolumebackups"),
-    );
-    let mut stuck_uid: Option<String> = None;
-    let mut seen_backups: HashMap<String, std::time::Instant> = HashMap::new();
-    loop {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let Ok(list) = pods
-            .list(&ListParams::default().labels(HELPER_SELECTOR))
-            .await
-        else {
-            continue;
-        };
-        for p in &list.items {
-            let uid = p.metadata.uid.clone().unwrap_or_default();
-            let bound = p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some();
-            if !bound || phase(p) == "Running" || p.metadata.deletion_timestamp.is_some() {
-                continue;
-            }
-            if claim_of(p) == stuck
-                && stuck_uid.as_ref().is_none_or(|u| *u == uid)
-                && label(p, names::WAVE_NUMBER).is_some()
-            {
-                stuck_uid = Some(uid);
-                continue;
-            }
-            cluster::set_phase_if_present(
-                &pods,
-                p.metadata.name.as_deref().unwrap_or_default(),
-                "Running",
-            )
-            .await;
-        }
-        let Ok(list) = backups.list(&ListParams::default()).await else {
-            continue;
-        };
-        for b in &list.items {
-            let name = b.metadata.name.clone().unwrap_or_default();
-            let phase = b.data["status"]["phase"].as_str().unwrap_or("New");
-            if !matches!(phase, "New" | "InProgress") {
-                continue;
-            }
-            let since = *seen_backups
-                .entry(name.clone())
-                .or_insert_with(std::time::Instant::now);
-            if since.elapsed() < Duration::from_secs(1) {
-                continue;
-            }
-            let selector: BTreeMap<String, String> =
-                serde_json::from_value(b.data["spec"]["labelSelector"]["matchLabels"].clone())
-                    .unwrap_or_default();
-            let selected = |p: &Pod| {
-                let labels = p.metadata.labels.clone().unwrap_or_default();
-                selector.iter().all(|(k, v)| labels.get(k) == Some(v))
-            };
-            for p in list_pods(&pods)
-                .await
-                .iter()
-                .filter(|p| selected(p) && phase_is_running(p))
-            {
-                let pvb = cluster::unique(&name);
-                let made = pvbs.create(&PostParams::default(), &from_json(json!({
-                    "apiVersion": "velero.io/v1", "kind": "PodVolumeBackup",
-                    "metadata": {"name": pvb, "namespace": velero,
-                        "labels": {(names::VELERO_BACKUP_NAME): name},
-                        "annotations": {(names::VELERO_PVC_NAME): claim_of(p)}},
-                    "spec": {"node": p.spec.as_ref().and_then(|s| s.node_name.clone()), "volume": "data",
-                        "uploaderType": "kopia", "backupStorageLocation": "default", "repoIdentifier": "",
-                        "pod": {"kind": "Pod", "namespace": users, "name": p.metadata.name, "uid": p.metadata.uid}},
-                }))).await;
-                if made.is_ok() {
-                    let _ = pvbs.patch(&pvb, &Default::default(), &kube::api::Patch::Merge(json!({"status": {
-                        "phase": "Completed", "completionTimestamp": k8s_openapi::jiff::Timestamp::now().to_string(),
-                        "progress": {"totalBytes": 4096, "bytesDone": 4096}}}))).await;
-                }
-            }
-            let end = if name.contains("-wave2-") {
-                "Failed"
-            } else {
-                "Completed"
-            };
-            let _ = backups.patch(&name, &Default::default(), &kube::api::Patch::Merge(json!({"status": {
-                "phase": end, "completionTimestamp": k8s_openapi::jiff::Timestamp::now().to_string()}}))).await;
-        }
-    }
-}
-
-async fn list_pods(pods: &Api<Pod>) -> Vec<Pod> {
-    pods.list(&ListParams::default())
-        .await
-        .map(|l| l.items)
-        .unwrap_or_default()
-}
-
-fn phase_is_running(p: &Pod) -> bool {
-    phase(p) == "Running" && p.metadata.deletion_timestamp.is_none()
 }

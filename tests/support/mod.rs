@@ -6,3 +6,4 @@ pub mod cluster;
 pub mod controller;
 pub mod fixtures;
 pub mod https;
+pub mod night;
