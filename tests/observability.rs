@@ -38,6 +38,15 @@ fn exported() -> BTreeSet<String> {
     c.certificate_errors
         .get_or_create(&velero_jupyterhub::metrics::ReasonLabels { reason: "api" })
         .inc();
+    let schedule = velero_jupyterhub::metrics::ScheduleLabels {
+        schedule: "homes".into(),
+    };
+    for family in [&c.waves, &c.wave_claims, &c.wave_given_up] {
+        family.get_or_create(&schedule).inc();
+    }
+    for family in [&c.run_waves, &c.run_not_reached, &c.run_duration] {
+        family.get_or_create(&schedule).set(1);
+    }
     let mut names = BTreeSet::new();
     for text in [webhook.encode(), controller.encode()] {
         for line in text.lines() {
@@ -138,5 +147,5 @@ fn the_rules_pass_promtool() {
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}");
-    assert!(text.contains("SUCCESS: 10 rules found"), "{text}");
+    assert!(text.contains("SUCCESS: 11 rules found"), "{text}");
 }
