@@ -153,12 +153,27 @@ async fn memory(client: &kube::Client, objects: usize) {
     let t0 = Instant::now();
     futures::stream::iter(0..objects)
         .for_each_concurrent(16, |i| {
-            let (pods, claims) = (pods.clone(), claims.clone());
+            let (pods, claims, client, ns, run) = (pods.clone(), claims.clone(), client.clone(), ns.clone(), run.clone());
             async move {
                 let user = format!("user{i}");
+                // Each claim with its volume, as a CSI provisioner makes it (a zonal disk).
+                let pv_name = format!("pvc-{run}-{i}");
+                cluster::apply_dynamic(&client, &json!({
+                    "apiVersion": "v1", "kind": "PersistentVolume",
+                    "metadata": {"name": pv_name, "labels": {"vjh-bench": run},
+                        "annotations": {"pv.kubernetes.io/provisioned-by": "csi.hetzner.cloud"}},
+                    "spec": {"capacity": {"storage": "10Gi"}, "accessModes": ["ReadWriteOnce"],
+                        "persistentVolumeReclaimPolicy": "Delete", "storageClassName": "hcloud-volumes",
+                        "csi": {"driver": "csi.hetzner.cloud", "volumeHandle": format!("{i}"), "fsType": "ext4"},
+                        "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+                            {"key": "csi.hetzner.cloud/location", "operator": "In", "values": ["fsn1"]}]}]}},
+                        "claimRef": {"namespace": ns, "name": format!("claim-{user}")}},
+                }))
+                .await;
                 let claim: PersistentVolumeClaim = from_json(json!({
                     "metadata": {"name": format!("claim-{user}"), "labels": {"hub.jupyter.org/username": user}},
-                    "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+                    "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "hcloud-volumes",
+                        "volumeName": pv_name, "resources": {"requests": {"storage": "1Gi"}}},
                 }));
                 claims.create(&PostParams::default(), &claim).await.expect("claim");
                 // As the webhook stores them (annotated): the steady state, nothing to backfill.
@@ -172,7 +187,7 @@ async fn memory(client: &kube::Client, objects: usize) {
         })
         .await;
     println!(
-        "created {objects} claims and {objects} pods in {:.0} s",
+        "created {objects} claims (each with its PersistentVolume) and {objects} pods in {:.0} s",
         t0.elapsed().as_secs_f64()
     );
     let kubeconfig = std::env::var("KUBECONFIG").expect("KUBECONFIG");
@@ -223,12 +238,18 @@ async fn memory(client: &kube::Client, objects: usize) {
             .unwrap_or_default()
     };
     println!(
-        "controller watching {objects} claims and {objects} pods: RSS {}, peak {} (goal: <= 64 MiB)",
+        "controller watching {objects} claims, their volumes and {objects} pods: RSS {}, peak {} (goal: <= 64 MiB)",
         field("VmRSS:"),
         field("VmHWM:")
     );
     let _ = child.kill();
     let _ = child.wait();
+    let _ = Api::<k8s_openapi::api::core::v1::PersistentVolume>::all(client.clone())
+        .delete_collection(
+            &Default::default(),
+            &kube::api::ListParams::default().labels(&format!("vjh-bench={run}")),
+        )
+        .await;
     for n in [ns, velero] {
         let _ = Api::<Namespace>::all(client.clone())
             .delete(&n, &Default::default())

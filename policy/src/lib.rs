@@ -31,4 +31,4 @@ pub use claims::{ClaimGlobs, ClaimGlobsError};
 pub use live::{LiveDecision, LiveVerdict, VolumeReason, VolumeReport, decide_live};
 pub use namespace::{ClaimsProblem, NamespacePolicy};
 pub use pod::{PodFacts, PodView};
-pub use record::{ClaimRecord, PodRecord};
+pub use record::{ClaimRecord, PodRecord, VolumeRecord};

@@ -80,6 +80,17 @@ pub struct ClaimRecord {
     pub volume_name: Option<Box<str>>,
 }
 
+/// A watched PersistentVolume: where a claim's volume can be attached (`policy::waves`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct VolumeRecord {
+    /// name, resourceVersion, uid; nothing else.
+    pub metadata: ObjectMeta,
+    /// `spec.csi.driver`: whose attach limit counts (`None`: not a CSI volume).
+    pub driver: Option<Box<str>>,
+    /// `spec.nodeAffinity`: the nodes it can attach on (zonal disks, local volumes).
+    pub node_affinity: Option<k8s_openapi::api::core::v1::VolumeNodeAffinity>,
+}
+
 /// The kept entries of a label or annotation map; each key is one of a fixed list.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Kept(Vec<(&'static str, Box<str>)>);
@@ -415,6 +426,57 @@ impl<'de> Deserialize<'de> for PodRecord {
     }
 }
 
+#[derive(Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PersistentVolumeWire {
+    metadata: Option<MetaWire>,
+    spec: Option<VolumeSpecWire>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct VolumeSpecWire {
+    csi: Option<CsiWire>,
+    node_affinity: Option<k8s_openapi::api::core::v1::VolumeNodeAffinity>,
+}
+
+#[derive(Deserialize)]
+struct CsiWire {
+    driver: String,
+}
+
+impl<'de> Deserialize<'de> for VolumeRecord {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let wire = PersistentVolumeWire::deserialize(d)?;
+        let (metadata, _, _) = wire.metadata.unwrap_or_default().split();
+        let spec = wire.spec.unwrap_or_default();
+        Ok(Self {
+            metadata,
+            driver: spec.csi.map(|c| c.driver.into_boxed_str()),
+            node_affinity: spec.node_affinity,
+        })
+    }
+}
+
+impl k8s_openapi::Resource for VolumeRecord {
+    const API_VERSION: &'static str = "v1";
+    const GROUP: &'static str = "";
+    const KIND: &'static str = "PersistentVolume";
+    const VERSION: &'static str = "v1";
+    const URL_PATH_SEGMENT: &'static str = "persistentvolumes";
+    type Scope = k8s_openapi::ClusterResourceScope;
+}
+
+impl k8s_openapi::Metadata for VolumeRecord {
+    type Ty = ObjectMeta;
+    fn metadata(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn metadata_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
 impl<'de> Deserialize<'de> for ClaimRecord {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let wire = ClaimWire::deserialize(d)?;
@@ -578,5 +640,39 @@ mod tests {
         ] {
             assert_eq!(pinned(affinity), None, "{case}");
         }
+    }
+
+    /// A Hetzner volume as the API server sends it: only the driver and the zone kept.
+    #[test]
+    fn a_volume_keeps_its_driver_and_node_affinity() {
+        let v: VolumeRecord = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "PersistentVolume",
+            "metadata": {"name": "pvc-1", "uid": "u", "resourceVersion": "9", "annotations": {"pv.kubernetes.io/provisioned-by": "csi.hetzner.cloud"},
+                "managedFields": [{"manager": "x"}]},
+            "spec": {"capacity": {"storage": "10Gi"}, "accessModes": ["ReadWriteOnce"],
+                "csi": {"driver": "csi.hetzner.cloud", "volumeHandle": "123", "fsType": "ext4"},
+                "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+                    {"key": "csi.hetzner.cloud/location", "operator": "In", "values": ["fsn1"]}]}]}},
+                "claimRef": {"namespace": "jhub", "name": "claim-alice"}},
+            "status": {"phase": "Bound"}
+        }))
+        .unwrap();
+        assert_eq!(v.metadata.name.as_deref(), Some("pvc-1"));
+        assert_eq!(v.driver.as_deref(), Some("csi.hetzner.cloud"));
+        let terms = &v
+            .node_affinity
+            .unwrap()
+            .required
+            .unwrap()
+            .node_selector_terms;
+        assert_eq!(
+            terms[0].match_expressions.as_ref().unwrap()[0].values,
+            Some(vec!["fsn1".to_owned()])
+        );
+        assert!(v.metadata.annotations.is_none() && v.metadata.managed_fields.is_none());
+        let host: VolumeRecord = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "local"}, "spec": {"hostPath": {"path": "/x"}}}))
+        .unwrap();
+        assert_eq!((host.driver, host.node_affinity), (None, None));
     }
 }

@@ -643,10 +643,10 @@ pub struct PodOnNode<'a> {
 /// Ready, tainted with a NoSchedule or NoExecute taint the helpers do not tolerate, or
 /// without the helpers' node selector labels.
 pub fn node_rooms<'a>(
-    nodes: &'a [k8s_openapi::api::core::v1::Node],
-    csinodes: &'a [k8s_openapi::api::storage::v1::CSINode],
+    nodes: &[&'a k8s_openapi::api::core::v1::Node],
+    csinodes: &[&'a k8s_openapi::api::storage::v1::CSINode],
     pods: &[PodOnNode<'_>],
-    attachments: &[k8s_openapi::api::storage::v1::VolumeAttachment],
+    attachments: &[&k8s_openapi::api::storage::v1::VolumeAttachment],
     helper: &crate::helper::HelperOptions,
 ) -> Vec<NodeRoom<'a>> {
     use std::collections::{HashMap, HashSet};
@@ -675,6 +675,7 @@ pub fn node_rooms<'a>(
     }
     nodes
         .iter()
+        .copied()
         .filter(|node| usable(node, helper))
         .filter_map(|node| {
             let name = node.metadata.name.as_deref()?;
@@ -1174,6 +1175,11 @@ mod tests {
             {"key": "hub.jupyter.org/dedicated", "operator": "Equal", "value": "user", "effect": "NoSchedule"}]))
         .unwrap();
         helper.node_selector = [("pool".to_owned(), "user".to_owned())].into();
+        let (nodes, csinodes, attachments): (Vec<_>, Vec<_>, Vec<_>) = (
+            nodes.iter().collect(),
+            csinodes.iter().collect(),
+            attachments.iter().collect(),
+        );
         let rooms = node_rooms(&nodes, &csinodes, &pods, &attachments, &helper);
         assert_eq!(
             rooms,

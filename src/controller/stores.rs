@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{Namespace, Node, PersistentVolume};
+use k8s_openapi::api::core::v1::{Namespace, Node};
 use k8s_openapi::api::storage::v1::{CSINode, VolumeAttachment};
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, Store};
@@ -18,7 +18,7 @@ use tracing::warn;
 
 use crate::cluster::velero::{Backup, PodVolumeBackup, PodVolumeRestore, Restore, Schedule};
 use crate::names;
-use crate::policy::{ClaimRecord, PodRecord};
+use crate::policy::{ClaimRecord, PodRecord, VolumeRecord};
 
 #[derive(Clone)]
 pub struct Stores {
@@ -35,7 +35,7 @@ pub struct Stores {
     pub nodes: Store<Node>,
     pub csinodes: Store<CSINode>,
     pub attachments: Store<VolumeAttachment>,
-    pub volumes: Store<PersistentVolume>,
+    pub volumes: Store<VolumeRecord>,
     pub changed: Arc<Changed>,
 }
 
@@ -203,24 +203,11 @@ impl Stores {
             stop,
             "volumeattachments",
         );
+        // Compact records: the CSI driver and node affinity only.
         let volumes = watch(
             Api::all(client.clone()),
             &config,
-            |v: &mut PersistentVolume| {
-                // Only the CSI driver and the node affinity are read.
-                v.metadata.managed_fields = None;
-                v.metadata.annotations = None;
-                v.metadata.labels = None;
-                v.status = None;
-                if let Some(s) = v.spec.as_mut() {
-                    s.claim_ref = None;
-                    s.mount_options = None;
-                    s.capacity = None;
-                    if let Some(csi) = s.csi.as_mut() {
-                        csi.volume_attributes = None;
-                    }
-                }
-            },
+            |_: &mut VolumeRecord| {},
             &changed,
             stop,
             "persistentvolumes",

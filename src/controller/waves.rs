@@ -21,7 +21,7 @@ use crate::policy::waves::{
     self, HelperPhase, IdleClaim, NodeRoom, PodOnNode, RunHelper, RunInput, RunOptions, RunStep,
     WaveBackup, WaveHelper, WaveId, WaveRecord,
 };
-use crate::policy::{ClaimGlobs, ClaimRecord, PodFacts, PodRecord};
+use crate::policy::{ClaimGlobs, ClaimRecord, PodFacts, PodRecord, VolumeRecord};
 
 /// A wave Backup to create: made from its Schedule (read whole when it is made).
 #[derive(Clone, Debug)]
@@ -159,19 +159,14 @@ impl Waves {
         let claim_objects = stores.claims.state();
         let pod_objects = stores.pods.state();
         let pv_objects = stores.volumes.state();
-        let node_objects: Vec<_> = stores.nodes.state().iter().map(|n| (**n).clone()).collect();
-        let csinodes: Vec<_> = stores
-            .csinodes
-            .state()
-            .iter()
-            .map(|c| (**c).clone())
-            .collect();
-        let attachments: Vec<_> = stores
-            .attachments
-            .state()
-            .iter()
-            .map(|a| (**a).clone())
-            .collect();
+        let (node_arcs, csinode_arcs, attachment_arcs) = (
+            stores.nodes.state(),
+            stores.csinodes.state(),
+            stores.attachments.state(),
+        );
+        let node_objects: Vec<_> = node_arcs.iter().map(AsRef::as_ref).collect();
+        let csinodes: Vec<_> = csinode_arcs.iter().map(AsRef::as_ref).collect();
+        let attachments: Vec<_> = attachment_arcs.iter().map(AsRef::as_ref).collect();
         let backup_objects = stores.backups.state();
         let pvb_objects = stores.pvbs.state();
         let mut view = self.view(
@@ -219,21 +214,18 @@ impl Waves {
         opted_in: &[(&str, Arc<ClaimGlobs>)],
         claims: &'a [Arc<ClaimRecord>],
         pods: &'a [Arc<PodRecord>],
-        volumes: &'a [Arc<k8s_openapi::api::core::v1::PersistentVolume>],
-        nodes: &'a [k8s_openapi::api::core::v1::Node],
-        csinodes: &'a [k8s_openapi::api::storage::v1::CSINode],
-        attachments: &'a [k8s_openapi::api::storage::v1::VolumeAttachment],
+        volumes: &'a [Arc<VolumeRecord>],
+        nodes: &[&'a k8s_openapi::api::core::v1::Node],
+        csinodes: &[&'a k8s_openapi::api::storage::v1::CSINode],
+        attachments: &[&'a k8s_openapi::api::storage::v1::VolumeAttachment],
         backups: &'a [Arc<Backup>],
         pvbs: &'a [Arc<crate::cluster::velero::PodVolumeBackup>],
     ) -> View<'a> {
-        let pv: HashMap<&str, &k8s_openapi::api::core::v1::PersistentVolume> = volumes
+        let pv: HashMap<&str, &VolumeRecord> = volumes
             .iter()
             .filter_map(|v| Some((v.metadata.name.as_deref()?, v.as_ref())))
             .collect();
-        let driver_of = |pv_name: &str| -> Option<&'a str> {
-            let v = *pv.get(pv_name)?;
-            v.spec.as_ref()?.csi.as_ref().map(|c| c.driver.as_str())
-        };
+        let driver_of = |pv_name: &str| -> Option<&'a str> { pv.get(pv_name)?.driver.as_deref() };
         let all_claims: HashMap<(&str, &str), &ClaimRecord> = claims
             .iter()
             .map(|c| {
@@ -286,7 +278,7 @@ impl Waves {
                 let pv_name = c.volume_name.as_deref();
                 let v = pv_name.and_then(|n| pv.get(n));
                 let driver = pv_name.and_then(driver_of);
-                let affinity = v.and_then(|v| v.spec.as_ref()?.node_affinity.as_ref());
+                let affinity = v.and_then(|v| v.node_affinity.as_ref());
                 (key, (driver, waves::volume_nodes(affinity, &room_labels)))
             })
             .collect();
@@ -472,7 +464,15 @@ impl Waves {
             .claims
             .keys()
             .filter(|(ns, claim)| {
-                covered.contains(ns)
+                // Claims made after the tick are the next tick's.
+                let before_tick = view.claims.get(&(*ns, *claim)).is_some_and(|c| {
+                    c.metadata
+                        .creation_timestamp
+                        .as_ref()
+                        .is_none_or(|t| t.0 < tick)
+                });
+                before_tick
+                    && covered.contains(ns)
                     && !view.live.contains(&(*ns, *claim))
                     && !held.contains(&(*ns, *claim))
                     && !creating.contains(&((*ns).to_owned(), (*claim).to_owned()))
