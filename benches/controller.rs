@@ -274,22 +274,17 @@ async fn night(claims: usize, nodes: usize, attach: usize, backup_takes: Duratio
         .await;
     }
     let made = Instant::now();
-    futures::stream::iter(0..claims)
-        .for_each_concurrent(64, |i| {
-            let (client, ns) = (setup.client.clone(), setup.users.clone());
-            async move {
-                let user = format!("u{i:04}");
-                cluster::bound_claim_with(
-                    &client,
-                    &ns,
-                    &format!("claim-{user}"),
-                    &user,
-                    Some(DRIVER),
-                )
-                .await
-            }
-        })
-        .await;
+    let wanted: Vec<(String, String)> = (0..claims)
+        .map(|i| (format!("claim-u{i:04}"), format!("u{i:04}")))
+        .collect();
+    cluster::bound_claims(
+        &setup.client,
+        &setup.users,
+        &wanted,
+        Some(DRIVER),
+        Duration::from_secs(1800),
+    )
+    .await;
     println!("{claims} bound claims made in {:.0?}", made.elapsed());
     let seen = Arc::new(Mutex::new(night::Seen::default()));
     let watching = tokio::spawn(night::watch_limits(setup.pods(), seen.clone()));

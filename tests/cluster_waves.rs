@@ -14,7 +14,6 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::jiff::{SignedDuration, ToSpan};
 use kube::Api;
 use kube::api::{ListParams, PostParams};
@@ -47,13 +46,18 @@ async fn a_night_of_waves_backs_up_every_idle_claim_within_the_limits() {
         .await;
     }
     let claims: Vec<String> = (0..CLAIMS).map(|i| format!("claim-u{i:02}")).collect();
-    futures::stream::iter(&claims)
-        .for_each_concurrent(16, |c| {
-            let user = c.trim_start_matches("claim-").to_owned();
-            let (client, ns) = (setup.client.clone(), setup.users.clone());
-            async move { cluster::bound_claim_with(&client, &ns, c, &user, Some(DRIVER)).await }
-        })
-        .await;
+    let wanted: Vec<(String, String)> = claims
+        .iter()
+        .map(|c| (c.clone(), c.trim_start_matches("claim-").to_owned()))
+        .collect();
+    cluster::bound_claims(
+        &setup.client,
+        &setup.users,
+        &wanted,
+        Some(DRIVER),
+        Duration::from_secs(120),
+    )
+    .await;
 
     // The limits, from a watch of the helpers.
     let seen = Arc::new(Mutex::new(Seen::default()));

@@ -676,6 +676,17 @@ pub async fn bound_claim_with(
     user: &str,
     driver: Option<&str>,
 ) {
+    make_claim(client, namespace, claim, user, driver, true).await;
+}
+
+async fn make_claim(
+    client: &Client,
+    namespace: &str,
+    claim: &str,
+    user: &str,
+    driver: Option<&str>,
+    wait: bool,
+) {
     use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
     let pv_name = unique("pv");
     let mut pv = json!({
@@ -707,15 +718,50 @@ pub async fn bound_claim_with(
     api.create(&PostParams::default(), &pvc)
         .await
         .expect("create pvc");
-    eventually(Duration::from_secs(30), || {
+    if wait {
+        bound(client, namespace, 1, Duration::from_secs(30), &[claim]).await;
+    }
+}
+
+/// Many claims as [`bound_claim_with`] makes one, `(claim, user)`, made side by side;
+/// then waits until all are bound (the controller manager's binder takes its time with
+/// thousands: its API client is rate-limited).
+pub async fn bound_claims(
+    client: &Client,
+    namespace: &str,
+    claims: &[(String, String)],
+    driver: Option<&str>,
+    timeout: Duration,
+) {
+    use futures::StreamExt as _;
+    futures::stream::iter(claims)
+        .for_each_concurrent(16, |(claim, user)| {
+            make_claim(client, namespace, claim, user, driver, false)
+        })
+        .await;
+    let names: Vec<&str> = claims.iter().map(|(c, _)| c.as_str()).collect();
+    bound(client, namespace, claims.len(), timeout, &names).await;
+}
+
+/// Waits until `count` claims of the namespace are Bound.
+async fn bound(client: &Client, namespace: &str, count: usize, timeout: Duration, which: &[&str]) {
+    use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+    let api: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
+    eventually(timeout, || {
         let api = api.clone();
         async move {
-            let c = api.get(claim).await.ok()?;
-            (c.status?.phase.as_deref() == Some("Bound")).then_some(())
+            let list = api.list(&kube::api::ListParams::default()).await.ok()?;
+            let n = list
+                .items
+                .iter()
+                .filter(|c| which.contains(&c.metadata.name.as_deref().unwrap_or_default()))
+                .filter(|c| c.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound"))
+                .count();
+            (n >= count).then_some(())
         }
     })
     .await
-    .unwrap_or_else(|| panic!("claim {namespace}/{claim} did not bind"));
+    .unwrap_or_else(|| panic!("claims {which:?} in {namespace} did not bind"));
 }
 
 /// Creates a namespace named `<prefix>-<unique>` with `labels`; returns its name.
