@@ -471,6 +471,44 @@ pub fn run_step(input: &RunInput<'_>) -> RunStep {
         .map(|h| h.number)
         .chain(input.waves.iter().map(|w| w.number))
         .max();
+    // What is left: the claims not backed up in this run yet, not in one of its finished
+    // waves already, given up fewer than `TRIES` times, and without a helper now.
+    let tried = |c: &IdleClaim<'_>| {
+        let key = (c.namespace, c.claim);
+        let made = input.waves.iter().any(|w| w.claims.contains(&key));
+        let given_up = input
+            .waves
+            .iter()
+            .filter(|w| w.given_up.contains(&key))
+            .count();
+        made || given_up >= TRIES
+    };
+    let held = |c: &IdleClaim<'_>| {
+        input
+            .helpers
+            .iter()
+            .any(|h| h.namespace == c.namespace && h.claim == c.claim)
+    };
+    let reached = |c: &IdleClaim<'_>| c.last_backup.is_some_and(|l| l >= input.tick);
+    let left: Vec<usize> = (0..input.claims.len())
+        .filter(|&i| !reached(&input.claims[i]))
+        .collect();
+    let todo: Vec<usize> = left
+        .iter()
+        .copied()
+        .filter(|&i| !tried(&input.claims[i]) && !held(&input.claims[i]))
+        .collect();
+    let past = input.now >= deadline;
+    // The claims of `todo` that fit now, as (claim, node) pairs, and how many do not.
+    let place = || {
+        let candidates: Vec<IdleClaim<'_>> =
+            todo.iter().map(|&i| input.claims[i].clone()).collect();
+        let budget = input.options.max_helpers.saturating_sub(input.helpers_up);
+        let wave = next_wave(&candidates, input.nodes, budget);
+        let placed: Vec<(usize, usize)> =
+            wave.placed.into_iter().map(|(c, n)| (todo[c], n)).collect();
+        (placed, wave.waiting)
+    };
     if let Some(number) = current {
         let backup = input
             .waves
@@ -483,6 +521,18 @@ pub fn run_step(input: &RunInput<'_>) -> RunStep {
             .collect();
         if !earlier.is_empty() {
             return RunStep::Clear { helpers: earlier };
+        }
+        // A wave is made in chunks (the reconciler stops creating and plans again when
+        // the cluster changes): until its Backup is made, it takes whatever else fits.
+        if backup == WaveBackup::NotCreated && !input.helpers.is_empty() && !past {
+            let (placed, waiting) = place();
+            if !placed.is_empty() {
+                return RunStep::Start {
+                    number,
+                    placed,
+                    waiting,
+                };
+            }
         }
         let ours: Vec<usize> = (0..input.helpers.len()).collect();
         let helpers: Vec<WaveHelper> = input.helpers.iter().map(|h| h.helper).collect();
@@ -506,28 +556,7 @@ pub fn run_step(input: &RunInput<'_>) -> RunStep {
             WaveStep::Over { .. } => {}
         }
     }
-    // The next wave, if the run goes on: the claims not backed up in it yet, not in one of
-    // its finished waves already, and given up fewer than `TRIES` times.
-    let tried = |c: &IdleClaim<'_>| {
-        let key = (c.namespace, c.claim);
-        let made = input.waves.iter().any(|w| w.claims.contains(&key));
-        let given_up = input
-            .waves
-            .iter()
-            .filter(|w| w.given_up.contains(&key))
-            .count();
-        made || given_up >= TRIES
-    };
-    let reached = |c: &IdleClaim<'_>| c.last_backup.is_some_and(|l| l >= input.tick);
-    let left: Vec<usize> = (0..input.claims.len())
-        .filter(|&i| !reached(&input.claims[i]))
-        .collect();
-    let todo: Vec<usize> = left
-        .iter()
-        .copied()
-        .filter(|&i| !tried(&input.claims[i]))
-        .collect();
-    if todo.is_empty() || input.now >= deadline {
+    if todo.is_empty() || past {
         let ended = input
             .waves
             .iter()
@@ -548,18 +577,14 @@ pub fn run_step(input: &RunInput<'_>) -> RunStep {
     {
         return RunStep::Settle { until };
     }
-    let candidates: Vec<IdleClaim<'_>> = todo.iter().map(|&i| input.claims[i].clone()).collect();
-    let budget = input.options.max_helpers.saturating_sub(input.helpers_up);
-    let wave = next_wave(&candidates, input.nodes, budget);
-    if wave.placed.is_empty() {
-        return RunStep::NoRoom {
-            waiting: wave.waiting,
-        };
+    let (placed, waiting) = place();
+    if placed.is_empty() {
+        return RunStep::NoRoom { waiting };
     }
     RunStep::Start {
         number: current.map_or(1, |n| n + 1),
-        placed: wave.placed.into_iter().map(|(c, n)| (todo[c], n)).collect(),
-        waiting: wave.waiting,
+        placed,
+        waiting,
     }
 }
 
@@ -1265,12 +1290,15 @@ mod tests {
             max: usize,
             up: usize,
             settling: bool,
+            /// The nodes have room left (by default only when no helper is up).
+            room: bool,
             want: RunStep,
         }
-        let case = |name, waves, helpers, now, want| Case {
+        let case = |name, waves, helpers: Vec<RunHelper<'static>>, now, want| Case {
             name,
             done: true,
             waves,
+            room: helpers.is_empty(),
             helpers,
             now,
             max: 10,
@@ -1338,6 +1366,20 @@ mod tests {
                     until: t("2026-11-28T03:15:00Z"),
                 },
             ),
+            Case {
+                room: true,
+                ..case(
+                    "a wave made in part (the reconciler stopped at a change): it takes what else fits",
+                    vec![],
+                    vec![run_helper("claim-b", 1, Running, "2026-11-28T03:10:00Z")],
+                    "2026-11-28T03:11:00Z",
+                    RunStep::Start {
+                        number: 1,
+                        placed: vec![(0, 0), (3, 1)],
+                        waiting: 0,
+                    },
+                )
+            },
             case(
                 "one stuck past the bound: back up the other, give it up",
                 vec![],
@@ -1482,6 +1524,7 @@ mod tests {
                 ..c.clone()
             })
             .collect();
+        let full = vec![node("n1", 110, 0), node("n2", 110, 0)];
         for c in cases.drain(..) {
             let input = RunInput {
                 tick,
@@ -1489,7 +1532,7 @@ mod tests {
                 claims: &claims,
                 waves: &c.waves,
                 helpers: &c.helpers,
-                nodes: &nodes,
+                nodes: if c.room { &nodes } else { &full },
                 helpers_up: c.up,
                 settling: c.settling,
                 now: t(c.now),

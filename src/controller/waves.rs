@@ -193,6 +193,31 @@ impl Waves {
         let schedules = stores.schedules.state();
         let mut schedules: Vec<&Arc<Schedule>> = schedules.iter().collect();
         schedules.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+        // Wave helpers of a Schedule that is gone: their run is over.
+        let known: HashSet<std::borrow::Cow<'_, str>> = schedules
+            .iter()
+            .filter_map(|s| s.metadata.name.as_deref())
+            .map(crate::policy::velero::label_value)
+            .collect();
+        for p in pod_objects.iter().filter(|p| {
+            is_wave_helper(p)
+                && p.label(names::MANAGED_BY) == Some(names::MANAGED_BY_US)
+                && p.metadata.deletion_timestamp.is_none()
+                && p.own_label(names::WAVE_SCHEDULE)
+                    .is_some_and(|s| !known.contains(s))
+        }) {
+            out.delete.push(Deletion {
+                namespace: p.namespace().to_owned(),
+                name: p.name().to_owned(),
+                uid: p.uid().to_owned(),
+                claim: p
+                    .volumes()
+                    .find_map(|(_, c)| c)
+                    .unwrap_or_default()
+                    .to_owned(),
+                reason: DeleteReason::WaveOver,
+            });
+        }
         for schedule in schedules {
             self.run(
                 schedule,

@@ -686,15 +686,27 @@ async fn make_claim(
     user: &str,
     driver: Option<&str>,
     wait: bool,
-) {
+) -> String {
     use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
     let pv_name = unique("pv");
+    // The claim first: the volume's claimRef then names its uid, a pair bound in full
+    // that the binder only confirms.
+    let pvc: PersistentVolumeClaim = from_json(json!({
+        "metadata": {"name": claim, "labels": {"hub.jupyter.org/username": user}},
+        "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "", "volumeName": pv_name,
+                 "resources": {"requests": {"storage": "1Gi"}}},
+    }));
+    let api: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
+    let made = api
+        .create(&PostParams::default(), &pvc)
+        .await
+        .expect("create pvc");
     let mut pv = json!({
         "metadata": {"name": pv_name},
         "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
                  "persistentVolumeReclaimPolicy": "Delete", "storageClassName": "",
                  "hostPath": {"path": format!("/tmp/{pv_name}")},
-                 "claimRef": {"namespace": namespace, "name": claim}},
+                 "claimRef": {"namespace": namespace, "name": claim, "uid": made.metadata.uid}},
     });
     if let Some(driver) = driver {
         let spec = pv["spec"].as_object_mut().expect("spec");
@@ -709,23 +721,17 @@ async fn make_claim(
         .create(&PostParams::default(), &pv)
         .await
         .expect("create pv");
-    let pvc: PersistentVolumeClaim = from_json(json!({
-        "metadata": {"name": claim, "labels": {"hub.jupyter.org/username": user}},
-        "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "", "volumeName": pv_name,
-                 "resources": {"requests": {"storage": "1Gi"}}},
-    }));
-    let api: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
-    api.create(&PostParams::default(), &pvc)
-        .await
-        .expect("create pvc");
     if wait {
         bound(client, namespace, 1, Duration::from_secs(30), &[claim]).await;
     }
+    pv_name
 }
 
-/// Many claims as [`bound_claim_with`] makes one, `(claim, user)`, made side by side;
-/// then waits until all are bound (the controller manager's binder takes its time with
-/// thousands: its API client is rate-limited).
+/// Many claims as [`bound_claim_with`] makes one, `(claim, user)`, made side by side
+/// and marked Bound as the controller manager's binder marks them (pkg/controller/volume/
+/// persistentvolume/pv_controller.go `bind`: the volume's and the claim's
+/// `status.phase`), which with thousands would take it many minutes (its API client is
+/// rate-limited); then waits until the watchers see all bound.
 pub async fn bound_claims(
     client: &Client,
     namespace: &str,
@@ -735,8 +741,21 @@ pub async fn bound_claims(
 ) {
     use futures::StreamExt as _;
     futures::stream::iter(claims)
-        .for_each_concurrent(16, |(claim, user)| {
-            make_claim(client, namespace, claim, user, driver, false)
+        .for_each_concurrent(16, |(claim, user)| async move {
+            let pv = make_claim(client, namespace, claim, user, driver, false).await;
+            let bound = |phase_of: &str| Patch::Merge(json!({"status": {"phase": phase_of}}));
+            Api::<k8s_openapi::api::core::v1::PersistentVolume>::all(client.clone())
+                .patch_status(&pv, &PatchParams::default(), &bound("Bound"))
+                .await
+                .expect("volume Bound");
+            Api::<k8s_openapi::api::core::v1::PersistentVolumeClaim>::namespaced(
+                client.clone(),
+                namespace,
+            )
+            .patch_status(claim, &PatchParams::default(), &Patch::Merge(json!({"status": {
+                "phase": "Bound", "accessModes": ["ReadWriteOnce"], "capacity": {"storage": "1Gi"}}})))
+            .await
+            .expect("claim Bound");
         })
         .await;
     let names: Vec<&str> = claims.iter().map(|(c, _)| c.as_str()).collect();
