@@ -226,8 +226,9 @@ pub struct ControllerArgs {
     pub max_window: Duration,
     /// At most this many backup helpers at once, across namespaces. Idle claims beyond
     /// it (or beyond the nodes' free pod slots and CSI attach limits) are backed up in
-    /// waves after the Schedule's own Backup, each wave a Backup of its own.
-    #[arg(long, env = "VJH_MAX_HELPERS", default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    /// waves after the Schedule's own Backup, each wave a Backup of its own. At most
+    /// 2,000 (a wave Backup records its claims in an annotation).
+    #[arg(long, env = "VJH_MAX_HELPERS", default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=2_000))]
     pub max_helpers: u32,
     /// A wave's helper not Running this long after its creation is given up: the wave is
     /// backed up without it, and it is tried once more in a later wave.

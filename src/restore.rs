@@ -245,10 +245,12 @@ pub async fn latest_backup(client: &kube::Client, o: &Options) -> anyhow::Result
         .await
         .context("listing Backups")?
         .items;
-    let restorable: std::collections::HashSet<&str> = backups
+    // By the label form PodVolumeBackups carry (hashed beyond 63 characters) → the name.
+    let restorable: BTreeMap<String, &str> = backups
         .iter()
         .filter(|b| b.restorable())
         .filter_map(|b| b.metadata.name.as_deref())
+        .map(|n| (velero::label_value(n).into_owned(), n))
         .collect();
     let pvbs = Api::<PodVolumeBackup>::namespaced(client.clone(), vns)
         .list(&ListParams::default())
@@ -269,7 +271,7 @@ pub async fn latest_backup(client: &kube::Client, o: &Options) -> anyhow::Result
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
         let newest = crate::policy::status::newest_backup_of(
             &done,
-            |b| restorable.contains(b),
+            |b| restorable.contains_key(b),
             ns,
             &refs,
         )
@@ -279,7 +281,10 @@ pub async fn latest_backup(client: &kube::Client, o: &Options) -> anyhow::Result
                 names.join(", ")
             )
         })?;
-        found.entry(newest.backup).or_default().push(user);
+        let backup = restorable
+            .get(&newest.backup)
+            .map_or(newest.backup.clone(), |n| (*n).to_owned());
+        found.entry(backup).or_default().push(user);
     }
     if found.len() > 1 {
         let each: Vec<String> = found

@@ -189,7 +189,7 @@ async fn a_night_of_waves_backs_up_every_idle_claim_within_the_limits() {
         .collect();
     let (wave_count, not_reached) =
         finished.unwrap_or_else(|| panic!("the run did not finish: {summary:#?}"));
-    assert!(stopped, "the leader was stopped in wave 4");
+    assert!(stopped, "the leader was stopped in wave 4: {summary:#?}");
     let user_claim = user_claim.expect("a user started in wave 3");
     let waited = user_waited.expect("the user's helper went");
     println!("a user starting mid-wave: their helper gone {waited:?} later (as polled)");
@@ -445,10 +445,10 @@ async fn the_controller_creates_only_wave_backups() {
             "backups",
         ),
     );
-    let wave = |edit: &dyn Fn(&mut Value)| {
+    let wave = |i: usize, edit: &dyn Fn(&mut Value)| {
         let mut b = json!({
             "apiVersion": "velero.io/v1", "kind": "Backup",
-            "metadata": {"name": cluster::unique("homes-wave1"), "namespace": setup.velero,
+            "metadata": {"name": format!("homes-wave{i}-20261128030000"), "namespace": setup.velero,
                 "labels": {"app.kubernetes.io/managed-by": "velero-jupyterhub",
                     (names::WAVE_SCHEDULE): "homes", (names::WAVE_TICK): "1795834800", (names::WAVE_NUMBER): "1"}},
             "spec": {"includedNamespaces": [setup.users],
@@ -489,6 +489,11 @@ async fn the_controller_creates_only_wave_backups() {
             false,
         ),
         (
+            "another name",
+            Box::new(|b| b["metadata"]["name"] = json!("nightly-copy")),
+            false,
+        ),
+        (
             "as the Schedule's own",
             Box::new(|b| b["metadata"]["labels"][names::VELERO_SCHEDULE_NAME] = json!("homes")),
             false,
@@ -499,8 +504,8 @@ async fn the_controller_creates_only_wave_backups() {
             false,
         ),
     ];
-    for (name, edit, allowed) in cases {
-        let made = api.create(&PostParams::default(), &wave(&*edit)).await;
+    for (i, (name, edit, allowed)) in cases.into_iter().enumerate() {
+        let made = api.create(&PostParams::default(), &wave(i, &*edit)).await;
         assert_eq!(made.is_ok(), allowed, "{name}: {made:?}");
     }
     setup.finish().await;

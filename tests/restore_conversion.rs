@@ -100,6 +100,61 @@ fn the_fixtures_restored_helper_keeps_restore_wait_byte_for_byte_and_loses_read_
     assert!(!is_restore_candidate(&pod), "not ours, not a user server");
 }
 
+/// Our own wave helper, pinned to a node and labelled with its wave, as Velero re-creates
+/// it from a wave Backup (labels kept, `restore-wait` prepended, nodeName cleared): the
+/// restore helper keeps neither, so it can run on any node (the planned one may be gone)
+/// and no run of waves takes it for one of its helpers.
+#[test]
+fn a_restored_wave_helper_loses_its_pin_and_its_wave() {
+    use velero_jupyterhub::policy::helper::{self, ClaimRef};
+    use velero_jupyterhub::policy::names;
+    let claim = ClaimRef {
+        namespace: "jhub",
+        name: "claim-alice",
+        uid: "u-1",
+        username: Some("alice"),
+    };
+    let mut labels = helper::own_labels(Some("alice"));
+    for (k, v) in [
+        (names::WAVE_SCHEDULE, "homes"),
+        (names::WAVE_TICK, "1795834800"),
+        (names::WAVE_NUMBER, "3"),
+        (names::VELERO_RESTORE_NAME, "jhub-restore"),
+    ] {
+        labels.insert(k.to_owned(), v.to_owned());
+    }
+    let mut pod = helper::backup_helper(&claim, labels, &options());
+    helper::pin_to_node(&mut pod, "node-gone");
+    assert!(helper::is_pinned(
+        pod.spec
+            .as_ref()
+            .and_then(|s| s.affinity.as_ref())
+            .expect("pinned")
+    ));
+    let got = restore_helper(&pod, &options());
+    let labels = got.metadata.labels.clone().unwrap_or_default();
+    assert_eq!(
+        labels.get(names::COMPONENT).map(String::as_str),
+        Some(names::RESTORE_HELPER)
+    );
+    for key in [names::WAVE_SCHEDULE, names::WAVE_TICK, names::WAVE_NUMBER] {
+        assert!(!labels.contains_key(key), "{key}");
+    }
+    assert_eq!(got.spec.as_ref().and_then(|s| s.affinity.clone()), None);
+    // A user's own node affinity (not a pin) stays.
+    let mut user = restored_z2jh(&["home"]);
+    let zone: k8s_openapi::api::core::v1::Affinity = serde_json::from_value(serde_json::json!({
+        "nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+            {"matchExpressions": [{"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["fsn1"]}]}]}}}))
+    .expect("affinity");
+    user.spec.as_mut().expect("spec").affinity = Some(zone.clone());
+    let got = restore_helper(&user, &options());
+    assert_eq!(
+        got.spec.as_ref().and_then(|s| s.affinity.clone()),
+        Some(zone)
+    );
+}
+
 #[test]
 fn converting_twice_changes_nothing_and_nothing_to_restore_keeps_no_volume() {
     let home = first_claim_volume(&restored_z2jh(&[]));

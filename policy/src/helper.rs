@@ -187,6 +187,27 @@ pub fn pin_to_node(pod: &mut Pod, node: &str) {
     }
 }
 
+/// Whether `affinity` is exactly what [`pin_to_node`] sets.
+pub fn is_pinned(affinity: &k8s_openapi::api::core::v1::Affinity) -> bool {
+    let Some(required) = affinity.node_affinity.as_ref().and_then(|n| {
+        n.required_during_scheduling_ignored_during_execution
+            .as_ref()
+    }) else {
+        return false;
+    };
+    affinity.pod_affinity.is_none()
+        && affinity.pod_anti_affinity.is_none()
+        && match required.node_selector_terms.as_slice() {
+            [term] => {
+                term.match_expressions.as_ref().is_none_or(Vec::is_empty)
+                    && matches!(term.match_fields.as_deref(), Some([field])
+                        if field.key == "metadata.name" && field.operator == "In"
+                            && field.values.as_ref().is_some_and(|v| v.len() == 1))
+            }
+            _ => false,
+        }
+}
+
 /// Annotations that keep service meshes from injecting a sidecar: a helper talks to no
 /// one, and an injected container would not be the one pause-like container it must be.
 pub fn no_mesh_sidecar() -> [(String, String); 2] {

@@ -153,7 +153,7 @@ pub struct Backfill {
 
 /// A helper of a wave (`waves`): its run, not a window, decides when it goes.
 pub fn is_wave_helper(pod: &PodRecord) -> bool {
-    pod.own_label(names::WAVE_SCHEDULE).is_some()
+    is_backup_helper(pod) && pod.own_label(names::WAVE_SCHEDULE).is_some()
 }
 
 fn is_backup_helper<P: PodFacts>(pod: &P) -> bool {

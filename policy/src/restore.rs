@@ -43,6 +43,10 @@ const DROPPED_LABELS: &[&str] = &[
     names::JUPYTERHUB_COMPONENT,
     names::COMPONENT,
     "hub.jupyter.org/network-access-hub",
+    // A backup helper's wave: the restore helper belongs to no run.
+    names::WAVE_SCHEDULE,
+    names::WAVE_TICK,
+    names::WAVE_NUMBER,
 ];
 
 /// A pod the restore path converts: re-created by a Velero restore, and either a user
@@ -135,7 +139,9 @@ pub fn restore_helper(pod: &Pod, options: &HelperOptions) -> Pod {
         termination_grace_period_seconds: Some(0),
         tolerations: spec.tolerations,
         node_selector: spec.node_selector,
-        affinity: spec.affinity,
+        // Not a backup helper's pin to the node it was planned on: that node may be gone
+        // (a restore into a new cluster, a replaced node), and the restore goes anywhere.
+        affinity: spec.affinity.filter(|a| !helper::is_pinned(a)),
         ..Default::default()
     };
 

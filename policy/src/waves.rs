@@ -16,6 +16,7 @@
 //! scheduler's goodwill).
 
 use std::cmp::Reverse;
+use std::collections::{HashMap, HashSet};
 
 use jiff::Timestamp;
 
@@ -42,21 +43,23 @@ pub struct NodeRoom<'a> {
     pub name: &'a str,
     /// Allocatable pods minus the pods on it now.
     pub free_pods: u32,
-    /// Per CSI driver that reports a limit: attachments left (the limit minus the volumes
-    /// of that driver attached now). A driver not listed is not limited on this node.
+    /// Per CSI driver on the node (its CSINode lists it): attachments left (the limit
+    /// minus the volumes of that driver in use there; `u32::MAX` when it reports no
+    /// limit). A volume of a driver not listed cannot attach here: its node plugin is
+    /// not running (a new node still registering, a node pool without it).
     pub free_attach: Vec<(&'a str, u32)>,
 }
 
 impl NodeRoom<'_> {
     /// Helpers for volumes of `driver` this node can still take.
     fn room(&self, driver: Option<&str>) -> u32 {
-        let attach = driver.and_then(|d| {
-            self.free_attach
-                .iter()
-                .find(|(name, _)| *name == d)
-                .map(|(_, n)| *n)
-        });
-        attach.map_or(self.free_pods, |a| a.min(self.free_pods))
+        let Some(driver) = driver else {
+            return self.free_pods;
+        };
+        self.free_attach
+            .iter()
+            .find(|(name, _)| *name == driver)
+            .map_or(0, |(_, n)| (*n).min(self.free_pods))
     }
 
     fn take(&mut self, driver: Option<&str>) {
@@ -200,6 +203,12 @@ pub fn wave_backup(
     spec.remove("excludedResources");
     spec.remove("excludedNamespaceScopedResources");
     spec.remove("includedNamespaceScopedResources");
+    // Cluster-scoped resources: only the helpers' volumes, which Velero takes along with
+    // their claims by itself (and `includedResources` cannot be mixed with the newer
+    // scoped filters: Velero refuses such a Backup).
+    spec.remove("includeClusterResources");
+    spec.remove("includedClusterScopedResources");
+    spec.remove("excludedClusterScopedResources");
     spec.insert(
         "includedResources".into(),
         json!(["pods", "persistentvolumeclaims", "persistentvolumes"]),
@@ -473,31 +482,47 @@ pub fn run_step(input: &RunInput<'_>) -> RunStep {
         .max();
     // What is left: the claims not backed up in this run yet, not in one of its finished
     // waves already, given up fewer than `TRIES` times, and without a helper now.
+    // Claims in a finished wave, times given up, claims with a helper: sets, once.
+    let made: HashSet<(&str, &str)> = input
+        .waves
+        .iter()
+        .flat_map(|w| w.claims.iter().copied())
+        .collect();
+    let mut given_up: HashMap<(&str, &str), usize> = HashMap::new();
+    for key in input.waves.iter().flat_map(|w| w.given_up.iter().copied()) {
+        *given_up.entry(key).or_default() += 1;
+    }
+    let held: HashSet<(&str, &str)> = input
+        .helpers
+        .iter()
+        .map(|h| (h.namespace, h.claim))
+        .collect();
     let tried = |c: &IdleClaim<'_>| {
         let key = (c.namespace, c.claim);
-        let made = input.waves.iter().any(|w| w.claims.contains(&key));
-        let given_up = input
-            .waves
-            .iter()
-            .filter(|w| w.given_up.contains(&key))
-            .count();
-        made || given_up >= TRIES
-    };
-    let held = |c: &IdleClaim<'_>| {
-        input
-            .helpers
-            .iter()
-            .any(|h| h.namespace == c.namespace && h.claim == c.claim)
+        made.contains(&key) || given_up.get(&key).copied().unwrap_or(0) >= TRIES
     };
     let reached = |c: &IdleClaim<'_>| c.last_backup.is_some_and(|l| l >= input.tick);
+    // No node it can attach on now (a zone without a usable node at night): not this run.
+    let nowhere = |c: &IdleClaim<'_>| c.nodes.as_ref().is_some_and(Vec::is_empty);
     let left: Vec<usize> = (0..input.claims.len())
         .filter(|&i| !reached(&input.claims[i]))
         .collect();
     let todo: Vec<usize> = left
         .iter()
         .copied()
-        .filter(|&i| !tried(&input.claims[i]) && !held(&input.claims[i]))
+        .filter(|&i| {
+            let c = &input.claims[i];
+            !tried(c) && !held.contains(&(c.namespace, c.claim)) && !nowhere(c)
+        })
         .collect();
+    // Two waves in a row failed: Velero or the storage is failing, not a claim. Stop
+    // rather than churn through everyone (the claims go first the next run).
+    let mut by_number: Vec<&WaveRecord<'_>> = input.waves.iter().collect();
+    by_number.sort_by_key(|w| w.number);
+    let failing = matches!(
+        by_number.as_slice(),
+        [.., a, b] if a.backup == WaveBackup::Done(false) && b.backup == WaveBackup::Done(false)
+    );
     let past = input.now >= deadline;
     // The claims of `todo` that fit now, as (claim, node) pairs, and how many do not.
     let place = || {
@@ -524,7 +549,16 @@ pub fn run_step(input: &RunInput<'_>) -> RunStep {
         }
         // A wave is made in chunks (the reconciler stops creating and plans again when
         // the cluster changes): until its Backup is made, it takes whatever else fits.
-        if backup == WaveBackup::NotCreated && !input.helpers.is_empty() && !past {
+        // Only while its first helpers may still be starting: a claim whose helper
+        // cannot be created (a quota, a policy) must not keep the wave open.
+        let forming = input
+            .helpers
+            .iter()
+            .map(|h| h.helper.created)
+            .min()
+            .and_then(|t| t.checked_add(input.options.start_bound).ok())
+            .is_some_and(|until| input.now < until);
+        if backup == WaveBackup::NotCreated && forming && !past {
             let (placed, waiting) = place();
             if !placed.is_empty() {
                 return RunStep::Start {
@@ -556,7 +590,7 @@ pub fn run_step(input: &RunInput<'_>) -> RunStep {
             WaveStep::Over { .. } => {}
         }
     }
-    if todo.is_empty() || past {
+    if todo.is_empty() || past || failing {
         let ended = input
             .waves
             .iter()
@@ -717,10 +751,14 @@ pub fn node_rooms<'a>(
                 .iter()
                 .filter(|c| c.metadata.name.as_deref() == Some(name))
                 .flat_map(|c| c.spec.drivers.iter())
-                .filter_map(|d| {
-                    let limit = u32::try_from(d.allocatable.as_ref()?.count?).ok()?;
+                .map(|d| {
+                    let limit = d
+                        .allocatable
+                        .as_ref()
+                        .and_then(|a| a.count)
+                        .map_or(u32::MAX, |c| u32::try_from(c).unwrap_or(0));
                     let used = used.get(&(name, d.name.as_str())).copied().unwrap_or(0);
-                    Some((d.name.as_str(), limit.saturating_sub(used)))
+                    (d.name.as_str(), limit.saturating_sub(used))
                 })
                 .collect();
             Some(NodeRoom {
@@ -887,6 +925,9 @@ mod tests {
                     "metadata": {"labels": {"tier": "homes", "velero.io/schedule-name": "forged"}},
                     "includedNamespaces": ["*"],
                     "excludedNamespaces": ["kube-system"],
+                    "includeClusterResources": true,
+                    "includedClusterScopedResources": ["storageclasses"],
+                    "excludedClusterScopedResources": ["nodes"],
                     "orLabelSelectors": [{"matchLabels": {"a": "b"}}],
                     "storageLocation": "s3-eu",
                     "ttl": "720h0m0s",
@@ -1212,16 +1253,19 @@ mod tests {
                 NodeRoom {
                     name: "a",
                     free_pods: 10,
-                    free_attach: vec![("csi.hetzner.cloud", 4)]
+                    free_attach: vec![("csi.hetzner.cloud", 4), ("nfs.csi.k8s.io", u32::MAX)]
                 },
                 NodeRoom {
                     name: "b",
                     free_pods: 109,
-                    free_attach: vec![("csi.hetzner.cloud", 16)]
+                    free_attach: vec![("csi.hetzner.cloud", 16), ("nfs.csi.k8s.io", u32::MAX)]
                 },
             ],
-            "cordoned c, not-Ready d, untolerated gpu and unselected core left out; finished pods and drivers without a limit not counted"
+            "cordoned c, not-Ready d, untolerated gpu and unselected core left out; finished pods not counted; a driver without a limit unlimited"
         );
+        // The GPU node has no CSINode entry for the driver: nothing of it attaches there.
+        assert_eq!(rooms[0].room(Some("csi.other")), 0);
+        assert_eq!(rooms[0].room(None), 10, "a volume no attach limit counts");
         // Tolerating everything (an empty key with Exists) takes the GPU node in.
         helper.tolerations = serde_json::from_value(json!([{"operator": "Exists"}])).unwrap();
         let rooms = node_rooms(&nodes, &csinodes, &pods, &attachments, &helper);
@@ -1380,6 +1424,35 @@ mod tests {
                     },
                 )
             },
+            Case {
+                room: true,
+                ..case(
+                    "past the forming time (a create refused, say) the wave takes no more: back up",
+                    vec![],
+                    vec![run_helper("claim-b", 1, Running, "2026-11-28T03:10:00Z")],
+                    "2026-11-28T03:16:00Z",
+                    RunStep::Back {
+                        number: 1,
+                        running: vec![0],
+                        given_up: vec![],
+                    },
+                )
+            },
+            case(
+                "two waves in a row failed: the run stops",
+                vec![
+                    record(1, WaveBackup::Done(false), &["claim-b"], &[]),
+                    record(2, WaveBackup::Done(false), &["claim-a"], &[]),
+                ],
+                vec![],
+                "2026-11-28T03:50:00Z",
+                RunStep::Finished {
+                    waves: 2,
+                    reached: 1,
+                    not_reached: 3,
+                    ended: t("2026-11-28T03:40:00Z"),
+                },
+            ),
             case(
                 "one stuck past the bound: back up the other, give it up",
                 vec![],
@@ -1561,6 +1634,27 @@ mod tests {
                 ended: tick
             },
             "a small hub: the window took everyone"
+        );
+        // A zonal claim whose zone has no usable node tonight: not reached, and the run
+        // ends instead of waiting for room all night.
+        let mut stranded = all_in.clone();
+        stranded[1] = IdleClaim {
+            last_backup: None,
+            nodes: Some(vec![]),
+            ..claims[1].clone()
+        };
+        let input = RunInput {
+            claims: &stranded,
+            ..input
+        };
+        assert_eq!(
+            run_step(&input),
+            RunStep::Finished {
+                waves: 0,
+                reached: 3,
+                not_reached: 1,
+                ended: tick
+            }
         );
     }
 

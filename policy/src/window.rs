@@ -247,6 +247,17 @@ pub fn windows<'a>(
     out
 }
 
+/// The name of the Backup Velero's Schedule controller creates at `at`:
+/// `<schedule>-<yyyymmddhhmmss>` in UTC (pkg/apis/velero/v1/schedule_types.go
+/// `TimestampedName`), the same `at` it then writes to `status.lastBackup`.
+pub fn tick_backup_name(schedule: &str, at: Timestamp) -> String {
+    format!(
+        "{schedule}-{}",
+        at.to_zoned(jiff::tz::TimeZone::UTC)
+            .strftime("%Y%m%d%H%M%S")
+    )
+}
+
 /// The window of one Schedule at `now`: open while one of its Backups created less than
 /// `max` ago is not terminal, or from `lead` before its next tick for at most `max`.
 fn schedule_window(
@@ -273,13 +284,7 @@ fn schedule_window(
     // under the Backup that is starting: until it is seen (for `AWAIT_BACKUP`; a Backup
     // still unseen after that was deleted), it is the open window's Backup.
     if let Some(last_backup) = status.last_backup.as_ref().map(|t| t.0) {
-        let name = format!(
-            "{}-{}",
-            s.name,
-            last_backup
-                .to_zoned(jiff::tz::TimeZone::UTC)
-                .strftime("%Y%m%d%H%M%S")
-        );
+        let name = tick_backup_name(s.name, last_backup);
         let until = last_backup
             .saturating_add(AWAIT_BACKUP)
             .unwrap_or(last_backup);

@@ -83,6 +83,7 @@ pub async fn run(
     let mut reconciler = Reconciler {
         restores,
         waves,
+        backups_pending: HashMap::new(),
         coverage_at: None,
         coverage_series: HashSet::new(),
         coverage_generation: 0,
@@ -156,6 +157,8 @@ struct Reconciler {
     restores: RestoreCleanup,
     /// Idle claims beyond what fits at once: runs of waves.
     waves: Waves,
+    /// Wave Backups created and not yet seen by the watch, by name.
+    backups_pending: HashMap<String, Instant>,
     /// When the coverage metrics were last worked out, and the claims they have series for.
     coverage_at: Option<Instant>,
     coverage_series: HashSet<crate::metrics::ClaimLabels>,
@@ -304,7 +307,10 @@ impl Reconciler {
         };
         let coverage_due = self.report_coverage(&coverage, stores.generation(), now);
         // Within the helpers' limits: the window's helpers that fit, then the waves.
-        let waves = self.waves.plan(stores, &globs, &mut plan.create, now);
+        let unserved: HashSet<&str> = windows.problems.iter().map(|(n, _)| n.as_str()).collect();
+        let waves = self
+            .waves
+            .plan(stores, &globs, &unserved, &mut plan.create, now);
         plan.create.extend(waves.create);
         plan.delete.extend(waves.delete);
         self.apply(plan, &uids, stores).await;
@@ -661,9 +667,20 @@ impl Reconciler {
     /// template's every field goes into the Backup).
     async fn make_wave_backups(&mut self, backups: &[WaveBackupToMake]) {
         let velero = self.config.velero_namespace.clone();
+        // Their own pending set: the plan's (`apply`) forgets what it did not plan this
+        // pass, and a Backup is planned again until the watch shows it.
+        self.backups_pending
+            .retain(|_, at| at.elapsed() < PENDING_FOR);
         let todo: Vec<&WaveBackupToMake> = backups
             .iter()
-            .filter(|b| self.begin(format!("backup/{}", b.id(&velero).backup_name())))
+            .filter(|b| {
+                let name = b.id(&velero).backup_name();
+                if self.backups_pending.contains_key(&name) {
+                    return false;
+                }
+                self.backups_pending.insert(name, Instant::now());
+                true
+            })
             .collect();
         let this = &*self;
         futures::stream::iter(todo)
@@ -732,6 +749,19 @@ impl Reconciler {
             Err(e) => {
                 self.metrics.controller.reconcile_errors.inc();
                 warn!(backup = %name, error = %e, "could not create a wave Backup; retried later");
+                let reference = ObjectReference {
+                    api_version: Some("velero.io/v1".to_owned()),
+                    kind: Some("Schedule".to_owned()),
+                    name: Some(b.schedule.clone()),
+                    namespace: Some(velero.to_owned()),
+                    ..Default::default()
+                };
+                self.events.warn(
+                    reference,
+                    "WaveBackupFailed",
+                    "Create",
+                    format!("could not create wave Backup {name} (retried): {e}"),
+                );
             }
         }
     }

@@ -153,6 +153,7 @@ impl Waves {
         &mut self,
         stores: &Stores,
         opted_in: &[(&str, Arc<ClaimGlobs>)],
+        excluded: &HashSet<&str>,
         window_creates: &mut Vec<Pod>,
         now: Timestamp,
     ) -> WavePlan {
@@ -193,7 +194,26 @@ impl Waves {
         let schedules = stores.schedules.state();
         let mut schedules: Vec<&Arc<Schedule>> = schedules.iter().collect();
         schedules.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
-        // Wave helpers of a Schedule that is gone: their run is over.
+        // Our pods in the namespaces this controller manages (another controller, with
+        // another --namespace-selector, runs its own).
+        let managed: HashSet<&str> = opted_in.iter().map(|(n, _)| *n).collect();
+        let pod_objects: Vec<Arc<PodRecord>> = pod_objects
+            .iter()
+            .filter(|p| managed.contains(p.namespace()))
+            .cloned()
+            .collect();
+        // Schedules we do not serve (a selector helpers cannot match, a schedule that
+        // does not parse: reported by the window) run no waves either.
+        let schedules: Vec<&Arc<Schedule>> = schedules
+            .into_iter()
+            .filter(|s| {
+                s.metadata
+                    .name
+                    .as_deref()
+                    .is_some_and(|n| !excluded.contains(n))
+            })
+            .collect();
+        // Wave helpers of a Schedule that is gone (or not served): their run is over.
         let known: HashSet<std::borrow::Cow<'_, str>> = schedules
             .iter()
             .filter_map(|s| s.metadata.name.as_deref())
@@ -312,7 +332,7 @@ impl Waves {
         for p in pods.iter().filter(|p| !p.is_stopped()) {
             let ours = p.label(names::MANAGED_BY) == Some(names::MANAGED_BY_US);
             if ours && p.label(names::COMPONENT) == Some(names::BACKUP_HELPER) {
-                helpers_up += 1;
+                helpers_up += usize::from(globs.contains_key(p.namespace()));
                 continue;
             }
             if ours {
@@ -322,10 +342,13 @@ impl Waves {
                 live.insert((p.namespace(), claim));
             }
         }
-        let restorable: HashSet<&str> = backups
+        // As PodVolumeBackups name them: `velero.io/backup-name` is the label form of the
+        // name (hashed beyond 63 characters).
+        let restorable: HashSet<std::borrow::Cow<'_, str>> = backups
             .iter()
             .filter(|b| b.restorable())
             .filter_map(|b| b.metadata.name.as_deref())
+            .map(crate::policy::velero::label_value)
             .collect();
         let mut last: HashMap<(&str, &str), Timestamp> = HashMap::new();
         for done in pvbs.iter().filter_map(|p| p.done()) {
@@ -414,23 +437,20 @@ impl Waves {
         let Some(name) = schedule.metadata.name.as_deref() else {
             return;
         };
-        // The tick: the Schedule's newest own Backup.
-        let Some(own) = backups
-            .iter()
-            .filter(|b| label(b, names::VELERO_SCHEDULE_NAME) == Some(name))
-            .filter(|b| b.metadata.creation_timestamp.is_some())
-            .max_by_key(|b| b.metadata.creation_timestamp.as_ref().map(|t| t.0))
-        else {
-            return;
-        };
-        let Some(tick) = own.metadata.creation_timestamp.as_ref().map(|t| t.0) else {
-            return;
-        };
-        let deadline = tick
-            .checked_add(self.options.max_window)
-            .unwrap_or(Timestamp::MAX);
+        // The tick: the Backup Velero's Schedule controller made for it, named after
+        // `status.lastBackup` (not one made by hand with `--from-schedule`).
+        let own = schedule
+            .status
+            .as_ref()
+            .and_then(|s| s.last_backup.as_ref())
+            .map(|t| crate::policy::window::tick_backup_name(name, t.0))
+            .and_then(|wanted| {
+                backups
+                    .iter()
+                    .find(|b| b.metadata.name.as_deref() == Some(wanted.as_str()))
+            });
+        let tick = own.and_then(|o| o.metadata.creation_timestamp.as_ref().map(|t| t.0));
         let schedule_label = crate::policy::velero::label_value(name);
-        let tick_label = tick.as_second().to_string();
         let covered: Vec<&str> = opted_in
             .iter()
             .map(|(n, _)| *n)
@@ -482,9 +502,31 @@ impl Waves {
                 p.as_ref(),
             ));
         }
+        let deletion = |i: usize, reason: DeleteReason| {
+            let (h, pod) = &run_helpers[i];
+            Deletion {
+                namespace: h.namespace.to_owned(),
+                name: pod.name().to_owned(),
+                uid: pod.uid().to_owned(),
+                claim: h.claim.to_owned(),
+                reason,
+            }
+        };
+        let (Some(own), Some(tick)) = (own, tick) else {
+            // No tick's Backup (none yet, or Velero deleted it at its TTL): no run, and
+            // helpers of an earlier one go.
+            for i in 0..run_helpers.len() {
+                out.delete.push(deletion(i, DeleteReason::WaveOver));
+            }
+            return;
+        };
         if covered.is_empty() && run_helpers.is_empty() {
             return;
         }
+        let deadline = tick
+            .checked_add(self.options.max_window)
+            .unwrap_or(Timestamp::MAX);
+        let tick_label = tick.as_second().to_string();
         let claims: Vec<IdleClaim<'_>> = view
             .claims
             .keys()
@@ -563,16 +605,6 @@ impl Waves {
             now,
             options: self.options,
         });
-        let deletion = |i: usize, reason: DeleteReason| {
-            let (h, pod) = &run_helpers[i];
-            Deletion {
-                namespace: h.namespace.to_owned(),
-                name: pod.name().to_owned(),
-                uid: pod.uid().to_owned(),
-                claim: h.claim.to_owned(),
-                reason,
-            }
-        };
         let key = |what: &str| format!("{what}/{name}/{}", tick.as_second());
         match step {
             RunStep::NotStarted => {}
@@ -614,15 +646,18 @@ impl Waves {
                     waiting,
                     "starting a wave"
                 );
-                self.schedule_event(
-                    schedule,
-                    false,
-                    "WaveStarted",
-                    format!(
-                        "wave {number} of the run after {tick}: helpers for {} idle claims ({waiting} left for later waves)",
-                        placed.len()
-                    ),
-                );
+                // Once a wave (a wave made in chunks starts again for each).
+                if self.reported.insert(key(&format!("started-{number}"))) {
+                    self.schedule_event(
+                        schedule,
+                        false,
+                        "WaveStarted",
+                        format!(
+                            "wave {number} of the run after {tick}: helpers for {} idle claims ({waiting} left for later waves)",
+                            placed.len()
+                        ),
+                    );
+                }
                 out.wake(deadline);
             }
             RunStep::WaitForHelpers { until } | RunStep::Settle { until } => out.wake(until),
