@@ -505,6 +505,24 @@ async fn the_controllers_pod_rights_stop_at_backup_helpers() {
         "no service-account token",
     );
 
+    // A real helper shape placed by hand on a node (past the scheduler's checks).
+    let claim = velero_jupyterhub::policy::helper::ClaimRef {
+        namespace: &setup.users,
+        name: "claim-mallory",
+        uid: "u-1",
+        username: Some("mallory"),
+    };
+    let mut placed = velero_jupyterhub::policy::helper::backup_helper(
+        &claim,
+        velero_jupyterhub::policy::helper::own_labels(Some("mallory")),
+        &setup.config.helper,
+    );
+    placed.spec.as_mut().expect("spec").node_name = Some(setup.nodes[0].clone());
+    refused(
+        as_controller.create(&PostParams::default(), &placed).await,
+        "goes through the scheduler",
+    );
+
     // A user's pod: not deleted, its spec not patched; its annotation may be.
     setup
         .pods()
