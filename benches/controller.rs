@@ -49,6 +49,14 @@ async fn reaction(client: &kube::Client, spawns: usize) {
     )
     .await;
     let velero = cluster::labelled_namespace(client, "vjh-bench", json!({})).await;
+    // A node of its own (helpers go only where they fit), tainted for this run alone.
+    let node = unique("node-bench");
+    cluster::ready_node(
+        client,
+        &node,
+        json!([{"key": "vjh-bench", "value": run, "effect": "NoSchedule"}]),
+    )
+    .await;
     let config = Config {
         namespace: velero.clone(),
         identity: "bench".to_owned(),
@@ -60,7 +68,9 @@ async fn reaction(client: &kube::Client, spawns: usize) {
         },
         helper: HelperOptions {
             image: "registry.k8s.io/pause:3.10".to_owned(),
-            tolerations: vec![],
+            tolerations: vec![from_json(json!(
+                {"key": "vjh-bench", "operator": "Equal", "value": run, "effect": "NoSchedule"}
+            ))],
             node_selector: BTreeMap::new(),
         },
         default_claims: Arc::new(ClaimGlobs::parse("claim-*").expect("globs")),
@@ -131,6 +141,7 @@ async fn reaction(client: &kube::Client, spawns: usize) {
     stop.cancel();
     let _ = task.await;
     watch.abort();
+    cluster::delete_node(client, &node).await;
     for ns in [users, velero] {
         let _ = Api::<Namespace>::all(client.clone())
             .delete(&ns, &Default::default())

@@ -83,7 +83,7 @@ pub struct ClaimRecord {
 /// A watched PersistentVolume: where a claim's volume can be attached (`policy::waves`).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct VolumeRecord {
-    /// name, resourceVersion, uid; nothing else.
+    /// The name and resourceVersion; nothing else.
     pub metadata: ObjectMeta,
     /// `spec.csi.driver`: whose attach limit counts (`None`: not a CSI volume).
     pub driver: Option<Box<str>>,
@@ -448,7 +448,14 @@ struct CsiWire {
 impl<'de> Deserialize<'de> for VolumeRecord {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let wire = PersistentVolumeWire::deserialize(d)?;
+        // The name, and the resourceVersion the watch resumes from; not the uid, which
+        // the reflector would copy into its key for each of the cluster's volumes.
         let (metadata, _, _) = wire.metadata.unwrap_or_default().split();
+        let metadata = ObjectMeta {
+            name: metadata.name,
+            resource_version: metadata.resource_version,
+            ..ObjectMeta::default()
+        };
         let spec = wire.spec.unwrap_or_default();
         Ok(Self {
             metadata,
@@ -670,6 +677,7 @@ mod tests {
             Some(vec!["fsn1".to_owned()])
         );
         assert!(v.metadata.annotations.is_none() && v.metadata.managed_fields.is_none());
+        assert_eq!(v.metadata.uid, None);
         let host: VolumeRecord = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "local"}, "spec": {"hostPath": {"path": "/x"}}}))
         .unwrap();
