@@ -276,14 +276,7 @@ async fn night(claims: usize, nodes: usize, attach: usize, backup_takes: Duratio
     while setup.nodes.len() < nodes {
         setup.add_node().await;
     }
-    for node in &setup.nodes {
-        cluster::apply_dynamic(&setup.client, &json!({
-            "apiVersion": "storage.k8s.io/v1", "kind": "CSINode",
-            "metadata": {"name": node},
-            "spec": {"drivers": [{"name": DRIVER, "nodeID": node, "allocatable": {"count": attach}}]},
-        }))
-        .await;
-    }
+    setup.csinodes(DRIVER, attach).await;
     let made = Instant::now();
     let wanted: Vec<(String, String)> = (0..claims)
         .map(|i| (format!("claim-u{i:04}"), format!("u{i:04}")))

@@ -37,14 +37,7 @@ async fn a_night_of_waves_backs_up_every_idle_claim_within_the_limits() {
     .await;
     setup.replica("replica-b");
     setup.add_node().await;
-    for node in &setup.nodes {
-        cluster::apply_dynamic(&setup.client, &json!({
-            "apiVersion": "storage.k8s.io/v1", "kind": "CSINode",
-            "metadata": {"name": node},
-            "spec": {"drivers": [{"name": DRIVER, "nodeID": node, "allocatable": {"count": ATTACH}}]},
-        }))
-        .await;
-    }
+    setup.csinodes(DRIVER, ATTACH).await;
     let claims: Vec<String> = (0..CLAIMS).map(|i| format!("claim-u{i:02}")).collect();
     let wanted: Vec<(String, String)> = claims
         .iter()

@@ -1658,6 +1658,21 @@ mod tests {
         );
     }
 
+    /// The night's idle claims, each with its last backup.
+    fn idle<'a>(names: &'a [String], last: &[Option<Timestamp>]) -> Vec<IdleClaim<'a>> {
+        names
+            .iter()
+            .zip(last)
+            .map(|(n, l)| IdleClaim {
+                namespace: "jhub",
+                claim: n,
+                last_backup: *l,
+                driver: Some("csi.hetzner.cloud"),
+                nodes: None,
+            })
+            .collect()
+    }
+
     /// A night in miniature, pure, driven by [`run_step`] as the reconciler drives it: 60
     /// idle claims, 3 nodes with room for 4 attachments each; Velero's part played (a
     /// wave's Backup takes 10 minutes and backs up the Running helpers; wave 3's fails).
@@ -1698,17 +1713,7 @@ mod tests {
                     }
                 }
             }
-            let claims: Vec<IdleClaim<'_>> = names
-                .iter()
-                .zip(&last)
-                .map(|(n, l)| IdleClaim {
-                    namespace: "jhub",
-                    claim: n,
-                    last_backup: *l,
-                    driver: Some("csi.hetzner.cloud"),
-                    nodes: None,
-                })
-                .collect();
+            let claims = idle(&names, &last);
             let records: Vec<WaveRecord<'_>> = waves
                 .iter()
                 .map(|(number, backup, made, claims, given_up)| WaveRecord {
@@ -1824,17 +1829,7 @@ mod tests {
             "{ended}"
         );
         // Next night the failed ones come first (their last backup is the oldest).
-        let claims: Vec<IdleClaim<'_>> = names
-            .iter()
-            .zip(&last)
-            .map(|(n, l)| IdleClaim {
-                namespace: "jhub",
-                claim: n,
-                last_backup: *l,
-                driver: Some("csi.hetzner.cloud"),
-                nodes: None,
-            })
-            .collect();
+        let claims = idle(&names, &last);
         let wave = next_wave(&claims, &[node("a", 110, 12)], 12);
         let mut first: Vec<String> = wave
             .placed

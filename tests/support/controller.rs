@@ -204,6 +204,19 @@ impl Setup {
         name
     }
 
+    /// A CSINode for each of this test's nodes: CSI `driver` attaches at most `count`
+    /// volumes there (as a cloud's CSI node plugin reports it).
+    pub async fn csinodes(&self, driver: &str, count: usize) {
+        for node in &self.nodes {
+            cluster::apply_dynamic(&self.client, &json!({
+                "apiVersion": "storage.k8s.io/v1", "kind": "CSINode",
+                "metadata": {"name": node},
+                "spec": {"drivers": [{"name": driver, "nodeID": node, "allocatable": {"count": count}}]},
+            }))
+            .await;
+        }
+    }
+
     pub fn pods(&self) -> Api<Pod> {
         Api::namespaced(self.client.clone(), &self.users)
     }
