@@ -48,7 +48,7 @@ async fn a_night_of_waves_backs_up_every_idle_claim_within_the_limits() {
         &setup.users,
         &wanted,
         Some(DRIVER),
-        Duration::from_secs(120),
+        Duration::from_secs(300),
     )
     .await;
 
