@@ -278,17 +278,10 @@ async fn night(claims: usize, nodes: usize, attach: usize, backup_takes: Duratio
     }
     setup.csinodes(DRIVER, attach).await;
     let made = Instant::now();
-    let wanted: Vec<(String, String)> = (0..claims)
-        .map(|i| (format!("claim-u{i:04}"), format!("u{i:04}")))
-        .collect();
-    cluster::bound_claims(
-        &setup.client,
-        &setup.users,
-        &wanted,
-        Some(DRIVER),
-        Duration::from_secs(1800),
-    )
-    .await;
+    let names: Vec<String> = (0..claims).map(|i| format!("claim-u{i:04}")).collect();
+    setup
+        .csi_claims(&names, DRIVER, Duration::from_secs(1800))
+        .await;
     println!("{claims} bound claims made in {:.0?}", made.elapsed());
     let seen = Arc::new(Mutex::new(night::Seen::default()));
     let watching = tokio::spawn(night::watch_limits(setup.pods(), seen.clone()));

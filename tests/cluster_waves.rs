@@ -39,18 +39,9 @@ async fn a_night_of_waves_backs_up_every_idle_claim_within_the_limits() {
     setup.add_node().await;
     setup.csinodes(DRIVER, ATTACH).await;
     let claims: Vec<String> = (0..CLAIMS).map(|i| format!("claim-u{i:02}")).collect();
-    let wanted: Vec<(String, String)> = claims
-        .iter()
-        .map(|c| (c.clone(), c.trim_start_matches("claim-").to_owned()))
-        .collect();
-    cluster::bound_claims(
-        &setup.client,
-        &setup.users,
-        &wanted,
-        Some(DRIVER),
-        Duration::from_secs(300),
-    )
-    .await;
+    setup
+        .csi_claims(&claims, DRIVER, Duration::from_secs(300))
+        .await;
 
     // The limits, from a watch of the helpers.
     let seen = Arc::new(Mutex::new(Seen::default()));

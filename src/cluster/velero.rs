@@ -73,6 +73,29 @@ velero_resource!(
     PodVolumeRestoreStatus
 );
 
+/// An Event's reference to a Schedule (its uid when known).
+pub fn schedule_reference(
+    name: Option<String>,
+    namespace: Option<String>,
+    uid: Option<String>,
+) -> k8s_openapi::api::core::v1::ObjectReference {
+    k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some("velero.io/v1".to_owned()),
+        kind: Some("Schedule".to_owned()),
+        name,
+        namespace,
+        uid,
+        ..Default::default()
+    }
+}
+
+impl Schedule {
+    pub fn reference(&self) -> k8s_openapi::api::core::v1::ObjectReference {
+        let m = &self.metadata;
+        schedule_reference(m.name.clone(), m.namespace.clone(), m.uid.clone())
+    }
+}
+
 impl Backup {
     /// Whether Velero restores from it: `Completed` or `PartiallyFailed`.
     pub fn restorable(&self) -> bool {

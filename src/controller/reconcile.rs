@@ -510,16 +510,12 @@ impl Reconciler {
                 .iter()
                 .find(|s| s.metadata.name.as_deref() == Some(name))
             {
-                let reference = ObjectReference {
-                    api_version: Some("velero.io/v1".to_owned()),
-                    kind: Some("Schedule".to_owned()),
-                    name: s.metadata.name.clone(),
-                    namespace: s.metadata.namespace.clone(),
-                    uid: s.metadata.uid.clone(),
-                    ..Default::default()
-                };
-                self.events
-                    .warn(reference, "IdleUsersNotCovered", "Plan", message.clone());
+                self.events.warn(
+                    s.reference(),
+                    "IdleUsersNotCovered",
+                    "Plan",
+                    message.clone(),
+                );
             }
         }
         self.reported = now;
@@ -749,13 +745,11 @@ impl Reconciler {
             Err(e) => {
                 self.metrics.controller.reconcile_errors.inc();
                 warn!(backup = %name, error = %e, "could not create a wave Backup; retried later");
-                let reference = ObjectReference {
-                    api_version: Some("velero.io/v1".to_owned()),
-                    kind: Some("Schedule".to_owned()),
-                    name: Some(b.schedule.clone()),
-                    namespace: Some(velero.to_owned()),
-                    ..Default::default()
-                };
+                let reference = crate::cluster::velero::schedule_reference(
+                    Some(b.schedule.clone()),
+                    Some(velero.to_owned()),
+                    None,
+                );
                 self.events.warn(
                     reference,
                     "WaveBackupFailed",

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{ObjectReference, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 use tracing::{info, warn};
 
@@ -749,14 +749,7 @@ impl Waves {
     }
 
     fn schedule_event(&self, schedule: &Schedule, warning: bool, reason: &str, note: String) {
-        let reference = ObjectReference {
-            api_version: Some("velero.io/v1".to_owned()),
-            kind: Some("Schedule".to_owned()),
-            name: schedule.metadata.name.clone(),
-            namespace: schedule.metadata.namespace.clone(),
-            uid: schedule.metadata.uid.clone(),
-            ..Default::default()
-        };
+        let reference = schedule.reference();
         if warning {
             self.events.warn(reference, reason, "Waves", note);
         } else {

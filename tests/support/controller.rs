@@ -217,6 +217,16 @@ impl Setup {
         }
     }
 
+    /// Idle user claims bound to volumes of CSI `driver`, each user named after their
+    /// claim (`claim-<user>`), waiting up to `timeout` for the binder.
+    pub async fn csi_claims(&self, claims: &[String], driver: &str, timeout: Duration) {
+        let wanted: Vec<(String, String)> = claims
+            .iter()
+            .map(|c| (c.clone(), c.trim_start_matches("claim-").to_owned()))
+            .collect();
+        cluster::bound_claims(&self.client, &self.users, &wanted, Some(driver), timeout).await;
+    }
+
     pub fn pods(&self) -> Api<Pod> {
         Api::namespaced(self.client.clone(), &self.users)
     }
