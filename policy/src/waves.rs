@@ -1175,7 +1175,7 @@ mod tests {
         };
         let user_taint = json!([{"key": "hub.jupyter.org/dedicated", "value": "user", "effect": "NoSchedule"},
                                 {"key": "spot", "value": "yes", "effect": "PreferNoSchedule"}]);
-        let nodes = vec![
+        let nodes = [
             node("a", "True", false, user_taint.clone(), "user"),
             node("b", "True", false, json!([]), "user"),
             node("c", "True", true, json!([]), "user"),
@@ -1195,7 +1195,7 @@ mod tests {
                 {"name": "nfs.csi.k8s.io", "nodeID": "1"}]}}))
             .unwrap()
         };
-        let csinodes = vec![csinode("a"), csinode("b")];
+        let csinodes = [csinode("a"), csinode("b")];
         let pv_names: Vec<String> = (0..100).map(|i| format!("pv-{i}")).collect();
         let mut pods: Vec<PodOnNode<'_>> = (0..100)
             .map(|i| PodOnNode {
