@@ -21,6 +21,7 @@
 #   kube-envtest.sh env        print `export KUBECONFIG=...` (for eval)
 #   kube-envtest.sh kubectl    build kubectl of the current version into the cache (once)
 #                              and print its path
+#   kube-envtest.sh kubelet    the same for kubelet (the Velero end-to-end test's node)
 #   kube-envtest.sh run-dir    print the runtime state dir of the chosen version
 #   kube-envtest.sh restart-apiserver  stop and start kube-apiserver only (etcd keeps
 #                              every object; clients' watches break and must resume)
@@ -42,6 +43,8 @@
 #                             ServiceAccounts + token secrets. 0 = API server + etcd only.
 #   KUBE_ENVTEST_SA_ADMISSION=1  keep the ServiceAccount admission plugin (default off:
 #                             pods then need no default ServiceAccount to exist first)
+#   KUBE_ENVTEST_EXTRA_SANS   more subjectAltNames for the API server's certificate
+#                             (e.g. IP:10.244.78.1: the `kubernetes` Service address pods use)
 #   KUBE_ENVTEST_AUTHZ        --authorization-mode (default RBAC; admin token is system:masters)
 #   KUBE_ENVTEST_EXTRA_APISERVER_FLAGS  extra flags appended to kube-apiserver
 #   KUBE_ENVTEST_EXTRA_KCM_FLAGS  extra flags for kube-controller-manager (e.g.
@@ -183,24 +186,26 @@ build_from_modules() {
   log "built in $(since "$t0") s: $(cat "$BIN/.version")"
 }
 
-# kubectl of the same version (the install tests run `kubectl apply -k`), built on first
-# use into its own cache directory, so the server binaries are not rebuilt for it.
-cmd_kubectl() {
-  [ "$VERSION" = current ] || die "kubectl is built for the current version only"
-  local dir=$CACHE/kubectl-$KUBE_VERSION
-  if [ ! -x "$dir/kubectl" ] || [ "${KUBE_ENVTEST_REBUILD:-0}" = 1 ]; then
+# kubectl and kubelet of the same version (the install tests run `kubectl apply -k`; the
+# Velero end-to-end test runs a real kubelet), each built on first use into its own cache
+# directory, so the server binaries are not rebuilt for them.
+cmd_tool() {
+  local tool=$1 minutes=$2
+  [ "$VERSION" = current ] || die "$tool is built for the current version only"
+  local dir=$CACHE/$tool-$KUBE_VERSION
+  if [ ! -x "$dir/$tool" ] || [ "${KUBE_ENVTEST_REBUILD:-0}" = 1 ]; then
     mkdir -p "$CACHE"; exec 7>"$CACHE/.lock"; flock 7
-    if [ ! -x "$dir/kubectl" ] || [ "${KUBE_ENVTEST_REBUILD:-0}" = 1 ]; then
-      local t0; t0=$(now) build=$CACHE/build-kubectl-$KUBE_VERSION
+    if [ ! -x "$dir/$tool" ] || [ "${KUBE_ENVTEST_REBUILD:-0}" = 1 ]; then
+      local t0; t0=$(now) build=$CACHE/build-$tool-$KUBE_VERSION
       prepare_module "$build"
-      log "building kubectl v$KUBE_VERSION from Go modules; ~3 min on 2 cores"
-      go_build_cmds "$build" k8s.io/kubernetes/cmd/kubectl
-      mkdir -p "$dir"; install -m 0755 "$build/out/kubectl" "$dir/kubectl"
+      log "building $tool v$KUBE_VERSION from Go modules; ~$minutes min on 2 cores"
+      go_build_cmds "$build" "k8s.io/kubernetes/cmd/$tool"
+      mkdir -p "$dir"; install -m 0755 "$build/out/$tool" "$dir/$tool"
       rm -rf "$build"
-      log "kubectl built in $(since "$t0") s"
+      log "$tool built in $(since "$t0") s"
     fi
   fi
-  echo "$dir/kubectl"
+  echo "$dir/$tool"
 }
 
 # 1.20: Debian bookworm's source package, with its complete vendor/.
@@ -282,7 +287,7 @@ gen_pki() {
   ( cd "$p"
     openssl req -x509 -newkey rsa:2048 -nodes -sha256 -days 3650 -keyout ca.key -out ca.crt -subj "/CN=kube-envtest-ca"
     openssl req -newkey rsa:2048 -nodes -keyout apiserver.key -out apiserver.csr -subj "/CN=kube-apiserver"
-    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc\nextendedKeyUsage=serverAuth\nkeyUsage=digitalSignature,keyEncipherment\n' > apiserver.ext
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc%s\nextendedKeyUsage=serverAuth\nkeyUsage=digitalSignature,keyEncipherment\n' "${KUBE_ENVTEST_EXTRA_SANS:+,$KUBE_ENVTEST_EXTRA_SANS}" > apiserver.ext
     openssl x509 -req -sha256 -days 3650 -in apiserver.csr -CA ca.crt -CAkey ca.key -CAcreateserial -extfile apiserver.ext -out apiserver.crt
     # client cert alternative to the token (CN=user, O=group)
     openssl req -newkey rsa:2048 -nodes -keyout admin.key -out admin.csr -subj "/O=system:masters/CN=kube-envtest-admin"
@@ -555,7 +560,8 @@ case "${1:-}" in
   restart-apiserver) cmd_restart_apiserver ;;
   status)   apiserver_ready && { echo "running: $(cat "$RUN/version" 2>/dev/null) $RUN/kubeconfig"; exit 0; } || { echo "not running ($VERSION)"; exit 1; } ;;
   env)      echo "export KUBECONFIG=$RUN/kubeconfig" ;;
-  kubectl)  cmd_kubectl ;;
+  kubectl)  cmd_tool kubectl 3 ;;
+  kubelet)  cmd_tool kubelet 5 ;;
   run-dir)  echo "$RUN" ;;
   selftest) cmd_selftest ;;
   *) sed -n '2,45p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;

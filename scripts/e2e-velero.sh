@@ -1,0 +1,699 @@
+#!/usr/bin/env bash
+# e2e-velero.sh - velero-jupyterhub against the real thing: a real kubelet with Debian's
+# containerd, real Velero (server, node-agent and its hosting pods, the restore helper)
+# backing up to a real S3 store (MinIO), and velero-jupyterhub installed with
+# `kubectl apply -k manifests/`. Everything is built here from published Go modules and
+# cached outside the repo, keyed by version; nothing of another project is committed.
+#
+#   scripts/e2e-velero.sh [all]    build (cached), bring the node up, run the scenario,
+#                                  take everything down again (also on failure)
+#   scripts/e2e-velero.sh build    build binaries and images into the cache only
+#   scripts/e2e-velero.sh up       build, then start the cluster, the node, MinIO, Velero
+#   scripts/e2e-velero.sh scenario run the scenario on a cluster that is up
+#   scripts/e2e-velero.sh down     stop and remove everything `up` started
+#
+# What is real and what stands in for what: README, "End to end with real Velero".
+#
+# Environment (optional):
+#   E2E_CACHE   build cache (default ${XDG_CACHE_HOME:-$HOME/.cache}/velero-jupyterhub/e2e)
+#   E2E_RUN     runtime state: containerd, kubelet config, MinIO data, volumes, logs
+#               (default /tmp/velero-jupyterhub-e2e)
+#   E2E_KEEP=1  `all` leaves the cluster up after the scenario (for a look around)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+
+VELERO_VERSION=v1.18.3              # the newest v1.x release served by the Go module proxy
+VELERO_AWS_PLUGIN_VERSION=v1.14.3   # the plugin release made for Velero v1.18
+MINIO_VERSION=v0.0.0-20260212201848-7aac2a2c5b7c   # MinIO's newest module version (RELEASE.2026-02-12)
+
+CACHE=${E2E_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/velero-jupyterhub/e2e}
+RUN=${E2E_RUN:-/tmp/velero-jupyterhub-e2e}
+
+log() { echo "e2e-velero: $*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+now() { date +%s.%N; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN{printf "%.1f", b-a}'; }
+
+GO_ENV=(env -u GOFLAGS -u GO111MODULE -u GOPATH -u GOBIN GOFLAGS=-mod=mod CGO_ENABLED=0)
+
+SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+apt_install() {   # only what is missing; apt sources are the machine's own
+  local missing=() p
+  for p in "$@"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  log "apt-get install ${missing[*]}"
+  $SUDO apt-get -o DPkg::Lock::Timeout=600 update -qq >&2
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >&2
+}
+
+# ---------------------------------------------------------------- build
+# go_module_build DIR MODULE@VERSION LDFLAGS PKG...: a module of ours in DIR that requires
+# MODULE@VERSION (and $EXTRA_REQUIRE: module@version ..., raising a dependency whose
+# exact version the module proxy does not serve to the next one it does) and repeats the `replace` lines of MODULE's own go.mod (Velero replaces
+# kopia with its fork: `go install` refuses a module with replace lines, and a module
+# that requires it must repeat them), then builds PKG... into DIR/out.
+go_module_build() {
+  local dir=$1 modver=$2 ldflags=$3; shift 3
+  local mod=${modver%@*} ver=${modver#*@}
+  rm -rf "$dir"; mkdir -p "$dir"
+  ( cd "$dir" && "${GO_ENV[@]}" go mod download -json "$modver" ) > "$dir/download.json" 2>&1 || true
+  local src; src=$(sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p' "$dir/download.json")
+  [ -f "$src/go.mod" ] || { cat "$dir/download.json" >&2; die "$modver did not download from the Go module proxy ($(go env GOPROXY))"; }
+  {
+    printf 'module velero-jupyterhub-e2e-build\n\ngo %s\n\nrequire %s %s\n' "$(go env GOVERSION | sed 's/^go//; s/^\([0-9]*\.[0-9]*\).*/\1/')" "$mod" "$ver"
+    local r; for r in ${EXTRA_REQUIRE:-}; do printf 'require %s %s\n' "${r%@*}" "${r#*@}"; done
+    # single-line `replace a => b v` and the lines of a `replace ( ... )` block
+    awk '/^replace \(/ {blk=1; next} blk && /^\)/ {blk=0; next}
+         blk && $2 == "=>" {print "replace " $0; next}
+         /^replace [^(]/ {print}' "$src/go.mod"
+  } > "$dir/go.mod"
+  { printf '//go:build tools\n\npackage tools\n\nimport (\n'; printf '\t_ "%s"\n' "$@"; printf ')\n'; } > "$dir/tools.go"
+  ( cd "$dir" && "${GO_ENV[@]}" go mod tidy && mkdir -p out \
+      && "${GO_ENV[@]}" go build -trimpath -ldflags "-s -w $ldflags" -o out/ "$@"
+  ) > "$dir/build.log" 2>&1 || { tail -40 "$dir/build.log" >&2; die "building $modver failed, full log: $dir/build.log"; }
+}
+
+# cached NAME: true when $CACHE/NAME/bin holds a finished build
+cached() { [ -f "$CACHE/$1/bin/.done" ]; }
+finish_build() { local name=$1; mkdir -p "$CACHE/$name/bin"; install -m 0755 "$CACHE/$name/build/out/"* "$CACHE/$name/bin/"; date -u +%FT%TZ > "$CACHE/$name/bin/.done"; rm -rf "$CACHE/$name/build"; }
+
+build_velero() {
+  local name=velero-$VELERO_VERSION t0; t0=$(now)
+  cached "$name" && return 0
+  log "building Velero $VELERO_VERSION (velero, velero-restore-helper, velero-helper) from Go modules; ~8 min on 2 cores"
+  local pkg=github.com/vmware-tanzu/velero
+  # Velero v1.18.3 requires k8s.io/cli-runtime v0.33.12, which the module proxy refuses
+  # (403: "This module version is not available"); v0.33.13 is the next patch release.
+  EXTRA_REQUIRE=k8s.io/cli-runtime@v0.33.13 \
+  go_module_build "$CACHE/$name/build" "$pkg@$VELERO_VERSION" \
+    "-X $pkg/pkg/buildinfo.Version=$VELERO_VERSION -X $pkg/pkg/buildinfo.GitTreeState=clean" \
+    "$pkg/cmd/velero" "$pkg/cmd/velero-restore-helper" "$pkg/cmd/velero-helper"
+  finish_build "$name"; log "Velero built in $(since "$t0") s"
+}
+
+build_aws_plugin() {
+  local name=velero-plugin-for-aws-$VELERO_AWS_PLUGIN_VERSION t0; t0=$(now)
+  cached "$name" && return 0
+  log "building velero-plugin-for-aws $VELERO_AWS_PLUGIN_VERSION from Go modules; ~4 min on 2 cores"
+  local pkg=github.com/vmware-tanzu/velero-plugin-for-aws
+  go_module_build "$CACHE/$name/build" "$pkg@$VELERO_AWS_PLUGIN_VERSION" "" \
+    "$pkg/velero-plugin-for-aws" "$pkg/hack/cp-plugin"
+  finish_build "$name"; log "velero-plugin-for-aws built in $(since "$t0") s"
+}
+
+build_minio() {
+  local name=minio-$MINIO_VERSION t0; t0=$(now)
+  cached "$name" && return 0
+  log "building MinIO $MINIO_VERSION from Go modules; ~8 min on 2 cores"
+  go_module_build "$CACHE/$name/build" "github.com/minio/minio@$MINIO_VERSION" "" github.com/minio/minio
+  finish_build "$name"; log "MinIO built in $(since "$t0") s"
+}
+
+# ---------------------------------------------------------------- images
+# No registry is reachable: every image is built here from binaries with buildah (FROM
+# scratch, no RUN step, nothing pulled) and written as a docker-archive for containerd.
+# image_from_context NAME:TAG DIR: DIR holds a Dockerfile and its inputs.
+image_from_context() {
+  local ref=$1 ctx=$2 out=$CACHE/images/${1//[\/:]/_}.tar
+  local store=$CACHE/images/.buildah
+  mkdir -p "$CACHE/images"
+  buildah --root "$store/root" --runroot "$store/run" --storage-driver vfs \
+    bud --quiet --isolation chroot --pull=never -t "$ref" "$ctx" >&2
+  rm -f "$out"
+  buildah --root "$store/root" --runroot "$store/run" --storage-driver vfs \
+    push --quiet "$ref" "docker-archive:$out:$ref" >&2
+  buildah --root "$store/root" --runroot "$store/run" --storage-driver vfs rmi --all >/dev/null 2>&1 || true
+  echo "$out"
+}
+
+# The images, each a docker-archive in $CACHE/images (names as the manifests use them):
+#   registry.k8s.io/pause:3.10   Kubernetes' own pause.c (from the k8s.io/kubernetes module),
+#                                static: the sandbox image and our helpers' default image
+#   localhost/busybox:e2e         Debian's busybox-static: the stand-in notebook server
+#   velero/velero:VERSION         velero, velero-restore-helper, velero-helper at / (as
+#                                 Velero's Dockerfile lays them out)
+#   velero/velero-plugin-for-aws:VERSION  the plugin and cp-plugin (as its Dockerfile)
+build_images() {
+  local stamp=$CACHE/images/.done-$VELERO_VERSION-$VELERO_AWS_PLUGIN_VERSION-r1
+  [ -f "$stamp" ] && return 0
+  local t0; t0=$(now) ctx; ctx=$(mktemp -d)
+  local k8s; k8s=$( ("${GO_ENV[@]}" go mod download -json "k8s.io/kubernetes@v$(kube_version)") | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+  [ -f "$k8s/build/pause/linux/pause.c" ] || die "no build/pause/linux/pause.c in k8s.io/kubernetes ($k8s)"
+  mkdir -p "$ctx/pause"
+  gcc -Os -static -o "$ctx/pause/pause" "$k8s/build/pause/linux/pause.c" -DVERSION=3.10-e2e && strip "$ctx/pause/pause"
+  printf 'FROM scratch\nCOPY pause /pause\nUSER 65535:65535\nENTRYPOINT ["/pause"]\n' > "$ctx/pause/Dockerfile"
+  image_from_context registry.k8s.io/pause:3.10 "$ctx/pause" >/dev/null
+
+  mkdir -p "$ctx/busybox/bin" "$ctx/busybox/tmp"
+  cp /bin/busybox "$ctx/busybox/bin/busybox"
+  for a in $(/bin/busybox --list); do [ "$a" = busybox ] || ln -s busybox "$ctx/busybox/bin/$a"; done
+  printf 'FROM scratch\nCOPY bin /bin\nCOPY tmp /tmp\nCMD ["sh"]\n' > "$ctx/busybox/Dockerfile"
+  image_from_context localhost/busybox:e2e "$ctx/busybox" >/dev/null
+
+  mkdir -p "$ctx/velero/tmp"
+  cp "$CACHE/velero-$VELERO_VERSION/bin/"velero* "$ctx/velero/"
+  printf 'root:x:0:0:root:/:/sbin/nologin\ncnb:x:1002:1000:cnb:/home/cnb:/sbin/nologin\n' > "$ctx/velero/passwd"
+  printf 'root:x:0:\ncnb:x:1000:\n' > "$ctx/velero/group"
+  printf 'FROM scratch\nCOPY passwd group /etc/\nCOPY velero velero-restore-helper velero-helper /\nCOPY tmp /tmp\nUSER 1002:1000\n' > "$ctx/velero/Dockerfile"
+  image_from_context "velero/velero:$VELERO_VERSION" "$ctx/velero" >/dev/null
+
+  mkdir -p "$ctx/plugin/plugins" "$ctx/plugin/bin"
+  cp "$CACHE/velero-plugin-for-aws-$VELERO_AWS_PLUGIN_VERSION/bin/velero-plugin-for-aws" "$ctx/plugin/plugins/"
+  cp "$CACHE/velero-plugin-for-aws-$VELERO_AWS_PLUGIN_VERSION/bin/cp-plugin" "$ctx/plugin/bin/"
+  printf 'FROM scratch\nCOPY plugins /plugins\nCOPY bin /bin\nUSER 65532:65532\nENTRYPOINT ["cp-plugin", "/plugins/velero-plugin-for-aws", "/target/velero-plugin-for-aws"]\n' > "$ctx/plugin/Dockerfile"
+  image_from_context "velero/velero-plugin-for-aws:$VELERO_AWS_PLUGIN_VERSION" "$ctx/plugin" >/dev/null
+  rm -rf "$ctx"
+  touch "$stamp"
+  log "images built in $(since "$t0") s"
+}
+kube_version() { sed -n 's/^  current) KUBE_VERSION=\([0-9.]*\);.*/\1/p' scripts/kube-envtest.sh; }
+
+cmd_build() {
+  command -v go >/dev/null || die "needs Go (the machine's golang; the same one kube-envtest.sh uses)"
+  mkdir -p "$CACHE"; exec 8>"$CACHE/.lock"; flock 8   # one build at a time
+  KUBELET=$(bash scripts/kube-envtest.sh kubelet)
+  KUBECTL=$(bash scripts/kube-envtest.sh kubectl)
+  build_velero
+  build_aws_plugin
+  build_minio
+  apt_install buildah busybox-static
+  build_images
+  OUR_IMAGE=$(bash scripts/image.sh "$RUN/image")
+}
+
+# ---------------------------------------------------------------- the node
+# Addresses. Pods live on a bridge of their own; the host is its gateway (10.244.77.1)
+# and MinIO listens there. Pods get no default route: only the Service range is routed,
+# through the host, so nothing in a pod reaches beyond this machine. There is no
+# kube-proxy: the one Service pods dial, `kubernetes` (its ClusterIP is the first address
+# of the range), is a host address where socat forwards to the API server. The API server
+# reaches webhook pods through their endpoints (--enable-aggregator-routing).
+BRIDGE=vjh-e2e0
+POD_SUBNET=10.244.77.0/24 HOST_IP=10.244.77.1
+SERVICE_CIDR=10.244.78.0/24 API_SERVICE_IP=10.244.78.1
+API_PORT=${E2E_API_PORT:-16463} ETCD_PORT=${E2E_ETCD_PORT:-12399}
+KUBELET_ROOT=/var/lib/kubelet   # where Velero's node-agent looks for pod volumes (host-pods)
+SOCK=$RUN/containerd/containerd.sock
+KUBECONFIG_FILE=$RUN/cluster/kubeconfig
+SYSCTLS="vm.overcommit_memory kernel.panic kernel.panic_on_oops"   # the kubelet changes them
+
+envtest() {
+  KUBE_ENVTEST_RUN=$RUN/cluster KUBE_ENVTEST_API_PORT=$API_PORT KUBE_ENVTEST_ETCD_PORT=$ETCD_PORT \
+  KUBE_ENVTEST_SERVICE_CIDR=$SERVICE_CIDR KUBE_ENVTEST_SA_ADMISSION=1 \
+  KUBE_ENVTEST_EXTRA_SANS=IP:$API_SERVICE_IP \
+  KUBE_ENVTEST_EXTRA_APISERVER_FLAGS=--enable-aggregator-routing=true \
+    bash scripts/kube-envtest.sh "$@"
+}
+kc() { "$KUBECTL" --kubeconfig "$KUBECONFIG_FILE" "$@"; }
+ctr_() { ctr -a "$SOCK" -n k8s.io "$@"; }
+
+# start_bg NAME CMD...: a process of ours, its pid in $RUN/NAME.pid, its log in $RUN/logs
+start_bg() {
+  local name=$1; shift
+  nohup "$@" </dev/null >"$RUN/logs/$name.log" 2>&1 &
+  echo $! > "$RUN/$name.pid"
+}
+stop_bg() {
+  local pid; pid=$(cat "$RUN/$1.pid" 2>/dev/null) || return 0
+  if kill "$pid" 2>/dev/null; then
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+  fi
+  rm -f "$RUN/$1.pid"
+}
+# wait_for SECONDS WHAT CMD...: poll CMD every second
+wait_for() {
+  local secs=$1 what=$2; shift 2
+  for _ in $(seq 1 "$secs"); do "$@" >/dev/null 2>&1 && return 0; sleep 1; done
+  die "$what: not within $secs s"
+}
+
+start_network() {
+  ip link show "$BRIDGE" >/dev/null 2>&1 || ip link add "$BRIDGE" type bridge
+  ip addr replace "$HOST_IP/24" dev "$BRIDGE"
+  ip addr replace "$API_SERVICE_IP/32" dev "$BRIDGE"
+  ip link set "$BRIDGE" up
+  mkdir -p "$RUN/cni/net.d" "$RUN/cni/ipam"
+  cat > "$RUN/cni/net.d/10-e2e.conflist" <<EOF
+{"cniVersion": "0.4.0", "name": "vjh-e2e", "plugins": [
+  {"type": "bridge", "bridge": "$BRIDGE", "isGateway": true, "isDefaultGateway": false, "ipMasq": false,
+   "hairpinMode": false,
+   "ipam": {"type": "host-local", "dataDir": "$RUN/cni/ipam", "ranges": [[{"subnet": "$POD_SUBNET", "gateway": "$HOST_IP"}]],
+            "routes": [{"dst": "$SERVICE_CIDR"}]}},
+  {"type": "loopback"}]}
+EOF
+}
+
+start_containerd() {
+  mkdir -p "$RUN/containerd/root" "$RUN/containerd/state" "$RUN/containerd/opt"
+  cat > "$RUN/containerd/config.toml" <<EOF
+version = 2
+root = "$RUN/containerd/root"
+state = "$RUN/containerd/state"
+[grpc]
+  address = "$SOCK"
+[ttrpc]
+  address = "$SOCK.ttrpc"
+[plugins]
+  [plugins."io.containerd.grpc.v1.cri"]
+    sandbox_image = "registry.k8s.io/pause:3.10"
+    stream_server_address = "127.0.0.1"
+    stream_server_port = "0"
+    # This machine has no CAP_SYS_RESOURCE: the CRI may not lower oom_score_adj.
+    restrict_oom_score_adj = true
+    [plugins."io.containerd.grpc.v1.cri".containerd]
+      snapshotter = "overlayfs"
+      default_runtime_name = "runc"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+        runtime_type = "io.containerd.runc.v2"
+        [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+          SystemdCgroup = false
+    [plugins."io.containerd.grpc.v1.cri".cni]
+      bin_dir = "/usr/lib/cni"
+      conf_dir = "$RUN/cni/net.d"
+  [plugins."io.containerd.internal.v1.opt"]
+    path = "$RUN/containerd/opt"
+EOF
+  start_bg containerd containerd --config "$RUN/containerd/config.toml"
+  wait_for 30 "containerd answering on $SOCK" ctr -a "$SOCK" version
+  local tar
+  for tar in "$CACHE"/images/*.tar; do ctr_ images import "$tar" >/dev/null; done
+  # Our own image is an OCI archive named velero-jupyterhub:VERSION, as the manifests say.
+  ctr_ images import --base-name docker.io/library/velero-jupyterhub --digests "$OUR_IMAGE" >/dev/null
+  local ours; ours=$(ctr_ images ls -q | grep -m1 '^docker.io/library/velero-jupyterhub:' || true)
+  [ -n "$ours" ] || die "our image did not import as docker.io/library/velero-jupyterhub:TAG ($(ctr_ images ls -q | tr '\n' ' '))"
+}
+
+start_kubelet() {
+  mkdir -p "$RUN/kubelet/static" "$RUN/kubelet/pki"
+  local k
+  for k in $SYSCTLS; do [ -f "$RUN/sysctl.$k" ] || sysctl -n "$k" > "$RUN/sysctl.$k"; done
+  cat > "$RUN/kubelet/config.yaml" <<EOF
+apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+containerRuntimeEndpoint: unix://$SOCK
+address: 127.0.0.1
+port: 30250
+readOnlyPort: 0
+healthzBindAddress: 127.0.0.1
+healthzPort: 30248
+authentication: {anonymous: {enabled: true}, webhook: {enabled: false}, x509: {}}
+authorization: {mode: AlwaysAllow}
+cgroupDriver: cgroupfs
+# These machines run cgroup v1 (a hybrid with an empty v2): current kubelets refuse it
+# unless told otherwise.
+failCgroupV1: false
+failSwapOn: false
+staticPodPath: $RUN/kubelet/static
+resolvConf: /etc/resolv.conf
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
+evictionHard: {memory.available: 100Mi, nodefs.available: 1%, imagefs.available: 1%, nodefs.inodesFree: 1%}
+nodeStatusUpdateFrequency: 5s
+makeIPTablesUtilChains: false
+EOF
+  # Named localhost: the kubelet refuses a loopback --node-ip, and the API server then
+  # reaches it (logs, exec) at the Hostname address without exposing it beyond loopback.
+  start_bg kubelet "$KUBELET" --kubeconfig="$KUBECONFIG_FILE" --config="$RUN/kubelet/config.yaml" \
+    --root-dir="$KUBELET_ROOT" --cert-dir="$RUN/kubelet/pki" --hostname-override=localhost --v=2
+  wait_for 120 "node localhost Ready (kubelet log: $RUN/logs/kubelet.log)" \
+    sh -c "'$KUBECTL' --kubeconfig '$KUBECONFIG_FILE' get node localhost -o jsonpath='{.status.conditions[?(@.type==\"Ready\")].status}' | grep -qx True"
+  # The node lifecycle controller is off in the test cluster, so the not-ready taint that
+  # admission puts on every new Node is never lifted by it.
+  kc taint node localhost node.kubernetes.io/not-ready:NoSchedule- >/dev/null 2>&1 || true
+}
+
+start_minio() {
+  mkdir -p "$RUN/minio/data"
+  [ -f "$RUN/minio/secret" ] || head -c 18 /dev/urandom | base64 | tr -d '/+=' > "$RUN/minio/secret"
+  MINIO_ROOT_USER=velero-e2e MINIO_ROOT_PASSWORD=$(cat "$RUN/minio/secret") \
+    start_bg minio "$CACHE/minio-$MINIO_VERSION/bin/minio" server --quiet --anonymous \
+      --address "$HOST_IP:9000" --console-address 127.0.0.1:19001 "$RUN/minio/data"
+  wait_for 60 "MinIO live on $HOST_IP:9000" curl -sf "http://$HOST_IP:9000/minio/health/live"
+  # The bucket, made with a signed S3 request (curl speaks AWS SigV4).
+  local auth=(--aws-sigv4 "aws:amz:minio:s3" --user "velero-e2e:$(cat "$RUN/minio/secret")")
+  curl -sf -X PUT "${auth[@]}" "http://$HOST_IP:9000/velero" >/dev/null \
+    || curl -sf "${auth[@]}" "http://$HOST_IP:9000/velero" >/dev/null \
+    || die "could not create the bucket velero in MinIO"
+  printf '[default]\naws_access_key_id = velero-e2e\naws_secret_access_key = %s\n' "$(cat "$RUN/minio/secret")" > "$RUN/minio/credentials-velero"
+}
+
+cmd_up() {
+  [ "$(id -u)" -eq 0 ] || die "the node needs root (containerd, kubelet, a bridge)"
+  cmd_build
+  apt_install containerd runc containernetworking-plugins socat iproute2 curl
+  mkdir -p "$RUN/logs"
+  local t0; t0=$(now)
+  start_network
+  start_containerd
+  log "containerd up, images imported at $(since "$t0") s"
+  envtest start >/dev/null
+  start_bg api-forward socat "TCP-LISTEN:443,bind=$API_SERVICE_IP,fork,reuseaddr" "TCP:127.0.0.1:$API_PORT"
+  start_minio
+  log "API server, forward and MinIO up at $(since "$t0") s"
+  start_kubelet
+  log "node localhost Ready at $(since "$t0") s"
+}
+
+cmd_down() {
+  local t0; t0=$(now)
+  if [ -f "$KUBECONFIG_FILE" ] && [ -n "${KUBECTL:-}" ] && [ -f "$RUN/kubelet.pid" ]; then
+    # While the kubelet runs, so that volumes are unmounted and CNI DEL happens.
+    kc delete pods --all -A --grace-period=1 --timeout=60s >/dev/null 2>&1 || true
+  fi
+  stop_bg kubelet
+  stop_bg minio
+  stop_bg api-forward
+  envtest stop >/dev/null 2>&1 || true
+  if [ -S "$SOCK" ]; then
+    local t
+    for t in $(ctr_ tasks ls -q 2>/dev/null); do ctr_ tasks kill -s KILL "$t" >/dev/null 2>&1 || true; done
+    sleep 1
+    for t in $(ctr_ tasks ls -q 2>/dev/null); do ctr_ tasks delete -f "$t" >/dev/null 2>&1 || true; done
+    for t in $(ctr_ containers ls -q 2>/dev/null); do ctr_ containers delete "$t" >/dev/null 2>&1 || true; done
+  fi
+  stop_bg containerd
+  pkill -f "containerd-shim-runc-v2 -namespace k8s.io -id .* -address $SOCK" 2>/dev/null || true
+  # Mounts left under our directories, deepest first.
+  local m
+  for m in $(awk -v run="$RUN" -v kl="$KUBELET_ROOT" 'index($2, run) == 1 || index($2, kl) == 1 {print $2}' /proc/mounts | sort -r); do
+    umount -l "$m" 2>/dev/null || true
+  done
+  for k in $SYSCTLS; do [ -f "$RUN/sysctl.$k" ] && sysctl -qw "$k=$(cat "$RUN/sysctl.$k")" && rm -f "$RUN/sysctl.$k"; done
+  ip link del "$BRIDGE" 2>/dev/null || true
+  rm -rf "$KUBELET_ROOT" "$RUN/containerd" "$RUN/cni" "$RUN/kubelet" "$RUN/minio" "$RUN/volumes" /var/log/pods /var/log/containers
+  local c; for c in /sys/fs/cgroup/*/kubepods /sys/fs/cgroup/*/k8s.io; do [ -d "$c" ] && find "$c" -depth -type d -exec rmdir {} + 2>/dev/null; done
+  log "down in $(since "$t0") s"
+}
+
+# ---------------------------------------------------------------- the scenario
+NS=jhub
+USERS="alice bob carol"   # alice has a server running; bob and carol are idle
+LIVE=alice
+SCHEDULE=nightly
+
+# Velero as its docs install it: `velero install` with the AWS plugin against MinIO, the
+# node-agent for file-system backups, and the restore helper image through the
+# fs-restore-action-config ConfigMap. Requests are lowered: this node has 2 cores.
+install_velero() {
+  "$VELERO" install --dry-run -o yaml \
+    --image "velero/velero:$VELERO_VERSION" \
+    --provider aws --plugins "velero/velero-plugin-for-aws:$VELERO_AWS_PLUGIN_VERSION" \
+    --bucket velero --secret-file "$RUN/minio/credentials-velero" \
+    --backup-location-config "region=minio,s3ForcePathStyle=true,s3Url=http://$HOST_IP:9000" \
+    --use-volume-snapshots=false --use-node-agent \
+    --velero-pod-cpu-request 50m --velero-pod-mem-request 128Mi \
+    --node-agent-pod-cpu-request 50m --node-agent-pod-mem-request 128Mi \
+    > "$RUN/velero-install.yaml"
+  kc apply -f "$RUN/velero-install.yaml" >/dev/null
+  kc apply -f - >/dev/null <<EOF
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: fs-restore-action-config
+  namespace: velero
+  labels:
+    velero.io/plugin-config: ""
+    velero.io/pod-volume-restore: RestoreItemAction
+data:
+  image: velero/velero:$VELERO_VERSION
+EOF
+  kc -n velero rollout status deploy/velero --timeout=180s >/dev/null \
+    || { kc -n velero describe pods >&2; die "Velero's server did not start"; }
+  kc -n velero rollout status ds/node-agent --timeout=180s >/dev/null \
+    || { kc -n velero describe pods >&2; die "Velero's node-agent did not start"; }
+  wait_for 120 "BackupStorageLocation default Available" \
+    sh -c "'$KUBECTL' --kubeconfig '$KUBECONFIG_FILE' -n velero get bsl default -o jsonpath='{.status.phase}' | grep -qx Available"
+}
+
+# velero-jupyterhub as users install it: `kubectl apply -k manifests/`, our image, the
+# certificates made by the controller.
+install_ours() {
+  kc apply -k manifests/ >/dev/null
+  kc -n velero-jupyterhub rollout status deploy --timeout=180s >/dev/null \
+    || { kc -n velero-jupyterhub describe pods >&2; die "velero-jupyterhub did not start"; }
+}
+
+# Each user's home: a local PersistentVolume on a directory of this machine, its claim
+# (KubeSpawner's name), and files of random content with their checksums kept.
+make_volume() {   # make_volume PV DIR [CLAIM]: CLAIM given = pre-bound to it
+  local pv=$1 dir=$2 claim=${3:-}
+  mkdir -p "$dir"; chmod 0777 "$dir"
+  kc apply -f - >/dev/null <<EOF
+apiVersion: v1
+kind: PersistentVolume
+metadata: {name: $pv}
+spec:
+  capacity: {storage: 1Gi}
+  accessModes: [ReadWriteOnce]
+  persistentVolumeReclaimPolicy: Retain
+  storageClassName: e2e-local
+  local: {path: $dir}
+  nodeAffinity:
+    required:
+      nodeSelectorTerms:
+        - matchExpressions: [{key: kubernetes.io/hostname, operator: In, values: [localhost]}]
+$( [ -n "$claim" ] && printf '  claimRef: {namespace: %s, name: %s}\n' "$NS" "$claim" )
+EOF
+}
+
+make_homes() {
+  kc apply -f - >/dev/null <<EOF
+apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata: {name: e2e-local}
+provisioner: kubernetes.io/no-provisioner
+volumeBindingMode: WaitForFirstConsumer
+---
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: $NS
+  labels: {velero-jupyterhub.io/enabled: "true"}
+EOF
+  local u dir
+  mkdir -p "$RUN/checksums"
+  for u in $USERS; do
+    dir=$RUN/volumes/home-$u
+    make_volume "home-$u" "$dir" "claim-$u"
+    kc apply -f - >/dev/null <<EOF
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata:
+  name: claim-$u
+  namespace: $NS
+  labels: {hub.jupyter.org/username: $u, app: jupyterhub, component: singleuser-storage}
+spec:
+  accessModes: [ReadWriteOnce]
+  storageClassName: e2e-local
+  volumeName: home-$u
+  resources: {requests: {storage: 1Gi}}
+EOF
+    mkdir -p "$dir/work/data" "$dir/.local/share"
+    head -c $((2 * 1024 * 1024 + RANDOM)) /dev/urandom > "$dir/work/data/big.bin"
+    head -c $((512 * 1024 + RANDOM)) /dev/urandom > "$dir/work/notebook.ipynb"
+    head -c $((64 * 1024)) /dev/urandom > "$dir/.local/share/history.sqlite"
+    echo "hello from $u" > "$dir/README.md"
+    chown -R 1000:100 "$dir"
+    ( cd "$dir" && find . -type f -print0 | sort -z | xargs -0 sha256sum ) > "$RUN/checksums/$u.sha256"
+  done
+  wait_for 60 "claims Bound" sh -c "! '$KUBECTL' --kubeconfig '$KUBECONFIG_FILE' -n $NS get pvc -o jsonpath='{.items[*].status.phase}' | tr ' ' '\n' | grep -vx Bound"
+}
+
+# A KubeSpawner-shaped server (z2jh 4.x, the fixture's shape) with busybox in place of
+# the notebook image: the webhook annotates it at creation.
+start_server() {
+  local u=$1
+  kc apply -f - >/dev/null <<EOF
+apiVersion: v1
+kind: Pod
+metadata:
+  name: jupyter-$u
+  namespace: $NS
+  labels:
+    app: jupyterhub
+    app.kubernetes.io/name: jupyterhub
+    release: jupyterhub
+    app.kubernetes.io/instance: jupyterhub
+    app.kubernetes.io/managed-by: kubespawner
+    hub.jupyter.org/network-access-hub: "true"
+    hub.jupyter.org/username: $u
+    app.kubernetes.io/component: singleuser-server
+    component: singleuser-server
+    hub.jupyter.org/servername: ""
+  annotations:
+    hub.jupyter.org/username: $u
+spec:
+  restartPolicy: OnFailure
+  automountServiceAccountToken: false
+  securityContext: {fsGroup: 100}
+  tolerations:
+    - {key: hub.jupyter.org/dedicated, operator: Equal, value: user, effect: NoSchedule}
+  initContainers:
+    - name: block-cloud-metadata
+      image: localhost/busybox:e2e
+      imagePullPolicy: Never
+      command: ["true"]
+  containers:
+    - name: notebook
+      image: localhost/busybox:e2e
+      imagePullPolicy: Never
+      command: ["sleep", "86400"]
+      resources: {requests: {memory: 32Mi}}
+      securityContext: {runAsUser: 1000, allowPrivilegeEscalation: false}
+      volumeMounts:
+        - {name: volume-$u, mountPath: /home/jovyan}
+  volumes:
+    - name: volume-$u
+      persistentVolumeClaim: {claimName: claim-$u}
+EOF
+  kc -n "$NS" wait --for=condition=Ready "pod/jupyter-$u" --timeout=120s >/dev/null
+  local ann; ann=$(kc -n "$NS" get pod "jupyter-$u" -o jsonpath='{.metadata.annotations.backup\.velero\.io/backup-volumes}')
+  [ "$ann" = "volume-$u" ] || die "the webhook did not annotate jupyter-$u (backup-volumes: '$ann')"
+}
+
+helpers() { kc -n "$NS" get pods -l app.kubernetes.io/managed-by=velero-jupyterhub -o jsonpath='{range .items[*]}{.metadata.name}={.status.phase}{"\n"}{end}'; }
+
+# A Velero Schedule fires; our helpers hold the idle homes; Velero's Backup completes with
+# a PodVolumeBackup of every home. Prints the Backup's name.
+backup_by_schedule() {
+  # Velero's first Backup of a Schedule is at the first cron tick after its creation
+  # (schedule_controller.go, getNextRunTime): create it at least 70 s before a tick, so
+  # the helpers are Running when the Backup reaches the namespace.
+  while [ $(( $(date +%s) % 120 )) -gt 50 ]; do sleep 1; done
+  "$VELERO" --kubeconfig "$KUBECONFIG_FILE" -n velero schedule create "$SCHEDULE" \
+    --schedule "*/2 * * * *" --include-namespaces "$NS" --ttl 24h0m0s >/dev/null
+  local u
+  for u in $USERS; do
+    [ "$u" = "$LIVE" ] && continue
+    wait_for 60 "backup helper for claim-$u Running" sh -c "'$KUBECTL' --kubeconfig '$KUBECONFIG_FILE' -n $NS get pods -l app.kubernetes.io/component=backup-helper -o jsonpath='{range .items[*]}{.spec.volumes[0].persistentVolumeClaim.claimName}={.status.phase}{\"\\n\"}{end}' | grep -qx claim-$u=Running"
+  done
+  helpers | grep -q "claim-$LIVE" && die "a helper was made for the live user's claim: $(helpers)"
+  log "helpers Running before the tick: $(helpers | tr '\n' ' ')"
+  local backup=""
+  for _ in $(seq 1 300); do
+    backup=$(kc -n velero get backups -l "velero.io/schedule-name=$SCHEDULE" -o jsonpath='{.items[0].metadata.name}' 2>/dev/null || true)
+    [ -n "$backup" ] && break; sleep 1
+  done
+  [ -n "$backup" ] || die "the Schedule made no Backup within 5 min"
+  log "Velero's Schedule made Backup $backup"
+  local phase=""
+  for _ in $(seq 1 600); do
+    phase=$(kc -n velero get backup "$backup" -o jsonpath='{.status.phase}')
+    case "$phase" in Completed|PartiallyFailed|Failed|FailedValidation) break ;; esac
+    sleep 1
+  done
+  "$VELERO" --kubeconfig "$KUBECONFIG_FILE" -n velero schedule pause "$SCHEDULE" >/dev/null
+  "$VELERO" --kubeconfig "$KUBECONFIG_FILE" -n velero backup describe "$backup" --details > "$RUN/backup-describe.txt" 2>&1 || true
+  [ "$phase" = Completed ] || { cat "$RUN/backup-describe.txt" >&2; die "Backup $backup ended $phase"; }
+  # Every home is in it, each with a completed PodVolumeBackup (velero's own report).
+  for u in $USERS; do
+    local pvb; pvb=$(kc -n velero get podvolumebackups -l "velero.io/backup-name=$backup" \
+      -o jsonpath="{range .items[?(@.spec.tags.pvc==\"claim-$u\")]}{.status.phase}{end}")
+    [ "$pvb" = Completed ] || { cat "$RUN/backup-describe.txt" >&2; die "no Completed PodVolumeBackup of claim-$u in $backup ('$pvb')"; }
+  done
+  grep -q "jupyter-$LIVE: volume-$LIVE" "$RUN/backup-describe.txt" \
+    || { cat "$RUN/backup-describe.txt" >&2; die "velero backup describe --details does not list the live user's volume"; }
+  for u in $USERS; do
+    [ "$u" = "$LIVE" ] && continue
+    grep -Eq "vjh-backup-claim-$u: data" "$RUN/backup-describe.txt" \
+      || { cat "$RUN/backup-describe.txt" >&2; die "velero backup describe --details does not list claim-$u's helper volume"; }
+  done
+  log "Backup $backup Completed with a PodVolumeBackup of every home ($RUN/backup-describe.txt)"
+  echo "$backup"
+}
+
+# Everything goes: the server, the claims, the volumes and their data. Then
+# `velero-jupyterhub restore` brings the homes back onto fresh, empty volumes.
+restore_homes() {
+  local backup=$1 u
+  kc -n "$NS" delete pod "jupyter-$LIVE" --grace-period=1 >/dev/null
+  wait_for 120 "backup helpers gone after the Backup" sh -c "[ -z \"\$('$KUBECTL' --kubeconfig '$KUBECONFIG_FILE' -n $NS get pods -o name)\" ]"
+  for u in $USERS; do
+    kc -n "$NS" delete pvc "claim-$u" --wait=true >/dev/null
+    kc delete pv "home-$u" --wait=true >/dev/null
+    rm -rf "$RUN/volumes/home-$u"
+    make_volume "restored-$u" "$RUN/volumes/restored-$u"   # empty, unbound
+  done
+  # Every pod the restore makes in the namespace, as the API server reports it.
+  kc -n "$NS" get pods --watch --output-watch-events -o json > "$RUN/restore-pods.json" 2>/dev/null &
+  local watch=$!
+  local t0; t0=$(now) rc=0
+  KUBECONFIG=$KUBECONFIG_FILE "$VJH" restore --namespace "$NS" --from-backup "$backup" --wait \
+    > "$RUN/restore.out" 2> "$RUN/restore.err" || rc=$?
+  cat "$RUN/restore.out" >&2
+  [ "$rc" = 0 ] || { cat "$RUN/restore.err" >&2; die "velero-jupyterhub restore exited $rc"; }
+  log "restore finished in $(since "$t0") s"
+  wait_for 180 "no helper left after the restore" sh -c "[ -z \"\$('$KUBECTL' --kubeconfig '$KUBECONFIG_FILE' -n $NS get pods -l app.kubernetes.io/managed-by=velero-jupyterhub -o name)\" ]"
+  kill "$watch" 2>/dev/null || true
+  # Byte for byte: every file of every home, on whatever volume its claim is bound to now.
+  for u in $USERS; do
+    local pv dir; pv=$(kc -n "$NS" get pvc "claim-$u" -o jsonpath='{.spec.volumeName}')
+    dir=$(kc get pv "$pv" -o jsonpath='{.spec.local.path}')
+    ( cd "$dir" && sha256sum --quiet -c "$RUN/checksums/$u.sha256" ) >&2 \
+      || die "claim-$u (volume $pv, $dir) differs from what was backed up"
+    log "claim-$u: $(wc -l < "$RUN/checksums/$u.sha256") files, $(du -sb --exclude=.velero "$dir" | cut -f1) bytes, identical (volume $pv)"
+  done
+  # No notebook container ever ran: no pod the restore made kept a workload container.
+  python3 - "$RUN/restore-pods.json" <<'PY' || die "a notebook container ran during the restore"
+import json, sys
+text = open(sys.argv[1]).read()
+dec, i, events = json.JSONDecoder(), 0, []
+while i < len(text):
+    while i < len(text) and text[i].isspace(): i += 1
+    if i >= len(text): break
+    obj, i = dec.raw_decode(text, i); events.append(obj)
+pods, bad = set(), []
+for e in events:
+    pod = e.get("object", {}); name = pod.get("metadata", {}).get("name")
+    pods.add(name)
+    names = [c["name"] for c in pod.get("spec", {}).get("containers", [])]
+    names += [s["name"] for s in pod.get("status", {}).get("containerStatuses", [])]
+    if "notebook" in names: bad.append(name)
+    if pod.get("metadata", {}).get("labels", {}).get("app.kubernetes.io/component") not in ("restore-helper", None):
+        bad.append(f"{name} labelled {pod['metadata']['labels'].get('app.kubernetes.io/component')}")
+print(f"e2e-velero: the restore made {len(pods)} pods ({', '.join(sorted(p for p in pods if p))}), {len(events)} watch events, none with a notebook container", file=sys.stderr)
+if not pods: sys.exit("no pod seen during the restore")
+if bad: sys.exit(f"not converted: {sorted(set(bad))}")
+PY
+}
+
+cmd_scenario() {
+  KUBECTL=${KUBECTL:-$(bash scripts/kube-envtest.sh kubectl)}
+  VELERO=$CACHE/velero-$VELERO_VERSION/bin/velero
+  local target_dir; target_dir=$(cargo metadata --no-deps --format-version 1 | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+  VJH=$target_dir/x86_64-unknown-linux-musl/release/velero-jupyterhub   # image.sh's binary
+  local t0; t0=$(now)
+  install_velero;  log "Velero installed at $(since "$t0") s"
+  install_ours;    log "velero-jupyterhub installed at $(since "$t0") s"
+  make_homes;      log "homes made at $(since "$t0") s"
+  start_server "$LIVE"; log "jupyter-$LIVE Running and annotated at $(since "$t0") s"
+  local backup; backup=$(backup_by_schedule); log "backed up at $(since "$t0") s"
+  restore_homes "$backup"; log "restored byte for byte at $(since "$t0") s"
+  log "PASSED: real Velero $VELERO_VERSION backed up $(echo $USERS | wc -w) homes ($LIVE live, the rest idle) and velero-jupyterhub restored them byte for byte ($(since "$t0") s)"
+}
+
+cmd_all() {
+  local t0; t0=$(now)
+  cmd_build
+  log "builds ready at $(since "$t0") s"
+  if [ "${E2E_KEEP:-0}" != 1 ]; then trap 'cmd_down' EXIT; fi
+  cmd_up
+  cmd_scenario
+  log "all done in $(since "$t0") s (builds, node, scenario)"
+}
+
+# One line: bash has read all of it before it runs, so editing this file cannot disturb
+# a run in progress.
+main() {
+  case "${1:-all}" in
+    build) cmd_build ;;
+    up) cmd_up ;;
+    scenario) cmd_scenario ;;
+    all) cmd_all ;;
+    down) KUBECTL=$(bash scripts/kube-envtest.sh kubectl); cmd_down ;;
+    *) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  esac
+}
+main "$@"; exit $?
