@@ -135,9 +135,9 @@ image_from_context() {
 #                                 Velero's Dockerfile lays them out)
 #   velero/velero-plugin-for-aws:VERSION  the plugin and cp-plugin (as its Dockerfile)
 build_images() {
-  local stamp=$CACHE/images/.done-$VELERO_VERSION-$VELERO_AWS_PLUGIN_VERSION-r1
+  local stamp=$CACHE/images/.done-$VELERO_VERSION-$VELERO_AWS_PLUGIN_VERSION-r3
   [ -f "$stamp" ] && return 0
-  local t0; t0=$(now) ctx; ctx=$(mktemp -d)
+  local t0 ctx; t0=$(now); ctx=$(mktemp -d)
   local k8s; k8s=$( ("${GO_ENV[@]}" go mod download -json "k8s.io/kubernetes@v$(kube_version)") | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
   [ -f "$k8s/build/pause/linux/pause.c" ] || die "no build/pause/linux/pause.c in k8s.io/kubernetes ($k8s)"
   mkdir -p "$ctx/pause"
@@ -145,17 +145,21 @@ build_images() {
   printf 'FROM scratch\nCOPY pause /pause\nUSER 65535:65535\nENTRYPOINT ["/pause"]\n' > "$ctx/pause/Dockerfile"
   image_from_context registry.k8s.io/pause:3.10 "$ctx/pause" >/dev/null
 
-  mkdir -p "$ctx/busybox/bin" "$ctx/busybox/tmp"
-  cp /bin/busybox "$ctx/busybox/bin/busybox"
-  for a in $(/bin/busybox --list); do [ "$a" = busybox ] || ln -s busybox "$ctx/busybox/bin/$a"; done
-  printf 'FROM scratch\nCOPY bin /bin\nCOPY tmp /tmp\nCMD ["sh"]\n' > "$ctx/busybox/Dockerfile"
+  # Each image's files are staged as a root file system, so that modes (/tmp 1777) survive
+  # COPY, which creates the destination of a directory's contents with its own defaults.
+  local fs=$ctx/busybox/rootfs
+  mkdir -p "$fs/bin" "$fs/tmp"; chmod 1777 "$fs/tmp"
+  cp /bin/busybox "$fs/bin/busybox"
+  for a in $(/bin/busybox --list); do [ "$a" = busybox ] || ln -s busybox "$fs/bin/$a"; done
+  printf 'FROM scratch\nCOPY rootfs /\nCMD ["sh"]\n' > "$ctx/busybox/Dockerfile"
   image_from_context localhost/busybox:e2e "$ctx/busybox" >/dev/null
 
-  mkdir -p "$ctx/velero/tmp"
-  cp "$CACHE/velero-$VELERO_VERSION/bin/"velero* "$ctx/velero/"
-  printf 'root:x:0:0:root:/:/sbin/nologin\ncnb:x:1002:1000:cnb:/home/cnb:/sbin/nologin\n' > "$ctx/velero/passwd"
-  printf 'root:x:0:\ncnb:x:1000:\n' > "$ctx/velero/group"
-  printf 'FROM scratch\nCOPY passwd group /etc/\nCOPY velero velero-restore-helper velero-helper /\nCOPY tmp /tmp\nUSER 1002:1000\n' > "$ctx/velero/Dockerfile"
+  fs=$ctx/velero/rootfs
+  mkdir -p "$fs/etc" "$fs/tmp" "$ctx/velero/home"; chmod 1777 "$fs/tmp"   # kopia and the plugins write to /tmp
+  cp "$CACHE/velero-$VELERO_VERSION/bin/"velero* "$fs/"
+  printf 'root:x:0:0:root:/:/sbin/nologin\ncnb:x:1002:1000:cnb:/home/cnb:/sbin/nologin\n' > "$fs/etc/passwd"
+  printf 'root:x:0:\ncnb:x:1000:\n' > "$fs/etc/group"
+  printf 'FROM scratch\nCOPY rootfs /\nCOPY --chown=1002:1000 home /home/cnb\nUSER 1002:1000\n' > "$ctx/velero/Dockerfile"
   image_from_context "velero/velero:$VELERO_VERSION" "$ctx/velero" >/dev/null
 
   mkdir -p "$ctx/plugin/plugins" "$ctx/plugin/bin"
@@ -180,6 +184,7 @@ cmd_build() {
   apt_install buildah busybox-static
   build_images
   OUR_IMAGE=$(bash scripts/image.sh "$RUN/image")
+  exec 8>&-
 }
 
 # ---------------------------------------------------------------- the node
@@ -211,7 +216,7 @@ ctr_() { ctr -a "$SOCK" -n k8s.io "$@"; }
 # start_bg NAME CMD...: a process of ours, its pid in $RUN/NAME.pid, its log in $RUN/logs
 start_bg() {
   local name=$1; shift
-  nohup "$@" </dev/null >"$RUN/logs/$name.log" 2>&1 &
+  nohup "$@" </dev/null >"$RUN/logs/$name.log" 2>&1 8>&- &   # not holding the build lock
   echo $! > "$RUN/$name.pid"
 }
 stop_bg() {
@@ -279,10 +284,13 @@ EOF
   wait_for 30 "containerd answering on $SOCK" ctr -a "$SOCK" version
   local tar
   for tar in "$CACHE"/images/*.tar; do ctr_ images import "$tar" >/dev/null; done
-  # Our own image is an OCI archive named velero-jupyterhub:VERSION, as the manifests say.
+  # Our own image: image.sh's OCI archive, imported by digest and tagged with the name the
+  # manifests use (velero-jupyterhub:VERSION, as the CRI spells it).
+  local version; version=$(basename "$OUR_IMAGE" .oci.tar); version=${version#velero-jupyterhub-}
   ctr_ images import --base-name docker.io/library/velero-jupyterhub --digests "$OUR_IMAGE" >/dev/null
-  local ours; ours=$(ctr_ images ls -q | grep -m1 '^docker.io/library/velero-jupyterhub:' || true)
-  [ -n "$ours" ] || die "our image did not import as docker.io/library/velero-jupyterhub:TAG ($(ctr_ images ls -q | tr '\n' ' '))"
+  local ours; ours=$(ctr_ images ls -q | grep -m1 '^docker.io/library/velero-jupyterhub@sha256:' || true)
+  [ -n "$ours" ] || die "our image did not import ($(ctr_ images ls -q | tr '\n' ' '))"
+  ctr_ images tag --force "$ours" "docker.io/library/velero-jupyterhub:$version" >/dev/null
 }
 
 start_kubelet() {
@@ -397,7 +405,7 @@ SCHEDULE=nightly
 # node-agent for file-system backups, and the restore helper image through the
 # fs-restore-action-config ConfigMap. Requests are lowered: this node has 2 cores.
 install_velero() {
-  "$VELERO" install --dry-run -o yaml \
+  "$VELERO" --kubeconfig "$KUBECONFIG_FILE" install --dry-run -o yaml \
     --image "velero/velero:$VELERO_VERSION" \
     --provider aws --plugins "velero/velero-plugin-for-aws:$VELERO_AWS_PLUGIN_VERSION" \
     --bucket velero --secret-file "$RUN/minio/credentials-velero" \
@@ -406,6 +414,9 @@ install_velero() {
     --velero-pod-cpu-request 50m --velero-pod-mem-request 128Mi \
     --node-agent-pod-cpu-request 50m --node-agent-pod-mem-request 128Mi \
     > "$RUN/velero-install.yaml"
+  # As `velero install` does without --dry-run: the CRDs first, established, then the rest.
+  kc apply -f "$RUN/velero-install.yaml" >/dev/null 2>&1 || true
+  kc wait --for=condition=Established crd -l component=velero --timeout=60s >/dev/null
   kc apply -f "$RUN/velero-install.yaml" >/dev/null
   kc apply -f - >/dev/null <<EOF
 apiVersion: v1
@@ -590,7 +601,7 @@ backup_by_schedule() {
   # Every home is in it, each with a completed PodVolumeBackup (velero's own report).
   for u in $USERS; do
     local pvb; pvb=$(kc -n velero get podvolumebackups -l "velero.io/backup-name=$backup" \
-      -o jsonpath="{range .items[?(@.spec.tags.pvc==\"claim-$u\")]}{.status.phase}{end}")
+      -o jsonpath="{range .items[?(@.metadata.annotations.velero\.io/pvc-name==\"claim-$u\")]}{.status.phase}{end}")
     [ "$pvb" = Completed ] || { cat "$RUN/backup-describe.txt" >&2; die "no Completed PodVolumeBackup of claim-$u in $backup ('$pvb')"; }
   done
   grep -q "jupyter-$LIVE: volume-$LIVE" "$RUN/backup-describe.txt" \
@@ -619,7 +630,7 @@ restore_homes() {
   # Every pod the restore makes in the namespace, as the API server reports it.
   kc -n "$NS" get pods --watch --output-watch-events -o json > "$RUN/restore-pods.json" 2>/dev/null &
   local watch=$!
-  local t0; t0=$(now) rc=0
+  local t0 rc=0; t0=$(now)
   KUBECONFIG=$KUBECONFIG_FILE "$VJH" restore --namespace "$NS" --from-backup "$backup" --wait \
     > "$RUN/restore.out" 2> "$RUN/restore.err" || rc=$?
   cat "$RUN/restore.out" >&2
