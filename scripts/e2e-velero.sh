@@ -181,7 +181,7 @@ cmd_build() {
   build_velero
   build_aws_plugin
   build_minio
-  apt_install buildah busybox-static
+  apt_install buildah busybox-static gcc libc6-dev
   build_images
   OUR_IMAGE=$(bash scripts/image.sh "$RUN/image")
   exec 8>&-
@@ -235,7 +235,10 @@ wait_for() {
 }
 
 start_network() {
-  ip link show "$BRIDGE" >/dev/null 2>&1 || ip link add "$BRIDGE" type bridge
+  # A fixed MAC: a bridge otherwise takes its ports' lowest one, changes it when that port
+  # goes (a pod deleted), and pods' ARP entries for the gateway go stale: 30 s without the
+  # API server (the controller lost its Lease, the webhook its probes: seen here).
+  ip link show "$BRIDGE" >/dev/null 2>&1 || ip link add "$BRIDGE" address 02:00:0a:f4:4d:01 type bridge
   ip addr replace "$HOST_IP/24" dev "$BRIDGE"
   ip addr replace "$API_SERVICE_IP/32" dev "$BRIDGE"
   ip link set "$BRIDGE" up
@@ -349,7 +352,7 @@ start_minio() {
 
 cmd_up() {
   [ "$(id -u)" -eq 0 ] || die "the node needs root (containerd, kubelet, a bridge)"
-  cmd_build
+  [ -n "${OUR_IMAGE:-}" ] || cmd_build
   apt_install containerd runc containernetworking-plugins socat iproute2 curl
   mkdir -p "$RUN/logs"
   local t0; t0=$(now)
@@ -469,6 +472,22 @@ $( [ -n "$claim" ] && printf '  claimRef: {namespace: %s, name: %s}\n' "$NS" "$c
 EOF
 }
 
+# owners DIR: every file and directory under DIR with its mode and owner (Velero's own
+# .velero marker directory aside)
+owners() { ( cd "$1" && find . -mindepth 1 -path ./.velero -prune -o -printf '%p %m %U:%G\n' | sort ); }
+
+# What the Backup must hold of each home, taken once the live server has mounted its home
+# (the kubelet applies the pod's fsGroup to the volume: setgid directories, group-writable
+# files): every file's checksum, and every file's and directory's mode and owner.
+record_homes() {
+  local u dir
+  for u in $USERS; do
+    dir=$RUN/volumes/home-$u
+    ( cd "$dir" && find . -type f -print0 | sort -z | xargs -0 sha256sum ) > "$RUN/checksums/$u.sha256"
+    owners "$dir" > "$RUN/checksums/$u.owners"
+  done
+}
+
 make_homes() {
   kc apply -f - >/dev/null <<EOF
 apiVersion: storage.k8s.io/v1
@@ -507,7 +526,6 @@ EOF
     head -c $((64 * 1024)) /dev/urandom > "$dir/.local/share/history.sqlite"
     echo "hello from $u" > "$dir/README.md"
     chown -R 1000:100 "$dir"
-    ( cd "$dir" && find . -type f -print0 | sort -z | xargs -0 sha256sum ) > "$RUN/checksums/$u.sha256"
   done
   wait_for 60 "claims Bound" sh -c "! '$KUBECTL' --kubeconfig '$KUBECONFIG_FILE' -n $NS get pvc -o jsonpath='{.items[*].status.phase}' | tr ' ' '\n' | grep -vx Bound"
 }
@@ -612,6 +630,19 @@ backup_by_schedule() {
       || { cat "$RUN/backup-describe.txt" >&2; die "velero backup describe --details does not list claim-$u's helper volume"; }
   done
   log "Backup $backup Completed with a PodVolumeBackup of every home ($RUN/backup-describe.txt)"
+  # `velero-jupyterhub status` reads the same from Velero's real PodVolumeBackups.
+  KUBECONFIG=$KUBECONFIG_FILE "$VJH" status --namespace "$NS" --output json > "$RUN/status.json" \
+    || die "velero-jupyterhub status exited $? after the Backup: $(cat "$RUN/status.json")"
+  python3 - "$RUN/status.json" "$backup" $USERS <<'PY' || die "velero-jupyterhub status disagrees with Velero"
+import json, sys
+status, backup, users = json.load(open(sys.argv[1])), sys.argv[2], sys.argv[3:]
+rows = {r["claim"]: r for r in status["claims"]}
+for u in users:
+    r = rows.get(f"claim-{u}")
+    if not r or r["stale"] or (r.get("lastBackup") or {}).get("backup") != backup:
+        sys.exit(f"claim-{u}: {r}")
+print(f"e2e-velero: velero-jupyterhub status: {len(users)} claims, last backup {backup}, none stale", file=sys.stderr)
+PY
   echo "$backup"
 }
 
@@ -644,6 +675,8 @@ restore_homes() {
     dir=$(kc get pv "$pv" -o jsonpath='{.spec.local.path}')
     ( cd "$dir" && sha256sum --quiet -c "$RUN/checksums/$u.sha256" ) >&2 \
       || die "claim-$u (volume $pv, $dir) differs from what was backed up"
+    owners "$dir" | diff "$RUN/checksums/$u.owners" - >&2 \
+      || die "claim-$u (volume $pv, $dir): modes or owners differ from what was backed up"
     log "claim-$u: $(wc -l < "$RUN/checksums/$u.sha256") files, $(du -sb --exclude=.velero "$dir" | cut -f1) bytes, identical (volume $pv)"
   done
   # No notebook container ever ran: no pod the restore made kept a workload container.
@@ -680,16 +713,41 @@ cmd_scenario() {
   install_ours;    log "velero-jupyterhub installed at $(since "$t0") s"
   make_homes;      log "homes made at $(since "$t0") s"
   start_server "$LIVE"; log "jupyter-$LIVE Running and annotated at $(since "$t0") s"
+  record_homes
   local backup; backup=$(backup_by_schedule); log "backed up at $(since "$t0") s"
   restore_homes "$backup"; log "restored byte for byte at $(since "$t0") s"
-  log "PASSED: real Velero $VELERO_VERSION backed up $(echo $USERS | wc -w) homes ($LIVE live, the rest idle) and velero-jupyterhub restored them byte for byte ($(since "$t0") s)"
+  # Nothing of ours restarted on the way (probes, crashes, a lost Lease).
+  local restarts; restarts=$(kc -n velero-jupyterhub get pods -o jsonpath='{range .items[*]}{.metadata.name}={.status.containerStatuses[0].restartCount}{" "}{end}')
+  echo "$restarts" | tr ' ' '\n' | grep -v '=0$' | grep -q . && die "velero-jupyterhub pods restarted: $restarts"
+    log "PASSED: real Velero $VELERO_VERSION backed up $(echo $USERS | wc -w) homes ($LIVE live, the rest idle) and velero-jupyterhub restored them byte for byte ($(since "$t0") s)"
+}
+
+# On failure: what a reader of CI's log needs to see, before everything is taken down.
+dump_state() {
+  log "state at the failure:"
+  kc get pods -A -o wide >&2 2>&1 || true
+  kc get events -A --sort-by=.lastTimestamp 2>/dev/null | tail -30 >&2 || true
+  local ns pod
+  for ns in velero velero-jupyterhub "$NS"; do
+    for pod in $(kc -n "$ns" get pods -o name 2>/dev/null); do
+      log "--- $ns/$pod (last 15 lines of each container)"
+      kc -n "$ns" logs "$pod" --all-containers --tail=15 >&2 2>&1 || true
+    done
+  done
+  log "--- kubelet (last 30 lines)"; tail -30 "$RUN/logs/kubelet.log" >&2 2>/dev/null || true
+}
+on_exit() {
+  local rc=$?
+  [ "$rc" = 0 ] || dump_state
+  [ "${E2E_KEEP:-0}" = 1 ] || cmd_down
+  exit "$rc"
 }
 
 cmd_all() {
   local t0; t0=$(now)
   cmd_build
   log "builds ready at $(since "$t0") s"
-  if [ "${E2E_KEEP:-0}" != 1 ]; then trap 'cmd_down' EXIT; fi
+  trap on_exit EXIT
   cmd_up
   cmd_scenario
   log "all done in $(since "$t0") s (builds, node, scenario)"
