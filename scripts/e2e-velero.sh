@@ -392,6 +392,12 @@ cmd_down() {
     umount -l "$m" 2>/dev/null || true
   done
   for k in $SYSCTLS; do [ -f "$RUN/sysctl.$k" ] && sysctl -qw "$k=$(cat "$RUN/sysctl.$k")" && rm -f "$RUN/sysctl.$k"; done
+  # Pod network namespaces containerd left (pods killed, not torn down by CNI): ours are
+  # the ones with an address on our pod subnet; deleting one removes its veth pair.
+  local n
+  for n in $(ip netns list 2>/dev/null | awk '/^cni-/ {print $1}'); do
+    ip -n "$n" -4 addr show 2>/dev/null | grep -q "inet ${POD_SUBNET%.*}\." && ip netns delete "$n" 2>/dev/null || true
+  done
   ip link del "$BRIDGE" 2>/dev/null || true
   rm -rf "$KUBELET_ROOT" "$RUN/containerd" "$RUN/cni" "$RUN/kubelet" "$RUN/minio" "$RUN/volumes" /var/log/pods /var/log/containers
   local c; for c in /sys/fs/cgroup/*/kubepods /sys/fs/cgroup/*/k8s.io; do [ -d "$c" ] && find "$c" -depth -type d -exec rmdir {} + 2>/dev/null; done
