@@ -21,7 +21,6 @@
 #   E2E_KEEP=1  `all` leaves the cluster up after the scenario (for a look around)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-REPO=$PWD
 
 VELERO_VERSION=v1.18.3              # the newest v1.x release served by the Go module proxy
 VELERO_AWS_PLUGIN_VERSION=v1.14.3   # the plugin release made for Velero v1.18
@@ -50,9 +49,10 @@ apt_install() {   # only what is missing; apt sources are the machine's own
 # ---------------------------------------------------------------- build
 # go_module_build DIR MODULE@VERSION LDFLAGS PKG...: a module of ours in DIR that requires
 # MODULE@VERSION (and $EXTRA_REQUIRE: module@version ..., raising a dependency whose
-# exact version the module proxy does not serve to the next one it does) and repeats the `replace` lines of MODULE's own go.mod (Velero replaces
-# kopia with its fork: `go install` refuses a module with replace lines, and a module
-# that requires it must repeat them), then builds PKG... into DIR/out.
+# exact version the module proxy does not serve to the next one it does) and repeats the
+# `replace` lines of MODULE's own go.mod (Velero replaces kopia with its fork: `go install`
+# refuses a module with replace lines, and a module that requires it must repeat them),
+# then builds PKG... into DIR/out.
 go_module_build() {
   local dir=$1 modver=$2 ldflags=$3; shift 3
   local mod=${modver%@*} ver=${modver#*@}
@@ -202,6 +202,7 @@ KUBELET_ROOT=/var/lib/kubelet   # where Velero's node-agent looks for pod volume
 SOCK=$RUN/containerd/containerd.sock
 KUBECONFIG_FILE=$RUN/cluster/kubeconfig
 SYSCTLS="vm.overcommit_memory kernel.panic kernel.panic_on_oops"   # the kubelet changes them
+OURS=.velero-jupyterhub-e2e   # marks the kubelet root as this script's
 
 envtest() {
   KUBE_ENVTEST_RUN=$RUN/cluster KUBE_ENVTEST_API_PORT=$API_PORT KUBE_ENVTEST_ETCD_PORT=$ETCD_PORT \
@@ -355,6 +356,12 @@ cmd_up() {
   [ -n "${OUR_IMAGE:-}" ] || cmd_build
   apt_install containerd runc containernetworking-plugins socat iproute2 curl
   mkdir -p "$RUN/logs"
+  # The kubelet's root must be /var/lib/kubelet (Velero's node-agent mounts it): never
+  # take over, or later delete, one that a real kubelet on this machine uses.
+  if [ -e "$KUBELET_ROOT" ] && [ ! -e "$KUBELET_ROOT/$OURS" ]; then
+    die "$KUBELET_ROOT exists and is not ours: is a kubelet running on this machine? (remove it if not)"
+  fi
+  mkdir -p "$KUBELET_ROOT"; touch "$KUBELET_ROOT/$OURS"
   local t0; t0=$(now)
   start_network
   start_containerd
@@ -368,7 +375,8 @@ cmd_up() {
 }
 
 cmd_down() {
-  local t0; t0=$(now)
+  local t0 kl=/nonexistent-kubelet-root; t0=$(now)
+  [ -e "$KUBELET_ROOT/$OURS" ] && kl=$KUBELET_ROOT   # only ever touch our own kubelet's state
   if [ -f "$KUBECONFIG_FILE" ] && [ -n "${KUBECTL:-}" ] && [ -f "$RUN/kubelet.pid" ]; then
     # While the kubelet runs, so that volumes are unmounted and CNI DEL happens.
     kc delete pods --all -A --grace-period=1 --timeout=60s >/dev/null 2>&1 || true
@@ -388,7 +396,7 @@ cmd_down() {
   pkill -f "containerd-shim-runc-v2 -namespace k8s.io -id .* -address $SOCK" 2>/dev/null || true
   # Mounts left under our directories, deepest first.
   local m
-  for m in $(awk -v run="$RUN" -v kl="$KUBELET_ROOT" 'index($2, run) == 1 || index($2, kl) == 1 {print $2}' /proc/mounts | sort -r); do
+  for m in $(awk -v run="$RUN" -v kl="$kl" 'index($2, run) == 1 || index($2, kl) == 1 {print $2}' /proc/mounts | sort -r); do
     umount -l "$m" 2>/dev/null || true
   done
   for k in $SYSCTLS; do [ -f "$RUN/sysctl.$k" ] && sysctl -qw "$k=$(cat "$RUN/sysctl.$k")" && rm -f "$RUN/sysctl.$k"; done
@@ -399,8 +407,11 @@ cmd_down() {
     ip -n "$n" -4 addr show 2>/dev/null | grep -q "inet ${POD_SUBNET%.*}\." && ip netns delete "$n" 2>/dev/null || true
   done
   ip link del "$BRIDGE" 2>/dev/null || true
-  rm -rf "$KUBELET_ROOT" "$RUN/containerd" "$RUN/cni" "$RUN/kubelet" "$RUN/minio" "$RUN/volumes" /var/log/pods /var/log/containers
-  local c; for c in /sys/fs/cgroup/*/kubepods /sys/fs/cgroup/*/k8s.io; do [ -d "$c" ] && find "$c" -depth -type d -exec rmdir {} + 2>/dev/null; done
+  rm -rf "$RUN/containerd" "$RUN/cni" "$RUN/kubelet" "$RUN/minio" "$RUN/volumes"
+  if [ "$kl" = "$KUBELET_ROOT" ]; then
+    rm -rf "$KUBELET_ROOT" /var/log/pods /var/log/containers
+    local c; for c in /sys/fs/cgroup/*/kubepods /sys/fs/cgroup/*/k8s.io; do [ -d "$c" ] && find "$c" -depth -type d -exec rmdir {} + 2>/dev/null; done
+  fi
   log "down in $(since "$t0") s"
 }
 
