@@ -89,9 +89,9 @@ async fn an_api_server_restart_mid_window_leaves_no_duplicates_or_leaks_and_watc
         "claim-alice",
     )
     .await;
-    for user in ["bob", "carol"] {
-        let helper = format!("vjh-backup-claim-{user}");
-        pod_volume_backup(&setup, &backup, &helper, "data", &format!("claim-{user}")).await;
+    for claim in ["claim-bob", "claim-carol"] {
+        let helper = velero_jupyterhub::policy::helper::helper_name(claim);
+        pod_volume_backup(&setup, &backup, &helper, "data", claim).await;
     }
     set_status(
         &setup,
