@@ -20,6 +20,7 @@
 #               (default /tmp/velero-jupyterhub-e2e)
 #   E2E_KEEP=1  `all` leaves the cluster up after the scenario (for a look around)
 set -euo pipefail
+shopt -s inherit_errexit   # die inside $(...) must stop the run too
 cd "$(dirname "$0")/.."
 
 VELERO_VERSION=v1.18.3              # the newest v1.x release served by the Go module proxy
@@ -28,6 +29,7 @@ MINIO_VERSION=v0.0.0-20260212201848-7aac2a2c5b7c   # MinIO's newest module versi
 
 CACHE=${E2E_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/velero-jupyterhub/e2e}
 RUN=${E2E_RUN:-/tmp/velero-jupyterhub-e2e}
+case "$RUN" in /*/*) ;; *) echo "e2e-velero: E2E_RUN must be an absolute path two levels deep or more, not '$RUN'" >&2; exit 2 ;; esac
 
 log() { echo "e2e-velero: $*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -185,6 +187,7 @@ cmd_build() {
   build_images
   OUR_IMAGE=$(bash scripts/image.sh "$RUN/image")
   exec 8>&-
+  BUILT=1
 }
 
 # ---------------------------------------------------------------- the node
@@ -201,7 +204,8 @@ API_PORT=${E2E_API_PORT:-16463} ETCD_PORT=${E2E_ETCD_PORT:-12399}
 KUBELET_ROOT=/var/lib/kubelet   # where Velero's node-agent looks for pod volumes (host-pods)
 SOCK=$RUN/containerd/containerd.sock
 KUBECONFIG_FILE=$RUN/cluster/kubeconfig
-SYSCTLS="vm.overcommit_memory kernel.panic kernel.panic_on_oops"   # the kubelet changes them
+RESTORE_HELPER_IMAGE=docker.io/velero/velero-restore-helper:$VELERO_VERSION
+SYSCTLS="vm.overcommit_memory vm.panic_on_oom kernel.panic kernel.panic_on_oops kernel.keys.root_maxkeys kernel.keys.root_maxbytes net.ipv4.ip_forward"   # the kubelet and the CNI bridge change them
 OURS=.velero-jupyterhub-e2e   # marks the kubelet root as this script's
 
 envtest() {
@@ -222,7 +226,8 @@ start_bg() {
 }
 stop_bg() {
   local pid; pid=$(cat "$RUN/$1.pid" 2>/dev/null) || return 0
-  if kill "$pid" 2>/dev/null; then
+  # Only a process started with our run dir in its command line (a stale pid may be reused).
+  if grep -qaF -- "$RUN" "/proc/$pid/cmdline" 2>/dev/null && kill "$pid" 2>/dev/null; then
     for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     kill -9 "$pid" 2>/dev/null || true
   fi
@@ -295,12 +300,13 @@ EOF
   local ours; ours=$(ctr_ images ls -q | grep -m1 '^docker.io/library/velero-jupyterhub@sha256:' || true)
   [ -n "$ours" ] || die "our image did not import ($(ctr_ images ls -q | tr '\n' ' '))"
   ctr_ images tag --force "$ours" "docker.io/library/velero-jupyterhub:$version" >/dev/null
+  # The restore helper image under a name of its own, so that the scenario can tell that
+  # Velero took it from fs-restore-action-config (its default is the server's image).
+  ctr_ images tag --force "docker.io/velero/velero:$VELERO_VERSION" "$RESTORE_HELPER_IMAGE" >/dev/null
 }
 
 start_kubelet() {
   mkdir -p "$RUN/kubelet/static" "$RUN/kubelet/pki"
-  local k
-  for k in $SYSCTLS; do [ -f "$RUN/sysctl.$k" ] || sysctl -n "$k" > "$RUN/sysctl.$k"; done
   cat > "$RUN/kubelet/config.yaml" <<EOF
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
@@ -353,8 +359,8 @@ start_minio() {
 
 cmd_up() {
   [ "$(id -u)" -eq 0 ] || die "the node needs root (containerd, kubelet, a bridge)"
-  [ -n "${OUR_IMAGE:-}" ] || cmd_build
-  apt_install containerd runc containernetworking-plugins socat iproute2 curl
+  [ "${BUILT:-0}" = 1 ] || cmd_build
+  apt_install containerd runc containernetworking-plugins socat iproute2 curl procps
   mkdir -p "$RUN/logs"
   # The kubelet's root must be /var/lib/kubelet (Velero's node-agent mounts it): never
   # take over, or later delete, one that a real kubelet on this machine uses.
@@ -362,6 +368,9 @@ cmd_up() {
     die "$KUBELET_ROOT exists and is not ours: is a kubelet running on this machine? (remove it if not)"
   fi
   mkdir -p "$KUBELET_ROOT"; touch "$KUBELET_ROOT/$OURS"
+  [ -e /var/log/pods ] || touch "$RUN/made-var-log"   # the kubelet makes /var/log/pods whatever its root
+  touch "$RUN/.up"   # down acts only on a run dir that was brought up
+  local k; for k in $SYSCTLS; do [ -f "$RUN/sysctl.$k" ] || sysctl -n "$k" > "$RUN/sysctl.$k"; done
   local t0; t0=$(now)
   start_network
   start_containerd
@@ -375,11 +384,12 @@ cmd_up() {
 }
 
 cmd_down() {
+  [ -e "$RUN/.up" ] || { log "nothing to take down in $RUN"; return 0; }
   local t0 kl=/nonexistent-kubelet-root; t0=$(now)
   [ -e "$KUBELET_ROOT/$OURS" ] && kl=$KUBELET_ROOT   # only ever touch our own kubelet's state
   if [ -f "$KUBECONFIG_FILE" ] && [ -n "${KUBECTL:-}" ] && [ -f "$RUN/kubelet.pid" ]; then
     # While the kubelet runs, so that volumes are unmounted and CNI DEL happens.
-    kc delete pods --all -A --grace-period=1 --timeout=60s >/dev/null 2>&1 || true
+    kc delete pods --all -A --grace-period=1 --timeout=60s --request-timeout=10s >/dev/null 2>&1 || true
   fi
   stop_bg kubelet
   stop_bg minio
@@ -396,22 +406,29 @@ cmd_down() {
   pkill -f "containerd-shim-runc-v2 -namespace k8s.io -id .* -address $SOCK" 2>/dev/null || true
   # Mounts left under our directories, deepest first.
   local m
-  for m in $(awk -v run="$RUN" -v kl="$kl" 'index($2, run) == 1 || index($2, kl) == 1 {print $2}' /proc/mounts | sort -r); do
+  for m in $(awk -v run="$RUN" -v kl="$kl" '$2 == run || index($2, run "/") == 1 || $2 == kl || index($2, kl "/") == 1 {print $2}' /proc/mounts | sort -r); do
     umount -l "$m" 2>/dev/null || true
   done
   for k in $SYSCTLS; do [ -f "$RUN/sysctl.$k" ] && sysctl -qw "$k=$(cat "$RUN/sysctl.$k")" && rm -f "$RUN/sysctl.$k"; done
   # Pod network namespaces containerd left (pods killed, not torn down by CNI): ours are
   # the ones with an address on our pod subnet; deleting one removes its veth pair.
   local n
+  local ours_ips; ours_ips=$(ls "$RUN/cni/ipam/vjh-e2e" 2>/dev/null | grep -E '^[0-9.]+$' || true)
   for n in $(ip netns list 2>/dev/null | awk '/^cni-/ {print $1}'); do
-    ip -n "$n" -4 addr show 2>/dev/null | grep -q "inet ${POD_SUBNET%.*}\." && ip netns delete "$n" 2>/dev/null || true
+    local ip; ip=$(ip -n "$n" -4 -o addr show 2>/dev/null | awk '{split($4, a, "/"); print a[1]}' | grep -vx 127.0.0.1 || true)
+    [ -n "$ip" ] && echo "$ours_ips" | grep -qx "$ip" && { ip netns delete "$n" 2>/dev/null || true; }
   done
   ip link del "$BRIDGE" 2>/dev/null || true
-  rm -rf "$RUN/containerd" "$RUN/cni" "$RUN/kubelet" "$RUN/minio" "$RUN/volumes"
+  rm -rf --one-file-system "$RUN/containerd" "$RUN/cni" "$RUN/kubelet" "$RUN/minio" "$RUN/volumes" || true
+  rm -f /var/lib/cni/results/vjh-e2e-* 2>/dev/null || true
   if [ "$kl" = "$KUBELET_ROOT" ]; then
-    rm -rf "$KUBELET_ROOT" /var/log/pods /var/log/containers
-    local c; for c in /sys/fs/cgroup/*/kubepods /sys/fs/cgroup/*/k8s.io; do [ -d "$c" ] && find "$c" -depth -type d -exec rmdir {} + 2>/dev/null; done
+    rm -rf --one-file-system "$KUBELET_ROOT" || true
+    [ -e "$RUN/made-var-log" ] && { rm -rf /var/log/pods /var/log/containers || true; }
+    local c; for c in /sys/fs/cgroup/*/kubepods /sys/fs/cgroup/*/k8s.io; do
+      [ -d "$c" ] && { find "$c" -depth -type d -exec rmdir {} + 2>/dev/null || true; }
+    done
   fi
+  rm -f "$RUN/.up" "$RUN/made-var-log"
   log "down in $(since "$t0") s"
 }
 
@@ -448,7 +465,7 @@ metadata:
     velero.io/plugin-config: ""
     velero.io/pod-volume-restore: RestoreItemAction
 data:
-  image: velero/velero:$VELERO_VERSION
+  image: $RESTORE_HELPER_IMAGE
 EOF
   kc -n velero rollout status deploy/velero --timeout=180s >/dev/null \
     || { kc -n velero describe pods >&2; die "Velero's server did not start"; }
@@ -544,7 +561,7 @@ EOF
     echo "hello from $u" > "$dir/README.md"
     chown -R 1000:100 "$dir"
   done
-  wait_for 60 "claims Bound" sh -c "! '$KUBECTL' --kubeconfig '$KUBECONFIG_FILE' -n $NS get pvc -o jsonpath='{.items[*].status.phase}' | tr ' ' '\n' | grep -vx Bound"
+  wait_for 60 "claims Bound" sh -c "[ \"\$('$KUBECTL' --kubeconfig '$KUBECONFIG_FILE' -n $NS get pvc -o jsonpath='{.items[*].status.phase}' | tr ' ' '\n' | grep -cx Bound)\" = $(echo $USERS | wc -w) ]"
 }
 
 # A KubeSpawner-shaped server (z2jh 4.x, the fixture's shape) with busybox in place of
@@ -609,13 +626,14 @@ backup_by_schedule() {
   # the helpers are Running when the Backup reaches the namespace.
   while [ $(( $(date +%s) % 120 )) -gt 50 ]; do sleep 1; done
   "$VELERO" --kubeconfig "$KUBECONFIG_FILE" -n velero schedule create "$SCHEDULE" \
-    --schedule "*/2 * * * *" --include-namespaces "$NS" --ttl 24h0m0s >/dev/null
+    --schedule "*/2 * * * *" --include-namespaces "$NS" --ttl 24h0m0s >/dev/null || die "velero schedule create failed"
   local u
   for u in $USERS; do
     [ "$u" = "$LIVE" ] && continue
     wait_for 60 "backup helper for claim-$u Running" sh -c "'$KUBECTL' --kubeconfig '$KUBECONFIG_FILE' -n $NS get pods -l app.kubernetes.io/component=backup-helper -o jsonpath='{range .items[*]}{.spec.volumes[0].persistentVolumeClaim.claimName}={.status.phase}{\"\\n\"}{end}' | grep -qx claim-$u=Running"
   done
-  helpers | grep -q "claim-$LIVE" && die "a helper was made for the live user's claim: $(helpers)"
+  local claims; claims=$(kc -n "$NS" get pods -l app.kubernetes.io/managed-by=velero-jupyterhub -o jsonpath='{range .items[*]}{.spec.volumes[*].persistentVolumeClaim.claimName}{"\n"}{end}')
+  if echo "$claims" | grep -qx "claim-$LIVE"; then die "a helper was made for the live user's claim: $(helpers)"; fi
   log "helpers Running before the tick: $(helpers | tr '\n' ' ')"
   local backup=""
   for _ in $(seq 1 300); do
@@ -630,7 +648,7 @@ backup_by_schedule() {
     case "$phase" in Completed|PartiallyFailed|Failed|FailedValidation) break ;; esac
     sleep 1
   done
-  "$VELERO" --kubeconfig "$KUBECONFIG_FILE" -n velero schedule pause "$SCHEDULE" >/dev/null
+  "$VELERO" --kubeconfig "$KUBECONFIG_FILE" -n velero schedule pause "$SCHEDULE" >/dev/null || die "velero schedule pause failed"
   "$VELERO" --kubeconfig "$KUBECONFIG_FILE" -n velero backup describe "$backup" --details > "$RUN/backup-describe.txt" 2>&1 || true
   [ "$phase" = Completed ] || { cat "$RUN/backup-describe.txt" >&2; die "Backup $backup ended $phase"; }
   # Every home is in it, each with a completed PodVolumeBackup (velero's own report).
@@ -668,7 +686,7 @@ PY
 restore_homes() {
   local backup=$1 u
   kc -n "$NS" delete pod "jupyter-$LIVE" --grace-period=1 >/dev/null
-  wait_for 120 "backup helpers gone after the Backup" sh -c "[ -z \"\$('$KUBECTL' --kubeconfig '$KUBECONFIG_FILE' -n $NS get pods -o name)\" ]"
+  wait_for 120 "backup helpers gone after the Backup" sh -c "o=\$('$KUBECTL' --kubeconfig '$KUBECONFIG_FILE' -n $NS get pods -o name) && [ -z \"\$o\" ]"
   for u in $USERS; do
     kc -n "$NS" delete pvc "claim-$u" --wait=true >/dev/null
     kc delete pv "home-$u" --wait=true >/dev/null
@@ -676,16 +694,22 @@ restore_homes() {
     make_volume "restored-$u" "$RUN/volumes/restored-$u"   # empty, unbound
   done
   # Every pod the restore makes in the namespace, as the API server reports it.
-  kc -n "$NS" get pods --watch --output-watch-events -o json > "$RUN/restore-pods.json" 2>/dev/null &
+  # kubectl itself in the background (not through kc: $! must be kubectl's pid), and a
+  # moment to connect before the restore starts.
+  "$KUBECTL" --kubeconfig "$KUBECONFIG_FILE" -n "$NS" get pods --watch --output-watch-events -o json \
+    > "$RUN/restore-pods.json" 2> "$RUN/restore-pods.err" &
   local watch=$!
+  sleep 3
+  kill -0 "$watch" 2>/dev/null || die "the pod watch did not start: $(cat "$RUN/restore-pods.err")"
   local t0 rc=0; t0=$(now)
   KUBECONFIG=$KUBECONFIG_FILE "$VJH" restore --namespace "$NS" --from-backup "$backup" --wait \
     > "$RUN/restore.out" 2> "$RUN/restore.err" || rc=$?
   cat "$RUN/restore.out" >&2
   [ "$rc" = 0 ] || { cat "$RUN/restore.err" >&2; die "velero-jupyterhub restore exited $rc"; }
   log "restore finished in $(since "$t0") s"
-  wait_for 180 "no helper left after the restore" sh -c "[ -z \"\$('$KUBECTL' --kubeconfig '$KUBECONFIG_FILE' -n $NS get pods -l app.kubernetes.io/managed-by=velero-jupyterhub -o name)\" ]"
-  kill "$watch" 2>/dev/null || true
+  wait_for 180 "no helper left after the restore" sh -c "o=\$('$KUBECTL' --kubeconfig '$KUBECONFIG_FILE' -n $NS get pods -l app.kubernetes.io/managed-by=velero-jupyterhub -o name) && [ -z \"\$o\" ]"
+  kill -0 "$watch" 2>/dev/null || die "the pod watch ended during the restore: $(cat "$RUN/restore-pods.err")"
+  kill "$watch" 2>/dev/null || true; wait "$watch" 2>/dev/null || true
   # Byte for byte: every file of every home, on whatever volume its claim is bound to now.
   for u in $USERS; do
     local pv dir; pv=$(kc -n "$NS" get pvc "claim-$u" -o jsonpath='{.spec.volumeName}')
@@ -697,7 +721,7 @@ restore_homes() {
     log "claim-$u: $(wc -l < "$RUN/checksums/$u.sha256") files, $(du -sb --exclude=.velero "$dir" | cut -f1) bytes, identical (volume $pv)"
   done
   # No notebook container ever ran: no pod the restore made kept a workload container.
-  python3 - "$RUN/restore-pods.json" <<'PY' || die "a notebook container ran during the restore"
+  python3 - "$RUN/restore-pods.json" "$RESTORE_HELPER_IMAGE" <<'PY' || die "a notebook container ran during the restore, or restore-wait was not Velero's"
 import json, sys
 text = open(sys.argv[1]).read()
 dec, i, events = json.JSONDecoder(), 0, []
@@ -705,17 +729,23 @@ while i < len(text):
     while i < len(text) and text[i].isspace(): i += 1
     if i >= len(text): break
     obj, i = dec.raw_decode(text, i); events.append(obj)
-pods, bad = set(), []
+pods, bad, seen_wait = set(), [], set()
 for e in events:
     pod = e.get("object", {}); name = pod.get("metadata", {}).get("name")
     pods.add(name)
-    names = [c["name"] for c in pod.get("spec", {}).get("containers", [])]
+    spec = pod.get("spec", {})
+    names = [c["name"] for c in spec.get("containers", []) + spec.get("initContainers", [])]
     names += [s["name"] for s in pod.get("status", {}).get("containerStatuses", [])]
-    if "notebook" in names: bad.append(name)
+    if "notebook" in names or "block-cloud-metadata" in names: bad.append(name)
+    waits = [c for c in spec.get("initContainers", []) if c["name"] == "restore-wait"]
+    if waits and waits[0]["image"] != sys.argv[2]:
+        bad.append(f"{name}: restore-wait image {waits[0]['image']} is not fs-restore-action-config's")
+    if waits: seen_wait.add(name)
     if pod.get("metadata", {}).get("labels", {}).get("app.kubernetes.io/component") not in ("restore-helper", None):
         bad.append(f"{name} labelled {pod['metadata']['labels'].get('app.kubernetes.io/component')}")
 print(f"e2e-velero: the restore made {len(pods)} pods ({', '.join(sorted(p for p in pods if p))}), {len(events)} watch events, none with a notebook container", file=sys.stderr)
 if not pods: sys.exit("no pod seen during the restore")
+if len(seen_wait) != 3: sys.exit(f"restore-wait in {sorted(seen_wait)}, not in all three pods")
 if bad: sys.exit(f"not converted: {sorted(set(bad))}")
 PY
 }
@@ -728,14 +758,17 @@ cmd_scenario() {
   local t0; t0=$(now)
   install_velero;  log "Velero installed at $(since "$t0") s"
   install_ours;    log "velero-jupyterhub installed at $(since "$t0") s"
+  OUR_PODS=$(kc -n velero-jupyterhub get pods -o jsonpath='{.items[*].metadata.uid}')
   make_homes;      log "homes made at $(since "$t0") s"
   start_server "$LIVE"; log "jupyter-$LIVE Running and annotated at $(since "$t0") s"
   record_homes
   local backup; backup=$(backup_by_schedule); log "backed up at $(since "$t0") s"
   restore_homes "$backup"; log "restored byte for byte at $(since "$t0") s"
   # Nothing of ours restarted on the way (probes, crashes, a lost Lease).
-  local restarts; restarts=$(kc -n velero-jupyterhub get pods -o jsonpath='{range .items[*]}{.metadata.name}={.status.containerStatuses[0].restartCount}{" "}{end}')
-  echo "$restarts" | tr ' ' '\n' | grep -v '=0$' | grep -q . && die "velero-jupyterhub pods restarted: $restarts"
+  local restarts; restarts=$(kc -n velero-jupyterhub get pods -o jsonpath='{range .items[*]}{range .status.containerStatuses[*]}{.name}={.restartCount}{"\n"}{end}{end}')
+  if echo "$restarts" | grep -v '=0$' | grep -q .; then die "velero-jupyterhub containers restarted: $restarts"; fi
+  [ "$(kc -n velero-jupyterhub get pods -o jsonpath='{.items[*].metadata.uid}')" = "$OUR_PODS" ] \
+    || die "velero-jupyterhub pods were replaced during the scenario"
     log "PASSED: real Velero $VELERO_VERSION backed up $(echo $USERS | wc -w) homes ($LIVE live, the rest idle) and velero-jupyterhub restored them byte for byte ($(since "$t0") s)"
 }
 
@@ -778,7 +811,7 @@ main() {
     up) cmd_up ;;
     scenario) cmd_scenario ;;
     all) cmd_all ;;
-    down) KUBECTL=$(bash scripts/kube-envtest.sh kubectl); cmd_down ;;
+    down) KUBECTL=$(bash scripts/kube-envtest.sh kubectl 2>/dev/null) || KUBECTL=""; cmd_down ;;
     *) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
   esac
 }
