@@ -15,9 +15,11 @@ use kube::api::{ListParams, PostParams};
 use serde_json::json;
 use support::cluster::{self, eventually, from_json, unique};
 use support::controller::{
-    Setup, dynamic, restricted_user_pod, set_status, two_running_helpers, velero_creates_backup,
+    Setup, dynamic, pod_volume_backup, restricted_user_pod, set_status, two_running_helpers,
+    velero_creates_backup,
 };
 use velero_jupyterhub::names;
+use velero_jupyterhub::policy::helper;
 
 #[tokio::test]
 async fn idle_claims_get_helpers_in_a_window_and_lose_them_to_their_user_and_when_it_closes() {
@@ -116,6 +118,16 @@ async fn idle_claims_get_helpers_in_a_window_and_lose_them_to_their_user_and_whe
         1,
         "the window stays open while {backup} runs"
     );
+    // Velero copies Bob's home through his helper before the Backup is terminal; a Backup
+    // without that PodVolumeBackup would start a wave for him instead (cluster_waves).
+    pod_volume_backup(
+        &setup,
+        &backup,
+        &helper::helper_name("claim-bob"),
+        "data",
+        "claim-bob",
+    )
+    .await;
     set_status(&setup, "backups", &backup, json!({"phase": "Completed"})).await;
     eventually(Duration::from_secs(10), || async {
         setup.helpers().await.is_empty().then_some(())
