@@ -19,6 +19,8 @@
 #   E2E_RUN     runtime state: containerd, kubelet config, MinIO data, volumes, logs
 #               (default /tmp/velero-jupyterhub-e2e)
 #   E2E_KEEP=1  `all` leaves the cluster up after the scenario (for a look around)
+#   E2E_LOCK    one run per machine (the node is machine-wide): up, scenario, all and down
+#               refuse while another holds it (default /run/lock/velero-jupyterhub-e2e.lock)
 set -euo pipefail
 shopt -s inherit_errexit   # die inside $(...) must stop the run too
 cd "$(dirname "$0")/.."
@@ -213,7 +215,7 @@ envtest() {
   KUBE_ENVTEST_SERVICE_CIDR=$SERVICE_CIDR KUBE_ENVTEST_SA_ADMISSION=1 \
   KUBE_ENVTEST_EXTRA_SANS=IP:$API_SERVICE_IP \
   KUBE_ENVTEST_EXTRA_APISERVER_FLAGS=--enable-aggregator-routing=true \
-    bash scripts/kube-envtest.sh "$@"
+    bash scripts/kube-envtest.sh "$@" 7>&- 8>&-   # its servers outlive us: no locks held
 }
 kc() { "$KUBECTL" --kubeconfig "$KUBECONFIG_FILE" "$@"; }
 ctr_() { ctr -a "$SOCK" -n k8s.io "$@"; }
@@ -221,7 +223,7 @@ ctr_() { ctr -a "$SOCK" -n k8s.io "$@"; }
 # start_bg NAME CMD...: a process of ours, its pid in $RUN/NAME.pid, its log in $RUN/logs
 start_bg() {
   local name=$1; shift
-  nohup "$@" </dev/null >"$RUN/logs/$name.log" 2>&1 8>&- &   # not holding the build lock
+  nohup "$@" </dev/null >"$RUN/logs/$name.log" 2>&1 7>&- 8>&- &   # holding neither lock
   echo $! > "$RUN/$name.pid"
 }
 stop_bg() {
@@ -803,9 +805,21 @@ cmd_all() {
   log "all done in $(since "$t0") s (builds, node, scenario)"
 }
 
+# The node is machine-wide (/var/lib/kubelet, the bridge, fixed ports): a second run
+# would tear down the first one's pods. Held until this script exits.
+one_run_at_a_time() {
+  local lock=${E2E_LOCK:-/run/lock/velero-jupyterhub-e2e.lock}
+  mkdir -p "$(dirname "$lock")"
+  exec 7>"$lock"
+  flock -n 7 || die "another e2e-velero run holds $lock; wait for it, or run 'down' after it is gone"
+}
+
 # One line: bash has read all of it before it runs, so editing this file cannot disturb
 # a run in progress.
 main() {
+  case "${1:-all}" in
+    up|scenario|all|down) one_run_at_a_time ;;
+  esac
   case "${1:-all}" in
     build) cmd_build ;;
     up) cmd_up ;;
