@@ -334,12 +334,25 @@ fn the_restore_command_refuses_what_would_be_skipped_or_overwritten() {
             uid: "h",
             username: None,
         },
+        // Alice's second claim, not labelled (Nebari-shaped): her pod's volume in the
+        // Backup is restored into it whether Velero re-creates the claim or not.
+        ClaimNow {
+            name: "projects-alice",
+            uid: "p",
+            username: None,
+        },
     ];
     let pvbs = [
         PvbOfBackup {
             pod: "jupyter-alice",
             volume: "volume-alice",
             claim: Some("claim-alice"),
+            phase: Some("Completed"),
+        },
+        PvbOfBackup {
+            pod: "jupyter-alice",
+            volume: "projects",
+            claim: Some("projects-alice"),
             phase: Some("Completed"),
         },
         PvbOfBackup {
@@ -373,6 +386,7 @@ fn the_restore_command_refuses_what_would_be_skipped_or_overwritten() {
                 exists("vjh-backup-claim-bob"),
                 claim("claim-alice"),
                 claim("claim-carol"),
+                claim("projects-alice"),
             ],
         ),
         (
@@ -398,6 +412,18 @@ fn the_restore_command_refuses_what_would_be_skipped_or_overwritten() {
         ),
         (
             "alice",
+            users(&["alice"]),
+            false,
+            vec![
+                server("jupyter-alice", "alice"),
+                exists("jupyter-dora"),
+                exists("vjh-backup-claim-bob"),
+                claim("claim-alice"),
+                claim("projects-alice"),
+            ],
+        ),
+        (
+            "alice, into existing claims",
             users(&["alice"]),
             true,
             vec![

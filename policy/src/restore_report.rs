@@ -133,7 +133,18 @@ pub fn preflight(
         }
     }
     if !into_existing {
-        for claim in claims.iter().filter(|c| users.selects(c.username)) {
+        // A claim without the username label (e.g. a second per-user claim) is not
+        // re-created by Velero, but a re-created pod that mounts it still has its volume
+        // restored into it: Velero writes over it as over any existing claim.
+        let written: BTreeSet<&str> = pvbs
+            .iter()
+            .filter(|p| restored_pods.contains(p.pod))
+            .filter_map(|p| p.claim)
+            .collect();
+        for claim in claims
+            .iter()
+            .filter(|c| users.selects(c.username) || written.contains(c.name))
+        {
             refusals.push(Refusal::ClaimExists {
                 claim: claim.name.to_owned(),
             });
