@@ -466,9 +466,43 @@ async fn velero_re_created_pods_become_restore_helpers_guarded_and_cleaned_up() 
         "{message}"
     );
     assert!(
+        message.contains("velero-jupyterhub.io/allow-delete=true"),
+        "the refusal says how an administrator forces it: {message}"
+    );
+    assert!(
         pods.get_opt("jupyter-alice").await.unwrap().is_some(),
         "the helper survives"
     );
+    // An administrator forces it as README says: annotate, then delete (a server-side dry
+    // run: the policy judges it like a real delete, and the restore goes on), then the
+    // annotation goes again.
+    let allow = |value: Option<&str>| {
+        Patch::Merge(
+            json!({"metadata": {"annotations": {"velero-jupyterhub.io/allow-delete": value}}}),
+        )
+    };
+    pods.patch(
+        "jupyter-alice",
+        &PatchParams::default(),
+        &allow(Some("true")),
+    )
+    .await
+    .expect("an administrator annotates the helper");
+    let dry_run = DeleteParams {
+        dry_run: true,
+        ..DeleteParams::default()
+    };
+    hub_pods
+        .delete("jupyter-alice", &dry_run)
+        .await
+        .expect("deleting an annotated restore helper is allowed");
+    pods.patch("jupyter-alice", &PatchParams::default(), &allow(None))
+        .await
+        .expect("the annotation removed");
+    hub_pods
+        .delete("jupyter-alice", &dry_run)
+        .await
+        .expect_err("without the annotation the guard holds again");
     // A named server of alice's mounting the same claim: the webhook refuses it, clearly.
     let mut named = serde_json::to_value(restricted_user_pod("alice")).unwrap();
     named["metadata"]["name"] = "jupyter-alice--gpu".into();

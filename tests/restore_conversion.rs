@@ -30,7 +30,13 @@ fn first_claim_volume(pod: &Pod) -> String {
 #[test]
 fn a_restored_user_pod_becomes_a_restore_helper() {
     let home = first_claim_volume(&restored_z2jh(&[]));
-    let pod = restored_z2jh(&[&home]);
+    let mut pod = restored_z2jh(&[&home]);
+    // z2jh's user pods name a priority class and may carry a nodeSelector (singleuser
+    // `nodeSelector`, `scheduling.podPriority`): the class goes, the selector stays.
+    if let Some(spec) = pod.spec.as_mut() {
+        spec.priority_class_name = Some("jhub-default-priority".into());
+        spec.node_selector = Some([("hub.jupyter.org/node-purpose".into(), "user".into())].into());
+    }
     assert!(is_restore_candidate(&pod));
     let got = restore_helper(&pod, &options());
     let spec = got.spec.as_ref().expect("spec");
@@ -64,6 +70,8 @@ fn a_restored_user_pod_becomes_a_restore_helper() {
     assert!(spec.scheduler_name.is_none() && spec.priority_class_name.is_none());
     assert_eq!(spec.tolerations, original.tolerations, "placement kept");
     assert_eq!(spec.affinity, original.affinity);
+    assert_eq!(spec.node_selector, original.node_selector);
+    assert!(original.priority_class_name.is_some() && spec.node_selector.is_some());
     // Labels: KubeSpawner's role labels gone, ours in, the user's and Velero's kept.
     assert_eq!(got.label(names::JUPYTERHUB_COMPONENT), None);
     assert_eq!(got.label("hub.jupyter.org/network-access-hub"), None);
