@@ -295,6 +295,48 @@ fn review_answers_exactly_like_the_server() {
 }
 
 #[test]
+fn review_explains_a_restore_conversion_and_the_restore_guard() {
+    // A z2jh pod as a Velero restore re-creates it: converted, and --explain says how.
+    let home = "volume-alice-smith";
+    let restored = fixtures::pod_create_review(&fixtures::restored_z2jh(&[home]), "r");
+    let (code, out, err) = review(
+        &["--explain", "--helper-image", "registry.example/pause:1"],
+        &restored,
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("\"allowed\":true") && out.contains("\"patch\""),
+        "{out}"
+    );
+    assert!(err.contains(": restore_converted"), "{err}");
+    assert!(
+        err.contains("init container restore-wait: kept first, unchanged"),
+        "{err}"
+    );
+    assert!(
+        err.contains("registry.example/pause:1"),
+        "the helper image: {err}"
+    );
+
+    // The user's own server while a restore helper holds the claim: refused, clearly.
+    let (request, _) = fixtures::golden_review();
+    let (code, out, err) = review(
+        &["--explain", "--restoring", "claim-alice-smith=restore-7"],
+        &request,
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("\"allowed\":false"), "{out}");
+    assert!(
+        out.contains("home volume claim-alice-smith is being restored by Velero restore restore-7"),
+        "{out}"
+    );
+    assert!(err.contains(": restore_guard_denied"), "{err}");
+    let (code, _, err) = review(&["--restoring", "claim-alice-smith"], &request);
+    assert_eq!(code, Some(2), "a malformed --restoring is refused: {err}");
+    assert!(err.contains("expected CLAIM=RESTORE"), "{err}");
+}
+
+#[test]
 fn review_bad_input_exits_2_with_a_reason() {
     for (args, input, want) in [
         (&[][..], &b"{"[..], "malformed AdmissionReview"),
