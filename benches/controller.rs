@@ -79,6 +79,8 @@ async fn reaction(client: &kube::Client, spawns: usize) {
         stale_after: k8s_openapi::jiff::SignedDuration::from_hours(26),
         max_helpers: 200,
         helper_start_timeout: k8s_openapi::jiff::SignedDuration::from_mins(5),
+        // Healthy watches; the night's figure is the waves' own time.
+        wave_settle: k8s_openapi::jiff::SignedDuration::from_secs(1),
         certificates: None,
     };
     let stop = CancellationToken::new();

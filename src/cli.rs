@@ -234,6 +234,12 @@ pub struct ControllerArgs {
     /// backed up without it, and it is tried once more in a later wave.
     #[arg(long, env = "VJH_HELPER_START_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
     pub helper_start_timeout: Duration,
+    /// The first wave of a run starts this long after the Schedule's own Backup is seen
+    /// finished, so that every PodVolumeBackup of it is seen first (they come on a watch of
+    /// their own, which may lag by up to kube-runtime's 30 s retry): a claim Velero did
+    /// copy must not get a needless wave.
+    #[arg(long, env = "VJH_WAVE_SETTLE", default_value = "45s", value_parser = humantime::parse_duration)]
+    pub wave_settle: Duration,
     /// The helpers' image: pause-like, running as a non-root user.
     #[arg(long, env = "VJH_HELPER_IMAGE", default_value = crate::policy::helper::DEFAULT_IMAGE)]
     pub helper_image: String,
@@ -703,6 +709,8 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
             args.helper_start_timeout,
         )
         .context("--helper-start-timeout")?,
+        wave_settle: k8s_openapi::jiff::SignedDuration::try_from(args.wave_settle)
+            .context("--wave-settle")?,
         helper: crate::policy::helper::HelperOptions {
             image: args.helper_image,
             tolerations: args.helper_tolerations,

@@ -23,7 +23,13 @@ async fn an_api_server_restart_mid_window_leaves_no_duplicates_or_leaks_and_watc
     unsafe { std::env::set_var("KUBECONFIG", &kubeconfig) };
     // A Lease long enough to ride out the restart: this test is about the watches (a
     // replica that loses its Lease exits and is restarted: cluster_controller's failover).
-    let setup = Setup::with_lease(Duration::from_secs(60)).await;
+    // The first wave settles as long as in production (`--wave-settle` 45s): a watch the
+    // restart broke may still be retrying when the Backup completes.
+    let settle = Duration::from_secs(45);
+    let setup = Setup::configured(Duration::from_secs(60), |c| {
+        c.wave_settle = settle.try_into().expect("duration");
+    })
+    .await;
     cluster::bound_claim(&setup.client, &setup.users, "claim-alice", "alice").await;
     cluster::bound_claim(&setup.client, &setup.users, "claim-bob", "bob").await;
     let tick = setup.schedule("homes").await;
@@ -100,6 +106,7 @@ async fn an_api_server_restart_mid_window_leaves_no_duplicates_or_leaks_and_watc
         serde_json::json!({"phase": "Completed"}),
     )
     .await;
+    let completed = Instant::now();
     if eventually(Duration::from_secs(30), || async {
         setup.helpers().await.is_empty().then_some(())
     })
@@ -120,6 +127,11 @@ async fn an_api_server_restart_mid_window_leaves_no_duplicates_or_leaks_and_watc
             .collect();
         panic!("the window closed, yet helpers are left: {left:?}");
     }
+    // No wave follows once the first one's settle is over: the PodVolumeBackups were seen.
+    tokio::time::sleep(
+        (completed + settle + Duration::from_secs(5)).saturating_duration_since(Instant::now()),
+    )
+    .await;
     // One replica led throughout, and nothing failed.
     assert!(setup.controllers[0].leads(), "the replica still leads");
     let pods: Vec<Pod> = setup

@@ -344,6 +344,11 @@ pub struct RunOptions {
     /// How long a helper may take to run before its wave goes on without it
     /// (`--helper-start-timeout`).
     pub start_bound: jiff::SignedDuration,
+    /// The first wave waits this long after the tick's Backup is seen terminal
+    /// (`--wave-settle`): PodVolumeBackups come on a watch of their own, which may lag
+    /// (kube-runtime retries a broken watch after up to 30 s), and a claim whose copy is
+    /// not seen yet would get a needless wave.
+    pub settle: jiff::SignedDuration,
 }
 
 /// How often a run tries a claim whose helper never started: twice, then the next run.
@@ -390,8 +395,9 @@ pub struct RunHelper<'a> {
 pub struct RunInput<'a> {
     /// The tick: the creation time of the Schedule's own Backup for it.
     pub tick: Timestamp,
-    /// Whether that Backup is terminal: the run starts after it (its window is over).
-    pub tick_backup_done: bool,
+    /// Since when that Backup is seen terminal (by this controller): the run starts after
+    /// it (its window is over), and its first wave `options.settle` later.
+    pub tick_backup_done_since: Option<Timestamp>,
     /// The idle user claims of the Schedule's namespaces: bound, mounted by no user pod,
     /// and not held by a helper outside this run. `last_backup` at or after `tick`: the
     /// claim is backed up in this run already.
@@ -459,9 +465,9 @@ pub enum RunStep {
 
 /// The next step of the run after `input.tick`.
 pub fn run_step(input: &RunInput<'_>) -> RunStep {
-    if !input.tick_backup_done {
+    let Some(tick_backup_done) = input.tick_backup_done_since else {
         return RunStep::NotStarted;
-    }
+    };
     let tick = input.tick.as_second();
     let deadline = input
         .tick
@@ -607,6 +613,12 @@ pub fn run_step(input: &RunInput<'_>) -> RunStep {
     let last_ended = input.waves.iter().filter_map(|w| w.finished).max();
     if input.settling
         && let Some(until) = last_ended.and_then(|t| t.checked_add(SETTLE).ok())
+        && input.now < until
+    {
+        return RunStep::Settle { until };
+    }
+    if current.is_none()
+        && let Some(until) = tick_backup_done.checked_add(input.options.settle).ok()
         && input.now < until
     {
         return RunStep::Settle { until };
@@ -1278,6 +1290,7 @@ mod tests {
             max_helpers,
             max_window: jiff::SignedDuration::from_hours(6),
             start_bound: jiff::SignedDuration::from_mins(5),
+            settle: jiff::SignedDuration::from_secs(45),
         }
     }
 
@@ -1601,7 +1614,8 @@ mod tests {
         for c in cases.drain(..) {
             let input = RunInput {
                 tick,
-                tick_backup_done: c.done,
+                // Seen terminal at the tick: the cases are all past its settle.
+                tick_backup_done_since: c.done.then_some(tick),
                 claims: &claims,
                 waves: &c.waves,
                 helpers: &c.helpers,
@@ -1613,9 +1627,48 @@ mod tests {
             };
             assert_eq!(run_step(&input), c.want, "{}", c.name);
         }
+        // The tick's Backup seen terminal a moment ago: the first wave waits for the
+        // PodVolumeBackups' watch to catch up; a later wave does not.
+        let just_done = RunInput {
+            tick,
+            tick_backup_done_since: Some(t("2026-11-28T03:09:50Z")),
+            claims: &claims,
+            waves: &[],
+            helpers: &[],
+            nodes: &nodes,
+            helpers_up: 0,
+            settling: false,
+            now: t("2026-11-28T03:10:00Z"),
+            options: options(10),
+        };
+        assert_eq!(
+            run_step(&just_done),
+            RunStep::Settle {
+                until: t("2026-11-28T03:10:35Z")
+            }
+        );
+        let later = RunInput {
+            now: t("2026-11-28T03:10:35Z"),
+            ..just_done.clone()
+        };
+        assert!(
+            matches!(run_step(&later), RunStep::Start { number: 1, .. }),
+            "{:?}",
+            run_step(&later)
+        );
+        let second = [record(1, WaveBackup::Done(true), &["claim-b"], &[])];
+        let after_a_wave = RunInput {
+            waves: &second,
+            ..just_done.clone()
+        };
+        assert!(
+            matches!(run_step(&after_a_wave), RunStep::Start { number: 2, .. }),
+            "{:?}",
+            run_step(&after_a_wave)
+        );
         let input = RunInput {
             tick,
-            tick_backup_done: true,
+            tick_backup_done_since: Some(tick),
             claims: &all_in,
             waves: &[],
             helpers: &[],
@@ -1746,7 +1799,7 @@ mod tests {
                 .collect();
             let step = run_step(&RunInput {
                 tick,
-                tick_backup_done: true,
+                tick_backup_done_since: Some(tick),
                 claims: &claims,
                 waves: &records,
                 helpers: &run_helpers,
@@ -1800,6 +1853,7 @@ mod tests {
                     helpers.retain(|h| !gone.contains(&h.0));
                 }
                 RunStep::WaitForBackup => now += jiff::SignedDuration::from_mins(1),
+                RunStep::Settle { until } => now = until,
                 RunStep::Clear { helpers: gone } => {
                     let gone: Vec<usize> = gone.iter().map(|&i| helpers[i].0).collect();
                     helpers.retain(|h| !gone.contains(&h.0));

@@ -44,6 +44,9 @@ pub struct Config {
     /// (`--helper-start-timeout`); a run's window is `windows.max`.
     pub max_helpers: usize,
     pub helper_start_timeout: SignedDuration,
+    /// The first wave of a run waits this long after the tick's Backup is seen terminal
+    /// (`--wave-settle`).
+    pub wave_settle: SignedDuration,
     pub helper: HelperOptions,
     pub default_claims: Arc<ClaimGlobs>,
     pub lease: LeaseOptions,

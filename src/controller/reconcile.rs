@@ -75,6 +75,7 @@ pub async fn run(
             max_helpers: config.max_helpers,
             max_window: config.windows.max,
             start_bound: config.helper_start_timeout,
+            settle: config.wave_settle,
         },
         config.helper.clone(),
         events.clone(),

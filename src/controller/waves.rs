@@ -70,6 +70,9 @@ pub struct Waves {
     metrics: Arc<Metrics>,
     /// What was reported once (a finished run, a Schedule without room), by key.
     reported: HashSet<String>,
+    /// Per Schedule: its tick (seconds) and when this replica first saw that tick's Backup
+    /// terminal (the first wave settles after it).
+    done_seen: std::collections::HashMap<String, (i64, Timestamp)>,
 }
 
 /// Where a claim's volume can go: its CSI driver (whose attach limit counts) and the
@@ -144,6 +147,7 @@ impl Waves {
             events,
             metrics,
             reported: HashSet::new(),
+            done_seen: Default::default(),
         }
     }
 
@@ -591,11 +595,22 @@ impl Waves {
                     .is_some_and(|pv| view.attached.contains(pv))
             })
         });
+        let done = crate::policy::velero::backup_is_terminal(
+            own.status.as_ref().and_then(|s| s.phase.as_deref()),
+        );
+        let tick_backup_done_since = done.then(|| {
+            let seen = self
+                .done_seen
+                .entry(name.to_owned())
+                .or_insert((tick.as_second(), now));
+            if seen.0 != tick.as_second() {
+                *seen = (tick.as_second(), now);
+            }
+            seen.1
+        });
         let step = waves::run_step(&RunInput {
             tick,
-            tick_backup_done: crate::policy::velero::backup_is_terminal(
-                own.status.as_ref().and_then(|s| s.phase.as_deref()),
-            ),
+            tick_backup_done_since,
             claims: &claims,
             waves: &records,
             helpers: &helpers,

@@ -159,6 +159,9 @@ impl Setup {
             stale_after: SignedDuration::from_hours(26),
             max_helpers: 200,
             helper_start_timeout: k8s_openapi::jiff::SignedDuration::from_mins(5),
+            // Short: the tests' watches are healthy (cluster_restart's are not, and it
+            // sets its own).
+            wave_settle: SignedDuration::from_secs(1),
             certificates: None,
         };
         let mut config = config;
