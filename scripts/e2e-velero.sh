@@ -359,6 +359,14 @@ start_minio() {
   printf '[default]\naws_access_key_id = velero-e2e\naws_secret_access_key = %s\n' "$(cat "$RUN/minio/secret")" > "$RUN/minio/credentials-velero"
 }
 
+# The lock covers one command; between `up` and `down` the node is someone's session.
+# (`all` asks before it arms its teardown: a refusal must not take that node down.)
+refuse_if_up() {
+  if [ -e "$RUN/.up" ] || [ -e "$KUBELET_ROOT/$OURS" ]; then
+    die "a node of this script is up already (E2E_RUN $RUN, or another one): run '$0 down' with its E2E_RUN first"
+  fi
+}
+
 cmd_up() {
   [ "$(id -u)" -eq 0 ] || die "the node needs root (containerd, kubelet, a bridge)"
   [ "${BUILT:-0}" = 1 ] || cmd_build
@@ -369,6 +377,7 @@ cmd_up() {
   if [ -e "$KUBELET_ROOT" ] && [ ! -e "$KUBELET_ROOT/$OURS" ]; then
     die "$KUBELET_ROOT exists and is not ours: is a kubelet running on this machine? (remove it if not)"
   fi
+  refuse_if_up
   mkdir -p "$KUBELET_ROOT"; touch "$KUBELET_ROOT/$OURS"
   [ -e /var/log/pods ] || touch "$RUN/made-var-log"   # the kubelet makes /var/log/pods whatever its root
   touch "$RUN/.up"   # down acts only on a run dir that was brought up
@@ -699,7 +708,7 @@ restore_homes() {
   # kubectl itself in the background (not through kc: $! must be kubectl's pid), and a
   # moment to connect before the restore starts.
   "$KUBECTL" --kubeconfig "$KUBECONFIG_FILE" -n "$NS" get pods --watch --output-watch-events -o json \
-    > "$RUN/restore-pods.json" 2> "$RUN/restore-pods.err" &
+    > "$RUN/restore-pods.json" 2> "$RUN/restore-pods.err" 7>&- 8>&- &   # no lock held
   local watch=$!
   sleep 3
   kill -0 "$watch" 2>/dev/null || die "the pod watch did not start: $(cat "$RUN/restore-pods.err")"
@@ -799,6 +808,7 @@ cmd_all() {
   local t0; t0=$(now)
   cmd_build
   log "builds ready at $(since "$t0") s"
+  refuse_if_up
   trap on_exit EXIT
   cmd_up
   cmd_scenario

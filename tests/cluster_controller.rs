@@ -112,14 +112,9 @@ async fn idle_claims_get_helpers_in_a_window_and_lose_them_to_their_user_and_whe
     // Velero creates the tick's Backup (lastBackup moves on: the next tick is an hour
     // away); while it runs Bob's helper stays, when it is terminal the helper goes.
     let backup = velero_creates_backup(&setup, "homes", tick, "InProgress").await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(
-        setup.helpers().await.len(),
-        1,
-        "the window stays open while {backup} runs"
-    );
-    // Velero copies Bob's home through his helper before the Backup is terminal; a Backup
-    // without that PodVolumeBackup would start a wave for him instead (cluster_waves).
+    // Velero copies Bob's home through his helper while the Backup runs (its watch
+    // event comes well before the Backup's Completed one); a Backup without it would start
+    // a wave for him instead (cluster_waves).
     pod_volume_backup(
         &setup,
         &backup,
@@ -128,6 +123,12 @@ async fn idle_claims_get_helpers_in_a_window_and_lose_them_to_their_user_and_whe
         "claim-bob",
     )
     .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        setup.helpers().await.len(),
+        1,
+        "the window stays open while {backup} runs"
+    );
     set_status(&setup, "backups", &backup, json!({"phase": "Completed"})).await;
     eventually(Duration::from_secs(10), || async {
         setup.helpers().await.is_empty().then_some(())

@@ -473,9 +473,9 @@ async fn velero_re_created_pods_become_restore_helpers_guarded_and_cleaned_up() 
         pods.get_opt("jupyter-alice").await.unwrap().is_some(),
         "the helper survives"
     );
-    // An administrator forces it as README says: annotate, then delete (a server-side dry
-    // run: the policy judges it like a real delete, and the restore goes on), then the
-    // annotation goes again.
+    // An administrator forces it as README says: annotates it; then anyone may delete it,
+    // here the hub (a server-side dry run: the policy judges it like a real delete, and
+    // the restore goes on); the annotation goes again.
     let allow = |value: Option<&str>| {
         Patch::Merge(
             json!({"metadata": {"annotations": {"velero-jupyterhub.io/allow-delete": value}}}),
@@ -499,10 +499,16 @@ async fn velero_re_created_pods_become_restore_helpers_guarded_and_cleaned_up() 
     pods.patch("jupyter-alice", &PatchParams::default(), &allow(None))
         .await
         .expect("the annotation removed");
-    hub_pods
+    let err = hub_pods
         .delete("jupyter-alice", &dry_run)
         .await
         .expect_err("without the annotation the guard holds again");
+    assert!(
+        matches!(&err, kube::Error::Api(e) if e.code == 403
+            && e.message.contains("is restoring home volumes")
+            && e.message.contains("allow-delete")),
+        "{err}"
+    );
     // A named server of alice's mounting the same claim: the webhook refuses it, clearly.
     let mut named = serde_json::to_value(restricted_user_pod("alice")).unwrap();
     named["metadata"]["name"] = "jupyter-alice--gpu".into();

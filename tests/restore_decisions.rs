@@ -341,6 +341,14 @@ fn the_restore_command_refuses_what_would_be_skipped_or_overwritten() {
             uid: "p",
             username: None,
         },
+        // Dora's second claim: her home claim is gone, so whose her pod in the Backup is
+        // cannot be told; it may be re-created, so this counts as written over for any
+        // restore (README: a refusal you may not need, never a silent merge).
+        ClaimNow {
+            name: "projects-dora",
+            uid: "pd",
+            username: None,
+        },
     ];
     let pvbs = [
         PvbOfBackup {
@@ -367,6 +375,12 @@ fn the_restore_command_refuses_what_would_be_skipped_or_overwritten() {
             claim: Some("claim-dora"),
             phase: Some("Completed"),
         },
+        PvbOfBackup {
+            pod: "jupyter-dora",
+            volume: "projects",
+            claim: Some("projects-dora"),
+            phase: Some("Completed"),
+        },
     ];
     let users = |u: &[&str]| Users(u.iter().map(|s| s.to_string()).collect());
     let server = |pod: &str, user: &str| Refusal::ServerRunning {
@@ -375,6 +389,7 @@ fn the_restore_command_refuses_what_would_be_skipped_or_overwritten() {
     };
     let exists = |pod: &str| Refusal::PodExists { pod: pod.into() };
     let claim = |c: &str| Refusal::ClaimExists { claim: c.into() };
+    let mounted = |c: &str| Refusal::MountedClaimExists { claim: c.into() };
     let cases: Vec<(&str, Users, bool, Vec<Refusal>)> = vec![
         (
             "everyone",
@@ -386,7 +401,8 @@ fn the_restore_command_refuses_what_would_be_skipped_or_overwritten() {
                 exists("vjh-backup-claim-bob"),
                 claim("claim-alice"),
                 claim("claim-carol"),
-                claim("projects-alice"),
+                mounted("projects-alice"),
+                mounted("projects-dora"),
             ],
         ),
         (
@@ -408,6 +424,7 @@ fn the_restore_command_refuses_what_would_be_skipped_or_overwritten() {
                 exists("jupyter-dora"),
                 exists("vjh-backup-claim-bob"),
                 claim("claim-carol"),
+                mounted("projects-dora"),
             ],
         ),
         (
@@ -419,7 +436,8 @@ fn the_restore_command_refuses_what_would_be_skipped_or_overwritten() {
                 exists("jupyter-dora"),
                 exists("vjh-backup-claim-bob"),
                 claim("claim-alice"),
-                claim("projects-alice"),
+                mounted("projects-alice"),
+                mounted("projects-dora"),
             ],
         ),
         (
@@ -445,6 +463,11 @@ fn the_restore_command_refuses_what_would_be_skipped_or_overwritten() {
             .to_string()
             .contains("pass --into-existing"),
         "the refusal says how to go on"
+    );
+    let says = mounted("projects-x").to_string();
+    assert!(
+        says.contains("pass --into-existing") && says.contains("create it again, empty"),
+        "deleting it alone would leave the restored pod without its volume: {says}"
     );
 }
 

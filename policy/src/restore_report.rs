@@ -69,6 +69,10 @@ pub enum Refusal {
     /// The claim exists: the backup would be written over it (`--into-existing`), or it
     /// must be deleted first for an exact restore.
     ClaimExists { claim: String },
+    /// A claim the restore does not re-create (no username label of a selected user, e.g.
+    /// a second per-user claim) exists, and a re-created pod restores a volume into it:
+    /// Velero would write over it, and would not re-create it if it were deleted.
+    MountedClaimExists { claim: String },
 }
 
 impl fmt::Display for Refusal {
@@ -85,6 +89,11 @@ impl fmt::Display for Refusal {
             Self::ClaimExists { claim } => write!(
                 f,
                 "claim {claim} exists: Velero would write the backup's files over its current files (same-named files replaced, newer files kept); pass --into-existing for that, or delete the claim first for an exact restore"
+            ),
+            Self::MountedClaimExists { claim } => write!(
+                f,
+                "claim {claim} exists and a pod this restore re-creates restores a volume into it: Velero would write the backup's files over its current files; pass --into-existing for that. The restore does not re-create it (only claims labelled {} with a selected user), so for an exact restore delete it and create it again, empty, with the same name and spec",
+                crate::names::JUPYTERHUB_USERNAME
             ),
         }
     }
@@ -141,13 +150,13 @@ pub fn preflight(
             .filter(|p| restored_pods.contains(p.pod))
             .filter_map(|p| p.claim)
             .collect();
-        for claim in claims
-            .iter()
-            .filter(|c| users.selects(c.username) || written.contains(c.name))
-        {
-            refusals.push(Refusal::ClaimExists {
-                claim: claim.name.to_owned(),
-            });
+        for claim in claims {
+            let name = claim.name.to_owned();
+            if users.selects(claim.username) {
+                refusals.push(Refusal::ClaimExists { claim: name });
+            } else if written.contains(claim.name) {
+                refusals.push(Refusal::MountedClaimExists { claim: name });
+            }
         }
     }
     refusals
