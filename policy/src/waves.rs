@@ -1667,16 +1667,9 @@ mod tests {
             run_step(&after_a_wave)
         );
         let input = RunInput {
-            tick,
             tick_backup_done_since: Some(tick),
             claims: &all_in,
-            waves: &[],
-            helpers: &[],
-            nodes: &nodes,
-            helpers_up: 0,
-            settling: false,
-            now: t("2026-11-28T03:10:00Z"),
-            options: options(10),
+            ..just_done.clone()
         };
         assert_eq!(
             run_step(&input),
