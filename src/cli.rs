@@ -43,6 +43,17 @@ pub struct Cli {
     /// Log filter: a level or tracing directives (e.g. `info,kube=warn`).
     #[arg(long, env = "VJH_LOG_LEVEL", default_value = "info", global = true)]
     pub log_level: String,
+    /// Worker threads of the async runtime. One answers tens of thousands of reviews a
+    /// second, far beyond any API server's rate; tokio's default (one per core) would grow
+    /// threads and memory with the node, not with the load.
+    #[arg(
+        long,
+        env = "VJH_WORKER_THREADS",
+        default_value_t = 1,
+        value_parser = clap::value_parser!(u16).range(1..=64),
+        global = true
+    )]
+    pub worker_threads: u16,
 }
 
 #[derive(Debug, Subcommand)]
