@@ -764,7 +764,8 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         metrics.clone(),
         async move { ops_stop.cancelled().await },
     ));
-    tracing::info!(ops = %args_ops_listen, "serving /healthz, /readyz, /metrics over HTTP");
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
+    tracing::info!(ops = %args_ops_listen, workers, "serving /healthz, /readyz, /metrics over HTTP");
     let result = crate::controller::run(client, config, metrics, shutdown.clone()).await;
     shutdown.cancel();
     let _ = ops_task.await;

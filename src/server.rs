@@ -211,7 +211,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         shutdown.clone(),
         supervisors,
     ));
-    info!(%addr, %ops_addr, "serving: POST /mutate/live, /mutate/restore over HTTPS; /healthz, /readyz, /metrics over HTTP");
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
+    info!(%addr, %ops_addr, workers, "serving: POST /mutate/live, /mutate/restore over HTTPS; /healthz, /readyz, /metrics over HTTP");
     Ok(Running {
         addr,
         ops_addr,

@@ -66,6 +66,7 @@ async fn serve_self_signed_with_env_vars_then_sigterm() {
         .env("VJH_LOG_FORMAT", "json")
         .env("VJH_CLAIMS", "home-*")
         .env("VJH_SHUTDOWN_DELAY", "0s")
+        .env("VJH_WORKER_THREADS", "3")
         .env_remove("KUBECONFIG")
         .stderr(Stdio::piped())
         .spawn()
@@ -114,6 +115,10 @@ async fn serve_self_signed_with_env_vars_then_sigterm() {
         "{log:?}"
     );
     assert!(log.last().is_some_and(|l| l.contains("stopped")), "{log:?}");
+    // The runtime itself reports the workers VJH_WORKER_THREADS asked for.
+    let serving = log.iter().find(|l| l.contains("\"serving: POST"));
+    let serving: serde_json::Value = serde_json::from_str(serving.expect("serving line")).unwrap();
+    assert_eq!(serving["workers"], 3, "{serving}");
 }
 
 #[test]
@@ -161,6 +166,14 @@ fn serve_refuses_bad_flags_with_a_reason() {
             "cannot be used with",
         ),
         (&["controller", "--max-helpers", "0"], "--max-helpers"),
+        (
+            &["serve", "--self-signed", "--worker-threads", "0"],
+            "--worker-threads",
+        ),
+        (
+            &["controller", "--worker-threads", "65"],
+            "--worker-threads",
+        ),
         (
             &["controller", "--helper-start-timeout", "soon"],
             "--helper-start-timeout",
@@ -477,6 +490,8 @@ fn cli_defaults_are_the_library_defaults() {
     use velero_jupyterhub::cli::{Cli, Command as Sub};
     use velero_jupyterhub::webhook::serve::ServeOptions;
     let cli = Cli::try_parse_from(["velero-jupyterhub", "serve", "--self-signed"]).unwrap();
+    // One worker thread, not one per core of whatever node the pod lands on.
+    assert_eq!(cli.worker_threads, 1);
     let Sub::Serve(serve) = cli.command else {
         panic!("not serve")
     };
