@@ -152,6 +152,9 @@ async fn reaction(client: &kube::Client, spawns: usize) {
 }
 
 async fn memory(client: &kube::Client, objects: usize) {
+    // The controller's watches of Schedules and Backups list only once Velero's CRDs
+    // exist (this part may run alone: `-- memory`).
+    cluster::install_velero_crds(client).await;
     // Its own namespaces only (--namespace-selector): tests may share the server.
     let run = unique("run");
     let ns = cluster::labelled_namespace(
