@@ -223,6 +223,7 @@ async fn memory(client: &kube::Client, objects: usize) {
         .args(["--namespace-selector", &format!("vjh-bench={run}")])
         .env("KUBECONFIG", kubeconfig)
         .env("POD_NAME", "bench-memory")
+        .env("VJH_LOG_FORMAT", "json")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -231,12 +232,20 @@ async fn memory(client: &kube::Client, objects: usize) {
     let pid = child.id();
     let stderr = child.stderr.take().expect("stderr");
     let (tx, rx) = std::sync::mpsc::channel();
+    let workers = Arc::new(Mutex::new(None));
+    let seen_workers = workers.clone();
     std::thread::spawn(move || {
         use std::io::BufRead;
         for line in std::io::BufReader::new(stderr)
             .lines()
             .map_while(Result::ok)
         {
+            // The runtime's worker count, from the serving line (--worker-threads).
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                && let Some(n) = v["workers"].as_u64()
+            {
+                *seen_workers.lock().expect("lock") = Some(n);
+            }
             if line.contains("watches listed") {
                 let _ = tx.send(());
             }
@@ -244,6 +253,10 @@ async fn memory(client: &kube::Client, objects: usize) {
     });
     rx.recv_timeout(Duration::from_secs(120))
         .expect("the controller listed its watches");
+    let workers = workers
+        .lock()
+        .expect("lock")
+        .expect("the serving line names its workers");
     tokio::time::sleep(Duration::from_secs(5)).await;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
     let field = |name: &str| {
@@ -254,7 +267,7 @@ async fn memory(client: &kube::Client, objects: usize) {
             .unwrap_or_default()
     };
     println!(
-        "controller watching {objects} claims, their volumes and {objects} pods: RSS {}, peak {} (goal: <= 64 MiB)",
+        "controller ({workers} worker threads) watching {objects} claims, their volumes and {objects} pods: RSS {}, peak {} (goal: <= 64 MiB)",
         field("VmRSS:"),
         field("VmHWM:")
     );

@@ -3,7 +3,8 @@
 //! served the plain way, see tests/support/baseline.rs), measured in the same run:
 //!
 //! 1. in-process: a hyper client in this process against our server (`server::start`,
-//!    the same composition `serve` runs) and the baseline;
+//!    the same composition `serve` runs, on one worker as `serve` does) and the baseline
+//!    (tokio's default runtime);
 //! 2. external: Debian's `wrk` (one thread, 8 connections) against the real binary
 //!    (`velero-jupyterhub serve`, its own process, one worker thread by default) and the
 //!    baseline, alternating rounds. The baseline runs twice: on tokio's default runtime
@@ -234,6 +235,7 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
+    let workers = rt.metrics().num_workers();
     let body = Bytes::from(fixtures::golden_review().0);
     let noop_app = Router::new().route(
         PATH,
@@ -265,7 +267,8 @@ fn main() {
             .with_root_certificates(roots)
             .with_no_client_auth();
         let connector = TlsConnector::from(Arc::new(client_config));
-        let real = server::start(server::Config {
+        // Our server on one worker, as `serve` runs (its tasks live on `rt1`).
+        let config = server::Config {
             listen: "127.0.0.1:0".parse().expect("addr"),
             ops_listen: "127.0.0.1:0".parse().expect("addr"),
             tls: TlsSource::Pem(pair.clone()),
@@ -274,9 +277,12 @@ fn main() {
             cluster: None,
             serve: ServeOptions::default(),
             shutdown_delay: Duration::ZERO,
-        })
-        .await
-        .expect("server starts");
+        };
+        let real = rt1
+            .spawn(server::start(config))
+            .await
+            .expect("task")
+            .expect("server starts");
 
         // Saturation: alternate rounds so drift on a shared machine hits both alike.
         let connections = 8;
@@ -296,7 +302,7 @@ fn main() {
         let mut real_mod = load(real.addr, connector.clone(), body.clone(), 4, Some(1000.0), duration).await;
         let mut noop_mod = load(noop_addr, connector.clone(), body.clone(), 4, Some(1000.0), duration).await;
 
-        println!("\n1. In-process client: HTTPS keep-alive, POST {PATH} with the z2jh fixture ({} B body), TLS 1.3, 2 worker threads", body.len());
+        println!("\n1. In-process client: HTTPS keep-alive, POST {PATH} with the z2jh fixture ({} B body), TLS 1.3; velero-jupyterhub on one worker, the do-nothing handler on {workers} (tokio's default)", body.len());
         println!("{:<34} {:>10} {:>9} {:>9}", "", "req/s", "p50 ms", "p99 ms");
         for (name, r) in [
             ("do-nothing handler, saturated", &mut noop_sat),
@@ -338,10 +344,9 @@ fn main() {
         (r, median)
     };
     let ((goal, median), (like, like_median)) = (ratios(&noop), ratios(&noop1));
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!("\n2. wrk -t1 -c8 (external), POST {PATH}, {rounds} alternating rounds of {secs} s");
     println!(
-        "do-nothing handler (axum + rustls, in the bench process), tokio's default runtime ({cores} workers): {noop:.0?} req/s"
+        "do-nothing handler (axum + rustls, in the bench process), tokio's default runtime ({workers} workers): {noop:.0?} req/s"
     );
     println!(
         "velero-jupyterhub serve (its own process, --worker-threads 1):                  {ours:.0?} req/s"

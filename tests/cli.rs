@@ -189,6 +189,19 @@ fn serve_refuses_bad_flags_with_a_reason() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(want), "{args:?}: {err}");
     }
+    // The Deployment's way, an env var: out of range is refused the same way.
+    let out = Command::new(BIN)
+        .args(["serve", "--self-signed", "--no-cluster"])
+        .env("VJH_WORKER_THREADS", "0")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--worker-threads") && err.contains("1..=64"),
+        "{err}"
+    );
+
     // A Kubernetes configuration that is there but broken is an error, not a silent
     // fallback to running without a cluster.
     let out = Command::new(BIN)
@@ -490,8 +503,14 @@ fn cli_defaults_are_the_library_defaults() {
     use velero_jupyterhub::cli::{Cli, Command as Sub};
     use velero_jupyterhub::webhook::serve::ServeOptions;
     let cli = Cli::try_parse_from(["velero-jupyterhub", "serve", "--self-signed"]).unwrap();
-    // One worker thread, not one per core of whatever node the pod lands on.
-    assert_eq!(cli.worker_threads, 1);
+    // One worker thread, not one per core of whatever node the pod lands on. (Read from
+    // the flag's definition: a VJH_WORKER_THREADS in the tests' environment would
+    // override a parsed default.)
+    let worker_threads = <Cli as clap::CommandFactory>::command()
+        .get_arguments()
+        .find(|a| a.get_id() == "worker_threads")
+        .map(|a| a.get_default_values().to_vec());
+    assert_eq!(worker_threads, Some(vec!["1".into()]));
     let Sub::Serve(serve) = cli.command else {
         panic!("not serve")
     };
