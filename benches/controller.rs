@@ -267,7 +267,7 @@ async fn memory(client: &kube::Client, objects: usize) {
             .unwrap_or_default()
     };
     println!(
-        "controller ({workers} worker threads) watching {objects} claims, their volumes and {objects} pods: RSS {}, peak {} (goal: <= 64 MiB)",
+        "controller (worker threads: {workers}) watching {objects} claims, their volumes and {objects} pods: RSS {}, peak {} (goal: <= 64 MiB)",
         field("VmRSS:"),
         field("VmHWM:")
     );
