@@ -232,30 +232,28 @@ async fn memory(client: &kube::Client, objects: usize) {
     let pid = child.id();
     let stderr = child.stderr.take().expect("stderr");
     let (tx, rx) = std::sync::mpsc::channel();
-    let workers = Arc::new(Mutex::new(None));
-    let seen_workers = workers.clone();
     std::thread::spawn(move || {
         use std::io::BufRead;
+        // The runtime's worker count, from the serving line (--worker-threads), which
+        // comes before the watches are listed.
+        let mut workers = None;
         for line in std::io::BufReader::new(stderr)
             .lines()
             .map_while(Result::ok)
         {
-            // The runtime's worker count, from the serving line (--worker-threads).
             if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
                 && let Some(n) = v["workers"].as_u64()
             {
-                *seen_workers.lock().expect("lock") = Some(n);
+                workers = Some(n);
             }
             if line.contains("watches listed") {
-                let _ = tx.send(());
+                let _ = tx.send(workers);
             }
         }
     });
-    rx.recv_timeout(Duration::from_secs(120))
-        .expect("the controller listed its watches");
-    let workers = workers
-        .lock()
-        .expect("lock")
+    let workers = rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("the controller listed its watches")
         .expect("the serving line names its workers");
     tokio::time::sleep(Duration::from_secs(5)).await;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
