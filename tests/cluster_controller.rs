@@ -530,10 +530,23 @@ async fn the_controllers_pod_rights_stop_at_backup_helpers() {
         velero_jupyterhub::policy::helper::own_labels(Some("mallory")),
         &setup.config.helper,
     );
+    let mut writable = placed.clone();
     placed.spec.as_mut().expect("spec").node_name = Some(setup.nodes[0].clone());
     refused(
         as_controller.create(&PostParams::default(), &placed).await,
         "goes through the scheduler",
+    );
+    // A helper whose container could write to the user's home.
+    writable.spec.as_mut().expect("spec").containers[0]
+        .volume_mounts
+        .as_mut()
+        .expect("mounts")[0]
+        .read_only = None;
+    refused(
+        as_controller
+            .create(&PostParams::default(), &writable)
+            .await,
+        "mounts one claim read-only",
     );
 
     // A user's pod: not deleted, its spec not patched; its annotation may be.

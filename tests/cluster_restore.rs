@@ -789,7 +789,18 @@ fn assert_restore_helper(sent: &Value, got: &Value, restored: &[&str], image: &s
         "{name}: the API server's default"
     );
     assert!(spec.get("priorityClassName").is_none(), "{name}");
-    assert_eq!(spec["securityContext"]["runAsNonRoot"], true, "{name}");
+    // Our container is restricted on its own; the pod keeps its own security context,
+    // under which Velero's copy of the user's container (restore-wait) must start.
+    assert_eq!(c["securityContext"]["runAsNonRoot"], true, "{name}");
+    assert_eq!(
+        c["securityContext"]["seccompProfile"]["type"], "RuntimeDefault",
+        "{name}"
+    );
+    assert_eq!(
+        spec.get("securityContext"),
+        sent["spec"].get("securityContext"),
+        "{name}: the pod's own security context"
+    );
     // Placement kept (the DefaultTolerationSeconds admission plugin adds its own).
     let stored_tolerations = spec["tolerations"].as_array().cloned().unwrap_or_default();
     for t in sent["spec"]["tolerations"].as_array().into_iter().flatten() {

@@ -228,3 +228,95 @@ fn a_service_account_token_restore_wait_mounts_stays_for_it_but_is_not_the_helpe
         "{notes}"
     );
 }
+
+/// Whether the kubelet starts a container with this pod- and container-level security
+/// context: it refuses a container that must run as non-root but runs as user 0
+/// (pkg/kubelet/kuberuntime/security_context_others.go `verifyRunAsNonRoot`; the
+/// container's settings override the pod's, pkg/securitycontext/util.go).
+fn kubelet_starts(pod: &serde_json::Value, container: &serde_json::Value) -> bool {
+    let field = |name: &str| container.get(name).or_else(|| pod.get(name)).cloned();
+    let non_root = field("runAsNonRoot") == Some(serde_json::Value::Bool(true));
+    !(non_root && field("runAsUser") == Some(0.into()))
+}
+
+/// A notebook that runs as root (z2jh `singleuser.uid: 0`: KubeSpawner sets `runAsUser: 0`
+/// on the notebook container, `fsGroup` on the pod), alone and with the group settings
+/// KubeSpawner can add (`gid` → the container's `runAsGroup`, `supplemental_gids` → the
+/// pod's `supplementalGroups`). Velero copies the container's securityContext into
+/// restore-wait; the conversion must leave restore-wait able to start, and keep the
+/// pod's group settings (the restored files' ownership).
+#[test]
+fn a_root_notebooks_restore_wait_still_starts() {
+    use serde_json::json;
+    let home = first_claim_volume(&restored_z2jh(&[]));
+    for (container_sc, pod_sc) in [
+        (
+            json!({"runAsUser": 0, "allowPrivilegeEscalation": false}),
+            json!({"fsGroup": 100}),
+        ),
+        (
+            json!({"runAsUser": 0, "runAsGroup": 0, "allowPrivilegeEscalation": false}),
+            json!({"fsGroup": 100, "supplementalGroups": [100]}),
+        ),
+        (
+            json!({"runAsUser": 1000, "runAsGroup": 100}),
+            json!({"fsGroup": 100, "fsGroupChangePolicy": "OnRootMismatch"}),
+        ),
+    ] {
+        let mut sent = fixtures::z2jh_pod();
+        sent["spec"]["containers"][0]["securityContext"] = container_sc.clone();
+        sent["spec"]["securityContext"] = pod_sc.clone();
+        let mut restored = fixtures::restored_z2jh(&[&home]);
+        restored["spec"]["containers"] = sent["spec"]["containers"].clone();
+        restored["spec"]["securityContext"] = pod_sc.clone();
+        restored["spec"]["initContainers"][0]["securityContext"] = container_sc.clone();
+        let pod: Pod = serde_json::from_value(restored).expect("pod");
+        let got = serde_json::to_value(restore_helper(&pod, &options())).expect("json");
+        let spec = &got["spec"];
+        let wait = &spec["initContainers"][0];
+        assert_eq!(
+            wait["securityContext"], container_sc,
+            "restore-wait unchanged"
+        );
+        assert!(
+            kubelet_starts(&spec["securityContext"], &wait["securityContext"]),
+            "restore-wait of {container_sc} under {}",
+            spec["securityContext"]
+        );
+        // Our container runs as non-root, whatever the pod says.
+        let ours = &spec["containers"][0];
+        assert!(kubelet_starts(
+            &spec["securityContext"],
+            &ours["securityContext"]
+        ));
+        assert_eq!(ours["securityContext"]["runAsNonRoot"], true, "{ours}");
+        assert_eq!(ours["securityContext"]["runAsUser"], 65535, "{ours}");
+        assert_eq!(
+            ours["securityContext"]["seccompProfile"]["type"],
+            "RuntimeDefault"
+        );
+        // The pod's own group settings stay.
+        for key in ["fsGroup", "supplementalGroups", "fsGroupChangePolicy"] {
+            assert_eq!(spec["securityContext"].get(key), pod_sc.get(key), "{key}");
+        }
+        // Converting twice changes nothing.
+        let once: Pod = serde_json::from_value(got.clone()).expect("pod");
+        assert_eq!(
+            serde_json::to_value(restore_helper(&once, &options())).expect("json"),
+            got
+        );
+    }
+}
+
+/// Restore helpers are not evicted mid-restore by the cluster autoscaler or Karpenter
+/// (their own annotations); the node-agent would lose the pod it writes through.
+#[test]
+fn restore_helpers_are_not_disrupted_by_autoscalers() {
+    let home = first_claim_volume(&restored_z2jh(&[]));
+    let got = restore_helper(&restored_z2jh(&[&home]), &options());
+    assert_eq!(
+        got.annotation("cluster-autoscaler.kubernetes.io/safe-to-evict"),
+        Some("false")
+    );
+    assert_eq!(got.annotation("karpenter.sh/do-not-disrupt"), Some("true"));
+}

@@ -140,9 +140,12 @@ pub fn backup_helper(
             containers: vec![container],
             volumes: Some(vec![Volume {
                 name: VOLUME.to_owned(),
+                // Not read-only here (only in the container's mount): the kubelet mounts a
+                // read-only volume read-only on the node, and a Velero restore of this pod
+                // where no webhook converts it writes through that mount.
                 persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
                     claim_name: claim.name.to_owned(),
-                    read_only: Some(true),
+                    read_only: None,
                 }),
                 ..Default::default()
             }]),
@@ -246,6 +249,19 @@ pub fn restricted_pod() -> PodSecurityContext {
     }
 }
 
+/// Pod Security `restricted` on the container alone, whatever its pod says: a restore
+/// helper keeps its pod's own settings, under which Velero's `restore-wait` (a copy of
+/// the user's container's securityContext, possibly root) must still start.
+pub fn restricted_container_alone() -> SecurityContext {
+    let pod = restricted_pod();
+    SecurityContext {
+        run_as_user: pod.run_as_user,
+        run_as_group: pod.run_as_group,
+        seccomp_profile: pod.seccomp_profile,
+        ..restricted_container()
+    }
+}
+
 /// Pod Security `restricted`, container level: no privilege escalation, no
 /// capabilities, read-only root file system.
 pub fn restricted_container() -> SecurityContext {
@@ -312,6 +328,15 @@ mod tests {
         assert_eq!(spec.tolerations, None);
         let c = &spec.containers[0];
         assert_eq!(c.volume_mounts.as_ref().unwrap()[0].read_only, Some(true));
+        // Read-only in the container only: a volume marked read-only is mounted read-only
+        // by the kubelet, and Velero's node-agent, which restores through the pod's volume
+        // directory, could not write into it where no webhook converts the re-created
+        // helper (a restore into a cluster without velero-jupyterhub).
+        let claim_source = spec.volumes.as_ref().unwrap()[0]
+            .persistent_volume_claim
+            .as_ref()
+            .unwrap();
+        assert_eq!(claim_source.read_only, None, "{claim_source:?}");
         let owner = &pod.metadata.owner_references.as_ref().unwrap()[0];
         assert_eq!(
             (owner.kind.as_str(), owner.uid.as_str()),

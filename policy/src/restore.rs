@@ -17,7 +17,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Container, Pod, PodSecurityContext, PodSpec, VolumeMount};
+use k8s_openapi::api::core::v1::{Container, Pod, PodSpec, VolumeMount};
 
 use crate::helper::{self, HelperOptions};
 use crate::names;
@@ -36,6 +36,14 @@ pub const CONTAINER: &str = "restore-helper";
 const DEFAULT_SERVICE_ACCOUNT: &str = "default";
 /// What the API server defaults `schedulerName` to.
 const DEFAULT_SCHEDULER: &str = "default-scheduler";
+
+/// Annotations that keep the cluster autoscaler and Karpenter from evicting a restore
+/// helper to consolidate its node: the node-agent writes through the pod's volume, and
+/// Velero does not restore it again.
+const NOT_DISRUPTED: [(&str, &str); 2] = [
+    ("cluster-autoscaler.kubernetes.io/safe-to-evict", "false"),
+    ("karpenter.sh/do-not-disrupt", "true"),
+];
 
 /// Labels a re-created user pod loses: KubeSpawner's role labels (they select it into
 /// the hub's Services and NetworkPolicies, which a restore helper must not join).
@@ -100,7 +108,7 @@ pub fn restore_helper(pod: &Pod, options: &HelperOptions) -> Pod {
         image: Some(options.image.clone()),
         image_pull_policy: Some("IfNotPresent".to_owned()),
         resources: helper::helper_resources(),
-        security_context: Some(helper::restricted_container()),
+        security_context: Some(helper::restricted_container_alone()),
         volume_mounts: Some(
             volumes
                 .iter()
@@ -117,15 +125,11 @@ pub fn restore_helper(pod: &Pod, options: &HelperOptions) -> Pod {
     if container.volume_mounts.as_ref().is_some_and(Vec::is_empty) {
         container.volume_mounts = None;
     }
-    // Restricted, but with the pod's own group settings: files Velero writes keep the
-    // ownership the user's server expects.
-    let original = spec.security_context.clone().unwrap_or_default();
-    let security_context = PodSecurityContext {
-        fs_group: original.fs_group,
-        fs_group_change_policy: original.fs_group_change_policy,
-        supplemental_groups: original.supplemental_groups,
-        ..helper::restricted_pod()
-    };
+    // The pod's own security context, unchanged: restore-wait (a copy of the user's
+    // container's securityContext, `runAsUser: 0` for a root notebook) ran under it as
+    // that container did, and must start (the node-agent waits for it); its group
+    // settings give restored files the ownership the user's server expects. Our container
+    // is restricted on its own.
     let new_spec = PodSpec {
         init_containers: wait.map(|w| vec![w]),
         containers: vec![container],
@@ -135,7 +139,7 @@ pub fn restore_helper(pod: &Pod, options: &HelperOptions) -> Pod {
         // webhooks); the namespace's `default` always exists, the pod's own may not yet.
         service_account_name: Some(DEFAULT_SERVICE_ACCOUNT.to_owned()),
         enable_service_links: Some(false),
-        security_context: Some(security_context),
+        security_context: spec.security_context,
         termination_grace_period_seconds: Some(0),
         tolerations: spec.tolerations,
         node_selector: spec.node_selector,
@@ -160,6 +164,7 @@ pub fn restore_helper(pod: &Pod, options: &HelperOptions) -> Pod {
     // A half-restored volume must not be backed up.
     annotations.remove(names::VELERO_BACKUP_VOLUMES);
     annotations.extend(helper::no_mesh_sidecar());
+    annotations.extend(NOT_DISRUPTED.map(|(k, v)| (k.to_owned(), v.to_owned())));
     Pod {
         metadata,
         spec: Some(new_spec),

@@ -141,7 +141,7 @@ pub fn restore_wait(volumes: &[&str]) -> Value {
 
 /// The z2jh pod of `alice` as Velero re-creates it (pkg/restore/restore.go): restore
 /// labels, nodeName cleared, `restore-wait` prepended for the volumes that have a
-/// PodVolumeBackup (none: no restore-wait at all).
+/// PodVolumeBackup (none: no restore-wait at all), with the notebook's securityContext.
 pub fn restored_z2jh(restored: &[&str]) -> Value {
     let mut pod = z2jh_pod();
     pod["metadata"]["labels"]["velero.io/restore-name"] = "restore-1".into();
@@ -150,7 +150,13 @@ pub fn restored_z2jh(restored: &[&str]) -> Value {
         spec.remove("nodeName");
     }
     if !restored.is_empty() {
-        let mut init = vec![restore_wait(restored)];
+        // Velero copies the first container's securityContext into restore-wait
+        // (pod_volume_restore_action.go, with no securityContext in its ConfigMap).
+        let mut wait = restore_wait(restored);
+        if let Some(sc) = pod["spec"]["containers"][0].get("securityContext") {
+            wait["securityContext"] = sc.clone();
+        }
+        let mut init = vec![wait];
         let theirs = pod["spec"]["initContainers"].as_array().cloned();
         init.extend(theirs.unwrap_or_default());
         pod["spec"]["initContainers"] = init.into();
