@@ -120,6 +120,7 @@ fn bench(c: &mut Criterion) {
         windows: &windows,
         pvbs: &pvbs,
         helper: &options,
+        restoring: &Default::default(),
     };
     let first = plan(&input);
     println!(

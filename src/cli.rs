@@ -582,6 +582,25 @@ pub struct ReviewArgs {
     /// namespace (the restore guard): `CLAIM=RESTORE` (repeatable).
     #[arg(long, value_parser = parse_restoring)]
     pub restoring: Vec<RestoringClaim>,
+    /// For a pod a restore re-creates: review as if CLAIM existed in the pod's namespace,
+    /// created (or updated) by Velero restore RESTORE if given: `CLAIM[=RESTORE]`
+    /// (repeatable). Claims not named are taken as not existing.
+    #[arg(long, value_parser = parse_claim_exists)]
+    pub claim_exists: Vec<(String, crate::policy::restore::ClaimNow)>,
+}
+
+fn parse_claim_exists(s: &str) -> Result<(String, crate::policy::restore::ClaimNow), String> {
+    let (claim, restore) = match s.split_once('=') {
+        Some((claim, restore)) => (claim, Some(restore.to_owned())),
+        None => (s, None),
+    };
+    if !names::is_dns1123_subdomain(claim) || restore.as_deref() == Some("") {
+        return Err(format!("expected CLAIM or CLAIM=RESTORE, got {s:?}"));
+    }
+    Ok((
+        claim.to_owned(),
+        crate::policy::restore::ClaimNow::Present { restore },
+    ))
 }
 
 fn parse_restoring(s: &str) -> Result<RestoringClaim, String> {
@@ -871,6 +890,7 @@ fn review(args: ReviewArgs) -> anyhow::Result<i32> {
         claims: overrides.get(ns).unwrap_or(&default).clone(),
         helper,
         restoring: args.restoring,
+        claims_now: args.claim_exists,
     };
     let reviewed = match admission::review(&body, scope_for, args.explain) {
         Ok(r) => r,

@@ -200,6 +200,12 @@ pub async fn run(
         bail!(message);
     }
 
+    // The claims it writes, recorded on the namespace before the Restore exists: from
+    // then on a ValidatingAdmissionPolicy refuses other pods that mount them (a user's
+    // server spawned meanwhile), and the controller starts no backup helper for them.
+    let written = restore_report::written_claims(&users, &claims, &pvbs);
+    let written: Vec<String> = written.into_iter().map(str::to_owned).collect();
+    record_restoring(&client, &namespace, &written).await?;
     let restore = create_restore(&client, options).await?;
     let _ = writeln!(
         progress,
@@ -424,6 +430,67 @@ fn pvr_of(p: &PodVolumeRestore) -> PvrOfRestore<'_> {
     }
 }
 
+/// Adds `claims` to the namespace's claims being restored (`velero-jupyterhub.io/
+/// restoring-claims`, kept by the controller, which drops them once the restore is over)
+/// and stamps when (`…/restoring-since`): a merge patch guarded by the resourceVersion
+/// read, so a concurrent change by the controller is not lost (one retry, re-read).
+async fn record_restoring(
+    client: &kube::Client,
+    namespace: &Namespace,
+    claims: &[String],
+) -> anyhow::Result<()> {
+    use crate::policy::restoring;
+    let api = Api::<Namespace>::all(client.clone());
+    let name = namespace.metadata.name.clone().unwrap_or_default();
+    let mut current = namespace.clone();
+    for attempt in 0..2 {
+        let listed = current
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(names::NAMESPACE_RESTORING_CLAIMS))
+            .map(String::as_str)
+            .unwrap_or("");
+        let mut all: Vec<&str> = restoring::parse_annotation(listed);
+        all.extend(claims.iter().map(String::as_str));
+        let value = restoring::annotation_value(all);
+        let patch = json!({"metadata": {
+            "resourceVersion": current.metadata.resource_version,
+            "annotations": {
+                (names::NAMESPACE_RESTORING_CLAIMS): value,
+                (names::NAMESPACE_RESTORING_SINCE): Timestamp::now().to_string(),
+            },
+        }});
+        match api
+            .patch(
+                &name,
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(&patch),
+            )
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 409 && attempt == 0 => {
+                current = api
+                    .get(&name)
+                    .await
+                    .with_context(|| format!("reading namespace {name}"))?;
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "recording the claims being restored on namespace {name} ({} annotation)",
+                        names::NAMESPACE_RESTORING_CLAIMS
+                    )
+                });
+            }
+        }
+    }
+    bail!(
+        "namespace {name} kept changing while the claims being restored were recorded on it: run again"
+    )
+}
+
 /// The Restore: the users' pods and claims (and their volumes: Velero makes
 /// PodVolumeRestores only when PersistentVolumes and claims are included, restore.go),
 /// chosen by KubeSpawner's username label, which our backup helpers carry too.
@@ -434,12 +501,18 @@ async fn create_restore(client: &kube::Client, o: &Options) -> anyhow::Result<St
     } else {
         json!({"matchExpressions": [{"key": names::JUPYTERHUB_USERNAME, "operator": "In", "values": o.users}]})
     };
-    let spec = json!({
+    let mut spec = json!({
         "backupName": o.backup,
         "includedNamespaces": [o.namespace],
         "includedResources": ["pods", "persistentvolumeclaims", "persistentvolumes"],
         "labelSelector": selector,
     });
+    // Writing into claims that exist is what Velero calls updating what exists: it labels
+    // each existing claim with this Restore, which our webhook then lets its pods restore
+    // into (and warns that it could not update the claim's spec, which is immutable).
+    if o.into_existing {
+        spec["existingResourcePolicy"] = json!("update");
+    }
     let ar = ApiResource::from_gvk_with_plural(
         &GroupVersionKind::gvk("velero.io", "v1", "Restore"),
         "restores",

@@ -143,6 +143,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         }
         None => RestoreHelpers::default(),
     };
+    let restore_claims = crate::cluster::RestoreClaims::new(config.cluster.clone());
     let with_cluster = config.cluster.is_some();
     let namespaces = NamespaceCache::new(config.cluster, config.default_claims, metrics.clone());
     // A namespace fetch leaves its request half of its time to be answered.
@@ -168,6 +169,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let admission = webhook::admission_router(Arc::new(WebhookState::new(
         namespaces.clone(),
         restore_helpers.clone(),
+        restore_claims,
         config.helper,
         metrics.clone(),
         &config.serve,

@@ -258,6 +258,25 @@ async fn velero_re_created_pods_become_restore_helpers_guarded_and_cleaned_up() 
     .await;
     let restore_uid = created["metadata"]["uid"].as_str().expect("uid").to_owned();
     set_status(&setup, "restores", &restore, json!({"phase": "InProgress"})).await;
+    // Velero restores claims before pods, labelled as everything it creates
+    // (pkg/restore/restore.go `addRestoreLabels`): the users' claims come from this
+    // Restore. erin's is older: her home exists, and this Restore does not update it.
+    let claims_api: Api<k8s_openapi::api::core::v1::PersistentVolumeClaim> =
+        Api::namespaced(client.clone(), &ns);
+    for claim in [
+        "claim-alice",
+        "claim-bob",
+        "claim-bob-projects",
+        "claim-carol",
+    ] {
+        let labels = json!({"metadata": {"labels": {
+            (names::VELERO_RESTORE_NAME): restore, (names::VELERO_BACKUP_NAME): backup}}});
+        claims_api
+            .patch(claim, &PatchParams::default(), &Patch::Merge(labels))
+            .await
+            .expect("Velero's claim");
+    }
+    cluster::bound_claim(&client, &ns, "claim-erin", "erin").await;
 
     // The pods in the backup. Each tolerates this test's nodes (as the hub's do theirs).
     let run_toleration = setup.config.helper.tolerations.clone();
@@ -389,6 +408,57 @@ async fn velero_re_created_pods_become_restore_helpers_guarded_and_cleaned_up() 
     assert_eq!(
         carol_got["spec"]["volumes"][0]["persistentVolumeClaim"].get("readOnly"),
         None
+    );
+
+    // erin's backup helper, re-created: its restore would write over her current home
+    // (Kopia overwrites same-named files). Refused: Velero records the message among the
+    // Restore's errors, and the claim says so too.
+    let erin = velero_recreates(
+        with_tolerations(
+            serde_json::to_value(velero_jupyterhub::policy::helper::backup_helper(
+                &velero_jupyterhub::policy::helper::ClaimRef {
+                    namespace: &ns,
+                    name: "claim-erin",
+                    uid: "0e0e0e0e-0000-4000-8000-000000000001",
+                    username: Some("erin"),
+                },
+                velero_jupyterhub::policy::helper::own_labels(Some("erin")),
+                &helper_options,
+            ))
+            .unwrap(),
+        ),
+        &restore,
+        &restore_uid,
+        backup,
+        &[velero_jupyterhub::policy::helper::VOLUME],
+    );
+    let err = velero_pods
+        .create(&PostParams::default(), &from_json(erin))
+        .await
+        .expect_err("no restore into a home that existed before it");
+    let message = err.to_string();
+    assert!(
+        message.contains("claim claim-erin existed before this restore")
+            && message.contains("--existing-resource-policy=update"),
+        "{message}"
+    );
+    let refused = eventually(Duration::from_secs(20), || {
+        let events: Api<Event> = Api::namespaced(client.clone(), &ns);
+        async move {
+            events
+                .list(&ListParams::default().fields("involvedObject.name=claim-erin"))
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .find(|e| e.reason.as_deref() == Some("RestoreRefused"))
+        }
+    })
+    .await
+    .expect("a RestoreRefused Event on erin's claim");
+    assert!(
+        refused.message.unwrap_or_default().contains(&restore),
+        "the Event names the Restore"
     );
 
     // Anyone but Velero creating a pod that would become a restore helper (and lock alice
@@ -573,6 +643,16 @@ async fn velero_re_created_pods_become_restore_helpers_guarded_and_cleaned_up() 
                "completionTimestamp": k8s_openapi::jiff::Timestamp::now().to_string()}),
     )
     .await;
+    // Velero's Restore ends once its PodVolumeRestores have (pkg/restore/restore.go waits
+    // for them; a failed one is an error): PartiallyFailed. Until then the claims it made
+    // count as being restored, and no one may mount them.
+    set_status(
+        &setup,
+        "restores",
+        &restore,
+        json!({"phase": "PartiallyFailed"}),
+    )
+    .await;
 
     // restore-wait has not exited yet (the pod is still Pending): the helper stays, so
     // restore-wait can clean the node-agent's marker out of the home.
@@ -689,6 +769,8 @@ async fn velero_re_created_pods_become_restore_helpers_guarded_and_cleaned_up() 
         .filter(|l| l.contains(r#"webhook="live",outcome="restore_"#) && !l.contains("guard"))
         .count();
     assert_eq!(live_conversions, 0, "{text}");
+    let refused = r#"velero_jupyterhub_admission_requests_total{webhook="restore",outcome="restore_refused_existing"}"#;
+    assert!(sample(&text, refused).is_some_and(|n| n >= 1.0), "{text}");
     let guarded = r#"velero_jupyterhub_admission_requests_total{webhook="live",outcome="restore_guard_denied"}"#;
     assert_eq!(sample(&text, guarded), Some(2.0), "{text}");
     // Every later call (the restore-helper entry after restore-user, reinvocations)
@@ -700,8 +782,8 @@ async fn velero_re_created_pods_become_restore_helpers_guarded_and_cleaned_up() 
         .filter(|l| l.contains(r#"webhook="restore""#))
         .count();
     assert_eq!(
-        restore_lines, 2,
-        "only conversions and no-ops on the restore path: {text}"
+        restore_lines, 3,
+        "only conversions, no-ops and erin's refusal on the restore path: {text}"
     );
 
     let _ = dynamic(&setup, "Restore", "restores")
@@ -1005,8 +1087,46 @@ async fn restore_command_checks_first_then_restores_and_reports_each_claim() {
         json!({"phase": "InProgress"}),
     )
     .await;
-    // Velero re-creates bob's claim, then his helper (restore-wait for `data`).
+    // Before its Restore existed, the command recorded the claim it restores on the
+    // namespace: from then on no pod but Velero's may mount it (a ValidatingAdmissionPolicy
+    // in the API server: it holds before Velero re-creates anything, and whether or not
+    // our webhook is up). KubeSpawner spawning bob now is refused, saying why.
+    let annotations = Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone())
+        .get(&ns)
+        .await
+        .unwrap()
+        .metadata
+        .annotations
+        .unwrap_or_default();
+    assert_eq!(
+        annotations
+            .get(names::NAMESPACE_RESTORING_CLAIMS)
+            .map(String::as_str),
+        Some("claim-bob"),
+        "{annotations:?}"
+    );
+    assert!(annotations.contains_key(names::NAMESPACE_RESTORING_SINCE));
+    let err = pods
+        .create(&PostParams::default(), &restricted_user_pod("bob"))
+        .await
+        .expect_err("bob's home is being restored");
+    assert!(
+        err.to_string()
+            .contains("home volume claim-bob is being restored by Velero"),
+        "{err}"
+    );
+    // Velero re-creates bob's claim (labelled as all it creates, restore.go
+    // `addRestoreLabels`), then his helper (restore-wait for `data`).
     cluster::bound_claim(&client, &ns, "claim-bob", "bob").await;
+    Api::<k8s_openapi::api::core::v1::PersistentVolumeClaim>::namespaced(client.clone(), &ns)
+        .patch(
+            "claim-bob",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {
+                (names::VELERO_RESTORE_NAME): restore_name, (names::VELERO_BACKUP_NAME): backup}}})),
+        )
+        .await
+        .expect("Velero's claim");
     let helper = serde_json::to_value(velero_jupyterhub::policy::helper::backup_helper(
         &velero_jupyterhub::policy::helper::ClaimRef {
             namespace: &ns,
@@ -1085,6 +1205,9 @@ async fn restore_command_checks_first_then_restores_and_reports_each_claim() {
     .await;
     let restore = the_restore(&setup, &[restore_name]).await;
     let carol_restore = restore["metadata"]["name"].as_str().unwrap().to_owned();
+    // Writing into what exists, in Velero's words: the Restore updates existing objects
+    // (Velero then labels carol's claim with it, and our webhook lets it be written).
+    assert_eq!(restore["spec"]["existingResourcePolicy"], "update");
     set_status(
         &setup,
         "restores",
@@ -1112,5 +1235,188 @@ async fn restore_command_checks_first_then_restores_and_reports_each_claim() {
         .delete(&unguarded, &DeleteParams::default())
         .await;
     webhook.finish().await;
+    setup.finish().await;
+}
+
+/// A restore while a backup window is open: the controller takes no claim Velero is about
+/// to restore. From the moment the Restore is seen (New), the backup helper of a claim its
+/// Backup holds is deleted (Velero re-creates a pod of that very name: finding ours, it
+/// would skip it and not restore the volume), none is made for the claim Velero re-creates,
+/// the namespace records the claim (and the API server refuses anyone else's pod on it),
+/// and when the Restore is over all of that is undone.
+#[tokio::test]
+async fn a_restore_under_way_keeps_backup_helpers_and_users_off_the_claims_it_restores() {
+    let setup = Setup::new().await;
+    let client = setup.client.clone();
+    let ns = setup.users.clone();
+    for (claim, user) in [("claim-alice", "alice"), ("claim-bob", "bob")] {
+        cluster::bound_claim(&client, &ns, claim, user).await;
+    }
+    setup.schedule("homes").await;
+    let pods = setup.pods();
+    let helper_of = |claim: &str| velero_jupyterhub::policy::helper::helper_name(claim);
+    let helpers_now = || async {
+        let mut names: Vec<String> = setup
+            .helpers()
+            .await
+            .into_iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .filter_map(|p| p.metadata.name)
+            .collect();
+        names.sort();
+        names
+    };
+    eventually(Duration::from_secs(30), || async {
+        (helpers_now().await.len() == 2).then_some(())
+    })
+    .await
+    .expect("the window's two helpers");
+
+    // Last night's Backup holds alice's home (through her helper); a Restore of it is
+    // made, as `velero restore create` makes one (Velero sets no phase at first).
+    let backup = unique("daily");
+    cluster::apply_dynamic(&client, &json!({"apiVersion": "velero.io/v1", "kind": "Backup",
+        "metadata": {"name": backup, "namespace": setup.velero}, "spec": {"includedNamespaces": [ns]}}))
+    .await;
+    set_status(&setup, "backups", &backup, json!({"phase": "Completed"})).await;
+    pod_volume_backup(
+        &setup,
+        &backup,
+        &helper_of("claim-alice"),
+        "data",
+        "claim-alice",
+    )
+    .await;
+    let restore = unique("restore");
+    cluster::apply_dynamic(
+        &client,
+        &json!({"apiVersion": "velero.io/v1", "kind": "Restore",
+        "metadata": {"name": restore, "namespace": setup.velero},
+        "spec": {"backupName": backup, "includedNamespaces": [ns]}}),
+    )
+    .await;
+
+    // alice's helper goes at once, saying why; bob's (not in that Backup) stays.
+    eventually(Duration::from_secs(20), || async {
+        (helpers_now().await == [helper_of("claim-bob")]).then_some(())
+    })
+    .await
+    .expect("alice's helper deleted, bob's kept");
+    let deleted = event(
+        &client,
+        &ns,
+        "PersistentVolumeClaim",
+        "claim-alice",
+        "BackupHelperDeleted",
+    )
+    .await;
+    assert!(
+        deleted
+            .message
+            .unwrap_or_default()
+            .contains("restore in progress"),
+        "the Event says why"
+    );
+    // The namespace records the claim being restored; a pod of anyone but Velero that
+    // mounts it is refused inside the API server.
+    let namespaces = Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone());
+    eventually(Duration::from_secs(20), || async {
+        let n = namespaces.get(&ns).await.ok()?;
+        (n.metadata
+            .annotations?
+            .get(names::NAMESPACE_RESTORING_CLAIMS)?
+            == "claim-alice")
+            .then_some(())
+    })
+    .await
+    .expect("the claim being restored recorded on the namespace");
+    let err = pods
+        .create(&PostParams::default(), &restricted_user_pod("alice"))
+        .await
+        .expect_err("alice's home is being restored");
+    assert!(
+        err.to_string()
+            .contains("home volume claim-alice is being restored by Velero"),
+        "{err}"
+    );
+    // The controller may change that annotation only (its namespace policy).
+    let as_controller =
+        Api::<k8s_openapi::api::core::v1::Namespace>::all(setup.as_controller.clone());
+    for (patch, why) in [
+        (
+            json!({"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "privileged"}}}),
+            "no namespace's labels",
+        ),
+        (
+            json!({"metadata": {"annotations": {(names::NAMESPACE_CLAIMS): "*"}}}),
+            "no namespace annotation but",
+        ),
+    ] {
+        let err = as_controller
+            .patch(&ns, &PatchParams::default(), &Patch::Merge(patch))
+            .await
+            .expect_err("refused");
+        assert!(err.to_string().contains(why), "{why}: {err}");
+    }
+
+    // Velero starts and re-creates alice's claim (gone since): bound at once, idle, in an
+    // open window, and still no helper takes it.
+    set_status(&setup, "restores", &restore, json!({"phase": "InProgress"})).await;
+    let claims: Api<k8s_openapi::api::core::v1::PersistentVolumeClaim> =
+        Api::namespaced(client.clone(), &ns);
+    claims
+        .delete("claim-alice", &DeleteParams::default())
+        .await
+        .expect("delete");
+    eventually(Duration::from_secs(30), || async {
+        claims
+            .get_opt("claim-alice")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await
+    .expect("alice's claim gone");
+    cluster::bound_claim(&client, &ns, "claim-alice", "alice").await;
+    claims
+        .patch(
+            "claim-alice",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {
+            (names::VELERO_RESTORE_NAME): restore, (names::VELERO_BACKUP_NAME): backup}}})),
+        )
+        .await
+        .expect("Velero's labels");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        helpers_now().await,
+        [helper_of("claim-bob")],
+        "no helper on a claim being restored"
+    );
+
+    // Over: the record goes, and the window's helper comes back.
+    set_status(&setup, "restores", &restore, json!({"phase": "Completed"})).await;
+    eventually(Duration::from_secs(20), || async {
+        let n = namespaces.get(&ns).await.ok()?;
+        let left = n.metadata.annotations.unwrap_or_default();
+        (!left.contains_key(names::NAMESPACE_RESTORING_CLAIMS)).then_some(())
+    })
+    .await
+    .expect("the record cleared");
+    eventually(Duration::from_secs(30), || async {
+        (helpers_now().await.len() == 2).then_some(())
+    })
+    .await
+    .expect("alice's helper back in the open window");
+    pods.create(
+        &PostParams {
+            dry_run: true,
+            ..Default::default()
+        },
+        &restricted_user_pod("alice"),
+    )
+    .await
+    .expect("alice may start again");
     setup.finish().await;
 }

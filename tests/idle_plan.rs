@@ -142,6 +142,7 @@ fn run(case: &Case) {
         windows: &windows,
         pvbs: &pvbs,
         helper: &options,
+        restoring: &Default::default(),
     };
     let got = plan(&input);
     let created: Vec<&str> = got
@@ -441,6 +442,7 @@ fn the_backfill_value_is_the_webhooks() {
         windows: &BTreeMap::new(),
         pvbs: &[],
         helper: &options,
+        restoring: &Default::default(),
     });
     // Kept what was there, appended the user's volume: the webhook's merge rule.
     assert_eq!(got.backfill[0].value, "scratch,volume-alice");
@@ -498,6 +500,7 @@ fn a_helper_left_in_a_namespace_that_opted_out_goes() {
         windows: &windows,
         pvbs: &[],
         helper: &options,
+        restoring: &Default::default(),
     });
     let deleted: Vec<(&str, &str, DeleteReason)> = got
         .delete
@@ -559,6 +562,7 @@ fn a_helper_made_for_another_window_gets_the_labels_this_one_selects() {
         windows: &windows,
         pvbs: &[],
         helper: &options,
+        restoring: &Default::default(),
     };
     let got = plan(&input);
     assert!(got.create.is_empty() && got.delete.is_empty(), "{got:?}");

@@ -17,6 +17,7 @@ fn scope(restoring: Vec<RestoringClaim>) -> Scope {
         claims: fixtures::globs("claim-*"),
         helper: std::sync::Arc::new(fixtures::helper_options()),
         restoring,
+        claims_now: vec![],
     }
 }
 
@@ -169,4 +170,83 @@ fn not_ours_and_not_a_user_server_a_restored_pod_is_left_alone() {
     let reviewed = admission::review(&request, |_| scope(vec![]), false).expect("review");
     assert_eq!(reviewed.outcome, Outcome::Live(LiveVerdict::Restored));
     assert!(admission::decode_patch(&reviewed.body).unwrap().is_none());
+}
+
+/// A pod Velero re-creates whose volume would be restored into a claim that existed
+/// before the Restore is refused (Velero records the message among the Restore's errors),
+/// naming the claim and how to ask for it; the same claim made (or updated) by this
+/// Restore is converted.
+#[test]
+fn a_restore_into_a_home_that_existed_is_refused_unless_this_restore_made_it() {
+    use velero_jupyterhub::policy::restore::ClaimNow;
+    let home = home_volume(&fixtures::z2jh_pod());
+    let pod = fixtures::restored_z2jh(&[&home]);
+    let claim = "claim-alice-smith";
+    let request = fixtures::pod_create_review(&pod, "o-1");
+    let with = |now: ClaimNow| Scope {
+        claims_now: vec![(claim.to_owned(), now)],
+        ..scope(vec![])
+    };
+    let review =
+        |now: ClaimNow| admission::review(&request, |_| with(now.clone()), false).expect("review");
+
+    for now in [
+        ClaimNow::Present { restore: None },
+        ClaimNow::Present {
+            restore: Some("an-earlier-restore".into()),
+        },
+    ] {
+        let reviewed = review(now.clone());
+        assert_eq!(
+            reviewed.outcome,
+            Outcome::Restore(RestoreVerdict::WouldOverwrite),
+            "{now:?}"
+        );
+        let response = response(&reviewed);
+        assert_eq!(
+            (
+                response["allowed"].clone(),
+                response["status"]["code"].clone()
+            ),
+            (false.into(), 403.into())
+        );
+        let message = response["status"]["message"].as_str().expect("message");
+        for part in [
+            "pod jhub/jupyter-alice-smith of Velero restore restore-1 not re-created",
+            "claim claim-alice-smith existed before this restore",
+            "--existing-resource-policy=update",
+            "--into-existing",
+            "delete the claim first",
+        ] {
+            assert!(message.contains(part), "{part}: {message}");
+        }
+        assert_eq!(reviewed.claims_refused, [claim]);
+    }
+    let reviewed = review(ClaimNow::Unknown("connection refused".into()));
+    assert_eq!(
+        reviewed.outcome,
+        Outcome::Restore(RestoreVerdict::WouldOverwrite)
+    );
+    let message = reviewed.detail.clone().unwrap_or_default();
+    assert!(
+        message.contains("could not be checked") && message.contains("connection refused"),
+        "{message}"
+    );
+
+    // Made by this Restore (or updated by it: existingResourcePolicy update), or not
+    // there yet: converted.
+    for now in [
+        ClaimNow::Present {
+            restore: Some("restore-1".into()),
+        },
+        ClaimNow::Absent,
+    ] {
+        let reviewed = review(now.clone());
+        assert_eq!(
+            reviewed.outcome,
+            Outcome::Restore(RestoreVerdict::Converted),
+            "{now:?}"
+        );
+        assert!(reviewed.claims_refused.is_empty());
+    }
 }

@@ -612,3 +612,329 @@ fn the_restore_command_reports_each_claim() {
         "{rows:?}"
     );
 }
+
+/// Which claims the restore of a re-created pod would write over without being asked
+/// (`policy::restore::overwrites`): only claims `restore-wait` restores into count, one
+/// this Restore created or updated (its `velero.io/restore-name` on the claim) or that
+/// is not there yet is fine, any other that exists is refused, and one that could not be
+/// read is refused too.
+#[test]
+fn a_restore_writes_only_into_homes_it_made_or_was_told_to_update() {
+    use velero_jupyterhub::policy::restore::{ClaimNow, Overwrite, overwrites, restored_claims};
+    // bob's pod as Velero re-creates it for restore "r-now": his home, a second claim of
+    // his, both restored; a shared claim restore-wait does not restore.
+    let mut pod = fixtures::restored_z2jh(&["home", "projects"]);
+    pod["metadata"]["labels"]["velero.io/restore-name"] = "r-now".into();
+    pod["spec"]["volumes"] = json!([
+        {"name": "home", "persistentVolumeClaim": {"claimName": "claim-bob"}},
+        {"name": "projects", "persistentVolumeClaim": {"claimName": "projects-bob"}},
+        {"name": "shared", "persistentVolumeClaim": {"claimName": "shared"}},
+    ]);
+    let pod: Pod = serde_json::from_value(pod).expect("pod");
+    assert_eq!(
+        restored_claims(&pod),
+        [("home", "claim-bob"), ("projects", "projects-bob")]
+    );
+    let made = || ClaimNow::Present {
+        restore: Some("r-now".into()),
+    };
+    let existing = |restore: Option<&str>| ClaimNow::Present {
+        restore: restore.map(str::to_owned),
+    };
+    type Case<'a> = (&'a str, Vec<(&'a str, ClaimNow)>, Vec<Overwrite>);
+    let cases: Vec<Case<'_>> = vec![
+        (
+            "both made by this restore",
+            vec![("claim-bob", made()), ("projects-bob", made())],
+            vec![],
+        ),
+        (
+            "neither there yet",
+            vec![
+                ("claim-bob", ClaimNow::Absent),
+                ("projects-bob", ClaimNow::Absent),
+            ],
+            vec![],
+        ),
+        ("not looked up (review)", vec![], vec![]),
+        (
+            "home made, the second claim kept from before",
+            vec![("claim-bob", made()), ("projects-bob", existing(None))],
+            vec![Overwrite::Existing {
+                claim: "projects-bob".into(),
+            }],
+        ),
+        (
+            "both restored by an earlier restore",
+            vec![
+                ("claim-bob", existing(Some("r-before"))),
+                ("projects-bob", existing(Some("r-before"))),
+            ],
+            vec![
+                Overwrite::Existing {
+                    claim: "claim-bob".into(),
+                },
+                Overwrite::Existing {
+                    claim: "projects-bob".into(),
+                },
+            ],
+        ),
+        (
+            "the shared claim exists: not restored, not checked",
+            vec![
+                ("claim-bob", made()),
+                ("projects-bob", made()),
+                ("shared", existing(None)),
+            ],
+            vec![],
+        ),
+        (
+            "one could not be read",
+            vec![
+                ("claim-bob", ClaimNow::Unknown("timed out".into())),
+                ("projects-bob", made()),
+            ],
+            vec![Overwrite::Unchecked {
+                claim: "claim-bob".into(),
+                why: "timed out".into(),
+            }],
+        ),
+    ];
+    for (case, claims, want) in cases {
+        let claims: Vec<(String, ClaimNow)> =
+            claims.into_iter().map(|(c, n)| (c.to_owned(), n)).collect();
+        assert_eq!(overwrites(&pod, &claims), want, "{case}");
+    }
+    // Nothing to restore (no restore-wait): nothing written, nothing refused.
+    let bare: Pod = serde_json::from_value(fixtures::restored_z2jh(&[])).expect("pod");
+    assert!(restored_claims(&bare).is_empty());
+    assert!(overwrites(&bare, &[("claim-alice-smith".into(), existing(None))]).is_empty());
+}
+
+/// Which claims are being restored (`policy::restoring`): nothing else may take them
+/// meanwhile. A Restore not over takes the claims its Backup has file-system copies of,
+/// in the namespaces it restores into (its includes, excludes and namespace mapping, as
+/// Velero reads them), from the moment it is seen (`New`); also claims it made (their
+/// `velero.io/restore-name`), claims our restore helpers mount, and claims the `restore`
+/// command listed on the namespace within the last two minutes.
+#[test]
+fn the_claims_being_restored() {
+    use std::collections::{BTreeMap, BTreeSet};
+    use velero_jupyterhub::policy::restoring::{
+        BackedUpClaim, Input, LabelledClaim, Listed, RestoreSpecView, claims_being_restored,
+    };
+    let now: Timestamp = "2026-12-07T12:00:00Z".parse().unwrap();
+    let none = BTreeMap::new();
+    let mapped = BTreeMap::from([("jhub".to_owned(), "jhub-dr".to_owned())]);
+    let (all, jhub, other) = (vec![], vec!["jhub".to_owned()], vec!["other".to_owned()]);
+    let restore = |name: &'static str, phase: Option<&'static str>| RestoreSpecView {
+        name,
+        backup: "nightly-20261207030000",
+        phase,
+        included_namespaces: &all,
+        excluded_namespaces: &all,
+        namespace_mapping: &none,
+        label_selector: None,
+        or_label_selectors: &[],
+    };
+    let backed_up = [
+        BackedUpClaim {
+            backup: "nightly-20261207030000",
+            pod_namespace: "jhub",
+            claim: "claim-alice",
+        },
+        BackedUpClaim {
+            backup: "nightly-20261207030000",
+            pod_namespace: "jhub",
+            claim: "claim-bob",
+        },
+        BackedUpClaim {
+            backup: "nightly-20261207030000",
+            pod_namespace: "other",
+            claim: "claim-olga",
+        },
+        BackedUpClaim {
+            backup: "nightly-20261206030000",
+            pod_namespace: "jhub",
+            claim: "claim-carol",
+        },
+    ];
+    let namespaces = ["jhub", "jhub-dr"];
+    let set =
+        |pairs: &[(&'static str, &'static str)]| -> BTreeMap<&'static str, BTreeSet<&'static str>> {
+            let mut m: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+            for (ns, c) in pairs {
+                m.entry(*ns).or_default().insert(*c);
+            }
+            m
+        };
+    let run = |restores: &[RestoreSpecView<'_>],
+               claims: &[LabelledClaim<'_>],
+               helpers: &[(&str, &str)],
+               listed: &[Listed<'_>]| {
+        let input = Input {
+            namespaces: &namespaces,
+            restores,
+            backed_up: &backed_up,
+            claims,
+            restore_helpers: helpers,
+            listed,
+            now,
+        };
+        claims_being_restored(&input)
+            .into_iter()
+            .map(|(ns, cs)| {
+                (
+                    ns.to_owned(),
+                    cs.into_iter().map(str::to_owned).collect::<Vec<_>>(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let want = |m: BTreeMap<&str, BTreeSet<&str>>| {
+        m.into_iter()
+            .map(|(ns, cs)| {
+                (
+                    ns.to_owned(),
+                    cs.into_iter().map(str::to_owned).collect::<Vec<_>>(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+
+    // Nothing under way.
+    assert!(run(&[], &[], &[], &[]).is_empty());
+    // A Restore seen New, or in progress: its Backup's claims, in our namespaces only
+    // ("other" is not opted in); another Backup's claim is not concerned.
+    for phase in [
+        None,
+        Some("New"),
+        Some("InProgress"),
+        Some("WaitingForPluginOperations"),
+    ] {
+        assert_eq!(
+            run(&[restore("r1", phase)], &[], &[], &[]),
+            want(set(&[("jhub", "claim-alice"), ("jhub", "claim-bob")])),
+            "{phase:?}"
+        );
+    }
+    // Over: nothing.
+    for phase in ["Completed", "PartiallyFailed", "Failed", "FailedValidation"] {
+        assert!(
+            run(&[restore("r1", Some(phase))], &[], &[], &[]).is_empty(),
+            "{phase}"
+        );
+    }
+    // Its includes and excludes, and its namespace mapping.
+    let only_other = RestoreSpecView {
+        included_namespaces: &other,
+        ..restore("r1", Some("InProgress"))
+    };
+    assert!(run(&[only_other], &[], &[], &[]).is_empty());
+    let not_jhub = RestoreSpecView {
+        excluded_namespaces: &jhub,
+        ..restore("r1", Some("InProgress"))
+    };
+    assert!(run(&[not_jhub], &[], &[], &[]).is_empty());
+    let into_dr = RestoreSpecView {
+        namespace_mapping: &mapped,
+        ..restore("r1", Some("InProgress"))
+    };
+    assert_eq!(
+        run(&[into_dr], &[], &[], &[]),
+        want(set(&[("jhub-dr", "claim-alice"), ("jhub-dr", "claim-bob")]))
+    );
+    // Claims it made or updated, while it is not over.
+    let made = [
+        LabelledClaim {
+            namespace: "jhub",
+            name: "claim-dave",
+            restore: Some("r2"),
+            username: Some("dave"),
+        },
+        LabelledClaim {
+            namespace: "jhub",
+            name: "claim-erin",
+            restore: Some("r-old"),
+            username: Some("erin"),
+        },
+    ];
+    let r2 = RestoreSpecView {
+        backup: "elsewhere",
+        ..restore("r2", Some("InProgress"))
+    };
+    assert_eq!(
+        run(std::slice::from_ref(&r2), &made, &[], &[]),
+        want(set(&[("jhub", "claim-dave")]))
+    );
+    let r2_done = RestoreSpecView {
+        phase: Some("Completed"),
+        ..r2
+    };
+    assert!(run(&[r2_done], &made, &[], &[]).is_empty());
+    // A Restore of some users (`velero-jupyterhub restore --user bob`): another user's
+    // claim that is there is not concerned; one that is not there may be re-created.
+    let bob_only: k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector =
+        serde_json::from_value(json!({"matchExpressions": [
+            {"key": "hub.jupyter.org/username", "operator": "In", "values": ["bob"]}]}))
+        .unwrap();
+    let there = [
+        LabelledClaim {
+            namespace: "jhub",
+            name: "claim-alice",
+            restore: None,
+            username: Some("alice"),
+        },
+        LabelledClaim {
+            namespace: "jhub",
+            name: "claim-bob",
+            restore: None,
+            username: Some("bob"),
+        },
+    ];
+    let for_bob = RestoreSpecView {
+        label_selector: Some(&bob_only),
+        ..restore("r1", Some("New"))
+    };
+    assert_eq!(
+        run(std::slice::from_ref(&for_bob), &there, &[], &[]),
+        want(set(&[("jhub", "claim-bob")]))
+    );
+    assert_eq!(
+        run(&[for_bob], &there[1..], &[], &[]),
+        want(set(&[("jhub", "claim-alice"), ("jhub", "claim-bob")]))
+    );
+    // Restore helpers' claims, whatever the Restores say.
+    assert_eq!(
+        run(
+            &[],
+            &[],
+            &[("jhub", "claim-frank"), ("elsewhere", "claim-x")],
+            &[]
+        ),
+        want(set(&[("jhub", "claim-frank")]))
+    );
+    // Listed by the restore command: for two minutes.
+    let listed = |since: &str| Listed {
+        namespace: "jhub",
+        claims: vec!["claim-gina"],
+        since: Some(since.parse().unwrap()),
+    };
+    assert_eq!(
+        run(&[], &[], &[], &[listed("2026-12-07T11:58:30Z")]),
+        want(set(&[("jhub", "claim-gina")]))
+    );
+    assert!(run(&[], &[], &[], &[listed("2026-12-07T11:57:59Z")]).is_empty());
+    assert!(
+        run(
+            &[],
+            &[],
+            &[],
+            &[Listed {
+                since: None,
+                ..listed("2026-12-07T11:59:00Z")
+            }]
+        )
+        .is_empty()
+    );
+}

@@ -20,6 +20,7 @@ pub mod pod;
 pub mod record;
 pub mod restore;
 pub mod restore_report;
+pub mod restoring;
 pub mod selector;
 pub mod status;
 pub mod velero;

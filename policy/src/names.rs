@@ -42,6 +42,12 @@ pub const NAMESPACE_CLAIMS: &str = "velero-jupyterhub.io/claims";
 pub const NAMESPACE_WINDOW_UNTIL: &str = "velero-jupyterhub.io/backup-window-until";
 /// Namespace annotation: the Backup of that window; it closes when the Backup is terminal.
 pub const NAMESPACE_WINDOW_BACKUP: &str = "velero-jupyterhub.io/backup-window-backup";
+/// Namespace annotation: the claims being restored there, comma-separated (the controller
+/// keeps it; `restore` adds its claims before creating its Restore). A
+/// ValidatingAdmissionPolicy refuses other pods that mount them (manifests/restore-guard.yaml).
+pub const NAMESPACE_RESTORING_CLAIMS: &str = "velero-jupyterhub.io/restoring-claims";
+/// Namespace annotation: when `restore` last listed claims in the one above (RFC 3339).
+pub const NAMESPACE_RESTORING_SINCE: &str = "velero-jupyterhub.io/restoring-since";
 /// Pod annotation: `true` leaves the pod alone.
 pub const POD_SKIP: &str = "velero-jupyterhub.io/skip";
 /// Pods we create or convert: `app.kubernetes.io/managed-by=velero-jupyterhub`, and

@@ -56,6 +56,9 @@ pub struct PlanInput<'a> {
     pub windows: &'a BTreeMap<String, NamespaceWindow>,
     pub pvbs: &'a [PvbView<'a>],
     pub helper: &'a HelperOptions,
+    /// `(namespace, claim)` being restored (`restoring::claims_being_restored`): no
+    /// helper takes them meanwhile.
+    pub restoring: &'a std::collections::HashSet<(&'a str, &'a str)>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -116,12 +119,15 @@ pub enum DeleteReason {
     WaveOver,
     /// It did not run within `--helper-start-timeout`: its wave went on without it.
     GivenUp,
+    /// A Velero restore is under way for its claim: Velero may re-create a pod of this
+    /// name (then, finding ours, it would skip it and not restore its volume).
+    RestoreInProgress,
 }
 
 impl DeleteReason {
     /// Delete with grace period 0: the user is waiting for the volume.
     pub fn immediate(self) -> bool {
-        matches!(self, Self::UserStarted)
+        matches!(self, Self::UserStarted | Self::RestoreInProgress)
     }
 
     pub fn as_str(self) -> &'static str {
@@ -135,6 +141,7 @@ impl DeleteReason {
             Self::Stopped => "stopped",
             Self::WaveOver => "wave_over",
             Self::GivenUp => "given_up",
+            Self::RestoreInProgress => "restore_in_progress",
         }
     }
 }
@@ -250,6 +257,8 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                 Some(DeleteReason::Duplicate)
             } else if !user_claim {
                 Some(DeleteReason::NotIdleUserClaim)
+            } else if input.restoring.contains(&(ns, claim_name)) {
+                Some(DeleteReason::RestoreInProgress)
             } else if pod.is_stopped() {
                 Some(DeleteReason::Stopped)
             } else if is_wave_helper(pod) {
@@ -324,6 +333,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
             || !g.matches(claim.name)
             || users.contains_key(&key)
             || helpers.contains_key(&key)
+            || input.restoring.contains(&key)
         {
             continue;
         }

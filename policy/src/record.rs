@@ -40,7 +40,7 @@ pub const POD_ANNOTATIONS: &[&str] = &[
 ];
 
 /// The claim labels any decision reads.
-pub const CLAIM_LABELS: &[&str] = &[names::JUPYTERHUB_USERNAME];
+pub const CLAIM_LABELS: &[&str] = &[names::JUPYTERHUB_USERNAME, names::VELERO_RESTORE_NAME];
 
 /// A watched Pod.
 #[derive(Clone, Debug, Default, PartialEq)]

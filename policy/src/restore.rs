@@ -254,6 +254,129 @@ pub fn explain(pod: &Pod, helper: &Pod) -> Vec<String> {
     lines
 }
 
+/// A claim a re-created pod restores a volume into, as the cluster has it when the pod is
+/// created (Velero restores claims before pods, pkg/restore/restore.go).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClaimNow {
+    /// Not there: nothing to write over (the pod waits for it).
+    Absent,
+    /// There, with its `velero.io/restore-name` label: Velero labels what a Restore
+    /// creates, and what it updates under `existingResourcePolicy: update` (restore.go
+    /// `addRestoreLabels`, and its labels-only patch when the update itself fails).
+    Present { restore: Option<String> },
+    /// Could not be read (why).
+    Unknown(String),
+}
+
+/// The claims `pod`'s restore writes into: `(volume, claim)` for each claim volume that
+/// `restore-wait` mounts under `/restores/` (Velero's node-agent fills exactly those).
+pub fn restored_claims(pod: &Pod) -> Vec<(&str, &str)> {
+    let Some(spec) = pod.spec.as_ref() else {
+        return Vec::new();
+    };
+    let wait = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .find(|c| c.name == RESTORE_WAIT || c.name == RESTIC_WAIT);
+    let restored: Vec<&str> = wait
+        .iter()
+        .flat_map(|c| c.volume_mounts.iter().flatten())
+        .filter(|m| m.mount_path.starts_with(RESTORES_ROOT))
+        .map(|m| m.name.as_str())
+        .collect();
+    spec.volumes
+        .iter()
+        .flatten()
+        .filter(|v| restored.contains(&v.name.as_str()))
+        .filter_map(|v| {
+            let claim = v.persistent_volume_claim.as_ref()?;
+            Some((v.name.as_str(), claim.claim_name.as_str()))
+        })
+        .collect()
+}
+
+/// A claim the restore of a re-created pod would write over without having been asked to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Overwrite {
+    /// It existed before this Restore, which neither created nor updated it.
+    Existing { claim: String },
+    /// Whether it exists could not be checked.
+    Unchecked { claim: String, why: String },
+}
+
+impl Overwrite {
+    pub fn claim(&self) -> &str {
+        match self {
+            Self::Existing { claim } | Self::Unchecked { claim, .. } => claim,
+        }
+    }
+}
+
+/// The rule for restores into homes that exist: Velero writes a pod's backed-up volumes
+/// into whatever claim of that name exists (Kopia overwrites same-named files,
+/// pkg/uploader/kopia/snapshot.go), so a restore may write into a claim only when this
+/// Restore created it, or was told to update what exists (`existingResourcePolicy:
+/// update`): then the claim carries this Restore's name. A claim not there yet is fine
+/// (nothing to overwrite). `claims` are the claims as looked up; one not in it counts as
+/// absent (the `review` command, which has no cluster).
+pub fn overwrites(pod: &Pod, claims: &[(String, ClaimNow)]) -> Vec<Overwrite> {
+    let restore = pod
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(names::VELERO_RESTORE_NAME));
+    let mut out: Vec<Overwrite> = Vec::new();
+    for (_, claim) in restored_claims(pod) {
+        if out.iter().any(|o| o.claim() == claim) {
+            continue;
+        }
+        let now = claims.iter().find(|(c, _)| c == claim).map(|(_, n)| n);
+        match now {
+            None | Some(ClaimNow::Absent) => {}
+            Some(ClaimNow::Present { restore: by }) if by.is_some() && by.as_ref() == restore => {}
+            Some(ClaimNow::Present { .. }) => out.push(Overwrite::Existing {
+                claim: claim.to_owned(),
+            }),
+            Some(ClaimNow::Unknown(why)) => out.push(Overwrite::Unchecked {
+                claim: claim.to_owned(),
+                why: why.clone(),
+            }),
+        }
+    }
+    out
+}
+
+/// Why a re-created pod was refused (Velero records it among the Restore's errors; the
+/// restore of its other volumes, if any, is refused with it).
+pub fn overwrite_message(restore: &str, pod: &str, refused: &[Overwrite]) -> String {
+    let mut existing = Vec::new();
+    let mut unchecked = Vec::new();
+    for o in refused {
+        match o {
+            Overwrite::Existing { claim } => existing.push(claim.as_str()),
+            Overwrite::Unchecked { claim, why } => unchecked.push(format!("{claim} ({why})")),
+        }
+    }
+    let mut parts = Vec::new();
+    if !existing.is_empty() {
+        parts.push(format!(
+            "claim {} existed before this restore, and restoring would write the backup's files over its current ones. A restore writes into an existing home only when asked: restore with existingResourcePolicy=update (`velero restore create --existing-resource-policy=update`, `velero-jupyterhub restore --into-existing`), or delete the claim first for an exact restore",
+            existing.join(", ")
+        ));
+    }
+    if !unchecked.is_empty() {
+        parts.push(format!(
+            "whether claim {} exists could not be checked; run the restore again",
+            unchecked.join(", ")
+        ));
+    }
+    format!(
+        "velero-jupyterhub: pod {pod} of Velero restore {restore} not re-created, nothing written: {}",
+        parts.join("; ")
+    )
+}
+
 /// A claim a restore helper in the namespace mounts: the user may not start a server on it
 /// until the helper is gone.
 #[derive(Clone, Debug, PartialEq, Eq)]

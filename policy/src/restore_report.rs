@@ -117,20 +117,7 @@ pub fn preflight(
             });
         }
     }
-    // The Backup's pods that restore the selected users' claims (a claim not in the
-    // cluster now belongs to whom its restored labels say: Velero's selector decides).
-    let restored_pods: BTreeSet<&str> = pvbs
-        .iter()
-        .filter(|p| {
-            p.claim.is_none_or(|c| {
-                claims
-                    .iter()
-                    .find(|claim| claim.name == c)
-                    .is_none_or(|claim| users.selects(claim.username))
-            })
-        })
-        .map(|p| p.pod)
-        .collect();
+    let restored_pods = restored_pods(users, claims, pvbs);
     for pod in pods {
         let running_server = refusals
             .iter()
@@ -145,11 +132,7 @@ pub fn preflight(
         // A claim without the username label (e.g. a second per-user claim) is not
         // re-created by Velero, but a re-created pod that mounts it still has its volume
         // restored into it: Velero writes over it as over any existing claim.
-        let written: BTreeSet<&str> = pvbs
-            .iter()
-            .filter(|p| restored_pods.contains(p.pod))
-            .filter_map(|p| p.claim)
-            .collect();
+        let written = written_claims(users, claims, pvbs);
         for claim in claims {
             let name = claim.name.to_owned();
             if users.selects(claim.username) {
@@ -160,6 +143,41 @@ pub fn preflight(
         }
     }
     refusals
+}
+
+/// The Backup's pods that restore the selected users' claims (a claim not in the cluster
+/// now belongs to whom its restored labels say: Velero's selector decides).
+fn restored_pods<'a>(
+    users: &Users,
+    claims: &[ClaimNow<'_>],
+    pvbs: &[PvbOfBackup<'a>],
+) -> BTreeSet<&'a str> {
+    pvbs.iter()
+        .filter(|p| {
+            p.claim.is_none_or(|c| {
+                claims
+                    .iter()
+                    .find(|claim| claim.name == c)
+                    .is_none_or(|claim| users.selects(claim.username))
+            })
+        })
+        .map(|p| p.pod)
+        .collect()
+}
+
+/// The claims a restore of `users` from a Backup with `pvbs` writes into: those the pods
+/// it re-creates restore (recorded on the namespace first, so that no one else mounts
+/// them meanwhile: `policy::restoring`).
+pub fn written_claims<'a>(
+    users: &Users,
+    claims: &[ClaimNow<'_>],
+    pvbs: &[PvbOfBackup<'a>],
+) -> BTreeSet<&'a str> {
+    let pods = restored_pods(users, claims, pvbs);
+    pvbs.iter()
+        .filter(|p| pods.contains(p.pod))
+        .filter_map(|p| p.claim)
+        .collect()
 }
 
 /// A PodVolumeRestore of the Restore.

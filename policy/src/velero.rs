@@ -81,6 +81,12 @@ pub struct Progress {
 #[serde(rename_all = "camelCase", default)]
 pub struct RestoreSpec {
     pub backup_name: String,
+    pub included_namespaces: Vec<String>,
+    pub excluded_namespaces: Vec<String>,
+    /// Source namespace → the namespace its objects are restored into.
+    pub namespace_mapping: std::collections::BTreeMap<String, String>,
+    pub label_selector: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>,
+    pub or_label_selectors: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>,
 }
 
 /// `Restore.status`.
@@ -163,19 +169,27 @@ impl BackupTemplate {
     /// and `[...]` mean the same here (`{a,b}` alternatives are not supported: such a
     /// pattern matches nothing, as an invalid pattern does in Velero).
     pub fn covers_namespace(&self, namespace: &str) -> bool {
-        let matches = |patterns: &Option<Vec<String>>| {
-            patterns.iter().flatten().any(|p| {
-                glob::Pattern::new(p).is_ok_and(|g| g.matches(namespace)) && !p.contains('{')
-            })
-        };
-        if matches(&self.excluded_namespaces) {
-            return false;
-        }
-        let includes = self.included_namespaces.as_deref().unwrap_or_default();
-        includes.is_empty()
-            || includes.iter().any(|p| p == "*")
-            || matches(&self.included_namespaces)
+        includes_namespace(
+            self.included_namespaces.as_deref().unwrap_or_default(),
+            self.excluded_namespaces.as_deref().unwrap_or_default(),
+            namespace,
+        )
     }
+}
+
+/// Whether Velero's namespace includes and excludes (of a Backup or a Restore) take
+/// `namespace` (pkg/util/collections/includes_excludes.go `ShouldInclude`; see
+/// [`BackupTemplate::covers_namespace`]).
+pub fn includes_namespace(included: &[String], excluded: &[String], namespace: &str) -> bool {
+    let matches = |patterns: &[String]| {
+        patterns
+            .iter()
+            .any(|p| glob::Pattern::new(p).is_ok_and(|g| g.matches(namespace)) && !p.contains('{'))
+    };
+    if matches(excluded) {
+        return false;
+    }
+    included.is_empty() || included.iter().any(|p| p == "*") || matches(included)
 }
 
 #[cfg(test)]

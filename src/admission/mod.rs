@@ -17,7 +17,7 @@ use k8s_openapi::api::core::v1::Pod;
 use crate::names;
 use crate::policy::helper::HelperOptions;
 use crate::policy::pod::Str;
-use crate::policy::restore::{self, RestoringClaim};
+use crate::policy::restore::{self, ClaimNow, RestoringClaim};
 use crate::policy::{
     ClaimGlobs, LiveDecision, LiveVerdict, PodFacts, PodView, VolumeReport, decide_live,
 };
@@ -69,6 +69,10 @@ pub struct Scope {
     pub claims: Arc<ClaimGlobs>,
     pub helper: Arc<HelperOptions>,
     pub restoring: Vec<RestoringClaim>,
+    /// For a pod a Velero restore re-creates: the claims it restores into
+    /// ([`PodCreate::restored_claims`]) as they are now. One missing here counts as absent
+    /// (the `review` command has no cluster; the server looks up every one).
+    pub claims_now: Vec<(String, ClaimNow)>,
 }
 
 impl From<Arc<ClaimGlobs>> for Scope {
@@ -80,6 +84,7 @@ impl From<Arc<ClaimGlobs>> for Scope {
                 crate::policy::helper::DEFAULT_IMAGE,
             )),
             restoring: Vec::new(),
+            claims_now: Vec::new(),
         }
     }
 }
@@ -93,6 +98,9 @@ pub enum RestoreVerdict {
     AlreadyConverted,
     /// Not readable as a Pod: refused, so no stale notebook server starts instead.
     Unreadable,
+    /// Its restore would write over a claim that existed before the Restore (or one that
+    /// could not be checked): refused, so nothing is written.
+    WouldOverwrite,
 }
 
 /// What happened to one request, for logs and the `outcome` metric label.
@@ -117,6 +125,7 @@ impl Outcome {
             Self::Restore(RestoreVerdict::Converted) => "restore_converted",
             Self::Restore(RestoreVerdict::AlreadyConverted) => "restore_already_converted",
             Self::Restore(RestoreVerdict::Unreadable) => "restore_unreadable",
+            Self::Restore(RestoreVerdict::WouldOverwrite) => "restore_refused_existing",
             Self::Guarded => "restore_guard_denied",
             Self::NotPodCreate => "not_pod_create",
             Self::NotUnderstood => "not_understood",
@@ -134,7 +143,8 @@ impl Outcome {
     pub fn denied(self) -> bool {
         matches!(
             self,
-            Self::Guarded | Self::Restore(RestoreVerdict::Unreadable)
+            Self::Guarded
+                | Self::Restore(RestoreVerdict::Unreadable | RestoreVerdict::WouldOverwrite)
         )
     }
 }
@@ -154,6 +164,8 @@ pub struct Reviewed {
     pub detail: Option<String>,
     /// What a restore conversion did, one line each; filled only when asked for.
     pub notes: Vec<String>,
+    /// Claims a refused restore would have written over (an Event goes on each).
+    pub claims_refused: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -251,6 +263,8 @@ pub struct PodCreate<'a> {
     pod: PodView<'a>,
     /// The whole request, read again in full for a restore conversion (rare).
     body: &'a str,
+    /// That full read, once (the claims it restores into, then the conversion).
+    restored: std::sync::OnceLock<Result<Box<Pod>, String>>,
 }
 
 impl PodCreate<'_> {
@@ -301,21 +315,46 @@ impl PodCreate<'_> {
         reviewed
     }
 
-    /// SPEC §3.2: the pod becomes a restore helper. The conversion needs the whole pod, so
-    /// the request is read again, in full (a restore re-creates a pod once per user).
-    fn decide_restore(&self, scope: &Scope, explain: bool) -> Reviewed {
-        let pod = match serde_json::from_str::<ReviewIn<Pod>>(self.body) {
-            Ok(ReviewIn {
-                request:
-                    Some(RequestIn {
-                        object: Some(pod), ..
-                    }),
-                ..
-            }) => pod,
-            other => {
-                let why = other
+    /// A pod a Velero restore re-creates, read in full (once: the conversion needs the
+    /// whole pod; a restore re-creates a pod once per user).
+    fn restored_pod(&self) -> &Result<Box<Pod>, String> {
+        self.restored
+            .get_or_init(|| match serde_json::from_str::<ReviewIn<Pod>>(self.body) {
+                Ok(ReviewIn {
+                    request:
+                        Some(RequestIn {
+                            object: Some(pod), ..
+                        }),
+                    ..
+                }) => Ok(Box::new(pod)),
+                other => Err(other
                     .err()
-                    .map_or("no object".to_owned(), |e| e.to_string());
+                    .map_or("no object".to_owned(), |e| e.to_string())),
+            })
+    }
+
+    /// For a pod a Velero restore re-creates (the restore path), the claims its restore
+    /// writes into, to be looked up before [`Self::decide`] (`Scope::claims_now`); none
+    /// for any other pod.
+    pub fn restored_claims(&self) -> Vec<String> {
+        if !restore::is_restore_candidate(&self.pod) {
+            return Vec::new();
+        }
+        match self.restored_pod() {
+            Ok(pod) => restore::restored_claims(pod)
+                .into_iter()
+                .map(|(_, claim)| claim.to_owned())
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// SPEC §3.2: the pod becomes a restore helper, unless its restore would write over a
+    /// claim that existed before the Restore (`policy::restore::overwrites`).
+    fn decide_restore(&self, scope: &Scope, explain: bool) -> Reviewed {
+        let pod = match self.restored_pod() {
+            Ok(pod) => pod,
+            Err(why) => {
                 let message = format!(
                     "velero-jupyterhub could not read this pod, re-created by a Velero restore, \
                      to make it a restore helper ({why}); refused so that no stale notebook \
@@ -327,7 +366,17 @@ impl PodCreate<'_> {
                 return reviewed;
             }
         };
-        let mut reviewed = if restore::is_converted(&pod, &scope.helper) {
+        let refused = restore::overwrites(pod, &scope.claims_now);
+        if !refused.is_empty() {
+            let restore = self.pod.label(names::VELERO_RESTORE_NAME).unwrap_or("");
+            let message = restore::overwrite_message(restore, &self.pod.display_name(), &refused);
+            let outcome = Outcome::Restore(RestoreVerdict::WouldOverwrite);
+            let mut reviewed = deny(&self.uid, outcome, message);
+            reviewed.object = Some(self.pod.display_name());
+            reviewed.claims_refused = refused.iter().map(|o| o.claim().to_owned()).collect();
+            return reviewed;
+        }
+        let mut reviewed = if restore::is_converted(pod, &scope.helper) {
             allow(
                 &self.uid,
                 Outcome::Restore(RestoreVerdict::AlreadyConverted),
@@ -335,7 +384,7 @@ impl PodCreate<'_> {
                 None,
             )
         } else {
-            let helper = restore::restore_helper(&pod, &scope.helper);
+            let helper = restore::restore_helper(pod, &scope.helper);
             let patch = render_restore_patch(&helper);
             let mut reviewed = allow(
                 &self.uid,
@@ -344,7 +393,7 @@ impl PodCreate<'_> {
                 None,
             );
             if explain {
-                reviewed.notes = restore::explain(&pod, &helper);
+                reviewed.notes = restore::explain(pod, &helper);
             }
             reviewed
         };
@@ -559,6 +608,7 @@ fn check<'a, O>(
         namespace,
         pod,
         body,
+        restored: std::sync::OnceLock::new(),
     }))
 }
 
@@ -597,6 +647,7 @@ fn allow(uid: &str, outcome: Outcome, patch: Option<&[u8]>, detail: Option<Strin
         explanation: Vec::new(),
         detail,
         notes: Vec::new(),
+        claims_refused: Vec::new(),
     }
 }
 
@@ -620,6 +671,7 @@ fn deny(uid: &str, outcome: Outcome, message: String) -> Reviewed {
         explanation: Vec::new(),
         detail: Some(message),
         notes: Vec::new(),
+        claims_refused: Vec::new(),
     }
 }
 

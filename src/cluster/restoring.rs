@@ -93,3 +93,81 @@ impl RestoreHelpers {
             .collect()
     }
 }
+
+/// How long one claim lookup may take: the restore path answers within the webhook's
+/// request timeout (2 s), and a lookup that does not answer refuses the pod.
+const LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+/// At most this many claims are looked up for one pod (a re-created user pod restores a
+/// handful); beyond, the pod is refused rather than the API server asked without bound.
+const MAX_LOOKUPS: usize = 16;
+
+/// The claims a pod re-created by a restore writes into, looked up when it is created
+/// (`policy::restore::overwrites` decides), and the Events on those a restore may not
+/// write over. A GET of each claim's metadata: a restore re-creates a pod once per user.
+#[derive(Clone)]
+pub struct RestoreClaims {
+    client: Option<kube::Client>,
+    events: super::events::EventSink,
+}
+
+impl RestoreClaims {
+    pub fn new(client: Option<kube::Client>) -> Self {
+        Self {
+            events: super::events::EventSink::new(client.clone()),
+            client,
+        }
+    }
+
+    /// Each of `claims` in `namespace` as it is now (without a cluster: unknown).
+    pub async fn look_up(
+        &self,
+        namespace: &str,
+        claims: &[String],
+    ) -> Vec<(String, restore::ClaimNow)> {
+        use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+        use restore::ClaimNow;
+        let lookups = claims.iter().enumerate().map(|(i, claim)| async move {
+            let now = match &self.client {
+                None => ClaimNow::Unknown("no cluster to look it up in".to_owned()),
+                Some(_) if i >= MAX_LOOKUPS => {
+                    ClaimNow::Unknown(format!("the pod restores more than {MAX_LOOKUPS} claims"))
+                }
+                Some(_) if !names::is_dns1123_subdomain(claim) => {
+                    ClaimNow::Unknown("not a claim name".to_owned())
+                }
+                Some(client) => {
+                    let api: Api<PersistentVolumeClaim> =
+                        Api::namespaced(client.clone(), namespace);
+                    match tokio::time::timeout(LOOKUP_TIMEOUT, api.get_metadata_opt(claim)).await {
+                        Ok(Ok(None)) => ClaimNow::Absent,
+                        Ok(Ok(Some(meta))) => ClaimNow::Present {
+                            restore: meta
+                                .metadata
+                                .labels
+                                .and_then(|mut l| l.remove(names::VELERO_RESTORE_NAME)),
+                        },
+                        Ok(Err(e)) => ClaimNow::Unknown(e.to_string()),
+                        Err(_) => ClaimNow::Unknown(format!("no answer within {LOOKUP_TIMEOUT:?}")),
+                    }
+                }
+            };
+            (claim.clone(), now)
+        });
+        futures::future::join_all(lookups).await
+    }
+
+    /// A Warning Event on each claim a restore was refused to write over.
+    pub fn refused(&self, namespace: &str, claims: &[String], message: &str) {
+        for claim in claims {
+            let regarding = k8s_openapi::api::core::v1::ObjectReference {
+                api_version: Some("v1".to_owned()),
+                kind: Some("PersistentVolumeClaim".to_owned()),
+                namespace: Some(namespace.to_owned()),
+                name: Some(claim.clone()),
+                ..Default::default()
+            };
+            self.events
+                .warn(regarding, "RestoreRefused", "Restore", message.to_owned());
+        }
+    }
+}

@@ -24,9 +24,13 @@ use crate::metrics::Metrics;
 use crate::names;
 use crate::policy::helper;
 use crate::policy::plan::{self, ClaimView, Deletion, NamespaceView, Plan, PlanInput, PvbView};
+use crate::policy::restoring;
 use crate::policy::waves::RunOptions;
 use crate::policy::window::{self, BackupView, ManualWindow, ScheduleView, Windows};
 use crate::policy::{ClaimGlobs, NamespacePolicy, PodFacts, PodRecord};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::core::PartialObjectMeta;
+use std::collections::BTreeSet;
 
 /// A write not yet seen by the watches is not repeated for this long.
 const PENDING_FOR: Duration = Duration::from_secs(30);
@@ -132,6 +136,93 @@ struct CoverageInput<'a> {
     pods: &'a [&'a PodRecord],
     pvbs: &'a [Arc<crate::cluster::velero::PodVolumeBackup>],
     backups: &'a [Arc<crate::cluster::velero::Backup>],
+}
+
+/// The claims being restored in each opted-in namespace (`policy::restoring`), from the
+/// pass's snapshot of the stores.
+fn claims_being_restored<'a>(
+    opted_in: &'a [(&'a str, Arc<ClaimGlobs>)],
+    namespaces: &'a [Arc<PartialObjectMeta<Namespace>>],
+    claims: &'a [Arc<crate::policy::ClaimRecord>],
+    pods: &[&'a PodRecord],
+    pvbs: &'a [Arc<crate::cluster::velero::PodVolumeBackup>],
+    restores: &'a [Arc<crate::cluster::velero::Restore>],
+    now: Timestamp,
+) -> BTreeMap<&'a str, BTreeSet<&'a str>> {
+    use crate::policy::restoring::{BackedUpClaim, Input, LabelledClaim, Listed, RestoreSpecView};
+    let opted: Vec<&str> = opted_in.iter().map(|(n, _)| *n).collect();
+    let restores: Vec<RestoreSpecView<'_>> = restores
+        .iter()
+        .filter_map(|r| {
+            Some(RestoreSpecView {
+                name: r.metadata.name.as_deref()?,
+                backup: &r.spec.backup_name,
+                phase: r.status.as_ref().and_then(|s| s.phase.as_deref()),
+                included_namespaces: &r.spec.included_namespaces,
+                excluded_namespaces: &r.spec.excluded_namespaces,
+                namespace_mapping: &r.spec.namespace_mapping,
+                label_selector: r.spec.label_selector.as_ref(),
+                or_label_selectors: &r.spec.or_label_selectors,
+            })
+        })
+        .collect();
+    let backed_up: Vec<BackedUpClaim<'_>> = pvbs
+        .iter()
+        .filter_map(|p| {
+            Some(BackedUpClaim {
+                backup: p.metadata.labels.as_ref()?.get(names::VELERO_BACKUP_NAME)?,
+                pod_namespace: &p.spec.pod.namespace,
+                claim: p.facts().pvc_name?,
+            })
+        })
+        .collect();
+    let labelled: Vec<LabelledClaim<'_>> = claims
+        .iter()
+        .filter_map(|c| {
+            Some(LabelledClaim {
+                namespace: c.metadata.namespace.as_deref()?,
+                name: c.metadata.name.as_deref()?,
+                restore: c.label(names::VELERO_RESTORE_NAME),
+                username: c.label(names::JUPYTERHUB_USERNAME),
+            })
+        })
+        .collect();
+    let helpers: Vec<(&str, &str)> = pods
+        .iter()
+        .filter(|p| {
+            p.label(names::MANAGED_BY) == Some(names::MANAGED_BY_US)
+                && p.label(names::COMPONENT) == Some(names::RESTORE_HELPER)
+                && p.metadata.deletion_timestamp.is_none()
+        })
+        .flat_map(|p| {
+            p.volumes()
+                .filter_map(|(_, c)| c)
+                .map(|c| (p.namespace(), c))
+        })
+        .collect();
+    let listed: Vec<Listed<'_>> = namespaces
+        .iter()
+        .filter_map(|n| {
+            let a = n.metadata.annotations.as_ref()?;
+            Some(Listed {
+                namespace: n.metadata.name.as_deref()?,
+                claims: restoring::parse_annotation(a.get(names::NAMESPACE_RESTORING_CLAIMS)?),
+                since: a
+                    .get(names::NAMESPACE_RESTORING_SINCE)
+                    .and_then(|t| t.parse().ok()),
+            })
+        })
+        .collect();
+    let input = Input {
+        namespaces: &opted,
+        restores: &restores,
+        backed_up: &backed_up,
+        claims: &labelled,
+        restore_helpers: &helpers,
+        listed: &listed,
+        now,
+    };
+    restoring::claims_being_restored(&input)
 }
 
 /// A merge patch to apply to a pod, with its pending-set key.
@@ -273,6 +364,23 @@ impl Reconciler {
             })
             .collect();
 
+        let restore_objects = stores.restores.state();
+        let being_restored = claims_being_restored(
+            &globs,
+            &namespace_objects,
+            &claim_objects,
+            &pods,
+            &pvb_objects,
+            &restore_objects,
+            now,
+        );
+        let restoring: HashSet<(&str, &str)> = being_restored
+            .iter()
+            .flat_map(|(ns, claims)| claims.iter().map(move |c| (*ns, *c)))
+            .collect();
+        self.record_restoring(&namespace_objects, &globs, &being_restored)
+            .await;
+
         let windows = window::windows(
             namespaces.iter().map(|n| n.name),
             &schedules,
@@ -291,6 +399,7 @@ impl Reconciler {
             windows: &windows.open,
             pvbs: &pvbs,
             helper: &self.config.helper,
+            restoring: &restoring,
         });
         let uids: HashMap<(&str, &str), &str> = claims
             .iter()
@@ -311,7 +420,7 @@ impl Reconciler {
         let unserved: HashSet<&str> = windows.problems.iter().map(|(n, _)| n.as_str()).collect();
         let waves = self
             .waves
-            .plan(stores, &globs, &unserved, &mut plan.create, now);
+            .plan(stores, &globs, &unserved, &restoring, &mut plan.create, now);
         plan.create.extend(waves.create);
         plan.delete.extend(waves.delete);
         self.apply(plan, &uids, stores).await;
@@ -336,6 +445,84 @@ impl Reconciler {
         .into_iter()
         .flatten()
         .min()
+    }
+
+    /// Keeps each opted-in namespace's `velero-jupyterhub.io/restoring-claims` annotation
+    /// (which a ValidatingAdmissionPolicy reads: manifests/restore-guard.yaml) equal to
+    /// the claims being restored there. A merge patch of that annotation (and, once none
+    /// is left, of the `restore` command's `…/restoring-since`), guarded by the
+    /// resourceVersion read: the command may be adding claims at the same time.
+    async fn record_restoring(
+        &mut self,
+        namespaces: &[Arc<PartialObjectMeta<Namespace>>],
+        opted_in: &[(&str, Arc<ClaimGlobs>)],
+        restoring: &BTreeMap<&str, BTreeSet<&str>>,
+    ) {
+        for n in namespaces {
+            let m = &n.metadata;
+            let Some(name) = m
+                .name
+                .as_deref()
+                .filter(|n| opted_in.iter().any(|(o, _)| o == n))
+            else {
+                continue;
+            };
+            let annotations = m.annotations.as_ref();
+            let have = annotations
+                .and_then(|a| a.get(names::NAMESPACE_RESTORING_CLAIMS))
+                .map(String::as_str);
+            let want = restoring
+                .get(name)
+                .map(|c| restoring::annotation_value(c.iter().copied()))
+                .filter(|v| !v.is_empty());
+            let since_left =
+                annotations.is_some_and(|a| a.contains_key(names::NAMESPACE_RESTORING_SINCE));
+            if have == want.as_deref() && (want.is_some() || !since_left) {
+                continue;
+            }
+            let key = format!("restoring/{name}/{}", want.as_deref().unwrap_or(""));
+            if self
+                .pending
+                .get(&key)
+                .is_some_and(|at| at.elapsed() < PENDING_FOR)
+            {
+                continue;
+            }
+            let mut set = serde_json::Map::new();
+            set.insert(names::NAMESPACE_RESTORING_CLAIMS.into(), json!(want));
+            if want.is_none() {
+                set.insert(
+                    names::NAMESPACE_RESTORING_SINCE.into(),
+                    serde_json::Value::Null,
+                );
+            }
+            let patch = json!({"metadata": {
+                "resourceVersion": m.resource_version,
+                "annotations": set,
+            }});
+            self.pending.insert(key, Instant::now());
+            let api: Api<Namespace> = Api::all(self.client.clone());
+            let done = tokio::time::timeout(
+                WRITE_TIMEOUT,
+                api.patch(name, &PatchParams::default(), &Patch::Merge(&patch)),
+            )
+            .await;
+            self.metrics.controller.write("patch", "namespaces");
+            match done {
+                Ok(Ok(_)) => info!(
+                    namespace = name,
+                    claims = want.as_deref().unwrap_or(""),
+                    "claims being restored recorded on the namespace"
+                ),
+                Ok(Err(e)) => {
+                    warn!(namespace = name, error = %e, "could not record the claims being restored on the namespace; retrying")
+                }
+                Err(_) => warn!(
+                    namespace = name,
+                    "recording the claims being restored timed out; retrying"
+                ),
+            }
+        }
     }
 
     /// A Warning Event on the claim of each helper not running `STUCK_AFTER` after its

@@ -158,6 +158,7 @@ impl Waves {
         stores: &Stores,
         opted_in: &[(&str, Arc<ClaimGlobs>)],
         excluded: &HashSet<&str>,
+        restoring: &HashSet<(&str, &str)>,
         window_creates: &mut Vec<Pod>,
         now: Timestamp,
     ) -> WavePlan {
@@ -249,6 +250,7 @@ impl Waves {
                 &pod_objects,
                 &backup_objects,
                 &creating,
+                restoring,
                 &mut view,
                 now,
                 &mut out,
@@ -434,6 +436,7 @@ impl Waves {
         pods: &[Arc<PodRecord>],
         backups: &[Arc<Backup>],
         creating: &HashSet<(String, String)>,
+        restoring: &HashSet<(&str, &str)>,
         view: &mut View<'_>,
         now: Timestamp,
         out: &mut WavePlan,
@@ -546,6 +549,7 @@ impl Waves {
                     && covered.contains(ns)
                     && !view.live.contains(&(*ns, *claim))
                     && !held.contains(&(*ns, *claim))
+                    && !restoring.contains(&(*ns, *claim))
                     && !creating.contains(&((*ns).to_owned(), (*claim).to_owned()))
             })
             .map(|&(ns, claim)| view.idle_claim(ns, claim))

@@ -22,7 +22,7 @@ use tower_http::catch_panic::{CatchPanicLayer, ResponseForPanic};
 use tracing::{debug, error, info, warn};
 
 use crate::admission::{self, Outcome, Parsed, ReviewError, Scope};
-use crate::cluster::{NamespaceCache, RestoreHelpers};
+use crate::cluster::{NamespaceCache, RestoreClaims, RestoreHelpers};
 use crate::metrics::{self, Metrics};
 use crate::policy::helper::HelperOptions;
 use crate::tls::CertStore;
@@ -39,6 +39,8 @@ pub struct WebhookState {
     pub namespaces: Arc<NamespaceCache>,
     /// What the restore guard checks a user server's claims against.
     pub restore_helpers: RestoreHelpers,
+    /// The claims pods re-created by a restore write into (looked up as they come).
+    pub restore_claims: RestoreClaims,
     /// The restore helpers' image (`--helper-image`).
     pub helper: Arc<HelperOptions>,
     pub metrics: Arc<Metrics>,
@@ -57,6 +59,7 @@ impl WebhookState {
     pub fn new(
         namespaces: Arc<NamespaceCache>,
         restore_helpers: RestoreHelpers,
+        restore_claims: RestoreClaims,
         helper: HelperOptions,
         metrics: Arc<Metrics>,
         opts: &ServeOptions,
@@ -65,6 +68,7 @@ impl WebhookState {
         Self {
             namespaces,
             restore_helpers,
+            restore_claims,
             helper: Arc::new(helper),
             metrics,
             request_timeout: opts.request_timeout,
@@ -215,12 +219,28 @@ async fn answer(state: &WebhookState, request: Request) -> (Response, &'static s
         Ok(Parsed::Answered(reviewed)) => reviewed,
         Ok(Parsed::PodCreate(create)) => {
             let namespace = create.namespace();
+            let restored = create.restored_claims();
+            let claims_now = match restored.is_empty() {
+                true => Vec::new(),
+                false => state.restore_claims.look_up(namespace, &restored).await,
+            };
             let scope = Scope {
                 claims: state.namespaces.claims_for(namespace).await,
                 helper: state.helper.clone(),
                 restoring: state.restore_helpers.in_namespace(namespace),
+                claims_now,
             };
-            create.decide(&scope, false)
+            let reviewed = create.decide(&scope, false);
+            if let Some(message) = reviewed
+                .detail
+                .as_deref()
+                .filter(|_| !reviewed.claims_refused.is_empty())
+            {
+                state
+                    .restore_claims
+                    .refused(namespace, &reviewed.claims_refused, message);
+            }
+            reviewed
         }
         Err(e) => return (bad_request(&e), "bad_request"),
     };
