@@ -5,11 +5,14 @@
 # `kubectl apply -k manifests/`. Everything is built here from published Go modules and
 # cached outside the repo, keyed by version; nothing of another project is committed.
 #
-#   scripts/e2e-velero.sh [all]    build (cached), bring the node up, run the scenario,
+#   scripts/e2e-velero.sh [all]    build (cached), bring the node up, run every scenario,
 #                                  take everything down again (also on failure)
-#   scripts/e2e-velero.sh build    build binaries and images into the cache only
-#   scripts/e2e-velero.sh up       build, then start the cluster, the node, MinIO, Velero
-#   scripts/e2e-velero.sh scenario run the scenario on a cluster that is up
+#   scripts/e2e-velero.sh build    build binaries, images and the scenarios only
+#   scripts/e2e-velero.sh up       build, then start the cluster, the node, MinIO
+#   scripts/e2e-velero.sh scenario [NAME...]
+#                                  on a node that is up: install Velero and
+#                                  velero-jupyterhub (once), run the named scenarios
+#                                  (tests/e2e_velero/main.rs; none named: all of them)
 #   scripts/e2e-velero.sh down     stop and remove everything `up` started
 #
 # What is real and what stands in for what: README, "End to end with real Velero".
@@ -188,6 +191,9 @@ cmd_build() {
   apt_install buildah busybox-static gcc libc6-dev
   build_images
   OUR_IMAGE=$(bash scripts/image.sh "$RUN/image")
+  # The scenarios (tests/e2e_velero/), compiled now so that a compile error fails the
+  # build step, not a half-made node.
+  cargo test --locked --test e2e_velero --no-run >&2
   exec 8>&-
   BUILT=1
 }
@@ -443,15 +449,11 @@ cmd_down() {
   log "down in $(since "$t0") s"
 }
 
-# ---------------------------------------------------------------- the scenario
-NS=jhub
-USERS="alice bob carol"   # alice has a server running; bob and carol are idle
-LIVE=alice
-SCHEDULE=nightly
+# ---------------------------------------------------------------- the scenarios
+# The scenarios themselves are Rust test code (tests/e2e_velero/: the restore matrix),
+# run by `cargo test` on the node brought up here, with Velero and velero-jupyterhub
+# installed once per node.
 
-# Velero as its docs install it: `velero install` with the AWS plugin against MinIO, the
-# node-agent for file-system backups, and the restore helper image through the
-# fs-restore-action-config ConfigMap. Requests are lowered: this node has 2 cores.
 install_velero() {
   "$VELERO" --kubeconfig "$KUBECONFIG_FILE" install --dry-run -o yaml \
     --image "velero/velero:$VELERO_VERSION" \
@@ -494,271 +496,15 @@ install_ours() {
     || { kc -n velero-jupyterhub describe pods >&2; die "velero-jupyterhub did not start"; }
 }
 
-# Each user's home: a local PersistentVolume on a directory of this machine, its claim
-# (KubeSpawner's name), and files of random content with their checksums kept.
-make_volume() {   # make_volume PV DIR [CLAIM]: CLAIM given = pre-bound to it
-  local pv=$1 dir=$2 claim=${3:-}
-  mkdir -p "$dir"; chmod 0777 "$dir"
-  kc apply -f - >/dev/null <<EOF
-apiVersion: v1
-kind: PersistentVolume
-metadata: {name: $pv}
-spec:
-  capacity: {storage: 1Gi}
-  accessModes: [ReadWriteOnce]
-  persistentVolumeReclaimPolicy: Retain
-  storageClassName: e2e-local
-  local: {path: $dir}
-  nodeAffinity:
-    required:
-      nodeSelectorTerms:
-        - matchExpressions: [{key: kubernetes.io/hostname, operator: In, values: [localhost]}]
-$( [ -n "$claim" ] && printf '  claimRef: {namespace: %s, name: %s}\n' "$NS" "$claim" )
-EOF
+# Whether `up`'s node has Velero and velero-jupyterhub installed (the first `scenario`
+# installs both; the scenarios leave them installed as they found them).
+installed() {
+  kc -n velero get deploy/velero >/dev/null 2>&1 && kc get mutatingwebhookconfiguration velero-jupyterhub >/dev/null 2>&1
 }
 
-# owners DIR: every file and directory under DIR with its mode and owner (Velero's own
-# .velero marker directory aside)
-owners() { ( cd "$1" && find . -mindepth 1 -path ./.velero -prune -o -printf '%p %m %U:%G\n' | sort ); }
-
-# What the Backup must hold of each home, taken once the live server has mounted its home
-# (the kubelet applies the pod's fsGroup to the volume: setgid directories, group-writable
-# files): every file's checksum, and every file's and directory's mode and owner.
-record_homes() {
-  local u dir
-  for u in $USERS; do
-    dir=$RUN/volumes/home-$u
-    ( cd "$dir" && find . -type f -print0 | sort -z | xargs -0 sha256sum ) > "$RUN/checksums/$u.sha256"
-    owners "$dir" > "$RUN/checksums/$u.owners"
-  done
-}
-
-make_homes() {
-  kc apply -f - >/dev/null <<EOF
-apiVersion: storage.k8s.io/v1
-kind: StorageClass
-metadata: {name: e2e-local}
-provisioner: kubernetes.io/no-provisioner
-volumeBindingMode: WaitForFirstConsumer
----
-apiVersion: v1
-kind: Namespace
-metadata:
-  name: $NS
-  labels: {velero-jupyterhub.io/enabled: "true"}
-EOF
-  local u dir
-  mkdir -p "$RUN/checksums"
-  for u in $USERS; do
-    dir=$RUN/volumes/home-$u
-    make_volume "home-$u" "$dir" "claim-$u"
-    kc apply -f - >/dev/null <<EOF
-apiVersion: v1
-kind: PersistentVolumeClaim
-metadata:
-  name: claim-$u
-  namespace: $NS
-  labels: {hub.jupyter.org/username: $u, app: jupyterhub, component: singleuser-storage}
-spec:
-  accessModes: [ReadWriteOnce]
-  storageClassName: e2e-local
-  volumeName: home-$u
-  resources: {requests: {storage: 1Gi}}
-EOF
-    mkdir -p "$dir/work/data" "$dir/.local/share"
-    head -c $((2 * 1024 * 1024 + RANDOM)) /dev/urandom > "$dir/work/data/big.bin"
-    head -c $((512 * 1024 + RANDOM)) /dev/urandom > "$dir/work/notebook.ipynb"
-    head -c $((64 * 1024)) /dev/urandom > "$dir/.local/share/history.sqlite"
-    echo "hello from $u" > "$dir/README.md"
-    chown -R 1000:100 "$dir"
-  done
-  wait_for 60 "claims Bound" sh -c "[ \"\$('$KUBECTL' --kubeconfig '$KUBECONFIG_FILE' -n $NS get pvc -o jsonpath='{.items[*].status.phase}' | tr ' ' '\n' | grep -cx Bound)\" = $(echo $USERS | wc -w) ]"
-}
-
-# A KubeSpawner-shaped server (z2jh 4.x, the fixture's shape) with busybox in place of
-# the notebook image: the webhook annotates it at creation.
-start_server() {
-  local u=$1
-  kc apply -f - >/dev/null <<EOF
-apiVersion: v1
-kind: Pod
-metadata:
-  name: jupyter-$u
-  namespace: $NS
-  labels:
-    app: jupyterhub
-    app.kubernetes.io/name: jupyterhub
-    release: jupyterhub
-    app.kubernetes.io/instance: jupyterhub
-    app.kubernetes.io/managed-by: kubespawner
-    hub.jupyter.org/network-access-hub: "true"
-    hub.jupyter.org/username: $u
-    app.kubernetes.io/component: singleuser-server
-    component: singleuser-server
-    hub.jupyter.org/servername: ""
-  annotations:
-    hub.jupyter.org/username: $u
-spec:
-  restartPolicy: OnFailure
-  automountServiceAccountToken: false
-  securityContext: {fsGroup: 100}
-  tolerations:
-    - {key: hub.jupyter.org/dedicated, operator: Equal, value: user, effect: NoSchedule}
-  initContainers:
-    - name: block-cloud-metadata
-      image: localhost/busybox:e2e
-      imagePullPolicy: Never
-      command: ["true"]
-  containers:
-    - name: notebook
-      image: localhost/busybox:e2e
-      imagePullPolicy: Never
-      command: ["sleep", "86400"]
-      resources: {requests: {memory: 32Mi}}
-      securityContext: {runAsUser: 1000, allowPrivilegeEscalation: false}
-      volumeMounts:
-        - {name: volume-$u, mountPath: /home/jovyan}
-  volumes:
-    - name: volume-$u
-      persistentVolumeClaim: {claimName: claim-$u}
-EOF
-  kc -n "$NS" wait --for=condition=Ready "pod/jupyter-$u" --timeout=120s >/dev/null
-  local ann; ann=$(kc -n "$NS" get pod "jupyter-$u" -o jsonpath='{.metadata.annotations.backup\.velero\.io/backup-volumes}')
-  [ "$ann" = "volume-$u" ] || die "the webhook did not annotate jupyter-$u (backup-volumes: '$ann')"
-}
-
-helpers() { kc -n "$NS" get pods -l app.kubernetes.io/managed-by=velero-jupyterhub -o jsonpath='{range .items[*]}{.metadata.name}={.status.phase}{"\n"}{end}'; }
-
-# A Velero Schedule fires; our helpers hold the idle homes; Velero's Backup completes with
-# a PodVolumeBackup of every home. Prints the Backup's name.
-backup_by_schedule() {
-  # Velero's first Backup of a Schedule is at the first cron tick after its creation
-  # (schedule_controller.go, getNextRunTime): create it at least 70 s before a tick, so
-  # the helpers are Running when the Backup reaches the namespace.
-  while [ $(( $(date +%s) % 120 )) -gt 50 ]; do sleep 1; done
-  "$VELERO" --kubeconfig "$KUBECONFIG_FILE" -n velero schedule create "$SCHEDULE" \
-    --schedule "*/2 * * * *" --include-namespaces "$NS" --ttl 24h0m0s >/dev/null || die "velero schedule create failed"
-  local u
-  for u in $USERS; do
-    [ "$u" = "$LIVE" ] && continue
-    wait_for 60 "backup helper for claim-$u Running" sh -c "'$KUBECTL' --kubeconfig '$KUBECONFIG_FILE' -n $NS get pods -l app.kubernetes.io/component=backup-helper -o jsonpath='{range .items[*]}{.spec.volumes[0].persistentVolumeClaim.claimName}={.status.phase}{\"\\n\"}{end}' | grep -qx claim-$u=Running"
-  done
-  local claims; claims=$(kc -n "$NS" get pods -l app.kubernetes.io/managed-by=velero-jupyterhub -o jsonpath='{range .items[*]}{.spec.volumes[*].persistentVolumeClaim.claimName}{"\n"}{end}')
-  if echo "$claims" | grep -qx "claim-$LIVE"; then die "a helper was made for the live user's claim: $(helpers)"; fi
-  log "helpers Running before the tick: $(helpers | tr '\n' ' ')"
-  local backup=""
-  for _ in $(seq 1 300); do
-    backup=$(kc -n velero get backups -l "velero.io/schedule-name=$SCHEDULE" -o jsonpath='{.items[0].metadata.name}' 2>/dev/null || true)
-    [ -n "$backup" ] && break; sleep 1
-  done
-  [ -n "$backup" ] || die "the Schedule made no Backup within 5 min"
-  log "Velero's Schedule made Backup $backup"
-  local phase=""
-  for _ in $(seq 1 600); do
-    phase=$(kc -n velero get backup "$backup" -o jsonpath='{.status.phase}')
-    case "$phase" in Completed|PartiallyFailed|Failed|FailedValidation) break ;; esac
-    sleep 1
-  done
-  "$VELERO" --kubeconfig "$KUBECONFIG_FILE" -n velero schedule pause "$SCHEDULE" >/dev/null || die "velero schedule pause failed"
-  "$VELERO" --kubeconfig "$KUBECONFIG_FILE" -n velero backup describe "$backup" --details > "$RUN/backup-describe.txt" 2>&1 || true
-  [ "$phase" = Completed ] || { cat "$RUN/backup-describe.txt" >&2; die "Backup $backup ended $phase"; }
-  # Every home is in it, each with a completed PodVolumeBackup (velero's own report).
-  for u in $USERS; do
-    local pvb; pvb=$(kc -n velero get podvolumebackups -l "velero.io/backup-name=$backup" \
-      -o jsonpath="{range .items[?(@.metadata.annotations.velero\.io/pvc-name==\"claim-$u\")]}{.status.phase}{end}")
-    [ "$pvb" = Completed ] || { cat "$RUN/backup-describe.txt" >&2; die "no Completed PodVolumeBackup of claim-$u in $backup ('$pvb')"; }
-  done
-  grep -q "jupyter-$LIVE: volume-$LIVE" "$RUN/backup-describe.txt" \
-    || { cat "$RUN/backup-describe.txt" >&2; die "velero backup describe --details does not list the live user's volume"; }
-  for u in $USERS; do
-    [ "$u" = "$LIVE" ] && continue
-    grep -Eq "vjh-backup-claim-$u: data" "$RUN/backup-describe.txt" \
-      || { cat "$RUN/backup-describe.txt" >&2; die "velero backup describe --details does not list claim-$u's helper volume"; }
-  done
-  log "Backup $backup Completed with a PodVolumeBackup of every home ($RUN/backup-describe.txt)"
-  # `velero-jupyterhub status` reads the same from Velero's real PodVolumeBackups.
-  KUBECONFIG=$KUBECONFIG_FILE "$VJH" status --namespace "$NS" --output json > "$RUN/status.json" \
-    || die "velero-jupyterhub status exited $? after the Backup: $(cat "$RUN/status.json")"
-  python3 - "$RUN/status.json" "$backup" $USERS <<'PY' || die "velero-jupyterhub status disagrees with Velero"
-import json, sys
-status, backup, users = json.load(open(sys.argv[1])), sys.argv[2], sys.argv[3:]
-rows = {r["claim"]: r for r in status["claims"]}
-for u in users:
-    r = rows.get(f"claim-{u}")
-    if not r or r["stale"] or (r.get("lastBackup") or {}).get("backup") != backup:
-        sys.exit(f"claim-{u}: {r}")
-print(f"e2e-velero: velero-jupyterhub status: {len(users)} claims, last backup {backup}, none stale", file=sys.stderr)
-PY
-  echo "$backup"
-}
-
-# Everything goes: the server, the claims, the volumes and their data. Then
-# `velero-jupyterhub restore` brings the homes back onto fresh, empty volumes.
-restore_homes() {
-  local backup=$1 u
-  kc -n "$NS" delete pod "jupyter-$LIVE" --grace-period=1 >/dev/null
-  wait_for 120 "backup helpers gone after the Backup" sh -c "o=\$('$KUBECTL' --kubeconfig '$KUBECONFIG_FILE' -n $NS get pods -o name) && [ -z \"\$o\" ]"
-  for u in $USERS; do
-    kc -n "$NS" delete pvc "claim-$u" --wait=true >/dev/null
-    kc delete pv "home-$u" --wait=true >/dev/null
-    rm -rf "$RUN/volumes/home-$u"
-    make_volume "restored-$u" "$RUN/volumes/restored-$u"   # empty, unbound
-  done
-  # Every pod the restore makes in the namespace, as the API server reports it.
-  # kubectl itself in the background (not through kc: $! must be kubectl's pid), and a
-  # moment to connect before the restore starts.
-  "$KUBECTL" --kubeconfig "$KUBECONFIG_FILE" -n "$NS" get pods --watch --output-watch-events -o json \
-    > "$RUN/restore-pods.json" 2> "$RUN/restore-pods.err" 7>&- 8>&- &   # no lock held
-  local watch=$!
-  sleep 3
-  kill -0 "$watch" 2>/dev/null || die "the pod watch did not start: $(cat "$RUN/restore-pods.err")"
-  local t0 rc=0; t0=$(now)
-  KUBECONFIG=$KUBECONFIG_FILE "$VJH" restore --namespace "$NS" --from-backup "$backup" --wait \
-    > "$RUN/restore.out" 2> "$RUN/restore.err" || rc=$?
-  cat "$RUN/restore.out" >&2
-  [ "$rc" = 0 ] || { cat "$RUN/restore.err" >&2; die "velero-jupyterhub restore exited $rc"; }
-  log "restore finished in $(since "$t0") s"
-  wait_for 180 "no helper left after the restore" sh -c "o=\$('$KUBECTL' --kubeconfig '$KUBECONFIG_FILE' -n $NS get pods -l app.kubernetes.io/managed-by=velero-jupyterhub -o name) && [ -z \"\$o\" ]"
-  kill -0 "$watch" 2>/dev/null || die "the pod watch ended during the restore: $(cat "$RUN/restore-pods.err")"
-  kill "$watch" 2>/dev/null || true; wait "$watch" 2>/dev/null || true
-  # Byte for byte: every file of every home, on whatever volume its claim is bound to now.
-  for u in $USERS; do
-    local pv dir; pv=$(kc -n "$NS" get pvc "claim-$u" -o jsonpath='{.spec.volumeName}')
-    dir=$(kc get pv "$pv" -o jsonpath='{.spec.local.path}')
-    ( cd "$dir" && sha256sum --quiet -c "$RUN/checksums/$u.sha256" ) >&2 \
-      || die "claim-$u (volume $pv, $dir) differs from what was backed up"
-    owners "$dir" | diff "$RUN/checksums/$u.owners" - >&2 \
-      || die "claim-$u (volume $pv, $dir): modes or owners differ from what was backed up"
-    log "claim-$u: $(wc -l < "$RUN/checksums/$u.sha256") files, $(du -sb --exclude=.velero "$dir" | cut -f1) bytes, identical (volume $pv)"
-  done
-  # No notebook container ever ran: no pod the restore made kept a workload container.
-  python3 - "$RUN/restore-pods.json" "$RESTORE_HELPER_IMAGE" <<'PY' || die "a notebook container ran during the restore, or restore-wait was not Velero's"
-import json, sys
-text = open(sys.argv[1]).read()
-dec, i, events = json.JSONDecoder(), 0, []
-while i < len(text):
-    while i < len(text) and text[i].isspace(): i += 1
-    if i >= len(text): break
-    obj, i = dec.raw_decode(text, i); events.append(obj)
-pods, bad, seen_wait = set(), [], set()
-for e in events:
-    pod = e.get("object", {}); name = pod.get("metadata", {}).get("name")
-    pods.add(name)
-    spec = pod.get("spec", {})
-    names = [c["name"] for c in spec.get("containers", []) + spec.get("initContainers", [])]
-    names += [s["name"] for s in pod.get("status", {}).get("containerStatuses", [])]
-    if "notebook" in names or "block-cloud-metadata" in names: bad.append(name)
-    waits = [c for c in spec.get("initContainers", []) if c["name"] == "restore-wait"]
-    if waits and waits[0]["image"] != sys.argv[2]:
-        bad.append(f"{name}: restore-wait image {waits[0]['image']} is not fs-restore-action-config's")
-    if waits: seen_wait.add(name)
-    if pod.get("metadata", {}).get("labels", {}).get("app.kubernetes.io/component") not in ("restore-helper", None):
-        bad.append(f"{name} labelled {pod['metadata']['labels'].get('app.kubernetes.io/component')}")
-print(f"e2e-velero: the restore made {len(pods)} pods ({', '.join(sorted(p for p in pods if p))}), {len(events)} watch events, none with a notebook container", file=sys.stderr)
-if not pods: sys.exit("no pod seen during the restore")
-if len(seen_wait) != 3: sys.exit(f"restore-wait in {sorted(seen_wait)}, not in all three pods")
-if bad: sys.exit(f"not converted: {sorted(set(bad))}")
-PY
+# The scenario names, as tests/e2e_velero/main.rs names them (`cargo test -- --list`).
+scenario_names() {
+  cargo test --locked --quiet --test e2e_velero -- --ignored --list 2>/dev/null | sed -n 's/: test$//p'
 }
 
 cmd_scenario() {
@@ -766,21 +512,35 @@ cmd_scenario() {
   VELERO=$CACHE/velero-$VELERO_VERSION/bin/velero
   local target_dir; target_dir=$(cargo metadata --no-deps --format-version 1 | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
   VJH=$target_dir/x86_64-unknown-linux-musl/release/velero-jupyterhub   # image.sh's binary
+  [ -x "$VJH" ] || die "no $VJH: run '$0 build' first"
   local t0; t0=$(now)
-  install_velero;  log "Velero installed at $(since "$t0") s"
-  install_ours;    log "velero-jupyterhub installed at $(since "$t0") s"
-  OUR_PODS=$(kc -n velero-jupyterhub get pods -o jsonpath='{.items[*].metadata.uid}')
-  make_homes;      log "homes made at $(since "$t0") s"
-  start_server "$LIVE"; log "jupyter-$LIVE Running and annotated at $(since "$t0") s"
-  record_homes
-  local backup; backup=$(backup_by_schedule); log "backed up at $(since "$t0") s"
-  restore_homes "$backup"; log "restored byte for byte at $(since "$t0") s"
-  # Nothing of ours restarted on the way (probes, crashes, a lost Lease).
-  local restarts; restarts=$(kc -n velero-jupyterhub get pods -o jsonpath='{range .items[*]}{range .status.containerStatuses[*]}{.name}={.restartCount}{"\n"}{end}{end}')
-  if echo "$restarts" | grep -v '=0$' | grep -q .; then die "velero-jupyterhub containers restarted: $restarts"; fi
-  [ "$(kc -n velero-jupyterhub get pods -o jsonpath='{.items[*].metadata.uid}')" = "$OUR_PODS" ] \
-    || die "velero-jupyterhub pods were replaced during the scenario"
-    log "PASSED: real Velero $VELERO_VERSION backed up $(echo $USERS | wc -w) homes ($LIVE live, the rest idle) and velero-jupyterhub restored them byte for byte ($(since "$t0") s)"
+  if ! installed; then
+    install_velero;  log "Velero installed at $(since "$t0") s"
+    install_ours;    log "velero-jupyterhub installed at $(since "$t0") s"
+  fi
+  local known; known=$(scenario_names)
+  [ -n "$known" ] || die "no scenarios listed by cargo test --test e2e_velero"
+  local name names=("$@")
+  [ ${#names[@]} -gt 0 ] || mapfile -t names <<<"$known"
+  for name in "${names[@]}"; do
+    echo "$known" | grep -qx "$name" || die "no scenario '$name'; there are: $(echo $known)"
+  done
+  local failed=()
+  for name in "${names[@]}"; do
+    local s0; s0=$(now)
+    log "scenario $name"
+    if E2E_RUN=$RUN E2E_KUBECTL=$KUBECTL E2E_VELERO=$VELERO E2E_VJH=$VJH KUBECONFIG=$KUBECONFIG_FILE \
+       E2E_RESTORE_HELPER_IMAGE=$RESTORE_HELPER_IMAGE \
+       cargo test --locked --quiet --test e2e_velero -- --ignored --exact --nocapture "$name" 7>&- 8>&-; then
+      log "scenario $name PASSED in $(since "$s0") s"
+    else
+      log "scenario $name FAILED after $(since "$s0") s"
+      failed+=("$name")
+      dump_state; DUMPED=1
+    fi
+  done
+  [ ${#failed[@]} -eq 0 ] || die "scenarios failed: ${failed[*]}"
+  log "PASSED: ${#names[@]} scenarios against real Velero $VELERO_VERSION in $(since "$t0") s"
 }
 
 # On failure: what a reader of CI's log needs to see, before everything is taken down.
@@ -789,7 +549,7 @@ dump_state() {
   kc get pods -A -o wide >&2 2>&1 || true
   kc get events -A --sort-by=.lastTimestamp 2>/dev/null | tail -30 >&2 || true
   local ns pod
-  for ns in velero velero-jupyterhub "$NS"; do
+  for ns in velero velero-jupyterhub $(kc get namespaces -o name 2>/dev/null | sed -n 's#^namespace/\(e2e-.*\|jhub\)$#\1#p'); do
     for pod in $(kc -n "$ns" get pods -o name 2>/dev/null); do
       log "--- $ns/$pod (last 15 lines of each container)"
       kc -n "$ns" logs "$pod" --all-containers --tail=15 >&2 2>&1 || true
@@ -799,7 +559,7 @@ dump_state() {
 }
 on_exit() {
   local rc=$?
-  [ "$rc" = 0 ] || dump_state
+  [ "$rc" = 0 ] || [ "${DUMPED:-0}" = 1 ] || dump_state
   [ "${E2E_KEEP:-0}" = 1 ] || cmd_down
   exit "$rc"
 }
@@ -812,7 +572,7 @@ cmd_all() {
   trap on_exit EXIT
   cmd_up
   cmd_scenario
-  log "all done in $(since "$t0") s (builds, node, scenario)"
+  log "all done in $(since "$t0") s (builds, node, scenarios)"
 }
 
 # The node is machine-wide (/var/lib/kubelet, the bridge, fixed ports): a second run
@@ -833,10 +593,10 @@ main() {
   case "${1:-all}" in
     build) cmd_build ;;
     up) cmd_up ;;
-    scenario) cmd_scenario ;;
+    scenario) shift; cmd_scenario "$@" ;;
     all) cmd_all ;;
     down) KUBECTL=$(bash scripts/kube-envtest.sh kubectl 2>/dev/null) || KUBECTL=""; cmd_down ;;
-    *) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+    *) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
   esac
 }
 main "$@"; exit $?

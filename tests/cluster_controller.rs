@@ -778,6 +778,16 @@ async fn each_component_has_exactly_the_access_it_uses() {
         // The restore guard's watch of restore helpers (by label; RBAC cannot narrow it).
         (&webhook, "list", "", "pods", "jhub", true),
         (&webhook, "get", "", "pods", "jhub", false),
+        // Whether a claim a restored pod writes into existed before the Restore: a GET.
+        (&webhook, "get", "", "persistentvolumeclaims", "jhub", true),
+        (
+            &webhook,
+            "list",
+            "",
+            "persistentvolumeclaims",
+            "jhub",
+            false,
+        ),
         (
             &controller,
             "watch",
@@ -818,7 +828,10 @@ async fn each_component_has_exactly_the_access_it_uses() {
             "jhub",
             false,
         ),
-        (&controller, "patch", "", "namespaces", "", false),
+        // Recording the claims being restored (controller-policy.yaml holds it to that
+        // annotation).
+        (&controller, "patch", "", "namespaces", "", true),
+        (&controller, "update", "", "namespaces", "", false),
         // Wave Backups (controller-backups-policy.yaml narrows them to one wave's helpers).
         (
             &controller,

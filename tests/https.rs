@@ -40,10 +40,29 @@ async fn golden_fixture_and_variants_over_one_keep_alive_connection() {
     // (tests/live_decision.rs holds that to the expected annotations).
     for (i, pod) in fixtures::variants().iter().enumerate() {
         let request = fixtures::pod_create_review(pod, &format!("uid-{i}"));
-        let want =
-            velero_jupyterhub::admission::review(&request, |_| fixtures::globs("claim-*"), false)
-                .unwrap()
-                .body;
+        // A server without a cluster cannot tell whether the claims a restored pod writes
+        // into exist: it refuses such a pod, as the decision does with them unknown.
+        let restored = match velero_jupyterhub::admission::parse(&request).unwrap() {
+            velero_jupyterhub::admission::Parsed::PodCreate(create) => create.restored_claims(),
+            _ => Vec::new(),
+        };
+        let scope = |_: &str| {
+            let mut scope: velero_jupyterhub::admission::Scope = fixtures::globs("claim-*").into();
+            scope.claims_now = restored
+                .iter()
+                .map(|c| {
+                    let unknown = "no cluster to look it up in".to_owned();
+                    (
+                        c.clone(),
+                        velero_jupyterhub::policy::restore::ClaimNow::Unknown(unknown),
+                    )
+                })
+                .collect();
+            scope
+        };
+        let want = velero_jupyterhub::admission::review(&request, scope, false)
+            .unwrap()
+            .body;
         for path in ["/mutate/live", "/mutate"] {
             let (status, body) = conn
                 .post(path, Some("application/json"), request.clone())

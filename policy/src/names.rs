@@ -65,6 +65,8 @@ pub const HELPER_CLAIM: &str = "velero-jupyterhub.io/claim";
 pub const WAVE_SCHEDULE: &str = "velero-jupyterhub.io/wave-schedule";
 pub const WAVE_TICK: &str = "velero-jupyterhub.io/wave-tick";
 pub const WAVE_NUMBER: &str = "velero-jupyterhub.io/wave";
+/// A wave Backup's label: the Schedule's own Backup of the same tick (its label form).
+pub const WAVE_OF: &str = "velero-jupyterhub.io/wave-of";
 /// On a wave Backup: the claims of the helpers it was made for, and those given up (not
 /// Running in time), as comma-separated `namespace/claim`; a run reads them back to
 /// know whom it tried.

@@ -186,10 +186,16 @@ impl WaveId<'_> {
 /// `checkIfBackupInNewOrProgress`), so a night of waves would make the Schedule skip
 /// live users' Backup. Our labels say which Schedule a wave belongs to instead.
 ///
+/// `follows` names the Schedule's own Backup of the tick: its label form goes into
+/// `velero-jupyterhub.io/wave-of`, which travels with the Backup into object storage, so
+/// that a cluster that knows the Backups only from there (Velero's backup sync keeps
+/// labels) still finds a night's waves (`velero-jupyterhub restore --from-schedule`).
+///
 /// `schedule` is the Schedule object as JSON (metadata and spec).
 pub fn wave_backup(
     schedule: &serde_json::Value,
     wave: &WaveId<'_>,
+    follows: &str,
     namespaces: &[&str],
 ) -> serde_json::Value {
     use serde_json::{Map, Value, json};
@@ -229,6 +235,10 @@ pub fn wave_backup(
     for (k, v) in wave.labels() {
         labels.insert(k.to_owned(), Value::String(v));
     }
+    labels.insert(
+        names::WAVE_OF.into(),
+        Value::String(crate::velero::label_value(follows).into_owned()),
+    );
     labels.insert(names::MANAGED_BY.into(), names::MANAGED_BY_US.into());
     let mut metadata = json!({
         "name": wave.backup_name(),
@@ -955,7 +965,7 @@ mod tests {
             tick: t("2026-11-28T03:00:00Z"),
             number: 2,
         };
-        let backup = wave_backup(&schedule, &wave, &["jhub"]);
+        let backup = wave_backup(&schedule, &wave, "homes-20261128030004", &["jhub"]);
         let want = serde_json::json!({
             "apiVersion": "velero.io/v1", "kind": "Backup",
             "metadata": {
@@ -966,6 +976,7 @@ mod tests {
                     "velero-jupyterhub.io/wave-schedule": "homes",
                     "velero-jupyterhub.io/wave-tick": "1795834800",
                     "velero-jupyterhub.io/wave": "2",
+                    "velero-jupyterhub.io/wave-of": "homes-20261128030004",
                     "app.kubernetes.io/managed-by": "velero-jupyterhub"
                 },
                 "annotations": {"note": "nightly"},
@@ -992,7 +1003,7 @@ mod tests {
         let mut plain = schedule.clone();
         plain["spec"]["template"]["metadata"] = serde_json::json!({});
         plain["spec"]["useOwnerReferencesInBackup"] = false.into();
-        let backup = wave_backup(&plain, &wave, &["jhub"]);
+        let backup = wave_backup(&plain, &wave, "homes-20261128030004", &["jhub"]);
         assert_eq!(backup["metadata"]["labels"]["team"], "platform");
         assert!(backup["metadata"].get("ownerReferences").is_none());
         assert!(

@@ -903,7 +903,7 @@ impl Reconciler {
         };
         let schedule = serde_json::to_value(&schedule).unwrap_or_default();
         let namespaces: Vec<&str> = b.namespaces.iter().map(String::as_str).collect();
-        let mut backup = crate::policy::waves::wave_backup(&schedule, &id, &namespaces);
+        let mut backup = crate::policy::waves::wave_backup(&schedule, &id, &b.follows, &namespaces);
         backup["metadata"]["annotations"][names::WAVE_CLAIMS] = b.claims.join(",").into();
         backup["metadata"]["annotations"][names::WAVE_GIVEN_UP] = b.given_up.join(",").into();
         let object: kube::core::DynamicObject = match serde_json::from_value(backup) {

@@ -27,6 +27,8 @@ use crate::policy::{ClaimGlobs, ClaimRecord, PodFacts, PodRecord, VolumeRecord};
 #[derive(Clone, Debug)]
 pub struct WaveBackupToMake {
     pub schedule: String,
+    /// The Schedule's own Backup of the tick.
+    pub follows: String,
     pub tick: Timestamp,
     pub number: u32,
     pub namespaces: Vec<String>,
@@ -701,6 +703,7 @@ impl Waves {
                 }
                 out.backups.push(WaveBackupToMake {
                     schedule: name.to_owned(),
+                    follows: own.metadata.name.clone().unwrap_or_default(),
                     tick,
                     number,
                     namespaces,
