@@ -205,8 +205,9 @@ pub async fn run(
     // server spawned meanwhile), and the controller starts no backup helper for them.
     let written = restore_report::written_claims(&users, &claims, &pvbs);
     let written: Vec<String> = written.into_iter().map(str::to_owned).collect();
-    record_restoring(&client, &namespace, &written).await?;
-    let restore = create_restore(&client, options).await?;
+    let restore = backup_name(&options.namespace, Timestamp::now());
+    record_restoring(&client, &namespace, &written, &restore).await?;
+    create_restore(&client, options, &restore).await?;
     let _ = writeln!(
         progress,
         "created Restore {vns}/{restore} of Backup {} into namespace {ns}",
@@ -438,6 +439,7 @@ async fn record_restoring(
     client: &kube::Client,
     namespace: &Namespace,
     claims: &[String],
+    restore: &str,
 ) -> anyhow::Result<()> {
     use crate::policy::restoring;
     let api = Api::<Namespace>::all(client.clone());
@@ -454,11 +456,22 @@ async fn record_restoring(
         let mut all: Vec<&str> = restoring::parse_annotation(listed);
         all.extend(claims.iter().map(String::as_str));
         let value = restoring::annotation_value(all);
+        let restores = current
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(names::NAMESPACE_RESTORING_RESTORES))
+            .map(String::as_str)
+            .unwrap_or("");
+        let mut all: Vec<&str> = restoring::parse_annotation(restores);
+        all.push(restore);
+        let restores = restoring::annotation_value(all);
         let patch = json!({"metadata": {
             "resourceVersion": current.metadata.resource_version,
             "annotations": {
                 (names::NAMESPACE_RESTORING_CLAIMS): value,
                 (names::NAMESPACE_RESTORING_SINCE): Timestamp::now().to_string(),
+                (names::NAMESPACE_RESTORING_RESTORES): restores,
             },
         }});
         match api
@@ -494,8 +507,7 @@ async fn record_restoring(
 /// The Restore: the users' pods and claims (and their volumes: Velero makes
 /// PodVolumeRestores only when PersistentVolumes and claims are included, restore.go),
 /// chosen by KubeSpawner's username label, which our backup helpers carry too.
-async fn create_restore(client: &kube::Client, o: &Options) -> anyhow::Result<String> {
-    let name = backup_name(&o.namespace, Timestamp::now());
+async fn create_restore(client: &kube::Client, o: &Options, name: &str) -> anyhow::Result<()> {
     let selector = if o.users.is_empty() {
         json!({"matchExpressions": [{"key": names::JUPYTERHUB_USERNAME, "operator": "Exists"}]})
     } else {
@@ -517,7 +529,7 @@ async fn create_restore(client: &kube::Client, o: &Options) -> anyhow::Result<St
         &GroupVersionKind::gvk("velero.io", "v1", "Restore"),
         "restores",
     );
-    let mut object = DynamicObject::new(&name, &ar).data(json!({"spec": spec}));
+    let mut object = DynamicObject::new(name, &ar).data(json!({"spec": spec}));
     object.metadata.namespace = Some(o.velero_namespace.clone());
     object.metadata.labels = Some(BTreeMap::from([(
         names::MANAGED_BY.to_owned(),
@@ -527,7 +539,7 @@ async fn create_restore(client: &kube::Client, o: &Options) -> anyhow::Result<St
         .create(&PostParams::default(), &object)
         .await
         .with_context(|| format!("creating Restore {}/{name}", o.velero_namespace))?;
-    Ok(name)
+    Ok(())
 }
 
 /// Follows the Restore until it is terminal, a line each time a volume ends.

@@ -1106,6 +1106,11 @@ async fn restore_command_checks_first_then_restores_and_reports_each_claim() {
         "{annotations:?}"
     );
     assert!(annotations.contains_key(names::NAMESPACE_RESTORING_SINCE));
+    assert_eq!(
+        annotations.get(names::NAMESPACE_RESTORING_RESTORES),
+        Some(&restore_name),
+        "the Restore it is for"
+    );
     let err = pods
         .create(&PostParams::default(), &restricted_user_pod("bob"))
         .await

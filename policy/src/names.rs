@@ -48,6 +48,8 @@ pub const NAMESPACE_WINDOW_BACKUP: &str = "velero-jupyterhub.io/backup-window-ba
 pub const NAMESPACE_RESTORING_CLAIMS: &str = "velero-jupyterhub.io/restoring-claims";
 /// Namespace annotation: when `restore` last listed claims in the one above (RFC 3339).
 pub const NAMESPACE_RESTORING_SINCE: &str = "velero-jupyterhub.io/restoring-since";
+/// Namespace annotation: the Restores `restore` listed those claims for, comma-separated.
+pub const NAMESPACE_RESTORING_RESTORES: &str = "velero-jupyterhub.io/restoring-restores";
 /// Pod annotation: `true` leaves the pod alone.
 pub const POD_SKIP: &str = "velero-jupyterhub.io/skip";
 /// Pods we create or convert: `app.kubernetes.io/managed-by=velero-jupyterhub`, and

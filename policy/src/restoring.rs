@@ -16,8 +16,9 @@
 //!   or updated it);
 //! - a restore helper of ours mounts it (until the controller deletes the helper);
 //! - `velero-jupyterhub restore` listed it on the namespace just before creating its
-//!   Restore (`velero-jupyterhub.io/restoring-since` not older than [`COMMAND_GRACE`]),
-//!   so that the guard holds before the controller has seen the Restore.
+//!   Restores (`velero-jupyterhub.io/restoring-restores`), so that the guard holds before
+//!   the controller has seen them: until they are all over, or for [`COMMAND_GRACE`] from
+//!   `velero-jupyterhub.io/restoring-since` (a Restore under way counts by itself).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -97,12 +98,21 @@ pub struct LabelledClaim<'a> {
     pub username: Option<&'a str>,
 }
 
-/// What `velero-jupyterhub restore` listed on a namespace, and when.
+/// What `velero-jupyterhub restore` listed on a namespace, when, and for which Restores.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Listed<'a> {
     pub namespace: &'a str,
     pub claims: Vec<&'a str>,
     pub since: Option<Timestamp>,
+    pub restores: Vec<&'a str>,
+}
+
+impl Listed<'_> {
+    /// Until when its claims count, whatever the Restores say.
+    pub fn until(&self) -> Option<Timestamp> {
+        self.since
+            .map(|s| s.saturating_add(COMMAND_GRACE).unwrap_or(s))
+    }
 }
 
 /// Everything the decision reads: views (`'s`) of the objects (`'a`).
@@ -161,11 +171,17 @@ pub fn claims_being_restored<'a>(input: &Input<'_, 'a>) -> BTreeMap<&'a str, BTr
     for &(ns, claim) in input.restore_helpers {
         add(ns, claim);
     }
+    let over: BTreeSet<&str> = input
+        .restores
+        .iter()
+        .filter(|r| !r.in_progress())
+        .map(|r| r.name)
+        .collect();
     for listed in input.listed {
-        let fresh = listed
-            .since
-            .is_some_and(|since| input.now < since.saturating_add(COMMAND_GRACE).unwrap_or(since));
-        if fresh {
+        let fresh = listed.until().is_some_and(|until| input.now < until);
+        let all_over =
+            !listed.restores.is_empty() && listed.restores.iter().all(|r| over.contains(r));
+        if fresh && !all_over {
             for claim in &listed.claims {
                 add(listed.namespace, claim);
             }

@@ -139,7 +139,8 @@ struct CoverageInput<'a> {
 }
 
 /// The claims being restored in each opted-in namespace (`policy::restoring`), from the
-/// pass's snapshot of the stores.
+/// pass's snapshot of the stores, and when claims the `restore` command listed stop
+/// counting by themselves (a pass is due then).
 fn claims_being_restored<'a>(
     opted_in: &'a [(&'a str, Arc<ClaimGlobs>)],
     namespaces: &'a [Arc<PartialObjectMeta<Namespace>>],
@@ -148,7 +149,7 @@ fn claims_being_restored<'a>(
     pvbs: &'a [Arc<crate::cluster::velero::PodVolumeBackup>],
     restores: &'a [Arc<crate::cluster::velero::Restore>],
     now: Timestamp,
-) -> BTreeMap<&'a str, BTreeSet<&'a str>> {
+) -> (BTreeMap<&'a str, BTreeSet<&'a str>>, Option<Timestamp>) {
     use crate::policy::restoring::{BackedUpClaim, Input, LabelledClaim, Listed, RestoreSpecView};
     let opted: Vec<&str> = opted_in.iter().map(|(n, _)| *n).collect();
     let restores: Vec<RestoreSpecView<'_>> = restores
@@ -210,6 +211,10 @@ fn claims_being_restored<'a>(
                 since: a
                     .get(names::NAMESPACE_RESTORING_SINCE)
                     .and_then(|t| t.parse().ok()),
+                restores: a
+                    .get(names::NAMESPACE_RESTORING_RESTORES)
+                    .map(|r| restoring::parse_annotation(r))
+                    .unwrap_or_default(),
             })
         })
         .collect();
@@ -222,7 +227,12 @@ fn claims_being_restored<'a>(
         listed: &listed,
         now,
     };
-    restoring::claims_being_restored(&input)
+    let next = listed
+        .iter()
+        .filter_map(Listed::until)
+        .filter(|until| *until > now)
+        .min();
+    (restoring::claims_being_restored(&input), next)
 }
 
 /// A merge patch to apply to a pod, with its pending-set key.
@@ -365,7 +375,7 @@ impl Reconciler {
             .collect();
 
         let restore_objects = stores.restores.state();
-        let being_restored = claims_being_restored(
+        let (being_restored, listed_until) = claims_being_restored(
             &globs,
             &namespace_objects,
             &claim_objects,
@@ -441,6 +451,7 @@ impl Reconciler {
             next_failed_expiry,
             coverage_due,
             waves.next_change,
+            listed_until,
         ]
         .into_iter()
         .flatten()
@@ -475,8 +486,10 @@ impl Reconciler {
                 .get(name)
                 .map(|c| restoring::annotation_value(c.iter().copied()))
                 .filter(|v| !v.is_empty());
-            let since_left =
-                annotations.is_some_and(|a| a.contains_key(names::NAMESPACE_RESTORING_SINCE));
+            let since_left = annotations.is_some_and(|a| {
+                a.contains_key(names::NAMESPACE_RESTORING_SINCE)
+                    || a.contains_key(names::NAMESPACE_RESTORING_RESTORES)
+            });
             if have == want.as_deref() && (want.is_some() || !since_left) {
                 continue;
             }
@@ -491,10 +504,12 @@ impl Reconciler {
             let mut set = serde_json::Map::new();
             set.insert(names::NAMESPACE_RESTORING_CLAIMS.into(), json!(want));
             if want.is_none() {
-                set.insert(
-                    names::NAMESPACE_RESTORING_SINCE.into(),
-                    serde_json::Value::Null,
-                );
+                for key in [
+                    names::NAMESPACE_RESTORING_SINCE,
+                    names::NAMESPACE_RESTORING_RESTORES,
+                ] {
+                    set.insert(key.into(), serde_json::Value::Null);
+                }
             }
             let patch = json!({"metadata": {
                 "resourceVersion": m.resource_version,

@@ -412,16 +412,9 @@ fn restore_while_a_backup_window_is_open() {
             .then_some(())
     });
     let pods = watch.stop();
-    // Every pod named after amy's claim was Velero's (a restore helper), none ours.
-    for p in pods
-        .iter()
-        .filter(|p| p["metadata"]["name"] == "vjh-backup-claim-amy")
-    {
-        assert!(
-            !p["metadata"]["labels"]["velero.io/restore-name"].is_null(),
-            "a backup helper took the name: {p}"
-        );
-    }
+    // Velero got the name: its pod (a restore helper, with restore-wait) was created, not
+    // refused as AlreadyExists because a backup helper had taken it. (Once the restore is
+    // over the window's helper may come back: the claim is an idle home like any other.)
     assert_eq!(check_restore_pods(&e, &pods), ["vjh-backup-claim-amy"]);
     assert_same(
         "amy's home, restored in an open window",
