@@ -104,8 +104,19 @@ pub struct RestoreArgs {
     #[arg(long, short = 'n')]
     pub namespace: String,
     /// The Velero Backup to restore from.
-    #[arg(long, required_unless_present = "latest", conflicts_with = "latest")]
+    #[arg(long, required_unless_present_any = ["latest", "from_schedule"], conflicts_with_all = ["latest", "from_schedule"])]
     pub from_backup: Option<String>,
+    /// Restore from this Velero Schedule's newest tick (or the newest at or before --at):
+    /// its own Backup and the wave Backups that followed it (idle users beyond what the
+    /// cluster could attach at once). Works in a cluster that knows the Backups only from
+    /// object storage. A namespace that is gone is restored first from the Schedule's
+    /// Backup.
+    #[arg(long, conflicts_with = "latest")]
+    pub from_schedule: Option<String>,
+    /// With --from-schedule: the newest tick at or before this time (RFC 3339, e.g.
+    /// 2026-12-07T03:00:00Z).
+    #[arg(long, requires = "from_schedule")]
+    pub at: Option<k8s_openapi::jiff::Timestamp>,
     /// Restore from the newest Backup (a Schedule's, a wave's, or one of `backup`) that
     /// holds the --user's claim: their claim now, else `claim-<user>` (KubeSpawner's
     /// default name). Needs --user.
@@ -142,6 +153,8 @@ impl RestoreArgs {
             velero_namespace: self.velero_namespace,
             backup: self.from_backup.unwrap_or_default(),
             latest: self.latest,
+            schedule: self.from_schedule,
+            at: self.at,
             users: self.users,
             wait: self.wait,
             into_existing: self.into_existing,
@@ -682,8 +695,10 @@ async fn restore(args: RestoreArgs) -> anyhow::Result<i32> {
     let options = args.options();
     let mut stderr = std::io::stderr();
     match crate::restore::run(client, &options, &mut stderr).await? {
-        crate::restore::Finished::Started { restore } => {
-            println!("{restore}");
+        crate::restore::Finished::Started { restores } => {
+            for restore in restores {
+                println!("{restore}");
+            }
             Ok(0)
         }
         crate::restore::Finished::Done(report) => {

@@ -38,6 +38,10 @@ pub struct Options {
     pub backup: String,
     /// Restore from the newest Backup holding the users' claims.
     pub latest: bool,
+    /// Restore from this Schedule's tick: its own Backup and the wave Backups of it.
+    pub schedule: Option<String>,
+    /// With `schedule`: the newest tick at or before this time (default: the newest).
+    pub at: Option<Timestamp>,
     /// `hub.jupyter.org/username` values; empty: every user of the namespace.
     pub users: Vec<String>,
     /// Follow the Restore to its end and report each claim.
@@ -54,8 +58,9 @@ pub struct Options {
 /// What a `--wait` run found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Report {
-    pub restore: String,
-    pub phase: String,
+    /// Each Restore made (name, its Backup, its phase at the end): the wave Backups'
+    /// first, the main Backup's last.
+    pub restores: Vec<(String, String, String)>,
     pub rows: Vec<(String, ClaimOutcome)>,
 }
 
@@ -98,19 +103,26 @@ impl Report {
             .iter()
             .filter(|(_, o)| matches!(o, ClaimOutcome::Restored { .. }))
             .count();
-        let _ = writeln!(
-            out,
-            "Restore {} {}: {restored} of {} claims restored",
-            self.restore,
-            self.phase,
-            self.rows.len()
-        );
+        let (last, waves) = self
+            .restores
+            .split_last()
+            .map_or((None, &[][..]), |(l, w)| (Some(l), w));
+        for (restore, backup, phase) in waves {
+            let _ = writeln!(out, "Restore {restore} (wave Backup {backup}) {phase}");
+        }
+        if let Some((restore, _, phase)) = last {
+            let _ = writeln!(
+                out,
+                "Restore {restore} {phase}: {restored} of {} claims restored",
+                self.rows.len()
+            );
+        }
         out
     }
 }
 
 pub enum Finished {
-    Started { restore: String },
+    Started { restores: Vec<String> },
     Done(Report),
 }
 
@@ -121,11 +133,61 @@ pub async fn run(
 ) -> anyhow::Result<Finished> {
     validate(options)?;
     let ns = &options.namespace;
-    let namespace = Api::<Namespace>::all(client.clone())
+    let vns = &options.velero_namespace;
+    // The Backups to restore from: one, or a Schedule's tick (its own and its waves).
+    let (main, waves) = if options.latest {
+        let backup = latest_backup(&client, options).await?;
+        let _ = writeln!(
+            progress,
+            "the newest Backup holding the users' claims: {backup}"
+        );
+        (backup, Vec::new())
+    } else if let Some(schedule) = &options.schedule {
+        let tick = tick_of(&client, options, schedule).await?;
+        let _ = writeln!(
+            progress,
+            "Schedule {schedule}'s tick: Backup {}{}",
+            tick.0,
+            if tick.1.is_empty() {
+                String::new()
+            } else {
+                format!(" and its wave Backups {}", tick.1.join(", "))
+            }
+        );
+        tick
+    } else {
+        (options.backup.clone(), Vec::new())
+    };
+    let backups: Vec<String> = std::iter::once(main.clone())
+        .chain(waves.iter().cloned())
+        .collect();
+    for name in &backups {
+        let backup = Api::<Backup>::namespaced(client.clone(), vns)
+            .get_opt(name)
+            .await
+            .with_context(|| format!("reading Backup {vns}/{name}"))?
+            .with_context(|| format!("Backup {vns}/{name} does not exist"))?;
+        if !backup.restorable() {
+            let phase = backup
+                .status
+                .and_then(|s| s.phase)
+                .unwrap_or_else(|| "New".to_owned());
+            bail!(
+                "Backup {name} is {phase}: only a Completed or PartiallyFailed Backup can be restored from"
+            );
+        }
+    }
+    let base = backup_name(ns, Timestamp::now());
+    // A namespace that is gone (a disaster) comes back first, from the Backup, as it was
+    // (its labels and annotations: the opt-in, the claim globs).
+    let namespace = match Api::<Namespace>::all(client.clone())
         .get_opt(ns)
         .await
         .with_context(|| format!("reading namespace {ns}"))?
-        .with_context(|| format!("namespace {ns} does not exist (create it, labelled {}=true, before restoring into it)", names::NAMESPACE_ENABLED))?;
+    {
+        Some(namespace) => namespace,
+        None => restore_namespace(&client, options, &main, &format!("{base}-ns"), progress).await?,
+    };
     let policy = NamespacePolicy::read(
         namespace.metadata.labels.as_ref(),
         namespace.metadata.annotations.as_ref(),
@@ -137,39 +199,6 @@ pub async fn run(
             names::NAMESPACE_ENABLED
         );
     }
-    let vns = &options.velero_namespace;
-    let resolved;
-    let options = if options.latest {
-        let backup = latest_backup(&client, options).await?;
-        let _ = writeln!(
-            progress,
-            "the newest Backup holding the users' claims: {backup}"
-        );
-        resolved = Options {
-            backup,
-            ..options.clone()
-        };
-        &resolved
-    } else {
-        options
-    };
-    let backup = Api::<Backup>::namespaced(client.clone(), vns)
-        .get_opt(&options.backup)
-        .await
-        .with_context(|| format!("reading Backup {vns}/{}", options.backup))?
-        .with_context(|| format!("Backup {vns}/{} does not exist", options.backup))?;
-    let backup_phase = backup.status.and_then(|s| s.phase).unwrap_or_default();
-    if !matches!(backup_phase.as_str(), "Completed" | "PartiallyFailed") {
-        bail!(
-            "Backup {} is {}: only a Completed or PartiallyFailed Backup can be restored from",
-            options.backup,
-            if backup_phase.is_empty() {
-                "New"
-            } else {
-                &backup_phase
-            }
-        );
-    }
     webhook_converts(&client, ns).await?;
 
     let users = Users(options.users.clone());
@@ -179,19 +208,16 @@ pub async fn run(
         .with_context(|| format!("listing pods in {ns}"))?
         .items;
     let claim_objects = list_claims(&client, ns).await?;
-    let pvb_objects = Api::<PodVolumeBackup>::namespaced(client.clone(), vns)
-        .list(&ListParams::default().labels(&format!(
-            "{}={}",
-            names::VELERO_BACKUP_NAME,
-            options.backup
-        )))
-        .await
-        .context("listing the Backup's PodVolumeBackups")?
-        .items;
+    let mut pvb_objects = Vec::new();
+    for name in &backups {
+        pvb_objects.push(list_pvbs(&client, vns, name).await?);
+    }
     let pods: Vec<PodNow<'_>> = pod_objects.iter().map(pod_now).collect();
     let claims: Vec<ClaimNow<'_>> = claim_objects.iter().map(claim_now).collect();
-    let pvbs = pvbs_of(&pvb_objects, ns);
-    let refusals = restore_report::preflight(&users, &pods, &claims, &pvbs, options.into_existing);
+    let pvbs: Vec<Vec<PvbOfBackup<'_>>> = pvb_objects.iter().map(|p| pvbs_of(p, ns)).collect();
+    let all_pvbs: Vec<PvbOfBackup<'_>> = pvbs.iter().flatten().cloned().collect();
+    let refusals =
+        restore_report::preflight(&users, &pods, &claims, &all_pvbs, options.into_existing);
     if !refusals.is_empty() {
         let mut message = format!("not restoring into namespace {ns}:");
         for r in &refusals {
@@ -200,44 +226,197 @@ pub async fn run(
         bail!(message);
     }
 
-    // The claims it writes, recorded on the namespace before the Restore exists: from
+    // One Restore per Backup: the waves' first (their claims are theirs alone), then the
+    // main Backup's once the waves' claims exist (Velero then leaves them be, instead of
+    // re-creating them empty from the main Backup, which holds them without their data).
+    let names: Vec<String> = std::iter::once(base.clone())
+        .chain((1..=waves.len()).map(|n| format!("{base}-w{n}")))
+        .collect();
+    // The claims it writes, recorded on the namespace before any Restore exists: from
     // then on a ValidatingAdmissionPolicy refuses other pods that mount them (a user's
     // server spawned meanwhile), and the controller starts no backup helper for them.
-    let written = restore_report::written_claims(&users, &claims, &pvbs);
+    let written = restore_report::written_claims(&users, &claims, &all_pvbs);
     let written: Vec<String> = written.into_iter().map(str::to_owned).collect();
-    let restore = backup_name(&options.namespace, Timestamp::now());
-    record_restoring(&client, &namespace, &written, &restore).await?;
-    create_restore(&client, options, &restore).await?;
+    record_restoring(&client, &namespace, &written, &names).await?;
+    for ((name, backup), pvbs) in names.iter().zip(&backups).zip(&pvbs).skip(1) {
+        create_restore(&client, options, backup, name).await?;
+        let _ = writeln!(
+            progress,
+            "created Restore {vns}/{name} of wave Backup {backup} into namespace {ns}"
+        );
+        let theirs: Vec<&str> = restore_report::written_claims(&users, &claims, pvbs)
+            .into_iter()
+            .collect();
+        claims_exist(&client, options, name, &theirs).await?;
+    }
+    create_restore(&client, options, &main, &base).await?;
     let _ = writeln!(
         progress,
-        "created Restore {vns}/{restore} of Backup {} into namespace {ns}",
-        options.backup
+        "created Restore {vns}/{base} of Backup {main} into namespace {ns}"
     );
     if !options.wait {
         let _ = writeln!(
             progress,
-            "follow it with `velero restore describe {restore}`, or run again with --wait"
+            "follow {} with `velero restore describe`, or run again with --wait",
+            if names.len() > 1 { "them" } else { "it" }
         );
-        return Ok(Finished::Started { restore });
+        return Ok(Finished::Started { restores: names });
     }
-    let (phase, pvrs) = follow(&client, options, &restore, progress).await?;
+    let mut followed = Vec::new();
+    for name in names.iter().skip(1).chain(std::iter::once(&base)) {
+        followed.push(follow(&client, options, name, progress).await?);
+    }
+    // `followed` is in the order waves…, main; `names`/`backups`/`pvbs` are main, waves….
+    let order: Vec<usize> = (1..names.len()).chain(std::iter::once(0)).collect();
     let claim_objects = list_claims(&client, ns).await?;
     let claims: Vec<ClaimNow<'_>> = claim_objects.iter().map(claim_now).collect();
-    let pvrs: Vec<PvrOfRestore<'_>> = pvrs.iter().map(pvr_of).collect();
-    let rows = restore_report::outcomes(
-        &users,
-        &claims,
-        &pvbs,
-        &pvrs,
-        Some(&phase),
-        &options.backup,
-        &restore,
+    let parts: Vec<restore_report::RestoreOf<'_>> = std::iter::once(0)
+        .chain(1..names.len())
+        .map(|i| {
+            let at = order.iter().position(|o| *o == i).unwrap_or_default();
+            let (phase, pvrs) = &followed[at];
+            restore_report::RestoreOf {
+                backup: &backups[i],
+                restore: &names[i],
+                phase: Some(phase.as_str()),
+                pvbs: pvbs[i].clone(),
+                pvrs: pvrs.iter().map(pvr_of).collect(),
+            }
+        })
+        .collect();
+    let rows = restore_report::outcomes_of_many(&users, &claims, &parts);
+    let restores = order
+        .iter()
+        .zip(&followed)
+        .map(|(&i, (phase, _))| (names[i].clone(), backups[i].clone(), phase.clone()))
+        .collect();
+    Ok(Finished::Done(Report { restores, rows }))
+}
+
+/// `--from-schedule`: the tick's Backup and its waves (`policy::restore_report::schedule_tick`).
+pub async fn tick_of(
+    client: &kube::Client,
+    o: &Options,
+    schedule: &str,
+) -> anyhow::Result<(String, Vec<String>)> {
+    let backups = Api::<Backup>::namespaced(client.clone(), &o.velero_namespace)
+        .list(&ListParams::default())
+        .await
+        .context("listing Backups")?
+        .items;
+    let views: Vec<restore_report::BackupOf<'_>> = backups
+        .iter()
+        .filter_map(|b| {
+            let status = b.status.as_ref();
+            Some(restore_report::BackupOf {
+                name: b.metadata.name.as_deref()?,
+                phase: status.and_then(|s| s.phase.as_deref()),
+                started: status
+                    .and_then(|s| s.start_timestamp.as_ref())
+                    .or(b.metadata.creation_timestamp.as_ref())
+                    .map(|t| t.0),
+                schedule: backup_label(b, names::VELERO_SCHEDULE_NAME),
+                wave_of: backup_label(b, names::WAVE_OF),
+                wave_schedule: backup_label(b, names::WAVE_SCHEDULE),
+            })
+        })
+        .collect();
+    let tick = restore_report::schedule_tick(schedule, o.at, &views).map_err(anyhow::Error::msg)?;
+    if !tick.failed_waves.is_empty() {
+        bail!(
+            "wave Backups {} of Schedule {schedule}'s tick {} failed: their users' homes cannot come back from this tick (restore them from another with --at, one --user at a time from their newest Backup with --latest, or restore the rest with --user)",
+            tick.failed_waves.join(", "),
+            tick.backup
+        );
+    }
+    Ok((
+        tick.backup.to_owned(),
+        tick.waves.iter().map(|w| (*w).to_owned()).collect(),
+    ))
+}
+
+fn backup_label<'a>(b: &'a Backup, key: &str) -> Option<&'a str> {
+    b.metadata.labels.as_ref()?.get(key).map(String::as_str)
+}
+
+/// The namespace itself, restored from `backup` (a Restore of that one Namespace object:
+/// Velero re-creates it with its backed-up labels and annotations, restore.go).
+async fn restore_namespace(
+    client: &kube::Client,
+    o: &Options,
+    backup: &str,
+    name: &str,
+    progress: &mut (dyn Write + Send),
+) -> anyhow::Result<Namespace> {
+    let ns = &o.namespace;
+    let _ = writeln!(
+        progress,
+        "namespace {ns} does not exist: restoring it first from Backup {backup} (Restore {name})"
     );
-    Ok(Finished::Done(Report {
-        restore,
-        phase,
-        rows,
-    }))
+    let spec = json!({
+        "backupName": backup,
+        "includedNamespaces": [ns],
+        "includedResources": ["namespaces"],
+    });
+    create_restore_object(client, o, name, spec).await?;
+    let (phase, _) = follow(client, o, name, progress).await?;
+    Api::<Namespace>::all(client.clone())
+        .get_opt(ns)
+        .await
+        .with_context(|| format!("reading namespace {ns}"))?
+        .with_context(|| {
+            format!("Restore {name} ended {phase} without namespace {ns}: is it in Backup {backup}? (`velero restore describe {name} --details`)")
+        })
+}
+
+/// Waits until each of `claims` exists in the namespace (Velero has restored it) or the
+/// Restore `restore` that makes them is over.
+async fn claims_exist(
+    client: &kube::Client,
+    o: &Options,
+    restore: &str,
+    claims: &[&str],
+) -> anyhow::Result<()> {
+    let restores: Api<Restore> = Api::namespaced(client.clone(), &o.velero_namespace);
+    let until = Timestamp::now() + o.timeout;
+    loop {
+        let there = list_claims(client, &o.namespace).await?;
+        let missing: Vec<&&str> = claims
+            .iter()
+            .filter(|c| {
+                !there
+                    .iter()
+                    .any(|t| t.metadata.name.as_deref() == Some(**c))
+            })
+            .collect();
+        let phase = restores
+            .get_opt(restore)
+            .await?
+            .and_then(|r| r.status.and_then(|s| s.phase));
+        if missing.is_empty() || velero::restore_is_terminal(phase.as_deref()) {
+            return Ok(());
+        }
+        if Timestamp::now() >= until {
+            bail!("Restore {restore} has not re-created claims {missing:?} after --timeout");
+        }
+        tokio::time::sleep(o.poll).await;
+    }
+}
+
+async fn list_pvbs(
+    client: &kube::Client,
+    vns: &str,
+    backup: &str,
+) -> anyhow::Result<Vec<PodVolumeBackup>> {
+    Ok(Api::<PodVolumeBackup>::namespaced(client.clone(), vns)
+        .list(&ListParams::default().labels(&format!(
+            "{}={}",
+            names::VELERO_BACKUP_NAME,
+            velero::label_value(backup)
+        )))
+        .await
+        .with_context(|| format!("listing Backup {backup}'s PodVolumeBackups"))?
+        .items)
 }
 
 /// `--latest`: the newest restorable Backup with a Completed PodVolumeBackup of each
@@ -318,7 +497,11 @@ fn validate(o: &Options) -> anyhow::Result<()> {
     if o.latest && o.users.is_empty() {
         bail!("--latest needs --user: each user's newest Backup is found from their claim");
     }
-    if !o.latest && !names::is_dns1123_subdomain(&o.backup) {
+    if let Some(schedule) = &o.schedule {
+        if !names::is_dns1123_subdomain(schedule) {
+            bail!("--from-schedule {schedule:?} is not an object name (a DNS-1123 subdomain)");
+        }
+    } else if !o.latest && !names::is_dns1123_subdomain(&o.backup) {
         bail!(
             "--from-backup {:?} is not an object name (a DNS-1123 subdomain)",
             o.backup
@@ -439,7 +622,7 @@ async fn record_restoring(
     client: &kube::Client,
     namespace: &Namespace,
     claims: &[String],
-    restore: &str,
+    restores: &[String],
 ) -> anyhow::Result<()> {
     use crate::policy::restoring;
     let api = Api::<Namespace>::all(client.clone());
@@ -456,22 +639,22 @@ async fn record_restoring(
         let mut all: Vec<&str> = restoring::parse_annotation(listed);
         all.extend(claims.iter().map(String::as_str));
         let value = restoring::annotation_value(all);
-        let restores = current
+        let listed_restores = current
             .metadata
             .annotations
             .as_ref()
             .and_then(|a| a.get(names::NAMESPACE_RESTORING_RESTORES))
             .map(String::as_str)
             .unwrap_or("");
-        let mut all: Vec<&str> = restoring::parse_annotation(restores);
-        all.push(restore);
-        let restores = restoring::annotation_value(all);
+        let mut all: Vec<&str> = restoring::parse_annotation(listed_restores);
+        all.extend(restores.iter().map(String::as_str));
+        let listed_restores = restoring::annotation_value(all);
         let patch = json!({"metadata": {
             "resourceVersion": current.metadata.resource_version,
             "annotations": {
                 (names::NAMESPACE_RESTORING_CLAIMS): value,
                 (names::NAMESPACE_RESTORING_SINCE): Timestamp::now().to_string(),
-                (names::NAMESPACE_RESTORING_RESTORES): restores,
+                (names::NAMESPACE_RESTORING_RESTORES): listed_restores,
             },
         }});
         match api
@@ -504,17 +687,22 @@ async fn record_restoring(
     )
 }
 
-/// The Restore: the users' pods and claims (and their volumes: Velero makes
+/// The Restore of `backup`: the users' pods and claims (and their volumes: Velero makes
 /// PodVolumeRestores only when PersistentVolumes and claims are included, restore.go),
 /// chosen by KubeSpawner's username label, which our backup helpers carry too.
-async fn create_restore(client: &kube::Client, o: &Options, name: &str) -> anyhow::Result<()> {
+async fn create_restore(
+    client: &kube::Client,
+    o: &Options,
+    backup: &str,
+    name: &str,
+) -> anyhow::Result<()> {
     let selector = if o.users.is_empty() {
         json!({"matchExpressions": [{"key": names::JUPYTERHUB_USERNAME, "operator": "Exists"}]})
     } else {
         json!({"matchExpressions": [{"key": names::JUPYTERHUB_USERNAME, "operator": "In", "values": o.users}]})
     };
     let mut spec = json!({
-        "backupName": o.backup,
+        "backupName": backup,
         "includedNamespaces": [o.namespace],
         "includedResources": ["pods", "persistentvolumeclaims", "persistentvolumes"],
         "labelSelector": selector,
@@ -525,6 +713,15 @@ async fn create_restore(client: &kube::Client, o: &Options, name: &str) -> anyho
     if o.into_existing {
         spec["existingResourcePolicy"] = json!("update");
     }
+    create_restore_object(client, o, name, spec).await
+}
+
+async fn create_restore_object(
+    client: &kube::Client,
+    o: &Options,
+    name: &str,
+    spec: serde_json::Value,
+) -> anyhow::Result<()> {
     let ar = ApiResource::from_gvk_with_plural(
         &GroupVersionKind::gvk("velero.io", "v1", "Restore"),
         "restores",

@@ -353,6 +353,8 @@ async fn a_night_of_waves_backs_up_every_idle_claim_within_the_limits() {
             velero_namespace: setup.velero.clone(),
             backup: String::new(),
             latest: true,
+            schedule: None,
+            at: None,
             users: users.iter().map(|u| (*u).to_owned()).collect(),
             wait: false,
             into_existing: false,
@@ -380,6 +382,47 @@ async fn a_night_of_waves_backs_up_every_idle_claim_within_the_limits() {
     assert!(
         none.contains("no Completed or PartiallyFailed Backup"),
         "{none}"
+    );
+
+    // `restore --from-schedule` finds the tick's waves by the label each carries (the
+    // Schedule's Backup it follows); one of them failed, so it refuses, naming it.
+    for w in &waves {
+        assert_eq!(
+            w.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(names::WAVE_OF)),
+            Some(&own),
+            "{:?}",
+            w.metadata.name
+        );
+    }
+    let options = velero_jupyterhub::restore::Options {
+        namespace: setup.users.clone(),
+        velero_namespace: setup.velero.clone(),
+        backup: String::new(),
+        latest: false,
+        schedule: Some("homes".to_owned()),
+        at: None,
+        users: vec![],
+        wait: false,
+        into_existing: false,
+        timeout: Duration::from_secs(60),
+        default_claims: setup.config.default_claims.clone(),
+        poll: Duration::from_secs(1),
+    };
+    let refused = velero_jupyterhub::restore::tick_of(&setup.client, &options, "homes")
+        .await
+        .expect_err("a failed wave");
+    let failed_wave = waves
+        .iter()
+        .filter(|b| b.data["status"]["phase"] == "Failed")
+        .filter_map(|b| b.metadata.name.clone())
+        .next()
+        .expect("the failed wave");
+    assert!(
+        refused.to_string().contains(&failed_wave) && refused.to_string().contains(&own),
+        "{refused}"
     );
 
     // The next run starts with the claims the failed wave missed.

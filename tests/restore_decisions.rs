@@ -963,3 +963,153 @@ fn the_claims_being_restored() {
         .is_empty()
     );
 }
+
+/// `restore --from-schedule`: the newest tick of the Schedule (at or before `--at`)
+/// whose own Backup can be restored from, with the wave Backups of that tick, found by
+/// their `velero-jupyterhub.io/wave-of` label as Velero's backup sync keeps it (or, made
+/// before it, by name); never another tick's waves, another Schedule's, or one by hand.
+#[test]
+fn a_schedules_tick_is_its_backup_and_its_waves() {
+    use velero_jupyterhub::policy::restore_report::{BackupOf, Tick, schedule_tick};
+    let t = |s: &str| Some(s.parse::<Timestamp>().unwrap());
+    let own = |name: &'static str, phase: &'static str, at: &str| BackupOf {
+        name,
+        phase: Some(phase),
+        started: t(at),
+        schedule: Some("homes"),
+        wave_of: None,
+        wave_schedule: None,
+    };
+    let wave = |name: &'static str, of: Option<&'static str>, phase: &'static str| BackupOf {
+        name,
+        phase: Some(phase),
+        started: t("2026-12-07T03:20:00Z"),
+        schedule: None,
+        wave_of: of,
+        wave_schedule: Some("homes"),
+    };
+    let backups = [
+        own("homes-20261206030000", "Completed", "2026-12-06T03:00:00Z"),
+        own(
+            "homes-20261207030000",
+            "PartiallyFailed",
+            "2026-12-07T03:00:00Z",
+        ),
+        own("homes-20261208030000", "Failed", "2026-12-08T03:00:00Z"),
+        wave(
+            "homes-wave1-20261207030000",
+            Some("homes-20261207030000"),
+            "Completed",
+        ),
+        wave(
+            "homes-wave2-20261207030000",
+            Some("homes-20261207030000"),
+            "Failed",
+        ),
+        // Made before the wave-of label: matched by its name.
+        wave("homes-wave3-20261207030000", None, "Completed"),
+        wave(
+            "homes-wave1-20261206030000",
+            Some("homes-20261206030000"),
+            "Completed",
+        ),
+        // By hand, or another Schedule's: never.
+        BackupOf {
+            schedule: None,
+            wave_schedule: None,
+            ..own("homes-by-hand", "Completed", "2026-12-07T04:00:00Z")
+        },
+        BackupOf {
+            schedule: Some("other"),
+            ..own("other-20261207030000", "Completed", "2026-12-07T03:00:00Z")
+        },
+    ];
+    assert_eq!(
+        schedule_tick("homes", None, &backups),
+        Ok(Tick {
+            backup: "homes-20261207030000",
+            waves: vec!["homes-wave1-20261207030000", "homes-wave3-20261207030000"],
+            failed_waves: vec!["homes-wave2-20261207030000"],
+        })
+    );
+    assert_eq!(
+        schedule_tick("homes", t("2026-12-06T12:00:00Z"), &backups),
+        Ok(Tick {
+            backup: "homes-20261206030000",
+            waves: vec!["homes-wave1-20261206030000"],
+            failed_waves: vec![],
+        })
+    );
+    let err = schedule_tick("homes", t("2026-12-01T00:00:00Z"), &backups).unwrap_err();
+    assert!(
+        err.contains("no Completed or PartiallyFailed Backup of Schedule homes at or before"),
+        "{err}"
+    );
+    assert!(schedule_tick("nightly", None, &backups).is_err());
+}
+
+/// Rows over a tick's Restores: each claim's row comes from the Restore of the Backup
+/// that holds its data.
+#[test]
+fn the_rows_of_a_restore_of_several_backups() {
+    use velero_jupyterhub::policy::restore_report::{RestoreOf, outcomes_of_many};
+    let claims = [
+        ClaimNow {
+            name: "claim-alice",
+            uid: "u-a",
+            username: Some("alice"),
+        },
+        ClaimNow {
+            name: "claim-bob",
+            uid: "u-b",
+            username: Some("bob"),
+        },
+        ClaimNow {
+            name: "claim-carol",
+            uid: "u-c",
+            username: Some("carol"),
+        },
+    ];
+    let pvb = |claim: &'static str| PvbOfBackup {
+        pod: "p",
+        volume: "data",
+        claim: Some(claim),
+        phase: Some("Completed"),
+    };
+    let pvr = |uid: &'static str| PvrOfRestore {
+        claim_uid: Some(uid),
+        phase: Some("Completed"),
+        bytes_done: Some(4096),
+        message: None,
+    };
+    let restores = [
+        RestoreOf {
+            backup: "homes-1",
+            restore: "r",
+            phase: Some("Completed"),
+            pvbs: vec![pvb("claim-alice")],
+            pvrs: vec![pvr("u-a")],
+        },
+        RestoreOf {
+            backup: "homes-wave1-1",
+            restore: "r-w1",
+            phase: Some("Completed"),
+            pvbs: vec![pvb("claim-bob")],
+            pvrs: vec![pvr("u-b")],
+        },
+    ];
+    let rows = outcomes_of_many(&Users::default(), &claims, &restores);
+    let restored = ClaimOutcome::Restored { bytes: Some(4096) };
+    assert_eq!(rows[0], ("claim-alice".to_owned(), restored.clone()));
+    assert_eq!(rows[1], ("claim-bob".to_owned(), restored));
+    match &rows[2] {
+        (c, ClaimOutcome::Failed { reason }) if c == "claim-carol" => {
+            assert!(
+                reason.contains("backup homes-1 holds no file-system copy"),
+                "{reason}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(rows.len(), 3);
+}

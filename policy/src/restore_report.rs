@@ -296,3 +296,121 @@ pub fn outcomes(
     rows.dedup_by(|a, b| a.0 == b.0);
     rows
 }
+
+/// A Backup as `restore --from-schedule` reads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackupOf<'a> {
+    pub name: &'a str,
+    pub phase: Option<&'a str>,
+    /// `status.startTimestamp` (kept by Velero's backup sync), else its creation.
+    pub started: Option<jiff::Timestamp>,
+    /// Its `velero.io/schedule-name` label: a Schedule's own Backup.
+    pub schedule: Option<&'a str>,
+    /// Its `velero-jupyterhub.io/wave-of` label: a wave Backup of that tick.
+    pub wave_of: Option<&'a str>,
+    /// Its `velero-jupyterhub.io/wave-schedule` label (wave Backups made before
+    /// `wave-of` existed are matched by name instead).
+    pub wave_schedule: Option<&'a str>,
+}
+
+/// The Backups of one tick of a Schedule: its own, and the waves that followed it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tick<'a> {
+    pub backup: &'a str,
+    pub waves: Vec<&'a str>,
+    /// Wave Backups of the tick that Velero cannot restore from (they failed): their
+    /// claims come back empty, and the rows will say so.
+    pub failed_waves: Vec<&'a str>,
+}
+
+/// The newest tick of Schedule `schedule` at or before `at` whose own Backup can be
+/// restored from (Completed or PartiallyFailed, as `--from-backup` takes), with the wave
+/// Backups of the same tick: labelled `velero-jupyterhub.io/wave-of` with its name (the
+/// label form), or, made before that label, named `<schedule>-wave<N>-<its timestamp>`.
+/// Velero's own `restore create --from-schedule` takes the Schedule's Backup alone
+/// (pkg/controller/restore_controller.go), so wave users' homes would be missing.
+pub fn schedule_tick<'a>(
+    schedule: &str,
+    at: Option<jiff::Timestamp>,
+    backups: &[BackupOf<'a>],
+) -> Result<Tick<'a>, String> {
+    let restorable = |b: &BackupOf<'_>| matches!(b.phase, Some("Completed" | "PartiallyFailed"));
+    let label = velero::label_value(schedule);
+    let own = backups
+        .iter()
+        .filter(|b| b.schedule == Some(label.as_ref()) && restorable(b))
+        .filter(|b| at.is_none_or(|at| b.started.is_some_and(|s| s <= at)))
+        .max_by_key(|b| (b.started, b.name))
+        .ok_or_else(|| {
+            format!(
+                "no Completed or PartiallyFailed Backup of Schedule {schedule}{} (Backups labelled velero.io/schedule-name={label}: `velero backup get --selector velero.io/schedule-name={label}`)",
+                at.map(|t| format!(" at or before {t}")).unwrap_or_default()
+            )
+        })?;
+    let own_label = velero::label_value(own.name);
+    let stamp = own.name.strip_prefix(&format!("{schedule}-"));
+    let of_this_tick = |b: &&BackupOf<'a>| {
+        b.wave_of == Some(own_label.as_ref())
+            || (b.wave_of.is_none()
+                && b.wave_schedule == Some(label.as_ref())
+                && stamp.is_some_and(|stamp| {
+                    b.name
+                        .strip_prefix(&format!("{schedule}-wave"))
+                        .and_then(|rest| rest.split_once('-'))
+                        .is_some_and(|(n, ts)| {
+                            !n.is_empty() && n.bytes().all(|c| c.is_ascii_digit()) && ts == stamp
+                        })
+                }))
+    };
+    let mut waves: Vec<&BackupOf<'a>> = backups.iter().filter(of_this_tick).collect();
+    waves.sort_by_key(|b| b.name);
+    Ok(Tick {
+        backup: own.name,
+        waves: waves
+            .iter()
+            .filter(|b| restorable(b))
+            .map(|b| b.name)
+            .collect(),
+        failed_waves: waves
+            .iter()
+            .filter(|b| !restorable(b))
+            .map(|b| b.name)
+            .collect(),
+    })
+}
+
+/// One Restore of a restore made of several (a tick's Backups), as followed.
+pub struct RestoreOf<'a> {
+    pub backup: &'a str,
+    pub restore: &'a str,
+    pub phase: Option<&'a str>,
+    pub pvbs: Vec<PvbOfBackup<'a>>,
+    pub pvrs: Vec<PvrOfRestore<'a>>,
+}
+
+/// One row per claim over several Restores: each claim's row comes from the Restore of
+/// the Backup that holds its data (else from the first, which says there is none).
+pub fn outcomes_of_many(
+    users: &Users,
+    claims: &[ClaimNow<'_>],
+    restores: &[RestoreOf<'_>],
+) -> Vec<(String, ClaimOutcome)> {
+    let mut rows: Vec<(String, ClaimOutcome, bool)> = Vec::new();
+    for r in restores {
+        let part = outcomes(
+            users, claims, &r.pvbs, &r.pvrs, r.phase, r.backup, r.restore,
+        );
+        for (claim, outcome) in part {
+            let holds = r
+                .pvbs
+                .iter()
+                .any(|p| p.claim == Some(claim.as_str()) && p.phase == Some("Completed"));
+            match rows.iter_mut().find(|(c, _, _)| *c == claim) {
+                None => rows.push((claim, outcome, holds)),
+                Some(row) if holds && !row.2 => *row = (claim, outcome, holds),
+                Some(_) => {}
+            }
+        }
+    }
+    rows.into_iter().map(|(c, o, _)| (c, o)).collect()
+}

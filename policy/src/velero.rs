@@ -38,6 +38,8 @@ pub struct ScheduleStatus {
 #[serde(rename_all = "camelCase", default)]
 pub struct BackupStatus {
     pub phase: Option<String>,
+    /// When Velero started it (kept by its backup sync, unlike the creation time).
+    pub start_timestamp: Option<Time>,
     /// When it became terminal (how long a run of waves took).
     pub completion_timestamp: Option<Time>,
 }
