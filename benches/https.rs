@@ -274,6 +274,7 @@ fn main() {
             tls: TlsSource::Pem(pair.clone()),
             default_claims: ClaimGlobs::parse("claim-*").expect("globs"),
             helper: velero_jupyterhub::policy::helper::HelperOptions::with_image(velero_jupyterhub::policy::helper::DEFAULT_IMAGE),
+            velero_namespace: "velero".to_owned(),
             cluster: None,
             serve: ServeOptions::default(),
             shutdown_delay: Duration::ZERO,

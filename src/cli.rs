@@ -487,6 +487,10 @@ pub struct ServeArgs {
     /// pause-like, running as a non-root user (the controller's `--helper-image`).
     #[arg(long, env = "VJH_HELPER_IMAGE", default_value = crate::policy::helper::DEFAULT_IMAGE)]
     pub helper_image: String,
+    /// Where Velero's Backups and Restores are: a claim a restore re-creates is checked
+    /// against the wave Backups of its Backup's tick.
+    #[arg(long, env = "VJH_VELERO_NAMESPACE", default_value = "velero")]
+    pub velero_namespace: String,
     /// Run without any API server (webhook only; every namespace uses `--claims`).
     #[arg(long, env = "VJH_NO_CLUSTER")]
     pub no_cluster: bool,
@@ -847,6 +851,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tls,
         default_claims: args.claims,
         helper: HelperOptions::with_image(&args.helper_image),
+        velero_namespace: args.velero_namespace.clone(),
         cluster,
         serve,
         shutdown_delay: args.shutdown_delay,

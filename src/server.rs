@@ -48,6 +48,8 @@ pub struct Config {
     pub default_claims: ClaimGlobs,
     /// What restore helpers run (`--helper-image`).
     pub helper: HelperOptions,
+    /// Where Velero's Backups and Restores are (`--velero-namespace`).
+    pub velero_namespace: String,
     /// Watch namespaces through this client; `None` runs without a cluster.
     pub cluster: Option<kube::Client>,
     pub serve: ServeOptions,
@@ -143,7 +145,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         }
         None => RestoreHelpers::default(),
     };
-    let restore_claims = crate::cluster::RestoreClaims::new(config.cluster.clone());
+    let restore_claims =
+        crate::cluster::RestoreClaims::new(config.cluster.clone(), &config.velero_namespace);
     let with_cluster = config.cluster.is_some();
     let namespaces = NamespaceCache::new(config.cluster, config.default_claims, metrics.clone());
     // A namespace fetch leaves its request half of its time to be answered.

@@ -1425,3 +1425,120 @@ async fn a_restore_under_way_keeps_backup_helpers_and_users_off_the_claims_it_re
     .expect("alice may start again");
     setup.finish().await;
 }
+
+/// Velero's own `velero restore create --from-schedule` restores the Schedule's Backup
+/// alone (pkg/controller/restore_controller.go). A user whose home a wave Backup of the
+/// same night holds has a claim in that Backup but no data: re-created from it, the claim
+/// would come back empty under a Restore that says Completed. The webhook refuses that
+/// claim (Velero records it among the Restore's errors, naming the wave Backup); the same
+/// claim from the wave Backup, and any other claim, is created.
+#[tokio::test]
+async fn a_wave_users_claim_is_not_re_created_empty_from_the_schedules_backup() {
+    let setup = Setup::new().await;
+    let client = setup.client.clone();
+    let webhook = Webhook::start_for(
+        &client,
+        velero_jupyterhub::webhook::serve::ServeOptions::default(),
+        &setup.velero,
+    )
+    .await;
+    let ns = setup.users.clone();
+    Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone())
+        .patch(
+            &ns,
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"labels": {(cluster::TEST_LABEL): webhook.run_label}}}),
+            ),
+        )
+        .await
+        .expect("label the namespace");
+    // The night: the Schedule's Backup, and a wave Backup for bob made by the controller.
+    let own = "homes-20261207030000";
+    let wave = "homes-wave1-20261207030000";
+    for (name, labels, annotations) in [
+        (own, json!({"velero.io/schedule-name": "homes"}), json!({})),
+        (
+            wave,
+            json!({(names::WAVE_OF): own, (names::WAVE_SCHEDULE): "homes", (names::WAVE_NUMBER): "1"}),
+            json!({(names::WAVE_CLAIMS): format!("{ns}/claim-bob")}),
+        ),
+    ] {
+        cluster::apply_dynamic(&client, &json!({"apiVersion": "velero.io/v1", "kind": "Backup",
+            "metadata": {"name": name, "namespace": setup.velero, "labels": labels, "annotations": annotations},
+            "spec": {"includedNamespaces": [ns]}}))
+        .await;
+        set_status(&setup, "backups", name, json!({"phase": "Completed"})).await;
+    }
+    // Velero restores the claims of the Schedule's Backup (restore.go: labelled, then
+    // created), as its service account.
+    let velero = cluster::client_as_service_account("velero", "velero").await;
+    let role = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+        "metadata": {"name": "velero-claims", "namespace": ns},
+        "rules": [{"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["create"]}]});
+    let binding = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": "velero-claims", "namespace": ns},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "velero-claims"},
+        "subjects": [{"kind": "ServiceAccount", "name": "velero", "namespace": "velero"}]});
+    cluster::apply_dynamic(&client, &role).await;
+    cluster::apply_dynamic(&client, &binding).await;
+    let claims: Api<k8s_openapi::api::core::v1::PersistentVolumeClaim> =
+        Api::namespaced(velero, &ns);
+    let claim = |name: &str,
+                 user: &str,
+                 backup: &str,
+                 restore: &str|
+     -> k8s_openapi::api::core::v1::PersistentVolumeClaim {
+        from_json(json!({"metadata": {"name": name, "labels": {
+                "hub.jupyter.org/username": user, (names::VELERO_BACKUP_NAME): backup, (names::VELERO_RESTORE_NAME): restore}},
+            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}))
+    };
+    // The webhook's registration may take a moment to be called.
+    let refused = eventually(Duration::from_secs(20), || {
+        let claims = claims.clone();
+        let c = claim("claim-bob", "bob", own, "from-schedule-1");
+        async move {
+            match claims
+                .create(
+                    &PostParams {
+                        dry_run: true,
+                        ..Default::default()
+                    },
+                    &c,
+                )
+                .await
+            {
+                Err(kube::Error::Api(e)) if e.code == 403 => Some(e.message),
+                _ => None,
+            }
+        }
+    })
+    .await
+    .expect("bob's claim refused from the Schedule's Backup");
+    for part in [
+        format!("claim {ns}/claim-bob not re-created from Backup {own}"),
+        format!("velero restore create --from-backup {wave}"),
+        "--from-schedule".to_owned(),
+    ] {
+        assert!(refused.contains(&part), "{part}: {refused}");
+    }
+    claims
+        .create(
+            &PostParams::default(),
+            &claim("claim-alice", "alice", own, "from-schedule-1"),
+        )
+        .await
+        .expect("alice's claim: her home is in the Schedule's Backup");
+    claims
+        .create(
+            &PostParams::default(),
+            &claim("claim-bob", "bob", wave, "wave-1"),
+        )
+        .await
+        .expect("bob's claim from his wave Backup");
+    let text = webhook.server.metrics.encode();
+    let series = r#"velero_jupyterhub_admission_requests_total{webhook="restore",outcome="restore_claim_home_in_a_wave"}"#;
+    assert!(sample(&text, series).is_some_and(|n| n >= 1.0), "{text}");
+    webhook.finish().await;
+    setup.finish().await;
+}

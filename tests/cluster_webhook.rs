@@ -382,7 +382,7 @@ async fn a_namespace_the_watch_has_not_delivered_is_fetched_with_its_claims() {
     let state = WebhookState::new(
         cache.clone(),
         Default::default(),
-        velero_jupyterhub::cluster::RestoreClaims::new(None),
+        velero_jupyterhub::cluster::RestoreClaims::new(None, "velero"),
         velero_jupyterhub::policy::helper::HelperOptions::with_image("pause"),
         metrics.clone(),
         &ServeOptions::default(),

@@ -20,7 +20,7 @@ async fn answer(body: Vec<u8>) -> (StatusCode, Vec<u8>) {
     let app = admission_router(Arc::new(WebhookState::new(
         namespaces,
         Default::default(),
-        velero_jupyterhub::cluster::RestoreClaims::new(None),
+        velero_jupyterhub::cluster::RestoreClaims::new(None, "velero"),
         velero_jupyterhub::policy::helper::HelperOptions::with_image("pause"),
         metrics,
         &ServeOptions::default(),

@@ -1113,3 +1113,60 @@ fn the_rows_of_a_restore_of_several_backups() {
     }
     assert_eq!(rows.len(), 3);
 }
+
+/// Velero's own `restore create --from-schedule` re-creates every claim of the Schedule's
+/// Backup, also those whose homes a wave Backup holds (`policy::restore::home_in_a_wave`):
+/// such a claim is found by the wave's `velero-jupyterhub.io/wave-claims`, in the Backup's
+/// namespace (before any mapping); another claim, or another namespace's, is not.
+#[test]
+fn a_claim_whose_home_is_in_a_wave() {
+    use velero_jupyterhub::policy::restore::{WaveOf, home_in_a_wave, wave_home_message};
+    let waves = [
+        WaveOf::read(
+            "homes-wave1-20261207030000",
+            "jhub/claim-bob,jhub/claim-carol",
+        ),
+        WaveOf::read(
+            "homes-wave2-20261207030000",
+            "jhub/claim-dave, other/claim-erin",
+        ),
+    ];
+    let found = |ns: &str, claim: &str| home_in_a_wave(ns, claim, &waves).map(|w| w.name);
+    assert_eq!(
+        found("jhub", "claim-carol"),
+        Some("homes-wave1-20261207030000")
+    );
+    assert_eq!(
+        found("jhub", "claim-dave"),
+        Some("homes-wave2-20261207030000")
+    );
+    assert_eq!(
+        found("other", "claim-erin"),
+        Some("homes-wave2-20261207030000")
+    );
+    assert_eq!(
+        found("jhub", "claim-alice"),
+        None,
+        "in the Schedule's own Backup"
+    );
+    assert_eq!(
+        found("other", "claim-bob"),
+        None,
+        "another namespace's claim-bob"
+    );
+    assert!(home_in_a_wave("jhub", "claim-bob", &[]).is_none());
+    let m = wave_home_message(
+        "jhub",
+        "claim-bob",
+        "homes-20261207030000",
+        "homes-wave1-20261207030000",
+    );
+    for part in [
+        "claim jhub/claim-bob not re-created from Backup homes-20261207030000",
+        "come back empty",
+        "--from-schedule",
+        "velero restore create --from-backup homes-wave1-20261207030000",
+    ] {
+        assert!(m.contains(part), "{part}: {m}");
+    }
+}

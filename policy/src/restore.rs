@@ -427,3 +427,47 @@ pub fn restoring_claims<P: PodFacts>(pod: &P, pod_name: &str) -> Vec<RestoringCl
         })
         .collect()
 }
+
+/// A wave Backup of a Schedule's tick, as the claim decision reads it: its name, and the
+/// claims it holds the homes of (`velero-jupyterhub.io/wave-claims`, `namespace/claim`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WaveOf<'a> {
+    pub name: &'a str,
+    pub claims: Vec<(&'a str, &'a str)>,
+}
+
+impl<'a> WaveOf<'a> {
+    /// `velero-jupyterhub.io/wave-claims` read: `namespace/claim`, comma-separated.
+    pub fn read(name: &'a str, wave_claims: &'a str) -> Self {
+        let claims = wave_claims
+            .split(',')
+            .filter_map(|c| c.trim().split_once('/'))
+            .collect();
+        Self { name, claims }
+    }
+}
+
+/// The wave Backup that holds the home of claim `claim`, which a Restore is re-creating
+/// from the Schedule's own Backup of the same tick (`waves`: those labelled
+/// `velero-jupyterhub.io/wave-of` with it). Velero's `restore create --from-schedule`
+/// restores that Backup alone (pkg/controller/restore_controller.go): re-created from it,
+/// the claim would come back empty and the Restore would say Completed.
+/// `source_namespace`: the claim's namespace in the Backup (before any mapping).
+pub fn home_in_a_wave<'w>(
+    source_namespace: &str,
+    claim: &str,
+    waves: &'w [WaveOf<'w>],
+) -> Option<&'w WaveOf<'w>> {
+    waves.iter().find(|w| {
+        w.claims
+            .iter()
+            .any(|&(ns, c)| ns == source_namespace && c == claim)
+    })
+}
+
+/// Why the claim is refused (Velero records it among the Restore's errors).
+pub fn wave_home_message(namespace: &str, claim: &str, backup: &str, wave: &str) -> String {
+    format!(
+        "velero-jupyterhub: claim {namespace}/{claim} not re-created from Backup {backup}: that Backup holds no copy of its home, which is in wave Backup {wave} of the same night, and restored from {backup} alone it would come back empty. Restore both: `velero-jupyterhub restore --namespace {namespace} --from-schedule <schedule>`, or `velero restore create --from-backup {wave}` (with the same namespace options)"
+    )
+}

@@ -112,6 +112,8 @@ pub enum Outcome {
     Restore(RestoreVerdict),
     /// A user server that mounts a claim being restored: refused (the restore guard).
     Guarded,
+    /// A claim a Velero restore re-creates.
+    RestoredClaim(ClaimVerdict),
     /// Not a Pod CREATE (other kinds, UPDATE/DELETE/CONNECT, subresources).
     NotPodCreate,
     /// A Pod whose fields we could not read; allowed unchanged.
@@ -127,6 +129,8 @@ impl Outcome {
             Self::Restore(RestoreVerdict::Unreadable) => "restore_unreadable",
             Self::Restore(RestoreVerdict::WouldOverwrite) => "restore_refused_existing",
             Self::Guarded => "restore_guard_denied",
+            Self::RestoredClaim(ClaimVerdict::Allowed) => "restore_claim_allowed",
+            Self::RestoredClaim(ClaimVerdict::HomeInAWave) => "restore_claim_home_in_a_wave",
             Self::NotPodCreate => "not_pod_create",
             Self::NotUnderstood => "not_understood",
         }
@@ -145,6 +149,7 @@ impl Outcome {
             self,
             Self::Guarded
                 | Self::Restore(RestoreVerdict::Unreadable | RestoreVerdict::WouldOverwrite)
+                | Self::RestoredClaim(ClaimVerdict::HomeInAWave)
         )
     }
 }
@@ -254,6 +259,117 @@ pub enum Parsed<'a> {
     Answered(Reviewed),
     /// A Pod CREATE: the decision needs its namespace's scope.
     PodCreate(PodCreate<'a>),
+    /// A claim a Velero restore re-creates: the decision needs the wave Backups of its
+    /// Backup's tick.
+    ClaimCreate(ClaimCreate),
+}
+
+/// A PersistentVolumeClaim CREATE by a Velero restore (labelled `velero.io/restore-name`
+/// and `velero.io/backup-name`).
+#[derive(Clone, Debug)]
+pub struct ClaimCreate {
+    uid: String,
+    pub namespace: String,
+    pub name: String,
+    /// The label forms Velero wrote (`velero.io/backup-name`, `velero.io/restore-name`).
+    pub backup: String,
+    pub restore: String,
+}
+
+/// What the claim entry did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClaimVerdict {
+    /// Not one whose home is elsewhere: created as Velero sends it.
+    Allowed,
+    /// Its home is in a wave Backup the Restore does not restore: refused, so that it
+    /// does not come back empty under a Restore that says Completed.
+    HomeInAWave,
+}
+
+impl ClaimCreate {
+    /// Refused when a wave Backup of the same tick holds its home (`waves`: those
+    /// labelled `velero-jupyterhub.io/wave-of` with its Backup; `source_namespace`: its
+    /// namespace in the Backup, before the Restore's mapping).
+    pub fn decide(&self, waves: &[restore::WaveOf<'_>], source_namespace: &str) -> Reviewed {
+        let mut reviewed = match restore::home_in_a_wave(source_namespace, &self.name, waves) {
+            None => allow(
+                &self.uid,
+                Outcome::RestoredClaim(ClaimVerdict::Allowed),
+                None,
+                None,
+            ),
+            Some(wave) => deny(
+                &self.uid,
+                Outcome::RestoredClaim(ClaimVerdict::HomeInAWave),
+                restore::wave_home_message(&self.namespace, &self.name, &self.backup, wave.name),
+            ),
+        };
+        reviewed.object = Some(format!("{}/{}", self.namespace, self.name));
+        reviewed
+    }
+}
+
+impl ClaimCreate {
+    /// Refused: whether its home is in a wave Backup could not be checked (`why`).
+    pub fn unchecked(&self, why: &str) -> Reviewed {
+        let message = format!(
+            "velero-jupyterhub: claim {}/{} not re-created from Backup {}: whether a wave Backup of the same night holds its home could not be checked ({why}); run the restore again",
+            self.namespace, self.name, self.backup
+        );
+        let mut reviewed = deny(
+            &self.uid,
+            Outcome::RestoredClaim(ClaimVerdict::HomeInAWave),
+            message,
+        );
+        reviewed.object = Some(format!("{}/{}", self.namespace, self.name));
+        reviewed
+    }
+}
+
+/// A claim CREATE: read its labels; one a restore did not make is allowed at once.
+fn claim_create(
+    uid: &str,
+    namespace: Option<&str>,
+    object: Option<ObjectIn<'_>>,
+) -> Parsed<'static> {
+    let answered = |outcome| Parsed::Answered(allow(uid, outcome, None, None));
+    let Some(ObjectIn::Pod(view)) = object else {
+        return answered(Outcome::NotPodCreate);
+    };
+    let label = |key: &str| view.label(key).map(str::to_owned);
+    let name = view
+        .metadata
+        .as_ref()
+        .and_then(|m| m.name.as_deref())
+        .unwrap_or("")
+        .to_owned();
+    let namespace = namespace
+        .filter(|n| !n.is_empty())
+        .map(str::to_owned)
+        .or_else(|| {
+            view.metadata
+                .as_ref()
+                .and_then(|m| m.namespace.as_deref())
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    match (
+        label(names::VELERO_BACKUP_NAME),
+        label(names::VELERO_RESTORE_NAME),
+    ) {
+        (Some(backup), Some(restore))
+            if names::is_dns1123_label(&namespace) && names::is_dns1123_subdomain(&name) =>
+        {
+            Parsed::ClaimCreate(ClaimCreate {
+                uid: uid.to_owned(),
+                namespace,
+                name,
+                backup,
+                restore,
+            })
+        }
+        _ => answered(Outcome::RestoredClaim(ClaimVerdict::Allowed)),
+    }
 }
 
 /// A Pod CREATE, read from the request, borrowing from its bytes.
@@ -499,6 +615,8 @@ pub fn review<S: Into<Scope>>(
     Ok(match parse(body)? {
         Parsed::Answered(reviewed) => reviewed,
         Parsed::PodCreate(create) => create.decide(&scope_for(create.namespace()).into(), explain),
+        // No cluster here: no wave Backups to look in.
+        Parsed::ClaimCreate(claim) => claim.decide(&[], &claim.namespace),
     })
 }
 
@@ -541,6 +659,16 @@ fn check<'a, O>(
         .sub_resource
         .as_deref()
         .is_some_and(|s| !s.is_empty());
+    let is_claim = request.kind.group.as_deref().unwrap_or("").is_empty()
+        && &*request.kind.version == "v1"
+        && &*request.kind.kind == "PersistentVolumeClaim";
+    if is_claim && is_create && !is_subresource {
+        return Ok(claim_create(
+            &request.uid,
+            request.namespace.as_deref(),
+            request.object.map(read_object),
+        ));
+    }
     if !(is_pod && is_create && !is_subresource) {
         return Ok(Parsed::Answered(allow(
             uid,

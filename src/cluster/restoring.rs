@@ -108,14 +108,124 @@ const MAX_LOOKUPS: usize = 16;
 pub struct RestoreClaims {
     client: Option<kube::Client>,
     events: super::events::EventSink,
+    /// Where Velero's Backups and Restores are (`--velero-namespace`).
+    velero_namespace: String,
+    /// The wave Backups of a Schedule's Backup (by its label form), read at most every
+    /// [`WAVES_FOR`]: a Restore re-creates claims by the hundred.
+    waves: Arc<std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, Waves)>>>,
 }
 
+/// The wave Backups of one Backup: (name, `velero-jupyterhub.io/wave-claims`).
+type Waves = Arc<Vec<(String, String)>>;
+const WAVES_FOR: std::time::Duration = std::time::Duration::from_secs(30);
+const WAVES_KEPT: usize = 64;
+
 impl RestoreClaims {
-    pub fn new(client: Option<kube::Client>) -> Self {
+    pub fn new(client: Option<kube::Client>, velero_namespace: &str) -> Self {
         Self {
             events: super::events::EventSink::new(client.clone()),
             client,
+            velero_namespace: velero_namespace.to_owned(),
+            waves: Arc::default(),
         }
+    }
+
+    /// The claim entry's decision for a claim a Velero restore re-creates: refused when
+    /// its home is in a wave Backup of the same tick (`policy::restore::home_in_a_wave`),
+    /// or when that cannot be checked (the restore of that claim fails, loudly; running it
+    /// again fixes it).
+    pub async fn review_claim(
+        &self,
+        claim: &crate::admission::ClaimCreate,
+    ) -> crate::admission::Reviewed {
+        let waves = match self.waves_of(&claim.backup).await {
+            Ok(waves) => waves,
+            Err(why) => return claim.unchecked(&why),
+        };
+        if waves.is_empty() {
+            return claim.decide(&[], &claim.namespace);
+        }
+        let read: Vec<restore::WaveOf<'_>> = waves
+            .iter()
+            .map(|(name, claims)| restore::WaveOf::read(name, claims))
+            .collect();
+        let source = self
+            .source_namespace(&claim.restore, &claim.namespace)
+            .await;
+        claim.decide(&read, &source)
+    }
+
+    async fn waves_of(&self, backup: &str) -> Result<Waves, String> {
+        use crate::cluster::velero::Backup;
+        let Some(client) = &self.client else {
+            return Ok(Waves::default());
+        };
+        if let Some((at, waves)) = self.waves.lock().ok().and_then(|w| w.get(backup).cloned())
+            && at.elapsed() < WAVES_FOR
+        {
+            return Ok(waves);
+        }
+        if !names::is_label_value(backup) {
+            return Err("its Backup label is not a label value".to_owned());
+        }
+        let api: Api<Backup> = Api::namespaced(client.clone(), &self.velero_namespace);
+        let params =
+            kube::api::ListParams::default().labels(&format!("{}={backup}", names::WAVE_OF));
+        let listed = tokio::time::timeout(LOOKUP_TIMEOUT, api.list(&params))
+            .await
+            .map_err(|_| format!("no answer listing wave Backups within {LOOKUP_TIMEOUT:?}"))?
+            .map_err(|e| format!("listing wave Backups: {e}"))?;
+        let waves: Waves = Arc::new(
+            listed
+                .items
+                .into_iter()
+                .filter(|b| b.restorable())
+                .filter_map(|b| {
+                    let claims = b
+                        .metadata
+                        .annotations
+                        .as_ref()?
+                        .get(names::WAVE_CLAIMS)?
+                        .clone();
+                    Some((b.metadata.name?, claims))
+                })
+                .collect(),
+        );
+        if let Ok(mut cache) = self.waves.lock() {
+            if cache.len() >= WAVES_KEPT {
+                cache.retain(|_, (at, _)| at.elapsed() < WAVES_FOR);
+            }
+            if cache.len() < WAVES_KEPT {
+                cache.insert(
+                    backup.to_owned(),
+                    (std::time::Instant::now(), waves.clone()),
+                );
+            }
+        }
+        Ok(waves)
+    }
+
+    /// The namespace a claim came from in its Backup: the Restore's namespace mapping
+    /// read backwards (`restore` is the label form of its name; a name too long to be its
+    /// own label cannot be read, and then no mapping is assumed).
+    async fn source_namespace(&self, restore: &str, target: &str) -> String {
+        use crate::cluster::velero::Restore;
+        let Some(client) = &self.client else {
+            return target.to_owned();
+        };
+        let api: Api<Restore> = Api::namespaced(client.clone(), &self.velero_namespace);
+        let found = match names::is_dns1123_subdomain(restore) {
+            true => tokio::time::timeout(LOOKUP_TIMEOUT, api.get_opt(restore)).await,
+            false => return target.to_owned(),
+        };
+        let mapping = match found {
+            Ok(Ok(Some(r))) => r.spec.namespace_mapping,
+            _ => return target.to_owned(),
+        };
+        mapping
+            .into_iter()
+            .find(|(_, to)| to == target)
+            .map_or_else(|| target.to_owned(), |(from, _)| from)
     }
 
     /// Each of `claims` in `namespace` as it is now (without a cluster: unknown).

@@ -242,6 +242,7 @@ async fn answer(state: &WebhookState, request: Request) -> (Response, &'static s
             }
             reviewed
         }
+        Ok(Parsed::ClaimCreate(claim)) => state.restore_claims.review_claim(&claim).await,
         Err(e) => return (bad_request(&e), "bad_request"),
     };
     log_reviewed(&reviewed);

@@ -330,6 +330,11 @@ impl Webhook {
     }
 
     pub async fn start_with(client: &Client, serve: ServeOptions) -> Self {
+        Self::start_for(client, serve, "velero").await
+    }
+
+    /// With Velero's objects in `velero_namespace` (a test's own).
+    pub async fn start_for(client: &Client, serve: ServeOptions, velero_namespace: &str) -> Self {
         apply_rbac(client).await;
         let sa = manifest("ServiceAccount", "velero-jupyterhub");
         let webhook_client = client_as_service_account(
@@ -348,6 +353,7 @@ impl Webhook {
             helper: velero_jupyterhub::policy::helper::HelperOptions::with_image(
                 velero_jupyterhub::policy::helper::DEFAULT_IMAGE,
             ),
+            velero_namespace: velero_namespace.to_owned(),
             cluster: Some(webhook_client),
             serve,
             shutdown_delay: Duration::ZERO,
@@ -867,6 +873,7 @@ pub async fn webhook_from_secret(client: Client) -> Running {
         helper: velero_jupyterhub::policy::helper::HelperOptions::with_image(
             velero_jupyterhub::policy::helper::DEFAULT_IMAGE,
         ),
+        velero_namespace: "velero".to_owned(),
         cluster: Some(client),
         serve: Default::default(),
         shutdown_delay: Duration::ZERO,

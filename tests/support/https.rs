@@ -47,6 +47,7 @@ pub async fn start(tls: TlsSource, serve: ServeOptions) -> Running {
         helper: velero_jupyterhub::policy::helper::HelperOptions::with_image(
             velero_jupyterhub::policy::helper::DEFAULT_IMAGE,
         ),
+        velero_namespace: "velero".to_owned(),
         cluster: None,
         serve,
         shutdown_delay: Duration::ZERO,
