@@ -146,6 +146,12 @@ fn schedule_backup_then_restore_onto_empty_volumes() {
 /// its Backup, pauses it, and checks Velero copied every home: a Completed
 /// PodVolumeBackup of each claim, the idle ones through our helpers. Returns the Backup.
 fn schedule_tick(e: &E2e, hub: &Hub<'_>, name: &str, idle: &[&str]) -> String {
+    schedule_tick_with(e, hub, name, idle.len())
+}
+
+/// The same, when only `fit` of the idle homes get a helper before the tick (the rest
+/// go in waves after it): the Backup lists exactly those.
+fn schedule_tick_with(e: &E2e, hub: &Hub<'_>, name: &str, fit: usize) -> String {
     while std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() % 120)
@@ -166,13 +172,25 @@ fn schedule_tick(e: &E2e, hub: &Hub<'_>, name: &str, idle: &[&str]) -> String {
         "24h0m0s",
     ]);
     assert_eq!(r.code, Some(0), "velero schedule create: {}", r.stderr);
-    for u in idle {
-        let helper = format!("vjh-backup-claim-{u}");
-        wait_for(60, &format!("{helper} Running before the tick"), || {
-            let p = e.get(&["-n", &hub.ns, "pod", &helper])?;
-            (p["status"]["phase"] == "Running").then_some(())
-        });
-    }
+    let running = || {
+        let l = e.get(&[
+            "-n",
+            &hub.ns,
+            "pods",
+            "-l",
+            "app.kubernetes.io/component=backup-helper",
+        ])?;
+        let names: Vec<String> = l["items"]
+            .as_array()?
+            .iter()
+            .filter(|p| p["status"]["phase"] == "Running")
+            .filter_map(|p| p["metadata"]["name"].as_str().map(str::to_owned))
+            .collect();
+        Some(names)
+    };
+    let helpers = wait_for(60, "the window's helpers Running before the tick", || {
+        running().filter(|n| n.len() == fit)
+    });
     let selector = format!("velero.io/schedule-name={name}");
     let backup = wait_for(300, "the Schedule's Backup", || {
         let l = e.get(&["-n", "velero", "backups", "-l", &selector])?;
@@ -193,11 +211,8 @@ fn schedule_tick(e: &E2e, hub: &Hub<'_>, name: &str, idle: &[&str]) -> String {
         .velero(&["backup", "describe", &backup, "--details"])
         .stdout;
     assert_eq!(phase, "Completed", "{details}");
-    for u in idle {
-        assert!(
-            details.contains(&format!("vjh-backup-claim-{u}: data")),
-            "{details}"
-        );
+    for helper in helpers {
+        assert!(details.contains(&format!("{helper}: data")), "{details}");
     }
     backup
 }
@@ -682,4 +697,202 @@ fn a_user_who_starts_a_server_during_the_restore_waits_for_it() {
     });
     hub.start_server(user, &Security::default());
     assert_ours_untouched(&e, &before);
+}
+
+/// Disaster recovery after a night with waves (`--max-helpers 1`: of three idle homes
+/// one fits in the Schedule's window, the two others follow in wave Backups): the
+/// namespace, its claims, volumes and data are lost, and the cluster knows the Backups
+/// only from object storage (deleted, then synced back by Velero). One command,
+/// `velero-jupyterhub restore --from-schedule`, brings every home back. Velero's own
+/// `velero restore create --from-schedule` (the Schedule's Backup alone) fails loudly for
+/// the wave users instead of leaving their homes empty, naming the wave Backup that
+/// brings each back.
+#[test]
+#[ignore = "needs the real node: scripts/e2e-velero.sh scenario NAME"]
+fn disaster_recovery_after_a_night_with_waves() {
+    let e = E2e::from_env();
+    let controller = "deployment/velero-jupyterhub-controller";
+    let env = |vars: &[&str]| {
+        let mut args = vec!["-n", "velero-jupyterhub", "set", "env", controller];
+        args.extend_from_slice(vars);
+        e.kc(&args);
+        e.kc(&[
+            "-n",
+            "velero-jupyterhub",
+            "rollout",
+            "status",
+            controller,
+            "--timeout=180s",
+        ]);
+    };
+    env(&["VJH_MAX_HELPERS=1", "VJH_WAVE_SETTLE=10s"]);
+    // Velero syncs Backups from object storage every 10 s (the location's own setting).
+    e.kc(&[
+        "-n",
+        "velero",
+        "patch",
+        "bsl",
+        "default",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"backupSyncPeriod":"10s"}}"#,
+    ]);
+    let hub = Hub::new(&e, "e2e-dr", Binding::WaitForFirstConsumer);
+    let users = ["dia", "dib", "dic"];
+    for u in users {
+        hub.make_home(u, 1024 * 1024);
+    }
+    let want: Vec<(&str, Tree)> = users.iter().map(|u| (*u, Tree::of(&hub.home(u)))).collect();
+
+    let own = schedule_tick_with(&e, &hub, "dr-nightly", 1);
+    let status = wait_for(
+        300,
+        "every home backed up by the Schedule's Backup or a wave",
+        || {
+            let r = e.vjh(&["status", "--namespace", &hub.ns]);
+            (r.code == Some(0)).then_some(r.stdout)
+        },
+    );
+    log(format!("velero-jupyterhub status -n {}:\n{status}", hub.ns));
+    let waves: Vec<String> = e
+        .get(&[
+            "-n",
+            "velero",
+            "backups",
+            "-l",
+            &format!("velero-jupyterhub.io/wave-of={own}"),
+        ])
+        .expect("wave Backups")["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|b| b["metadata"]["name"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(waves.len(), 2, "two wave Backups after {own}: {waves:?}");
+    assert_eq!(
+        copied_claims(&e, &own).len(),
+        1,
+        "one home in the Schedule's own Backup"
+    );
+    hub.no_helpers(120);
+
+    // The disaster: the namespace, the claims, the volumes and the data are gone.
+    let lose_everything = || {
+        for (u, _) in &want {
+            let _ = std::fs::remove_dir_all(hub.home(u));
+        }
+        e.kc(&[
+            "delete",
+            "namespace",
+            &hub.ns,
+            "--wait=true",
+            "--timeout=180s",
+        ]);
+        e.kc(&[
+            "delete",
+            "pv",
+            "-l",
+            &format!("e2e-hub={}", hub.ns),
+            "--wait=true",
+        ]);
+        for (u, _) in &want {
+            hub.empty_volume(&hub.ns, &Hub::claim(u));
+        }
+    };
+    lose_everything();
+    // And the Backups are known only from object storage: deleted here (not through
+    // Velero, which would delete their data), synced back by Velero with their labels.
+    let tick: Vec<String> = std::iter::once(own.clone())
+        .chain(waves.iter().cloned())
+        .collect();
+    for b in &tick {
+        e.kc(&["-n", "velero", "delete", "backup", b, "--wait=true"]);
+    }
+    for b in &tick {
+        wait_for(
+            180,
+            &format!("Backup {b} synced back from object storage"),
+            || {
+                let got = e.get(&["-n", "velero", "backup", b])?;
+                (got["status"]["phase"] == "Completed" && copied_claims(&e, b).len() == 1)
+                    .then_some(())
+            },
+        );
+    }
+    for w in &waves {
+        let got = e.get(&["-n", "velero", "backup", w]).expect("synced");
+        assert_eq!(
+            got["metadata"]["labels"]["velero-jupyterhub.io/wave-of"],
+            own.as_str(),
+            "the tie to the night travels with the Backup"
+        );
+    }
+
+    // One command brings every home back.
+    let r = e.vjh(&[
+        "restore",
+        "--namespace",
+        &hub.ns,
+        "--from-schedule",
+        "dr-nightly",
+        "--wait",
+    ]);
+    log(format!("{}{}", r.stdout, r.stderr));
+    assert_eq!(
+        r.code,
+        Some(0),
+        "restore --from-schedule: {}\n{}",
+        r.stdout,
+        r.stderr
+    );
+    hub.no_helpers(180);
+    for (u, tree) in &want {
+        assert_same(
+            &format!("{u}'s home after the disaster"),
+            tree,
+            &hub.home(u),
+        );
+    }
+
+    // Velero's own: the Schedule's Backup alone. The wave users' claims are refused,
+    // loudly, naming their wave Backup; restoring that Backup brings each home back.
+    lose_everything();
+    let phase = e.velero_restore("e2e-dr-velero", &["--from-schedule", "dr-nightly"]);
+    let described = e.describe_restore("e2e-dr-velero");
+    log(format!(
+        "velero restore describe e2e-dr-velero:\n{described}"
+    ));
+    assert_eq!(phase, "PartiallyFailed", "{described}");
+    for w in &waves {
+        assert!(
+            described.contains(&format!("velero restore create --from-backup {w}")),
+            "{w}: {described}"
+        );
+    }
+    for (i, w) in waves.iter().enumerate() {
+        let name = format!("e2e-dr-wave{i}");
+        let phase = e.velero_restore(&name, &["--from-backup", w]);
+        assert_eq!(phase, "Completed", "{}", e.describe_restore(&name));
+    }
+    hub.no_helpers(180);
+    for (u, tree) in &want {
+        assert_same(
+            &format!("{u}'s home, restored with Velero"),
+            tree,
+            &hub.home(u),
+        );
+    }
+
+    e.velero(&["schedule", "delete", "dr-nightly", "--confirm"]);
+    e.kc(&[
+        "-n",
+        "velero",
+        "patch",
+        "bsl",
+        "default",
+        "--type=json",
+        "-p",
+        r#"[{"op":"remove","path":"/spec/backupSyncPeriod"}]"#,
+    ]);
+    env(&["VJH_MAX_HELPERS-", "VJH_WAVE_SETTLE-"]);
 }
