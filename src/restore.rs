@@ -177,7 +177,9 @@ pub async fn run(
             );
         }
     }
-    let base = backup_name(ns, Timestamp::now());
+    // Room for the suffixes of a tick's Restores (`-w<N>`, `-ns`) within a label value
+    // (Velero labels restored objects with the Restore's name).
+    let base = backup_name(ns.get(..40).unwrap_or(ns), Timestamp::now());
     // A namespace that is gone (a disaster) comes back first, from the Backup, as it was
     // (its labels and annotations: the opt-in, the claim globs).
     let namespace = match Api::<Namespace>::all(client.clone())
@@ -353,10 +355,16 @@ async fn restore_namespace(
         progress,
         "namespace {ns} does not exist: restoring it first from Backup {backup} (Restore {name})"
     );
+    // The Namespace object is cluster-scoped: with specific namespaces included, Velero
+    // restores it only when told to include cluster resources, and then every namespace
+    // of the Backup (restore.go `getOrderedResourceCollection`): the label every namespace
+    // carries with its own name narrows it to this one.
     let spec = json!({
         "backupName": backup,
         "includedNamespaces": [ns],
         "includedResources": ["namespaces"],
+        "includeClusterResources": true,
+        "labelSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
     });
     create_restore_object(client, o, name, spec).await?;
     let (phase, _) = follow(client, o, name, progress).await?;

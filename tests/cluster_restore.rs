@@ -1292,12 +1292,36 @@ async fn a_restore_under_way_keeps_backup_helpers_and_users_off_the_claims_it_re
         "claim-alice",
     )
     .await;
+    // A plain Restore cannot write into alice's home while her claim exists (the webhook
+    // refuses the pod that would): her helper stays, nothing is recorded.
+    let plain = unique("restore");
+    cluster::apply_dynamic(
+        &client,
+        &json!({"apiVersion": "velero.io/v1", "kind": "Restore",
+        "metadata": {"name": plain, "namespace": setup.velero},
+        "spec": {"backupName": backup, "includedNamespaces": [ns]}}),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        helpers_now().await.len(),
+        2,
+        "a Restore that writes nothing takes nothing"
+    );
+    set_status(
+        &setup,
+        "restores",
+        &plain,
+        json!({"phase": "PartiallyFailed"}),
+    )
+    .await;
+    // One that updates what exists will write into it.
     let restore = unique("restore");
     cluster::apply_dynamic(
         &client,
         &json!({"apiVersion": "velero.io/v1", "kind": "Restore",
         "metadata": {"name": restore, "namespace": setup.velero},
-        "spec": {"backupName": backup, "includedNamespaces": [ns]}}),
+        "spec": {"backupName": backup, "includedNamespaces": [ns], "existingResourcePolicy": "update"}}),
     )
     .await;
 
@@ -1456,12 +1480,14 @@ async fn a_wave_users_claim_is_not_re_created_empty_from_the_schedules_backup() 
     // The night: the Schedule's Backup, and a wave Backup for bob made by the controller.
     let own = "homes-20261207030000";
     let wave = "homes-wave1-20261207030000";
+    // carol's home was backed up in another namespace, which a Restore maps to this one.
+    let source = unique("jhub-before");
     for (name, labels, annotations) in [
         (own, json!({"velero.io/schedule-name": "homes"}), json!({})),
         (
             wave,
             json!({(names::WAVE_OF): own, (names::WAVE_SCHEDULE): "homes", (names::WAVE_NUMBER): "1"}),
-            json!({(names::WAVE_CLAIMS): format!("{ns}/claim-bob")}),
+            json!({(names::WAVE_CLAIMS): format!("{ns}/claim-bob,{source}/claim-carol")}),
         ),
     ] {
         cluster::apply_dynamic(&client, &json!({"apiVersion": "velero.io/v1", "kind": "Backup",
@@ -1482,6 +1508,21 @@ async fn a_wave_users_claim_is_not_re_created_empty_from_the_schedules_backup() 
         "subjects": [{"kind": "ServiceAccount", "name": "velero", "namespace": "velero"}]});
     cluster::apply_dynamic(&client, &role).await;
     cluster::apply_dynamic(&client, &binding).await;
+    // The Restores Velero runs: its own --from-schedule (the Schedule's Backup alone), one
+    // of the wave Backup, and one of the Schedule's Backup mapped from another namespace.
+    for (name, backup, mapping) in [
+        ("from-schedule-1", own, json!({})),
+        ("wave-1", wave, json!({})),
+        ("mapped-1", own, json!({(source.clone()): ns.clone()})),
+    ] {
+        cluster::apply_dynamic(
+            &client,
+            &json!({"apiVersion": "velero.io/v1", "kind": "Restore",
+            "metadata": {"name": name, "namespace": setup.velero},
+            "spec": {"backupName": backup, "namespaceMapping": mapping}}),
+        )
+        .await;
+    }
     let claims: Api<k8s_openapi::api::core::v1::PersistentVolumeClaim> =
         Api::namespaced(velero, &ns);
     let claim = |name: &str,
@@ -1536,6 +1577,31 @@ async fn a_wave_users_claim_is_not_re_created_empty_from_the_schedules_backup() 
         )
         .await
         .expect("bob's claim from his wave Backup");
+    // Restored into another namespace: the wave's claims are found by the namespace they
+    // had in the Backup (the Restore's mapping, read backwards).
+    let err = claims
+        .create(
+            &PostParams::default(),
+            &claim("claim-carol", "carol", own, "mapped-1"),
+        )
+        .await
+        .expect_err("carol's claim, mapped from her namespace");
+    assert!(
+        err.to_string().contains("not re-created from Backup"),
+        "{err}"
+    );
+    // A Restore that cannot be read: refused, not let through.
+    let err = claims
+        .create(
+            &PostParams::default(),
+            &claim("claim-dave", "dave", own, "gone-1"),
+        )
+        .await
+        .expect_err("unchecked");
+    assert!(
+        err.to_string().contains("could not be checked") && err.to_string().contains("gone-1"),
+        "{err}"
+    );
     let text = webhook.server.metrics.encode();
     let series = r#"velero_jupyterhub_admission_requests_total{webhook="restore",outcome="restore_claim_home_in_a_wave"}"#;
     assert!(sample(&text, series).is_some_and(|n| n >= 1.0), "{text}");

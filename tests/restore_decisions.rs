@@ -736,6 +736,9 @@ fn the_claims_being_restored() {
         namespace_mapping: &none,
         label_selector: None,
         or_label_selectors: &[],
+        included_resources: &[],
+        excluded_resources: &[],
+        updates_existing: false,
     };
     let backed_up = [
         BackedUpClaim {
@@ -872,8 +875,10 @@ fn the_claims_being_restored() {
         ..r2
     };
     assert!(run(&[r2_done], &made, &[], &[]).is_empty());
-    // A Restore of some users (`velero-jupyterhub restore --user bob`): another user's
-    // claim that is there is not concerned; one that is not there may be re-created.
+    // Claims that are there: the Restore writes into one only if it updates what exists
+    // (else our webhook refuses the pod that would, and a helper's name taken is
+    // harmless), and only its users' (`velero-jupyterhub restore --user bob`). One that
+    // is not there may be re-created.
     let bob_only: k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector =
         serde_json::from_value(json!({"matchExpressions": [
             {"key": "hub.jupyter.org/username", "operator": "In", "values": ["bob"]}]}))
@@ -892,9 +897,18 @@ fn the_claims_being_restored() {
             username: Some("bob"),
         },
     ];
+    let updating = RestoreSpecView {
+        updates_existing: true,
+        ..restore("r1", Some("New"))
+    };
+    assert!(run(&[restore("r1", Some("New"))], &there, &[], &[]).is_empty());
+    assert_eq!(
+        run(std::slice::from_ref(&updating), &there, &[], &[]),
+        want(set(&[("jhub", "claim-alice"), ("jhub", "claim-bob")]))
+    );
     let for_bob = RestoreSpecView {
         label_selector: Some(&bob_only),
-        ..restore("r1", Some("New"))
+        ..updating
     };
     assert_eq!(
         run(std::slice::from_ref(&for_bob), &there, &[], &[]),
@@ -904,6 +918,20 @@ fn the_claims_being_restored() {
         run(&[for_bob], &there[1..], &[], &[]),
         want(set(&[("jhub", "claim-alice"), ("jhub", "claim-bob")]))
     );
+    // A Restore that re-creates no pods restores no volume.
+    let configmaps = ["configmaps".to_owned()];
+    let pods = ["pods".to_owned()];
+    for (included, excluded) in [(&configmaps[..], &[][..]), (&[][..], &pods[..])] {
+        let r = RestoreSpecView {
+            included_resources: included,
+            excluded_resources: excluded,
+            ..restore("r1", Some("New"))
+        };
+        assert!(
+            run(&[r], &[], &[], &[]).is_empty(),
+            "{included:?} {excluded:?}"
+        );
+    }
     // Restore helpers' claims, whatever the Restores say.
     assert_eq!(
         run(
@@ -944,6 +972,17 @@ fn the_claims_being_restored() {
             &[listed("2026-12-07T11:58:30Z")]
         )
         .is_empty()
+    );
+    // Past the two minutes, while one of its Restores is under way (the command creates
+    // the next only when Velero has re-created the previous one's claims).
+    assert_eq!(
+        run(
+            &[gina("InProgress")],
+            &[],
+            &[],
+            &[listed("2026-12-07T11:30:00Z")]
+        ),
+        want(set(&[("jhub", "claim-gina")]))
     );
     assert_eq!(
         run(&[], &[], &[], &[listed("2026-12-07T11:58:30Z")]),
@@ -1124,11 +1163,18 @@ fn a_claim_whose_home_is_in_a_wave() {
     let waves = [
         WaveOf::read(
             "homes-wave1-20261207030000",
+            Some("Completed"),
             "jhub/claim-bob,jhub/claim-carol",
         ),
         WaveOf::read(
             "homes-wave2-20261207030000",
+            Some("PartiallyFailed"),
             "jhub/claim-dave, other/claim-erin",
+        ),
+        WaveOf::read(
+            "homes-wave3-20261207030000",
+            Some("Failed"),
+            "jhub/claim-fay",
         ),
     ];
     let found = |ns: &str, claim: &str| home_in_a_wave(ns, claim, &waves).map(|w| w.name);
@@ -1155,12 +1201,7 @@ fn a_claim_whose_home_is_in_a_wave() {
         "another namespace's claim-bob"
     );
     assert!(home_in_a_wave("jhub", "claim-bob", &[]).is_none());
-    let m = wave_home_message(
-        "jhub",
-        "claim-bob",
-        "homes-20261207030000",
-        "homes-wave1-20261207030000",
-    );
+    let m = wave_home_message("jhub", "claim-bob", "homes-20261207030000", &waves[0]);
     for part in [
         "claim jhub/claim-bob not re-created from Backup homes-20261207030000",
         "come back empty",
@@ -1169,4 +1210,13 @@ fn a_claim_whose_home_is_in_a_wave() {
     ] {
         assert!(m.contains(part), "{part}: {m}");
     }
+    // A wave that failed holds no copy either: refused too, saying so.
+    let failed = home_in_a_wave("jhub", "claim-fay", &waves).expect("wave 3");
+    let m = wave_home_message("jhub", "claim-fay", "homes-20261207030000", failed);
+    assert!(
+        m.contains("homes-wave3-20261207030000")
+            && m.contains("is Failed")
+            && m.contains("--latest"),
+        "{m}"
+    );
 }

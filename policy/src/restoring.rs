@@ -8,17 +8,20 @@
 //! up.
 //!
 //! A claim is being restored when
-//! - a Restore that is not over covers its namespace, and its Backup holds a
-//!   PodVolumeBackup of the claim (Velero will re-create the pod that restores it), unless
-//!   the claim is there now with a user the Restore's label selector leaves out; a
-//!   Restore is seen `New` before Velero restores anything, so this holds from the start;
+//! - a Restore that is not over and re-creates pods covers its namespace, and its Backup
+//!   holds a PodVolumeBackup of the claim (Velero will re-create the pod that restores
+//!   it), unless the claim is there now and the Restore will not write into it (its label
+//!   selector leaves the user out, or it neither made the claim nor updates what
+//!   exists); a Restore is seen `New` before Velero restores anything, so this holds from
+//!   the start (one made `--from-schedule` is read as the Backup Velero will take);
 //! - it carries the `velero.io/restore-name` of a Restore that is not over (Velero made
 //!   or updated it);
 //! - a restore helper of ours mounts it (until the controller deletes the helper);
 //! - `velero-jupyterhub restore` listed it on the namespace just before creating its
 //!   Restores (`velero-jupyterhub.io/restoring-restores`), so that the guard holds before
-//!   the controller has seen them: until they are all over, or for [`COMMAND_GRACE`] from
-//!   `velero-jupyterhub.io/restoring-since` (a Restore under way counts by itself).
+//!   the controller has seen them: until they are all over, while one of them is under
+//!   way, and for [`COMMAND_GRACE`] from `velero-jupyterhub.io/restoring-since` (it
+//!   creates the first right after listing, the next ones as Velero finishes each).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -42,9 +45,23 @@ pub struct RestoreSpecView<'a> {
     pub namespace_mapping: &'a BTreeMap<String, String>,
     pub label_selector: Option<&'a LabelSelector>,
     pub or_label_selectors: &'a [LabelSelector],
+    /// Its `includedResources` and `excludedResources`.
+    pub included_resources: &'a [String],
+    pub excluded_resources: &'a [String],
+    /// `existingResourcePolicy: update`: it may write into claims that exist.
+    pub updates_existing: bool,
 }
 
 impl RestoreSpecView<'_> {
+    /// Whether it re-creates pods (Velero restores a volume only through a pod it
+    /// re-creates): its resource includes and excludes, as Velero reads them (`*` or
+    /// empty: everything; plural names, with or without their group).
+    pub fn restores_pods(&self) -> bool {
+        let pods = |r: &String| matches!(r.as_str(), "*" | "pods" | "pod");
+        !self.excluded_resources.iter().any(pods)
+            && (self.included_resources.is_empty() || self.included_resources.iter().any(pods))
+    }
+
     /// Whether it may restore an object whose `hub.jupyter.org/username` is `user` (only
     /// that label is known of a claim here; `velero-jupyterhub restore` selects by it):
     /// Velero takes an item matching `labelSelector`, or any of `orLabelSelectors`, or
@@ -140,7 +157,7 @@ pub fn claims_being_restored<'a>(input: &Input<'_, 'a>) -> BTreeMap<&'a str, BTr
     };
     let active: Vec<&RestoreSpecView<'a>> =
         input.restores.iter().filter(|r| r.in_progress()).collect();
-    for restore in &active {
+    for restore in active.iter().filter(|r| r.restores_pods()) {
         let backup = velero::label_value(restore.backup);
         for pvb in input.backed_up.iter().filter(|p| p.backup == backup) {
             let Some(target) = restore.target(pvb.pod_namespace) else {
@@ -149,14 +166,21 @@ pub fn claims_being_restored<'a>(input: &Input<'_, 'a>) -> BTreeMap<&'a str, BTr
             let Some(ns) = input.namespaces.iter().find(|n| **n == target) else {
                 continue;
             };
-            // A claim there now whose user the Restore's selector leaves out is not
-            // concerned (one not there is: Velero may re-create it).
-            let user_left_out = input
+            // A claim there now is not concerned if the Restore's selector leaves its user
+            // out, or if the Restore will not write into it (it did not make it and does
+            // not update what exists: our webhook refuses the pod that would, and a
+            // backup helper's name taken then only meets a refused pod). One not there is:
+            // Velero may re-create it.
+            let label = velero::label_value(restore.name);
+            let concerned = input
                 .claims
                 .iter()
                 .find(|c| c.namespace == *ns && c.name == pvb.claim)
-                .is_some_and(|c| !restore.may_select_user(c.username));
-            if !user_left_out {
+                .is_none_or(|c| {
+                    restore.may_select_user(c.username)
+                        && (restore.updates_existing || c.restore == Some(label.as_ref()))
+                });
+            if concerned {
                 add(ns, pvb.claim);
             }
         }
@@ -171,17 +195,21 @@ pub fn claims_being_restored<'a>(input: &Input<'_, 'a>) -> BTreeMap<&'a str, BTr
     for &(ns, claim) in input.restore_helpers {
         add(ns, claim);
     }
-    let over: BTreeSet<&str> = input
-        .restores
-        .iter()
-        .filter(|r| !r.in_progress())
-        .map(|r| r.name)
-        .collect();
+    let phase_of = |name: &str| input.restores.iter().find(|r| r.name == name);
     for listed in input.listed {
         let fresh = listed.until().is_some_and(|until| input.now < until);
-        let all_over =
-            !listed.restores.is_empty() && listed.restores.iter().all(|r| over.contains(r));
-        if fresh && !all_over {
+        // Its Restores: all over, or one under way (the command creates them one after
+        // the other, as Velero finishes the previous).
+        let all_over = !listed.restores.is_empty()
+            && listed
+                .restores
+                .iter()
+                .all(|r| phase_of(r).is_some_and(|r| !r.in_progress()));
+        let one_under_way = listed
+            .restores
+            .iter()
+            .any(|r| phase_of(r).is_some_and(RestoreSpecView::in_progress));
+        if !all_over && (fresh || one_under_way) {
             for claim in &listed.claims {
                 add(listed.namespace, claim);
             }

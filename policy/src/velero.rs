@@ -83,6 +83,13 @@ pub struct Progress {
 #[serde(rename_all = "camelCase", default)]
 pub struct RestoreSpec {
     pub backup_name: String,
+    /// `velero restore create --from-schedule`: Velero fills `backupName` from it when it
+    /// validates the Restore (the newest Completed Backup of the Schedule).
+    pub schedule_name: String,
+    pub included_resources: Vec<String>,
+    pub excluded_resources: Vec<String>,
+    /// `none` (the default) or `update`.
+    pub existing_resource_policy: String,
     pub included_namespaces: Vec<String>,
     pub excluded_namespaces: Vec<String>,
     /// Source namespace → the namespace its objects are restored into.
@@ -131,6 +138,28 @@ pub fn label_value(name: &str) -> std::borrow::Cow<'_, str> {
     // Velero cuts bytes; a name that reaches us as a Kubernetes name is ASCII.
     let head = name.get(..MAX - 6).unwrap_or(name);
     format!("{head}{hex}").into()
+}
+
+/// A Backup as [`backup_for_schedule`] reads it: name, `velero.io/schedule-name` label,
+/// phase, `status.startTimestamp`.
+pub type ScheduledBackup<'a> = (
+    &'a str,
+    Option<&'a str>,
+    Option<&'a str>,
+    Option<jiff::Timestamp>,
+);
+
+/// The Backup a Restore of `scheduleName` restores (`velero restore create
+/// --from-schedule`): of the Backups labelled with the Schedule, newest start first, the
+/// first `Completed` (pkg/controller/restore_controller.go; Velero fills `backupName`
+/// with it only when it validates the Restore).
+pub fn backup_for_schedule<'a>(schedule: &str, backups: &[ScheduledBackup<'a>]) -> Option<&'a str> {
+    let label = label_value(schedule);
+    backups
+        .iter()
+        .filter(|(_, s, phase, _)| *s == Some(label.as_ref()) && *phase == Some("Completed"))
+        .max_by_key(|(name, _, _, started)| (*started, *name))
+        .map(|(name, ..)| *name)
 }
 
 /// Restore phases after which Velero does nothing more with it

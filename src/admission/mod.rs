@@ -131,6 +131,7 @@ impl Outcome {
             Self::Guarded => "restore_guard_denied",
             Self::RestoredClaim(ClaimVerdict::Allowed) => "restore_claim_allowed",
             Self::RestoredClaim(ClaimVerdict::HomeInAWave) => "restore_claim_home_in_a_wave",
+            Self::RestoredClaim(ClaimVerdict::Unchecked) => "restore_claim_unchecked",
             Self::NotPodCreate => "not_pod_create",
             Self::NotUnderstood => "not_understood",
         }
@@ -149,7 +150,7 @@ impl Outcome {
             self,
             Self::Guarded
                 | Self::Restore(RestoreVerdict::Unreadable | RestoreVerdict::WouldOverwrite)
-                | Self::RestoredClaim(ClaimVerdict::HomeInAWave)
+                | Self::RestoredClaim(ClaimVerdict::HomeInAWave | ClaimVerdict::Unchecked)
         )
     }
 }
@@ -284,6 +285,9 @@ pub enum ClaimVerdict {
     /// Its home is in a wave Backup the Restore does not restore: refused, so that it
     /// does not come back empty under a Restore that says Completed.
     HomeInAWave,
+    /// Whether its home is in a wave Backup could not be checked (or the claim not
+    /// read): refused, so that a wave user's claim never comes back empty unnoticed.
+    Unchecked,
 }
 
 impl ClaimCreate {
@@ -301,7 +305,7 @@ impl ClaimCreate {
             Some(wave) => deny(
                 &self.uid,
                 Outcome::RestoredClaim(ClaimVerdict::HomeInAWave),
-                restore::wave_home_message(&self.namespace, &self.name, &self.backup, wave.name),
+                restore::wave_home_message(&self.namespace, &self.name, &self.backup, wave),
             ),
         };
         reviewed.object = Some(format!("{}/{}", self.namespace, self.name));
@@ -318,7 +322,7 @@ impl ClaimCreate {
         );
         let mut reviewed = deny(
             &self.uid,
-            Outcome::RestoredClaim(ClaimVerdict::HomeInAWave),
+            Outcome::RestoredClaim(ClaimVerdict::Unchecked),
             message,
         );
         reviewed.object = Some(format!("{}/{}", self.namespace, self.name));
@@ -334,7 +338,14 @@ fn claim_create(
 ) -> Parsed<'static> {
     let answered = |outcome| Parsed::Answered(allow(uid, outcome, None, None));
     let Some(ObjectIn::Pod(view)) = object else {
-        return answered(Outcome::NotPodCreate);
+        // The claim entry sends only claims a restore re-creates: one we cannot read is
+        // refused (the restore says so; running it again with a fixed webhook fixes it).
+        let message = "velero-jupyterhub could not read this claim, re-created by a Velero restore, to check whether a wave Backup holds its home; refused".to_owned();
+        return Parsed::Answered(deny(
+            uid,
+            Outcome::RestoredClaim(ClaimVerdict::Unchecked),
+            message,
+        ));
     };
     let label = |key: &str| view.label(key).map(str::to_owned);
     let name = view

@@ -115,8 +115,8 @@ pub struct RestoreClaims {
     waves: Arc<std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, Waves)>>>,
 }
 
-/// The wave Backups of one Backup: (name, `velero-jupyterhub.io/wave-claims`).
-type Waves = Arc<Vec<(String, String)>>;
+/// The wave Backups of one Backup: (name, phase, `velero-jupyterhub.io/wave-claims`).
+type Waves = Arc<Vec<(String, Option<String>, String)>>;
 const WAVES_FOR: std::time::Duration = std::time::Duration::from_secs(30);
 const WAVES_KEPT: usize = 64;
 
@@ -138,20 +138,26 @@ impl RestoreClaims {
         &self,
         claim: &crate::admission::ClaimCreate,
     ) -> crate::admission::Reviewed {
-        let waves = match self.waves_of(&claim.backup).await {
+        // Both at once: each may take LOOKUP_TIMEOUT, and the request has 2 s.
+        let (waves, source) = futures::join!(
+            self.waves_of(&claim.backup),
+            self.source_namespace(&claim.restore, &claim.namespace)
+        );
+        let waves = match waves {
             Ok(waves) => waves,
             Err(why) => return claim.unchecked(&why),
         };
         if waves.is_empty() {
             return claim.decide(&[], &claim.namespace);
         }
+        let source = match source {
+            Ok(source) => source,
+            Err(why) => return claim.unchecked(&why),
+        };
         let read: Vec<restore::WaveOf<'_>> = waves
             .iter()
-            .map(|(name, claims)| restore::WaveOf::read(name, claims))
+            .map(|(name, phase, claims)| restore::WaveOf::read(name, phase.as_deref(), claims))
             .collect();
-        let source = self
-            .source_namespace(&claim.restore, &claim.namespace)
-            .await;
         claim.decide(&read, &source)
     }
 
@@ -179,7 +185,6 @@ impl RestoreClaims {
             listed
                 .items
                 .into_iter()
-                .filter(|b| b.restorable())
                 .filter_map(|b| {
                     let claims = b
                         .metadata
@@ -187,7 +192,7 @@ impl RestoreClaims {
                         .as_ref()?
                         .get(names::WAVE_CLAIMS)?
                         .clone();
-                    Some((b.metadata.name?, claims))
+                    Some((b.metadata.name?, b.status.and_then(|s| s.phase), claims))
                 })
                 .collect(),
         );
@@ -206,26 +211,42 @@ impl RestoreClaims {
     }
 
     /// The namespace a claim came from in its Backup: the Restore's namespace mapping
-    /// read backwards (`restore` is the label form of its name; a name too long to be its
-    /// own label cannot be read, and then no mapping is assumed).
-    async fn source_namespace(&self, restore: &str, target: &str) -> String {
+    /// read backwards (`restore` is the label form of its name: found by name, or, for a
+    /// name too long to be its own label, among the Restores).
+    async fn source_namespace(&self, restore: &str, target: &str) -> Result<String, String> {
         use crate::cluster::velero::Restore;
         let Some(client) = &self.client else {
-            return target.to_owned();
+            return Ok(target.to_owned());
         };
         let api: Api<Restore> = Api::namespaced(client.clone(), &self.velero_namespace);
-        let found = match names::is_dns1123_subdomain(restore) {
-            true => tokio::time::timeout(LOOKUP_TIMEOUT, api.get_opt(restore)).await,
-            false => return target.to_owned(),
+        let found = if restore.len() < 63 && names::is_dns1123_subdomain(restore) {
+            tokio::time::timeout(LOOKUP_TIMEOUT, api.get_opt(restore))
+                .await
+                .map_err(|_| {
+                    format!("no answer reading Restore {restore} within {LOOKUP_TIMEOUT:?}")
+                })?
+                .map_err(|e| format!("reading Restore {restore}: {e}"))?
+        } else {
+            tokio::time::timeout(LOOKUP_TIMEOUT, api.list(&Default::default()))
+                .await
+                .map_err(|_| format!("no answer listing Restores within {LOOKUP_TIMEOUT:?}"))?
+                .map_err(|e| format!("listing Restores: {e}"))?
+                .items
+                .into_iter()
+                .find(|r| {
+                    r.metadata
+                        .name
+                        .as_deref()
+                        .is_some_and(|n| crate::policy::velero::label_value(n) == restore)
+                })
         };
-        let mapping = match found {
-            Ok(Ok(Some(r))) => r.spec.namespace_mapping,
-            _ => return target.to_owned(),
-        };
-        mapping
+        let restore = found.ok_or_else(|| format!("Restore {restore} not found"))?;
+        Ok(restore
+            .spec
+            .namespace_mapping
             .into_iter()
             .find(|(_, to)| to == target)
-            .map_or_else(|| target.to_owned(), |(from, _)| from)
+            .map_or_else(|| target.to_owned(), |(from, _)| from))
     }
 
     /// Each of `claims` in `namespace` as it is now (without a cluster: unknown).

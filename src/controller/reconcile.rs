@@ -97,6 +97,7 @@ pub async fn run(
         config,
         metrics,
         pending: HashMap::new(),
+        namespaces_pending: HashMap::new(),
         reported: HashSet::new(),
         stuck_reported: HashSet::new(),
     };
@@ -141,6 +142,7 @@ struct CoverageInput<'a> {
 /// The claims being restored in each opted-in namespace (`policy::restoring`), from the
 /// pass's snapshot of the stores, and when claims the `restore` command listed stop
 /// counting by themselves (a pass is due then).
+#[allow(clippy::too_many_arguments)]
 fn claims_being_restored<'a>(
     opted_in: &'a [(&'a str, Arc<ClaimGlobs>)],
     namespaces: &'a [Arc<PartialObjectMeta<Namespace>>],
@@ -148,22 +150,51 @@ fn claims_being_restored<'a>(
     pods: &[&'a PodRecord],
     pvbs: &'a [Arc<crate::cluster::velero::PodVolumeBackup>],
     restores: &'a [Arc<crate::cluster::velero::Restore>],
+    backups: &'a [Arc<crate::cluster::velero::Backup>],
     now: Timestamp,
 ) -> (BTreeMap<&'a str, BTreeSet<&'a str>>, Option<Timestamp>) {
     use crate::policy::restoring::{BackedUpClaim, Input, LabelledClaim, Listed, RestoreSpecView};
     let opted: Vec<&str> = opted_in.iter().map(|(n, _)| *n).collect();
+    let scheduled: Vec<crate::policy::velero::ScheduledBackup<'_>> = backups
+        .iter()
+        .filter_map(|b| {
+            let status = b.status.as_ref();
+            Some((
+                b.metadata.name.as_deref()?,
+                b.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(names::VELERO_SCHEDULE_NAME))
+                    .map(String::as_str),
+                status.and_then(|s| s.phase.as_deref()),
+                status.and_then(|s| s.start_timestamp.as_ref()).map(|t| t.0),
+            ))
+        })
+        .collect();
     let restores: Vec<RestoreSpecView<'_>> = restores
         .iter()
         .filter_map(|r| {
+            // A Restore made `--from-schedule` names its Backup only once Velero has
+            // validated it; until then it is the one Velero will take.
+            let backup = match (r.spec.backup_name.as_str(), r.spec.schedule_name.as_str()) {
+                ("", schedule) if !schedule.is_empty() => {
+                    crate::policy::velero::backup_for_schedule(schedule, &scheduled)
+                        .unwrap_or_default()
+                }
+                (backup, _) => backup,
+            };
             Some(RestoreSpecView {
                 name: r.metadata.name.as_deref()?,
-                backup: &r.spec.backup_name,
+                backup,
                 phase: r.status.as_ref().and_then(|s| s.phase.as_deref()),
                 included_namespaces: &r.spec.included_namespaces,
                 excluded_namespaces: &r.spec.excluded_namespaces,
                 namespace_mapping: &r.spec.namespace_mapping,
                 label_selector: r.spec.label_selector.as_ref(),
                 or_label_selectors: &r.spec.or_label_selectors,
+                included_resources: &r.spec.included_resources,
+                excluded_resources: &r.spec.excluded_resources,
+                updates_existing: r.spec.existing_resource_policy == "update",
             })
         })
         .collect();
@@ -251,6 +282,8 @@ struct Reconciler {
     metrics: Arc<Metrics>,
     /// Writes made and not yet reflected by the watches, by key, with when they were made.
     pending: HashMap<String, Instant>,
+    /// The same for the namespaces' claims-being-restored annotation (`restoring/<ns>/<value>`).
+    namespaces_pending: HashMap<String, Instant>,
     /// Schedule problems already reported (Event sent), so each is reported once.
     reported: HashSet<(String, String)>,
     /// Helpers reported as not running, by uid.
@@ -382,14 +415,13 @@ impl Reconciler {
             &pods,
             &pvb_objects,
             &restore_objects,
+            &backup_objects,
             now,
         );
         let restoring: HashSet<(&str, &str)> = being_restored
             .iter()
             .flat_map(|(ns, claims)| claims.iter().map(move |c| (*ns, *c)))
             .collect();
-        self.record_restoring(&namespace_objects, &globs, &being_restored)
-            .await;
 
         let windows = window::windows(
             namespaces.iter().map(|n| n.name),
@@ -435,11 +467,14 @@ impl Reconciler {
         plan.delete.extend(waves.delete);
         self.apply(plan, &uids, stores).await;
         self.make_wave_backups(&waves.backups).await;
+        self.record_restoring(&namespace_objects, &globs, &being_restored)
+            .await;
         // A write that timed out or failed is retried when its pending entry expires:
         // wake then, even if nothing else happens.
         let retry = self
             .pending
             .values()
+            .chain(self.namespaces_pending.values())
             .map(|at| (*at + PENDING_FOR).saturating_duration_since(Instant::now()))
             .min()
             .and_then(|d| SignedDuration::try_from(d).ok())
@@ -469,6 +504,8 @@ impl Reconciler {
         opted_in: &[(&str, Arc<ClaimGlobs>)],
         restoring: &BTreeMap<&str, BTreeSet<&str>>,
     ) {
+        self.namespaces_pending
+            .retain(|_, at| at.elapsed() < PENDING_FOR);
         for n in namespaces {
             let m = &n.metadata;
             let Some(name) = m
@@ -495,7 +532,7 @@ impl Reconciler {
             }
             let key = format!("restoring/{name}/{}", want.as_deref().unwrap_or(""));
             if self
-                .pending
+                .namespaces_pending
                 .get(&key)
                 .is_some_and(|at| at.elapsed() < PENDING_FOR)
             {
@@ -515,7 +552,7 @@ impl Reconciler {
                 "resourceVersion": m.resource_version,
                 "annotations": set,
             }});
-            self.pending.insert(key, Instant::now());
+            self.namespaces_pending.insert(key, Instant::now());
             let api: Api<Namespace> = Api::all(self.client.clone());
             let done = tokio::time::timeout(
                 WRITE_TIMEOUT,

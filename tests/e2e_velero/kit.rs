@@ -48,6 +48,16 @@ pub fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T
     }
 }
 
+/// Runs its closure when dropped: a scenario that changes the cluster (our settings, our
+/// install) puts it back even when it fails, so the next scenario finds it as usual.
+pub struct Undo<F: FnMut()>(pub F);
+
+impl<F: FnMut()> Drop for Undo<F> {
+    fn drop(&mut self) {
+        (self.0)();
+    }
+}
+
 /// A command's result.
 pub struct Ran {
     pub code: Option<i32>,

@@ -29,7 +29,8 @@
 mod kit;
 
 use kit::{
-    Binding, E2e, Hub, PodWatch, Security, Tree, assert_same, check_restore_pods, log, wait_for,
+    Binding, E2e, Hub, PodWatch, Security, Tree, Undo, assert_same, check_restore_pods, log,
+    wait_for,
 };
 
 /// Our pods (uid → restarts): none may restart or be replaced during a scenario (probes,
@@ -473,7 +474,8 @@ fn disaster_recovery_into_a_cluster_without_velero_jupyterhub() {
     let backup = e.backup(&hub.ns);
     hub.no_helpers(120);
 
-    // The cluster without us.
+    // The cluster without us (installed again, as users install it, when this ends).
+    let _reinstall = Undo(|| reinstall(&e));
     e.kc(&[
         "delete",
         "mutatingwebhookconfiguration",
@@ -517,15 +519,7 @@ fn disaster_recovery_into_a_cluster_without_velero_jupyterhub() {
         );
     }
 
-    // Installed again, as users install it; it takes over the namespace Velero made.
-    reinstall(&e);
-    let _ = e.kubectl(&[
-        "delete",
-        "namespace",
-        target,
-        "--wait=true",
-        "--timeout=120s",
-    ]);
+    let _ = e.kubectl(&["delete", "namespace", target, "--wait=false"]);
 }
 
 /// `kubectl apply -k manifests/` again, and both Deployments back and serving (the
@@ -726,6 +720,20 @@ fn disaster_recovery_after_a_night_with_waves() {
         ]);
     };
     env(&["VJH_MAX_HELPERS=1", "VJH_WAVE_SETTLE=10s"]);
+    let _settings = Undo(|| {
+        e.velero(&["schedule", "delete", "dr-nightly", "--confirm"]);
+        let _ = e.kubectl(&[
+            "-n",
+            "velero",
+            "patch",
+            "bsl",
+            "default",
+            "--type=json",
+            "-p",
+            r#"[{"op":"remove","path":"/spec/backupSyncPeriod"}]"#,
+        ]);
+        env(&["VJH_MAX_HELPERS-", "VJH_WAVE_SETTLE-"]);
+    });
     // Velero syncs Backups from object storage every 10 s (the location's own setting).
     e.kc(&[
         "-n",
@@ -853,6 +861,27 @@ fn disaster_recovery_after_a_night_with_waves() {
             &hub.home(u),
         );
     }
+    // Then the rest of the namespace with Velero, users' objects left out (README,
+    // "Disaster recovery"): the homes stay as restored.
+    let phase = e.velero_restore(
+        "e2e-dr-rest",
+        &[
+            "--from-schedule",
+            "dr-nightly",
+            "--include-namespaces",
+            &hub.ns,
+            "--selector",
+            "!hub.jupyter.org/username",
+        ],
+    );
+    assert_eq!(phase, "Completed", "{}", e.describe_restore("e2e-dr-rest"));
+    for (u, tree) in &want {
+        assert_same(
+            &format!("{u}'s home after the rest of the namespace"),
+            tree,
+            &hub.home(u),
+        );
+    }
 
     // Velero's own: the Schedule's Backup alone. The wave users' claims are refused,
     // loudly, naming their wave Backup; restoring that Backup brings each home back.
@@ -882,17 +911,4 @@ fn disaster_recovery_after_a_night_with_waves() {
             &hub.home(u),
         );
     }
-
-    e.velero(&["schedule", "delete", "dr-nightly", "--confirm"]);
-    e.kc(&[
-        "-n",
-        "velero",
-        "patch",
-        "bsl",
-        "default",
-        "--type=json",
-        "-p",
-        r#"[{"op":"remove","path":"/spec/backupSyncPeriod"}]"#,
-    ]);
-    env(&["VJH_MAX_HELPERS-", "VJH_WAVE_SETTLE-"]);
 }
