@@ -1163,16 +1163,19 @@ fn a_claim_whose_home_is_in_a_wave() {
     let waves = [
         WaveOf::read(
             "homes-wave1-20261207030000",
+            Some("homes"),
             Some("Completed"),
             "jhub/claim-bob,jhub/claim-carol",
         ),
         WaveOf::read(
             "homes-wave2-20261207030000",
+            Some("homes"),
             Some("PartiallyFailed"),
             "jhub/claim-dave, other/claim-erin",
         ),
         WaveOf::read(
             "homes-wave3-20261207030000",
+            Some("homes"),
             Some("Failed"),
             "jhub/claim-fay",
         ),
@@ -1205,7 +1208,7 @@ fn a_claim_whose_home_is_in_a_wave() {
     for part in [
         "claim jhub/claim-bob not re-created from Backup homes-20261207030000",
         "come back empty",
-        "--from-schedule",
+        "--from-schedule homes",
         "velero restore create --from-backup homes-wave1-20261207030000",
     ] {
         assert!(m.contains(part), "{part}: {m}");

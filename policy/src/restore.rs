@@ -433,6 +433,8 @@ pub fn restoring_claims<P: PodFacts>(pod: &P, pod_name: &str) -> Vec<RestoringCl
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WaveOf<'a> {
     pub name: &'a str,
+    /// Its Schedule (`velero-jupyterhub.io/wave-schedule`), to name in the message.
+    pub schedule: Option<&'a str>,
     /// Its phase, when Velero cannot restore from it (it failed): the home has no copy
     /// from that night at all.
     pub failed: Option<&'a str>,
@@ -441,7 +443,12 @@ pub struct WaveOf<'a> {
 
 impl<'a> WaveOf<'a> {
     /// `velero-jupyterhub.io/wave-claims` read: `namespace/claim`, comma-separated.
-    pub fn read(name: &'a str, phase: Option<&'a str>, wave_claims: &'a str) -> Self {
+    pub fn read(
+        name: &'a str,
+        schedule: Option<&'a str>,
+        phase: Option<&'a str>,
+        wave_claims: &'a str,
+    ) -> Self {
         let claims = wave_claims
             .split(',')
             .filter_map(|c| c.trim().split_once('/'))
@@ -449,6 +456,7 @@ impl<'a> WaveOf<'a> {
         let failed = phase.filter(|p| !matches!(*p, "Completed" | "PartiallyFailed"));
         Self {
             name,
+            schedule,
             failed,
             claims,
         }
@@ -476,9 +484,10 @@ pub fn home_in_a_wave<'w>(
 /// Why the claim is refused (Velero records it among the Restore's errors).
 pub fn wave_home_message(namespace: &str, claim: &str, backup: &str, wave: &WaveOf<'_>) -> String {
     let name = wave.name;
+    let schedule = wave.schedule.unwrap_or("<schedule>");
     match wave.failed {
         None => format!(
-            "velero-jupyterhub: claim {namespace}/{claim} not re-created from Backup {backup}: that Backup holds no copy of its home, which is in wave Backup {name} of the same night, and restored from {backup} alone it would come back empty. Restore both: `velero-jupyterhub restore --namespace {namespace} --from-schedule <schedule>`, or `velero restore create --from-backup {name}` (with the same namespace options)"
+            "velero-jupyterhub: claim {namespace}/{claim} not re-created from Backup {backup}: that Backup holds no copy of its home, which is in wave Backup {name} of the same night, and restored from {backup} alone it would come back empty. Restore both: `velero-jupyterhub restore --namespace {namespace} --from-schedule {schedule}`, or `velero restore create --from-backup {name}` (with the same namespace options)"
         ),
         Some(phase) => format!(
             "velero-jupyterhub: claim {namespace}/{claim} not re-created from Backup {backup}: that Backup holds no copy of its home, and wave Backup {name} of the same night, which was to hold it, is {phase}: restored from this night it would come back empty. Restore it from another night (`velero-jupyterhub restore --namespace {namespace} --latest --user <user>`)"

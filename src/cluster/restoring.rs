@@ -115,8 +115,9 @@ pub struct RestoreClaims {
     waves: Arc<std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, Waves)>>>,
 }
 
-/// The wave Backups of one Backup: (name, phase, `velero-jupyterhub.io/wave-claims`).
-type Waves = Arc<Vec<(String, Option<String>, String)>>;
+/// The wave Backups of one Backup: name, `velero-jupyterhub.io/wave-schedule`, phase,
+/// `velero-jupyterhub.io/wave-claims`.
+type Waves = Arc<Vec<(String, Option<String>, Option<String>, String)>>;
 const WAVES_FOR: std::time::Duration = std::time::Duration::from_secs(30);
 const WAVES_KEPT: usize = 64;
 
@@ -156,7 +157,9 @@ impl RestoreClaims {
         };
         let read: Vec<restore::WaveOf<'_>> = waves
             .iter()
-            .map(|(name, phase, claims)| restore::WaveOf::read(name, phase.as_deref(), claims))
+            .map(|(name, schedule, phase, claims)| {
+                restore::WaveOf::read(name, schedule.as_deref(), phase.as_deref(), claims)
+            })
             .collect();
         claim.decide(&read, &source)
     }
@@ -192,7 +195,18 @@ impl RestoreClaims {
                         .as_ref()?
                         .get(names::WAVE_CLAIMS)?
                         .clone();
-                    Some((b.metadata.name?, b.status.and_then(|s| s.phase), claims))
+                    let schedule = b
+                        .metadata
+                        .labels
+                        .as_ref()
+                        .and_then(|l| l.get(names::WAVE_SCHEDULE))
+                        .cloned();
+                    Some((
+                        b.metadata.name?,
+                        schedule,
+                        b.status.and_then(|s| s.phase),
+                        claims,
+                    ))
                 })
                 .collect(),
         );
