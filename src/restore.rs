@@ -637,26 +637,21 @@ async fn record_restoring(
     let name = namespace.metadata.name.clone().unwrap_or_default();
     let mut current = namespace.clone();
     for attempt in 0..2 {
-        let listed = current
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(names::NAMESPACE_RESTORING_CLAIMS))
-            .map(String::as_str)
-            .unwrap_or("");
-        let mut all: Vec<&str> = restoring::parse_annotation(listed);
-        all.extend(claims.iter().map(String::as_str));
-        let value = restoring::annotation_value(all);
-        let listed_restores = current
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(names::NAMESPACE_RESTORING_RESTORES))
-            .map(String::as_str)
-            .unwrap_or("");
-        let mut all: Vec<&str> = restoring::parse_annotation(listed_restores);
-        all.extend(restores.iter().map(String::as_str));
-        let listed_restores = restoring::annotation_value(all);
+        // What is listed already, with ours added.
+        let merged = |key: &str, ours: &[String]| {
+            let listed = current
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(key))
+                .map(String::as_str)
+                .unwrap_or("");
+            let mut all: Vec<&str> = restoring::parse_annotation(listed);
+            all.extend(ours.iter().map(String::as_str));
+            restoring::annotation_value(all)
+        };
+        let value = merged(names::NAMESPACE_RESTORING_CLAIMS, claims);
+        let listed_restores = merged(names::NAMESPACE_RESTORING_RESTORES, restores);
         let patch = json!({"metadata": {
             "resourceVersion": current.metadata.resource_version,
             "annotations": {

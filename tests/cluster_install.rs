@@ -146,7 +146,7 @@ async fn kubectl_apply_k_installs_everything_and_certificates_need_no_other_step
         .await
         .expect("installed");
     let bundles = ca_bundles(&installed);
-    assert_eq!(bundles.len(), 3, "three webhook entries");
+    assert_eq!(bundles.len(), 4, "four webhook entries");
     let bundle = bundles[0].clone().expect("a caBundle");
     assert!(
         bundles.iter().all(|b| b.as_ref() == Some(&bundle)),
