@@ -476,7 +476,7 @@ impl PodCreate<'_> {
         }
     }
 
-    /// SPEC §3.2: the pod becomes a restore helper, unless its restore would write over a
+    /// The pod becomes a restore helper, unless its restore would write over a
     /// claim that existed before the Restore (`policy::restore::overwrites`).
     fn decide_restore(&self, scope: &Scope, explain: bool) -> Reviewed {
         let pod = match self.restored_pod() {
