@@ -264,33 +264,30 @@ pub async fn run(
         );
         return Ok(Finished::Started { restores: names });
     }
+    // Followed in the order they were made: the waves', then the main Backup's.
+    let order: Vec<usize> = (1..names.len()).chain([0]).collect();
     let mut followed = Vec::new();
-    for name in names.iter().skip(1).chain(std::iter::once(&base)) {
-        followed.push(follow(&client, options, name, progress).await?);
+    for &i in &order {
+        followed.push((i, follow(&client, options, &names[i], progress).await?));
     }
-    // `followed` is in the order waves…, main; `names`/`backups`/`pvbs` are main, waves….
-    let order: Vec<usize> = (1..names.len()).chain(std::iter::once(0)).collect();
     let claim_objects = list_claims(&client, ns).await?;
     let claims: Vec<ClaimNow<'_>> = claim_objects.iter().map(claim_now).collect();
-    let parts: Vec<restore_report::RestoreOf<'_>> = std::iter::once(0)
-        .chain(1..names.len())
-        .map(|i| {
-            let at = order.iter().position(|o| *o == i).unwrap_or_default();
-            let (phase, pvrs) = &followed[at];
-            restore_report::RestoreOf {
-                backup: &backups[i],
-                restore: &names[i],
-                phase: Some(phase.as_str()),
-                pvbs: pvbs[i].clone(),
-                pvrs: pvrs.iter().map(pvr_of).collect(),
-            }
+    let mut parts: Vec<restore_report::RestoreOf<'_>> = followed
+        .iter()
+        .map(|(i, (phase, pvrs))| restore_report::RestoreOf {
+            backup: &backups[*i],
+            restore: &names[*i],
+            phase: Some(phase.as_str()),
+            pvbs: pvbs[*i].clone(),
+            pvrs: pvrs.iter().map(pvr_of).collect(),
         })
         .collect();
+    // The main Backup's first: a claim no Backup holds is reported against it.
+    parts.rotate_right(1);
     let rows = restore_report::outcomes_of_many(&users, &claims, &parts);
-    let restores = order
+    let restores = followed
         .iter()
-        .zip(&followed)
-        .map(|(&i, (phase, _))| (names[i].clone(), backups[i].clone(), phase.clone()))
+        .map(|(i, (phase, _))| (names[*i].clone(), backups[*i].clone(), phase.clone()))
         .collect();
     Ok(Finished::Done(Report { restores, rows }))
 }

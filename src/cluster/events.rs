@@ -13,6 +13,18 @@ use tracing::warn;
 pub const REPORTING_CONTROLLER: &str = "velero-jupyterhub";
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// An Event's `regarding` for a PersistentVolumeClaim (its uid when known).
+pub fn claim_reference(namespace: &str, claim: &str, uid: Option<&str>) -> ObjectReference {
+    ObjectReference {
+        api_version: Some("v1".to_owned()),
+        kind: Some("PersistentVolumeClaim".to_owned()),
+        name: Some(claim.to_owned()),
+        namespace: Some(namespace.to_owned()),
+        uid: uid.map(str::to_owned),
+        ..Default::default()
+    }
+}
+
 /// Where Events go: a recorder when there is a cluster, nowhere otherwise.
 #[derive(Clone)]
 pub struct EventSink {

@@ -110,16 +110,47 @@ pub struct RestoreClaims {
     events: super::events::EventSink,
     /// Where Velero's Backups and Restores are (`--velero-namespace`).
     velero_namespace: String,
-    /// The wave Backups of a Schedule's Backup (by its label form), read at most every
-    /// [`WAVES_FOR`]: a Restore re-creates claims by the hundred.
-    waves: Arc<std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, Waves)>>>,
+    /// The wave Backups of a Schedule's Backup (by its label form), and each Restore's
+    /// namespace mapping (by its label form): a Restore re-creates claims by the hundred.
+    waves: Arc<Kept<Waves>>,
+    mappings: Arc<Kept<Mapping>>,
 }
 
 /// The wave Backups of one Backup: name, `velero-jupyterhub.io/wave-schedule`, phase,
 /// `velero-jupyterhub.io/wave-claims`.
 type Waves = Arc<Vec<(String, Option<String>, Option<String>, String)>>;
-const WAVES_FOR: std::time::Duration = std::time::Duration::from_secs(30);
-const WAVES_KEPT: usize = 64;
+/// A Restore's `namespaceMapping`.
+type Mapping = Arc<std::collections::BTreeMap<String, String>>;
+
+/// Answers kept [`KEPT_FOR`], at most [`KEPT`] at once (failures are not kept).
+struct Kept<V>(std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, V)>>);
+const KEPT_FOR: std::time::Duration = std::time::Duration::from_secs(30);
+const KEPT: usize = 64;
+
+impl<V: Clone> Default for Kept<V> {
+    fn default() -> Self {
+        Self(std::sync::Mutex::default())
+    }
+}
+
+impl<V: Clone> Kept<V> {
+    fn get(&self, key: &str) -> Option<V> {
+        let kept = self.0.lock().ok()?;
+        let (at, v) = kept.get(key)?;
+        (at.elapsed() < KEPT_FOR).then(|| v.clone())
+    }
+
+    fn put(&self, key: &str, v: V) {
+        if let Ok(mut kept) = self.0.lock() {
+            if kept.len() >= KEPT {
+                kept.retain(|_, (at, _)| at.elapsed() < KEPT_FOR);
+            }
+            if kept.len() < KEPT {
+                kept.insert(key.to_owned(), (std::time::Instant::now(), v));
+            }
+        }
+    }
+}
 
 impl RestoreClaims {
     pub fn new(client: Option<kube::Client>, velero_namespace: &str) -> Self {
@@ -128,6 +159,7 @@ impl RestoreClaims {
             client,
             velero_namespace: velero_namespace.to_owned(),
             waves: Arc::default(),
+            mappings: Arc::default(),
         }
     }
 
@@ -169,9 +201,7 @@ impl RestoreClaims {
         let Some(client) = &self.client else {
             return Ok(Waves::default());
         };
-        if let Some((at, waves)) = self.waves.lock().ok().and_then(|w| w.get(backup).cloned())
-            && at.elapsed() < WAVES_FOR
-        {
+        if let Some(waves) = self.waves.get(backup) {
             return Ok(waves);
         }
         if !names::is_label_value(backup) {
@@ -210,17 +240,7 @@ impl RestoreClaims {
                 })
                 .collect(),
         );
-        if let Ok(mut cache) = self.waves.lock() {
-            if cache.len() >= WAVES_KEPT {
-                cache.retain(|_, (at, _)| at.elapsed() < WAVES_FOR);
-            }
-            if cache.len() < WAVES_KEPT {
-                cache.insert(
-                    backup.to_owned(),
-                    (std::time::Instant::now(), waves.clone()),
-                );
-            }
-        }
+        self.waves.put(backup, waves.clone());
         Ok(waves)
     }
 
@@ -232,6 +252,15 @@ impl RestoreClaims {
         let Some(client) = &self.client else {
             return Ok(target.to_owned());
         };
+        let from = |mapping: &Mapping| {
+            mapping
+                .iter()
+                .find(|(_, to)| *to == target)
+                .map_or_else(|| target.to_owned(), |(from, _)| from.clone())
+        };
+        if let Some(mapping) = self.mappings.get(restore) {
+            return Ok(from(&mapping));
+        }
         let api: Api<Restore> = Api::namespaced(client.clone(), &self.velero_namespace);
         let found = if restore.len() < 63 && names::is_dns1123_subdomain(restore) {
             tokio::time::timeout(LOOKUP_TIMEOUT, api.get_opt(restore))
@@ -254,13 +283,14 @@ impl RestoreClaims {
                         .is_some_and(|n| crate::policy::velero::label_value(n) == restore)
                 })
         };
-        let restore = found.ok_or_else(|| format!("Restore {restore} not found"))?;
-        Ok(restore
-            .spec
-            .namespace_mapping
-            .into_iter()
-            .find(|(_, to)| to == target)
-            .map_or_else(|| target.to_owned(), |(from, _)| from))
+        let mapping: Mapping = Arc::new(
+            found
+                .ok_or_else(|| format!("Restore {restore} not found"))?
+                .spec
+                .namespace_mapping,
+        );
+        self.mappings.put(restore, mapping.clone());
+        Ok(from(&mapping))
     }
 
     /// Each of `claims` in `namespace` as it is now (without a cluster: unknown).
@@ -304,13 +334,7 @@ impl RestoreClaims {
     /// A Warning Event on each claim a restore was refused to write over.
     pub fn refused(&self, namespace: &str, claims: &[String], message: &str) {
         for claim in claims {
-            let regarding = k8s_openapi::api::core::v1::ObjectReference {
-                api_version: Some("v1".to_owned()),
-                kind: Some("PersistentVolumeClaim".to_owned()),
-                namespace: Some(namespace.to_owned()),
-                name: Some(claim.clone()),
-                ..Default::default()
-            };
+            let regarding = super::events::claim_reference(namespace, claim, None);
             self.events
                 .warn(regarding, "RestoreRefused", "Restore", message.to_owned());
         }

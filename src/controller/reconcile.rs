@@ -1181,12 +1181,5 @@ pub(super) fn claim_reference(
     claim: &str,
     uids: &HashMap<(&str, &str), &str>,
 ) -> ObjectReference {
-    ObjectReference {
-        api_version: Some("v1".to_owned()),
-        kind: Some("PersistentVolumeClaim".to_owned()),
-        name: Some(claim.to_owned()),
-        namespace: Some(ns.to_owned()),
-        uid: uids.get(&(ns, claim)).map(|u| (*u).to_owned()),
-        ..Default::default()
-    }
+    crate::cluster::events::claim_reference(ns, claim, uids.get(&(ns, claim)).copied())
 }
