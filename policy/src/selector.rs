@@ -178,6 +178,34 @@ fn satisfy(
     Ok(extra)
 }
 
+/// Whether `selector` may select an object whose label `key` is `value` (`None`: absent),
+/// judging only its requirements on `key` (the others are taken as met: a caller that
+/// knows one label of an object can only rule it out by that label).
+pub fn may_select(selector: &LabelSelector, key: &str, value: Option<&str>) -> bool {
+    let labels_ok = selector
+        .match_labels
+        .iter()
+        .flatten()
+        .filter(|(k, _)| k.as_str() == key)
+        .all(|(_, v)| value == Some(v.as_str()));
+    let expressions_ok = selector
+        .match_expressions
+        .iter()
+        .flatten()
+        .filter(|r| r.key == key)
+        .all(|r| {
+            let values = r.values.as_deref().unwrap_or_default();
+            match r.operator.as_str() {
+                "In" => value.is_some_and(|v| values.iter().any(|x| x == v)),
+                "NotIn" => value.is_none_or(|v| !values.iter().any(|x| x == v)),
+                "Exists" => value.is_some(),
+                "DoesNotExist" => value.is_none(),
+                _ => true,
+            }
+        });
+    labels_ok && expressions_ok
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -360,32 +388,4 @@ mod tests {
             }
         }
     }
-}
-
-/// Whether `selector` may select an object whose label `key` is `value` (`None`: absent),
-/// judging only its requirements on `key` (the others are taken as met: a caller that
-/// knows one label of an object can only rule it out by that label).
-pub fn may_select(selector: &LabelSelector, key: &str, value: Option<&str>) -> bool {
-    let labels_ok = selector
-        .match_labels
-        .iter()
-        .flatten()
-        .filter(|(k, _)| k.as_str() == key)
-        .all(|(_, v)| value == Some(v.as_str()));
-    let expressions_ok = selector
-        .match_expressions
-        .iter()
-        .flatten()
-        .filter(|r| r.key == key)
-        .all(|r| {
-            let values = r.values.as_deref().unwrap_or_default();
-            match r.operator.as_str() {
-                "In" => value.is_some_and(|v| values.iter().any(|x| x == v)),
-                "NotIn" => value.is_none_or(|v| !values.iter().any(|x| x == v)),
-                "Exists" => value.is_some(),
-                "DoesNotExist" => value.is_none(),
-                _ => true,
-            }
-        });
-    labels_ok && expressions_ok
 }
