@@ -15,12 +15,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use hyper::StatusCode;
+use serde_json::json;
 use support::fixtures;
 use support::https::{HttpsClient, http_get, http_get_from};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use velero_jupyterhub::metrics::sample;
+use velero_jupyterhub::policy::pod::PodLimits;
 
 const BIN: &str = env!("CARGO_BIN_EXE_velero-jupyterhub");
 /// The API server's webhook timeout (manifests/webhook.yaml) and the kubelet's default
@@ -128,6 +130,32 @@ enum Attack {
     /// A whole review of nearly 3 MiB, sent at full speed, again and again on the same
     /// connection: the most memory a request can make us hold.
     LargeBody,
+    /// The same with a pod shaped to cost the most (security review H1).
+    Shaped(Shape),
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Shape {
+    /// A user pod with tens of thousands of claim volumes and mounts of other names
+    /// (before the fix, each volume was looked up in every mount).
+    LiveOver,
+    /// A user pod at the limits: 1024 claim volumes, 4096 mounts.
+    LiveAtLimits,
+    /// A pod a Velero restore re-creates with 160,000 trivial volumes (before the fix,
+    /// read whole: ~3 KiB each).
+    RestoreOver,
+    /// A pod a Velero restore re-creates at the limits: 1024 volumes its restore-wait
+    /// mounts, and nearly 20,000 JSON values in all; read whole and converted.
+    RestoreAtLimits,
+}
+
+/// The bodies the attackers send.
+struct Bodies {
+    large: Vec<u8>,
+    live_over: Vec<u8>,
+    live_at_limits: Vec<u8>,
+    restore_over: Vec<u8>,
+    restore_at_limits: Vec<u8>,
 }
 
 /// One attacker: opens a connection of its kind, holds it until the server closes it,
@@ -141,11 +169,17 @@ async fn attacker(
     tls: Option<HttpsClient>,
     stop: CancellationToken,
     opened: Arc<AtomicU64>,
-    large: Arc<Vec<u8>>,
+    bodies: Arc<Bodies>,
 ) {
     let pad = "a".repeat(60_000);
+    // The shaped bodies come from a second notebook pod (127.0.0.4): the connection table
+    // is shared fairly between addresses, so they get in beside the flood from 127.0.0.1.
+    let source = match kind {
+        Attack::Shaped(_) => Some([127, 0, 0, 4].into()),
+        _ => None,
+    };
     while !stop.is_cancelled() {
-        let Ok(tcp) = TcpStream::connect(addr).await else {
+        let Ok(tcp) = support::https::connect(addr, source).await else {
             tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         };
@@ -158,10 +192,12 @@ async fn attacker(
                     Err(_) => return,
                 },
             };
-            let path = if tls.is_some() {
-                "/mutate/live"
-            } else {
-                "/metrics"
+            let path = match (tls.is_some(), kind) {
+                (false, _) => "/metrics",
+                (true, Attack::Shaped(Shape::RestoreOver | Shape::RestoreAtLimits)) => {
+                    "/mutate/restore"
+                }
+                (true, _) => "/mutate/live",
             };
             match kind {
                 Attack::IdleTcp | Attack::IdleTls => {}
@@ -175,7 +211,14 @@ async fn attacker(
                         return;
                     }
                 }
-                Attack::LargeBody => {
+                Attack::LargeBody | Attack::Shaped(_) => {
+                    let large = match kind {
+                        Attack::Shaped(Shape::LiveOver) => &bodies.live_over,
+                        Attack::Shaped(Shape::LiveAtLimits) => &bodies.live_at_limits,
+                        Attack::Shaped(Shape::RestoreOver) => &bodies.restore_over,
+                        Attack::Shaped(Shape::RestoreAtLimits) => &bodies.restore_at_limits,
+                        _ => &bodies.large,
+                    };
                     let head = format!(
                         "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
                         large.len()
@@ -236,7 +279,63 @@ fn large_review() -> Vec<u8> {
     let mut pod = fixtures::z2jh_pod();
     let pad = "x".repeat(3 * 1024 * 1024 - 16 * 1024);
     pod["metadata"]["annotations"]["example.com/padding"] = pad.into();
-    let review = fixtures::pod_create_review(&pod, "large");
+    within_limit(fixtures::pod_create_review(&pod, "large"))
+}
+
+/// A user pod of `volumes` claim volumes and `mounts` mounts of other names.
+fn live_shaped_review(volumes: usize, mounts: usize) -> Vec<u8> {
+    let mut pod = fixtures::z2jh_pod();
+    let volumes: Vec<_> = (0..volumes)
+        .map(|i| json!({"name": format!("v{i}"), "persistentVolumeClaim": {"claimName": "claim-alice"}}))
+        .collect();
+    let mounts: Vec<_> = (0..mounts)
+        .map(|i| json!({"name": format!("m{i}"), "mountPath": "/m"}))
+        .collect();
+    pod["spec"]["volumes"] = volumes.into();
+    pod["spec"]["initContainers"] = json!([]);
+    pod["spec"]["containers"][0]["volumeMounts"] = mounts.into();
+    within_limit(fixtures::pod_create_review(&pod, "live-shaped"))
+}
+
+/// A pod a Velero restore re-creates, of nearly 3 MiB of trivial volumes.
+fn restore_over_review() -> Vec<u8> {
+    let mut pod = fixtures::restored_z2jh(&["volume-alice-smith"]);
+    let volumes: Vec<_> = (0..160_000)
+        .map(|i| json!({"name": format!("v{i}")}))
+        .collect();
+    pod["spec"]["volumes"] = volumes.into();
+    within_limit(fixtures::pod_create_review(&pod, "restore-over"))
+}
+
+/// A pod a Velero restore re-creates at the limits, which the restore path reads whole
+/// and converts: its restore-wait mounts all 1024 volumes (none a claim, so there is
+/// nothing to look up), and environment variables bring it near 20,000 JSON values.
+fn restore_at_limits_review() -> Vec<u8> {
+    use velero_jupyterhub::policy::pod::{PodLimits, count_json_values};
+    let mut pod = fixtures::restored_z2jh(&[]);
+    let names: Vec<String> = (0..PodLimits::VOLUMES).map(|i| format!("v{i}")).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    pod["spec"]["volumes"] = names
+        .iter()
+        .map(|n| json!({"name": n, "emptyDir": {}}))
+        .collect::<Vec<_>>()
+        .into();
+    pod["spec"]["initContainers"] = json!([fixtures::restore_wait(&names)]);
+    let env: Vec<_> = (0..6_500)
+        .map(|i| json!({"name": format!("E{i}")}))
+        .collect();
+    pod["spec"]["containers"][0]["env"] = env.into();
+    pod["spec"]["containers"][0]["volumeMounts"] = json!([]);
+    let review = within_limit(fixtures::pod_create_review(&pod, "restore-at-limits"));
+    let values = count_json_values(std::str::from_utf8(&review).unwrap(), usize::MAX).unwrap();
+    assert!(
+        (PodLimits::RESTORED_POD_VALUES - 1_000..PodLimits::RESTORED_POD_VALUES).contains(&values),
+        "{values} values"
+    );
+    review
+}
+
+fn within_limit(review: Vec<u8>) -> Vec<u8> {
     assert!(review.len() <= 3 * 1024 * 1024, "{}", review.len());
     review
 }
@@ -266,14 +365,24 @@ async fn hostile_connections_on_both_ports_do_not_stop_reviews_or_probes() {
         .build()
         .unwrap();
     let mut attackers = Vec::new();
-    let large = Arc::new(large_review());
+    let bodies = Arc::new(Bodies {
+        large: large_review(),
+        live_over: live_shaped_review(24_000, 24_000),
+        live_at_limits: live_shaped_review(PodLimits::VOLUMES, PodLimits::MOUNTS),
+        restore_over: restore_over_review(),
+        restore_at_limits: restore_at_limits_review(),
+    });
     let webhook_attack = [
         (Attack::PartialHead, 150),
         (Attack::HugeHead, 20),
         (Attack::SlowBody, 100),
         (Attack::IdleTls, 100),
         (Attack::IdleTcp, 100),
-        (Attack::LargeBody, 24),
+        (Attack::LargeBody, 16),
+        (Attack::Shaped(Shape::LiveOver), 2),
+        (Attack::Shaped(Shape::LiveAtLimits), 2),
+        (Attack::Shaped(Shape::RestoreOver), 2),
+        (Attack::Shaped(Shape::RestoreAtLimits), 2),
     ];
     let ops_attack = [
         (Attack::PartialHead, 100),
@@ -288,7 +397,7 @@ async fn hostile_connections_on_both_ports_do_not_stop_reviews_or_probes() {
                 Some(client.clone()),
                 stop.clone(),
                 opened.clone(),
-                large.clone(),
+                bodies.clone(),
             );
             attackers.push(attack_rt.spawn(task));
         }
@@ -301,7 +410,7 @@ async fn hostile_connections_on_both_ports_do_not_stop_reviews_or_probes() {
                 None,
                 stop.clone(),
                 opened.clone(),
-                large.clone(),
+                bodies.clone(),
             );
             attackers.push(attack_rt.spawn(task));
         }
@@ -419,6 +528,31 @@ async fn hostile_connections_on_both_ports_do_not_stop_reviews_or_probes() {
         );
     }
     assert!(reviews > 100 && fresh >= 10 && probes >= 10);
+    // The shaped bodies were reviewed, not just queued: beyond the limits answered with
+    // an error (the entry's failurePolicy decides), at the limits decided.
+    let reviewed = |webhook: &str, outcome: &str| {
+        let series = format!(
+            r#"velero_jupyterhub_admission_requests_total{{webhook="{webhook}",outcome="{outcome}"}}"#
+        );
+        sample(&metrics, &series).unwrap_or(0.0)
+    };
+    let shaped = [
+        ("live", "over_limits"),
+        ("live", "nothing_to_add"),
+        ("restore", "over_limits"),
+        ("restore", "restore_converted"),
+    ];
+    let answers: Vec<String> = shaped
+        .iter()
+        .map(|(webhook, outcome)| format!("{webhook} {outcome} {}", reviewed(webhook, outcome)))
+        .collect();
+    println!("attack: shaped bodies answered: {}", answers.join(", "));
+    for (webhook, outcome) in shaped {
+        assert!(
+            reviewed(webhook, outcome) > 0.0,
+            "no {outcome} answer on the {webhook} entry"
+        );
+    }
     assert!(
         peak < limit,
         "peak RSS {peak:.1} MiB is not inside the Deployment's limit of {limit} MiB"

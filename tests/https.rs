@@ -42,8 +42,8 @@ async fn golden_fixture_and_variants_over_one_keep_alive_connection() {
         let request = fixtures::pod_create_review(pod, &format!("uid-{i}"));
         // A server without a cluster cannot tell whether the claims a restored pod writes
         // into exist: it refuses such a pod, as the decision does with them unknown.
-        let restored = match velero_jupyterhub::admission::parse(&request).unwrap() {
-            velero_jupyterhub::admission::Parsed::PodCreate(create) => create.restored_claims(),
+        let restored = match velero_jupyterhub::admission::read_restore(&request) {
+            Some(Ok(restore)) => restore.restored_claims(),
             _ => Vec::new(),
         };
         let scope = |_: &str| {

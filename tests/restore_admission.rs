@@ -250,3 +250,129 @@ fn a_restore_into_a_home_that_existed_is_refused_unless_this_restore_made_it() {
         assert!(reviewed.claims_refused.is_empty());
     }
 }
+
+#[test]
+fn a_restored_pod_even_the_fast_read_cannot_read_is_refused_and_a_user_pod_so_shaped_is_not() {
+    // Security review, Low: on the restore entries (failurePolicy Fail), a pod whose
+    // fields have shapes we do not expect was allowed unchanged before the restore check:
+    // a stale notebook server would start instead of a restore helper.
+    let home = home_volume(&fixtures::z2jh_pod());
+    let odd = |mut pod: Value| {
+        pod["spec"]["volumes"][0]["name"] = 7.into();
+        pod["metadata"]["labels"]["example.com/odd"] = serde_json::json!({"a": [1]});
+        pod
+    };
+    let restored = odd(fixtures::restored_z2jh(&[&home]));
+    let request = fixtures::pod_create_review(&restored, "r-odd");
+    let reviewed = admission::review(&request, |_| scope(vec![]), false).expect("review");
+    assert_eq!(
+        reviewed.outcome,
+        Outcome::Restore(RestoreVerdict::Unreadable)
+    );
+    let answer = response(&reviewed);
+    assert_eq!(answer["allowed"], false);
+    let message = answer["status"]["message"].as_str().unwrap();
+    assert!(message.contains("no stale notebook server"), "{message}");
+
+    // The same shape on a user's own server is still allowed unchanged (never stop a
+    // user's server from starting).
+    let live = odd(fixtures::z2jh_pod());
+    let request = fixtures::pod_create_review(&live, "l-odd");
+    let reviewed = admission::review(&request, |_| scope(vec![]), false).expect("review");
+    assert_eq!(reviewed.outcome, Outcome::NotUnderstood);
+    assert_eq!(response(&reviewed)["allowed"], true);
+}
+
+#[test]
+fn a_restored_pod_too_large_to_read_whole_is_refused_with_the_reason() {
+    // Security review H1: the restore path read any pod whole, ~3 KiB per trivial volume.
+    // Within the counts the fast read checks, a pod of tens of thousands of tiny values
+    // is refused before it is built.
+    let home = home_volume(&fixtures::z2jh_pod());
+    let mut pod = fixtures::restored_z2jh(&[&home]);
+    let env: Vec<Value> = (0..25_000)
+        .map(|i| serde_json::json!({"name": format!("E{i}")}))
+        .collect();
+    pod["spec"]["containers"][0]["env"] = env.into();
+    let request = fixtures::pod_create_review(&pod, "r-big");
+    let reviewed = admission::review(&request, |_| scope(vec![]), false).expect("review");
+    assert_eq!(
+        reviewed.outcome,
+        Outcome::Restore(RestoreVerdict::Unreadable)
+    );
+    let answer = response(&reviewed);
+    assert_eq!(answer["allowed"], false);
+    let message = answer["status"]["message"].as_str().unwrap();
+    assert!(message.contains("more than 20000 JSON values"), "{message}");
+}
+
+#[test]
+fn pods_beyond_the_limits_get_an_error_for_the_entry_failure_policy_to_decide() {
+    // Security review H1: counts far above any real pod are refused before any decision,
+    // as an error (400): the live entry (Ignore) then creates the pod unchanged, the
+    // restore entries (Fail) refuse it. The message says which count and its limit.
+    use velero_jupyterhub::admission::ReviewError;
+    use velero_jupyterhub::policy::pod::PodLimits;
+    let home = home_volume(&fixtures::z2jh_pod());
+    let volumes = |n: usize| -> Value {
+        (0..n)
+            .map(|i| serde_json::json!({"name": format!("v{i}"), "emptyDir": {}}))
+            .collect::<Vec<_>>()
+            .into()
+    };
+    let containers = |n: usize| -> Value {
+        (0..n)
+            .map(|i| serde_json::json!({"name": format!("c{i}"), "image": "i"}))
+            .collect::<Vec<_>>()
+            .into()
+    };
+    let mounts = |n: usize| -> Value {
+        (0..n)
+            .map(|i| serde_json::json!({"name": format!("v{i}"), "mountPath": format!("/m/{i}")}))
+            .collect::<Vec<_>>()
+            .into()
+    };
+    type Shape = Box<dyn Fn(&mut Value)>;
+    let cases: Vec<(&str, Shape, &str)> = vec![
+        (
+            "volumes",
+            Box::new(move |p| p["spec"]["volumes"] = volumes(PodLimits::VOLUMES + 1)),
+            "1025 volumes (the limit is 1024)",
+        ),
+        (
+            "containers",
+            Box::new(move |p| p["spec"]["initContainers"] = containers(PodLimits::CONTAINERS)),
+            "containers and init containers (the limit is 256)",
+        ),
+        (
+            "mounts",
+            Box::new(move |p| {
+                p["spec"]["containers"][0]["volumeMounts"] = mounts(PodLimits::MOUNTS + 1)
+            }),
+            "volume mounts (the limit is 4096)",
+        ),
+    ];
+    for (what, shape, want) in cases {
+        for mut pod in [fixtures::z2jh_pod(), fixtures::restored_z2jh(&[&home])] {
+            shape(&mut pod);
+            let request = fixtures::pod_create_review(&pod, "big");
+            let err = admission::review(&request, |_| scope(vec![]), false)
+                .err()
+                .unwrap_or_else(|| panic!("{what}: reviewed"));
+            assert!(
+                matches!(err, ReviewError::OverLimits { .. }),
+                "{what}: {err}"
+            );
+            assert_eq!(err.outcome(), "over_limits");
+            assert!(err.to_string().contains(want), "{what}: {err}");
+        }
+    }
+    // At the limits, a pod is reviewed as usual.
+    let mut pod = fixtures::z2jh_pod();
+    pod["spec"]["initContainers"] = serde_json::json!([]);
+    pod["spec"]["volumes"] = volumes(PodLimits::VOLUMES);
+    pod["spec"]["containers"][0]["volumeMounts"] = mounts(PodLimits::MOUNTS);
+    let request = fixtures::pod_create_review(&pod, "at-limits");
+    let reviewed = admission::review(&request, |_| scope(vec![]), false).expect("review");
+    assert_eq!(reviewed.outcome, Outcome::Live(LiveVerdict::NothingToAdd));
+}

@@ -92,9 +92,12 @@ pub fn is_dns1123_label(s: &str) -> bool {
         && b.last().is_some_and(edge)
 }
 
+/// The longest object name Kubernetes allows (a DNS-1123 subdomain).
+pub const MAX_NAME_LEN: usize = 253;
+
 /// A DNS-1123 subdomain (most object names): dot-separated labels, ≤ 253 characters.
 pub fn is_dns1123_subdomain(s: &str) -> bool {
-    s.len() <= 253 && s.split('.').all(is_dns1123_label)
+    s.len() <= MAX_NAME_LEN && s.split('.').all(is_dns1123_label)
 }
 
 /// A label value: empty, or up to 63 characters of `A-Za-z0-9-_.` that start and end

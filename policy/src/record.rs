@@ -187,12 +187,12 @@ impl PodFacts for PodRecord {
             .map(|(name, claim)| (name.as_str(), claim.as_deref()))
     }
 
-    fn mounted_by_container(&self, volume: &str) -> bool {
-        self.container_mounts.iter().any(|v| v == volume)
+    fn container_mounts(&self) -> impl Iterator<Item = &str> {
+        self.container_mounts.iter().map(String::as_str)
     }
 
-    fn mounted_by_init_container(&self, volume: &str) -> bool {
-        self.init_container_mounts.iter().any(|v| v == volume)
+    fn init_container_mounts(&self) -> impl Iterator<Item = &str> {
+        self.init_container_mounts.iter().map(String::as_str)
     }
 }
 

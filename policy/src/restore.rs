@@ -59,6 +59,14 @@ const DROPPED_LABELS: &[&str] = &[
 
 /// A pod the restore path converts: re-created by a Velero restore, and either a user
 /// server or one of our backup helpers (or already a restore helper: idempotence).
+/// The labels [`is_restore_candidate`] reads.
+pub const CANDIDATE_LABELS: [&str; 4] = [
+    names::MANAGED_BY,
+    names::COMPONENT,
+    names::VELERO_RESTORE_NAME,
+    names::JUPYTERHUB_COMPONENT,
+];
+
 pub fn is_restore_candidate<P: PodFacts>(pod: &P) -> bool {
     let ours = pod.label(names::MANAGED_BY) == Some(names::MANAGED_BY_US)
         && matches!(

@@ -16,7 +16,7 @@ use k8s_openapi::api::core::v1::Pod;
 
 use crate::names;
 use crate::policy::helper::HelperOptions;
-use crate::policy::pod::Str;
+use crate::policy::pod::{PodLimits, Str, count_json_values};
 use crate::policy::restore::{self, ClaimNow, RestoringClaim};
 use crate::policy::{
     ClaimGlobs, LiveDecision, LiveVerdict, PodFacts, PodView, VolumeReport, decide_live,
@@ -47,6 +47,15 @@ pub enum ReviewError {
         "request {uid}: namespace {namespace:?} is not a valid namespace name (a DNS-1123 label)"
     )]
     InvalidNamespace { uid: String, namespace: String },
+    /// Beyond [`PodLimits`]: answered with an error, so the entry's `failurePolicy`
+    /// decides (the live entry's `Ignore` creates the pod unchanged; the restore entries'
+    /// `Fail` refuses it).
+    #[error("request {uid}: pod {pod} is beyond what velero-jupyterhub reviews: {why}")]
+    OverLimits {
+        uid: String,
+        pod: String,
+        why: String,
+    },
 }
 
 impl ReviewError {
@@ -55,9 +64,18 @@ impl ReviewError {
         match self {
             Self::MissingObject { uid, .. }
             | Self::NotAPod { uid, .. }
-            | Self::InvalidNamespace { uid, .. } => Some(uid),
+            | Self::InvalidNamespace { uid, .. }
+            | Self::OverLimits { uid, .. } => Some(uid),
             Self::WrongApiVersion { uid, .. } | Self::WrongKind { uid, .. } => uid.as_deref(),
             _ => None,
+        }
+    }
+
+    /// The `outcome` metric label.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Self::OverLimits { .. } => "over_limits",
+            _ => "bad_request",
         }
     }
 }
@@ -240,6 +258,8 @@ enum ObjectIn<'a> {
     Odd {
         is_object: bool,
         error: String,
+        /// Its labels say a Velero restore re-creates it (read leniently).
+        restore_candidate: bool,
     },
 }
 
@@ -390,8 +410,6 @@ pub struct PodCreate<'a> {
     pod: PodView<'a>,
     /// The whole request, read again in full for a restore conversion (rare).
     body: &'a str,
-    /// That full read, once (the claims it restores into, then the conversion).
-    restored: std::sync::OnceLock<Result<Box<Pod>, String>>,
 }
 
 impl PodCreate<'_> {
@@ -401,14 +419,22 @@ impl PodCreate<'_> {
         &self.namespace
     }
 
+    /// Whether a Velero restore re-creates the pod: the restore path, [`Self::restore`].
+    pub fn is_restore_candidate(&self) -> bool {
+        restore::is_restore_candidate(&self.pod)
+    }
+
     /// Decides from the pod itself, whichever webhook entry asked: a pod a Velero restore
     /// re-creates becomes a restore helper; a user server on a claim being restored is
     /// refused; any other user server gets its backup annotation. Being called for this
     /// pod means the webhook registration's namespaceSelector matched: the namespace is
     /// opted in.
     pub fn decide(&self, scope: &Scope, explain: bool) -> Reviewed {
-        if restore::is_restore_candidate(&self.pod) {
-            return self.decide_restore(scope, explain);
+        if self.is_restore_candidate() {
+            return match self.restore() {
+                Ok(restore) => restore.decide(scope, explain),
+                Err(refused) => *refused,
+            };
         }
         let is_user_server = self.pod.label(names::VELERO_RESTORE_NAME).is_none()
             && self.pod.label(names::JUPYTERHUB_COMPONENT) == Some(names::SINGLEUSER_SERVER);
@@ -442,64 +468,78 @@ impl PodCreate<'_> {
         reviewed
     }
 
-    /// A pod a Velero restore re-creates, read in full (once: the conversion needs the
-    /// whole pod; a restore re-creates a pod once per user).
-    fn restored_pod(&self) -> &Result<Box<Pod>, String> {
-        self.restored
-            .get_or_init(|| match serde_json::from_str::<ReviewIn<Pod>>(self.body) {
-                Ok(ReviewIn {
-                    request:
-                        Some(RequestIn {
-                            object: Some(pod), ..
-                        }),
-                    ..
-                }) => Ok(Box::new(pod)),
-                other => Err(other
+    /// A pod a Velero restore re-creates, read in full (the conversion needs the whole
+    /// pod; a restore re-creates a pod once per user), owned so that the server can do
+    /// this CPU work off its request threads. Refused when it cannot be read.
+    pub fn restore(&self) -> Result<RestoreCreate, Box<Reviewed>> {
+        let object = self.pod.display_name();
+        let refuse = |why: &str| {
+            let outcome = Outcome::Restore(RestoreVerdict::Unreadable);
+            let mut reviewed = deny(&self.uid, outcome, unreadable_restore(why));
+            reviewed.object = Some(object.clone());
+            Box::new(reviewed)
+        };
+        // The whole pod is built only when it is small enough to build (a crafted one of
+        // tiny values would take ~100 times its size).
+        count_json_values(self.body, PodLimits::RESTORED_POD_VALUES).map_err(|e| refuse(&e))?;
+        let pod = match serde_json::from_str::<ReviewIn<Pod>>(self.body) {
+            Ok(ReviewIn {
+                request:
+                    Some(RequestIn {
+                        object: Some(pod), ..
+                    }),
+                ..
+            }) => Box::new(pod),
+            other => {
+                let why = other
                     .err()
-                    .map_or("no object".to_owned(), |e| e.to_string())),
-            })
+                    .map_or("no object".to_owned(), |e| e.to_string());
+                return Err(refuse(&why));
+            }
+        };
+        Ok(RestoreCreate {
+            uid: self.uid.to_string(),
+            restore: self
+                .pod
+                .label(names::VELERO_RESTORE_NAME)
+                .unwrap_or("")
+                .to_owned(),
+            object,
+            pod,
+        })
     }
+}
 
-    /// For a pod a Velero restore re-creates (the restore path), the claims its restore
-    /// writes into, to be looked up before [`Self::decide`] (`Scope::claims_now`); none
-    /// for any other pod.
+/// A pod a Velero restore re-creates, read whole and owned (see [`PodCreate::restore`]).
+pub struct RestoreCreate {
+    uid: String,
+    /// Its `velero.io/restore-name`.
+    restore: String,
+    /// `namespace/name`, for logs and messages.
+    object: String,
+    pod: Box<Pod>,
+}
+
+impl RestoreCreate {
+    /// The claims its restore writes into, to be looked up before [`Self::decide`]
+    /// (`Scope::claims_now`).
     pub fn restored_claims(&self) -> Vec<String> {
-        if !restore::is_restore_candidate(&self.pod) {
-            return Vec::new();
-        }
-        match self.restored_pod() {
-            Ok(pod) => restore::restored_claims(pod)
-                .into_iter()
-                .map(|(_, claim)| claim.to_owned())
-                .collect(),
-            Err(_) => Vec::new(),
-        }
+        restore::restored_claims(&self.pod)
+            .into_iter()
+            .map(|(_, claim)| claim.to_owned())
+            .collect()
     }
 
     /// The pod becomes a restore helper, unless its restore would write over a
     /// claim that existed before the Restore (`policy::restore::overwrites`).
-    fn decide_restore(&self, scope: &Scope, explain: bool) -> Reviewed {
-        let pod = match self.restored_pod() {
-            Ok(pod) => pod,
-            Err(why) => {
-                let message = format!(
-                    "velero-jupyterhub could not read this pod, re-created by a Velero restore, \
-                     to make it a restore helper ({why}); refused so that no stale notebook \
-                     server starts in its place"
-                );
-                let outcome = Outcome::Restore(RestoreVerdict::Unreadable);
-                let mut reviewed = deny(&self.uid, outcome, message);
-                reviewed.object = Some(self.pod.display_name());
-                return reviewed;
-            }
-        };
+    pub fn decide(&self, scope: &Scope, explain: bool) -> Reviewed {
+        let pod = &self.pod;
         let refused = restore::overwrites(pod, &scope.claims_now);
         if !refused.is_empty() {
-            let restore = self.pod.label(names::VELERO_RESTORE_NAME).unwrap_or("");
-            let message = restore::overwrite_message(restore, &self.pod.display_name(), &refused);
+            let message = restore::overwrite_message(&self.restore, &self.object, &refused);
             let outcome = Outcome::Restore(RestoreVerdict::WouldOverwrite);
             let mut reviewed = deny(&self.uid, outcome, message);
-            reviewed.object = Some(self.pod.display_name());
+            reviewed.object = Some(self.object.clone());
             reviewed.claims_refused = refused.iter().map(|o| o.claim().to_owned()).collect();
             return reviewed;
         }
@@ -512,21 +552,147 @@ impl PodCreate<'_> {
             )
         } else {
             let helper = restore::restore_helper(pod, &scope.helper);
-            let patch = render_restore_patch(&helper);
-            let mut reviewed = allow(
-                &self.uid,
-                Outcome::Restore(RestoreVerdict::Converted),
-                patch.as_deref(),
-                None,
-            );
-            if explain {
+            let mut reviewed = converted(&self.uid, render_restore_patch(&helper));
+            if explain && reviewed.outcome.patched() {
                 reviewed.notes = restore::explain(pod, &helper);
             }
             reviewed
         };
-        reviewed.object = Some(self.pod.display_name());
+        reviewed.object = Some(self.object.clone());
         reviewed
     }
+}
+
+/// Why a pod a Velero restore re-creates is refused when it cannot be read.
+fn unreadable_restore(why: &str) -> String {
+    format!(
+        "velero-jupyterhub could not read this pod, re-created by a Velero restore, to make \
+         it a restore helper ({why}); refused so that no stale notebook server starts in its \
+         place"
+    )
+}
+
+/// The answer for a pod made a restore helper by `patch`. With no patch (it could not be
+/// rendered) the pod is refused: allowed unchanged, it would start the notebook server.
+fn converted(uid: &str, patch: Option<Vec<u8>>) -> Reviewed {
+    match patch {
+        Some(patch) => allow(
+            uid,
+            Outcome::Restore(RestoreVerdict::Converted),
+            Some(&patch),
+            None,
+        ),
+        None => deny(
+            uid,
+            Outcome::Restore(RestoreVerdict::Unreadable),
+            unreadable_restore("its restore-helper patch could not be written"),
+        ),
+    }
+}
+
+/// The labels of an object that could not be read as a pod that tell whether a Velero
+/// restore re-creates it, read leniently: string values of those few keys kept, anything
+/// else read past without being built. `None` when not even that can be read.
+fn lenient_labels(object: &str) -> Option<PodView<'_>> {
+    #[derive(Deserialize)]
+    struct Object<'a> {
+        #[serde(borrow)]
+        metadata: Option<Meta<'a>>,
+    }
+    #[derive(Deserialize)]
+    struct Meta<'a> {
+        #[serde(borrow)]
+        labels: Option<Labels<'a>>,
+    }
+    struct Labels<'a>(Vec<(Str<'a>, Str<'a>)>);
+    impl<'de: 'a, 'a> Deserialize<'de> for Labels<'a> {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> serde::de::Visitor<'de> for V {
+                type Value = Labels<'de>;
+                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str("a map")
+                }
+                fn visit_map<A: serde::de::MapAccess<'de>>(
+                    self,
+                    mut map: A,
+                ) -> Result<Self::Value, A::Error> {
+                    let mut kept = Vec::new();
+                    while let Some(key) = map.next_key::<Str<'de>>()? {
+                        let value = map.next_value::<Lenient<'de>>()?;
+                        if let (true, Some(value)) =
+                            (restore::CANDIDATE_LABELS.contains(&&*key), value.0)
+                        {
+                            kept.push((key, value));
+                        }
+                    }
+                    Ok(Labels(kept))
+                }
+            }
+            d.deserialize_map(V)
+        }
+    }
+    /// A string, or anything else read past (`None`).
+    struct Lenient<'a>(Option<Str<'a>>);
+    impl<'de: 'a, 'a> Deserialize<'de> for Lenient<'a> {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> serde::de::Visitor<'de> for V {
+                type Value = Lenient<'de>;
+                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str("any value")
+                }
+                fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                    Ok(Lenient(Some(Str(Cow::Borrowed(v)))))
+                }
+                fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                    Ok(Lenient(Some(Str(Cow::Owned(v.to_owned())))))
+                }
+                fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                    Ok(Lenient(None))
+                }
+                fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                    Ok(Lenient(None))
+                }
+                fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                    Ok(Lenient(None))
+                }
+                fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                    Ok(Lenient(None))
+                }
+                fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                    Ok(Lenient(None))
+                }
+                fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                    self,
+                    mut a: A,
+                ) -> Result<Self::Value, A::Error> {
+                    while a.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                    Ok(Lenient(None))
+                }
+                fn visit_map<A: serde::de::MapAccess<'de>>(
+                    self,
+                    mut a: A,
+                ) -> Result<Self::Value, A::Error> {
+                    while a
+                        .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                        .is_some()
+                    {}
+                    Ok(Lenient(None))
+                }
+            }
+            d.deserialize_any(V)
+        }
+    }
+    let object: Object = serde_json::from_str(object).ok()?;
+    let labels = object.metadata?.labels?;
+    Some(PodView {
+        metadata: Some(crate::policy::pod::MetaView {
+            labels: Some(crate::policy::pod::StrMap(labels.0)),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
 }
 
 /// The JSON patch that carries a decision out, serialized.
@@ -609,8 +775,19 @@ pub fn parse(body: &[u8]) -> Result<Parsed<'_>, ReviewError> {
             check(review, body, |raw| ObjectIn::Odd {
                 is_object: raw.get().starts_with('{'),
                 error: error.to_string(),
+                restore_candidate: lenient_labels(raw.get())
+                    .is_some_and(|pod| restore::is_restore_candidate(&pod)),
             })
         }
+    }
+}
+
+/// The restore path's whole read of a request [`parse`] found to be a pod a Velero restore
+/// re-creates ([`PodCreate::restore`]); `None` for any other request.
+pub fn read_restore(body: &[u8]) -> Option<Result<RestoreCreate, Box<Reviewed>>> {
+    match parse(body) {
+        Ok(Parsed::PodCreate(create)) if create.is_restore_candidate() => Some(create.restore()),
+        _ => None,
     }
 }
 
@@ -695,11 +872,27 @@ fn check<'a, O>(
     })?;
     let pod = match read_object(object) {
         ObjectIn::Pod(pod) => pod,
-        // A JSON object whose fields merely have shapes we do not expect is still a pod
-        // the API server wants to create: allow it. Anything else is not a Pod.
+        // A pod a Velero restore re-creates must become a restore helper or not start:
+        // one we cannot read is refused (the restore entries' failurePolicy is Fail).
         ObjectIn::Odd {
             is_object: true,
             error,
+            restore_candidate: true,
+        } => {
+            let answered = deny(
+                uid,
+                Outcome::Restore(RestoreVerdict::Unreadable),
+                unreadable_restore(&error),
+            );
+            return Ok(Parsed::Answered(answered));
+        }
+        // Any other JSON object whose fields merely have shapes we do not expect is
+        // still a pod the API server wants to create: allow it. Anything else is not a
+        // Pod.
+        ObjectIn::Odd {
+            is_object: true,
+            error,
+            restore_candidate: false,
         } => {
             let answered = allow(uid, Outcome::NotUnderstood, None, Some(error));
             return Ok(Parsed::Answered(answered));
@@ -741,13 +934,19 @@ fn check<'a, O>(
             namespace: namespace.to_string(),
         });
     }
+    if let Some(why) = pod.over_limits() {
+        return Err(ReviewError::OverLimits {
+            uid: uid.to_owned(),
+            pod: pod.display_name(),
+            why,
+        });
+    }
 
     Ok(Parsed::PodCreate(PodCreate {
         uid: request.uid,
         namespace,
         pod,
         body,
-        restored: std::sync::OnceLock::new(),
     }))
 }
 
@@ -926,5 +1125,21 @@ mod tests {
             let err = parse(body.as_bytes()).err().expect("an error");
             assert_eq!(err.uid(), uid, "{err}");
         }
+    }
+
+    #[test]
+    fn a_restore_helper_patch_that_cannot_be_written_refuses_the_pod() {
+        // Security review, Low: it allowed the pod unchanged and counted it converted.
+        let refused = converted("u1", None);
+        assert_eq!(
+            refused.outcome,
+            Outcome::Restore(RestoreVerdict::Unreadable)
+        );
+        assert!(refused.outcome.denied() && !refused.outcome.patched());
+        let body: serde_json::Value = serde_json::from_slice(&refused.body).unwrap();
+        assert_eq!(body["response"]["allowed"], false);
+        let patched = converted("u2", Some(b"[]".to_vec()));
+        assert_eq!(patched.outcome, Outcome::Restore(RestoreVerdict::Converted));
+        assert!(decode_patch(&patched.body).unwrap().is_some());
     }
 }

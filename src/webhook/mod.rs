@@ -34,6 +34,9 @@ pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
 /// connection at most, so the connection cap bounds them. Real pod reviews are a few KiB.
 pub const SMALL_BODY_BYTES: usize = 64 * 1024;
 
+/// Pods of the restore path read whole at once (see `WebhookState::restore_reads`).
+const RESTORE_READS: usize = 1;
+
 /// What the admission handlers need.
 pub struct WebhookState {
     pub namespaces: Arc<NamespaceCache>,
@@ -48,6 +51,10 @@ pub struct WebhookState {
     pub request_timeout: Duration,
     /// Bytes of large bodies (over [`SMALL_BODY_BYTES`]) being read or reviewed at once.
     large_bodies: Semaphore,
+    /// Pods a Velero restore re-creates, read whole (up to `PodLimits::RESTORED_POD_VALUES`
+    /// values, a few MiB each at most) and held while their claims are looked up: this
+    /// many at once (one: Velero re-creates a restore's pods one by one).
+    restore_reads: Semaphore,
     /// Set on shutdown: responses then carry `Connection: close`, so the API server moves
     /// to a replica that stays instead of racing our close of its idle connection.
     pub shutting_down: Arc<AtomicBool>,
@@ -73,6 +80,7 @@ impl WebhookState {
             metrics,
             request_timeout: opts.request_timeout,
             large_bodies: Semaphore::new(opts.large_body_budget.max(MAX_BODY_BYTES)),
+            restore_reads: Semaphore::new(RESTORE_READS),
             shutting_down,
         }
     }
@@ -217,39 +225,86 @@ async fn answer(state: &WebhookState, request: Request) -> (Response, &'static s
     let _reviewing = activity.map(|a| a.reviewing());
     let reviewed = match admission::parse(&body) {
         Ok(Parsed::Answered(reviewed)) => reviewed,
+        Ok(Parsed::PodCreate(create)) if create.is_restore_candidate() => {
+            let namespace = create.namespace().to_owned();
+            match restore_path(state, &namespace, body.clone()).await {
+                Ok(reviewed) => reviewed,
+                Err(failed) => return failed,
+            }
+        }
         Ok(Parsed::PodCreate(create)) => {
             let namespace = create.namespace();
-            let restored = create.restored_claims();
-            let claims_now = match restored.is_empty() {
-                true => Vec::new(),
-                false => state.restore_claims.look_up(namespace, &restored).await,
-            };
             let scope = Scope {
                 claims: state.namespaces.claims_for(namespace).await,
                 helper: state.helper.clone(),
                 restoring: state.restore_helpers.in_namespace(namespace),
-                claims_now,
+                claims_now: Vec::new(),
             };
-            let reviewed = create.decide(&scope, false);
-            if let Some(message) = reviewed
-                .detail
-                .as_deref()
-                .filter(|_| !reviewed.claims_refused.is_empty())
-            {
-                state
-                    .restore_claims
-                    .refused(namespace, &reviewed.claims_refused, message);
-            }
-            reviewed
+            create.decide(&scope, false)
         }
         Ok(Parsed::ClaimCreate(claim)) => state.restore_claims.review_claim(&claim).await,
-        Err(e) => return (bad_request(&e), "bad_request"),
+        Err(e) => return (bad_request(&e), e.outcome()),
     };
     log_reviewed(&reviewed);
     let outcome = reviewed.outcome.as_str();
     let json = HeaderValue::from_static("application/json");
     let response = ([(header::CONTENT_TYPE, json)], reviewed.body).into_response();
     (response, outcome)
+}
+
+/// A pod a Velero restore re-creates: read whole, its claims looked up, decided. The two
+/// CPU-heavy steps (up to tens of milliseconds for a pod at the limits) run on the
+/// blocking pool, at most [`RESTORE_READS`] at once, so live reviews never wait behind
+/// them on the request threads.
+async fn restore_path(
+    state: &WebhookState,
+    namespace: &str,
+    body: axum::body::Bytes,
+) -> Result<admission::Reviewed, (Response, &'static str)> {
+    // The semaphore is never closed; if it were, answering beats failing.
+    let _read = state.restore_reads.acquire().await.ok();
+    let read = tokio::task::spawn_blocking(move || admission::read_restore(&body)).await;
+    let restore = match read {
+        Ok(Some(Ok(restore))) => restore,
+        Ok(Some(Err(refused))) => return Ok(*refused),
+        Ok(None) | Err(_) => return Err(internal_error("reading a restored pod")),
+    };
+    let restored = restore.restored_claims();
+    let claims_now = match restored.is_empty() {
+        true => Vec::new(),
+        false => state.restore_claims.look_up(namespace, &restored).await,
+    };
+    let scope = Scope {
+        claims: state.namespaces.claims_for(namespace).await,
+        helper: state.helper.clone(),
+        restoring: Vec::new(),
+        claims_now,
+    };
+    let decided = tokio::task::spawn_blocking(move || restore.decide(&scope, false)).await;
+    let reviewed = decided.map_err(|_| internal_error("converting a restored pod"))?;
+    if let Some(message) = reviewed
+        .detail
+        .as_deref()
+        .filter(|_| !reviewed.claims_refused.is_empty())
+    {
+        state
+            .restore_claims
+            .refused(namespace, &reviewed.claims_refused, message);
+    }
+    Ok(reviewed)
+}
+
+/// A step that cannot fail did (a bug, or a panic caught on the blocking pool): 500.
+fn internal_error(doing: &str) -> (Response, &'static str) {
+    error!(
+        doing,
+        "internal error while reviewing the request; answered 500"
+    );
+    let msg = "internal error while reviewing the request\n";
+    (
+        (StatusCode::INTERNAL_SERVER_ERROR, msg).into_response(),
+        "panic",
+    )
 }
 
 fn too_large() -> (Response, &'static str) {
