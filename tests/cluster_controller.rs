@@ -536,6 +536,78 @@ async fn the_controllers_pod_rights_stop_at_backup_helpers() {
         as_controller.create(&PostParams::default(), &placed).await,
         "goes through the scheduler",
     );
+    // Security review M2: a helper-shaped pod that differs from what the controller
+    // builds in any field that would give a stolen token more than a helper: another
+    // image, another user or groups, an added capability, a port, an environment, a
+    // system priority class, a toleration the helpers' ConfigMap does not list. (The
+    // namespace enforces Pod Security `restricted`, which would refuse root or a host
+    // port first; the policy holds where it does not.)
+    let as_json = serde_json::to_value(&writable).expect("json");
+    let changes: [(&str, fn(&mut serde_json::Value), &str); 9] = [
+        (
+            "image",
+            |p| p["spec"]["containers"][0]["image"] = "busybox:1.36".into(),
+            "runs the helper image registry.k8s.io/pause:3.10",
+        ),
+        (
+            "user",
+            |p| p["spec"]["securityContext"]["runAsUser"] = 1000.into(),
+            "runs as user and group 65535",
+        ),
+        (
+            "container user",
+            |p| p["spec"]["containers"][0]["securityContext"]["runAsUser"] = 1000.into(),
+            "runs the helper image",
+        ),
+        (
+            "groups",
+            |p| p["spec"]["securityContext"]["supplementalGroups"] = json!([0]),
+            "no supplemental groups",
+        ),
+        (
+            "capability",
+            |p| {
+                p["spec"]["containers"][0]["securityContext"]["capabilities"]["add"] =
+                    json!(["NET_BIND_SERVICE"])
+            },
+            "no added capability",
+        ),
+        (
+            "port",
+            |p| {
+                p["spec"]["containers"][0]["ports"] = json!([{"containerPort": 8080}])
+            },
+            "no ports",
+        ),
+        (
+            "env",
+            |p| p["spec"]["containers"][0]["env"] = json!([{"name": "A", "value": "b"}]),
+            "no environment",
+        ),
+        (
+            "priority",
+            |p| p["spec"]["priorityClassName"] = "system-node-critical".into(),
+            "no system priority class",
+        ),
+        (
+            "toleration",
+            |p| p["spec"]["tolerations"] = json!([{"operator": "Exists"}]),
+            "tolerates only the taint keys",
+        ),
+    ];
+    for (what, change, why) in changes {
+        let mut pod = as_json.clone();
+        pod["spec"]["containers"][0]["volumeMounts"][0]["readOnly"] = true.into();
+        change(&mut pod);
+        let params = PostParams {
+            dry_run: true,
+            ..Default::default()
+        };
+        match as_controller.create(&params, &from_json(pod)).await {
+            Err(kube::Error::Api(e)) => assert!(e.message.contains(why), "{what}: {}", e.message),
+            other => panic!("{what}: not refused: {other:?}"),
+        }
+    }
     // A helper whose container could write to the user's home.
     writable.spec.as_mut().expect("spec").containers[0]
         .volume_mounts

@@ -527,7 +527,19 @@ pub async fn apply_rbac(client: &Client) {
             apply_dynamic(client, &obj).await;
         }
     }
+    // The helpers' ConfigMap, which the controller's pod policy reads: the controller
+    // tests' helpers also tolerate a taint of their own run (tests/support/controller.rs),
+    // under one key.
+    let mut helper = manifest("ConfigMap", "velero-jupyterhub-helper");
+    let keys = helper["data"]["tolerationKeys"]
+        .as_str()
+        .unwrap_or_default();
+    helper["data"]["tolerationKeys"] = format!("{keys},{TEST_TOLERATION_KEY}").into();
+    apply_dynamic(client, &helper).await;
 }
+
+/// The taint key of the controller tests' own nodes (one value per run).
+pub const TEST_TOLERATION_KEY: &str = "velero-jupyterhub-test";
 
 /// Server-side apply of any object (by its apiVersion/kind), optionally as a dry run.
 pub async fn apply_dynamic_with(

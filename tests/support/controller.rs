@@ -112,7 +112,7 @@ impl Setup {
         let velero = cluster::labelled_namespace(&client, "vjh-ctl", json!({})).await;
         let taints = json!([
             {"key": "hub.jupyter.org/dedicated", "value": "user", "effect": "NoSchedule"},
-            {"key": "velero-jupyterhub-test", "value": run, "effect": "NoSchedule"},
+            {"key": cluster::TEST_TOLERATION_KEY, "value": run, "effect": "NoSchedule"},
         ]);
         let nodes = vec![unique("node-a"), unique("node-b")];
         for n in &nodes {
@@ -123,7 +123,7 @@ impl Setup {
             {"key": "hub.jupyter.org/dedicated", "operator": "Equal", "value": "user", "effect": "NoSchedule"},
         ]));
         tolerations.push(from_json(json!(
-            {"key": "velero-jupyterhub-test", "operator": "Equal", "value": run, "effect": "NoSchedule"}
+            {"key": cluster::TEST_TOLERATION_KEY, "operator": "Equal", "value": run, "effect": "NoSchedule"}
         )));
         // The controller runs as the manifests' ServiceAccount, with exactly what they grant.
         cluster::apply_rbac(&client).await;
