@@ -19,7 +19,6 @@ use serde_json::json;
 use support::fixtures;
 use support::https::{HttpsClient, http_get, http_get_from};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use velero_jupyterhub::metrics::sample;
 use velero_jupyterhub::policy::pod::PodLimits;

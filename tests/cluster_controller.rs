@@ -543,7 +543,9 @@ async fn the_controllers_pod_rights_stop_at_backup_helpers() {
     // namespace enforces Pod Security `restricted`, which would refuse root or a host
     // port first; the policy holds where it does not.)
     let as_json = serde_json::to_value(&writable).expect("json");
-    let changes: [(&str, fn(&mut serde_json::Value), &str); 9] = [
+    // (what is changed, the change, what the refusal says)
+    type Change = (&'static str, fn(&mut serde_json::Value), &'static str);
+    let changes: [Change; 9] = [
         (
             "image",
             |p| p["spec"]["containers"][0]["image"] = "busybox:1.36".into(),
@@ -574,9 +576,7 @@ async fn the_controllers_pod_rights_stop_at_backup_helpers() {
         ),
         (
             "port",
-            |p| {
-                p["spec"]["containers"][0]["ports"] = json!([{"containerPort": 8080}])
-            },
+            |p| p["spec"]["containers"][0]["ports"] = json!([{"containerPort": 8080}]),
             "no ports",
         ),
         (
