@@ -88,6 +88,9 @@ async fn reaction(client: &kube::Client, spawns: usize) {
         client.clone(),
         config,
         Arc::new(Metrics::for_controller()),
+        Arc::new(controller::heartbeat::Heartbeat::new(Duration::from_secs(
+            900,
+        ))),
         stop.clone(),
     ));
     let minute = (Timestamp::now() + 5.minutes())

@@ -229,6 +229,11 @@ pub struct ControllerArgs {
     /// Plain HTTP address for operations: the probes (`/healthz`, `/readyz`) and `/metrics`.
     #[arg(long, env = "VJH_OPS_LISTEN", default_value = "0.0.0.0:8080")]
     pub ops_listen: SocketAddr,
+    /// The leader is not live (`/healthz` fails, the kubelet restarts it and the other
+    /// replica takes over) when its loop has not finished a pass for this long (passes
+    /// come at least every 5 minutes), or a watch has failed without a break for this long.
+    #[arg(long, env = "VJH_PASS_DEADLINE", default_value = "15m", value_parser = parse_pass_deadline)]
+    pub pass_deadline: Duration,
     /// The controller's own namespace (its Lease, and the certificate Secrets, live there).
     #[arg(long, env = "POD_NAMESPACE", default_value = "velero-jupyterhub", value_parser = parse_namespace)]
     pub namespace: String,
@@ -595,8 +600,9 @@ pub struct ReviewArgs {
     /// The restore helpers' image, as `serve --helper-image`.
     #[arg(long, env = "VJH_HELPER_IMAGE", default_value = crate::policy::helper::DEFAULT_IMAGE)]
     pub helper_image: String,
-    /// Review as if a restore helper of Velero restore RESTORE mounted CLAIM in the pod's
-    /// namespace (the restore guard): `CLAIM=RESTORE` (repeatable).
+    /// Review as if CLAIM were being restored in the pod's namespace (listed in its
+    /// `velero-jupyterhub.io/restoring-claims`: the restore guard), by Velero restore
+    /// RESTORE if given: `CLAIM[=RESTORE]` (repeatable).
     #[arg(long, value_parser = parse_restoring)]
     pub restoring: Vec<RestoringClaim>,
     /// For a pod a restore re-creates: review as if CLAIM existed in the pod's namespace,
@@ -621,14 +627,17 @@ fn parse_claim_exists(s: &str) -> Result<(String, crate::policy::restore::ClaimN
 }
 
 fn parse_restoring(s: &str) -> Result<RestoringClaim, String> {
-    match s.split_once('=') {
-        Some((claim, restore)) if !claim.is_empty() && !restore.is_empty() => Ok(RestoringClaim {
-            claim: claim.to_owned(),
-            restore: restore.to_owned(),
-            pod: "(given with --restoring)".to_owned(),
-        }),
-        _ => Err(format!("expected CLAIM=RESTORE, got {s:?}")),
+    let (claim, restore) = match s.split_once('=') {
+        Some((claim, restore)) => (claim, Some(restore)),
+        None => (s, None),
+    };
+    if claim.is_empty() || restore.is_some_and(str::is_empty) {
+        return Err(format!("expected CLAIM or CLAIM=RESTORE, got {s:?}"));
     }
+    Ok(RestoringClaim {
+        claim: claim.to_owned(),
+        restore: restore.map(str::to_owned),
+    })
 }
 
 fn parse_namespace_claims(s: &str) -> Result<(String, ClaimGlobs), String> {
@@ -733,6 +742,7 @@ async fn backup(args: BackupArgs) -> anyhow::Result<i32> {
 async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
     let signalled = shutdown_signal()?;
     let args_ops_listen = args.ops_listen;
+    let args_pass_deadline = args.pass_deadline;
     let client = crate::cluster::try_client()
         .await
         .context("connecting to the Kubernetes API")?
@@ -783,7 +793,11 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
     });
     // Probes and /metrics, with the same bounds as the webhook's operations port.
     let metrics = Arc::new(crate::metrics::Metrics::for_controller());
-    let health = crate::webhook::Health::new(None, Vec::new());
+    let heartbeat = Arc::new(crate::controller::heartbeat::Heartbeat::new(
+        args_pass_deadline,
+    ));
+    let mut health = crate::webhook::Health::new(None, Vec::new());
+    health.heartbeat = Some(heartbeat.clone());
     let ops = crate::server::bind(args_ops_listen).with_context(|| {
         format!("binding the operations address --ops-listen {args_ops_listen}")
     })?;
@@ -804,7 +818,7 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
     ));
     let workers = tokio::runtime::Handle::current().metrics().num_workers();
     tracing::info!(ops = %args_ops_listen, workers, "serving /healthz, /readyz, /metrics over HTTP");
-    let result = crate::controller::run(client, config, metrics, shutdown.clone()).await;
+    let result = crate::controller::run(client, config, metrics, heartbeat, shutdown.clone()).await;
     shutdown.cancel();
     let _ = ops_task.await;
     result
@@ -957,4 +971,16 @@ pub fn explain_text(r: &admission::Reviewed) -> String {
         ));
     }
     out
+}
+
+/// `--pass-deadline`: over the 5 minutes between passes, so an idle loop is not taken for
+/// a wedged one.
+fn parse_pass_deadline(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    match d >= Duration::from_secs(6 * 60) {
+        true => Ok(d),
+        false => Err(format!(
+            "{s} is too short: passes come at least every 5 minutes; give 6m or more"
+        )),
+    }
 }

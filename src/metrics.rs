@@ -67,6 +67,7 @@ pub struct ControllerMetrics {
     pub reconcile_errors: Counter,
     pub api_writes: Family<WriteLabels, Counter>,
     pub leader: Gauge,
+    pub last_pass: Gauge,
     pub restore_helpers: Family<StateLabels, Gauge>,
     pub restored_bytes: Counter,
     pub restores_failed: Counter,
@@ -162,6 +163,11 @@ impl ControllerMetrics {
             self.leader.clone(),
         );
         registry.register(
+            "reconcile_last_pass_timestamp_seconds",
+            "When the leader's reconcile loop last finished a pass (Unix seconds; passes come at least every 5 minutes)",
+            self.last_pass.clone(),
+        );
+        registry.register(
             "certificate_steps",
             "Self-managed certificates: steps taken (create, issue, introduce, promote, retire, write_bundle)",
             self.certificate_steps.clone(),
@@ -229,8 +235,6 @@ pub struct Metrics {
     namespace_fetches: Family<ResultLabels, Counter>,
     namespace_watch_errors: Counter,
     claims_problems: Family<NamespaceLabels, Gauge>,
-    restore_guard_synced: Gauge,
-    restore_guard_watch_errors: Counter,
 }
 
 /// Latency buckets from 25 µs to 2.5 s: decisions take microseconds, TLS, queueing and
@@ -323,18 +327,6 @@ impl Metrics {
             "Errors of the namespace watch (each retried with backoff)",
             namespace_watch_errors.clone(),
         );
-        let restore_guard_synced = Gauge::default();
-        reg.register(
-            "restore_guard_synced",
-            "1 once the restore guard's watch of restore helpers has listed; while 0 the guard lets every user server through (readiness does not wait for it)",
-            restore_guard_synced.clone(),
-        );
-        let restore_guard_watch_errors = Counter::default();
-        reg.register(
-            "restore_guard_watch_errors",
-            "Errors of the restore guard's watch of restore helpers (each retried with backoff; RBAC: list and watch pods)",
-            restore_guard_watch_errors.clone(),
-        );
         let claims_problems = Family::<NamespaceLabels, Gauge>::default();
         reg.register(
             "namespace_claims_invalid",
@@ -359,8 +351,6 @@ impl Metrics {
             namespace_fetches,
             namespace_watch_errors,
             claims_problems,
-            restore_guard_synced,
-            restore_guard_watch_errors,
         }
     }
 
@@ -409,14 +399,6 @@ impl Metrics {
 
     pub fn namespace_watch_error(&self) {
         self.namespace_watch_errors.inc();
-    }
-
-    pub fn restore_guard_synced(&self) {
-        self.restore_guard_synced.set(1);
-    }
-
-    pub fn restore_guard_watch_error(&self) {
-        self.restore_guard_watch_errors.inc();
     }
 
     /// Sets (or clears) the invalid-claims gauge of one namespace; a cleared namespace

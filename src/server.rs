@@ -15,7 +15,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::cluster::NamespaceCache;
-use crate::cluster::RestoreHelpers;
 use crate::metrics::Metrics;
 use crate::policy::ClaimGlobs;
 use crate::policy::helper::HelperOptions;
@@ -66,7 +65,6 @@ pub struct Running {
     pub metrics: Arc<Metrics>,
     pub health: Health,
     pub namespaces: Arc<NamespaceCache>,
-    pub restore_helpers: RestoreHelpers,
     shutdown: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -137,14 +135,6 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         }
     };
 
-    let restore_helpers = match &config.cluster {
-        Some(client) => {
-            let (helpers, watch) = RestoreHelpers::start(client.clone(), metrics.clone());
-            background.push(("restore helper watch", tokio::spawn(watch)));
-            helpers
-        }
-        None => RestoreHelpers::default(),
-    };
     let restore_claims =
         crate::cluster::RestoreClaims::new(config.cluster.clone(), &config.velero_namespace);
     let with_cluster = config.cluster.is_some();
@@ -171,7 +161,6 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let health = Health::new(Some(certs.clone()), synced);
     let admission = webhook::admission_router(Arc::new(WebhookState::new(
         namespaces.clone(),
-        restore_helpers.clone(),
         restore_claims,
         config.helper,
         metrics.clone(),
@@ -225,7 +214,6 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         metrics,
         health,
         namespaces,
-        restore_helpers,
         shutdown,
         task,
     })

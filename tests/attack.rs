@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use hyper::StatusCode;
 use serde_json::json;
 use support::fixtures;
-use support::https::{HttpsClient, http_get, http_get_from};
+use support::https::{HttpsClient, http_get_from, try_http_get_from};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use velero_jupyterhub::metrics::sample;
@@ -484,7 +484,19 @@ async fn hostile_connections_on_both_ports_do_not_stop_reviews_or_probes() {
         let _ = a.await;
     }
     attack_rt.shutdown_background();
-    let (_, metrics) = http_get(server.ops, "/metrics").await;
+    // The attackers' connections are closing: until the server has seen them go, the
+    // operations port may still be full and refuse this one (a reset), as it refused them.
+    let mut metrics = None;
+    for _ in 0..50 {
+        match try_http_get_from(server.ops, None, "/metrics").await {
+            Ok((StatusCode::OK, body)) => {
+                metrics = Some(body);
+                break;
+            }
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+    let metrics = metrics.expect("/metrics within 10 s of the attack's end");
     let metrics = String::from_utf8_lossy(&metrics).into_owned();
     let evicted = |listener: &str| {
         let series = format!(

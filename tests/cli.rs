@@ -339,7 +339,7 @@ fn review_explains_a_restore_conversion_and_the_restore_guard() {
         "the helper image: {err}"
     );
 
-    // The user's own server while a restore helper holds the claim: refused, clearly.
+    // The user's own server while the claim is being restored: refused, clearly.
     let (request, _) = fixtures::golden_review();
     let (code, out, err) = review(
         &["--explain", "--restoring", "claim-alice-smith=restore-7"],
@@ -352,9 +352,18 @@ fn review_explains_a_restore_conversion_and_the_restore_guard() {
         "{out}"
     );
     assert!(err.contains(": restore_guard_denied"), "{err}");
-    let (code, _, err) = review(&["--restoring", "claim-alice-smith"], &request);
-    assert_eq!(code, Some(2), "a malformed --restoring is refused: {err}");
-    assert!(err.contains("expected CLAIM=RESTORE"), "{err}");
+    // As the namespace's record lists it (no Restore named).
+    let (code, out, err) = review(&["--restoring", "claim-alice-smith"], &request);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("home volume claim-alice-smith is being restored by Velero; try again"),
+        "{out}"
+    );
+    for malformed in ["=restore-7", "claim-alice-smith="] {
+        let (code, _, err) = review(&["--restoring", malformed], &request);
+        assert_eq!(code, Some(2), "a malformed --restoring is refused: {err}");
+        assert!(err.contains("expected CLAIM or CLAIM=RESTORE"), "{err}");
+    }
 }
 
 #[test]
@@ -490,6 +499,27 @@ fn the_deployment_in_manifests_passes_flags_the_binary_accepts() {
     assert_eq!(port(1), u64::from(serve.ops_listen.port()));
     assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
     assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
+    // The controller's too (security review, issue 21 item 5: it had none): its
+    // operations port, and a liveness probe that gives a wedged leader well under its
+    // pass deadline's order of time before the kubelet restarts it, never less than a
+    // pass's own slack.
+    let container = &controller["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(container["ports"][0]["name"], "ops");
+    assert_eq!(
+        container["ports"][0]["containerPort"].as_u64(),
+        Some(u64::from(args.ops_listen.port()))
+    );
+    for (probe, path) in [("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")] {
+        assert_eq!(container[probe]["httpGet"]["path"], path, "{probe}");
+        assert_eq!(container[probe]["httpGet"]["port"], "ops", "{probe}");
+    }
+    let liveness = &container["livenessProbe"];
+    let tolerated = liveness["periodSeconds"].as_u64().unwrap_or(10)
+        * liveness["failureThreshold"].as_u64().unwrap_or(3);
+    assert!(
+        (30..=300).contains(&tolerated),
+        "restarted after {tolerated} s of failed probes"
+    );
 }
 
 #[test]

@@ -178,6 +178,14 @@ async fn when_the_leader_dies_the_other_replica_takes_over_without_duplicates() 
     .await
     .expect("exactly one leader");
 
+    // Both probes pass on both replicas: the leader's watches listed and its loop passes;
+    // the standby has nothing to do (a rollout must not wait on it).
+    for (i, replica) in setup.controllers.iter().enumerate() {
+        let role = if i == leader { "leader" } else { "standby" };
+        assert_eq!(replica.heartbeat.not_ready(), None, "{role}");
+        assert_eq!(replica.heartbeat.not_live(), None, "{role}");
+    }
+
     // The leader dies without releasing its Lease (its task is aborted, as a crash would).
     let dead = setup.controllers.remove(leader);
     dead.task.abort();
@@ -212,6 +220,115 @@ async fn when_the_leader_dies_the_other_replica_takes_over_without_duplicates() 
             "helper {uid} kept"
         );
     }
+    setup.finish().await;
+}
+
+/// Issue 21 item 5: a leader whose watches cannot list (here: its ClusterRole lacks
+/// PodVolumeRestores, as when RBAC is applied half-way; Velero's CRDs missing fail the
+/// same way) keeps its Lease and reconciles nothing. Its readiness probe says so at once
+/// and its liveness probe once the watch has failed past its deadline, so the kubelet
+/// restarts it; with the right granted, it lists and both pass again.
+#[tokio::test]
+async fn a_leader_whose_watches_cannot_list_fails_its_probes() {
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, RoleBinding};
+    use serde_json::Value;
+    use velero_jupyterhub::controller::heartbeat::Heartbeat;
+    use velero_jupyterhub::policy::liveness::Deadlines;
+    let mut setup = Setup::new().await;
+    // The test's one replica steps aside: the half-granted one takes the Lease.
+    let replica = setup.controllers.remove(0);
+    replica.stop.cancel();
+    let _ = replica.task.await;
+
+    let account = unique("vjh-half");
+    let own = setup.config.namespace.clone();
+    let mut role = cluster::manifest("ClusterRole", "velero-jupyterhub-controller");
+    role["metadata"] = json!({"name": account});
+    let full_rules = role["rules"].clone();
+    let without: Vec<Value> = full_rules
+        .as_array()
+        .expect("rules")
+        .iter()
+        .map(|rule| {
+            let mut rule = rule.clone();
+            if let Some(resources) = rule["resources"].as_array_mut() {
+                resources.retain(|r| r != "podvolumerestores");
+            }
+            rule
+        })
+        .collect();
+    role["rules"] = json!(without);
+    cluster::apply_dynamic(&setup.client, &role).await;
+    let subject = json!([{"kind": "ServiceAccount", "name": account, "namespace": own}]);
+    cluster::apply_dynamic(&setup.client, &json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+        "metadata": {"name": account},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": account},
+        "subjects": subject,
+    }))
+    .await;
+    cluster::apply_dynamic(&setup.client, &json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": account, "namespace": own},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "velero-jupyterhub-controller"},
+        "subjects": subject,
+    }))
+    .await;
+    let half = cluster::client_as_service_account(&own, &account).await;
+    let deadline = Duration::from_secs(4);
+    setup.replica_with(
+        "half-granted",
+        half,
+        Heartbeat::with_deadlines(Deadlines {
+            pass: Duration::from_secs(900),
+            watch: deadline,
+            retrying: Duration::from_secs(120),
+        }),
+    );
+    let half = &setup.controllers[0];
+    eventually(Duration::from_secs(20), || async {
+        half.leads().then_some(())
+    })
+    .await
+    .expect("the half-granted replica leads");
+    let not_ready = half.heartbeat.not_ready().unwrap_or_default();
+    assert!(not_ready.contains("not listed"), "{not_ready:?}");
+    let started = Instant::now();
+    let not_live = eventually(Duration::from_secs(60), || async {
+        half.heartbeat.not_live()
+    })
+    .await
+    .expect("not live once the watch has failed past its deadline");
+    assert!(
+        not_live.contains("the podvolumerestores watch has been failing"),
+        "{not_live}"
+    );
+    assert!(started.elapsed() >= deadline - Duration::from_secs(1));
+    println!("not live after {:?}: {not_live}", started.elapsed());
+
+    // Granted: the watch lists, and both probes pass.
+    role["rules"] = full_rules;
+    cluster::apply_dynamic(&setup.client, &role).await;
+    eventually(Duration::from_secs(90), || async {
+        (half.heartbeat.not_ready().is_none() && half.heartbeat.not_live().is_none()).then_some(())
+    })
+    .await
+    .unwrap_or_else(|| {
+        panic!(
+            "ready and live once granted: {:?} / {:?}",
+            half.heartbeat.not_ready(),
+            half.heartbeat.not_live()
+        )
+    });
+    let _ = Api::<ClusterRoleBinding>::all(setup.client.clone())
+        .delete(&account, &Default::default())
+        .await;
+    let _ = Api::<ClusterRole>::all(setup.client.clone())
+        .delete(&account, &Default::default())
+        .await;
+    let _ = Api::<RoleBinding>::namespaced(setup.client.clone(), &own)
+        .delete(&account, &Default::default())
+        .await;
     setup.finish().await;
 }
 
@@ -847,9 +964,12 @@ async fn each_component_has_exactly_the_access_it_uses() {
         (&webhook, "patch", "", "namespaces", "", false),
         (&webhook, "create", "", "pods", "jhub", false),
         (&webhook, "patch", "", "pods", "jhub", false),
-        // The restore guard's watch of restore helpers (by label; RBAC cannot narrow it).
-        (&webhook, "list", "", "pods", "jhub", true),
+        // Security review M5: the network-facing webhook reads no pods at all (the restore
+        // guard reads the claims being restored from the namespace's record).
+        (&webhook, "list", "", "pods", "jhub", false),
+        (&webhook, "watch", "", "pods", "", false),
         (&webhook, "get", "", "pods", "jhub", false),
+        (&webhook, "get", "", "secrets", "jhub", false),
         // Whether a claim a restored pod writes into existed before the Restore: a GET.
         (&webhook, "get", "", "persistentvolumeclaims", "jhub", true),
         (

@@ -509,18 +509,35 @@ async fn velero_re_created_pods_become_restore_helpers_guarded_and_cleaned_up() 
     }
 
     // KubeSpawner spawns alice meanwhile. Admission runs before the name is checked, so
-    // the webhook's guard answers first, with a message the hub shows the user.
+    // the webhook's guard answers first (mutating webhooks run before validating
+    // policies), with a message the hub shows the user. It reads the claims being
+    // restored from the namespace, where the controller records them (security review
+    // M5: the webhook reads no pods).
+    let namespaces = Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone());
+    eventually(Duration::from_secs(20), || async {
+        let n = namespaces.get(&ns).await.ok()?;
+        let recorded = n
+            .metadata
+            .annotations?
+            .get(names::NAMESPACE_RESTORING_CLAIMS)?
+            .clone();
+        recorded
+            .split(',')
+            .any(|c| c == "claim-alice")
+            .then_some(())
+    })
+    .await
+    .expect("the controller records alice's claim as being restored");
     let hub = hub_client(&client, &ns).await;
     let hub_pods: Api<Pod> = Api::namespaced(hub.clone(), &ns);
-    let want = format!(
-        "home volume claim-alice is being restored by Velero restore {restore} (pod jupyter-alice); try again when it completes"
-    );
+    let want =
+        "home volume claim-alice is being restored by Velero; try again when the restore completes";
     let err = hub_pods
         .create(&PostParams::default(), &cluster::user_pod("alice"))
         .await
         .expect_err("the restore guard refuses it");
     assert!(
-        matches!(&err, kube::Error::Api(e) if e.code == 403 && e.message.contains(&want)),
+        matches!(&err, kube::Error::Api(e) if e.code == 403 && e.message.contains(want)),
         "{err}"
     );
     // With the webhook missed (failurePolicy Ignore), KubeSpawner would get a 409 and
@@ -586,7 +603,7 @@ async fn velero_re_created_pods_become_restore_helpers_guarded_and_cleaned_up() 
         .create(&PostParams::default(), &from_json(named.clone()))
         .await
         .expect_err("the restore guard refuses it");
-    assert!(err.to_string().contains(&want), "{err}");
+    assert!(err.to_string().contains(want), "{err}");
 
     // The node-agent fills the volumes (pkg/podvolume/restorer.go: one PodVolumeRestore
     // per volume, labelled with the pod's uid) …

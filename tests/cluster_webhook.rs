@@ -430,7 +430,6 @@ async fn a_namespace_the_watch_has_not_delivered_is_fetched_with_its_claims() {
     let cache = Arc::new(NamespaceCache::new(Some(sa), globs, metrics.clone()));
     let state = WebhookState::new(
         cache.clone(),
-        Default::default(),
         velero_jupyterhub::cluster::RestoreClaims::new(None, "velero"),
         velero_jupyterhub::policy::helper::HelperOptions::with_image("pause"),
         metrics.clone(),

@@ -19,7 +19,6 @@ async fn answer(body: Vec<u8>) -> (StatusCode, Vec<u8>) {
     let namespaces = Arc::new(NamespaceCache::new(None, globs, metrics.clone()));
     let app = admission_router(Arc::new(WebhookState::new(
         namespaces,
-        Default::default(),
         velero_jupyterhub::cluster::RestoreClaims::new(None, "velero"),
         velero_jupyterhub::policy::helper::HelperOptions::with_image("pause"),
         metrics,

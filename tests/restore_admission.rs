@@ -130,8 +130,7 @@ fn the_restore_guard_refuses_a_user_server_on_a_claim_being_restored() {
     let pod = fixtures::z2jh_pod();
     let restoring = RestoringClaim {
         claim: "claim-alice-smith".to_owned(),
-        restore: "restore-1".to_owned(),
-        pod: "jupyter-alice".to_owned(),
+        restore: Some("restore-1".to_owned()),
     };
     let request = fixtures::pod_create_review(&pod, "g-1");
     let reviewed =
@@ -147,7 +146,19 @@ fn the_restore_guard_refuses_a_user_server_on_a_claim_being_restored() {
     );
     assert_eq!(
         response["status"]["message"],
-        "home volume claim-alice-smith is being restored by Velero restore restore-1 (pod jupyter-alice); try again when it completes"
+        "home volume claim-alice-smith is being restored by Velero restore restore-1; try again when the restore completes"
+    );
+    // As the webhook reads it from the namespace's record (no Restore named there): the
+    // words of the restoring-claims policy, which refuses the same pod inside the API server.
+    let unnamed = RestoringClaim {
+        restore: None,
+        ..restoring.clone()
+    };
+    let reviewed = admission::review(&request, |_| scope(vec![unnamed]), false).expect("review");
+    assert_eq!(reviewed.outcome, Outcome::Guarded);
+    assert_eq!(
+        self::response(&reviewed)["status"]["message"],
+        "home volume claim-alice-smith is being restored by Velero; try again when the restore completes"
     );
 
     // Another user's claim being restored does not concern alice.

@@ -28,7 +28,7 @@ fn harness() -> &'static Harness {
         let metrics = Arc::new(Metrics::new());
         let globs = ClaimGlobs::parse("claim-*").expect("globs");
         let namespaces = Arc::new(NamespaceCache::new(None, globs, metrics.clone()));
-        let app = admission_router(Arc::new(WebhookState::new(namespaces, Default::default(), velero_jupyterhub::cluster::RestoreClaims::new(None, "velero"), velero_jupyterhub::policy::helper::HelperOptions::with_image("pause"), metrics, &ServeOptions::default(), Default::default())));
+        let app = admission_router(Arc::new(WebhookState::new(namespaces, velero_jupyterhub::cluster::RestoreClaims::new(None, "velero"), velero_jupyterhub::policy::helper::HelperOptions::with_image("pause"), metrics, &ServeOptions::default(), Default::default())));
         Harness { rt, app }
     })
 }

@@ -248,6 +248,17 @@ fn without_current(state: &CertState, now: Timestamp, opts: &CertOptions) -> Cer
     }
 }
 
+/// How long the certificate keeper waits after its `n`th failed check in a row (n ≥ 1):
+/// 5 s, doubling, at most 5 minutes. A check that keeps failing (the API server
+/// refusing, another writer fighting over the caBundle) is retried less and less often,
+/// and the first retry still comes soon (a write conflict, a moment's outage).
+pub fn retry_after(n: u32) -> std::time::Duration {
+    const FIRST: u64 = 5;
+    const MAX: u64 = 300;
+    let doublings = n.saturating_sub(1).min(16);
+    std::time::Duration::from_secs((FIRST << doublings).min(MAX))
+}
+
 /// The validity of a certificate issued now: `validity` long, but never beyond the CA
 /// that signs it (a certificate outliving its CA would stop verifying first). Backdated
 /// by a tenth of `validity`, at most 5 minutes, for clocks a little behind ours.
@@ -266,6 +277,16 @@ fn plus(t: Timestamp, d: SignedDuration) -> Timestamp {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retries_back_off_exponentially_to_five_minutes() {
+        let waits: Vec<u64> = [1, 2, 3, 4, 5, 6, 7, 8, 100, u32::MAX]
+            .into_iter()
+            .map(|n| retry_after(n).as_secs())
+            .collect();
+        assert_eq!(waits, [5, 10, 20, 40, 80, 160, 300, 300, 300, 300]);
+        assert_eq!(retry_after(0).as_secs(), 5, "never less than the first");
+    }
 
     fn t(s: &str) -> Timestamp {
         s.parse().unwrap()

@@ -13,6 +13,7 @@ pub mod cron;
 pub mod helper;
 pub mod lease;
 pub mod live;
+pub mod liveness;
 pub mod names;
 pub mod namespace;
 pub mod plan;

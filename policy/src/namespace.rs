@@ -17,6 +17,9 @@ pub struct NamespacePolicy {
     pub claims: Arc<ClaimGlobs>,
     /// What was wrong with its claims annotation, if anything (reported, never silent).
     pub claims_problem: Option<ClaimsProblem>,
+    /// The claims being restored there (`velero-jupyterhub.io/restoring-claims`, kept by
+    /// the controller and the `restore` command): the restore guard's record.
+    pub restoring: Arc<[String]>,
 }
 
 /// A `velero-jupyterhub.io/claims` annotation that cannot be used as written.
@@ -82,10 +85,18 @@ impl NamespacePolicy {
                 (globs, problem)
             }
         };
+        let restoring = annotations
+            .and_then(|a| a.get(names::NAMESPACE_RESTORING_CLAIMS))
+            .map(|v| crate::restoring::parse_annotation(v))
+            .unwrap_or_default()
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
         Self {
             opted_in,
             claims,
             claims_problem,
+            restoring,
         }
     }
 }
@@ -156,7 +167,7 @@ mod tests {
                 Some("velero-jupyterhub.io/claims is empty"),
             ),
             (
-                on,
+                on.clone(),
                 claims("["),
                 true,
                 "claim-*",
@@ -165,6 +176,17 @@ mod tests {
             // Not opted in: the annotation is still read (and reported).
             (None, claims("home-*"), false, "home-*", None),
         ];
+        // The claims being restored: read whatever else the namespace says.
+        let restoring = |v: &str| Some(map(&[(names::NAMESPACE_RESTORING_CLAIMS, v)]));
+        for (annotations, want) in [
+            (None, vec![]),
+            (restoring(""), vec![]),
+            (restoring("claim-a"), vec!["claim-a"]),
+            (restoring(" claim-a, ,claim-b "), vec!["claim-a", "claim-b"]),
+        ] {
+            let p = NamespacePolicy::read(on.as_ref(), annotations.as_ref(), &default);
+            assert_eq!(&*p.restoring, want.as_slice(), "{annotations:?}");
+        }
         for (labels, annotations, opted_in, globs, problem) in cases {
             let p = NamespacePolicy::read(labels.as_ref(), annotations.as_ref(), &default);
             let case = format!("{labels:?} {annotations:?}");

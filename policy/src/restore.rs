@@ -385,19 +385,17 @@ pub fn overwrite_message(restore: &str, pod: &str, refused: &[Overwrite]) -> Str
     )
 }
 
-/// A claim a restore helper in the namespace mounts: the user may not start a server on it
-/// until the helper is gone.
+/// A claim being restored in the namespace (its `velero-jupyterhub.io/restoring-claims`
+/// record): the user may not start a server on it until the restore is over.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RestoringClaim {
     pub claim: String,
-    /// The Velero Restore (the helper's `velero.io/restore-name`).
-    pub restore: String,
-    /// The restore helper pod.
-    pub pod: String,
+    /// The Velero Restore, when known (`review --restoring CLAIM=RESTORE`).
+    pub restore: Option<String>,
 }
 
-/// The restore guard (SPEC §3.2): the first claim of `pod` that a restore helper mounts.
-/// A user server starting on it would race Velero's node-agent writing the data back.
+/// The restore guard (SPEC §3.2): the first claim of `pod` being restored. A user server
+/// starting on it would race Velero's node-agent writing the data back.
 pub fn guard<'r, P: PodFacts>(
     pod: &P,
     restoring: &'r [RestoringClaim],
@@ -410,30 +408,19 @@ pub fn guard<'r, P: PodFacts>(
         .find_map(|claim| restoring.iter().find(|r| r.claim == claim))
 }
 
-/// The restore guard's refusal, as the user sees it in the spawn progress.
+/// The restore guard's refusal, as the user sees it in the spawn progress (the words of
+/// the restoring-claims policy, which refuses the same pods inside the API server).
 pub fn guard_message(r: &RestoringClaim) -> String {
-    format!(
-        "home volume {} is being restored by Velero restore {} (pod {}); try again when it completes",
-        r.claim, r.restore, r.pod
-    )
-}
-
-/// The claims `pod` holds as a restore helper (it is ours, a restore helper, and made by
-/// a restore), for the guard.
-pub fn restoring_claims<P: PodFacts>(pod: &P, pod_name: &str) -> Vec<RestoringClaim> {
-    let ours = pod.label(names::MANAGED_BY) == Some(names::MANAGED_BY_US)
-        && pod.label(names::COMPONENT) == Some(names::RESTORE_HELPER);
-    let Some(restore) = pod.label(names::VELERO_RESTORE_NAME).filter(|_| ours) else {
-        return Vec::new();
-    };
-    pod.volumes()
-        .filter_map(|(_, claim)| claim)
-        .map(|claim| RestoringClaim {
-            claim: claim.to_owned(),
-            restore: restore.to_owned(),
-            pod: pod_name.to_owned(),
-        })
-        .collect()
+    match &r.restore {
+        Some(restore) => format!(
+            "home volume {} is being restored by Velero restore {restore}; try again when the restore completes",
+            r.claim
+        ),
+        None => format!(
+            "home volume {} is being restored by Velero; try again when the restore completes",
+            r.claim
+        ),
+    }
 }
 
 /// A wave Backup of a Schedule's tick, as the claim decision reads it: its name, and the

@@ -15,9 +15,15 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelecto
 use crate::names;
 
 /// Labels a selector can never make us add: KubeSpawner's `component` (KubeSpawner and
-/// our webhook would take the helper for a user server) and the username (each helper
-/// carries its own claim's, or none).
-const RESERVED: [&str; 2] = [names::JUPYTERHUB_COMPONENT, names::JUPYTERHUB_USERNAME];
+/// our webhook would take the helper for a user server), the username (each helper
+/// carries its own claim's, or none), and Velero's `velero.io/restore-name` (our webhook
+/// would take the helper for a pod a restore re-creates, and the guard and the controller
+/// its claim for one being restored).
+const RESERVED: [&str; 3] = [
+    names::JUPYTERHUB_COMPONENT,
+    names::JUPYTERHUB_USERNAME,
+    names::VELERO_RESTORE_NAME,
+];
 
 /// Why no set of labels can make our helpers match a Schedule's selectors.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -344,6 +350,13 @@ mod tests {
                 "never a username",
                 Some(json!({"matchExpressions": [
                     {"key": "hub.jupyter.org/username", "operator": "Exists"}]})),
+                None,
+                Err("Conflict"),
+            ),
+            (
+                "never Velero's restore-name (security review, low)",
+                Some(json!({"matchExpressions": [
+                    {"key": "velero.io/restore-name", "operator": "Exists"}]})),
                 None,
                 Err("Conflict"),
             ),

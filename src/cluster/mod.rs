@@ -7,7 +7,7 @@ pub mod tls_secret;
 pub mod velero;
 
 pub use namespaces::NamespaceCache;
-pub use restoring::{RestoreClaims, RestoreHelpers};
+pub use restoring::RestoreClaims;
 
 /// A client from the kubeconfig (`KUBECONFIG`, `~/.kube/config`) or the in-cluster
 /// service account, whichever `kube` finds. `Ok(None)` only when no configuration exists

@@ -225,6 +225,24 @@ impl NamespaceCache {
         watched.get(namespace).cloned()
     }
 
+    /// The claims being restored in a namespace, as its `velero-jupyterhub.io/restoring-claims`
+    /// record reads (the restore guard; empty for a namespace the watch has not seen:
+    /// nothing is being restored in a namespace that new).
+    pub fn restoring_in(&self, namespace: &str) -> Vec<crate::policy::restore::RestoringClaim> {
+        let watched = self.watched.read().unwrap_or_else(|p| p.into_inner());
+        let Some(policy) = watched.get(namespace) else {
+            return Vec::new();
+        };
+        policy
+            .restoring
+            .iter()
+            .map(|claim| crate::policy::restore::RestoringClaim {
+                claim: claim.clone(),
+                restore: None,
+            })
+            .collect()
+    }
+
     pub fn opted_in_count(&self) -> usize {
         count_opted_in(&self.watched.read().unwrap_or_else(|p| p.into_inner()))
     }

@@ -169,6 +169,7 @@ pub async fn run(
     };
     let watch = tokio::spawn(watch);
     let mut last_error: Option<String> = None;
+    let mut errors_in_a_row = 0u32;
     let mut repeats: (Option<&'static str>, u32) = (None, 0);
     loop {
         let result = match keeper.step().await {
@@ -181,6 +182,7 @@ pub async fn run(
         let wait = match result {
             Ok(Stepped::Wait(until)) => {
                 last_error = None;
+                errors_in_a_row = 0;
                 repeats = (None, 0);
                 let left = until.duration_since(Timestamp::now());
                 Duration::try_from(left)
@@ -205,7 +207,15 @@ pub async fn run(
                     warn!(error = %msg, "self-managed certificates: check failed; retrying");
                     last_error = Some(msg);
                 }
-                Duration::from_secs(5).min(config.check_interval.max(Duration::from_secs(1)))
+                errors_in_a_row = errors_in_a_row.saturating_add(1);
+                // Not cut short by changes: a writer fighting over the caBundle must not
+                // set our pace.
+                let wait = certs::retry_after(errors_in_a_row);
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = cancel.cancelled() => break,
+                }
+                continue;
             }
         };
         tokio::select! {
@@ -234,22 +244,35 @@ struct Cas {
 }
 
 impl Cas {
-    fn read(secret: Option<&Secret>) -> Self {
+    /// `future`: timestamps read from the annotations that lay in the future, and when
+    /// this leader first saw each (security review, low: a time in the future would put
+    /// a promotion or a retirement off for as long). Such a time counts from when it was
+    /// first seen; entries no longer read are dropped.
+    fn read(
+        secret: Option<&Secret>,
+        now: Timestamp,
+        future: &mut std::collections::HashMap<String, Timestamp>,
+    ) -> Self {
         let Some(secret) = secret else {
+            future.clear();
             return Self::default();
         };
+        let mut still_read = std::collections::HashSet::new();
         let data = secret.data.clone().unwrap_or_default();
         let text = |key: &str| {
             data.get(key)
                 .and_then(|v| String::from_utf8(v.0.clone()).ok())
         };
-        let annotation = |key: &str| {
-            secret
-                .metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(key))
-                .and_then(|v| v.parse::<Timestamp>().ok())
+        let mut annotation = |key: &str| {
+            let value = secret.metadata.annotations.as_ref()?.get(key)?;
+            let at = value.parse::<Timestamp>().ok()?;
+            if at <= now {
+                return Some(at);
+            }
+            let seen = format!("{key}={value}");
+            let first = *future.entry(seen.clone()).or_insert(now);
+            still_read.insert(seen);
+            Some(first)
         };
         // A CA whose certificate or key does not parse counts as missing.
         let pair = |crt: &str, key: &str| {
@@ -258,17 +281,14 @@ impl Cas {
             Some((CertInfo::from_pem(cert.as_bytes())?, cert, key))
         };
         let current = pair(CA_CRT, CA_KEY_FILE);
-        let next = pair(NEXT_CA_CRT, NEXT_CA_KEY).map(|(info, c, k)| {
-            (
-                info,
-                c,
-                k,
-                annotation(NEXT_INTRODUCED).unwrap_or(Timestamp::UNIX_EPOCH),
-            )
-        });
+        let introduced = annotation(NEXT_INTRODUCED);
+        let promoted = annotation(PROMOTED);
+        future.retain(|k, _| still_read.contains(k));
+        let next = pair(NEXT_CA_CRT, NEXT_CA_KEY)
+            .map(|(info, c, k)| (info, c, k, introduced.unwrap_or(Timestamp::UNIX_EPOCH)));
         let previous = text(PREVIOUS_CA_CRT)
             .filter(|pem| CertInfo::from_pem(pem.as_bytes()).is_some())
-            .map(|pem| (pem, annotation(PROMOTED).unwrap_or(Timestamp::UNIX_EPOCH)));
+            .map(|pem| (pem, promoted.unwrap_or(Timestamp::UNIX_EPOCH)));
         Self {
             current,
             next,
@@ -325,6 +345,8 @@ struct Keeper {
     /// The bundle every webhook entry was last seen holding, and since when (this
     /// leader's own observation: a new leader starts the overlap afresh).
     bundle_seen: Option<(String, Timestamp)>,
+    /// Annotation times in the future, and when first seen (`Cas::read`).
+    future_seen: std::collections::HashMap<String, Timestamp>,
 }
 
 impl Keeper {
@@ -336,6 +358,7 @@ impl Keeper {
             config,
             metrics,
             bundle_seen: None,
+            future_seen: Default::default(),
         }
     }
 
@@ -352,7 +375,7 @@ impl Keeper {
                 CertError::NoWebhookConfiguration(self.config.webhook_configuration.clone())
             })?;
         self.check_service(&webhook)?;
-        let mut cas = Cas::read(ca_secret.as_ref());
+        let mut cas = Cas::read(ca_secret.as_ref(), now, &mut self.future_seen);
         // The CA is lost (Secret deleted, unreadable) but what replicas serve is still
         // trusted: keep trusting its CA (without its key) until a new one took over.
         let mut orphan_trusted = false;
@@ -709,8 +732,10 @@ fn ca_info(ca: &Ca) -> Result<CertInfo, TlsError> {
     CertInfo::from_pem(ca.cert_pem().as_bytes()).ok_or(TlsError::NoCertificate)
 }
 
-/// The CA, among those the TLS Secret's `ca.crt` and the webhook configuration trust now,
-/// that signed the unexpired certificate in the TLS Secret (PEM), if any.
+/// The CA, among those the webhook configuration trusts now (what the API server
+/// verifies against: the TLS Secret's `ca.crt` is a copy for other clients, and no
+/// source of trust), that signed the unexpired certificate in the TLS Secret (PEM), if
+/// any.
 fn orphan_ca(
     tls: Option<&Secret>,
     webhook: &MutatingWebhookConfiguration,
@@ -725,8 +750,7 @@ fn orphan_ca(
         .webhooks
         .iter()
         .flatten()
-        .filter_map(|w| w.client_config.ca_bundle.as_ref())
-        .chain(data.get(CA_KEY));
+        .filter_map(|w| w.client_config.ca_bundle.as_ref());
     for bundle in trusted {
         for der in CertificateDer::pem_slice_iter(&bundle.0).flatten() {
             let pem = pem_of(&der);
@@ -749,4 +773,118 @@ fn pem_of(der: &CertificateDer<'_>) -> String {
     }
     out.push_str("-----END CERTIFICATE-----\n");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::admissionregistration::v1::MutatingWebhook;
+
+    fn secret(data: &[(&str, String)], annotations: &[(&str, String)]) -> Secret {
+        Secret {
+            data: Some(
+                data.iter()
+                    .map(|(k, v)| ((*k).to_owned(), ByteString(v.clone().into_bytes())))
+                    .collect(),
+            ),
+            metadata: kube::api::ObjectMeta {
+                annotations: Some(
+                    annotations
+                        .iter()
+                        .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                        .collect(),
+                ),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    /// Security review (low): a time in the future in the CA Secret's annotations put a
+    /// promotion (or a retirement) off for as long. It now counts from when this leader
+    /// first saw it, so the overlap runs out as if it had been written then.
+    #[test]
+    fn future_annotation_times_count_from_when_first_seen() {
+        let ca = Ca::generate("current").expect("ca");
+        let next = Ca::generate("next").expect("ca");
+        let now: Timestamp = "2026-12-07T10:00:00Z".parse().expect("time");
+        let far = "2099-01-01T00:00:00Z".to_owned();
+        let past = "2026-12-01T00:00:00Z".to_owned();
+        let stored = secret(
+            &[
+                (CA_CRT, ca.cert_pem()),
+                (CA_KEY_FILE, ca.key_pem()),
+                (NEXT_CA_CRT, next.cert_pem()),
+                (NEXT_CA_KEY, next.key_pem()),
+                (PREVIOUS_CA_CRT, ca.cert_pem()),
+            ],
+            &[(NEXT_INTRODUCED, far.clone()), (PROMOTED, past.clone())],
+        );
+        let mut seen = std::collections::HashMap::new();
+        let cas = Cas::read(Some(&stored), now, &mut seen);
+        assert_eq!(cas.next.as_ref().map(|n| n.3), Some(now), "clamped to now");
+        assert_eq!(
+            cas.previous.as_ref().map(|p| p.1),
+            past.parse().ok(),
+            "a past time as written"
+        );
+        // Ten minutes later the same value still counts from when it was first seen, so
+        // the overlap (5 minutes by default) has run out.
+        let later = now + SignedDuration::from_mins(10);
+        let cas = Cas::read(Some(&stored), later, &mut seen);
+        assert_eq!(cas.next.as_ref().map(|n| n.3), Some(now));
+        // Another future value starts afresh; what is no longer read is forgotten.
+        let rewritten = secret(
+            &[(CA_CRT, ca.cert_pem()), (CA_KEY_FILE, ca.key_pem())],
+            &[(PROMOTED, far)],
+        );
+        let cas = Cas::read(Some(&rewritten), later, &mut seen);
+        assert!(cas.next.is_none());
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        assert!(Cas::read(None, later, &mut seen).current.is_none());
+        assert!(seen.is_empty());
+    }
+
+    /// Security review (low): the TLS Secret's `ca.crt` is a copy for other clients; only
+    /// what the webhook configuration trusts (the API server verifies against it) makes a
+    /// served certificate whose CA is lost worth keeping trusted.
+    #[test]
+    fn only_the_webhook_configurations_bundle_is_trusted() {
+        let now = Timestamp::now();
+        let ca = Ca::generate("lost").expect("ca");
+        let serving = ca
+            .issue_serving(&["velero-jupyterhub.velero-jupyterhub.svc".to_owned()])
+            .expect("serving");
+        let tls = secret(
+            &[
+                (CERT_KEY, serving.cert_pem.clone()),
+                (KEY_KEY, serving.key_pem.clone()),
+                (CA_KEY, ca.cert_pem()),
+            ],
+            &[],
+        );
+        let configuration = |bundle: Option<String>| MutatingWebhookConfiguration {
+            webhooks: Some(vec![MutatingWebhook {
+                client_config: k8s_openapi::api::admissionregistration::v1::WebhookClientConfig {
+                    ca_bundle: bundle.map(|b| ByteString(b.into_bytes())),
+                    ..Default::default()
+                },
+                ..Default::default()
+            }]),
+            ..Default::default()
+        };
+        assert_eq!(
+            orphan_ca(Some(&tls), &configuration(None), now),
+            None,
+            "ca.crt alone is no trust"
+        );
+        let other = Ca::generate("other").expect("ca");
+        assert_eq!(
+            orphan_ca(Some(&tls), &configuration(Some(other.cert_pem())), now),
+            None
+        );
+        let trusted = orphan_ca(Some(&tls), &configuration(Some(ca.cert_pem())), now)
+            .expect("the configuration's bundle holds its CA");
+        assert!(trusted.contains("BEGIN CERTIFICATE"));
+    }
 }

@@ -6,6 +6,7 @@
 //! the webhook (`serve`) stays read-only.
 
 pub mod certs;
+pub mod heartbeat;
 pub mod leader;
 pub mod reconcile;
 pub mod restores;
@@ -73,6 +74,7 @@ pub async fn run(
     client: kube::Client,
     config: Config,
     metrics: Arc<Metrics>,
+    heartbeat: Arc<heartbeat::Heartbeat>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     info!(identity = %config.identity, namespace = %config.namespace, "waiting to lead");
@@ -83,6 +85,7 @@ pub async fn run(
     };
     info!(identity = %config.identity, "leading: starting the reconciler");
     metrics.controller.leader.set(1);
+    heartbeat.leading(true);
     let work = CancellationToken::new();
     let certificates = config.certificates.clone().map(|certs| {
         tokio::spawn(certs::run(
@@ -96,6 +99,7 @@ pub async fn run(
         client,
         config.clone(),
         metrics.clone(),
+        heartbeat.clone(),
         work.clone(),
     ));
     let outcome = tokio::select! {
@@ -108,6 +112,7 @@ pub async fn run(
         let _ = certificates.await;
     }
     metrics.controller.leader.set(0);
+    heartbeat.leading(false);
     match outcome {
         Ok(()) => {
             elector.release().await;

@@ -14,6 +14,8 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::heartbeat::Heartbeat;
+
 use super::Config;
 use super::restores::RestoreCleanup;
 use super::stores::Stores;
@@ -56,12 +58,14 @@ pub async fn run(
     client: kube::Client,
     config: Config,
     metrics: Arc<Metrics>,
+    heartbeat: Arc<Heartbeat>,
     stop: CancellationToken,
 ) {
     let stores = Stores::start(
         &client,
         &config.velero_namespace,
         config.namespace_selector.as_deref(),
+        &heartbeat,
         &stop,
     );
     tokio::select! {
@@ -72,6 +76,7 @@ pub async fn run(
         () = stop.cancelled() => return,
     }
     info!("watches listed: reconciling");
+    heartbeat.listed();
     let restores = RestoreCleanup::new(client.clone(), metrics.clone(), config.failed_helper_ttl);
     let events = EventSink::new(Some(client.clone()));
     let waves = Waves::new(
@@ -107,6 +112,12 @@ pub async fn run(
             next = reconciler.pass(&stores) => next,
             () = stop.cancelled() => return,
         };
+        heartbeat.passed();
+        reconciler
+            .metrics
+            .controller
+            .last_pass
+            .set(Timestamp::now().as_second());
         let wake = next_change
             .and_then(|t| t.duration_since(Timestamp::now()).try_into().ok())
             .map_or(AT_LEAST_EVERY, |d: Duration| d.min(AT_LEAST_EVERY));

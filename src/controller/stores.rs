@@ -16,6 +16,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 use tracing::warn;
 
+use super::heartbeat::Heartbeat;
 use crate::cluster::velero::{Backup, PodVolumeBackup, PodVolumeRestore, Restore, Schedule};
 use crate::names;
 use crate::policy::{ClaimRecord, PodRecord, VolumeRecord};
@@ -65,6 +66,7 @@ impl Stores {
         client: &kube::Client,
         velero_namespace: &str,
         namespace_selector: Option<&str>,
+        heartbeat: &Arc<Heartbeat>,
         stop: &tokio_util::sync::CancellationToken,
     ) -> Self {
         let changed = Arc::new(Changed::default());
@@ -83,6 +85,7 @@ impl Stores {
             &namespace_config,
             |n| n.metadata.managed_fields = None,
             &changed,
+            heartbeat,
             stop,
             "namespaces",
         );
@@ -91,6 +94,7 @@ impl Stores {
             &config,
             |_| {},
             &changed,
+            heartbeat,
             stop,
             "claims",
         );
@@ -99,6 +103,7 @@ impl Stores {
             &config,
             |_| {},
             &changed,
+            heartbeat,
             stop,
             "pods",
         );
@@ -107,6 +112,7 @@ impl Stores {
             &config,
             |s: &mut Schedule| s.metadata.managed_fields = None,
             &changed,
+            heartbeat,
             stop,
             "schedules",
         );
@@ -121,6 +127,7 @@ impl Stores {
                 }
             },
             &changed,
+            heartbeat,
             stop,
             "backups",
         );
@@ -135,6 +142,7 @@ impl Stores {
                 }
             },
             &changed,
+            heartbeat,
             stop,
             "podvolumebackups",
         );
@@ -147,6 +155,7 @@ impl Stores {
                 r.metadata.annotations = None;
             },
             &changed,
+            heartbeat,
             stop,
             "restores",
         );
@@ -158,6 +167,7 @@ impl Stores {
                 p.metadata.annotations = None;
             },
             &changed,
+            heartbeat,
             stop,
             "podvolumerestores",
         );
@@ -181,6 +191,7 @@ impl Stores {
                 }
             },
             &changed,
+            heartbeat,
             stop,
             "nodes",
         );
@@ -189,6 +200,7 @@ impl Stores {
             &config,
             |c: &mut CSINode| c.metadata.managed_fields = None,
             &changed,
+            heartbeat,
             stop,
             "csinodes",
         );
@@ -200,6 +212,7 @@ impl Stores {
                 a.status = None;
             },
             &changed,
+            heartbeat,
             stop,
             "volumeattachments",
         );
@@ -209,6 +222,7 @@ impl Stores {
             &config,
             |_: &mut VolumeRecord| {},
             &changed,
+            heartbeat,
             stop,
             "persistentvolumes",
         );
@@ -258,6 +272,7 @@ fn watch<K>(
     config: &watcher::Config,
     strip: fn(&mut K),
     changed: &Arc<Changed>,
+    heartbeat: &Arc<Heartbeat>,
     stop: &tokio_util::sync::CancellationToken,
     what: &'static str,
 ) -> Store<K>
@@ -275,20 +290,23 @@ where
         .default_backoff()
         .modify(strip)
         .reflect(writer);
-    spawn(what, stream, changed, stop);
+    spawn(what, stream, changed, heartbeat, stop);
     store
 }
 
-/// Drives a reflector stream, poking `changed` on every event, until `stop`.
+/// Drives a reflector stream, poking `changed` on every event and telling `heartbeat`
+/// whether the watch works, until `stop`.
 fn spawn<S, T>(
     what: &'static str,
     stream: S,
     changed: &Arc<Changed>,
+    heartbeat: &Arc<Heartbeat>,
     stop: &tokio_util::sync::CancellationToken,
 ) where
-    S: Stream<Item = Result<T, watcher::Error>> + Send + 'static,
+    S: Stream<Item = Result<watcher::Event<T>, watcher::Error>> + Send + 'static,
 {
     let changed = changed.clone();
+    let heartbeat = heartbeat.clone();
     let stop = stop.clone();
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
@@ -296,9 +314,18 @@ fn spawn<S, T>(
             tokio::select! {
                 () = stop.cancelled() => return,
                 event = stream.next() => match event {
-                    Some(Ok(_)) => changed.poke(),
+                    // The watcher says Init as it starts each (re)list, before the
+                    // request: only what follows shows the watch works.
+                    Some(Ok(watcher::Event::Init)) => changed.poke(),
+                    Some(Ok(_)) => {
+                        heartbeat.watch_ok(what);
+                        changed.poke();
+                    }
                     // The backoff retries; the store keeps its last state meanwhile.
-                    Some(Err(e)) => warn!(watch = what, error = %e, "watch error; retrying"),
+                    Some(Err(e)) => {
+                        heartbeat.watch_failed(what);
+                        warn!(watch = what, error = %e, "watch error; retrying");
+                    }
                     None => return,
                 },
             }

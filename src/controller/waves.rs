@@ -70,11 +70,41 @@ pub struct Waves {
     helper: HelperOptions,
     events: EventSink,
     metrics: Arc<Metrics>,
-    /// What was reported once (a finished run, a Schedule without room), by key.
-    reported: HashSet<String>,
+    /// What was reported once in the current run of each Schedule (a wave started, a
+    /// finished run, no room).
+    reported: Reported,
     /// Per Schedule: its tick (seconds) and when this replica first saw that tick's Backup
     /// terminal (the first wave settles after it).
     done_seen: std::collections::HashMap<String, (i64, Timestamp)>,
+}
+
+/// Per Schedule, what was reported in its current run (its tick): a new tick forgets
+/// the last run's, and a Schedule that is gone is forgotten, so this stays as large as
+/// the Schedules served, however long the controller runs.
+#[derive(Default)]
+struct Reported(std::collections::HashMap<String, (i64, HashSet<String>)>);
+
+impl Reported {
+    /// Whether `what` is new in `schedule`'s run after `tick` (and remember it).
+    fn first(&mut self, schedule: &str, tick: i64, what: &str) -> bool {
+        let run = self
+            .0
+            .entry(schedule.to_owned())
+            .or_insert_with(|| (tick, HashSet::new()));
+        if run.0 != tick {
+            *run = (tick, HashSet::new());
+        }
+        run.1.insert(what.to_owned())
+    }
+
+    fn retain(&mut self, keep: impl Fn(&str) -> bool) {
+        self.0.retain(|schedule, _| keep(schedule));
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.0.values().map(|(_, r)| r.len()).sum()
+    }
 }
 
 /// Where a claim's volume can go: its CSI driver (whose attach limit counts) and the
@@ -148,7 +178,7 @@ impl Waves {
             helper,
             events,
             metrics,
-            reported: HashSet::new(),
+            reported: Reported::default(),
             done_seen: Default::default(),
         }
     }
@@ -220,7 +250,14 @@ impl Waves {
                     .is_some_and(|n| !excluded.contains(n))
             })
             .collect();
-        // Wave helpers of a Schedule that is gone (or not served): their run is over.
+        // A Schedule that is gone (or not served) keeps no memory here…
+        let served: HashSet<&str> = schedules
+            .iter()
+            .filter_map(|s| s.metadata.name.as_deref())
+            .collect();
+        self.reported.retain(|s| served.contains(s));
+        self.done_seen.retain(|s, _| served.contains(s.as_str()));
+        // …and its wave helpers' run is over.
         let known: HashSet<std::borrow::Cow<'_, str>> = schedules
             .iter()
             .filter_map(|s| s.metadata.name.as_deref())
@@ -626,7 +663,7 @@ impl Waves {
             now,
             options: self.options,
         });
-        let key = |what: &str| format!("{what}/{name}/{}", tick.as_second());
+        let mut first = |what: &str| self.reported.first(name, tick.as_second(), what);
         match step {
             RunStep::NotStarted => {}
             RunStep::Start {
@@ -668,7 +705,7 @@ impl Waves {
                     "starting a wave"
                 );
                 // Once a wave (a wave made in chunks starts again for each).
-                if self.reported.insert(key(&format!("started-{number}"))) {
+                if first(&format!("started-{number}")) {
                     self.schedule_event(
                         schedule,
                         false,
@@ -718,7 +755,7 @@ impl Waves {
                 }
             }
             RunStep::NoRoom { waiting } => {
-                if self.reported.insert(key("no-room")) {
+                if first("no-room") {
                     warn!(
                         schedule = name,
                         waiting, "idle claims left and no node has room for a helper"
@@ -751,7 +788,7 @@ impl Waves {
                 m.run_duration
                     .get_or_create(&labels)
                     .set(ended.duration_since(tick).as_secs());
-                if count > 0 && self.reported.insert(key("finished")) {
+                if count > 0 && first("finished") {
                     let took = ended.duration_since(tick);
                     info!(schedule = name, waves = count, reached, not_reached, took = %format!("{took:#}"), "a run of waves finished");
                     self.schedule_event(
@@ -782,4 +819,30 @@ impl Waves {
 
 fn label<'a>(b: &'a Backup, key: &str) -> Option<&'a str> {
     b.metadata.labels.as_ref()?.get(key).map(String::as_str)
+}
+
+#[cfg(test)]
+mod reported_tests {
+    use super::Reported;
+
+    /// Security review (low): what was reported once was kept for ever, a few keys a
+    /// Schedule a night. Now each Schedule keeps its current run's only.
+    #[test]
+    fn reports_once_per_run_and_forgets_old_runs_and_gone_schedules() {
+        let mut r = Reported::default();
+        assert!(r.first("homes", 100, "finished"));
+        assert!(!r.first("homes", 100, "finished"), "once per run");
+        assert!(r.first("homes", 100, "started-1"));
+        assert!(r.first("other", 100, "finished"), "per Schedule");
+        // A year of nightly runs: the memory stays one run per Schedule.
+        for night in 1..=365 {
+            let tick = 100 + night * 86_400;
+            assert!(r.first("homes", tick, "started-1"), "night {night}");
+            assert!(r.first("homes", tick, "finished"));
+            assert!(!r.first("homes", tick, "finished"));
+        }
+        assert_eq!(r.len(), 3, "homes' last run (2) and other's (1)");
+        r.retain(|s| s == "homes");
+        assert_eq!(r.len(), 2, "a Schedule that is gone is forgotten");
+    }
 }

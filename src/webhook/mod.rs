@@ -22,7 +22,7 @@ use tower_http::catch_panic::{CatchPanicLayer, ResponseForPanic};
 use tracing::{debug, error, info, warn};
 
 use crate::admission::{self, Outcome, Parsed, ReviewError, Scope};
-use crate::cluster::{NamespaceCache, RestoreClaims, RestoreHelpers};
+use crate::cluster::{NamespaceCache, RestoreClaims};
 use crate::metrics::{self, Metrics};
 use crate::policy::helper::HelperOptions;
 use crate::tls::CertStore;
@@ -39,9 +39,9 @@ const RESTORE_READS: usize = 1;
 
 /// What the admission handlers need.
 pub struct WebhookState {
+    /// Namespaces: their claim globs, and the claims being restored there (what the
+    /// restore guard checks a user server's claims against).
     pub namespaces: Arc<NamespaceCache>,
-    /// What the restore guard checks a user server's claims against.
-    pub restore_helpers: RestoreHelpers,
     /// The claims pods re-created by a restore write into (looked up as they come).
     pub restore_claims: RestoreClaims,
     /// The restore helpers' image (`--helper-image`).
@@ -65,7 +65,6 @@ impl WebhookState {
     /// needs it).
     pub fn new(
         namespaces: Arc<NamespaceCache>,
-        restore_helpers: RestoreHelpers,
         restore_claims: RestoreClaims,
         helper: HelperOptions,
         metrics: Arc<Metrics>,
@@ -74,7 +73,6 @@ impl WebhookState {
     ) -> Self {
         Self {
             namespaces,
-            restore_helpers,
             restore_claims,
             helper: Arc::new(helper),
             metrics,
@@ -237,7 +235,7 @@ async fn answer(state: &WebhookState, request: Request) -> (Response, &'static s
             let scope = Scope {
                 claims: state.namespaces.claims_for(namespace).await,
                 helper: state.helper.clone(),
-                restoring: state.restore_helpers.in_namespace(namespace),
+                restoring: state.namespaces.restoring_in(namespace),
                 claims_now: Vec::new(),
             };
             create.decide(&scope, false)
@@ -365,6 +363,8 @@ pub struct Health {
     /// Set when a task that must run as long as the server (the namespace watch, the
     /// certificate reloader) has stopped: not ready, and not live (restart me).
     pub failed: Arc<ArcSwapOption<String>>,
+    /// The controller's loop and watches (`None` for the webhook).
+    pub heartbeat: Option<Arc<crate::controller::heartbeat::Heartbeat>>,
 }
 
 impl Health {
@@ -377,6 +377,7 @@ impl Health {
             synced,
             shutting_down: Arc::default(),
             failed: Arc::default(),
+            heartbeat: None,
         }
     }
 
@@ -394,13 +395,15 @@ impl Health {
         if self.shutting_down.load(Ordering::Acquire) {
             problems.push("shutting down".to_owned());
         }
+        problems.extend(self.heartbeat.as_ref().and_then(|h| h.not_ready()));
         problems.extend(self.failure());
         problems
     }
 
     /// Why the process should be restarted, if it should.
     pub fn failure(&self) -> Option<String> {
-        self.failed.load_full().map(|f| f.to_string())
+        let failed = self.failed.load_full().map(|f| f.to_string());
+        failed.or_else(|| self.heartbeat.as_ref().and_then(|h| h.not_live()))
     }
 }
 
@@ -423,6 +426,9 @@ async fn healthz(State(state): State<Arc<OpsState>>) -> Response {
     match state.health.failure() {
         None => "ok\n".into_response(),
         Some(failure) => {
+            // In the log too: the kubelet's Event gives only the status code, and
+            // `kubectl logs --previous` then says why it was restarted.
+            tracing::warn!(%failure, "/healthz: not live");
             let msg = format!("not live: {failure}\n");
             (StatusCode::SERVICE_UNAVAILABLE, msg).into_response()
         }

@@ -361,13 +361,12 @@ impl Webhook {
         .await
         .expect("webhook server starts");
         let health = server.health.clone();
-        let guard = server.restore_helpers.synced();
         eventually(Duration::from_secs(20), || {
-            let ready = health.problems().is_empty() && guard.load(Ordering::Acquire);
+            let ready = health.problems().is_empty();
             async move { ready.then_some(()) }
         })
         .await
-        .expect("namespace cache and restore helper watch sync (RBAC lets the service account list and watch namespaces and pods)");
+        .expect("namespace cache and restore helper watch sync (RBAC lets the service account list and watch namespaces)");
 
         let run_label = unique("run");
         let configuration = format!("velero-jupyterhub-{run_label}");

@@ -59,6 +59,8 @@ pub struct Replica {
     pub stop: CancellationToken,
     pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
     pub metrics: Arc<Metrics>,
+    /// What its probes read (the default deadline, 15 minutes).
+    pub heartbeat: Arc<controller::heartbeat::Heartbeat>,
 }
 
 impl Replica {
@@ -182,20 +184,35 @@ impl Setup {
 
     /// Starts another replica (same Lease) named `identity`.
     pub fn replica(&mut self, identity: &str) {
+        let heartbeat = controller::heartbeat::Heartbeat::new(Duration::from_secs(900));
+        self.replica_with(identity, self.as_controller.clone(), heartbeat);
+    }
+
+    /// Starts another replica (same Lease) named `identity`, acting as `client`, its probes
+    /// judged by `heartbeat`.
+    pub fn replica_with(
+        &mut self,
+        identity: &str,
+        client: kube::Client,
+        heartbeat: controller::heartbeat::Heartbeat,
+    ) {
         let mut config = self.config.clone();
         config.identity = identity.to_owned();
         let metrics = Arc::new(Metrics::for_controller());
+        let heartbeat = Arc::new(heartbeat);
         let stop = CancellationToken::new();
         let task = tokio::spawn(controller::run(
-            self.as_controller.clone(),
+            client,
             config,
             metrics.clone(),
+            heartbeat.clone(),
             stop.clone(),
         ));
         self.controllers.push(Replica {
             stop,
             task,
             metrics,
+            heartbeat,
         });
     }
 

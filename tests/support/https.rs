@@ -221,19 +221,38 @@ pub async fn http_get_from(
     source: Option<std::net::IpAddr>,
     path: &str,
 ) -> Response {
-    let tcp = connect(addr, source).await.expect("connect");
+    try_http_get_from(addr, source, path)
+        .await
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+}
+
+/// A plain-HTTP GET that may fail (a connection refused while the port is full).
+pub async fn try_http_get_from(
+    addr: SocketAddr,
+    source: Option<std::net::IpAddr>,
+    path: &str,
+) -> Result<Response, String> {
+    let tcp = connect(addr, source)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
         .await
-        .expect("handshake");
+        .map_err(|e| format!("handshake: {e}"))?;
     tokio::spawn(conn);
     let req = hyper::Request::get(path)
         .header("host", "localhost")
         .body(Full::new(Bytes::new()))
-        .expect("req");
-    let resp = sender.send_request(req).await.expect("send");
+        .map_err(|e| format!("request: {e}"))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| format!("send: {e}"))?;
     let status = resp.status();
-    (
-        status,
-        resp.into_body().collect().await.expect("body").to_bytes(),
-    )
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("body: {e}"))?
+        .to_bytes();
+    Ok((status, body))
 }
