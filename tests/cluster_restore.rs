@@ -480,6 +480,41 @@ async fn velero_re_created_pods_become_restore_helpers_guarded_and_cleaned_up() 
             .contains("only Velero creates restore helpers"),
         "{err}"
     );
+    // Nor can an existing pod be made one by an update (security review, low: the policy
+    // covered CREATE only); other updates of ordinary pods are not its business.
+    let plain = pods
+        .create(&PostParams::default(), &restricted_user_pod("mallory"))
+        .await
+        .expect("an ordinary pod");
+    let plain = plain.metadata.name.expect("name");
+    let relabel = |labels: Value| Patch::Merge(json!({"metadata": {"labels": labels}}));
+    let err = pods
+        .patch(
+            &plain,
+            &PatchParams::default(),
+            &relabel(json!({
+                (names::MANAGED_BY): names::MANAGED_BY_US,
+                (names::COMPONENT): names::RESTORE_HELPER,
+                (names::VELERO_RESTORE_NAME): restore,
+            })),
+        )
+        .await
+        .expect_err("a pod cannot be relabelled into a restore helper");
+    assert!(
+        err.to_string()
+            .contains("cannot be given a restore helper's labels"),
+        "{err}"
+    );
+    pods.patch(
+        &plain,
+        &PatchParams::default(),
+        &relabel(json!({"team": "blue"})),
+    )
+    .await
+    .expect("other label changes are left alone");
+    pods.delete(&plain, &DeleteParams::default())
+        .await
+        .expect("delete mallory's pod");
 
     // dave's had nothing to restore: the controller deletes it at once.
     eventually(Duration::from_secs(20), || async {
