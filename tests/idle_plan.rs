@@ -485,6 +485,71 @@ fn helpers_not_running_two_minutes_after_creation_are_reported_once_due() {
     );
 }
 
+/// Security review (low): a helper stuck terminating (its node is gone: the kubelet never
+/// confirms) was deleted again every pass, for ever. Once being deleted it is left to
+/// the cluster: no DELETE is planned for it, whatever would have been the reason.
+#[test]
+fn a_helper_already_being_deleted_is_not_deleted_again() {
+    let terminating = |mut pod: Pod| {
+        pod.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                "2026-11-28T02:59:00Z".parse().expect("time"),
+            ));
+        pod
+    };
+    let mut other = terminating(helper_pod("alice", Some("node-a"), "Running"));
+    other.metadata.name = Some("old-helper-alice".to_owned());
+    other.metadata.uid = Some("uid-old".to_owned());
+    for (name, pods, claims, window, delete) in [
+        (
+            "window closed",
+            vec![terminating(helper_pod("alice", Some("node-a"), "Running"))],
+            vec!["alice"],
+            false,
+            vec![],
+        ),
+        (
+            "its user started elsewhere",
+            vec![
+                terminating(helper_pod("alice", Some("node-a"), "Running")),
+                user_pod("alice", Some("node-b"), "Running"),
+            ],
+            vec!["alice"],
+            true,
+            vec![],
+        ),
+        (
+            "a duplicate already going, ours kept",
+            vec![other, helper_pod("alice", Some("node-a"), "Running")],
+            vec!["alice"],
+            true,
+            vec![],
+        ),
+        (
+            "the one being deleted does not shield the other from its own reason",
+            vec![
+                terminating(helper_pod("bob", Some("node-a"), "Running")),
+                helper_pod("alice", Some("node-a"), "Running"),
+            ],
+            vec!["alice", "bob"],
+            false,
+            vec![("vjh-backup-claim-alice", DeleteReason::WindowClosed)],
+        ),
+    ] {
+        run(&Case {
+            name,
+            pods,
+            claims,
+            window,
+            pvbs: vec![],
+            create: vec![],
+            delete,
+            backfill: vec![],
+            then_create: vec![],
+        });
+    }
+}
+
 #[test]
 fn a_helper_left_in_a_namespace_that_opted_out_goes() {
     // The helper's namespace is not among the opted-in ones any more (label removed).

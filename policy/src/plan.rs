@@ -252,6 +252,12 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
             .position(|p| p.name() == wanted_name)
             .unwrap_or(0);
         for (i, pod) in pods.iter().enumerate() {
+            // Already being deleted: nothing more to ask of it. (On a node that is gone
+            // it stays so until the node is deleted or marked out of service; deleting
+            // it again would change nothing, every pass.)
+            if pod.metadata.deletion_timestamp.is_some() {
+                continue;
+            }
             let (name, uid) = (pod.name(), pod.uid());
             let reason = if i != keep {
                 Some(DeleteReason::Duplicate)
