@@ -309,17 +309,32 @@ async fn api_server_only(
     let refused = cluster::apply_dynamic_with(client, &policy, true).await;
     let message = refused.expect_err("the placeholder refused").to_string();
     assert!(message.contains("API-SERVER-CIDR"), "{message}");
+    // EndpointSlices (discovery.k8s.io/v1) from Kubernetes 1.21; before, the Endpoints
+    // object (README's note on older clusters).
     let slices: kube::Api<k8s_openapi::api::discovery::v1::EndpointSlice> =
         kube::Api::namespaced(client.clone(), "default");
     let params = kube::api::ListParams::default().labels("kubernetes.io/service-name=kubernetes");
-    let addresses: Vec<String> = slices
-        .list(&params)
-        .await
-        .expect("the kubernetes Service's EndpointSlices")
-        .items
-        .iter()
-        .flat_map(|s| s.endpoints.iter().flat_map(|e| e.addresses.clone()))
-        .collect();
+    let addresses: Vec<String> = match slices.list(&params).await {
+        Ok(list) => list
+            .items
+            .iter()
+            .flat_map(|s| s.endpoints.iter().flat_map(|e| e.addresses.clone()))
+            .collect(),
+        Err(kube::Error::Api(e)) if e.code == 404 && cluster::server_minor(client).await < 21 => {
+            let endpoints: kube::Api<k8s_openapi::api::core::v1::Endpoints> =
+                kube::Api::namespaced(client.clone(), "default");
+            endpoints
+                .get_opt("kubernetes")
+                .await
+                .expect("the kubernetes Service's Endpoints")
+                .into_iter()
+                .flat_map(|e| e.subsets.unwrap_or_default())
+                .flat_map(|s| s.addresses.unwrap_or_default())
+                .map(|a| a.ip)
+                .collect()
+        }
+        Err(e) => panic!("the kubernetes Service's EndpointSlices: {e}"),
+    };
     // The test API server advertises 127.0.0.1, which no Endpoints may hold: it runs
     // with --endpoint-reconciler-type=none, and its address is stood in for.
     let addresses = match addresses.is_empty() {

@@ -444,10 +444,7 @@ impl<'a> WaveOf<'a> {
         phase: Option<&'a str>,
         wave_claims: &'a str,
     ) -> Self {
-        let claims = wave_claims
-            .split(',')
-            .filter_map(|c| c.trim().split_once('/'))
-            .collect();
+        let claims = crate::waves::read_claims(wave_claims);
         let failed = phase.filter(|p| !matches!(*p, "Completed" | "PartiallyFailed"));
         Self {
             name,

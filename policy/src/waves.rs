@@ -382,6 +382,16 @@ pub struct WaveRecord<'a> {
     pub given_up: Vec<(&'a str, &'a str)>,
 }
 
+/// A wave Backup's claims annotation read back (`velero-jupyterhub.io/wave-claims`,
+/// `…/wave-given-up`): `namespace/claim`, comma-separated; an entry without a `/` is
+/// skipped (it names nothing a helper could have mounted).
+pub fn read_claims(value: &str) -> Vec<(&str, &str)> {
+    value
+        .split(',')
+        .filter_map(|c| c.trim().split_once('/'))
+        .collect()
+}
+
 /// A helper of the Schedule's runs (its wave labels read back).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RunHelper<'a> {

@@ -613,7 +613,7 @@ impl Waves {
                         .annotations
                         .as_ref()
                         .and_then(|a| a.get(key))
-                        .map(|v| v.split(',').filter_map(|c| c.split_once('/')).collect())
+                        .map(|v| crate::policy::waves::read_claims(v))
                         .unwrap_or_default()
                 };
                 Some(WaveRecord {
