@@ -197,6 +197,12 @@ pub async fn run(
                 STEP_GAP
             }
             Err(e) => {
+                // Fixed by a change we watch (the configuration created, or pointed at
+                // our Service): act on it at once.
+                let cured_by_change = matches!(
+                    e,
+                    CertError::NoWebhookConfiguration(_) | CertError::WrongService { .. }
+                );
                 metrics
                     .controller
                     .certificate_errors
@@ -208,14 +214,17 @@ pub async fn run(
                     last_error = Some(msg);
                 }
                 errors_in_a_row = errors_in_a_row.saturating_add(1);
-                // Not cut short by changes: a writer fighting over the caBundle must not
-                // set our pace.
                 let wait = certs::retry_after(errors_in_a_row);
-                tokio::select! {
-                    () = tokio::time::sleep(wait) => {}
-                    () = cancel.cancelled() => break,
+                if !cured_by_change {
+                    // Not cut short by changes: a writer fighting over the caBundle must
+                    // not set our pace.
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        () = cancel.cancelled() => break,
+                    }
+                    continue;
                 }
-                continue;
+                wait
             }
         };
         tokio::select! {
@@ -266,13 +275,16 @@ impl Cas {
         let mut annotation = |key: &str| {
             let value = secret.metadata.annotations.as_ref()?.get(key)?;
             let at = value.parse::<Timestamp>().ok()?;
-            if at <= now {
-                return Some(at);
-            }
             let seen = format!("{key}={value}");
-            let first = *future.entry(seen.clone()).or_insert(now);
+            // Kept while the same value is stored, so the time does not jump forward
+            // once the written one is reached.
+            let first = match future.get(&seen) {
+                Some(first) => *first,
+                None if at > now => *future.entry(seen.clone()).or_insert(now),
+                None => return Some(at),
+            };
             still_read.insert(seen);
-            Some(first)
+            Some(at.min(first))
         };
         // A CA whose certificate or key does not parse counts as missing.
         let pair = |crt: &str, key: &str| {
@@ -832,6 +844,10 @@ mod tests {
         // the overlap (5 minutes by default) has run out.
         let later = now + SignedDuration::from_mins(10);
         let cas = Cas::read(Some(&stored), later, &mut seen);
+        assert_eq!(cas.next.as_ref().map(|n| n.3), Some(now));
+        // Once the written time is reached it does not jump forward to it.
+        let beyond = "2099-06-01T00:00:00Z".parse().expect("time");
+        let cas = Cas::read(Some(&stored), beyond, &mut seen);
         assert_eq!(cas.next.as_ref().map(|n| n.3), Some(now));
         // Another future value starts afresh; what is no longer read is forgotten.
         let rewritten = secret(

@@ -72,7 +72,13 @@ impl Heartbeat {
     pub fn watch_failed(&self, watch: &'static str) {
         let now = Instant::now();
         let mut state = self.state();
-        state.failing.entry(watch).or_insert((now, now)).1 = now;
+        let episode = state.failing.entry(watch).or_insert((now, now));
+        // A watch that recovered by watching again says so with no event of its own (a
+        // quiet resource): a failure long after the last one starts a new episode.
+        if now.duration_since(episode.1) > self.deadlines.retrying {
+            episode.0 = now;
+        }
+        episode.1 = now;
         self.any_failing.store(true, Ordering::Release);
     }
 
@@ -217,5 +223,24 @@ mod tests {
         let (status, body) = probe(&heartbeat, "/healthz").await;
         assert_eq!(status, 503);
         assert!(body.contains("the claims watch"), "{body}");
+    }
+
+    /// A watch that failed once and recovered without an event (it watched again, and its
+    /// resource is quiet) must not count as failing since then when it fails once more.
+    #[tokio::test]
+    async fn a_new_failure_long_after_the_last_is_a_new_episode() {
+        let heartbeat = Arc::new(Heartbeat::with_deadlines(Deadlines {
+            pass: Duration::from_secs(900),
+            watch: SHORT,
+            retrying: SHORT,
+        }));
+        heartbeat.leading(true);
+        heartbeat.listed();
+        heartbeat.passed();
+        heartbeat.watch_failed("restores");
+        tokio::time::sleep(SHORT * 3).await;
+        heartbeat.passed();
+        heartbeat.watch_failed("restores");
+        assert_eq!(probe(&heartbeat, "/healthz").await.0, 200, "a new episode");
     }
 }

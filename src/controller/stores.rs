@@ -315,8 +315,9 @@ fn spawn<S, T>(
                 () = stop.cancelled() => return,
                 event = stream.next() => match event {
                     // The watcher says Init as it starts each (re)list, before the
-                    // request: only what follows shows the watch works.
-                    Some(Ok(watcher::Event::Init)) => changed.poke(),
+                    // request, and InitApply for each object of a list that may still
+                    // fail: only a finished list, or a watch event, shows it works.
+                    Some(Ok(watcher::Event::Init | watcher::Event::InitApply(_))) => changed.poke(),
                     Some(Ok(_)) => {
                         heartbeat.watch_ok(what);
                         changed.poke();

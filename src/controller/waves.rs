@@ -231,6 +231,14 @@ impl Waves {
         let schedules = stores.schedules.state();
         let mut schedules: Vec<&Arc<Schedule>> = schedules.iter().collect();
         schedules.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+        // A Schedule that is gone keeps no memory here (one not served for a while, a
+        // selector being fixed, keeps its run's).
+        let existing: HashSet<&str> = schedules
+            .iter()
+            .filter_map(|s| s.metadata.name.as_deref())
+            .collect();
+        self.reported.retain(|s| existing.contains(s));
+        self.done_seen.retain(|s, _| existing.contains(s.as_str()));
         // Our pods in the namespaces this controller manages (another controller, with
         // another --namespace-selector, runs its own).
         let managed: HashSet<&str> = opted_in.iter().map(|(n, _)| *n).collect();
@@ -250,14 +258,7 @@ impl Waves {
                     .is_some_and(|n| !excluded.contains(n))
             })
             .collect();
-        // A Schedule that is gone (or not served) keeps no memory here…
-        let served: HashSet<&str> = schedules
-            .iter()
-            .filter_map(|s| s.metadata.name.as_deref())
-            .collect();
-        self.reported.retain(|s| served.contains(s));
-        self.done_seen.retain(|s, _| served.contains(s.as_str()));
-        // …and its wave helpers' run is over.
+        // Wave helpers of a Schedule that is gone (or not served): their run is over.
         let known: HashSet<std::borrow::Cow<'_, str>> = schedules
             .iter()
             .filter_map(|s| s.metadata.name.as_deref())
