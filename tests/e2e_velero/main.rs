@@ -898,6 +898,22 @@ fn disaster_recovery_after_a_night_with_waves() {
             "{w}: {described}"
         );
     }
+    // That restore re-created the wave users' PersistentVolumes (their claims it was
+    // refused), as the Schedule's Backup recorded them: pointing at volumes that are gone,
+    // and pre-bound to the claims the wave Backups re-create. As README's runbook says,
+    // delete those (not Bound) before restoring the wave Backups, or a claim may bind to
+    // one and its restore wait on a volume that cannot mount.
+    let stale = e.kc(&[
+        "get",
+        "pv",
+        "-l",
+        "velero.io/restore-name=e2e-dr-velero",
+        "-o",
+        "jsonpath={range .items[?(@.status.phase!=\"Bound\")]}{.metadata.name}{\"\\n\"}{end}",
+    ]);
+    for pv in stale.lines().filter(|l| !l.is_empty()) {
+        e.kc(&["delete", "pv", pv, "--wait=true"]);
+    }
     for (i, w) in waves.iter().enumerate() {
         let name = format!("e2e-dr-wave{i}");
         let phase = e.velero_restore(&name, &["--from-backup", w]);
