@@ -499,7 +499,7 @@ fn the_deployment_in_manifests_passes_flags_the_binary_accepts() {
     assert_eq!(port(1), u64::from(serve.ops_listen.port()));
     assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
     assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
-    // The controller's too (security review, issue 21 item 5: it had none): its
+    // The controller's too: its
     // operations port, and a liveness probe that gives a wedged leader well under its
     // pass deadline's order of time before the kubelet restarts it, never less than a
     // pass's own slack.

@@ -223,7 +223,7 @@ async fn when_the_leader_dies_the_other_replica_takes_over_without_duplicates() 
     setup.finish().await;
 }
 
-/// Issue 21 item 5: a leader whose watches cannot list (here: its ClusterRole lacks
+/// A leader whose watches cannot list (here: its ClusterRole lacks
 /// PodVolumeRestores, as when RBAC is applied half-way; Velero's CRDs missing fail the
 /// same way) keeps its Lease and reconciles nothing. Its readiness probe says so at once
 /// and its liveness probe once the watch has failed past its deadline, so the kubelet
@@ -964,7 +964,7 @@ async fn each_component_has_exactly_the_access_it_uses() {
         (&webhook, "patch", "", "namespaces", "", false),
         (&webhook, "create", "", "pods", "jhub", false),
         (&webhook, "patch", "", "pods", "jhub", false),
-        // Security review M5: the network-facing webhook reads no pods at all (the restore
+        // The network-facing webhook reads no pods at all (the restore
         // guard reads the claims being restored from the namespace's record).
         (&webhook, "list", "", "pods", "jhub", false),
         (&webhook, "watch", "", "pods", "", false),

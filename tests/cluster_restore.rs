@@ -480,8 +480,8 @@ async fn velero_re_created_pods_become_restore_helpers_guarded_and_cleaned_up() 
             .contains("only Velero creates restore helpers"),
         "{err}"
     );
-    // Nor can an existing pod be made one by an update (security review, low: the policy
-    // covered CREATE only); other updates of ordinary pods are not its business.
+    // Nor can an existing pod be made one by an update; other updates of ordinary pods
+    // are not its business.
     let plain = pods
         .create(&PostParams::default(), &restricted_user_pod("mallory"))
         .await
@@ -546,8 +546,8 @@ async fn velero_re_created_pods_become_restore_helpers_guarded_and_cleaned_up() 
     // KubeSpawner spawns alice meanwhile. Admission runs before the name is checked, so
     // the webhook's guard answers first (mutating webhooks run before validating
     // policies), with a message the hub shows the user. It reads the claims being
-    // restored from the namespace, where the controller records them (security review
-    // M5: the webhook reads no pods).
+    // restored from the namespace, where the controller records them (the webhook
+    // reads no pods).
     let namespaces = Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone());
     eventually(Duration::from_secs(20), || async {
         let n = namespaces.get(&ns).await.ok()?;

@@ -485,7 +485,7 @@ fn helpers_not_running_two_minutes_after_creation_are_reported_once_due() {
     );
 }
 
-/// Security review (low): a helper stuck terminating (its node is gone: the kubelet never
+/// A helper stuck terminating (its node is gone: the kubelet never
 /// confirms) was deleted again every pass, for ever. Once being deleted it is left to
 /// the cluster: no DELETE is planned for it, whatever would have been the reason.
 #[test]

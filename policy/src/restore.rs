@@ -394,7 +394,7 @@ pub struct RestoringClaim {
     pub restore: Option<String>,
 }
 
-/// The restore guard (SPEC §3.2): the first claim of `pod` being restored. A user server
+/// The restore guard: the first claim of `pod` being restored. A user server
 /// starting on it would race Velero's node-agent writing the data back.
 pub fn guard<'r, P: PodFacts>(
     pod: &P,

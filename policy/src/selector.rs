@@ -354,7 +354,7 @@ mod tests {
                 Err("Conflict"),
             ),
             (
-                "never Velero's restore-name (security review, low)",
+                "never Velero's restore-name",
                 Some(json!({"matchExpressions": [
                     {"key": "velero.io/restore-name", "operator": "Exists"}]})),
                 None,

@@ -254,7 +254,7 @@ struct Cas {
 
 impl Cas {
     /// `future`: timestamps read from the annotations that lay in the future, and when
-    /// this leader first saw each (security review, low: a time in the future would put
+    /// this leader first saw each (a time in the future would put
     /// a promotion or a retirement off for as long). Such a time counts from when it was
     /// first seen; entries no longer read are dropped.
     fn read(
@@ -812,7 +812,7 @@ mod tests {
         }
     }
 
-    /// Security review (low): a time in the future in the CA Secret's annotations put a
+    /// A time in the future in the CA Secret's annotations put a
     /// promotion (or a retirement) off for as long. It now counts from when this leader
     /// first saw it, so the overlap runs out as if it had been written then.
     #[test]
@@ -861,7 +861,7 @@ mod tests {
         assert!(seen.is_empty());
     }
 
-    /// Security review (low): the TLS Secret's `ca.crt` is a copy for other clients; only
+    /// The TLS Secret's `ca.crt` is a copy for other clients; only
     /// what the webhook configuration trusts (the API server verifies against it) makes a
     /// served certificate whose CA is lost worth keeping trusted.
     #[test]

@@ -826,7 +826,7 @@ fn label<'a>(b: &'a Backup, key: &str) -> Option<&'a str> {
 mod reported_tests {
     use super::Reported;
 
-    /// Security review (low): what was reported once was kept for ever, a few keys a
+    /// What was reported once was kept for ever, a few keys a
     /// Schedule a night. Now each Schedule keeps its current run's only.
     #[test]
     fn reports_once_per_run_and_forgets_old_runs_and_gone_schedules() {
