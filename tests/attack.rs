@@ -538,7 +538,15 @@ async fn hostile_connections_on_both_ports_do_not_stop_reviews_or_probes() {
             "no connection was evicted on the {listener} port"
         );
     }
-    assert!(reviews > 100 && fresh >= 10 && probes >= 10);
+    // The clients kept going for the whole run: a review on the keep-alive connection
+    // every second at least, and most of the half-second reviews on new connections and
+    // probes. How many more fit in depends on the machine (a loaded CI runner does a
+    // third of a quiet one); that each was answered in time is what is asserted above.
+    let seconds = run_for.as_secs() as u32;
+    assert!(
+        reviews >= seconds && fresh >= seconds - 2 && probes >= seconds - 2,
+        "the clients stopped early: {reviews} reviews, {fresh} fresh, {probes} probes"
+    );
     // The shaped bodies were reviewed, not just queued: beyond the limits answered with
     // an error (the entry's failurePolicy decides), at the limits decided.
     let reviewed = |webhook: &str, outcome: &str| {
