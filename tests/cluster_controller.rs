@@ -1224,3 +1224,151 @@ async fn backup_operator(client: &kube::Client) -> String {
     .await;
     operator
 }
+
+/// The controller keeps records of the pods of opted-in namespaces only. A namespace that
+/// opts in later has its pods listed before any plan touches it: a user whose server
+/// was running before the label came gets no helper on their claim.
+#[tokio::test]
+async fn a_namespace_that_opts_in_later_is_planned_with_the_pods_it_already_holds() {
+    let setup = Setup::new().await;
+    let run = setup
+        .config
+        .namespace_selector
+        .clone()
+        .expect("selector")
+        .split_once('=')
+        .map(|(_, run)| run.to_owned())
+        .expect("run");
+    let late =
+        cluster::labelled_namespace(&setup.client, "vjh-late", json!({"vjh-test-run": run})).await;
+    cluster::bound_claim(&setup.client, &late, "claim-alice", "alice").await;
+    cluster::bound_claim(&setup.client, &late, "claim-bob", "bob").await;
+    cluster::bound_claim(&setup.client, &setup.users, "claim-carol", "carol").await;
+    let late_pods: Api<k8s_openapi::api::core::v1::Pod> =
+        Api::namespaced(setup.client.clone(), &late);
+    late_pods
+        .create(&PostParams::default(), &restricted_user_pod("alice"))
+        .await
+        .expect("alice's server");
+    cluster::set_phase(&late_pods, "jupyter-alice", "Running").await;
+    let tick = k8s_openapi::jiff::Timestamp::now() + std::time::Duration::from_secs(300);
+    let minute = tick.to_zoned(k8s_openapi::jiff::tz::TimeZone::UTC).minute();
+    cluster::apply_dynamic(
+        &setup.client,
+        &json!({
+            "apiVersion": "velero.io/v1", "kind": "Schedule",
+            "metadata": {"name": "homes", "namespace": setup.velero},
+            "spec": {"schedule": format!("CRON_TZ=UTC {minute} * * * *"),
+                     "template": {"includedNamespaces": [setup.users, late]}},
+        }),
+    )
+    .await;
+    // The window is open: carol (opted in from the start) gets her helper.
+    eventually(Duration::from_secs(30), || async {
+        (setup.helpers().await.len() == 1).then_some(())
+    })
+    .await
+    .expect("carol's helper");
+
+    // The late namespace opts in: bob's idle claim gets a helper, alice's (her server
+    // runs) none.
+    let namespaces: Api<Namespace> = Api::all(setup.client.clone());
+    namespaces
+        .patch(
+            &late,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(
+                json!({"metadata": {"labels": {(names::NAMESPACE_ENABLED): "true"}}}),
+            ),
+        )
+        .await
+        .expect("opt in");
+    let helper_names = || async {
+        let mut names: Vec<String> = late_pods
+            .list(&ListParams::default().labels(support::controller::HELPER_SELECTOR))
+            .await
+            .expect("list")
+            .items
+            .into_iter()
+            .filter_map(|p| p.metadata.name)
+            .collect();
+        names.sort();
+        names
+    };
+    eventually(Duration::from_secs(30), || async {
+        (!helper_names().await.is_empty()).then_some(())
+    })
+    .await
+    .expect("a helper in the namespace that opted in");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        helper_names().await,
+        ["vjh-backup-claim-bob"],
+        "no helper for alice, whose server runs"
+    );
+    let _ = namespaces.delete(&late, &Default::default()).await;
+    setup.finish().await;
+}
+
+/// Pods outside the hubs are kept only as a count per node, and that count still fills
+/// nodes: helpers go only where the scheduler has a pod slot left.
+#[tokio::test]
+async fn pods_outside_the_hubs_still_take_their_node_slots() {
+    let setup = Setup::new().await;
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(setup.client.clone());
+    for node in &setup.nodes {
+        nodes
+            .patch_status(
+                node,
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(
+                    json!({"status": {"allocatable": {"pods": "2"}, "capacity": {"pods": "2"}}}),
+                ),
+            )
+            .await
+            .expect("two pod slots");
+    }
+    // Another team's namespace, not managed by this controller: node a full, b half full.
+    let elsewhere = cluster::labelled_namespace(&setup.client, "vjh-else", json!({})).await;
+    let others: Api<k8s_openapi::api::core::v1::Pod> =
+        Api::namespaced(setup.client.clone(), &elsewhere);
+    for (i, node) in [&setup.nodes[0], &setup.nodes[0], &setup.nodes[1]]
+        .into_iter()
+        .enumerate()
+    {
+        let pod = from_json(json!({
+            "metadata": {"name": format!("other-{i}")},
+            "spec": {"nodeName": node, "containers": [{"name": "c", "image": "registry.k8s.io/pause:3.10"}]},
+        }));
+        others
+            .create(&PostParams::default(), &pod)
+            .await
+            .expect("another team's pod");
+    }
+    cluster::bound_claim(&setup.client, &setup.users, "claim-alice", "alice").await;
+    cluster::bound_claim(&setup.client, &setup.users, "claim-bob", "bob").await;
+    setup.schedule("homes").await;
+    let helpers = eventually(Duration::from_secs(30), || async {
+        let hs = setup.helpers().await;
+        (!hs.is_empty()).then_some(hs)
+    })
+    .await
+    .expect("a helper");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let helpers_now = setup.helpers().await;
+    assert_eq!(
+        helpers_now.len(),
+        1,
+        "one slot is left in the cluster: one helper, the other claim waits"
+    );
+    let affinity =
+        serde_json::to_string(&helpers[0].spec.as_ref().expect("spec").affinity).expect("json");
+    assert!(
+        affinity.contains(&setup.nodes[1]),
+        "pinned to the node with a free slot: {affinity}"
+    );
+    let _ = Api::<Namespace>::all(setup.client.clone())
+        .delete(&elsewhere, &Default::default())
+        .await;
+    setup.finish().await;
+}

@@ -58,6 +58,13 @@ impl fmt::Display for ClaimsProblem {
     }
 }
 
+/// Whether a namespace's labels opt it in (`velero-jupyterhub.io/enabled: "true"`).
+pub fn is_opted_in(labels: Option<&BTreeMap<String, String>>) -> bool {
+    labels
+        .and_then(|l| l.get(names::NAMESPACE_ENABLED))
+        .is_some_and(|v| v == "true")
+}
+
 impl NamespacePolicy {
     /// Reads a namespace's labels and annotations (as a watch or GET returns them).
     pub fn read(
@@ -65,9 +72,7 @@ impl NamespacePolicy {
         annotations: Option<&BTreeMap<String, String>>,
         default_claims: &Arc<ClaimGlobs>,
     ) -> Self {
-        let opted_in = labels
-            .and_then(|l| l.get(names::NAMESPACE_ENABLED))
-            .is_some_and(|v| v == "true");
+        let opted_in = is_opted_in(labels);
         let annotation = annotations.and_then(|a| a.get(names::NAMESPACE_CLAIMS));
         let (claims, claims_problem) = match annotation {
             None => (default_claims.clone(), None),

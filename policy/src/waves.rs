@@ -732,16 +732,22 @@ pub struct PodOnNode<'a> {
 /// detached). The scheduler counts the same way (NodeResourcesFit for pods,
 /// NodeVolumeLimits for volumes). Left out: nodes that are unschedulable (cordoned), not
 /// Ready, tainted with a NoSchedule or NoExecute taint the helpers do not tolerate, or
-/// without the helpers' node selector labels.
+/// without the helpers' node selector labels. `slots_elsewhere`: pod slots taken on each
+/// node by pods known only by count (the controller keeps no record of pods outside the
+/// hubs; their attached volumes count through their VolumeAttachments).
 pub fn node_rooms<'a>(
     nodes: &[&'a k8s_openapi::api::core::v1::Node],
     csinodes: &[&'a k8s_openapi::api::storage::v1::CSINode],
     pods: &[PodOnNode<'_>],
+    slots_elsewhere: &[(&str, u32)],
     attachments: &[&k8s_openapi::api::storage::v1::VolumeAttachment],
     helper: &crate::helper::HelperOptions,
 ) -> Vec<NodeRoom<'a>> {
     use std::collections::{HashMap, HashSet};
     let mut pods_on: HashMap<&str, u32> = HashMap::new();
+    for &(node, n) in slots_elsewhere {
+        *pods_on.entry(node).or_default() += n;
+    }
     let mut volumes_on: HashSet<(&str, &str, &str)> = HashSet::new();
     for pod in pods {
         if pod.holds_slot {
@@ -1279,7 +1285,9 @@ mod tests {
             csinodes.iter().collect(),
             attachments.iter().collect(),
         );
-        let rooms = node_rooms(&nodes, &csinodes, &pods, &attachments, &helper);
+        // Nine pods kept only by count on b (outside the hubs), three on a node not listed.
+        let elsewhere = [("b", 9), ("gone", 3)];
+        let rooms = node_rooms(&nodes, &csinodes, &pods, &elsewhere, &attachments, &helper);
         assert_eq!(
             rooms,
             vec![
@@ -1290,7 +1298,7 @@ mod tests {
                 },
                 NodeRoom {
                     name: "b",
-                    free_pods: 109,
+                    free_pods: 100,
                     free_attach: vec![("csi.hetzner.cloud", 16), ("nfs.csi.k8s.io", u32::MAX)]
                 },
             ],
@@ -1301,7 +1309,7 @@ mod tests {
         assert_eq!(rooms[0].room(None), 10, "a volume no attach limit counts");
         // Tolerating everything (an empty key with Exists) takes the GPU node in.
         helper.tolerations = serde_json::from_value(json!([{"operator": "Exists"}])).unwrap();
-        let rooms = node_rooms(&nodes, &csinodes, &pods, &attachments, &helper);
+        let rooms = node_rooms(&nodes, &csinodes, &pods, &[], &attachments, &helper);
         let names: Vec<&str> = rooms.iter().map(|r| r.name).collect();
         assert_eq!(names, ["a", "b", "gpu"]);
     }

@@ -8,8 +8,10 @@
 pub mod certs;
 pub mod heartbeat;
 pub mod leader;
+pub mod pods;
 pub mod reconcile;
 pub mod restores;
+pub mod snapshot;
 pub mod stores;
 pub mod waves;
 

@@ -18,6 +18,7 @@ use super::heartbeat::Heartbeat;
 
 use super::Config;
 use super::restores::RestoreCleanup;
+use super::snapshot::Snapshot;
 use super::stores::Stores;
 use super::waves::{WaveBackupToMake, Waves};
 use crate::cluster::events::EventSink;
@@ -314,8 +315,9 @@ struct Reconciler {
 impl Reconciler {
     /// One plan-and-apply; returns when a window next opens or closes.
     async fn pass(&mut self, stores: &Stores) -> Option<Timestamp> {
-        let now = Timestamp::now();
-        let namespace_objects = stores.namespaces.state();
+        let snap = Snapshot::take(stores, Timestamp::now());
+        let now = snap.now;
+        let namespace_objects = &snap.namespaces;
         let policies: Vec<(String, NamespacePolicy)> = namespace_objects
             .iter()
             .map(|n| {
@@ -361,7 +363,7 @@ impl Reconciler {
             }
         }
 
-        let claim_objects = stores.claims.state();
+        let claim_objects = &snap.claims;
         let claims: Vec<ClaimView<'_>> = claim_objects
             .iter()
             .filter(|c| opted_in(c.metadata.namespace.as_deref()))
@@ -373,15 +375,14 @@ impl Reconciler {
             .iter()
             .filter_map(|n| n.metadata.name.as_deref())
             .collect();
-        let pod_objects: Vec<Arc<PodRecord>> = stores
+        let pods: Vec<&PodRecord> = snap
             .pods
-            .state()
-            .into_iter()
+            .iter()
             .filter(|p| managed.contains(p.namespace()))
+            .map(Arc::as_ref)
             .collect();
-        let pods: Vec<&PodRecord> = pod_objects.iter().map(Arc::as_ref).collect();
 
-        let schedule_objects = stores.schedules.state();
+        let schedule_objects = &snap.schedules;
         let schedules: Vec<ScheduleView<'_>> = schedule_objects
             .iter()
             .filter_map(|s| {
@@ -393,7 +394,7 @@ impl Reconciler {
                 })
             })
             .collect();
-        let backup_objects = stores.backups.state();
+        let backup_objects = &snap.backups;
         let backups: Vec<BackupView<'_>> = backup_objects
             .iter()
             .filter_map(|b| {
@@ -405,7 +406,7 @@ impl Reconciler {
                 })
             })
             .collect();
-        let pvb_objects = stores.pvbs.state();
+        let pvb_objects = &snap.pvbs;
         let pvbs: Vec<PvbView<'_>> = pvb_objects
             .iter()
             .filter_map(|p| {
@@ -418,15 +419,15 @@ impl Reconciler {
             })
             .collect();
 
-        let restore_objects = stores.restores.state();
+        let restore_objects = &snap.restores;
         let (being_restored, listed_until) = claims_being_restored(
             &globs,
-            &namespace_objects,
-            &claim_objects,
+            namespace_objects,
+            claim_objects,
             &pods,
-            &pvb_objects,
-            &restore_objects,
-            &backup_objects,
+            pvb_objects,
+            restore_objects,
+            backup_objects,
             now,
         );
         let restoring: HashSet<(&str, &str)> = being_restored
@@ -443,7 +444,7 @@ impl Reconciler {
             now,
             self.config.windows,
         );
-        self.report_problems(&windows, &schedule_objects, namespace_problems);
+        self.report_problems(&windows, schedule_objects, namespace_problems);
         self.count_helpers(&pods, windows.open.len());
         let mut plan = plan::plan(&PlanInput {
             namespaces: &namespaces,
@@ -460,25 +461,25 @@ impl Reconciler {
             .collect();
         let (stuck, next_stuck) = plan::stuck_helpers(&pods, now, STUCK_AFTER);
         self.report_stuck(&stuck, &uids);
-        let next_failed_expiry = self.restores.pass(stores, &pods, &uids, now).await;
+        let next_failed_expiry = self.restores.pass(&snap, &pods, &uids, now).await;
         let coverage = CoverageInput {
             globs: &globs,
             claims: &claims,
             pods: &pods,
-            pvbs: &pvb_objects,
-            backups: &backup_objects,
+            pvbs: pvb_objects,
+            backups: backup_objects,
         };
-        let coverage_due = self.report_coverage(&coverage, stores.generation(), now);
+        let coverage_due = self.report_coverage(&coverage, snap.generation, now);
         // Within the helpers' limits: the window's helpers that fit, then the waves.
         let unserved: HashSet<&str> = windows.problems.iter().map(|(n, _)| n.as_str()).collect();
         let waves = self
             .waves
-            .plan(stores, &globs, &unserved, &restoring, &mut plan.create, now);
+            .plan(&snap, &globs, &unserved, &restoring, &mut plan.create);
         plan.create.extend(waves.create);
         plan.delete.extend(waves.delete);
         self.apply(plan, &uids, stores).await;
         self.make_wave_backups(&waves.backups).await;
-        self.record_restoring(&namespace_objects, &globs, &being_restored)
+        self.record_restoring(namespace_objects, &globs, &being_restored)
             .await;
         // A write that timed out or failed is retried when its pending entry expires:
         // wake then, even if nothing else happens.

@@ -13,7 +13,7 @@ use kube::api::{Api, DeleteParams, Preconditions};
 use tracing::{info, warn};
 
 use super::reconcile::claim_reference;
-use super::stores::Stores;
+use super::snapshot::Snapshot;
 use crate::cluster::events::EventSink;
 use crate::metrics::{Metrics, StateLabels};
 use crate::names;
@@ -50,13 +50,13 @@ impl RestoreCleanup {
     /// next due for deletion.
     pub async fn pass(
         &mut self,
-        stores: &Stores,
+        snap: &Snapshot,
         pods: &[&PodRecord],
         claim_uids: &HashMap<(&str, &str), &str>,
         now: Timestamp,
     ) -> Option<Timestamp> {
-        let pvr_objects = stores.pvrs.state();
-        let pvrs: Vec<PvrView<'_>> = pvr_objects
+        let pvrs: Vec<PvrView<'_>> = snap
+            .pvrs
             .iter()
             .filter_map(|p| {
                 let labels = p.metadata.labels.as_ref()?;
@@ -71,8 +71,8 @@ impl RestoreCleanup {
                 })
             })
             .collect();
-        let restore_objects = stores.restores.state();
-        let restores: Vec<RestoreView<'_>> = restore_objects
+        let restores: Vec<RestoreView<'_>> = snap
+            .restores
             .iter()
             .filter_map(|r| {
                 let status = r.status.as_ref();

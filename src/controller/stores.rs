@@ -1,6 +1,7 @@
 //! What the reconciler watches: kube-runtime reflectors, and one `Notify` that any change
 //! pokes. Pods and claims are read straight into `policy::record`'s compact records (the
-//! bulk of the memory); the few Velero objects keep their types, minus managed fields.
+//! bulk of the memory), and pods are kept only where the hubs are (`pods.rs`); the few
+//! Velero objects keep their types, minus managed fields.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,15 +18,16 @@ use tokio::sync::Notify;
 use tracing::warn;
 
 use super::heartbeat::Heartbeat;
+use super::pods::Pods;
 use crate::cluster::velero::{Backup, PodVolumeBackup, PodVolumeRestore, Restore, Schedule};
 use crate::names;
-use crate::policy::{ClaimRecord, PodRecord, VolumeRecord};
+use crate::policy::{ClaimRecord, VolumeRecord};
 
 #[derive(Clone)]
 pub struct Stores {
     pub namespaces: Store<PartialObjectMeta<Namespace>>,
     pub claims: Store<ClaimRecord>,
-    pub pods: Store<PodRecord>,
+    pub pods: Pods,
     pub schedules: Store<Schedule>,
     pub backups: Store<Backup>,
     pub pvbs: Store<PodVolumeBackup>,
@@ -49,7 +51,7 @@ pub struct Changed {
 }
 
 impl Changed {
-    fn poke(&self) {
+    pub(super) fn poke(&self) {
         self.events.fetch_add(1, Ordering::Relaxed);
         self.notify.notify_one();
     }
@@ -79,12 +81,15 @@ impl Stores {
         if let Some(selector) = namespace_selector {
             namespace_config = namespace_config.labels(selector);
         }
-        // Namespaces: metadata only (labels and annotations are all we read).
-        let namespaces = watch(
+        // Namespaces: metadata only (labels and annotations are all we read). The pod
+        // watch hears of them too: it keeps the pods of opted-in namespaces only.
+        let namespaces_changed = Arc::new(Notify::new());
+        let namespaces = watch_and_tell(
             Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
             &namespace_config,
             |n| n.metadata.managed_fields = None,
             &changed,
+            Some(namespaces_changed.clone()),
             heartbeat,
             stop,
             "namespaces",
@@ -98,14 +103,14 @@ impl Stores {
             stop,
             "claims",
         );
-        let pods = watch(
-            Api::all(client.clone()),
+        let pods = Pods::start(
+            client,
             &config,
-            |_| {},
+            namespaces.clone(),
+            namespaces_changed,
             &changed,
             heartbeat,
             stop,
-            "pods",
         );
         let schedules = watch(
             Api::namespaced(client.clone(), velero_namespace),
@@ -285,12 +290,36 @@ where
         + Sync
         + 'static,
 {
+    watch_and_tell(api, config, strip, changed, None, heartbeat, stop, what)
+}
+
+/// [`watch`], also poking `tell` on every event.
+#[allow(clippy::too_many_arguments)]
+fn watch_and_tell<K>(
+    api: Api<K>,
+    config: &watcher::Config,
+    strip: fn(&mut K),
+    changed: &Arc<Changed>,
+    tell: Option<Arc<Notify>>,
+    heartbeat: &Arc<Heartbeat>,
+    stop: &tokio_util::sync::CancellationToken,
+    what: &'static str,
+) -> Store<K>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
     let (store, writer) = reflector::store();
     let stream = watcher::watcher(api, config.clone())
         .default_backoff()
         .modify(strip)
         .reflect(writer);
-    spawn(what, stream, changed, heartbeat, stop);
+    spawn(what, stream, changed, tell, heartbeat, stop);
     store
 }
 
@@ -300,6 +329,7 @@ fn spawn<S, T>(
     what: &'static str,
     stream: S,
     changed: &Arc<Changed>,
+    tell: Option<Arc<Notify>>,
     heartbeat: &Arc<Heartbeat>,
     stop: &tokio_util::sync::CancellationToken,
 ) where
@@ -321,6 +351,9 @@ fn spawn<S, T>(
                     Some(Ok(_)) => {
                         heartbeat.watch_ok(what);
                         changed.poke();
+                        if let Some(tell) = &tell {
+                            tell.notify_one();
+                        }
                     }
                     // The backoff retries; the store keeps its last state meanwhile.
                     Some(Err(e)) => {

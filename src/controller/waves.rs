@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 use tracing::{info, warn};
 
-use super::stores::Stores;
+use super::snapshot::Snapshot;
 use crate::cluster::events::EventSink;
 use crate::cluster::velero::{Backup, Schedule};
 use crate::metrics::{Metrics, ScheduleLabels};
@@ -187,37 +187,19 @@ impl Waves {
     /// nodes, and plans each Schedule's run of waves.
     pub fn plan(
         &mut self,
-        stores: &Stores,
+        snap: &Snapshot,
         opted_in: &[(&str, Arc<ClaimGlobs>)],
         excluded: &HashSet<&str>,
         restoring: &HashSet<(&str, &str)>,
         window_creates: &mut Vec<Pod>,
-        now: Timestamp,
     ) -> WavePlan {
-        let claim_objects = stores.claims.state();
-        let pod_objects = stores.pods.state();
-        let pv_objects = stores.volumes.state();
-        let (node_arcs, csinode_arcs, attachment_arcs) = (
-            stores.nodes.state(),
-            stores.csinodes.state(),
-            stores.attachments.state(),
-        );
-        let node_objects: Vec<_> = node_arcs.iter().map(AsRef::as_ref).collect();
-        let csinodes: Vec<_> = csinode_arcs.iter().map(AsRef::as_ref).collect();
-        let attachments: Vec<_> = attachment_arcs.iter().map(AsRef::as_ref).collect();
-        let backup_objects = stores.backups.state();
-        let pvb_objects = stores.pvbs.state();
-        let mut view = self.view(
-            opted_in,
-            &claim_objects,
-            &pod_objects,
-            &pv_objects,
-            &node_objects,
-            &csinodes,
-            &attachments,
-            &backup_objects,
-            &pvb_objects,
-        );
+        let now = snap.now;
+        let node_objects: Vec<_> = snap.nodes.iter().map(AsRef::as_ref).collect();
+        let csinodes: Vec<_> = snap.csinodes.iter().map(AsRef::as_ref).collect();
+        let attachments: Vec<_> = snap.attachments.iter().map(AsRef::as_ref).collect();
+        let backup_objects = &snap.backups;
+        let pod_objects = &snap.pods;
+        let mut view = self.view(opted_in, snap, &node_objects, &csinodes, &attachments);
         let mut out = WavePlan::default();
         self.limit_window(&mut view, window_creates);
         let creating: HashSet<(String, String)> = window_creates
@@ -228,8 +210,7 @@ impl Waves {
                 Some((ns, claim.clone()))
             })
             .collect();
-        let schedules = stores.schedules.state();
-        let mut schedules: Vec<&Arc<Schedule>> = schedules.iter().collect();
+        let mut schedules: Vec<&Arc<Schedule>> = snap.schedules.iter().collect();
         schedules.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
         // A Schedule that is gone keeps no memory here (one not served for a while, a
         // selector being fixed, keeps its run's).
@@ -288,7 +269,7 @@ impl Waves {
                 schedule,
                 opted_in,
                 &pod_objects,
-                &backup_objects,
+                backup_objects,
                 &creating,
                 restoring,
                 &mut view,
@@ -299,19 +280,21 @@ impl Waves {
         out
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn view<'a>(
         &self,
         opted_in: &[(&str, Arc<ClaimGlobs>)],
-        claims: &'a [Arc<ClaimRecord>],
-        pods: &'a [Arc<PodRecord>],
-        volumes: &'a [Arc<VolumeRecord>],
+        snap: &'a Snapshot,
         nodes: &[&'a k8s_openapi::api::core::v1::Node],
         csinodes: &[&'a k8s_openapi::api::storage::v1::CSINode],
         attachments: &[&'a k8s_openapi::api::storage::v1::VolumeAttachment],
-        backups: &'a [Arc<Backup>],
-        pvbs: &'a [Arc<crate::cluster::velero::PodVolumeBackup>],
     ) -> View<'a> {
+        let (claims, pods, volumes, backups, pvbs) = (
+            &snap.claims,
+            &snap.pods,
+            &snap.volumes,
+            &snap.backups,
+            &snap.pvbs,
+        );
         let pv: HashMap<&str, &VolumeRecord> = volumes
             .iter()
             .filter_map(|v| Some((v.metadata.name.as_deref()?, v.as_ref())))
@@ -344,7 +327,19 @@ impl Waves {
                 })
             })
             .collect();
-        let rooms = waves::node_rooms(nodes, csinodes, &on_nodes, attachments, &self.helper);
+        let elsewhere: Vec<(&str, u32)> = snap
+            .slots_elsewhere
+            .iter()
+            .map(|(node, n)| (&**node, *n))
+            .collect();
+        let rooms = waves::node_rooms(
+            nodes,
+            csinodes,
+            &on_nodes,
+            &elsewhere,
+            attachments,
+            &self.helper,
+        );
         let room_labels: Vec<(&str, &BTreeMap<String, String>)> = rooms
             .iter()
             .filter_map(|r| {

@@ -1,0 +1,409 @@
+//! The pod watch, sized by the hubs rather than the cluster. Every pod in the cluster is
+//! watched: a pod that mounts a user's claim may carry any labels (no selector would be
+//! sure to see it), and every pod bound to a node takes one of the node's pod slots, which
+//! waves must not overfill. But only the pods of opted-in namespaces, and our own pods
+//! wherever they are, are kept as records; of every other pod only the node whose slot it
+//! takes is kept ([`Elsewhere`], about 40 bytes a pod against a record's ~1 KiB).
+//!
+//! Which namespaces are kept is fixed for one list-and-watch. When a namespace opts in,
+//! its pods were not kept: the watch lists again, and until that list is done the
+//! namespace is not [`Pods::covered`], so a pass leaves it alone rather than plan from
+//! half a view (helpers for claims whose users' pods it cannot see yet).
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Namespace;
+use kube::Api;
+use kube::core::PartialObjectMeta;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::heartbeat::Heartbeat;
+use super::stores::Changed;
+use crate::names;
+use crate::policy::namespace;
+use crate::policy::{PodFacts, PodRecord};
+
+/// The pods the controller keeps, and the pod slots taken by those it does not.
+#[derive(Clone)]
+pub struct Pods {
+    store: Store<PodRecord>,
+    shared: Arc<Mutex<Shared>>,
+}
+
+#[derive(Default)]
+struct Shared {
+    elsewhere: Elsewhere,
+    /// The namespaces whose pods the store holds whole (as of the last finished list).
+    covered: Arc<BTreeSet<String>>,
+}
+
+impl Pods {
+    /// Starts the watch as a task stopped by `stop`. It lists only once `namespaces` has
+    /// (so it knows which namespaces to keep: `namespaces_changed` is poked on its every
+    /// event from its first finished list on), and again whenever a namespace opted in
+    /// that it does not keep.
+    pub fn start(
+        client: &kube::Client,
+        config: &watcher::Config,
+        namespaces: Store<PartialObjectMeta<Namespace>>,
+        namespaces_changed: Arc<Notify>,
+        changed: &Arc<Changed>,
+        heartbeat: &Arc<Heartbeat>,
+        stop: &CancellationToken,
+    ) -> Self {
+        let (store, writer) = reflector::store();
+        let shared = Arc::new(Mutex::new(Shared::default()));
+        let task = Watch {
+            api: Api::all(client.clone()),
+            config: config.clone(),
+            namespaces,
+            namespaces_changed,
+            writer,
+            shared: shared.clone(),
+            changed: changed.clone(),
+            heartbeat: heartbeat.clone(),
+        };
+        tokio::spawn(task.run(stop.clone()));
+        Self { store, shared }
+    }
+
+    /// The pods kept: every pod of a covered namespace, and our own pods anywhere.
+    pub fn state(&self) -> Vec<Arc<PodRecord>> {
+        self.store.state()
+    }
+
+    /// The namespaces whose every pod is kept.
+    pub fn covered(&self) -> Arc<BTreeSet<String>> {
+        self.lock().covered.clone()
+    }
+
+    /// Per node, how many pods not kept hold one of its slots.
+    pub fn slots_elsewhere(&self) -> Vec<(Arc<str>, u32)> {
+        self.lock()
+            .elsewhere
+            .per_node
+            .iter()
+            .map(|(node, n)| (node.clone(), *n))
+            .collect()
+    }
+
+    pub async fn wait_until_ready(&self) -> Result<(), reflector::store::WriterDropped> {
+        self.store.wait_until_ready().await
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The namespaces opted in (labelled `velero-jupyterhub.io/enabled: "true"`) among those
+/// the namespace watch shows.
+fn opted_in(namespaces: &Store<PartialObjectMeta<Namespace>>) -> BTreeSet<String> {
+    namespaces
+        .state()
+        .iter()
+        .filter(|n| namespace::is_opted_in(n.metadata.labels.as_ref()))
+        .filter_map(|n| n.metadata.name.clone())
+        .collect()
+}
+
+struct Watch {
+    api: Api<PodRecord>,
+    config: watcher::Config,
+    namespaces: Store<PartialObjectMeta<Namespace>>,
+    namespaces_changed: Arc<Notify>,
+    writer: reflector::store::Writer<PodRecord>,
+    shared: Arc<Mutex<Shared>>,
+    changed: Arc<Changed>,
+    heartbeat: Arc<Heartbeat>,
+}
+
+impl Watch {
+    async fn run(mut self, stop: CancellationToken) {
+        // The namespace watch tells of its first finished list (it tells of nothing
+        // before). Not `Store::wait_until_ready`: kube's readiness wakes only the last of
+        // several tasks waiting on one store, and the reconciler waits on it too.
+        tokio::select! {
+            () = self.namespaces_changed.notified() => {}
+            () = stop.cancelled() => return,
+        }
+        loop {
+            let kept = opted_in(&self.namespaces);
+            let stream = watcher::watcher(self.api.clone(), self.config.clone()).default_backoff();
+            let mut stream = std::pin::pin!(stream);
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = self.namespaces_changed.notified() => {
+                        let now = opted_in(&self.namespaces);
+                        if !now.is_subset(&kept) {
+                            let new: Vec<&String> = now.difference(&kept).collect();
+                            info!(namespaces = ?new, "namespaces opted in: listing pods again to keep theirs");
+                            break;
+                        }
+                        // One that opted out: its records stay until the next list
+                        // (a pass reads only opted-in namespaces').
+                    }
+                    event = stream.next() => match event {
+                        Some(Ok(event)) => self.apply(event, &kept),
+                        Some(Err(e)) => {
+                            self.heartbeat.watch_failed("pods");
+                            warn!(watch = "pods", error = %e, "watch error; retrying");
+                        }
+                        None => return,
+                    },
+                }
+            }
+        }
+    }
+
+    /// One watch event into the store (a pod kept) or the slot count (any other).
+    fn apply(&mut self, event: watcher::Event<PodRecord>, kept: &BTreeSet<String>) {
+        let keep = |p: &PodRecord| {
+            kept.contains(p.namespace()) || p.label(names::MANAGED_BY) == Some(names::MANAGED_BY_US)
+        };
+        let mut shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
+        match &event {
+            // The watcher says Init as it starts each (re)list, before the request, and
+            // InitApply for each object of a list that may still fail: only a finished
+            // list, or a watch event, shows it works.
+            watcher::Event::Init => {
+                self.writer.apply_watcher_event(&event);
+                shared.elsewhere.init();
+            }
+            watcher::Event::InitApply(p) => {
+                if keep(p) {
+                    self.writer.apply_watcher_event(&event);
+                } else {
+                    shared.elsewhere.init_apply(p);
+                }
+            }
+            watcher::Event::InitDone => {
+                self.writer.apply_watcher_event(&event);
+                shared.elsewhere.init_done();
+                shared.covered = Arc::new(kept.clone());
+                self.heartbeat.watch_ok("pods");
+            }
+            watcher::Event::Apply(p) => {
+                self.heartbeat.watch_ok("pods");
+                if keep(p) {
+                    self.writer.apply_watcher_event(&event);
+                } else {
+                    shared.elsewhere.apply(p);
+                    // Slot counts are read when a pass plans waves; they wake none.
+                    return;
+                }
+            }
+            watcher::Event::Delete(p) => {
+                self.heartbeat.watch_ok("pods");
+                if keep(p) {
+                    self.writer.apply_watcher_event(&event);
+                } else {
+                    shared.elsewhere.delete(p);
+                    return;
+                }
+            }
+        }
+        drop(shared);
+        self.changed.poke();
+    }
+}
+
+/// The pod slots taken on each node by pods the controller does not keep: per pod (by
+/// uid) its node, and per node a count. A pod takes a slot from when it is bound (or, like
+/// a DaemonSet's, pinned) to a node until it has Succeeded or Failed, as the scheduler
+/// counts. Its volumes are not kept: a volume attached to a node is counted from its
+/// VolumeAttachment.
+#[derive(Default)]
+pub struct Elsewhere {
+    nodes: HashMap<u128, Arc<str>>,
+    per_node: HashMap<Arc<str>, u32>,
+    /// A list in progress (after `Init`): replaces `nodes` when it is done.
+    listing: Option<HashMap<u128, Arc<str>>>,
+    /// Node names, shared by every pod on the node.
+    names: HashSet<Arc<str>>,
+}
+
+impl Elsewhere {
+    pub fn apply(&mut self, pod: &PodRecord) {
+        let key = key(pod);
+        let node = self.slot(pod);
+        let old = match node {
+            Some(node) => self.nodes.insert(key, node.clone()),
+            None => self.nodes.remove(&key),
+        };
+        if let Some(old) = old {
+            self.count(&old, -1);
+        }
+        if let Some(node) = self.nodes.get(&key).cloned() {
+            self.count(&node, 1);
+        }
+    }
+
+    pub fn delete(&mut self, pod: &PodRecord) {
+        if let Some(old) = self.nodes.remove(&key(pod)) {
+            self.count(&old, -1);
+        }
+    }
+
+    pub fn init(&mut self) {
+        self.listing = Some(HashMap::new());
+    }
+
+    pub fn init_apply(&mut self, pod: &PodRecord) {
+        let key = key(pod);
+        if let Some(node) = self.slot(pod) {
+            self.listing.get_or_insert_default().insert(key, node);
+        }
+    }
+
+    pub fn init_done(&mut self) {
+        self.nodes = self.listing.take().unwrap_or_default();
+        self.nodes.shrink_to_fit();
+        self.per_node.clear();
+        for node in self.nodes.values() {
+            *self.per_node.entry(node.clone()).or_default() += 1;
+        }
+        let per_node = &self.per_node;
+        self.names.retain(|n| per_node.contains_key(n));
+    }
+
+    /// The node whose slot the pod takes (its name shared), if any.
+    fn slot(&mut self, pod: &PodRecord) -> Option<Arc<str>> {
+        if pod.is_stopped() {
+            return None;
+        }
+        let node = pod.node().or(pod.pinned_node.as_deref())?;
+        if let Some(name) = self.names.get(node) {
+            return Some(name.clone());
+        }
+        let name: Arc<str> = node.into();
+        self.names.insert(name.clone());
+        Some(name)
+    }
+
+    fn count(&mut self, node: &Arc<str>, by: i32) {
+        let n = self.per_node.entry(node.clone()).or_default();
+        *n = n.saturating_add_signed(by);
+        if *n == 0 {
+            self.per_node.remove(node);
+        }
+    }
+
+    /// Per node, the slots taken.
+    pub fn per_node(&self) -> &HashMap<Arc<str>, u32> {
+        &self.per_node
+    }
+}
+
+/// A pod's uid as 16 bytes (a UUID, as the API server assigns it), or a hash of its
+/// namespace and name if it has none that parses.
+fn key(pod: &PodRecord) -> u128 {
+    let hex: String = pod.uid().chars().filter(|c| *c != '-').collect();
+    if hex.len() == 32
+        && let Ok(uid) = u128::from_str_radix(&hex, 16)
+    {
+        return uid;
+    }
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (pod.namespace(), pod.name()).hash(&mut hasher);
+    u128::from(hasher.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(uid: &str, node: Option<&str>, phase: &str) -> PodRecord {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": format!("p-{uid}"), "namespace": "other", "uid": uid},
+            "spec": {"nodeName": node},
+            "status": {"phase": phase},
+        }))
+        .expect("a pod")
+    }
+
+    fn counts(e: &Elsewhere) -> Vec<(String, u32)> {
+        let mut v: Vec<(String, u32)> = e
+            .per_node()
+            .iter()
+            .map(|(n, c)| (n.to_string(), *c))
+            .collect();
+        v.sort();
+        v
+    }
+
+    const A: &str = "0b9e3b8e-6f7c-4a4e-9a55-5d1d8f0b0001";
+    const B: &str = "0b9e3b8e-6f7c-4a4e-9a55-5d1d8f0b0002";
+    const C: &str = "0b9e3b8e-6f7c-4a4e-9a55-5d1d8f0b0003";
+
+    #[test]
+    fn slots_follow_binding_ending_and_deletion() {
+        let mut e = Elsewhere::default();
+        e.apply(&pod(A, None, "Pending"));
+        assert_eq!(counts(&e), vec![], "not bound: no slot");
+        e.apply(&pod(A, Some("n1"), "Pending"));
+        e.apply(&pod(B, Some("n1"), "Running"));
+        e.apply(&pod(C, Some("n2"), "Running"));
+        assert_eq!(counts(&e), vec![("n1".into(), 2), ("n2".into(), 1)]);
+        e.apply(&pod(A, Some("n1"), "Running"));
+        assert_eq!(
+            counts(&e),
+            vec![("n1".into(), 2), ("n2".into(), 1)],
+            "an update counts once"
+        );
+        e.apply(&pod(B, Some("n1"), "Succeeded"));
+        assert_eq!(
+            counts(&e),
+            vec![("n1".into(), 1), ("n2".into(), 1)],
+            "ended: slot freed"
+        );
+        e.delete(&pod(C, Some("n2"), "Running"));
+        e.delete(&pod(B, Some("n1"), "Succeeded"));
+        assert_eq!(counts(&e), vec![("n1".into(), 1)]);
+    }
+
+    #[test]
+    fn a_new_list_replaces_what_was_counted() {
+        let mut e = Elsewhere::default();
+        e.apply(&pod(A, Some("n1"), "Running"));
+        e.apply(&pod(B, Some("n2"), "Running"));
+        e.init();
+        e.init_apply(&pod(B, Some("n2"), "Running"));
+        e.init_apply(&pod(C, Some("n3"), "Failed"));
+        assert_eq!(
+            counts(&e),
+            vec![("n1".into(), 1), ("n2".into(), 1)],
+            "the old count holds meanwhile"
+        );
+        e.init_done();
+        assert_eq!(
+            counts(&e),
+            vec![("n2".into(), 1)],
+            "A is gone, C holds no slot"
+        );
+        e.delete(&pod(A, Some("n1"), "Running"));
+        assert_eq!(
+            counts(&e),
+            vec![("n2".into(), 1)],
+            "deleting one not counted changes nothing"
+        );
+    }
+
+    #[test]
+    fn a_pod_without_a_uuid_is_keyed_by_its_name() {
+        let mut e = Elsewhere::default();
+        e.apply(&pod("not-a-uuid", Some("n1"), "Running"));
+        e.apply(&pod("not-a-uuid", Some("n1"), "Running"));
+        assert_eq!(counts(&e), vec![("n1".into(), 1)]);
+        e.delete(&pod("not-a-uuid", Some("n1"), "Running"));
+        assert_eq!(counts(&e), vec![]);
+    }
+}
