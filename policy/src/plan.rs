@@ -122,12 +122,24 @@ pub enum DeleteReason {
     /// A Velero restore is under way for its claim: Velero may re-create a pod of this
     /// name (then, finding ours, it would skip it and not restore its volume).
     RestoreInProgress,
+    /// A restore helper whose restore is over (`cleanup::restore_helpers`): it restored
+    /// its volumes, or failed and was kept its time for inspection.
+    RestoreDone,
 }
 
 impl DeleteReason {
-    /// Delete with grace period 0: the user is waiting for the volume.
+    /// Delete with grace period 0: the user is waiting for the volume (or, for a restore
+    /// helper, nothing runs in it that could need one).
     pub fn immediate(self) -> bool {
-        matches!(self, Self::UserStarted | Self::RestoreInProgress)
+        matches!(
+            self,
+            Self::UserStarted | Self::RestoreInProgress | Self::RestoreDone
+        )
+    }
+
+    /// The pod is a restore helper, not a backup helper.
+    pub fn restore_helper(self) -> bool {
+        self == Self::RestoreDone
     }
 
     pub fn as_str(self) -> &'static str {
@@ -142,6 +154,7 @@ impl DeleteReason {
             Self::WaveOver => "wave_over",
             Self::GivenUp => "given_up",
             Self::RestoreInProgress => "restore_in_progress",
+            Self::RestoreDone => "restore_done",
         }
     }
 }

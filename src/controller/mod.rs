@@ -5,6 +5,7 @@
 //! open or close, and applies the plan (`reconcile.rs`). Everything that writes lives here;
 //! the webhook (`serve`) stays read-only.
 
+pub mod apply;
 pub mod certs;
 pub mod heartbeat;
 pub mod leader;

@@ -6,27 +6,26 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ObjectReference, Pod};
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use super::heartbeat::Heartbeat;
 
 use super::Config;
+use super::apply::{Applier, PodPatch, PodPatchKind, Write, claim_reference};
 use super::restores::RestoreCleanup;
 use super::snapshot::Snapshot;
 use super::stores::Stores;
-use super::waves::{WaveBackupToMake, Waves};
+use super::waves::Waves;
 use crate::cluster::events::EventSink;
 use crate::cluster::velero::Schedule;
 use crate::metrics::Metrics;
 use crate::names;
 use crate::policy::helper;
-use crate::policy::plan::{self, ClaimView, Deletion, NamespaceView, Plan, PlanInput, PvbView};
+use crate::policy::plan::{self, ClaimView, NamespaceView, PlanInput, PvbView};
 use crate::policy::restoring;
 use crate::policy::waves::RunOptions;
 use crate::policy::window::{self, BackupView, ManualWindow, ScheduleView, Windows};
@@ -35,17 +34,9 @@ use k8s_openapi::api::core::v1::Namespace;
 use kube::core::PartialObjectMeta;
 use std::collections::BTreeSet;
 
-/// A write not yet seen by the watches is not repeated for this long.
-const PENDING_FOR: Duration = Duration::from_secs(30);
 /// A helper not running this long after its creation gets a Warning Event on its claim
 /// (the default lead time, 10 minutes, leaves room to fix it before the tick).
 const STUCK_AFTER: SignedDuration = SignedDuration::from_mins(2);
-/// Writes in flight at once, and how long one may take before it is given up (the
-/// pending set then retries it after `PENDING_FOR`).
-const WRITES_IN_FLIGHT: usize = 16;
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Helpers created between two looks at whether anything changed.
-const CREATE_CHUNK: usize = 64;
 /// Changes arriving together are planned together.
 const DEBOUNCE: Duration = Duration::from_millis(20);
 /// The coverage metrics (a row per user claim, `policy::status`) are worked out at most
@@ -94,16 +85,18 @@ pub async fn run(
     let mut reconciler = Reconciler {
         restores,
         waves,
-        backups_pending: HashMap::new(),
         coverage_at: None,
         coverage_series: HashSet::new(),
         coverage_generation: 0,
-        client: client.clone(),
+        applier: Applier::new(
+            client.clone(),
+            config.velero_namespace.clone(),
+            events.clone(),
+            metrics.clone(),
+        ),
         events,
         config,
         metrics,
-        pending: HashMap::new(),
-        namespaces_pending: HashMap::new(),
         reported: HashSet::new(),
         stuck_reported: HashSet::new(),
     };
@@ -128,18 +121,6 @@ pub async fn run(
             () = stop.cancelled() => return,
         }
     }
-}
-
-/// The pending-set keys of the plan's writes: the same write planned again while the
-/// first is not yet seen by the watches has the same key.
-fn create_key(pod: &Pod) -> String {
-    let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
-    let name = pod.metadata.name.as_deref().unwrap_or_default();
-    format!("create/{ns}/{name}")
-}
-
-fn delete_key(d: &Deletion) -> String {
-    format!("delete/{}", d.uid)
 }
 
 /// What the coverage metrics are worked out from: the pass's views of the stores.
@@ -278,24 +259,12 @@ fn claims_being_restored<'a>(
     (restoring::claims_being_restored(&input), next)
 }
 
-/// A merge patch to apply to a pod, with its pending-set key.
-struct PodPatch<'a> {
-    key: String,
-    namespace: &'a str,
-    name: &'a str,
-    patch: serde_json::Value,
-    backfill: bool,
-}
-
 struct Reconciler {
-    client: kube::Client,
     events: EventSink,
     config: Config,
     metrics: Arc<Metrics>,
-    /// Writes made and not yet reflected by the watches, by key, with when they were made.
-    pending: HashMap<String, Instant>,
-    /// The same for the namespaces' claims-being-restored annotation (`restoring/<ns>/<value>`).
-    namespaces_pending: HashMap<String, Instant>,
+    /// Every write the pass asks for goes through it.
+    applier: Applier,
     /// Schedule problems already reported (Event sent), so each is reported once.
     reported: HashSet<(String, String)>,
     /// Helpers reported as not running, by uid.
@@ -304,8 +273,6 @@ struct Reconciler {
     restores: RestoreCleanup,
     /// Idle claims beyond what fits at once: runs of waves.
     waves: Waves,
-    /// Wave Backups created and not yet seen by the watch, by name.
-    backups_pending: HashMap<String, Instant>,
     /// When the coverage metrics were last worked out, and the claims they have series for.
     coverage_at: Option<Instant>,
     coverage_series: HashSet<crate::metrics::ClaimLabels>,
@@ -461,7 +428,7 @@ impl Reconciler {
             .collect();
         let (stuck, next_stuck) = plan::stuck_helpers(&pods, now, STUCK_AFTER);
         self.report_stuck(&stuck, &uids);
-        let next_failed_expiry = self.restores.pass(&snap, &pods, &uids, now).await;
+        let (restore_deletes, next_failed_expiry) = self.restores.pass(&snap, &pods, &uids, now);
         let coverage = CoverageInput {
             globs: &globs,
             claims: &claims,
@@ -477,20 +444,29 @@ impl Reconciler {
             .plan(&snap, &globs, &unserved, &restoring, &mut plan.create);
         plan.create.extend(waves.create);
         plan.delete.extend(waves.delete);
-        self.apply(plan, &uids, stores).await;
-        self.make_wave_backups(&waves.backups).await;
-        self.record_restoring(namespace_objects, &globs, &being_restored)
-            .await;
+        let mut writes = restore_deletes;
+        writes.extend(restoring_records(
+            namespace_objects,
+            &globs,
+            &being_restored,
+        ));
+        writes.extend(plan.delete.into_iter().map(|deletion| Write::DeletePod {
+            deletion,
+            done: Vec::new(),
+        }));
+        writes.extend(waves.backups.into_iter().map(Write::CreateBackup));
+        writes.extend(
+            plan.create
+                .into_iter()
+                .map(|pod| Write::CreateHelper(Box::new(pod))),
+        );
+        writes.extend(pod_patches(&plan.backfill, &plan.relabel));
         // A write that timed out or failed is retried when its pending entry expires:
         // wake then, even if nothing else happens.
         let retry = self
-            .pending
-            .values()
-            .chain(self.namespaces_pending.values())
-            .map(|at| (*at + PENDING_FOR).saturating_duration_since(Instant::now()))
-            .min()
-            .and_then(|d| SignedDuration::try_from(d).ok())
-            .map(|d| Timestamp::now() + d);
+            .applier
+            .apply(writes, &uids, || stores.generation())
+            .await;
         [
             windows.next_change,
             next_stuck,
@@ -503,90 +479,6 @@ impl Reconciler {
         .into_iter()
         .flatten()
         .min()
-    }
-
-    /// Keeps each opted-in namespace's `velero-jupyterhub.io/restoring-claims` annotation
-    /// (which a ValidatingAdmissionPolicy reads: manifests/restore-guard.yaml) equal to
-    /// the claims being restored there. A merge patch of that annotation (and, once none
-    /// is left, of the `restore` command's `…/restoring-since`), guarded by the
-    /// resourceVersion read: the command may be adding claims at the same time.
-    async fn record_restoring(
-        &mut self,
-        namespaces: &[Arc<PartialObjectMeta<Namespace>>],
-        opted_in: &[(&str, Arc<ClaimGlobs>)],
-        restoring: &BTreeMap<&str, BTreeSet<&str>>,
-    ) {
-        self.namespaces_pending
-            .retain(|_, at| at.elapsed() < PENDING_FOR);
-        for n in namespaces {
-            let m = &n.metadata;
-            let Some(name) = m
-                .name
-                .as_deref()
-                .filter(|n| opted_in.iter().any(|(o, _)| o == n))
-            else {
-                continue;
-            };
-            let annotations = m.annotations.as_ref();
-            let have = annotations
-                .and_then(|a| a.get(names::NAMESPACE_RESTORING_CLAIMS))
-                .map(String::as_str);
-            let want = restoring
-                .get(name)
-                .map(|c| restoring::annotation_value(c.iter().copied()))
-                .filter(|v| !v.is_empty());
-            let since_left = annotations.is_some_and(|a| {
-                a.contains_key(names::NAMESPACE_RESTORING_SINCE)
-                    || a.contains_key(names::NAMESPACE_RESTORING_RESTORES)
-            });
-            if have == want.as_deref() && (want.is_some() || !since_left) {
-                continue;
-            }
-            let key = format!("restoring/{name}/{}", want.as_deref().unwrap_or(""));
-            if self
-                .namespaces_pending
-                .get(&key)
-                .is_some_and(|at| at.elapsed() < PENDING_FOR)
-            {
-                continue;
-            }
-            let mut set = serde_json::Map::new();
-            set.insert(names::NAMESPACE_RESTORING_CLAIMS.into(), json!(want));
-            if want.is_none() {
-                for key in [
-                    names::NAMESPACE_RESTORING_SINCE,
-                    names::NAMESPACE_RESTORING_RESTORES,
-                ] {
-                    set.insert(key.into(), serde_json::Value::Null);
-                }
-            }
-            let patch = json!({"metadata": {
-                "resourceVersion": m.resource_version,
-                "annotations": set,
-            }});
-            self.namespaces_pending.insert(key, Instant::now());
-            let api: Api<Namespace> = Api::all(self.client.clone());
-            let done = tokio::time::timeout(
-                WRITE_TIMEOUT,
-                api.patch(name, &PatchParams::default(), &Patch::Merge(&patch)),
-            )
-            .await;
-            self.metrics.controller.write("patch", "namespaces");
-            match done {
-                Ok(Ok(_)) => info!(
-                    namespace = name,
-                    claims = want.as_deref().unwrap_or(""),
-                    "claims being restored recorded on the namespace"
-                ),
-                Ok(Err(e)) => {
-                    warn!(namespace = name, error = %e, "could not record the claims being restored on the namespace; retrying")
-                }
-                Err(_) => warn!(
-                    namespace = name,
-                    "recording the claims being restored timed out; retrying"
-                ),
-            }
-        }
     }
 
     /// A Warning Event on the claim of each helper not running `STUCK_AFTER` after its
@@ -772,426 +664,91 @@ impl Reconciler {
         }
         self.reported = now;
     }
-
-    /// Applies the plan, skipping writes made recently that the watches have not shown yet.
-    async fn apply(
-        &mut self,
-        plan: Plan,
-        claim_uids: &HashMap<(&str, &str), &str>,
-        stores: &Stores,
-    ) {
-        // Patches: backfilled annotations and helpers' labels.
-        let patches: Vec<PodPatch> = plan
-            .backfill
-            .iter()
-            .map(|b| PodPatch {
-                key: format!("backfill/{}/{}", b.uid, b.resource_version),
-                namespace: &b.namespace,
-                name: &b.name,
-                // Guarded by the resourceVersion read: applies only to the pod as planned.
-                patch: json!({"metadata": {
-                    "resourceVersion": b.resource_version,
-                    "annotations": {(names::VELERO_BACKUP_VOLUMES): b.value},
-                }}),
-                backfill: true,
-            })
-            .chain(plan.relabel.iter().map(|r| PodPatch {
-                key: format!(
-                    "relabel/{}/{}",
-                    r.uid,
-                    serde_json::to_string(&r.labels).unwrap_or_default()
-                ),
-                namespace: &r.namespace,
-                name: &r.name,
-                // Guarded by the uid (immutable: another uid is refused).
-                patch: json!({"metadata": {"uid": r.uid, "labels": r.labels}}),
-                backfill: false,
-            }))
-            .collect();
-        let wanted: HashSet<String> = plan
-            .create
-            .iter()
-            .map(create_key)
-            .chain(plan.delete.iter().map(delete_key))
-            .chain(patches.iter().map(|p| p.key.clone()))
-            .collect();
-        // What the plan no longer asks for has been seen done (or undone): forget it.
-        self.pending
-            .retain(|k, at| wanted.contains(k) && at.elapsed() < PENDING_FOR);
-        if plan.is_empty() {
-            return;
-        }
-        debug!(
-            create = plan.create.len(),
-            delete = plan.delete.len(),
-            backfill = plan.backfill.len(),
-            "applying a plan"
-        );
-        // Deletions first (a user waits on those), all at once, each bounded in time.
-        let deletes: Vec<&Deletion> = plan
-            .delete
-            .iter()
-            .filter(|d| self.begin(delete_key(d)))
-            .collect();
-        let this = &*self;
-        futures::stream::iter(deletes)
-            .for_each_concurrent(WRITES_IN_FLIGHT, |d| async move {
-                if tokio::time::timeout(WRITE_TIMEOUT, this.delete(d, claim_uids))
-                    .await
-                    .is_err()
-                {
-                    warn!(namespace = %d.namespace, helper = %d.name, "delete timed out; retried later");
-                }
-            })
-            .await;
-        // Creates in chunks: when anything changed meanwhile (a user started?), stop and
-        // plan again, so a window opening over thousands of claims never holds up a user
-        // for longer than one chunk.
-        let generation = stores.generation();
-        for chunk in plan.create.chunks(CREATE_CHUNK) {
-            if stores.generation() != generation {
-                debug!("the cluster changed while creating helpers: planning again");
-                break;
-            }
-            let todo: Vec<&Pod> = chunk
-                .iter()
-                .filter(|pod| self.begin(create_key(pod)))
-                .collect();
-            let this = &*self;
-            futures::stream::iter(todo)
-                .for_each_concurrent(WRITES_IN_FLIGHT, |pod| async move {
-                    if tokio::time::timeout(WRITE_TIMEOUT, this.create(pod, claim_uids))
-                        .await
-                        .is_err()
-                    {
-                        warn!(helper = ?pod.metadata.name, "create timed out; retried later");
-                    }
-                })
-                .await;
-        }
-        // In chunks, bounded, and not past a change (the next pass plans them again).
-        for chunk in patches.chunks(CREATE_CHUNK) {
-            if stores.generation() != generation {
-                break;
-            }
-            let todo: Vec<&PodPatch> = chunk.iter().filter(|p| self.begin(p.key.clone())).collect();
-            let this = &*self;
-            futures::stream::iter(todo)
-                .for_each_concurrent(WRITES_IN_FLIGHT, |p| async move {
-                    let patched = tokio::time::timeout(
-                        WRITE_TIMEOUT,
-                        this.patch_pod(p.namespace, p.name, &p.patch),
-                    )
-                    .await;
-                    match patched {
-                        Ok(true) if p.backfill => {
-                            this.metrics.controller.backfilled.inc();
-                            info!(
-                                namespace = p.namespace,
-                                pod = p.name,
-                                "backfilled the backup annotation"
-                            );
-                        }
-                        Ok(true) => {
-                            info!(
-                                namespace = p.namespace,
-                                helper = p.name,
-                                "labelled a backup helper for an open window's Schedule"
-                            );
-                        }
-                        Ok(false) => {}
-                        Err(_) => warn!(
-                            namespace = p.namespace,
-                            pod = p.name,
-                            "patch timed out; retried later"
-                        ),
-                    }
-                })
-                .await;
-        }
-    }
-
-    /// Creates each wave's Backup from its Schedule as it is now (read whole: the
-    /// template's every field goes into the Backup).
-    async fn make_wave_backups(&mut self, backups: &[WaveBackupToMake]) {
-        let velero = self.config.velero_namespace.clone();
-        // Their own pending set: the plan's (`apply`) forgets what it did not plan this
-        // pass, and a Backup is planned again until the watch shows it.
-        self.backups_pending
-            .retain(|_, at| at.elapsed() < PENDING_FOR);
-        let todo: Vec<&WaveBackupToMake> = backups
-            .iter()
-            .filter(|b| {
-                let name = b.id(&velero).backup_name();
-                if self.backups_pending.contains_key(&name) {
-                    return false;
-                }
-                self.backups_pending.insert(name, Instant::now());
-                true
-            })
-            .collect();
-        let this = &*self;
-        futures::stream::iter(todo)
-            .for_each_concurrent(WRITES_IN_FLIGHT, |b| {
-                let velero = velero.clone();
-                async move {
-                    if tokio::time::timeout(WRITE_TIMEOUT, this.make_wave_backup(b, &velero))
-                        .await
-                        .is_err()
-                    {
-                        warn!(schedule = %b.schedule, wave = b.number, "creating a wave Backup timed out; retried later");
-                    }
-                }
-            })
-            .await;
-    }
-
-    async fn make_wave_backup(&self, b: &WaveBackupToMake, velero: &str) {
-        let resource = kube::api::ApiResource::erase::<crate::cluster::velero::Backup>(&());
-        let schedules: Api<kube::core::DynamicObject> = Api::namespaced_with(
-            self.client.clone(),
-            velero,
-            &kube::api::ApiResource::erase::<Schedule>(&()),
-        );
-        let backups: Api<kube::core::DynamicObject> =
-            Api::namespaced_with(self.client.clone(), velero, &resource);
-        let id = b.id(velero);
-        let name = id.backup_name();
-        let schedule = match schedules.get(&b.schedule).await {
-            Ok(s) => s,
-            Err(e) => {
-                self.metrics.controller.reconcile_errors.inc();
-                warn!(schedule = %b.schedule, error = %e, "could not read the Schedule for a wave Backup; retried later");
-                return;
-            }
-        };
-        let schedule = serde_json::to_value(&schedule).unwrap_or_default();
-        let namespaces: Vec<&str> = b.namespaces.iter().map(String::as_str).collect();
-        let mut backup = crate::policy::waves::wave_backup(&schedule, &id, &b.follows, &namespaces);
-        backup["metadata"]["annotations"][names::WAVE_CLAIMS] = b.claims.join(",").into();
-        backup["metadata"]["annotations"][names::WAVE_GIVEN_UP] = b.given_up.join(",").into();
-        let object: kube::core::DynamicObject = match serde_json::from_value(backup) {
-            Ok(o) => o,
-            Err(e) => {
-                warn!(backup = %name, error = %e, "a wave Backup did not encode");
-                return;
-            }
-        };
-        self.metrics.controller.write("create", "backups");
-        match backups.create(&PostParams::default(), &object).await {
-            Ok(_) => {
-                let labels = crate::metrics::ScheduleLabels {
-                    schedule: b.schedule.clone(),
-                };
-                let m = &self.metrics.controller;
-                m.waves.get_or_create(&labels).inc();
-                m.wave_claims
-                    .get_or_create(&labels)
-                    .inc_by(b.claims.len() as u64);
-                m.wave_given_up
-                    .get_or_create(&labels)
-                    .inc_by(b.given_up.len() as u64);
-                info!(backup = %name, claims = b.claims.len(), given_up = b.given_up.len(), "created a wave Backup");
-            }
-            Err(kube::Error::Api(e)) if e.code == 409 => debug!(backup = %name, "already exists"),
-            Err(e) => {
-                self.metrics.controller.reconcile_errors.inc();
-                warn!(backup = %name, error = %e, "could not create a wave Backup; retried later");
-                let reference = crate::cluster::velero::schedule_reference(
-                    Some(b.schedule.clone()),
-                    Some(velero.to_owned()),
-                    None,
-                );
-                self.events.warn(
-                    reference,
-                    "WaveBackupFailed",
-                    "Create",
-                    format!("could not create wave Backup {name} (retried): {e}"),
-                );
-            }
-        }
-    }
-
-    /// A merge patch of a pod, counted; false (logged, counted as an error) if refused.
-    async fn patch_pod(&self, ns: &str, name: &str, patch: &serde_json::Value) -> bool {
-        let api: Api<Pod> = Api::namespaced(self.client.clone(), ns);
-        self.metrics.controller.write("patch", "pods");
-        match api
-            .patch(name, &PatchParams::default(), &Patch::Merge(patch))
-            .await
-        {
-            Ok(_) => true,
-            Err(e) => {
-                self.metrics.controller.reconcile_errors.inc();
-                warn!(namespace = ns, pod = name, error = %e, "patch failed; retried when the pod changes");
-                false
-            }
-        }
-    }
-
-    /// Marks a write as made now; false if it was made recently and is still pending.
-    fn begin(&mut self, key: String) -> bool {
-        if self.pending.contains_key(&key) {
-            return false;
-        }
-        self.pending.insert(key, Instant::now());
-        true
-    }
-
-    async fn create(&self, pod: &Pod, claim_uids: &HashMap<(&str, &str), &str>) {
-        let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
-        let name = pod.metadata.name.as_deref().unwrap_or_default();
-        let claim = pod
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(names::HELPER_CLAIM))
-            .map(String::as_str)
-            .unwrap_or_default();
-        let api: Api<Pod> = Api::namespaced(self.client.clone(), ns);
-        self.metrics.controller.write("create", "pods");
-        match api.create(&PostParams::default(), pod).await {
-            Ok(_) => {
-                info!(
-                    namespace = ns,
-                    helper = name,
-                    claim,
-                    "created a backup helper"
-                );
-                self.claim_event(
-                    ns,
-                    claim,
-                    claim_uids,
-                    "BackupHelperCreated",
-                    "Create",
-                    format!(
-                        "backup helper {name} mounts this idle claim for the next Velero backup"
-                    ),
-                );
-            }
-            Err(kube::Error::Api(e)) if e.code == 409 => {
-                // Ours, not seen by the watch yet; or someone else's pod has the name.
-                let existing = api.get_opt(name).await.ok().flatten();
-                let ours = existing.as_ref().is_some_and(|p| {
-                    let labels = p.metadata.labels.clone().unwrap_or_default();
-                    let mounts_claim =
-                        p.spec
-                            .iter()
-                            .flat_map(|s| s.volumes.iter().flatten())
-                            .any(|v| {
-                                v.persistent_volume_claim
-                                    .as_ref()
-                                    .is_some_and(|c| c.claim_name == claim)
-                            });
-                    labels.get(names::MANAGED_BY).map(String::as_str) == Some(names::MANAGED_BY_US)
-                        && mounts_claim
-                });
-                if ours || existing.is_none() {
-                    debug!(namespace = ns, helper = name, "already exists");
-                } else {
-                    self.metrics.controller.reconcile_errors.inc();
-                    warn!(
-                        namespace = ns,
-                        helper = name,
-                        claim,
-                        "a pod that is not this claim's backup helper has its name"
-                    );
-                    self.claim_warning(
-                        ns,
-                        claim,
-                        claim_uids,
-                        format!("cannot create backup helper {name}: a pod of that name exists and is not this claim's helper; this claim misses Backups until it is gone"),
-                    );
-                }
-            }
-            Err(e) => {
-                self.metrics.controller.reconcile_errors.inc();
-                warn!(namespace = ns, helper = name, error = %e, "could not create a backup helper");
-                self.claim_warning(
-                    ns,
-                    claim,
-                    claim_uids,
-                    format!("could not create backup helper {name}: {e}"),
-                );
-            }
-        }
-    }
-
-    async fn delete(&self, d: &Deletion, claim_uids: &HashMap<(&str, &str), &str>) {
-        let api: Api<Pod> = Api::namespaced(self.client.clone(), &d.namespace);
-        let params = DeleteParams {
-            grace_period_seconds: d.reason.immediate().then_some(0),
-            preconditions: Some(Preconditions {
-                uid: Some(d.uid.clone()),
-                resource_version: None,
-            }),
-            ..Default::default()
-        };
-        self.metrics.controller.write("delete", "pods");
-        match api.delete(&d.name, &params).await {
-            Ok(_) => {
-                info!(namespace = %d.namespace, helper = %d.name, reason = d.reason.as_str(), "deleted a backup helper");
-                self.claim_event(
-                    &d.namespace,
-                    &d.claim,
-                    claim_uids,
-                    "BackupHelperDeleted",
-                    "Delete",
-                    format!(
-                        "backup helper {} deleted: {}",
-                        d.name,
-                        d.reason.as_str().replace('_', " ")
-                    ),
-                );
-            }
-            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {
-                debug!(helper = %d.name, "already gone")
-            }
-            Err(e) => {
-                self.metrics.controller.reconcile_errors.inc();
-                warn!(namespace = %d.namespace, helper = %d.name, error = %e, "could not delete a backup helper")
-            }
-        }
-    }
-
-    fn claim_event(
-        &self,
-        ns: &str,
-        claim: &str,
-        uids: &HashMap<(&str, &str), &str>,
-        reason: &str,
-        action: &str,
-        note: String,
-    ) {
-        self.events
-            .normal(claim_reference(ns, claim, uids), reason, action, note);
-    }
-
-    fn claim_warning(
-        &self,
-        ns: &str,
-        claim: &str,
-        uids: &HashMap<(&str, &str), &str>,
-        note: String,
-    ) {
-        self.events.warn(
-            claim_reference(ns, claim, uids),
-            "BackupHelperFailed",
-            "Create",
-            note,
-        );
-    }
 }
 
 fn label<'a>(labels: &'a Option<BTreeMap<String, String>>, key: &str) -> Option<&'a str> {
     labels.as_ref()?.get(key).map(String::as_str)
 }
 
-/// An Event's reference to a user claim (its uid when the watch has it).
-pub(super) fn claim_reference(
-    ns: &str,
-    claim: &str,
-    uids: &HashMap<(&str, &str), &str>,
-) -> ObjectReference {
-    crate::cluster::events::claim_reference(ns, claim, uids.get(&(ns, claim)).copied())
+/// Keeps each opted-in namespace's `velero-jupyterhub.io/restoring-claims` annotation
+/// (which a ValidatingAdmissionPolicy reads: manifests/restore-guard.yaml) equal to the
+/// claims being restored there: a merge patch of that annotation (and, once none is left,
+/// of the `restore` command's `…/restoring-since` and `…/restoring-restores`), guarded by
+/// the resourceVersion read: the command may be adding claims at the same time.
+fn restoring_records(
+    namespaces: &[Arc<PartialObjectMeta<Namespace>>],
+    opted_in: &[(&str, Arc<ClaimGlobs>)],
+    restoring: &BTreeMap<&str, BTreeSet<&str>>,
+) -> Vec<Write> {
+    let mut writes = Vec::new();
+    for n in namespaces {
+        let m = &n.metadata;
+        let Some(name) = m
+            .name
+            .as_deref()
+            .filter(|n| opted_in.iter().any(|(o, _)| o == n))
+        else {
+            continue;
+        };
+        let annotations = m.annotations.as_ref();
+        let have = annotations
+            .and_then(|a| a.get(names::NAMESPACE_RESTORING_CLAIMS))
+            .map(String::as_str);
+        let want = restoring
+            .get(name)
+            .map(|c| restoring::annotation_value(c.iter().copied()))
+            .filter(|v| !v.is_empty());
+        let since_left = annotations.is_some_and(|a| {
+            a.contains_key(names::NAMESPACE_RESTORING_SINCE)
+                || a.contains_key(names::NAMESPACE_RESTORING_RESTORES)
+        });
+        if have == want.as_deref() && (want.is_some() || !since_left) {
+            continue;
+        }
+        let mut set = serde_json::Map::new();
+        set.insert(names::NAMESPACE_RESTORING_CLAIMS.into(), json!(want));
+        if want.is_none() {
+            for key in [
+                names::NAMESPACE_RESTORING_SINCE,
+                names::NAMESPACE_RESTORING_RESTORES,
+            ] {
+                set.insert(key.into(), serde_json::Value::Null);
+            }
+        }
+        writes.push(Write::RecordRestoring {
+            namespace: name.to_owned(),
+            patch: json!({"metadata": {
+                "resourceVersion": m.resource_version,
+                "annotations": set,
+            }}),
+            claims: want,
+        });
+    }
+    writes
+}
+
+/// The plan's pod patches: backfilled annotations, and helpers' labels.
+fn pod_patches(backfill: &[plan::Backfill], relabel: &[plan::Relabel]) -> Vec<Write> {
+    let backfills = backfill.iter().map(|b| PodPatch {
+        kind: PodPatchKind::Backfill,
+        namespace: b.namespace.clone(),
+        name: b.name.clone(),
+        uid: b.uid.clone(),
+        version: b.resource_version.clone(),
+        // Guarded by the resourceVersion read: applies only to the pod as planned.
+        patch: json!({"metadata": {
+            "resourceVersion": b.resource_version,
+            "annotations": {(names::VELERO_BACKUP_VOLUMES): b.value},
+        }}),
+    });
+    let relabels = relabel.iter().map(|r| PodPatch {
+        kind: PodPatchKind::Relabel,
+        namespace: r.namespace.clone(),
+        name: r.name.clone(),
+        uid: r.uid.clone(),
+        version: serde_json::to_string(&r.labels).unwrap_or_default(),
+        // Guarded by the uid (immutable: another uid is refused).
+        patch: json!({"metadata": {"uid": r.uid, "labels": r.labels}}),
+    });
+    backfills.chain(relabels).map(Write::PatchPod).collect()
 }

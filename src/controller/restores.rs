@@ -1,60 +1,50 @@
-//! The reconciler's restore part (SPEC §3.2): restore helpers whose volumes Velero has
-//! filled are deleted, with an Event on each claim saying what came back; failed ones are
-//! kept `--failed-helper-ttl` for inspection. The decision is `policy::cleanup`'s; this
-//! file reads the stores, writes, and reports.
+//! The reconciler's restore part: restore helpers whose volumes Velero has filled are
+//! deleted, with an Event on each claim saying what came back; failed ones are kept
+//! `--failed-helper-ttl` for inspection. The decision is `policy::cleanup`'s; this file
+//! reads the pass's snapshot, reports failures, and asks the applier for the deletions.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::api::{Api, DeleteParams, Preconditions};
-use tracing::{info, warn};
+use tracing::warn;
 
-use super::reconcile::claim_reference;
+use super::apply::{Note, Write, claim_reference};
 use super::snapshot::Snapshot;
 use crate::cluster::events::EventSink;
 use crate::metrics::{Metrics, StateLabels};
 use crate::names;
 use crate::policy::PodRecord;
 use crate::policy::cleanup::{self, HelperState, PvrView, RestoreHelper, RestoreView};
-
-/// A deletion made is not repeated (nor its Events) until the watch shows it, or this long.
-const DELETED_FOR: Duration = Duration::from_secs(30);
+use crate::policy::plan::{DeleteReason, Deletion};
 
 pub struct RestoreCleanup {
-    client: kube::Client,
     events: EventSink,
     metrics: Arc<Metrics>,
     failed_ttl: SignedDuration,
     /// Helpers whose failure has been reported (uid), so it is reported once.
     failed_reported: HashSet<String>,
-    /// Helpers deleted (uid) and when.
-    deleted: HashMap<String, Instant>,
 }
 
 impl RestoreCleanup {
     pub fn new(client: kube::Client, metrics: Arc<Metrics>, failed_ttl: SignedDuration) -> Self {
         Self {
             events: EventSink::new(Some(client.clone())),
-            client,
             metrics,
             failed_ttl,
             failed_reported: HashSet::new(),
-            deleted: HashMap::new(),
         }
     }
 
-    /// One pass over the restore helpers in `pods`; returns when a kept failed helper is
-    /// next due for deletion.
-    pub async fn pass(
+    /// One pass over the restore helpers in `pods`: the deletions to make, and when a kept
+    /// failed helper is next due for deletion.
+    pub fn pass(
         &mut self,
         snap: &Snapshot,
         pods: &[&PodRecord],
         claim_uids: &HashMap<(&str, &str), &str>,
         now: Timestamp,
-    ) -> Option<Timestamp> {
+    ) -> (Vec<Write>, Option<Timestamp>) {
         let pvrs: Vec<PvrView<'_>> = snap
             .pvrs
             .iter()
@@ -105,17 +95,30 @@ impl RestoreCleanup {
         let present: HashSet<&str> = helpers.iter().map(|h| h.pod.uid()).collect();
         self.failed_reported
             .retain(|uid| present.contains(uid.as_str()));
-        self.deleted
-            .retain(|uid, at| present.contains(uid.as_str()) && at.elapsed() < DELETED_FOR);
+        let mut writes = Vec::new();
         for helper in &helpers {
-            if let HelperState::Failed { until } = helper.state {
-                self.report_failed(helper, Some(until), claim_uids);
+            match helper.state {
+                HelperState::Failed { until } => {
+                    self.report_failed(helper, Some(until), claim_uids)
+                }
+                // Reported now if it was never seen within its time (a restart).
+                HelperState::FailedExpired => self.report_failed(helper, None, claim_uids),
+                _ => {}
             }
-            if helper.state.delete() && !self.deleted.contains_key(helper.pod.uid()) {
-                self.delete(helper, claim_uids).await;
+            if helper.state.delete() {
+                writes.push(Write::DeletePod {
+                    deletion: Deletion {
+                        namespace: helper.pod.namespace().to_owned(),
+                        name: helper.pod.name().to_owned(),
+                        uid: helper.pod.uid().to_owned(),
+                        claim: String::new(),
+                        reason: DeleteReason::RestoreDone,
+                    },
+                    done: done_notes(helper),
+                });
             }
         }
-        next
+        (writes, next)
     }
 
     /// A Warning on each claim whose volume failed, once per helper.
@@ -149,83 +152,45 @@ impl RestoreCleanup {
             }
         }
     }
+}
 
-    async fn delete(&mut self, helper: &RestoreHelper<'_>, uids: &HashMap<(&str, &str), &str>) {
-        let (ns, name, uid) = (helper.pod.namespace(), helper.pod.name(), helper.pod.uid());
-        if helper.state == HelperState::FailedExpired {
-            // Reported now if it was never seen within its time (a restart).
-            self.report_failed(helper, None, uids);
-        }
-        let api: Api<Pod> = Api::namespaced(self.client.clone(), ns);
-        let params = DeleteParams {
-            grace_period_seconds: Some(0),
-            preconditions: Some(Preconditions {
-                uid: Some(uid.to_owned()),
-                resource_version: None,
-            }),
-            ..Default::default()
-        };
-        self.metrics.controller.write("delete", "pods");
-        self.deleted.insert(uid.to_owned(), Instant::now());
-        let deleted =
-            tokio::time::timeout(Duration::from_secs(10), api.delete(name, &params)).await;
-        match deleted {
-            Ok(Ok(_)) => {}
-            Ok(Err(kube::Error::Api(e))) if e.code == 404 || e.code == 409 => return,
-            Ok(Err(e)) => {
-                self.metrics.controller.reconcile_errors.inc();
-                warn!(namespace = ns, pod = name, error = %e, "could not delete a restore helper; retried later");
-                return;
-            }
-            Err(_) => {
-                warn!(
-                    namespace = ns,
-                    pod = name,
-                    "deleting a restore helper timed out; retried later"
-                );
-                return;
-            }
-        }
-        info!(
-            namespace = ns,
-            pod = name,
-            restore = helper.restore,
-            state = helper.state.as_str(),
-            "deleted a restore helper"
-        );
-        match helper.state {
-            HelperState::Completed => {
-                for volume in &helper.volumes {
-                    let bytes = volume.bytes_done.unwrap_or(0);
-                    self.metrics
-                        .controller
-                        .restored_bytes
-                        .inc_by(u64::try_from(bytes).unwrap_or(0));
-                    if let Some(claim) = volume.claim {
-                        let note = cleanup::restored_message(helper, volume);
-                        let reference = claim_reference(ns, claim, uids);
-                        self.events.normal(reference, "Restored", "Restore", note);
-                    }
-                }
-            }
-            HelperState::RestoreOver => {
-                // restore-wait was to restore these, but Velero made no PodVolumeRestore
-                // for them: the data did not come back.
-                for volume in &helper.volumes {
-                    let note = format!(
-                        "restore {} ended without restoring volume {} of pod {name} (no PodVolumeRestore for it); restore helper deleted",
-                        helper.restore, volume.volume
-                    );
-                    warn!(namespace = ns, pod = name, volume = volume.volume, "{note}");
-                    self.metrics.controller.restores_failed.inc();
-                    if let Some(claim) = volume.claim {
-                        let reference = claim_reference(ns, claim, uids);
-                        self.events
-                            .warn(reference, "RestoreFailed", "Restore", note);
-                    }
-                }
-            }
-            _ => {}
-        }
+/// What a done restore helper's deletion reports on each claim: what came back (a
+/// Completed restore), or that nothing did (its Restore ended without a PodVolumeRestore
+/// for a volume restore-wait was waiting for).
+fn done_notes(helper: &RestoreHelper<'_>) -> Vec<Note> {
+    let (ns, name) = (helper.pod.namespace(), helper.pod.name());
+    match helper.state {
+        HelperState::Completed => helper
+            .volumes
+            .iter()
+            .map(|volume| Note {
+                namespace: ns.to_owned(),
+                claim: volume.claim.map(str::to_owned),
+                warning: false,
+                reason: "Restored",
+                action: "Restore",
+                message: cleanup::restored_message(helper, volume),
+                restored_bytes: u64::try_from(volume.bytes_done.unwrap_or(0)).unwrap_or(0),
+                restore_failed: false,
+            })
+            .collect(),
+        HelperState::RestoreOver => helper
+            .volumes
+            .iter()
+            .map(|volume| Note {
+                namespace: ns.to_owned(),
+                claim: volume.claim.map(str::to_owned),
+                warning: true,
+                reason: "RestoreFailed",
+                action: "Restore",
+                message: format!(
+                    "restore {} ended without restoring volume {} of pod {name} (no PodVolumeRestore for it); restore helper deleted",
+                    helper.restore, volume.volume
+                ),
+                restored_bytes: 0,
+                restore_failed: true,
+            })
+            .collect(),
+        _ => Vec::new(),
     }
 }
