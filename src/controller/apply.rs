@@ -500,3 +500,131 @@ pub fn claim_reference(
 ) -> ObjectReference {
     crate::cluster::events::claim_reference(ns, claim, uids.get(&(ns, claim)).copied())
 }
+
+/// What has been reported, so each thing is reported once while it lasts (and again if
+/// it goes away and comes back): a Schedule's problem, a helper stuck or failed.
+#[derive(Debug)]
+pub struct ReportOnce<K>(HashSet<K>);
+
+impl<K> Default for ReportOnce<K> {
+    fn default() -> Self {
+        Self(HashSet::new())
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone> ReportOnce<K> {
+    /// Of the things there are `now`, those not reported yet (to report now); forgets
+    /// those no longer there.
+    pub fn fresh(&mut self, now: impl IntoIterator<Item = K>) -> Vec<K> {
+        let now: HashSet<K> = now.into_iter().collect();
+        let fresh = now.difference(&self.0).cloned().collect();
+        self.0 = now;
+        fresh
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reported_once_while_it_lasts_and_again_when_it_comes_back() {
+        let mut once = ReportOnce::default();
+        assert_eq!(once.fresh(["a"]), ["a"]);
+        assert_eq!(
+            once.fresh(["a"]),
+            Vec::<&str>::new(),
+            "still there: not again"
+        );
+        let mut both = once.fresh(["a", "b"]);
+        both.sort();
+        assert_eq!(both, ["b"]);
+        assert_eq!(once.fresh(["b"]), Vec::<&str>::new(), "a went away");
+        assert_eq!(once.fresh(["a", "b"]), ["a"], "a came back");
+    }
+
+    fn deletion(uid: &str) -> Deletion {
+        Deletion {
+            namespace: "jhub".into(),
+            name: "vjh-backup-claim-alice".into(),
+            uid: uid.into(),
+            claim: "claim-alice".into(),
+            reason: crate::policy::plan::DeleteReason::WindowClosed,
+        }
+    }
+
+    fn patch(kind: PodPatchKind, uid: &str, version: &str) -> Write {
+        Write::PatchPod(PodPatch {
+            kind,
+            namespace: "jhub".into(),
+            name: "jupyter-alice".into(),
+            uid: uid.into(),
+            version: version.into(),
+            patch: serde_json::json!({}),
+        })
+    }
+
+    /// A write planned again has the same key (it is not repeated while pending); another
+    /// write, even of the same object, has another.
+    #[test]
+    fn keys_tell_the_same_write_from_another() {
+        let delete = |uid: &str| Write::DeletePod {
+            deletion: deletion(uid),
+            done: Vec::new(),
+        };
+        let record = |claims: Option<&str>| Write::RecordRestoring {
+            namespace: "jhub".into(),
+            claims: claims.map(str::to_owned),
+            patch: serde_json::json!({}),
+        };
+        let same = [
+            (delete("u1"), delete("u1")),
+            (
+                patch(PodPatchKind::Backfill, "u1", "7"),
+                patch(PodPatchKind::Backfill, "u1", "7"),
+            ),
+            (record(Some("claim-a")), record(Some("claim-a"))),
+        ];
+        for (a, b) in &same {
+            assert_eq!(a.key(), b.key());
+        }
+        let different = [
+            (delete("u1"), delete("u2")),
+            (
+                patch(PodPatchKind::Backfill, "u1", "7"),
+                patch(PodPatchKind::Backfill, "u1", "8"),
+            ),
+            (
+                patch(PodPatchKind::Backfill, "u1", "7"),
+                patch(PodPatchKind::Relabel, "u1", "7"),
+            ),
+            (record(Some("claim-a")), record(None)),
+        ];
+        for (a, b) in &different {
+            assert_ne!(a.key(), b.key());
+        }
+    }
+
+    /// Deletions, the restore guard's records and wave Backups never wait behind a
+    /// change; helpers and patches do.
+    #[test]
+    fn what_goes_first() {
+        assert!(
+            Write::DeletePod {
+                deletion: deletion("u"),
+                done: Vec::new()
+            }
+            .urgent()
+        );
+        assert!(
+            Write::RecordRestoring {
+                namespace: "jhub".into(),
+                claims: None,
+                patch: serde_json::json!({})
+            }
+            .urgent()
+        );
+        assert!(!patch(PodPatchKind::Relabel, "u", "x").urgent());
+        assert!(!Write::CreateHelper(Box::default()).urgent());
+    }
+}

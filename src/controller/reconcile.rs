@@ -15,7 +15,7 @@ use tracing::{info, warn};
 use super::heartbeat::Heartbeat;
 
 use super::Config;
-use super::apply::{Applier, PodPatch, PodPatchKind, Write, claim_reference};
+use super::apply::{Applier, PodPatch, PodPatchKind, ReportOnce, Write, claim_reference};
 use super::restores::RestoreCleanup;
 use super::snapshot::Snapshot;
 use super::stores::Stores;
@@ -97,8 +97,8 @@ pub async fn run(
         events,
         config,
         metrics,
-        reported: HashSet::new(),
-        stuck_reported: HashSet::new(),
+        reported: ReportOnce::default(),
+        stuck_reported: ReportOnce::default(),
     };
     loop {
         // Leadership lost (or shutdown) stops a pass where it is: no more writes.
@@ -266,9 +266,9 @@ struct Reconciler {
     /// Every write the pass asks for goes through it.
     applier: Applier,
     /// Schedule problems already reported (Event sent), so each is reported once.
-    reported: HashSet<(String, String)>,
+    reported: ReportOnce<(String, String)>,
     /// Helpers reported as not running, by uid.
-    stuck_reported: HashSet<String>,
+    stuck_reported: ReportOnce<String>,
     /// Restore helpers done with.
     restores: RestoreCleanup,
     /// Idle claims beyond what fits at once: runs of waves.
@@ -484,11 +484,12 @@ impl Reconciler {
     /// A Warning Event on the claim of each helper not running `STUCK_AFTER` after its
     /// creation, once per helper.
     fn report_stuck(&mut self, stuck: &[&PodRecord], uids: &HashMap<(&str, &str), &str>) {
-        let now: HashSet<String> = stuck.iter().map(|p| p.uid().to_owned()).collect();
-        for pod in stuck
-            .iter()
-            .filter(|p| !self.stuck_reported.contains(p.uid()))
-        {
+        let fresh: HashSet<String> = self
+            .stuck_reported
+            .fresh(stuck.iter().map(|p| p.uid().to_owned()))
+            .into_iter()
+            .collect();
+        for pod in stuck.iter().filter(|p| fresh.contains(p.uid())) {
             let (ns, name) = (pod.namespace(), pod.name());
             let claim = pod.annotation(names::HELPER_CLAIM).unwrap_or_default();
             let phase = pod.phase().unwrap_or("not scheduled");
@@ -509,7 +510,6 @@ impl Reconciler {
                 ),
             );
         }
-        self.stuck_reported = now;
     }
 
     /// The coverage metrics: per user claim its last backup, claims by holder, stale ones.
@@ -634,7 +634,7 @@ impl Reconciler {
             .map(|(n, p)| (n.clone(), p.to_string()))
             .chain(namespace_problems.iter().cloned())
             .collect();
-        for (name, message) in now.difference(&self.reported) {
+        for (name, message) in self.reported.fresh(now) {
             if let Some(namespace) = name.strip_prefix("namespace/") {
                 warn!(namespace, problem = %message, "a namespace's backup-window annotation needs attention");
                 // In the namespace itself, where `kubectl describe namespace` finds it.
@@ -652,7 +652,7 @@ impl Reconciler {
             warn!(schedule = %name, problem = %message, "a Schedule's Backups will miss idle users");
             if let Some(s) = schedules
                 .iter()
-                .find(|s| s.metadata.name.as_deref() == Some(name))
+                .find(|s| s.metadata.name.as_deref() == Some(name.as_str()))
             {
                 self.events.warn(
                     s.reference(),
@@ -662,7 +662,6 @@ impl Reconciler {
                 );
             }
         }
-        self.reported = now;
     }
 }
 

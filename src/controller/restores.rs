@@ -9,7 +9,7 @@ use std::sync::Arc;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use tracing::warn;
 
-use super::apply::{Note, Write, claim_reference};
+use super::apply::{Note, ReportOnce, Write, claim_reference};
 use super::snapshot::Snapshot;
 use crate::cluster::events::EventSink;
 use crate::metrics::{Metrics, StateLabels};
@@ -23,7 +23,7 @@ pub struct RestoreCleanup {
     metrics: Arc<Metrics>,
     failed_ttl: SignedDuration,
     /// Helpers whose failure has been reported (uid), so it is reported once.
-    failed_reported: HashSet<String>,
+    failed_reported: ReportOnce<String>,
 }
 
 impl RestoreCleanup {
@@ -32,7 +32,7 @@ impl RestoreCleanup {
             events: EventSink::new(Some(client.clone())),
             metrics,
             failed_ttl,
-            failed_reported: HashSet::new(),
+            failed_reported: ReportOnce::default(),
         }
     }
 
@@ -92,19 +92,33 @@ impl RestoreCleanup {
             gauge.get_or_create(&StateLabels { state }).set(n);
         }
 
-        let present: HashSet<&str> = helpers.iter().map(|h| h.pod.uid()).collect();
-        self.failed_reported
-            .retain(|uid| present.contains(uid.as_str()));
+        // Failed helpers are reported once each (one kept past its time, never seen
+        // within it, say after a restart, too).
+        let failed = |h: &&RestoreHelper<'_>| {
+            matches!(
+                h.state,
+                HelperState::Failed { .. } | HelperState::FailedExpired
+            )
+        };
+        let fresh: HashSet<String> = self
+            .failed_reported
+            .fresh(
+                helpers
+                    .iter()
+                    .filter(failed)
+                    .map(|h| h.pod.uid().to_owned()),
+            )
+            .into_iter()
+            .collect();
+        for helper in helpers.iter().filter(|h| fresh.contains(h.pod.uid())) {
+            let until = match helper.state {
+                HelperState::Failed { until } => Some(until),
+                _ => None,
+            };
+            self.report_failed(helper, until, claim_uids);
+        }
         let mut writes = Vec::new();
         for helper in &helpers {
-            match helper.state {
-                HelperState::Failed { until } => {
-                    self.report_failed(helper, Some(until), claim_uids)
-                }
-                // Reported now if it was never seen within its time (a restart).
-                HelperState::FailedExpired => self.report_failed(helper, None, claim_uids),
-                _ => {}
-            }
             if helper.state.delete() {
                 writes.push(Write::DeletePod {
                     deletion: Deletion {
@@ -123,14 +137,11 @@ impl RestoreCleanup {
 
     /// A Warning on each claim whose volume failed, once per helper.
     fn report_failed(
-        &mut self,
+        &self,
         helper: &RestoreHelper<'_>,
         until: Option<Timestamp>,
         uids: &HashMap<(&str, &str), &str>,
     ) {
-        if !self.failed_reported.insert(helper.pod.uid().to_owned()) {
-            return;
-        }
         for volume in helper
             .volumes
             .iter()
