@@ -302,8 +302,19 @@ async fn pods_elsewhere(client: &kube::Client, run: &str, count: usize) -> (Stri
 /// Runs `velero-jupyterhub controller` (the release binary, its own process) until it
 /// has listed its watches and planned a few passes, and prints its RSS.
 async fn controller_rss(velero: &str, run: &str, watching: &str, goal: &str) {
+    // This build's binary, and the one named, if any (the image's static musl build from
+    // `scripts/image.sh`: its allocator is musl's, not glibc's).
+    let binaries = [env!("CARGO_BIN_EXE_velero-jupyterhub").to_owned()]
+        .into_iter()
+        .chain(std::env::var("VJH_BENCH_CONTROLLER_BIN").ok());
+    for binary in binaries {
+        measure_rss(&binary, velero, run, watching, goal).await;
+    }
+}
+
+async fn measure_rss(binary: &str, velero: &str, run: &str, watching: &str, goal: &str) {
     let kubeconfig = std::env::var("KUBECONFIG").expect("KUBECONFIG");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_velero-jupyterhub"))
+    let mut child = std::process::Command::new(binary)
         .args([
             "controller",
             "--ops-listen",
@@ -361,7 +372,7 @@ async fn controller_rss(velero: &str, run: &str, watching: &str, goal: &str) {
             .unwrap_or_default()
     };
     println!(
-        "controller (worker threads: {workers}) watching {watching}: RSS {}, peak {} (goal: {goal})",
+        "controller ({binary}, worker threads: {workers}) watching {watching}: RSS {}, peak {} (goal: {goal})",
         field("VmRSS:"),
         field("VmHWM:")
     );

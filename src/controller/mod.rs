@@ -14,6 +14,7 @@ pub mod reconcile;
 pub mod restores;
 pub mod snapshot;
 pub mod stores;
+pub mod views;
 pub mod waves;
 
 use std::sync::Arc;

@@ -19,17 +19,18 @@ use super::apply::{Applier, PodPatch, PodPatchKind, ReportOnce, Write, claim_ref
 use super::restores::RestoreCleanup;
 use super::snapshot::Snapshot;
 use super::stores::Stores;
+use super::views::{OptedIn, Views};
 use super::waves::Waves;
 use crate::cluster::events::EventSink;
 use crate::cluster::velero::Schedule;
 use crate::metrics::Metrics;
 use crate::names;
 use crate::policy::helper;
-use crate::policy::plan::{self, ClaimView, NamespaceView, PlanInput, PvbView};
+use crate::policy::plan::{self, ClaimView, PlanInput};
 use crate::policy::restoring;
 use crate::policy::waves::RunOptions;
-use crate::policy::window::{self, BackupView, ManualWindow, ScheduleView, Windows};
-use crate::policy::{ClaimGlobs, NamespacePolicy, PodFacts, PodRecord};
+use crate::policy::window::{self, Windows};
+use crate::policy::{ClaimGlobs, PodFacts, PodRecord};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::core::PartialObjectMeta;
 use std::collections::BTreeSet;
@@ -132,133 +133,6 @@ struct CoverageInput<'a> {
     backups: &'a [Arc<crate::cluster::velero::Backup>],
 }
 
-/// The claims being restored in each opted-in namespace (`policy::restoring`), from the
-/// pass's snapshot of the stores, and when claims the `restore` command listed stop
-/// counting by themselves (a pass is due then).
-#[allow(clippy::too_many_arguments)]
-fn claims_being_restored<'a>(
-    opted_in: &'a [(&'a str, Arc<ClaimGlobs>)],
-    namespaces: &'a [Arc<PartialObjectMeta<Namespace>>],
-    claims: &'a [Arc<crate::policy::ClaimRecord>],
-    pods: &[&'a PodRecord],
-    pvbs: &'a [Arc<crate::cluster::velero::PodVolumeBackup>],
-    restores: &'a [Arc<crate::cluster::velero::Restore>],
-    backups: &'a [Arc<crate::cluster::velero::Backup>],
-    now: Timestamp,
-) -> (BTreeMap<&'a str, BTreeSet<&'a str>>, Option<Timestamp>) {
-    use crate::policy::restoring::{BackedUpClaim, Input, LabelledClaim, Listed, RestoreSpecView};
-    let opted: Vec<&str> = opted_in.iter().map(|(n, _)| *n).collect();
-    let scheduled: Vec<crate::policy::velero::ScheduledBackup<'_>> = backups
-        .iter()
-        .filter_map(|b| {
-            let status = b.status.as_ref();
-            Some((
-                b.metadata.name.as_deref()?,
-                b.metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(names::VELERO_SCHEDULE_NAME))
-                    .map(String::as_str),
-                status.and_then(|s| s.phase.as_deref()),
-                status.and_then(|s| s.start_timestamp.as_ref()).map(|t| t.0),
-            ))
-        })
-        .collect();
-    let restores: Vec<RestoreSpecView<'_>> = restores
-        .iter()
-        .filter_map(|r| {
-            // A Restore made `--from-schedule` names its Backup only once Velero has
-            // validated it; until then it is the one Velero will take.
-            let backup = match (r.spec.backup_name.as_str(), r.spec.schedule_name.as_str()) {
-                ("", schedule) if !schedule.is_empty() => {
-                    crate::policy::velero::backup_for_schedule(schedule, &scheduled)
-                        .unwrap_or_default()
-                }
-                (backup, _) => backup,
-            };
-            Some(RestoreSpecView {
-                name: r.metadata.name.as_deref()?,
-                backup,
-                phase: r.status.as_ref().and_then(|s| s.phase.as_deref()),
-                included_namespaces: &r.spec.included_namespaces,
-                excluded_namespaces: &r.spec.excluded_namespaces,
-                namespace_mapping: &r.spec.namespace_mapping,
-                label_selector: r.spec.label_selector.as_ref(),
-                or_label_selectors: &r.spec.or_label_selectors,
-                included_resources: &r.spec.included_resources,
-                excluded_resources: &r.spec.excluded_resources,
-                updates_existing: r.spec.existing_resource_policy == "update",
-            })
-        })
-        .collect();
-    let backed_up: Vec<BackedUpClaim<'_>> = pvbs
-        .iter()
-        .filter_map(|p| {
-            Some(BackedUpClaim {
-                backup: p.metadata.labels.as_ref()?.get(names::VELERO_BACKUP_NAME)?,
-                pod_namespace: &p.spec.pod.namespace,
-                claim: p.facts().pvc_name?,
-            })
-        })
-        .collect();
-    let labelled: Vec<LabelledClaim<'_>> = claims
-        .iter()
-        .filter_map(|c| {
-            Some(LabelledClaim {
-                namespace: c.metadata.namespace.as_deref()?,
-                name: c.metadata.name.as_deref()?,
-                restore: c.label(names::VELERO_RESTORE_NAME),
-                username: c.label(names::JUPYTERHUB_USERNAME),
-            })
-        })
-        .collect();
-    let helpers: Vec<(&str, &str)> = pods
-        .iter()
-        .filter(|p| {
-            p.label(names::MANAGED_BY) == Some(names::MANAGED_BY_US)
-                && p.label(names::COMPONENT) == Some(names::RESTORE_HELPER)
-                && p.metadata.deletion_timestamp.is_none()
-        })
-        .flat_map(|p| {
-            p.volumes()
-                .filter_map(|(_, c)| c)
-                .map(|c| (p.namespace(), c))
-        })
-        .collect();
-    let listed: Vec<Listed<'_>> = namespaces
-        .iter()
-        .filter_map(|n| {
-            let a = n.metadata.annotations.as_ref()?;
-            Some(Listed {
-                namespace: n.metadata.name.as_deref()?,
-                claims: restoring::parse_annotation(a.get(names::NAMESPACE_RESTORING_CLAIMS)?),
-                since: a
-                    .get(names::NAMESPACE_RESTORING_SINCE)
-                    .and_then(|t| t.parse().ok()),
-                restores: a
-                    .get(names::NAMESPACE_RESTORING_RESTORES)
-                    .map(|r| restoring::parse_annotation(r))
-                    .unwrap_or_default(),
-            })
-        })
-        .collect();
-    let input = Input {
-        namespaces: &opted,
-        restores: &restores,
-        backed_up: &backed_up,
-        claims: &labelled,
-        restore_helpers: &helpers,
-        listed: &listed,
-        now,
-    };
-    let next = listed
-        .iter()
-        .filter_map(Listed::until)
-        .filter(|until| *until > now)
-        .min();
-    (restoring::claims_being_restored(&input), next)
-}
-
 struct Reconciler {
     events: EventSink,
     config: Config,
@@ -284,171 +158,52 @@ impl Reconciler {
     async fn pass(&mut self, stores: &Stores) -> Option<Timestamp> {
         let snap = Snapshot::take(stores, Timestamp::now());
         let now = snap.now;
-        let namespace_objects = &snap.namespaces;
-        let policies: Vec<(String, NamespacePolicy)> = namespace_objects
-            .iter()
-            .map(|n| {
-                let m = &n.metadata;
-                let policy = NamespacePolicy::read(
-                    m.labels.as_ref(),
-                    m.annotations.as_ref(),
-                    &self.config.default_claims,
-                );
-                (m.name.clone().unwrap_or_default(), policy)
-            })
-            .filter(|(_, p)| p.opted_in)
-            .collect();
-        let globs: Vec<(&str, Arc<ClaimGlobs>)> = policies
-            .iter()
-            .map(|(n, p)| (n.as_str(), p.claims.clone()))
-            .collect();
-        let namespaces: Vec<NamespaceView<'_>> = globs
-            .iter()
-            .map(|(name, claims)| NamespaceView { name, claims })
-            .collect();
-        let opted_in = |ns: Option<&str>| ns.is_some_and(|ns| globs.iter().any(|(n, _)| *n == ns));
-        // Windows the namespaces open themselves (`velero-jupyterhub backup`, or by hand).
-        let mut manual = Vec::new();
-        let mut namespace_problems = Vec::new();
-        for n in namespace_objects
-            .iter()
-            .filter(|n| opted_in(n.metadata.name.as_deref()))
-        {
-            let name = n.metadata.name.as_deref().unwrap_or_default();
-            match ManualWindow::read(name, n.metadata.annotations.as_ref()) {
-                Ok(Some(window)) => {
-                    if window.until.duration_since(now) > self.config.windows.max {
-                        namespace_problems.push((name.to_owned(), format!(
-                            "{} is {}, more than --max-window ahead: helpers stay up until then",
-                            names::NAMESPACE_WINDOW_UNTIL, window.until
-                        )));
-                    }
-                    manual.push(window);
-                }
-                Ok(None) => {}
-                Err(problem) => namespace_problems.push((name.to_owned(), problem)),
-            }
-        }
-
-        let claim_objects = &snap.claims;
-        let claims: Vec<ClaimView<'_>> = claim_objects
-            .iter()
-            .filter(|c| opted_in(c.metadata.namespace.as_deref()))
-            .map(|c| c.view())
-            .collect();
-        // Every namespace the watch shows (our --namespace-selector): helpers left in one
-        // that opted out are deleted.
-        let managed: HashSet<&str> = namespace_objects
-            .iter()
-            .filter_map(|n| n.metadata.name.as_deref())
-            .collect();
-        let pods: Vec<&PodRecord> = snap
-            .pods
-            .iter()
-            .filter(|p| managed.contains(p.namespace()))
-            .map(Arc::as_ref)
-            .collect();
-
-        let schedule_objects = &snap.schedules;
-        let schedules: Vec<ScheduleView<'_>> = schedule_objects
-            .iter()
-            .filter_map(|s| {
-                Some(ScheduleView {
-                    name: s.metadata.name.as_deref()?,
-                    created: s.metadata.creation_timestamp.as_ref()?.0,
-                    spec: &s.spec,
-                    status: s.status.as_ref(),
-                })
-            })
-            .collect();
-        let backup_objects = &snap.backups;
-        let backups: Vec<BackupView<'_>> = backup_objects
-            .iter()
-            .filter_map(|b| {
-                Some(BackupView {
-                    name: b.metadata.name.as_deref()?,
-                    created: b.metadata.creation_timestamp.as_ref()?.0,
-                    schedule: label(&b.metadata.labels, names::VELERO_SCHEDULE_NAME),
-                    phase: b.status.as_ref().and_then(|s| s.phase.as_deref()),
-                })
-            })
-            .collect();
-        let pvb_objects = &snap.pvbs;
-        let pvbs: Vec<PvbView<'_>> = pvb_objects
-            .iter()
-            .filter_map(|p| {
-                Some(PvbView {
-                    backup: label(&p.metadata.labels, names::VELERO_BACKUP_NAME)?,
-                    pod_namespace: &p.spec.pod.namespace,
-                    pod_uid: &p.spec.pod.uid,
-                    phase: p.status.as_ref().and_then(|s| s.phase.as_deref()),
-                })
-            })
-            .collect();
-
-        let restore_objects = &snap.restores;
-        let (being_restored, listed_until) = claims_being_restored(
-            &globs,
-            namespace_objects,
-            claim_objects,
-            &pods,
-            pvb_objects,
-            restore_objects,
-            backup_objects,
-            now,
-        );
-        let restoring: HashSet<(&str, &str)> = being_restored
-            .iter()
-            .flat_map(|(ns, claims)| claims.iter().map(move |c| (*ns, *c)))
-            .collect();
-
+        let opted = OptedIn::read(&snap, &self.config.default_claims);
+        let v = Views::build(&snap, &opted, self.config.windows.max);
         let windows = window::windows(
-            namespaces.iter().map(|n| n.name),
-            &schedules,
-            &manual,
-            &backups,
+            v.namespaces.iter().map(|n| n.name),
+            &v.schedules,
+            &v.manual,
+            &v.backups,
             &helper::own_labels(None),
             now,
             self.config.windows,
         );
-        self.report_problems(&windows, schedule_objects, namespace_problems);
-        self.count_helpers(&pods, windows.open.len());
+        self.report_problems(&windows, &snap.schedules, v.namespace_problems.clone());
+        self.count_helpers(&v.pods, windows.open.len());
         let mut plan = plan::plan(&PlanInput {
-            namespaces: &namespaces,
-            claims: &claims,
-            pods: &pods,
+            namespaces: &v.namespaces,
+            claims: &v.claims,
+            pods: &v.pods,
             windows: &windows.open,
-            pvbs: &pvbs,
+            pvbs: &v.pvbs,
             helper: &self.config.helper,
-            restoring: &restoring,
+            restoring: &v.restoring,
         });
-        let uids: HashMap<(&str, &str), &str> = claims
-            .iter()
-            .map(|c| ((c.namespace, c.name), c.uid))
-            .collect();
-        let (stuck, next_stuck) = plan::stuck_helpers(&pods, now, STUCK_AFTER);
-        self.report_stuck(&stuck, &uids);
-        let (restore_deletes, next_failed_expiry) = self.restores.pass(&snap, &pods, &uids, now);
+        let uids = &v.claim_uids;
+        let (stuck, next_stuck) = plan::stuck_helpers(&v.pods, now, STUCK_AFTER);
+        self.report_stuck(&stuck, uids);
+        let (restore_deletes, next_failed_expiry) = self.restores.pass(&snap, &v.pods, uids, now);
         let coverage = CoverageInput {
-            globs: &globs,
-            claims: &claims,
-            pods: &pods,
-            pvbs: pvb_objects,
-            backups: backup_objects,
+            globs: &v.globs,
+            claims: &v.claims,
+            pods: &v.pods,
+            pvbs: &snap.pvbs,
+            backups: &snap.backups,
         };
         let coverage_due = self.report_coverage(&coverage, snap.generation, now);
         // Within the helpers' limits: the window's helpers that fit, then the waves.
         let unserved: HashSet<&str> = windows.problems.iter().map(|(n, _)| n.as_str()).collect();
         let waves = self
             .waves
-            .plan(&snap, &globs, &unserved, &restoring, &mut plan.create);
+            .plan(&snap, &v.globs, &unserved, &v.restoring, &mut plan.create);
         plan.create.extend(waves.create);
         plan.delete.extend(waves.delete);
         let mut writes = restore_deletes;
         writes.extend(restoring_records(
-            namespace_objects,
-            &globs,
-            &being_restored,
+            &snap.namespaces,
+            &v.globs,
+            &v.being_restored,
         ));
         writes.extend(plan.delete.into_iter().map(|deletion| Write::DeletePod {
             deletion,
@@ -465,7 +220,7 @@ impl Reconciler {
         // wake then, even if nothing else happens.
         let retry = self
             .applier
-            .apply(writes, &uids, || stores.generation())
+            .apply(writes, uids, || stores.generation())
             .await;
         [
             windows.next_change,
@@ -474,7 +229,7 @@ impl Reconciler {
             next_failed_expiry,
             coverage_due,
             waves.next_change,
-            listed_until,
+            v.listed_until,
         ]
         .into_iter()
         .flatten()
@@ -663,10 +418,6 @@ impl Reconciler {
             }
         }
     }
-}
-
-fn label<'a>(labels: &'a Option<BTreeMap<String, String>>, key: &str) -> Option<&'a str> {
-    labels.as_ref()?.get(key).map(String::as_str)
 }
 
 /// Keeps each opted-in namespace's `velero-jupyterhub.io/restoring-claims` annotation
