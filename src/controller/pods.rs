@@ -3,14 +3,14 @@
 //! sure to see it), and every pod bound to a node takes one of the node's pod slots, which
 //! waves must not overfill. But only the pods of opted-in namespaces, and our own pods
 //! wherever they are, are kept as records; of every other pod only the node whose slot it
-//! takes is kept ([`Elsewhere`], about 40 bytes a pod against a record's ~1 KiB).
+//! takes is kept ([`Elsewhere`], 16 bytes a pod against a record's ~1 KiB).
 //!
 //! Which namespaces are kept is fixed for one list-and-watch. When a namespace opts in,
 //! its pods were not kept: the watch lists again, and until that list is done the
 //! namespace is not [`Pods::covered`], so a pass leaves it alone rather than plan from
 //! half a view (helpers for claims whose users' pods it cannot see yet).
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -88,9 +88,8 @@ impl Pods {
     pub fn slots_elsewhere(&self) -> Vec<(Arc<str>, u32)> {
         self.lock()
             .elsewhere
-            .per_node
-            .iter()
-            .map(|(node, n)| (node.clone(), *n))
+            .per_node()
+            .map(|(node, n)| (node.clone(), n))
             .collect()
     }
 
@@ -216,40 +215,56 @@ impl Watch {
     }
 }
 
-/// The pod slots taken on each node by pods the controller does not keep: per pod (by
-/// uid) its node, and per node a count. A pod takes a slot from when it is bound (or, like
-/// a DaemonSet's, pinned) to a node until it has Succeeded or Failed, as the scheduler
+/// The pod slots taken on each node by pods the controller does not keep: per pod its
+/// node, and per node a count. A pod takes a slot from when it is bound (or, like a
+/// DaemonSet's, pinned) to a node until it has Succeeded or Failed, as the scheduler
 /// counts. Its volumes are not kept: a volume attached to a node is counted from its
-/// VolumeAttachment.
+/// VolumeAttachment. Compact: 16 bytes a pod (a 64-bit hash of its uid, and its node's
+/// number), so 100,000 pods take about 2 MiB.
 #[derive(Default)]
 pub struct Elsewhere {
-    nodes: HashMap<u128, Arc<str>>,
-    per_node: HashMap<Arc<str>, u32>,
-    /// A list in progress (after `Init`): replaces `nodes` when it is done.
-    listing: Option<HashMap<u128, Arc<str>>>,
-    /// Node names, shared by every pod on the node.
-    names: HashSet<Arc<str>>,
+    /// Node number by pod.
+    pods: HashMap<u64, u32>,
+    /// A list in progress (after `Init`): replaces `pods` when it is done.
+    listing: Option<HashMap<u64, u32>>,
+    /// Node names by number, their numbers by name, and pods per node number; numbers
+    /// of nodes no pod is on any more, to give again (nodes come and go).
+    names: Vec<Arc<str>>,
+    numbers: HashMap<Arc<str>, u32>,
+    counts: Vec<u32>,
+    free: Vec<u32>,
 }
 
 impl Elsewhere {
     pub fn apply(&mut self, pod: &PodRecord) {
         let key = key(pod);
-        let node = self.slot(pod);
-        let old = match node {
-            Some(node) => self.nodes.insert(key, node.clone()),
-            None => self.nodes.remove(&key),
+        let old = match self.slot(pod) {
+            Some(node) => self.pods.insert(key, node),
+            None => self.pods.remove(&key),
         };
-        if let Some(old) = old {
-            self.count(&old, -1);
+        if let Some(&node) = self.pods.get(&key) {
+            self.counts[node as usize] += 1;
         }
-        if let Some(node) = self.nodes.get(&key).cloned() {
-            self.count(&node, 1);
+        if let Some(old) = old {
+            self.leave(old);
         }
     }
 
     pub fn delete(&mut self, pod: &PodRecord) {
-        if let Some(old) = self.nodes.remove(&key(pod)) {
-            self.count(&old, -1);
+        if let Some(old) = self.pods.remove(&key(pod)) {
+            self.leave(old);
+        }
+    }
+
+    /// A pod left node `n`: the last one frees its number (not while a list is in
+    /// progress: the listed pods hold numbers the counts do not show).
+    fn leave(&mut self, n: u32) {
+        let count = &mut self.counts[n as usize];
+        *count = count.saturating_sub(1);
+        if *count == 0 && self.listing.is_none() {
+            let name = std::mem::replace(&mut self.names[n as usize], Arc::from(""));
+            self.numbers.remove(&name);
+            self.free.push(n);
         }
     }
 
@@ -264,57 +279,72 @@ impl Elsewhere {
         }
     }
 
+    /// The list is done: it replaces what was counted, and node names no pod is on any
+    /// more are dropped (numbers are given anew).
     pub fn init_done(&mut self) {
-        self.nodes = self.listing.take().unwrap_or_default();
-        self.nodes.shrink_to_fit();
-        self.per_node.clear();
-        for node in self.nodes.values() {
-            *self.per_node.entry(node.clone()).or_default() += 1;
+        let listed = self.listing.take().unwrap_or_default();
+        let old_names = std::mem::take(&mut self.names);
+        self.numbers.clear();
+        self.counts.clear();
+        self.free.clear();
+        let mut pods = HashMap::with_capacity(listed.len());
+        for (pod, old) in listed {
+            let node = self.number(&old_names[old as usize]);
+            self.counts[node as usize] += 1;
+            pods.insert(pod, node);
         }
-        let per_node = &self.per_node;
-        self.names.retain(|n| per_node.contains_key(n));
+        self.pods = pods;
     }
 
-    /// The node whose slot the pod takes (its name shared), if any.
-    fn slot(&mut self, pod: &PodRecord) -> Option<Arc<str>> {
+    /// The number of the node whose slot the pod takes, if any.
+    fn slot(&mut self, pod: &PodRecord) -> Option<u32> {
         if pod.is_stopped() {
             return None;
         }
         let node = pod.node().or(pod.pinned_node.as_deref())?;
-        if let Some(name) = self.names.get(node) {
-            return Some(name.clone());
+        Some(self.number(node))
+    }
+
+    fn number(&mut self, node: &str) -> u32 {
+        if let Some(&n) = self.numbers.get(node) {
+            return n;
         }
         let name: Arc<str> = node.into();
-        self.names.insert(name.clone());
-        Some(name)
+        let n = match self.free.pop() {
+            Some(n) => {
+                self.names[n as usize] = name.clone();
+                n
+            }
+            None => {
+                self.names.push(name.clone());
+                self.counts.push(0);
+                u32::try_from(self.names.len() - 1).unwrap_or(u32::MAX)
+            }
+        };
+        self.numbers.insert(name, n);
+        n
     }
 
-    fn count(&mut self, node: &Arc<str>, by: i32) {
-        let n = self.per_node.entry(node.clone()).or_default();
-        *n = n.saturating_add_signed(by);
-        if *n == 0 {
-            self.per_node.remove(node);
-        }
-    }
-
-    /// Per node, the slots taken.
-    pub fn per_node(&self) -> &HashMap<Arc<str>, u32> {
-        &self.per_node
+    /// Per node, the slots taken (nodes with none left out).
+    pub fn per_node(&self) -> impl Iterator<Item = (&Arc<str>, u32)> {
+        self.names
+            .iter()
+            .zip(self.counts.iter().copied())
+            .filter(|(_, n)| *n > 0)
     }
 }
 
-/// A pod's uid as 16 bytes (a UUID, as the API server assigns it), or a hash of its
-/// namespace and name if it has none that parses.
-fn key(pod: &PodRecord) -> u128 {
-    let hex: String = pod.uid().chars().filter(|c| *c != '-').collect();
-    if hex.len() == 32
-        && let Ok(uid) = u128::from_str_radix(&hex, 16)
-    {
-        return uid;
-    }
+/// A pod's key: a hash of its uid (the API server's UUID), or of its namespace and name
+/// if it has none. Two of 100,000 pods share one with a chance of 1 in 3 billion (and
+/// then a node's count is one short).
+fn key(pod: &PodRecord) -> u64 {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    (pod.namespace(), pod.name()).hash(&mut hasher);
-    u128::from(hasher.finish())
+    if pod.uid().is_empty() {
+        (pod.namespace(), pod.name()).hash(&mut hasher);
+    } else {
+        pod.uid().hash(&mut hasher);
+    }
+    hasher.finish()
 }
 
 #[cfg(test)]
@@ -331,11 +361,7 @@ mod tests {
     }
 
     fn counts(e: &Elsewhere) -> Vec<(String, u32)> {
-        let mut v: Vec<(String, u32)> = e
-            .per_node()
-            .iter()
-            .map(|(n, c)| (n.to_string(), *c))
-            .collect();
+        let mut v: Vec<(String, u32)> = e.per_node().map(|(n, c)| (n.to_string(), c)).collect();
         v.sort();
         v
     }
@@ -395,6 +421,24 @@ mod tests {
             vec![("n2".into(), 1)],
             "deleting one not counted changes nothing"
         );
+    }
+
+    /// Nodes come and go: a node no pod is on frees its number for the next, and never
+    /// while a list holds it.
+    #[test]
+    fn node_numbers_are_given_again_but_never_under_a_list() {
+        let mut e = Elsewhere::default();
+        e.apply(&pod(A, Some("n1"), "Running"));
+        e.delete(&pod(A, Some("n1"), "Running"));
+        e.apply(&pod(B, Some("n2"), "Running"));
+        assert_eq!(counts(&e), vec![("n2".into(), 1)]);
+        assert_eq!(e.names.len(), 1, "n2 took n1's number");
+        e.init();
+        e.init_apply(&pod(B, Some("n2"), "Running"));
+        e.delete(&pod(B, Some("n2"), "Running"));
+        e.apply(&pod(C, Some("n3"), "Running"));
+        e.init_done();
+        assert_eq!(counts(&e), vec![("n2".into(), 1)], "the list had B on n2");
     }
 
     #[test]
