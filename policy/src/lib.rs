@@ -4,6 +4,12 @@
 //! Given a pod and what its namespace asks for, what should change? Everything here is
 //! driven by table tests on real object shapes; the edges (admission, webhook, cluster in
 //! the `velero-jupyterhub` crate) only feed it and carry its answers out.
+//!
+//! Kept pure by the compiler, not by convention: no client or runtime among its
+//! dependencies, no `unsafe`, and clippy refuses the clock, files, the network and the
+//! environment (`policy/clippy.toml`).
+
+#![forbid(unsafe_code)]
 
 pub mod certs;
 pub mod claims;
