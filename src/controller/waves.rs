@@ -18,8 +18,7 @@ use crate::names;
 use crate::policy::helper::{self, ClaimRef, HelperOptions};
 use crate::policy::plan::{DeleteReason, Deletion, is_wave_helper};
 use crate::policy::waves::{
-    self, HelperPhase, IdleClaim, NodeRoom, PodOnNode, RunHelper, RunInput, RunOptions, RunStep,
-    WaveBackup, WaveHelper, WaveId, WaveRecord,
+    self, IdleClaim, NodeRoom, PodOnNode, RunHelper, RunInput, RunOptions, RunStep, WaveId, inputs,
 };
 use crate::policy::{ClaimGlobs, ClaimRecord, PodFacts, PodRecord, VolumeRecord};
 
@@ -499,51 +498,8 @@ impl Waves {
             .filter(|ns| schedule.spec.template.covers_namespace(ns))
             .collect();
         // This Schedule's wave helpers, and the claims other helpers hold.
-        let mut run_helpers: Vec<(RunHelper<'_>, &PodRecord)> = Vec::new();
-        let mut held: HashSet<(&str, &str)> = HashSet::new();
-        let mut terminating = false;
-        for p in pods
-            .iter()
-            .filter(|p| p.label(names::MANAGED_BY) == Some(names::MANAGED_BY_US))
-        {
-            let Some(claim) = p.volumes().find_map(|(_, c)| c) else {
-                continue;
-            };
-            let mine = is_wave_helper(p)
-                && p.own_label(names::WAVE_SCHEDULE) == Some(schedule_label.as_ref());
-            if p.metadata.deletion_timestamp.is_some() {
-                terminating |= mine;
-                continue;
-            }
-            if !mine {
-                held.insert((p.namespace(), claim));
-                continue;
-            }
-            let number = p
-                .own_label(names::WAVE_NUMBER)
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(0);
-            let helper_tick = p
-                .own_label(names::WAVE_TICK)
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(0);
-            let phase = match p.phase() {
-                Some("Running") => HelperPhase::Running,
-                Some("Succeeded" | "Failed") => HelperPhase::Gone,
-                _ => HelperPhase::Pending,
-            };
-            let created = p.metadata.creation_timestamp.as_ref().map_or(now, |t| t.0);
-            run_helpers.push((
-                RunHelper {
-                    namespace: p.namespace(),
-                    claim,
-                    tick: helper_tick,
-                    number,
-                    helper: WaveHelper { phase, created },
-                },
-                p.as_ref(),
-            ));
-        }
+        let ours = inputs::our_pods(pods.iter().map(AsRef::as_ref), &schedule_label, now);
+        let (run_helpers, held, terminating) = (ours.helpers, ours.held, ours.terminating);
         let deletion = |i: usize, reason: DeleteReason| {
             let (h, pod) = &run_helpers[i];
             Deletion {
@@ -568,61 +524,45 @@ impl Waves {
         let deadline = tick
             .checked_add(self.options.max_window)
             .unwrap_or(Timestamp::MAX);
-        let tick_label = tick.as_second().to_string();
-        let claims: Vec<IdleClaim<'_>> = view
-            .claims
-            .keys()
-            .filter(|(ns, claim)| {
-                // Claims made after the tick are the next tick's.
-                let before_tick = view.claims.get(&(*ns, *claim)).is_some_and(|c| {
-                    c.metadata
-                        .creation_timestamp
-                        .as_ref()
-                        .is_none_or(|t| t.0 < tick)
-                });
-                before_tick
-                    && covered.contains(ns)
-                    && !view.live.contains(&(*ns, *claim))
-                    && !held.contains(&(*ns, *claim))
-                    && !restoring.contains(&(*ns, *claim))
-                    && !creating.contains(&((*ns).to_owned(), (*claim).to_owned()))
-            })
-            .map(|&(ns, claim)| view.idle_claim(ns, claim))
-            .collect();
-        let records: Vec<WaveRecord<'_>> = backups
+        let creating: HashSet<(&str, &str)> = creating
             .iter()
-            .filter(|b| {
-                label(b, names::WAVE_SCHEDULE) == Some(schedule_label.as_ref())
-                    && label(b, names::WAVE_TICK) == Some(tick_label.as_str())
-            })
-            .filter_map(|b| {
-                let number = label(b, names::WAVE_NUMBER)?.parse().ok()?;
+            .map(|(ns, c)| (ns.as_str(), c.as_str()))
+            .collect();
+        let claims: Vec<IdleClaim<'_>> = inputs::candidates(
+            view.claims
+                .iter()
+                .map(|(&(namespace, name), c)| inputs::ClaimFacts {
+                    namespace,
+                    name,
+                    created: c.metadata.creation_timestamp.as_ref().map(|t| t.0),
+                }),
+            &covered,
+            tick,
+            &inputs::NotForWaves {
+                live: &view.live,
+                held: &held,
+                restoring,
+                creating: &creating,
+            },
+        )
+        .into_iter()
+        .map(|(ns, claim)| view.idle_claim(ns, claim))
+        .collect();
+        let facts: Vec<inputs::BackupFacts<'_>> = backups
+            .iter()
+            .map(|b| {
                 let status = b.status.as_ref();
-                let phase = status.and_then(|s| s.phase.as_deref());
-                let backup = if crate::policy::velero::backup_is_terminal(phase) {
-                    WaveBackup::Done(phase == Some("Completed"))
-                } else {
-                    WaveBackup::Running
-                };
-                let list = |key: &str| -> Vec<(&str, &str)> {
-                    b.metadata
-                        .annotations
-                        .as_ref()
-                        .and_then(|a| a.get(key))
-                        .map(|v| crate::policy::waves::read_claims(v))
-                        .unwrap_or_default()
-                };
-                Some(WaveRecord {
-                    number,
-                    backup,
-                    finished: status
+                inputs::BackupFacts {
+                    labels: b.metadata.labels.as_ref(),
+                    annotations: b.metadata.annotations.as_ref(),
+                    phase: status.and_then(|s| s.phase.as_deref()),
+                    completed: status
                         .and_then(|s| s.completion_timestamp.as_ref())
                         .map(|t| t.0),
-                    claims: list(names::WAVE_CLAIMS),
-                    given_up: list(names::WAVE_GIVEN_UP),
-                })
+                }
             })
             .collect();
+        let records = inputs::wave_records(&facts, &schedule_label, tick);
         let helpers: Vec<RunHelper<'_>> = run_helpers.iter().map(|(h, _)| *h).collect();
         // The last wave's volumes still attached (a VolumeAttachment until detached).
         let last_wave = records.iter().max_by_key(|w| w.number);
@@ -811,10 +751,6 @@ impl Waves {
             self.events.normal(reference, reason, "Waves", note);
         }
     }
-}
-
-fn label<'a>(b: &'a Backup, key: &str) -> Option<&'a str> {
-    b.metadata.labels.as_ref()?.get(key).map(String::as_str)
 }
 
 #[cfg(test)]

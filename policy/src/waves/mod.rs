@@ -1,4 +1,4 @@
-//! Idle users at scale (issue 11): which idle claims the next wave backs up, and on which
+//! Idle users at scale: which idle claims the next wave backs up, and on which
 //! node each one's helper runs, within what the cluster can hold at once.
 //!
 //! A Velero Backup copies a volume only while a pod mounting it is Running, so every
@@ -14,6 +14,8 @@
 //! Pure: the edge reads Nodes, CSINodes, pods, PersistentVolumes and Backups, and pins
 //! each helper to the node chosen here (so the limits hold by construction, not by the
 //! scheduler's goodwill).
+
+pub mod inputs;
 
 use std::cmp::Reverse;
 use std::collections::{HashMap, HashSet};
