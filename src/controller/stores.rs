@@ -84,25 +84,20 @@ impl Stores {
         // Namespaces: metadata only (labels and annotations are all we read). The pod
         // watch hears of them too: it keeps the pods of opted-in namespaces only.
         let namespaces_changed = Arc::new(Notify::new());
-        let namespaces = watch_and_tell(
+        let w = Watching {
+            config: &config,
+            changed: &changed,
+            heartbeat,
+            stop,
+        };
+        let namespaces = w.start_and_tell(
             Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
             &namespace_config,
             |n| n.metadata.managed_fields = None,
-            &changed,
             Some(namespaces_changed.clone()),
-            heartbeat,
-            stop,
             "namespaces",
         );
-        let claims = watch(
-            Api::all(client.clone()),
-            &config,
-            |_| {},
-            &changed,
-            heartbeat,
-            stop,
-            "claims",
-        );
+        let claims = w.start(Api::all(client.clone()), |_| {}, "claims");
         let pods = Pods::start(
             client,
             &config,
@@ -112,18 +107,13 @@ impl Stores {
             heartbeat,
             stop,
         );
-        let schedules = watch(
+        let schedules = w.start(
             Api::namespaced(client.clone(), velero_namespace),
-            &config,
             |s: &mut Schedule| s.metadata.managed_fields = None,
-            &changed,
-            heartbeat,
-            stop,
             "schedules",
         );
-        let backups = watch(
+        let backups = w.start(
             Api::namespaced(client.clone(), velero_namespace),
-            &config,
             |b: &mut Backup| {
                 b.metadata.managed_fields = None;
                 // Only a wave Backup's record of its claims is read.
@@ -131,14 +121,10 @@ impl Stores {
                     a.retain(|k, _| k == names::WAVE_CLAIMS || k == names::WAVE_GIVEN_UP);
                 }
             },
-            &changed,
-            heartbeat,
-            stop,
             "backups",
         );
-        let pvbs = watch(
+        let pvbs = w.start(
             Api::namespaced(client.clone(), velero_namespace),
-            &config,
             |p: &mut PodVolumeBackup| {
                 p.metadata.managed_fields = None;
                 // Only the claim's name (coverage) is read.
@@ -146,39 +132,21 @@ impl Stores {
                     a.retain(|k, _| k == names::VELERO_PVC_NAME);
                 }
             },
-            &changed,
-            heartbeat,
-            stop,
             "podvolumebackups",
         );
         // Restores and PodVolumeRestores: when a restore helper is done.
-        let restores = watch(
+        let restores = w.start(
             Api::namespaced(client.clone(), velero_namespace),
-            &config,
-            |r: &mut Restore| {
-                r.metadata.managed_fields = None;
-                r.metadata.annotations = None;
-            },
-            &changed,
-            heartbeat,
-            stop,
+            bare::<Restore>,
             "restores",
         );
-        let pvrs = watch(
+        let pvrs = w.start(
             Api::namespaced(client.clone(), velero_namespace),
-            &config,
-            |p: &mut PodVolumeRestore| {
-                p.metadata.managed_fields = None;
-                p.metadata.annotations = None;
-            },
-            &changed,
-            heartbeat,
-            stop,
+            bare::<PodVolumeRestore>,
             "podvolumerestores",
         );
-        let nodes = watch(
+        let nodes = w.start(
             Api::all(client.clone()),
-            &config,
             |n: &mut Node| {
                 n.metadata.managed_fields = None;
                 n.metadata.annotations = None;
@@ -195,40 +163,25 @@ impl Stores {
                     s.runtime_handlers = None;
                 }
             },
-            &changed,
-            heartbeat,
-            stop,
             "nodes",
         );
-        let csinodes = watch(
+        let csinodes = w.start(
             Api::all(client.clone()),
-            &config,
             |c: &mut CSINode| c.metadata.managed_fields = None,
-            &changed,
-            heartbeat,
-            stop,
             "csinodes",
         );
-        let attachments = watch(
+        let attachments = w.start(
             Api::all(client.clone()),
-            &config,
             |a: &mut VolumeAttachment| {
                 a.metadata.managed_fields = None;
                 a.status = None;
             },
-            &changed,
-            heartbeat,
-            stop,
             "volumeattachments",
         );
         // Compact records: the CSI driver and node affinity only.
-        let volumes = watch(
+        let volumes = w.start(
             Api::all(client.clone()),
-            &config,
             |_: &mut VolumeRecord| {},
-            &changed,
-            heartbeat,
-            stop,
             "persistentvolumes",
         );
         Self {
@@ -272,55 +225,64 @@ impl Stores {
     }
 }
 
-fn watch<K>(
-    api: Api<K>,
-    config: &watcher::Config,
-    strip: fn(&mut K),
-    changed: &Arc<Changed>,
-    heartbeat: &Arc<Heartbeat>,
-    stop: &tokio_util::sync::CancellationToken,
-    what: &'static str,
-) -> Store<K>
-where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-{
-    watch_and_tell(api, config, strip, changed, None, heartbeat, stop, what)
+/// Strips an object of its managed fields and annotations (neither is read).
+fn bare<K: Resource>(object: &mut K) {
+    let meta = object.meta_mut();
+    meta.managed_fields = None;
+    meta.annotations = None;
 }
 
-/// [`watch`], also poking `tell` on every event.
-#[allow(clippy::too_many_arguments)]
-fn watch_and_tell<K>(
-    api: Api<K>,
-    config: &watcher::Config,
-    strip: fn(&mut K),
-    changed: &Arc<Changed>,
-    tell: Option<Arc<Notify>>,
-    heartbeat: &Arc<Heartbeat>,
-    stop: &tokio_util::sync::CancellationToken,
-    what: &'static str,
-) -> Store<K>
-where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-{
-    let (store, writer) = reflector::store();
-    let stream = watcher::watcher(api, config.clone())
-        .default_backoff()
-        .modify(strip)
-        .reflect(writer);
-    spawn(what, stream, changed, tell, heartbeat, stop);
-    store
+/// What every watch shares: the list settings, the loop's wake-up, the probes' heartbeat,
+/// and the token that stops it.
+struct Watching<'a> {
+    config: &'a watcher::Config,
+    changed: &'a Arc<Changed>,
+    heartbeat: &'a Arc<Heartbeat>,
+    stop: &'a tokio_util::sync::CancellationToken,
+}
+
+impl Watching<'_> {
+    /// A reflector of `api`'s objects, each stripped by `strip` of what is never read.
+    fn start<K>(&self, api: Api<K>, strip: fn(&mut K), what: &'static str) -> Store<K>
+    where
+        K: Resource<DynamicType = ()>
+            + Clone
+            + DeserializeOwned
+            + std::fmt::Debug
+            + Send
+            + Sync
+            + 'static,
+    {
+        self.start_and_tell(api, self.config, strip, None, what)
+    }
+
+    /// The same with its own list settings, also poking `tell` on every event from its
+    /// first finished list on.
+    fn start_and_tell<K>(
+        &self,
+        api: Api<K>,
+        config: &watcher::Config,
+        strip: fn(&mut K),
+        tell: Option<Arc<Notify>>,
+        what: &'static str,
+    ) -> Store<K>
+    where
+        K: Resource<DynamicType = ()>
+            + Clone
+            + DeserializeOwned
+            + std::fmt::Debug
+            + Send
+            + Sync
+            + 'static,
+    {
+        let (store, writer) = reflector::store();
+        let stream = watcher::watcher(api, config.clone())
+            .default_backoff()
+            .modify(strip)
+            .reflect(writer);
+        spawn(what, stream, self.changed, tell, self.heartbeat, self.stop);
+        store
+    }
 }
 
 /// Drives a reflector stream, poking `changed` on every event and telling `heartbeat`
