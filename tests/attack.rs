@@ -538,13 +538,14 @@ async fn hostile_connections_on_both_ports_do_not_stop_reviews_or_probes() {
             "no connection was evicted on the {listener} port"
         );
     }
-    // The clients kept going for the whole run: a review on the keep-alive connection
-    // every second at least, and most of the half-second reviews on new connections and
-    // probes. How many more fit in depends on the machine (a loaded CI runner does a
-    // third of a quiet one); that each was answered in time is what is asserted above.
-    let seconds = run_for.as_secs() as u32;
+    // The clients kept going for the whole run. Each request is bounded by the API
+    // server's timeout (a slower one is a failure above), so at least a run's worth of
+    // timeouts of each kind completed; how many more fit in depends on the machine (a
+    // loaded CI runner does a third of a quiet one, a machine also running a 100,000-pod
+    // benchmark a seventh), which is a benchmark's business, not this test's.
+    let floor = (run_for.as_secs() / API_SERVER_TIMEOUT.as_secs()) as u32;
     assert!(
-        reviews >= seconds && fresh >= seconds - 2 && probes >= seconds - 2,
+        reviews >= floor && fresh >= floor && probes >= floor,
         "the clients stopped early: {reviews} reviews, {fresh} fresh, {probes} probes"
     );
     // The shaped bodies were reviewed, not just queued: beyond the limits answered with
