@@ -461,8 +461,10 @@ async fn velero_re_created_pods_become_restore_helpers_guarded_and_cleaned_up() 
         "the Event names the Restore"
     );
 
-    // Anyone but Velero creating a pod that would become a restore helper (and lock alice
-    // out of her home) is refused, whatever their pod rights.
+    // Anyone but Velero creating a pod that would become a restore helper (and so lock a
+    // user out of their home) is refused, whatever their pod rights. Mallory's forgery
+    // mounts her own claim, which no restore is writing: one being restored (alice's) is
+    // refused by the restore guard too, whichever policy the API server asks first.
     let mut forged = velero_recreates(
         with_tolerations(serde_json::to_value(cluster::user_pod("mallory")).unwrap()),
         &restore,
@@ -470,7 +472,6 @@ async fn velero_re_created_pods_become_restore_helpers_guarded_and_cleaned_up() 
         backup,
         &["volume-mallory"],
     );
-    forged["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] = "claim-alice".into();
     let err = pods
         .create(&PostParams::default(), &from_json(forged))
         .await

@@ -37,6 +37,13 @@ pub struct Pods {
     shared: Arc<Mutex<Shared>>,
 }
 
+/// What [`Pods::read`] returns.
+pub struct PodsRead {
+    pub kept: Vec<Arc<PodRecord>>,
+    pub slots_elsewhere: Vec<(Arc<str>, u32)>,
+    pub covered: Arc<BTreeSet<String>>,
+}
+
 #[derive(Default)]
 struct Shared {
     elsewhere: Elsewhere,
@@ -69,28 +76,29 @@ impl Pods {
             shared: shared.clone(),
             changed: changed.clone(),
             heartbeat: heartbeat.clone(),
+            listing: false,
+            relist: false,
+            slots_woke: None,
         };
         tokio::spawn(task.run(stop.clone()));
         Self { store, shared }
     }
 
-    /// The pods kept: every pod of a covered namespace, and our own pods anywhere.
-    pub fn state(&self) -> Vec<Arc<PodRecord>> {
-        self.store.state()
-    }
-
-    /// The namespaces whose every pod is kept.
-    pub fn covered(&self) -> Arc<BTreeSet<String>> {
-        self.lock().covered.clone()
-    }
-
-    /// Per node, how many pods not kept hold one of its slots.
-    pub fn slots_elsewhere(&self) -> Vec<(Arc<str>, u32)> {
-        self.lock()
-            .elsewhere
-            .per_node()
-            .map(|(node, n)| (node.clone(), n))
-            .collect()
+    /// The pods kept (every pod of a covered namespace, and our own pods anywhere), the
+    /// slots every other pod takes per node, and the covered namespaces: read at once
+    /// (the watch changes them under the same lock), so no pod is counted twice or not
+    /// at all.
+    pub fn read(&self) -> PodsRead {
+        let shared = self.lock();
+        PodsRead {
+            kept: self.store.state(),
+            slots_elsewhere: shared
+                .elsewhere
+                .per_node()
+                .map(|(node, n)| (node.clone(), n))
+                .collect(),
+            covered: shared.covered.clone(),
+        }
     }
 
     pub async fn wait_until_ready(&self) -> Result<(), reflector::store::WriterDropped> {
@@ -122,7 +130,16 @@ struct Watch {
     shared: Arc<Mutex<Shared>>,
     changed: Arc<Changed>,
     heartbeat: Arc<Heartbeat>,
+    /// A list is under way (between `Init` and `InitDone`).
+    listing: bool,
+    /// A namespace opted in during the list: list again once it is done.
+    relist: bool,
+    /// When a freed slot elsewhere last woke the loop.
+    slots_woke: Option<std::time::Instant>,
 }
+
+/// How often, at most, pod slots freed outside the hubs wake the loop.
+const WAKE_FOR_SLOTS: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Watch {
     async fn run(mut self, stop: CancellationToken) {
@@ -145,13 +162,24 @@ impl Watch {
                         if !now.is_subset(&kept) {
                             let new: Vec<&String> = now.difference(&kept).collect();
                             info!(namespaces = ?new, "namespaces opted in: listing pods again to keep theirs");
-                            break;
+                            // A list under way finishes first: namespaces opting in one
+                            // after another must not restart it for ever.
+                            if !self.listing {
+                                break;
+                            }
+                            self.relist = true;
                         }
                         // One that opted out: its records stay until the next list
                         // (a pass reads only opted-in namespaces').
                     }
                     event = stream.next() => match event {
-                        Some(Ok(event)) => self.apply(event, &kept),
+                        Some(Ok(event)) => {
+                            let done = matches!(event, watcher::Event::InitDone);
+                            self.apply(event, &kept);
+                            if done && std::mem::take(&mut self.relist) {
+                                break;
+                            }
+                        }
                         Some(Err(e)) => {
                             self.heartbeat.watch_failed("pods");
                             warn!(watch = "pods", error = %e, "watch error; retrying");
@@ -168,50 +196,75 @@ impl Watch {
         let keep = |p: &PodRecord| {
             kept.contains(p.namespace()) || p.label(names::MANAGED_BY) == Some(names::MANAGED_BY_US)
         };
-        let mut shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
-        match &event {
+        // The store and the counts change under one lock: a pass reads both at once.
+        let lock = self.shared.clone();
+        let mut shared = lock.lock().unwrap_or_else(PoisonError::into_inner);
+        // Whether a pass should plan again: the kept pods changed, or (at most every
+        // `WAKE_FOR_SLOTS`) a slot was freed on a node a wave may be waiting for.
+        let wake = match event {
             // The watcher says Init as it starts each (re)list, before the request, and
             // InitApply for each object of a list that may still fail: only a finished
-            // list, or a watch event, shows it works.
+            // list, or a watch event, shows it works. The store changes only when the
+            // list is done.
             watcher::Event::Init => {
-                self.writer.apply_watcher_event(&event);
+                self.listing = true;
+                self.writer.apply_watcher_event(&watcher::Event::Init);
                 shared.elsewhere.init();
+                false
             }
             watcher::Event::InitApply(p) => {
-                if keep(p) {
-                    self.writer.apply_watcher_event(&event);
+                if keep(&p) {
+                    self.writer
+                        .apply_watcher_event(&watcher::Event::InitApply(p));
                 } else {
-                    shared.elsewhere.init_apply(p);
+                    shared.elsewhere.init_apply(&p);
                 }
+                false
             }
             watcher::Event::InitDone => {
-                self.writer.apply_watcher_event(&event);
+                self.listing = false;
+                self.writer.apply_watcher_event(&watcher::Event::InitDone);
                 shared.elsewhere.init_done();
                 shared.covered = Arc::new(kept.clone());
                 self.heartbeat.watch_ok("pods");
+                true
             }
             watcher::Event::Apply(p) => {
                 self.heartbeat.watch_ok("pods");
-                if keep(p) {
-                    self.writer.apply_watcher_event(&event);
+                if keep(&p) {
+                    self.writer.apply_watcher_event(&watcher::Event::Apply(p));
+                    true
                 } else {
-                    shared.elsewhere.apply(p);
-                    // Slot counts are read when a pass plans waves; they wake none.
-                    return;
+                    let freed = shared.elsewhere.apply(&p);
+                    // Kept before (ours, and no longer labelled so): not any more.
+                    self.writer.apply_watcher_event(&watcher::Event::Delete(p));
+                    freed && self.slots_wake_due()
                 }
             }
             watcher::Event::Delete(p) => {
                 self.heartbeat.watch_ok("pods");
-                if keep(p) {
-                    self.writer.apply_watcher_event(&event);
-                } else {
-                    shared.elsewhere.delete(p);
-                    return;
-                }
+                let freed = !keep(&p) && shared.elsewhere.delete(&p);
+                self.writer.apply_watcher_event(&watcher::Event::Delete(p));
+                freed && self.slots_wake_due()
             }
-        }
+        };
         drop(shared);
-        self.changed.poke();
+        if wake {
+            self.changed.poke();
+        }
+    }
+
+    /// Whether a freed slot elsewhere may wake the loop now: at most every
+    /// `WAKE_FOR_SLOTS` (a large cluster's pods end all the time; a wave waiting for room
+    /// waits that much longer at most).
+    fn slots_wake_due(&mut self) -> bool {
+        let due = self
+            .slots_woke
+            .is_none_or(|at| at.elapsed() >= WAKE_FOR_SLOTS);
+        if due {
+            self.slots_woke = Some(std::time::Instant::now());
+        }
+        due
     }
 }
 
@@ -236,24 +289,30 @@ pub struct Elsewhere {
 }
 
 impl Elsewhere {
-    pub fn apply(&mut self, pod: &PodRecord) {
+    /// Counts a pod's slot; true if it freed one (it ended, or moved).
+    pub fn apply(&mut self, pod: &PodRecord) -> bool {
         let key = key(pod);
         let old = match self.slot(pod) {
             Some(node) => self.pods.insert(key, node),
             None => self.pods.remove(&key),
         };
-        if let Some(&node) = self.pods.get(&key) {
+        let now = self.pods.get(&key).copied();
+        if let Some(node) = now {
             self.counts[node as usize] += 1;
         }
         if let Some(old) = old {
             self.leave(old);
         }
+        old.is_some() && old != now
     }
 
-    pub fn delete(&mut self, pod: &PodRecord) {
-        if let Some(old) = self.pods.remove(&key(pod)) {
+    /// Forgets a pod; true if it held a slot.
+    pub fn delete(&mut self, pod: &PodRecord) -> bool {
+        let old = self.pods.remove(&key(pod));
+        if let Some(old) = old {
             self.leave(old);
         }
+        old.is_some()
     }
 
     /// A pod left node `n`: the last one frees its number (not while a list is in
@@ -394,6 +453,28 @@ mod tests {
         e.delete(&pod(C, Some("n2"), "Running"));
         e.delete(&pod(B, Some("n1"), "Succeeded"));
         assert_eq!(counts(&e), vec![("n1".into(), 1)]);
+    }
+
+    /// What wakes a wave waiting for room: a slot freed, not one taken.
+    #[test]
+    fn a_slot_freed_is_told() {
+        let mut e = Elsewhere::default();
+        assert!(!e.apply(&pod(A, Some("n1"), "Running")), "taken");
+        assert!(!e.apply(&pod(A, Some("n1"), "Running")), "the same");
+        assert!(
+            e.apply(&pod(A, Some("n2"), "Running")),
+            "moved (pinned, then bound)"
+        );
+        assert!(e.apply(&pod(A, Some("n2"), "Succeeded")), "ended");
+        assert!(
+            !e.delete(&pod(A, Some("n2"), "Succeeded")),
+            "held none any more"
+        );
+        e.apply(&pod(B, Some("n1"), "Running"));
+        assert!(
+            e.delete(&pod(B, Some("n1"), "Running")),
+            "deleted while holding one"
+        );
     }
 
     #[test]

@@ -42,7 +42,8 @@ pub struct Snapshot {
 impl Snapshot {
     pub fn take(stores: &Stores, now: Timestamp) -> Self {
         let generation = stores.generation();
-        let covered: Arc<BTreeSet<String>> = stores.pods.covered();
+        let pods = stores.pods.read();
+        let covered: Arc<BTreeSet<String>> = pods.covered;
         let mut namespaces = stores.namespaces.state();
         namespaces.retain(|n| {
             !namespace::is_opted_in(n.metadata.labels.as_ref())
@@ -56,8 +57,8 @@ impl Snapshot {
             generation,
             namespaces,
             claims: stores.claims.state(),
-            pods: stores.pods.state(),
-            slots_elsewhere: stores.pods.slots_elsewhere(),
+            pods: pods.kept,
+            slots_elsewhere: pods.slots_elsewhere,
             schedules: stores.schedules.state(),
             backups: stores.backups.state(),
             pvbs: stores.pvbs.state(),
