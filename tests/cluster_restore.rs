@@ -465,7 +465,7 @@ async fn velero_re_created_pods_become_restore_helpers_guarded_and_cleaned_up() 
     // user out of their home) is refused, whatever their pod rights. Mallory's forgery
     // mounts her own claim, which no restore is writing: one being restored (alice's) is
     // refused by the restore guard too, whichever policy the API server asks first.
-    let mut forged = velero_recreates(
+    let forged = velero_recreates(
         with_tolerations(serde_json::to_value(cluster::user_pod("mallory")).unwrap()),
         &restore,
         &restore_uid,
