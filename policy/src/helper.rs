@@ -162,6 +162,16 @@ pub fn backup_helper(
     }
 }
 
+/// The claim a helper pod (as [`backup_helper`] makes it) is for: its
+/// `velero-jupyterhub.io/helper-claim` annotation.
+pub fn claim_of(pod: &Pod) -> Option<&str> {
+    pod.metadata
+        .annotations
+        .as_ref()?
+        .get(names::HELPER_CLAIM)
+        .map(String::as_str)
+}
+
 /// Pins a helper to `node` with a required node affinity on the node's name (as a
 /// DaemonSet's pods are): the scheduler still checks the node's taints, pod slots and
 /// volume limits, so a plan that no longer fits leaves the helper Pending (and given up

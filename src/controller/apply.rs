@@ -261,13 +261,7 @@ impl Applier {
     async fn create_helper(&self, pod: &Pod, claim_uids: &HashMap<(&str, &str), &str>) {
         let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
         let name = pod.metadata.name.as_deref().unwrap_or_default();
-        let claim = pod
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(names::HELPER_CLAIM))
-            .map(String::as_str)
-            .unwrap_or_default();
+        let claim = crate::policy::helper::claim_of(pod).unwrap_or_default();
         let api: Api<Pod> = Api::namespaced(self.client.clone(), ns);
         self.metrics.controller.write("create", "pods");
         let failed = |why: String| {

@@ -232,6 +232,23 @@ fn bare<K: Resource>(object: &mut K) {
     meta.annotations = None;
 }
 
+/// What a reflector can hold.
+trait Watched:
+    Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static
+{
+}
+
+impl<K> Watched for K where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// What every watch shares: the list settings, the loop's wake-up, the probes' heartbeat,
 /// and the token that stops it.
 struct Watching<'a> {
@@ -245,13 +262,7 @@ impl Watching<'_> {
     /// A reflector of `api`'s objects, each stripped by `strip` of what is never read.
     fn start<K>(&self, api: Api<K>, strip: fn(&mut K), what: &'static str) -> Store<K>
     where
-        K: Resource<DynamicType = ()>
-            + Clone
-            + DeserializeOwned
-            + std::fmt::Debug
-            + Send
-            + Sync
-            + 'static,
+        K: Watched,
     {
         self.start_and_tell(api, self.config, strip, None, what)
     }
@@ -267,13 +278,7 @@ impl Watching<'_> {
         what: &'static str,
     ) -> Store<K>
     where
-        K: Resource<DynamicType = ()>
-            + Clone
-            + DeserializeOwned
-            + std::fmt::Debug
-            + Send
-            + Sync
-            + 'static,
+        K: Watched,
     {
         let (store, writer) = reflector::store();
         let stream = watcher::watcher(api, config.clone())

@@ -205,8 +205,7 @@ impl Waves {
             .iter()
             .filter_map(|p| {
                 let ns = p.metadata.namespace.clone()?;
-                let claim = p.metadata.annotations.as_ref()?.get(names::HELPER_CLAIM)?;
-                Some((ns, claim.clone()))
+                Some((ns, helper::claim_of(p)?.to_owned()))
             })
             .collect();
         let mut schedules: Vec<&Arc<Schedule>> = snap.schedules.iter().collect();
@@ -424,13 +423,7 @@ impl Waves {
             .iter()
             .map(|p| {
                 let ns = p.metadata.namespace.clone().unwrap_or_default();
-                let claim = p
-                    .metadata
-                    .annotations
-                    .as_ref()
-                    .and_then(|a| a.get(names::HELPER_CLAIM))
-                    .cloned()
-                    .unwrap_or_default();
+                let claim = helper::claim_of(p).unwrap_or_default().to_owned();
                 (ns, claim)
             })
             .collect();
