@@ -4,9 +4,7 @@
 //! converted) is rare (once per user per restore) and has no goal; it is measured so a
 //! regression shows.
 
-#[allow(dead_code)]
-#[path = "../tests/support/fixtures.rs"]
-mod fixtures;
+use testkit::fixtures;
 
 use std::hint::black_box;
 

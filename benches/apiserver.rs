@@ -14,9 +14,6 @@
 //! Blocks of creates alternate between the modes so drift on a shared machine affects all
 //! alike; every created pod is checked to be in the mode its block claims.
 
-#[path = "../tests/support/mod.rs"]
-mod support;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,7 +22,7 @@ use axum::body::Bytes;
 use axum::routing::post;
 use base64::Engine as _;
 use kube::api::PostParams;
-use support::cluster::{self, Webhook, backup_volumes, user_pod};
+use testkit::cluster::{self, Webhook, backup_volumes, user_pod};
 use tokio_util::sync::CancellationToken;
 use velero_jupyterhub::metrics::sample;
 use velero_jupyterhub::tls::{self, CertStore};
@@ -75,7 +72,7 @@ async fn stand_in() -> (String, String, CancellationToken) {
     let certs = Arc::new(CertStore::default());
     certs.set(pair.certified_key().expect("key"));
     let config = tls::server_config(certs).expect("tls");
-    let (addr, stop) = support::baseline::serve_plain_tls(app, config).await;
+    let (addr, stop) = testkit::baseline::serve_plain_tls(app, config).await;
     (format!("https://{addr}"), ca, stop)
 }
 

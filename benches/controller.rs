@@ -11,9 +11,6 @@
 //!
 //! `cargo test` runs it once with small numbers as a smoke test.
 
-#[path = "../tests/support/mod.rs"]
-mod support;
-
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -25,7 +22,7 @@ use kube::Api;
 use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::runtime::watcher;
 use serde_json::json;
-use support::cluster::{self, eventually, from_json, unique};
+use testkit::cluster::{self, eventually, from_json, unique};
 use tokio_util::sync::CancellationToken;
 use velero_jupyterhub::controller::{self, Config, LeaseOptions};
 use velero_jupyterhub::metrics::Metrics;
@@ -381,8 +378,8 @@ async fn measure_rss(binary: &str, velero: &str, run: &str, watching: &str, goal
 }
 
 async fn night(claims: usize, nodes: usize, attach: usize, backup_takes: Duration) {
-    use support::controller::{Setup, velero_creates_backup};
-    use support::night::{self, Play};
+    use testkit::controller::{Setup, velero_creates_backup};
+    use testkit::night::{self, Play};
     const DRIVER: &str = "csi.vjh.bench";
     let mut setup = Setup::configured(Duration::from_secs(15), |_| {}).await;
     while setup.nodes.len() < nodes {

@@ -15,13 +15,9 @@
 //! real binary at idle (goal ≤ 20 MiB). Run: `cargo bench --bench https`
 //! (BENCH_SECONDS=N per round, default 4; `scripts/bench.sh` installs wrk).
 
-#[allow(dead_code)]
-#[path = "../tests/support/fixtures.rs"]
-mod fixtures;
+use testkit::fixtures;
 
-#[allow(dead_code)]
-#[path = "../tests/support/baseline.rs"]
-mod baseline;
+use testkit::baseline;
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};

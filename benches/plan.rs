@@ -7,9 +7,7 @@
 //! and 110 pods per node, backups spread over the last month, a tenth of the claims zonal
 //! (three eligible nodes each), some never backed up. Goal: ≤ 50 ms.
 
-#[allow(dead_code)]
-#[path = "../tests/support/fixtures.rs"]
-mod fixtures;
+use testkit::fixtures;
 
 use std::collections::BTreeMap;
 use std::hint::black_box;

@@ -56,7 +56,7 @@ else
 fi
 eval "$(bash "$envtest" env)"
 export KUBECONFIG
-# kubectl of the current version (tests/cluster_install.rs runs `kubectl apply -k`), built
+# kubectl of the current version (tests/cluster/install.rs runs `kubectl apply -k`), built
 # from the Go module proxy on first use and cached beside the server binaries.
 KUBECTL=$(KUBE_ENVTEST_VERSION=current bash "$envtest" kubectl)
 export KUBECTL

@@ -6,8 +6,6 @@
 //! the API server's and kubelet's timeouts, and the server's peak memory must stay inside
 //! the Deployment's limit.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -16,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use hyper::StatusCode;
 use serde_json::json;
-use support::fixtures;
-use support::https::{HttpsClient, http_get_from, try_http_get_from};
+use testkit::fixtures;
+use testkit::https::{HttpsClient, http_get_from, try_http_get_from};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use velero_jupyterhub::metrics::sample;
@@ -102,7 +100,7 @@ fn rss_mib(pid: u32) -> (f64, f64) {
 
 /// The Deployment's memory limit in manifests/, MiB.
 fn deployment_memory_limit_mib() -> f64 {
-    let deployment = support::cluster::manifest("Deployment", "velero-jupyterhub");
+    let deployment = testkit::cluster::manifest("Deployment", "velero-jupyterhub");
     let limit =
         deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
             .as_str()
@@ -178,7 +176,7 @@ async fn attacker(
         _ => None,
     };
     while !stop.is_cancelled() {
-        let Ok(tcp) = support::https::connect(addr, source).await else {
+        let Ok(tcp) = testkit::https::connect(addr, source).await else {
             tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         };

@@ -1,14 +1,12 @@
 //! The binary itself: `serve` with flags and env vars, `--self-signed --ca-out` usable as a
 //! trust anchor, SIGTERM, and `review` (stdin, file, --pod, --explain, exit codes).
 
-mod support;
-
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use support::fixtures;
-use support::https::{HttpsClient, http_get};
+use testkit::fixtures;
+use testkit::https::{HttpsClient, http_get};
 
 const BIN: &str = env!("CARGO_BIN_EXE_velero-jupyterhub");
 
@@ -434,7 +432,7 @@ fn a_broken_stderr_pipe_does_not_crash_the_server() {
 fn the_deployment_in_manifests_passes_flags_the_binary_accepts() {
     use clap::Parser;
     use velero_jupyterhub::cli::{Cli, Command as Sub};
-    let deployment = support::cluster::manifest("Deployment", "velero-jupyterhub");
+    let deployment = testkit::cluster::manifest("Deployment", "velero-jupyterhub");
     let container = &deployment["spec"]["template"]["spec"]["containers"][0];
     let mut argv = vec!["velero-jupyterhub".to_owned()];
     argv.extend(
@@ -455,12 +453,12 @@ fn the_deployment_in_manifests_passes_flags_the_binary_accepts() {
         Some(velero_jupyterhub::controller::certs::TLS_SECRET)
     );
     assert!(serve.tls_cert.is_none() && !serve.self_signed);
-    let role = support::cluster::manifest("Role", "velero-jupyterhub");
+    let role = testkit::cluster::manifest("Role", "velero-jupyterhub");
     assert_eq!(
         role["rules"][0]["resourceNames"],
         serde_json::json!([velero_jupyterhub::controller::certs::TLS_SECRET])
     );
-    let controller = support::cluster::manifest("Deployment", "velero-jupyterhub-controller");
+    let controller = testkit::cluster::manifest("Deployment", "velero-jupyterhub-controller");
     let mut argv = vec!["velero-jupyterhub".to_owned()];
     argv.extend(
         controller["spec"]["template"]["spec"]["containers"][0]["args"]
@@ -545,7 +543,7 @@ fn cli_defaults_are_the_library_defaults() {
     // Against the installed configuration: we answer (or 408) before the API server
     // gives up on us, and we keep idle connections longer than client-go's 90 s, so the
     // API server, not us, closes them.
-    let webhook = support::cluster::manifest("MutatingWebhookConfiguration", "velero-jupyterhub");
+    let webhook = testkit::cluster::manifest("MutatingWebhookConfiguration", "velero-jupyterhub");
     for hook in webhook["webhooks"].as_array().unwrap() {
         let api_server_timeout = Duration::from_secs(hook["timeoutSeconds"].as_u64().unwrap());
         assert!(lib.request_timeout < api_server_timeout, "{}", hook["name"]);

@@ -3,12 +3,10 @@
 //! (`PodRecord`), and PodVolumeBackups as Velero writes them
 //! (tests/fixtures/velero-pvb-pvr.example.yaml, pkg/podvolume/backupper.go).
 
-mod support;
-
 use std::collections::BTreeMap;
 
 use serde_json::{Value, json};
-use support::fixtures;
+use testkit::fixtures;
 use velero_jupyterhub::cluster::velero::PodVolumeBackup;
 use velero_jupyterhub::policy::coverage::{
     ClaimState, Holder, Outcome, PvbFacts, claim_states, outcomes, progress,

@@ -2,8 +2,6 @@
 //! fixtures, every bad-input case, health/ready/metrics, timeouts, certificate swaps and
 //! graceful shutdown.
 
-mod support;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -11,8 +9,8 @@ use std::time::Duration;
 use hyper::StatusCode;
 use rustls::pki_types::pem::PemObject;
 use serde_json::{Value, json};
-use support::fixtures;
-use support::https::{self, HttpsClient};
+use testkit::fixtures;
+use testkit::https::{self, HttpsClient};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use velero_jupyterhub::metrics::sample;
 use velero_jupyterhub::server::TlsSource;

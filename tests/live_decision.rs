@@ -1,11 +1,9 @@
 //! Table tests of the live-session decision (SPEC 3.1) on real pod shapes, from request
 //! bytes to response bytes, through the same `admission::review` the server uses.
 
-mod support;
-
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::Value;
-use support::fixtures;
+use testkit::fixtures;
 use velero_jupyterhub::admission::{self, Outcome, RestoreVerdict};
 use velero_jupyterhub::policy::{LiveVerdict, PodView, VolumeReason, decide_live};
 

@@ -1,11 +1,9 @@
 //! Property tests of the live-session decision over generated pods.
 
-mod support;
-
 use k8s_openapi::api::core::v1::Pod;
 use proptest::prelude::*;
 use serde_json::{Map, Value, json};
-use support::fixtures;
+use testkit::fixtures;
 use velero_jupyterhub::admission::{self, Outcome};
 use velero_jupyterhub::policy::{LiveVerdict, PodView, decide_live};
 

@@ -1,8 +1,6 @@
 //! The alert rules and the dashboard in manifests/examples/ use only metric names the
 //! binary really exports (webhook and controller), and the rules pass promtool.
 
-mod support;
-
 use std::collections::BTreeSet;
 
 use serde_json::Value;
@@ -116,7 +114,7 @@ fn rules_and_dashboard_use_exported_metrics_only() {
     }
     // The fail-open alert names the live entry as manifests/webhook.yaml does.
     let rules = read("manifests/examples/prometheusrule.yaml");
-    let webhook = support::cluster::manifest("MutatingWebhookConfiguration", "velero-jupyterhub");
+    let webhook = testkit::cluster::manifest("MutatingWebhookConfiguration", "velero-jupyterhub");
     let live = webhook["webhooks"]
         .as_array()
         .unwrap()

@@ -3,11 +3,9 @@
 //! patched pod needs nothing more; a user server on a claim being restored is refused
 //! with a clear message; `review --explain` says what the conversion did.
 
-mod support;
-
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::Value;
-use support::fixtures;
+use testkit::fixtures;
 use velero_jupyterhub::admission::{self, Outcome, RestoreVerdict, Scope};
 use velero_jupyterhub::policy::LiveVerdict;
 use velero_jupyterhub::policy::restore::{RestoringClaim, restore_helper};

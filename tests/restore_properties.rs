@@ -2,8 +2,6 @@
 //! re-created pods: idempotent, `restore-wait` never changed or moved, no kept volume
 //! read-only, and exactly the volumes `restore-wait` mounts kept.
 
-mod support;
-
 use k8s_openapi::api::core::v1::Pod;
 use proptest::prelude::*;
 use serde_json::{Value, json};
@@ -87,7 +85,7 @@ fn pod() -> impl Strategy<Value = (Pod, bool)> {
 proptest! {
     #[test]
     fn the_conversion_holds_its_invariants((pod, has_wait) in pod()) {
-        let options = support::fixtures::helper_options();
+        let options = testkit::fixtures::helper_options();
         let once = restore_helper(&pod, &options);
         // Idempotent.
         prop_assert_eq!(&restore_helper(&once, &options), &once);
@@ -124,10 +122,10 @@ proptest! {
     #[test]
     fn the_patch_is_the_conversion_and_converts_once((pod, _) in pod()) {
         use velero_jupyterhub::admission::{self, Outcome, RestoreVerdict};
-        let options = support::fixtures::helper_options();
+        let options = testkit::fixtures::helper_options();
         let value = serde_json::to_value(&pod).expect("json");
-        let request = support::fixtures::pod_create_review(&value, "p");
-        let reviewed = admission::review(&request, |_| support::fixtures::globs("claim-*"), false)
+        let request = testkit::fixtures::pod_create_review(&value, "p");
+        let reviewed = admission::review(&request, |_| testkit::fixtures::globs("claim-*"), false)
             .expect("review");
         prop_assert_eq!(reviewed.outcome, Outcome::Restore(RestoreVerdict::Converted));
         let ops = admission::decode_patch(&reviewed.body).expect("patch").expect("a patch");
@@ -136,8 +134,8 @@ proptest! {
         let mut patched = value.clone();
         json_patch::patch(&mut patched, &patch).expect("the patch applies");
         prop_assert_eq!(&patched, &serde_json::to_value(restore_helper(&pod, &options)).expect("json"));
-        let again = support::fixtures::pod_create_review(&patched, "q");
-        let reviewed = admission::review(&again, |_| support::fixtures::globs("claim-*"), false)
+        let again = testkit::fixtures::pod_create_review(&patched, "q");
+        let reviewed = admission::review(&again, |_| testkit::fixtures::globs("claim-*"), false)
             .expect("review");
         prop_assert_eq!(reviewed.outcome, Outcome::Restore(RestoreVerdict::AlreadyConverted));
         prop_assert!(admission::decode_patch(&reviewed.body).expect("patch").is_none());

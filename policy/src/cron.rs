@@ -12,7 +12,7 @@
 //! behind a full robfig parser of our own plus a trick on its job classification, and
 //! still not in zones that change clocks at midnight, where robfig's answers are odd but
 //! are Velero's. Velero runs robfig, so a Schedule's tick must be robfig's, quirks
-//! included. tests/cron_robfig.rs checks this port against robfig's own test tables and
+//! included. policy/tests/cron_robfig.rs checks this port against robfig's own test tables and
 //! 2,169 answers robfig computed here (scripts/robfig-truth/check.sh recomputes them).
 //!
 //! Go's `time.Date` (which robfig calls to truncate and to step over days) is followed

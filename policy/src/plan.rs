@@ -1,33 +1,25 @@
-//! The reconciler's plan (SPEC §3.3, issue 8 items 2–4): given the opted-in namespaces,
-//! their claims and pods, the open backup windows and the PodVolumeBackups, which backup
-//! helpers must be created, which must go and why, and which live user pods need their
-//! annotation backfilled. The edge applies the plan; applying it and planning again gives
-//! an empty plan (no writes in steady state).
+//! The reconciler's plan: given the opted-in namespaces, their claims and pods, the open
+//! backup windows and the PodVolumeBackups, which backup helpers must be created, which
+//! must go and why, and which live user pods need their annotation backfilled. The edge
+//! applies the plan; applying it and planning again gives an empty plan (no writes in
+//! steady state).
 
 use std::collections::{BTreeMap, HashMap};
 
 use k8s_openapi::api::core::v1::Pod;
-
-use crate::record::PodRecord;
 
 use crate::claims::ClaimGlobs;
 use crate::helper::{self, ClaimRef, HelperOptions};
 use crate::live::{LiveVerdict, decide_live};
 use crate::names;
 use crate::pod::PodFacts;
+use crate::record::PodRecord;
 use crate::velero;
 use crate::window::NamespaceWindow;
 
-/// A PersistentVolumeClaim as the plan needs it.
-#[derive(Clone, Copy, Debug)]
-pub struct ClaimView<'a> {
-    pub namespace: &'a str,
-    pub name: &'a str,
-    pub uid: &'a str,
-    /// `status.phase == Bound`: only a bound claim can be mounted.
-    pub bound: bool,
-    pub username: Option<&'a str>,
-}
+// Claims are read from records, so the view lives there (the plan reads records, never
+// the reverse); re-exported because callers name it `plan::ClaimView`.
+pub use crate::record::ClaimView;
 
 /// A PodVolumeBackup as the plan needs it.
 #[derive(Clone, Copy, Debug)]

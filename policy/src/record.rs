@@ -19,7 +19,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use serde::Deserialize;
 
 use crate::names;
-use crate::plan::ClaimView;
 use crate::pod::PodFacts;
 
 /// The pod labels any decision reads.
@@ -78,6 +77,18 @@ pub struct ClaimRecord {
     /// `spec.volumeName`: the PersistentVolume it is bound to (its CSI driver and node
     /// affinity decide where a helper can mount it).
     pub volume_name: Option<Box<str>>,
+}
+
+/// A PersistentVolumeClaim as the plan, coverage and status read it: borrowed from a
+/// [`ClaimRecord`] ([`ClaimRecord::view`]), or built directly where no record is kept.
+#[derive(Clone, Copy, Debug)]
+pub struct ClaimView<'a> {
+    pub namespace: &'a str,
+    pub name: &'a str,
+    pub uid: &'a str,
+    /// `status.phase == Bound`: only a bound claim can be mounted.
+    pub bound: bool,
+    pub username: Option<&'a str>,
 }
 
 /// A watched PersistentVolume: where a claim's volume can be attached (`policy::waves`).

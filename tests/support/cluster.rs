@@ -284,7 +284,7 @@ where
 
 /// Objects of `manifests/`, in kustomization order (the base has no patches).
 pub fn manifest_objects() -> Vec<Value> {
-    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("manifests");
+    let root = crate::repo_root().join("manifests");
     let kustomization: Value = serde_yaml_ng::from_str(
         &std::fs::read_to_string(root.join("kustomization.yaml")).expect("kustomization"),
     )
@@ -829,8 +829,7 @@ impl OwnServer {
     /// Ports apart from the shared server's (16443/12379), 1.20's and each other's.
     pub fn start(name: &str, api_port: u16, etcd_port: u16) -> (Self, String) {
         let server = Self {
-            script: std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("scripts/kube-envtest.sh"),
+            script: crate::repo_root().join("scripts/kube-envtest.sh"),
             env: vec![
                 (
                     "KUBE_ENVTEST_RUN",

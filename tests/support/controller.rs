@@ -1,4 +1,4 @@
-//! The controller under test (tests/cluster_controller.rs, tests/cluster_restart.rs): a
+//! The controller under test (tests/cluster/controller.rs, tests/cluster/restart.rs): a
 //! test's own namespaces and tainted nodes, the controller run in-process as the
 //! manifests' ServiceAccount, and the test playing the kubelet and Velero's schedule
 //! controller (pkg/controller/schedule_controller.go, v1.18).
@@ -161,7 +161,7 @@ impl Setup {
             stale_after: SignedDuration::from_hours(26),
             max_helpers: 200,
             helper_start_timeout: k8s_openapi::jiff::SignedDuration::from_mins(5),
-            // Short: the tests' watches are healthy (cluster_restart's are not, and it
+            // Short: the tests' watches are healthy (cluster::restart's are not, and it
             // sets its own).
             wave_settle: SignedDuration::from_secs(1),
             certificates: None,

@@ -1,16 +1,13 @@
 //! Fixtures under tests/fixtures (see SOURCES.txt there for where each comes from).
 
-use std::path::PathBuf;
-
 use serde_json::{Value, json};
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use velero_jupyterhub::policy::ClaimGlobs;
+use velero_jupyterhub_policy::ClaimGlobs;
 
 pub fn path(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
+    crate::repo_root().join("tests/fixtures").join(name)
 }
 
 pub fn read(name: &str) -> String {
@@ -114,8 +111,8 @@ pub fn globs(globs: &str) -> Arc<ClaimGlobs> {
 
 /// Helper options as the tests use them: the default pause image, no tolerations or
 /// node selector.
-pub fn helper_options() -> velero_jupyterhub::policy::helper::HelperOptions {
-    velero_jupyterhub::policy::helper::HelperOptions {
+pub fn helper_options() -> velero_jupyterhub_policy::helper::HelperOptions {
+    velero_jupyterhub_policy::helper::HelperOptions {
         image: "registry.k8s.io/pause:3.10".to_owned(),
         tolerations: vec![],
         node_selector: std::collections::BTreeMap::new(),
@@ -123,7 +120,7 @@ pub fn helper_options() -> velero_jupyterhub::policy::helper::HelperOptions {
 }
 
 /// An object as the controller's watch keeps it: its JSON read as a `PodRecord`.
-pub fn record(pod: &impl serde::Serialize) -> velero_jupyterhub::policy::PodRecord {
+pub fn record(pod: &impl serde::Serialize) -> velero_jupyterhub_policy::PodRecord {
     serde_json::from_value(serde_json::to_value(pod).expect("json")).expect("record")
 }
 

@@ -1,4 +1,4 @@
-//! A night of waves, played (tests/cluster_waves.rs, benches/controller.rs): the kubelet
+//! A night of waves, played (tests/cluster/waves.rs, benches/controller.rs): the kubelet
 //! (helpers Running once bound) and Velero (pkg/podvolume/backupper.go: a PodVolumeBackup
 //! per volume named in `backup.velero.io/backup-volumes` of each Running pod a Backup
 //! selects, labelled `velero.io/backup-name`, annotated `velero.io/pvc-name`; the Backup

@@ -3,8 +3,6 @@
 //! ServiceAccounts, the real kube-scheduler places the restore helpers, and the test plays
 //! the node-agent's PodVolumeRestores and KubeSpawner's spawn during the restore.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -12,8 +10,8 @@ use k8s_openapi::api::core::v1::{Event, Pod};
 use kube::Api;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
-use support::cluster::{self, Webhook, eventually, from_json, unique};
-use support::controller::{Setup, dynamic, pod_volume_backup, restricted_user_pod, set_status};
+use testkit::cluster::{self, Webhook, eventually, from_json, unique};
+use testkit::controller::{Setup, dynamic, pod_volume_backup, restricted_user_pod, set_status};
 use velero_jupyterhub::metrics::sample;
 use velero_jupyterhub::names;
 

@@ -4,14 +4,12 @@
 //! would break the tests running beside it; `restart-apiserver` stops and starts
 //! kube-apiserver alone, so etcd (every object) stays, as in a control-plane upgrade.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::PostParams;
-use support::cluster::{self, OwnServer, eventually};
-use support::controller::{
+use testkit::cluster::{self, OwnServer, eventually};
+use testkit::controller::{
     Setup, pod_volume_backup, restricted_user_pod, set_status, two_running_helpers,
     velero_creates_backup,
 };
@@ -22,7 +20,7 @@ async fn an_api_server_restart_mid_window_leaves_no_duplicates_or_leaks_and_watc
     // SAFETY: the only test in this binary, before any client or thread reads the env.
     unsafe { std::env::set_var("KUBECONFIG", &kubeconfig) };
     // A Lease long enough to ride out the restart: this test is about the watches (a
-    // replica that loses its Lease exits and is restarted: cluster_controller's failover).
+    // replica that loses its Lease exits and is restarted: cluster::controller's failover).
     // The first wave settles as long as in production (`--wave-settle` 45s): a watch the
     // restart broke may still be retrying when the Backup completes.
     let settle = Duration::from_secs(45);

@@ -3,16 +3,14 @@
 //! first and reports after (`policy::restore_report`). Pods are Velero-shaped restore
 //! helpers (tests/fixtures, converted by `policy::restore`), read as the watch keeps them.
 
-mod support;
-
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use serde_json::json;
-use support::fixtures;
-use velero_jupyterhub::policy::PodRecord;
-use velero_jupyterhub::policy::cleanup::{HelperState, PvrView, RestoreView, restore_helpers};
-use velero_jupyterhub::policy::restore::restore_helper;
-use velero_jupyterhub::policy::restore_report::{
+use testkit::fixtures;
+use velero_jupyterhub_policy::PodRecord;
+use velero_jupyterhub_policy::cleanup::{HelperState, PvrView, RestoreView, restore_helpers};
+use velero_jupyterhub_policy::restore::restore_helper;
+use velero_jupyterhub_policy::restore_report::{
     ClaimNow, ClaimOutcome, PodNow, PvbOfBackup, PvrOfRestore, Refusal, Users, outcomes, preflight,
 };
 
@@ -168,7 +166,7 @@ fn when_a_restore_helper_is_done() {
     let (helpers, _) = restore_helpers(&[&pod], &pvrs, &[restore(Some("InProgress"))], now, ttl);
     assert_eq!(helpers[0].volumes[0].claim, Some("claim-alice-smith"));
     assert_eq!(
-        velero_jupyterhub::policy::cleanup::restored_message(&helpers[0], &helpers[0].volumes[0]),
+        velero_jupyterhub_policy::cleanup::restored_message(&helpers[0], &helpers[0].volumes[0]),
         "restored from backup daily-20261128030000 by restore restore-1 (1024 bytes, volume volume-alice-smith of pod jupyter-alice-smith)"
     );
     // Not ours: a user's pod, or another uid's PodVolumeRestore, is not considered.
@@ -192,7 +190,7 @@ fn a_restore_helper_is_not_ended_early() {
     pod["metadata"]["uid"] = UID.into();
     pod["metadata"]["creationTimestamp"] = "2026-11-28T11:59:00Z".into();
     pod["metadata"]["labels"]["velero.io/restore-name"] =
-        velero_jupyterhub::policy::velero::label_value(&long_name)
+        velero_jupyterhub_policy::velero::label_value(&long_name)
             .into_owned()
             .into();
     let typed: Pod = serde_json::from_value(pod.clone()).expect("pod");
@@ -620,7 +618,7 @@ fn the_restore_command_reports_each_claim() {
 /// read is refused too.
 #[test]
 fn a_restore_writes_only_into_homes_it_made_or_was_told_to_update() {
-    use velero_jupyterhub::policy::restore::{ClaimNow, Overwrite, overwrites, restored_claims};
+    use velero_jupyterhub_policy::restore::{ClaimNow, Overwrite, overwrites, restored_claims};
     // bob's pod as Velero re-creates it for restore "r-now": his home, a second claim of
     // his, both restored; a shared claim restore-wait does not restore.
     let mut pod = fixtures::restored_z2jh(&["home", "projects"]);
@@ -720,7 +718,7 @@ fn a_restore_writes_only_into_homes_it_made_or_was_told_to_update() {
 #[test]
 fn the_claims_being_restored() {
     use std::collections::{BTreeMap, BTreeSet};
-    use velero_jupyterhub::policy::restoring::{
+    use velero_jupyterhub_policy::restoring::{
         BackedUpClaim, Input, LabelledClaim, Listed, RestoreSpecView, claims_being_restored,
     };
     let now: Timestamp = "2026-12-07T12:00:00Z".parse().unwrap();
@@ -1009,7 +1007,7 @@ fn the_claims_being_restored() {
 /// before it, by name); never another tick's waves, another Schedule's, or one by hand.
 #[test]
 fn a_schedules_tick_is_its_backup_and_its_waves() {
-    use velero_jupyterhub::policy::restore_report::{BackupOf, Tick, schedule_tick};
+    use velero_jupyterhub_policy::restore_report::{BackupOf, Tick, schedule_tick};
     let t = |s: &str| Some(s.parse::<Timestamp>().unwrap());
     let own = |name: &'static str, phase: &'static str, at: &str| BackupOf {
         name,
@@ -1091,7 +1089,7 @@ fn a_schedules_tick_is_its_backup_and_its_waves() {
 /// that holds its data.
 #[test]
 fn the_rows_of_a_restore_of_several_backups() {
-    use velero_jupyterhub::policy::restore_report::{RestoreOf, outcomes_of_many};
+    use velero_jupyterhub_policy::restore_report::{RestoreOf, outcomes_of_many};
     let claims = [
         ClaimNow {
             name: "claim-alice",
@@ -1159,7 +1157,7 @@ fn the_rows_of_a_restore_of_several_backups() {
 /// namespace (before any mapping); another claim, or another namespace's, is not.
 #[test]
 fn a_claim_whose_home_is_in_a_wave() {
-    use velero_jupyterhub::policy::restore::{WaveOf, home_in_a_wave, wave_home_message};
+    use velero_jupyterhub_policy::restore::{WaveOf, home_in_a_wave, wave_home_message};
     let waves = [
         WaveOf::read(
             "homes-wave1-20261207030000",

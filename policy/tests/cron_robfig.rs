@@ -5,11 +5,9 @@
 //! is `0` are kept with that field dropped (ParseStandard has none); the six `15/35`
 //! seconds cases are left out.
 
-mod support;
-
 use k8s_openapi::jiff::tz::{Offset, TimeZone};
 use k8s_openapi::jiff::{self, SignedDuration, Timestamp};
-use velero_jupyterhub::policy::cron::CronSchedule;
+use velero_jupyterhub_policy::cron::CronSchedule;
 
 /// robfig's `getTime`: "Mon Jan 2 15:04[:05[.fff]] 2006" or "2006-01-02T15:04:05-0700",
 /// optionally prefixed "TZ=<zone> ", read in `local` (the test machine's zone: we use UTC).
@@ -584,8 +582,7 @@ fn berlin_dst() {
 /// robfig's) and 2,000 random expressions started near DST changes.
 #[test]
 fn matches_robfig_run_here() {
-    let text = std::fs::read_to_string(support::fixtures::path("robfig-cron-v3.0.1-next.tsv"))
-        .expect("fixture");
+    let text = testkit::fixtures::read("robfig-cron-v3.0.1-next.tsv");
     let mut checked = 0;
     let mut wrong = Vec::new();
     for line in text

@@ -5,8 +5,6 @@
 //! rollovers happen while pods are being created, and halfway the CA Secret is deleted:
 //! none may fail admission.
 
-mod support;
-
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,11 +19,11 @@ use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use serde_json::json;
-use support::cluster::{
+use testkit::cluster::{
     self, MANAGER, TEST_LABEL, TestNamespace, apply_rbac, backup_volumes, eventually, manifest,
     unique, user_pod,
 };
-use support::https::HttpsClient;
+use testkit::https::HttpsClient;
 use tokio_util::sync::CancellationToken;
 use velero_jupyterhub::controller::certs::{self, CertConfig};
 use velero_jupyterhub::metrics::{Metrics, sample};

@@ -2,20 +2,18 @@
 //! z2jh user pod and its claim (tests/fixtures), our helper pod as `policy::helper`
 //! builds it, and PodVolumeBackups as Velero writes them.
 
-mod support;
-
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::{Value, json};
-use support::fixtures;
-use velero_jupyterhub::names;
-use velero_jupyterhub::policy::helper::{self, ClaimRef, HelperOptions};
-use velero_jupyterhub::policy::plan::{
+use testkit::fixtures;
+use velero_jupyterhub_policy::helper::{self, ClaimRef, HelperOptions};
+use velero_jupyterhub_policy::names;
+use velero_jupyterhub_policy::plan::{
     ClaimView, DeleteReason, NamespaceView, PlanInput, PvbView, plan,
 };
-use velero_jupyterhub::policy::window::NamespaceWindow;
-use velero_jupyterhub::policy::{ClaimGlobs, PodFacts, PodRecord};
+use velero_jupyterhub_policy::window::NamespaceWindow;
+use velero_jupyterhub_policy::{ClaimGlobs, PodFacts, PodRecord};
 
 const NS: &str = "jhub";
 
@@ -452,7 +450,7 @@ fn the_backfill_value_is_the_webhooks() {
 #[test]
 fn helpers_not_running_two_minutes_after_creation_are_reported_once_due() {
     use k8s_openapi::jiff::{SignedDuration, Timestamp};
-    use velero_jupyterhub::policy::plan::stuck_helpers;
+    use velero_jupyterhub_policy::plan::stuck_helpers;
     let now: Timestamp = "2026-11-28T03:00:00Z".parse().expect("time");
     let created = |pod: Pod, ago: i64| {
         let mut v = serde_json::to_value(&pod).expect("json");

@@ -2,15 +2,13 @@
 //! manifests/, called by the API server over HTTPS, watching namespaces under the
 //! manifests' RBAC. Needs the test API server (scripts/test.sh).
 
-mod support;
-
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{DeleteParams, PostParams};
 use serde_json::json;
-use support::cluster::{self, Webhook, backup_volumes, user_pod};
-use support::fixtures;
+use testkit::cluster::{self, Webhook, backup_volumes, user_pod};
+use testkit::fixtures;
 use velero_jupyterhub::metrics::sample;
 
 /// Every admission request this webhook has answered, whatever the outcome.

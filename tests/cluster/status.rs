@@ -2,13 +2,11 @@
 //! manifests/status-role.yaml: live, idle, helper-held, restoring, fresh, stale and
 //! never-backed-up claims, in a table and in JSON, with exit code 2 while any is stale.
 
-mod support;
-
 use k8s_openapi::jiff::{Timestamp, ToSpan};
 use kube::api::PostParams;
 use serde_json::{Value, json};
-use support::cluster::{self, unique};
-use support::controller::{Setup, pod_volume_backup_at, restricted_user_pod, set_status};
+use testkit::cluster::{self, unique};
+use testkit::controller::{Setup, pod_volume_backup_at, restricted_user_pod, set_status};
 use velero_jupyterhub::names;
 use velero_jupyterhub::policy::helper::{self, ClaimRef};
 

@@ -8,8 +8,6 @@
 //! `velero.io/backup-name`, annotated `velero.io/pvc-name`), each Backup taking a second.
 //! The limits are asserted from a watch of the pods, not from the controller's counters.
 
-mod support;
-
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -19,9 +17,9 @@ use kube::Api;
 use kube::api::{ListParams, PostParams};
 use kube::core::DynamicObject;
 use serde_json::{Value, json};
-use support::cluster::{self, eventually, from_json};
-use support::controller::{Setup, dynamic, restricted_user_pod, velero_creates_backup};
-use support::night::{self, Play, Seen, claim_of, label, phase};
+use testkit::cluster::{self, eventually, from_json};
+use testkit::controller::{Setup, dynamic, restricted_user_pod, velero_creates_backup};
+use testkit::night::{self, Play, Seen, claim_of, label, phase};
 use velero_jupyterhub::metrics::sample;
 use velero_jupyterhub::names;
 

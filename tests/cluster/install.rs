@@ -4,8 +4,6 @@
 //! server's version (`scripts/kube-envtest.sh kubectl` builds it; scripts/test.sh sets
 //! KUBECTL).
 
-mod support;
-
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +13,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::Api;
 use kube::api::ListParams;
-use support::cluster::{self, OwnServer, eventually};
+use testkit::cluster::{self, OwnServer, eventually};
 use tokio_util::sync::CancellationToken;
 use velero_jupyterhub::controller::certs::{self, CertConfig};
 use velero_jupyterhub::metrics::Metrics;

@@ -4,14 +4,12 @@
 //! with Velero's changes applied as pkg/restore/restore.go and
 //! pkg/restore/actions/pod_volume_restore_action.go make them (v1.18).
 
-mod support;
-
 use k8s_openapi::api::core::v1::Pod;
-use support::fixtures;
-use velero_jupyterhub::names;
-use velero_jupyterhub::policy::PodFacts;
-use velero_jupyterhub::policy::helper::HelperOptions;
-use velero_jupyterhub::policy::restore::{is_restore_candidate, restore_helper};
+use testkit::fixtures;
+use velero_jupyterhub_policy::PodFacts;
+use velero_jupyterhub_policy::helper::HelperOptions;
+use velero_jupyterhub_policy::names;
+use velero_jupyterhub_policy::restore::{is_restore_candidate, restore_helper};
 
 fn options() -> HelperOptions {
     fixtures::helper_options()
@@ -114,8 +112,8 @@ fn the_fixtures_restored_helper_keeps_restore_wait_byte_for_byte_and_loses_read_
 /// and no run of waves takes it for one of its helpers.
 #[test]
 fn a_restored_wave_helper_loses_its_pin_and_its_wave() {
-    use velero_jupyterhub::policy::helper::{self, ClaimRef};
-    use velero_jupyterhub::policy::names;
+    use velero_jupyterhub_policy::helper::{self, ClaimRef};
+    use velero_jupyterhub_policy::names;
     let claim = ClaimRef {
         namespace: "jhub",
         name: "claim-alice",
@@ -222,7 +220,7 @@ fn a_service_account_token_restore_wait_mounts_stays_for_it_but_is_not_the_helpe
         .collect();
     assert_eq!(mounts, [home.as_str()]);
     assert_eq!(restore_helper(&got, &options()), got, "idempotent");
-    let notes = velero_jupyterhub::policy::restore::explain(&pod, &got).join("\n");
+    let notes = velero_jupyterhub_policy::restore::explain(&pod, &got).join("\n");
     assert!(
         notes.contains(&format!("volume {token}: kept for restore-wait only")),
         "{notes}"

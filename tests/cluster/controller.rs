@@ -5,16 +5,14 @@
 //! kubelet (pod phases). The helpers run in a namespace that enforces Pod Security
 //! `restricted`, so a helper spec a locked-down cluster would refuse fails here.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Namespace;
 use kube::Api;
 use kube::api::{ListParams, PostParams};
 use serde_json::json;
-use support::cluster::{self, eventually, from_json, unique};
-use support::controller::{
+use testkit::cluster::{self, eventually, from_json, unique};
+use testkit::controller::{
     Setup, dynamic, pod_volume_backup, restricted_user_pod, set_status, two_running_helpers,
     velero_creates_backup,
 };
@@ -114,7 +112,7 @@ async fn idle_claims_get_helpers_in_a_window_and_lose_them_to_their_user_and_whe
     let backup = velero_creates_backup(&setup, "homes", tick, "InProgress").await;
     // Velero copies Bob's home through his helper while the Backup runs (its watch
     // event comes well before the Backup's Completed one); a Backup without it would start
-    // a wave for him instead (cluster_waves).
+    // a wave for him instead (cluster::waves).
     pod_volume_backup(
         &setup,
         &backup,
@@ -1285,7 +1283,7 @@ async fn a_namespace_that_opts_in_later_is_planned_with_the_pods_it_already_hold
         .expect("opt in");
     let helper_names = || async {
         let mut names: Vec<String> = late_pods
-            .list(&ListParams::default().labels(support::controller::HELPER_SELECTOR))
+            .list(&ListParams::default().labels(testkit::controller::HELPER_SELECTOR))
             .await
             .expect("list")
             .items

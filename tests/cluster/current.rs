@@ -2,13 +2,11 @@
 //! the Pod Security `restricted` profile as a locked-down cluster enforces it. Runs on the
 //! current test server (scripts/test.sh); it fails, saying so, on an older one.
 
-mod support;
-
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::Api;
 use kube::api::{DeleteParams, PostParams};
 use serde_json::json;
-use support::cluster;
+use testkit::cluster;
 
 /// A namespace labelled like manifests/namespace.yaml (which enforces the `restricted`
 /// profile, as a locked-down cluster would) under a name of this test's own.

@@ -1,20 +1,18 @@
 //! Table test of `policy::status`: one row per user claim, who holds it, its last
 //! completed backup (from restorable Backups only), and whether it is stale.
 
-mod support;
-
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use serde_json::json;
-use support::fixtures;
-use velero_jupyterhub::policy::plan::ClaimView;
-use velero_jupyterhub::policy::status::{Holder, PvbDone, rows};
+use testkit::fixtures;
+use velero_jupyterhub_policy::plan::ClaimView;
+use velero_jupyterhub_policy::status::{Holder, PvbDone, rows};
 
 fn pod(
     name: &str,
     claim: &str,
     labels: serde_json::Value,
     phase: &str,
-) -> velero_jupyterhub::policy::PodRecord {
+) -> velero_jupyterhub_policy::PodRecord {
     fixtures::record(&json!({
         "metadata": {"name": name, "namespace": "jhub", "uid": name, "labels": labels},
         "spec": {"containers": [{"name": "c", "volumeMounts": [{"name": "v", "mountPath": "/v"}]}],

@@ -2,17 +2,15 @@
 //! tests/fixtures/velero-backup-schedule-restore.example.yaml, the times Velero's
 //! schedule controller would produce (pkg/controller/schedule_controller.go, v1.18).
 
-mod support;
-
 use std::collections::BTreeMap;
 
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use serde_json::{Value, json};
-use support::fixtures;
-use velero_jupyterhub::names;
-use velero_jupyterhub::policy::helper;
-use velero_jupyterhub::policy::velero::{ScheduleSpec, ScheduleStatus};
-use velero_jupyterhub::policy::window::{
+use testkit::fixtures;
+use velero_jupyterhub_policy::helper;
+use velero_jupyterhub_policy::names;
+use velero_jupyterhub_policy::velero::{ScheduleSpec, ScheduleStatus};
+use velero_jupyterhub_policy::window::{
     BackupView, ManualWindow, ScheduleProblem, ScheduleView, WindowOptions, windows,
 };
 
