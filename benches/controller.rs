@@ -4,7 +4,7 @@
 //!    p99 over 100 spawns;
 //! 2. memory: RSS of `velero-jupyterhub controller` (the release binary, its own process)
 //!    watching 10,000 user claims and 10,000 pods (goal ≤ 64 MiB);
-//! 3. a simulated night (issue 11): 2,000 idle claims on CSI volumes, 10 user nodes whose
+//! 3. a simulated night: 2,000 idle claims on CSI volumes, 10 user nodes whose
 //!    CSINodes allow 16 attachments and 110 pods each, Velero's part played with each
 //!    Backup taking 10 s: every claim backed up, the waves and the time it took, and the
 //!    most helpers bound at once on a node and overall, from a watch of the pods.

@@ -3,7 +3,7 @@
 //! helpers to delete because their user just started, elsewhere or on the same node, and
 //! a PodVolumeBackup for every other helper). Goal: ≤ 50 ms.
 //!
-//! And the next wave for 10,000 idle claims over 100 nodes (issue 11): attach limit 16
+//! And the next wave for 10,000 idle claims over 100 nodes: attach limit 16
 //! and 110 pods per node, backups spread over the last month, a tenth of the claims zonal
 //! (three eligible nodes each), some never backed up. Goal: ≤ 50 ms.
 

@@ -2,8 +2,6 @@
 //! stdin or a file, answered exactly as `serve` would), `controller` (the reconciler for
 //! idle users) and `backup` (one Backup of a namespace now). Most flags are also env vars.
 
-use std::collections::HashMap;
-use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,6 +11,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use k8s_openapi::api::core::v1::Toleration;
 
+use crate::names;
 use crate::policy::ClaimGlobs;
 use crate::policy::helper::HelperOptions;
 use crate::policy::restore::RestoringClaim;
@@ -20,7 +19,6 @@ use crate::server::{self, TlsSource};
 use crate::telemetry::{self, LogFormat};
 use crate::tls::PemFiles;
 use crate::webhook::serve::ServeOptions;
-use crate::{admission, names};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -85,7 +83,7 @@ pub struct StatusArgs {
     pub namespace: Option<String>,
     /// `table` (with a summary line) or `json`.
     #[arg(long, short = 'o', value_enum, default_value = "table")]
-    pub output: crate::status::Output,
+    pub output: crate::commands::status::Output,
     /// A claim whose last completed backup is older than this is STALE.
     #[arg(long, env = "VJH_STALE_AFTER", default_value = "26h", value_parser = humantime::parse_duration)]
     pub stale_after: Duration,
@@ -147,8 +145,8 @@ pub struct RestoreArgs {
 }
 
 impl RestoreArgs {
-    pub fn options(self) -> crate::restore::Options {
-        crate::restore::Options {
+    pub fn options(self) -> crate::commands::restore::Options {
+        crate::commands::restore::Options {
             namespace: self.namespace,
             velero_namespace: self.velero_namespace,
             backup: self.from_backup.unwrap_or_default(),
@@ -207,8 +205,8 @@ pub struct BackupArgs {
 }
 
 impl BackupArgs {
-    pub fn options(self) -> crate::backup::Options {
-        crate::backup::Options {
+    pub fn options(self) -> crate::commands::backup::Options {
+        crate::commands::backup::Options {
             namespace: self.namespace,
             velero_namespace: self.velero_namespace,
             storage_location: self.storage_location,
@@ -660,7 +658,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             telemetry::init(cli.log_format, &cli.log_level)?;
             serve(*args).await.map(|()| 0)
         }
-        Command::Review(args) => review(args),
+        Command::Review(args) => crate::commands::review::run(args),
         Command::Controller(args) => {
             telemetry::init(cli.log_format, &cli.log_level)?;
             controller(*args).await.map(|()| 0)
@@ -675,18 +673,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
 /// (the rows say which); errors exit 1.
 async fn status(args: StatusArgs) -> anyhow::Result<i32> {
     let client = tool_client().await?;
-    let options = crate::status::Options {
+    let options = crate::commands::status::Options {
         namespace: args.namespace,
         velero_namespace: args.velero_namespace,
         stale_after: args.stale_after,
         default_claims: Arc::new(args.claims),
     };
-    let rows = crate::status::run(client, &options).await?;
+    let rows = crate::commands::status::run(client, &options).await?;
     match args.output {
-        crate::status::Output::Table => print!("{}", crate::status::table(&rows, args.stale_after)),
-        crate::status::Output::Json => println!(
+        crate::commands::status::Output::Table => print!(
             "{}",
-            serde_json::to_string_pretty(&crate::status::json(&rows, args.stale_after))?
+            crate::commands::status::table(&rows, args.stale_after)
+        ),
+        crate::commands::status::Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&crate::commands::status::json(&rows, args.stale_after))?
         ),
     }
     Ok(if rows.iter().any(|r| r.stale) { 2 } else { 0 })
@@ -707,14 +708,14 @@ async fn restore(args: RestoreArgs) -> anyhow::Result<i32> {
     let client = tool_client().await?;
     let options = args.options();
     let mut stderr = std::io::stderr();
-    match crate::restore::run(client, &options, &mut stderr).await? {
-        crate::restore::Finished::Started { restores } => {
+    match crate::commands::restore::run(client, &options, &mut stderr).await? {
+        crate::commands::restore::Finished::Started { restores } => {
             for restore in restores {
                 println!("{restore}");
             }
             Ok(0)
         }
-        crate::restore::Finished::Done(report) => {
+        crate::commands::restore::Finished::Done(report) => {
             print!("{}", report.table());
             Ok(if report.complete() { 0 } else { 2 })
         }
@@ -727,12 +728,12 @@ async fn backup(args: BackupArgs) -> anyhow::Result<i32> {
     let client = tool_client().await?;
     let options = args.options();
     let mut stderr = std::io::stderr();
-    match crate::backup::run(client, &options, &mut stderr).await? {
-        crate::backup::Finished::Started { backup } => {
+    match crate::commands::backup::run(client, &options, &mut stderr).await? {
+        crate::commands::backup::Finished::Started { backup } => {
             println!("{backup}");
             Ok(0)
         }
-        crate::backup::Finished::Done(report) => {
+        crate::commands::backup::Finished::Done(report) => {
             print!("{}", report.table());
             Ok(if report.complete() { 0 } else { 2 })
         }
@@ -889,88 +890,6 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
             _ = int.recv() => tracing::info!("SIGINT received"),
         }
     })
-}
-
-fn review(args: ReviewArgs) -> anyhow::Result<i32> {
-    let mut body = Vec::new();
-    match args.file.as_deref() {
-        Some(path) if path.as_os_str() != "-" => {
-            body = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        }
-        _ => {
-            std::io::stdin()
-                .read_to_end(&mut body)
-                .context("reading stdin")?;
-        }
-    }
-    if args.pod {
-        body = match admission::pod_create_review(&body) {
-            Ok(review) => review,
-            Err(e) => {
-                eprintln!("velero-jupyterhub review --pod: {e}");
-                return Ok(2);
-            }
-        };
-    }
-    // As `serve` sees them: a namespace's annotation, else the default.
-    let default = Arc::new(args.claims);
-    let overrides: HashMap<String, Arc<ClaimGlobs>> = args
-        .namespace_claims
-        .into_iter()
-        .map(|(ns, g)| (ns, Arc::new(g)))
-        .collect();
-    let helper = Arc::new(HelperOptions::with_image(&args.helper_image));
-    let scope_for = |ns: &str| admission::Scope {
-        claims: overrides.get(ns).unwrap_or(&default).clone(),
-        helper,
-        restoring: args.restoring,
-        claims_now: args.claim_exists,
-    };
-    let reviewed = match admission::review(&body, scope_for, args.explain) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("velero-jupyterhub review: {e}");
-            return Ok(2);
-        }
-    };
-    let mut stdout = std::io::stdout().lock();
-    stdout.write_all(&reviewed.body)?;
-    stdout.write_all(b"\n")?;
-    if args.explain {
-        eprint!("{}", explain_text(&reviewed));
-    }
-    Ok(0)
-}
-
-/// The `--explain` report: the verdict, then one line per volume.
-pub fn explain_text(r: &admission::Reviewed) -> String {
-    let mut out = format!(
-        "{} {}: {}\n",
-        r.object.as_deref().unwrap_or("(not a pod)"),
-        r.uid,
-        r.outcome.as_str()
-    );
-    if let Some(detail) = &r.detail {
-        out.push_str(&format!("  {detail}\n"));
-    }
-    for note in &r.notes {
-        out.push_str(&format!("  {note}\n"));
-    }
-    for v in &r.explanation {
-        let claim = v
-            .claim
-            .as_deref()
-            .map(|c| format!(" (claim {c})"))
-            .unwrap_or_default();
-        out.push_str(&format!("  {}{}: {}\n", v.volume, claim, v.reason));
-    }
-    if let Ok(Some(patch)) = admission::decode_patch(&r.body) {
-        out.push_str(&format!(
-            "  patch: {}\n",
-            serde_json::to_string(&patch).unwrap_or_default()
-        ));
-    }
-    out
 }
 
 /// `--pass-deadline`: over the 5 minutes between passes, so an idle loop is not taken for

@@ -18,14 +18,12 @@ pub use velero_jupyterhub_policy as policy;
 pub use velero_jupyterhub_policy::names;
 
 pub mod admission;
-pub mod backup;
 pub mod cli;
 pub mod cluster;
+pub mod commands;
 pub mod controller;
 pub mod metrics;
-pub mod restore;
 pub mod server;
-pub mod status;
 pub mod telemetry;
 pub mod tls;
 pub mod webhook;

@@ -1,4 +1,4 @@
-//! Table tests of the live-session decision (SPEC 3.1) on real pod shapes, from request
+//! Table tests of the live-session decision on real pod shapes, from request
 //! bytes to response bytes, through the same `admission::review` the server uses.
 
 use k8s_openapi::api::core::v1::Pod;

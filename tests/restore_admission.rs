@@ -1,4 +1,4 @@
-//! The restore path at the admission edge (issue 9): a pod Velero re-creates in a restore
+//! The restore path at the admission edge: a pod Velero re-creates in a restore
 //! is answered with the patch that makes it a restore helper, by every entry alike; the
 //! patched pod needs nothing more; a user server on a claim being restored is refused
 //! with a clear message; `review --explain` says what the conversion did.

@@ -1,4 +1,4 @@
-//! Property tests of the restore conversion (`policy::restore`, issue 9) over generated
+//! Property tests of the restore conversion (`policy::restore`) over generated
 //! re-created pods: idempotent, `restore-wait` never changed or moved, no kept volume
 //! read-only, and exactly the volumes `restore-wait` mounts kept.
 

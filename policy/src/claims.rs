@@ -1,6 +1,6 @@
 //! Which PersistentVolumeClaims hold user data: a list of shell-style globs.
 //!
-//! The same set drives live annotation, idle helpers and status (SPEC §2), so they
+//! The same set drives live annotation, idle helpers and status, so they
 //! always agree on what a user claim is.
 
 use std::fmt;

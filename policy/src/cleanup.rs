@@ -1,4 +1,4 @@
-//! SPEC §3.2, the controller's part of a restore: when is a restore helper done, and what
+//! The controller's part of a restore: when is a restore helper done, and what
 //! do we say about it? Velero's node-agent fills each restored volume through a
 //! PodVolumeRestore labelled `velero.io/pod-uid=<the helper's uid>`
 //! (pkg/podvolume/restorer.go); once all of a helper's are terminal, the helper has done

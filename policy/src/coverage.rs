@@ -1,4 +1,4 @@
-//! Which user claims a Backup covers, and why not (issue 8 item 5: `velero-jupyterhub
+//! Which user claims a Backup covers, and why not (`velero-jupyterhub
 //! backup`). Two moments: before the Backup, who holds each user claim and whether it is
 //! ready ([`claim_states`]); after it, what Velero made of each ([`outcomes`]).
 //!

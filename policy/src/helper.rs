@@ -1,5 +1,5 @@
 //! The backup helper: a tiny pod that mounts an idle user's claim so Velero's
-//! file-system backup, which copies only volumes of Running pods, copies it (SPEC §3.3).
+//! file-system backup, which copies only volumes of Running pods, copies it.
 //!
 //! Everything here is deterministic: the same claim and options give the same pod, so a
 //! second controller (or a restarted one) asks for the same name and cannot duplicate it.

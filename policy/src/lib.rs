@@ -17,7 +17,7 @@ pub mod cleanup;
 pub mod coverage;
 pub mod cron;
 pub mod helper;
-pub mod lease;
+pub mod leader;
 pub mod live;
 pub mod liveness;
 pub mod names;

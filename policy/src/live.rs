@@ -1,4 +1,4 @@
-//! SPEC 3.1: which volumes of a live JupyterHub user pod Velero must back up.
+//! Which volumes of a live JupyterHub user pod Velero must back up.
 //!
 //! Velero's file-system backup copies a pod volume only when it is named in
 //! `backup.velero.io/backup-volumes`, mounted by a regular container and the pod is

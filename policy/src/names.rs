@@ -1,7 +1,7 @@
 //! Every label and annotation name the project reads or writes, in one place.
 //!
-//! Velero's and KubeSpawner's names are facts about those projects (SPEC §1); the
-//! `velero-jupyterhub.io/*` names are ours (SPEC §2).
+//! Velero's and KubeSpawner's names are facts about those projects; the
+//! `velero-jupyterhub.io/*` names are ours.
 
 // --- Velero -------------------------------------------------------------------------
 

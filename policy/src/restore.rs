@@ -1,4 +1,4 @@
-//! SPEC §3.2 (issue 9, first part): a pod Velero re-creates in a restore becomes a
+//! A pod Velero re-creates in a restore becomes a
 //! restore helper: a pod whose only job is to let Velero's `restore-wait` init container
 //! and node-agent fill its volumes, and that cannot start a stale notebook server.
 //!

@@ -1,4 +1,4 @@
-//! `velero-jupyterhub restore` (SPEC §3.2), the decisions: may the restore start, and what
+//! `velero-jupyterhub restore`, the decisions: may the restore start, and what
 //! happened to each claim?
 //!
 //! Velero restores a volume's files only through a pod it re-creates

@@ -1,4 +1,4 @@
-//! `velero-jupyterhub status` (SPEC §3.4, issue 10): is every user's home in a recent
+//! `velero-jupyterhub status`: is every user's home in a recent
 //! backup? One row per user claim: who holds it now, and its last completed file-system
 //! backup.
 //!
@@ -139,7 +139,7 @@ pub fn rows(
 
 /// The newest restorable Backup holding one of `claims` of `namespace` (a Completed
 /// PodVolumeBackup of it): what `restore --latest` restores a user from. Any Backup
-/// counts: a Schedule's own, a wave's (issue 11), one of `velero-jupyterhub backup`.
+/// counts: a Schedule's own, a wave's, one of `velero-jupyterhub backup`.
 pub fn newest_backup_of(
     pvbs: &[PvbDone<'_>],
     restorable: impl Fn(&str) -> bool,

@@ -1,5 +1,5 @@
 //! Backup windows: when idle users' claims must be mounted so a Schedule's Backup sees
-//! them (SPEC §3.3, issue 8 item 1).
+//! them.
 //!
 //! A window opens `lead` before a Schedule's next tick and closes when the Backup that
 //! Schedule created for the tick is terminal, or `max_window` after it opened. Everything

@@ -1,4 +1,4 @@
-//! Table tests of the reconciler's plan (issue 8 items 2–4) on real object shapes: the
+//! Table tests of the reconciler's plan on real object shapes: the
 //! z2jh user pod and its claim (tests/fixtures), our helper pod as `policy::helper`
 //! builds it, and PodVolumeBackups as Velero writes them.
 

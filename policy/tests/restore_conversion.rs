@@ -1,4 +1,4 @@
-//! Table tests of the restore conversion (`policy::restore`, issue 9's first part) on
+//! Table tests of the restore conversion (`policy::restore`) on
 //! pods as Velero re-creates them: the fixture's Velero-re-created helper
 //! (tests/fixtures/velero-helper-pod-and-restored-pod.example.yaml) and the z2jh user pod
 //! with Velero's changes applied as pkg/restore/restore.go and

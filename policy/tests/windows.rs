@@ -1,4 +1,4 @@
-//! Table tests of backup windows (issue 8 item 1): Schedules and Backups shaped as in
+//! Table tests of backup windows: Schedules and Backups shaped as in
 //! tests/fixtures/velero-backup-schedule-restore.example.yaml, the times Velero's
 //! schedule controller would produce (pkg/controller/schedule_controller.go, v1.18).
 

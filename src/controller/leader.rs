@@ -1,5 +1,5 @@
 //! Leader election over a `coordination.k8s.io/v1` Lease, as client-go's leaderelection
-//! does it (kube-runtime has none). The decision is `policy::lease::decide`; every write
+//! does it (kube-runtime has none). The decision is `policy::leader::decide`; every write
 //! carries the resourceVersion it was decided on, so of two candidates only one wins.
 
 use std::time::{Duration, Instant};
@@ -11,7 +11,7 @@ use kube::api::{Api, PostParams};
 use tracing::{debug, info, warn};
 
 use super::Config;
-use crate::policy::lease::{LeaseAction, LeaseView, decide};
+use crate::policy::leader::{LeaseAction, LeaseView, decide, view};
 
 /// The Lease's default name in the controller's namespace.
 pub const LEASE_NAME: &str = "velero-jupyterhub-controller";
@@ -229,24 +229,6 @@ impl Leading<'_> {
     }
 }
 
-fn view(spec: &LeaseSpec) -> LeaseView<'_> {
-    LeaseView {
-        holder: spec.holder_identity.as_deref(),
-        renewed: spec.renew_time.as_ref().map(|t| t.0),
-        duration: SignedDuration::from_secs(spec.lease_duration_seconds.unwrap_or(15).into()),
-    }
-}
-
-/// Who leads through this Lease at `now`, if anyone (a holder that stopped renewing does
-/// not count).
-pub fn current_leader(lease: &Lease, now: Timestamp) -> Option<String> {
-    let spec = lease.spec.as_ref()?;
-    match decide(Some(&view(spec)), "", now) {
-        LeaseAction::Wait { .. } => spec.holder_identity.clone(),
-        _ => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -262,26 +244,5 @@ mod tests {
                 Duration::from_secs(10)
             )
         );
-    }
-
-    #[test]
-    fn the_current_leader_is_a_holder_that_still_renews() {
-        let now = Timestamp::from_second(1_800_000_000).unwrap();
-        let lease = |holder: Option<&str>, renewed_ago: i64| Lease {
-            spec: Some(LeaseSpec {
-                holder_identity: holder.map(str::to_owned),
-                renew_time: Some(MicroTime(now - SignedDuration::from_secs(renewed_ago))),
-                lease_duration_seconds: Some(15),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        assert_eq!(
-            current_leader(&lease(Some("a"), 5), now).as_deref(),
-            Some("a")
-        );
-        assert_eq!(current_leader(&lease(Some("a"), 16), now), None, "expired");
-        assert_eq!(current_leader(&lease(None, 1), now), None, "released");
-        assert_eq!(current_leader(&Lease::default(), now), None);
     }
 }

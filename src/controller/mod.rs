@@ -1,4 +1,4 @@
-//! `velero-jupyterhub controller`: the reconciler for idle users (issue 8). One replica at
+//! `velero-jupyterhub controller`: the reconciler for idle users. One replica at
 //! a time leads (a Lease, `leader.rs`); the leader watches namespaces, claims, pods and
 //! Velero's Schedules, Backups and PodVolumeBackups (`stores.rs`), plans with
 //! `policy::window` and `policy::plan` whenever something changes or a window is due to
@@ -7,11 +7,11 @@
 
 pub mod apply;
 pub mod certs;
+pub mod cleanup;
 pub mod heartbeat;
 pub mod leader;
 pub mod pods;
 pub mod reconcile;
-pub mod restores;
 pub mod snapshot;
 pub mod stores;
 pub mod views;

@@ -16,7 +16,7 @@ use super::heartbeat::Heartbeat;
 
 use super::Config;
 use super::apply::{Applier, PodPatch, PodPatchKind, ReportOnce, Write, claim_reference};
-use super::restores::RestoreCleanup;
+use super::cleanup::RestoreCleanup;
 use super::snapshot::Snapshot;
 use super::stores::Stores;
 use super::views::{OptedIn, Views};
@@ -70,7 +70,7 @@ pub async fn run(
     }
     info!("watches listed: reconciling");
     heartbeat.listed();
-    let restores = RestoreCleanup::new(client.clone(), metrics.clone(), config.failed_helper_ttl);
+    let cleanup = RestoreCleanup::new(client.clone(), metrics.clone(), config.failed_helper_ttl);
     let events = EventSink::new(Some(client.clone()));
     let waves = Waves::new(
         RunOptions {
@@ -84,7 +84,7 @@ pub async fn run(
         metrics.clone(),
     );
     let mut reconciler = Reconciler {
-        restores,
+        cleanup,
         waves,
         coverage_at: None,
         coverage_series: HashSet::new(),
@@ -144,7 +144,7 @@ struct Reconciler {
     /// Helpers reported as not running, by uid.
     stuck_reported: ReportOnce<String>,
     /// Restore helpers done with.
-    restores: RestoreCleanup,
+    cleanup: RestoreCleanup,
     /// Idle claims beyond what fits at once: runs of waves.
     waves: Waves,
     /// When the coverage metrics were last worked out, and the claims they have series for.
@@ -183,7 +183,7 @@ impl Reconciler {
         let uids = &v.claim_uids;
         let (stuck, next_stuck) = plan::stuck_helpers(&v.pods, now, STUCK_AFTER);
         self.report_stuck(&stuck, uids);
-        let (restore_deletes, next_failed_expiry) = self.restores.pass(&snap, &v.pods, uids, now);
+        let (restore_deletes, next_failed_expiry) = self.cleanup.pass(&snap, &v.pods, uids, now);
         let coverage = CoverageInput {
             globs: &v.globs,
             claims: &v.claims,

@@ -1,4 +1,4 @@
-//! Idle users at scale (issue 11), the edge: reads the stores into the views
+//! Idle users at scale, the edge: reads the stores into the views
 //! `policy::waves` decides on, and turns its decisions into writes for the reconciler to
 //! apply: window helpers limited to what fits (and pinned to the node chosen), each
 //! Schedule's run of waves after its tick (helpers, wave Backups), Events and metrics.

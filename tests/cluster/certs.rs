@@ -1,4 +1,4 @@
-//! Self-managed certificates (issue 10) on the real API server: the controller's
+//! Self-managed certificates on the real API server: the controller's
 //! certificate keeper and two webhook replicas, each with its ServiceAccount token and
 //! the manifests' RBAC, behind a round-robin TCP proxy the API server calls. CAs and
 //! serving certificates live seconds instead of months, so several renewals and CA

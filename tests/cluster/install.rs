@@ -1,4 +1,4 @@
-//! `kubectl apply -k manifests/` with no other step (issue 10), on an API server of its
+//! `kubectl apply -k manifests/` with no other step, on an API server of its
 //! own (the install registers the cluster-wide webhook configuration and policies, which
 //! the tests sharing the main server must not see). kubectl is the one of the test
 //! server's version (`scripts/kube-envtest.sh kubectl` builds it; scripts/test.sh sets

@@ -1,4 +1,4 @@
-//! The API server restarts in the middle of a backup window (issue 8): no duplicate
+//! The API server restarts in the middle of a backup window: no duplicate
 //! helpers, none leaked, and every watch resumes. The test runs its own API server (its
 //! own run dir and ports, `scripts/kube-envtest.sh`), because restarting the shared one
 //! would break the tests running beside it; `restart-apiserver` stops and starts

@@ -1,4 +1,4 @@
-//! Restores against the real API server (issue 9): the test plays Velero exactly as its
+//! Restores against the real API server: the test plays Velero exactly as its
 //! source does (v1.18, cited per step), our webhook and controller run as the manifests'
 //! ServiceAccounts, the real kube-scheduler places the restore helpers, and the test plays
 //! the node-agent's PodVolumeRestores and KubeSpawner's spawn during the restore.

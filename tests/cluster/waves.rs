@@ -1,4 +1,4 @@
-//! Idle users at scale (issue 11) against the real API server and the real scheduler: a
+//! Idle users at scale against the real API server and the real scheduler: a
 //! night in miniature. 60 idle claims on CSI volumes, 3 nodes whose CSINodes allow 4
 //! attachments each. The test plays the kubelet (helpers Running once bound; one never
 //! starts) and Velero: its schedule controller (pkg/controller/schedule_controller.go:
@@ -320,9 +320,9 @@ async fn a_night_of_waves_backs_up_every_idle_claim_within_the_limits() {
         .expect("a claim")
         .to_owned();
     let own = format!("homes-{}", tick.strftime("%Y%m%d%H%M%S"));
-    let rows = velero_jupyterhub::status::run(
+    let rows = velero_jupyterhub::commands::status::run(
         setup.client.clone(),
-        &velero_jupyterhub::status::Options {
+        &velero_jupyterhub::commands::status::Options {
             namespace: Some(setup.users.clone()),
             velero_namespace: setup.velero.clone(),
             stale_after: Duration::from_secs(3600),
@@ -346,7 +346,7 @@ async fn a_night_of_waves_backs_up_every_idle_claim_within_the_limits() {
     let failed_claim = failed.iter().next().expect("a failed claim").clone();
     assert_eq!(last_of(&failed_claim), None, "a failed wave is no backup");
     let latest = |users: &[&str]| {
-        let options = velero_jupyterhub::restore::Options {
+        let options = velero_jupyterhub::commands::restore::Options {
             namespace: setup.users.clone(),
             velero_namespace: setup.velero.clone(),
             backup: String::new(),
@@ -362,7 +362,7 @@ async fn a_night_of_waves_backs_up_every_idle_claim_within_the_limits() {
         };
         let client = setup.client.clone();
         async move {
-            velero_jupyterhub::restore::latest_backup(&client, &options)
+            velero_jupyterhub::commands::restore::latest_backup(&client, &options)
                 .await
                 .map_err(|e| format!("{e:#}"))
         }
@@ -395,7 +395,7 @@ async fn a_night_of_waves_backs_up_every_idle_claim_within_the_limits() {
             w.metadata.name
         );
     }
-    let options = velero_jupyterhub::restore::Options {
+    let options = velero_jupyterhub::commands::restore::Options {
         namespace: setup.users.clone(),
         velero_namespace: setup.velero.clone(),
         backup: String::new(),
@@ -409,7 +409,7 @@ async fn a_night_of_waves_backs_up_every_idle_claim_within_the_limits() {
         default_claims: setup.config.default_claims.clone(),
         poll: Duration::from_secs(1),
     };
-    let refused = velero_jupyterhub::restore::tick_of(&setup.client, &options, "homes")
+    let refused = velero_jupyterhub::commands::restore::tick_of(&setup.client, &options, "homes")
         .await
         .expect_err("a failed wave");
     let failed_wave = waves

@@ -4,6 +4,7 @@
 //! guarded by the Lease's resourceVersion at the edge, so two candidates cannot both win.
 
 use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 
 /// What the decision reads from a Lease.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,9 +45,29 @@ pub fn decide(lease: Option<&LeaseView<'_>>, me: &str, now: Timestamp) -> LeaseA
     }
 }
 
+/// What the decision reads from a Lease's spec (client-go's default duration: 15 s).
+pub fn view(spec: &LeaseSpec) -> LeaseView<'_> {
+    LeaseView {
+        holder: spec.holder_identity.as_deref(),
+        renewed: spec.renew_time.as_ref().map(|t| t.0),
+        duration: SignedDuration::from_secs(spec.lease_duration_seconds.unwrap_or(15).into()),
+    }
+}
+
+/// Who leads through this Lease at `now`, if anyone (a holder that stopped renewing does
+/// not count).
+pub fn current_leader(lease: &Lease, now: Timestamp) -> Option<String> {
+    let spec = lease.spec.as_ref()?;
+    match decide(Some(&view(spec)), "", now) {
+        LeaseAction::Wait { .. } => spec.holder_identity.clone(),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 
     #[test]
     fn table() {
@@ -105,5 +126,26 @@ mod tests {
         for (name, lease, now, want) in cases {
             assert_eq!(decide(lease.as_ref(), "me", now), want, "{name}");
         }
+    }
+
+    #[test]
+    fn the_current_leader_is_a_holder_that_still_renews() {
+        let now = Timestamp::from_second(1_800_000_000).unwrap();
+        let lease = |holder: Option<&str>, renewed_ago: i64| Lease {
+            spec: Some(LeaseSpec {
+                holder_identity: holder.map(str::to_owned),
+                renew_time: Some(MicroTime(now - SignedDuration::from_secs(renewed_ago))),
+                lease_duration_seconds: Some(15),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            current_leader(&lease(Some("a"), 5), now).as_deref(),
+            Some("a")
+        );
+        assert_eq!(current_leader(&lease(Some("a"), 16), now), None, "expired");
+        assert_eq!(current_leader(&lease(None, 1), now), None, "released");
+        assert_eq!(current_leader(&Lease::default(), now), None);
     }
 }

@@ -4,7 +4,6 @@
 //! `policy::status`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +13,7 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, ListParams};
 use serde_json::json;
 
-use crate::backup::human_bytes;
+use super::report::{Table, bytes_cell};
 use crate::cluster::list_all;
 use crate::cluster::velero::{Backup, PodVolumeBackup};
 use crate::names;
@@ -125,36 +124,36 @@ pub async fn run(client: kube::Client, o: &Options) -> anyhow::Result<Vec<Row>> 
 
 /// The table, with a summary line.
 pub fn table(rows: &[Row], stale_after: Duration) -> String {
-    let w = |f: &dyn Fn(&Row) -> usize, min: usize| rows.iter().map(f).max().unwrap_or(0).max(min);
-    let (wn, wu, wc) = (
-        w(&|r| r.namespace.len(), 9),
-        w(&|r| r.user.as_deref().map_or(1, str::len), 4),
-        w(&|r| r.claim.len(), 5),
-    );
-    let wb = w(&|r| r.last.as_ref().map_or(1, |l| l.backup.len()), 6);
-    let mut out = format!(
-        "{:wn$}  {:wu$}  {:wc$}  {:13}  {:20}  {:wb$}  {:>9}\n",
-        "NAMESPACE", "USER", "CLAIM", "STATE", "LAST BACKUP", "BACKUP", "BYTES"
-    );
+    let mut table = Table::default()
+        .left("NAMESPACE", 9)
+        .left("USER", 4)
+        .left("CLAIM", 5)
+        .left("STATE", 13)
+        .left("LAST BACKUP", 20)
+        .left("BACKUP", 6)
+        .right("BYTES", 9)
+        .left("", 0);
     for r in rows {
         let (at, backup, bytes) = match &r.last {
             Some(l) => (
                 l.at.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
                 l.backup.clone(),
-                l.bytes.map_or_else(|| "-".to_owned(), human_bytes),
+                bytes_cell(l.bytes),
             ),
             None => ("never".to_owned(), "-".to_owned(), "-".to_owned()),
         };
-        let _ = writeln!(
-            out,
-            "{:wn$}  {:wu$}  {:wc$}  {:13}  {at:20}  {backup:wb$}  {bytes:>9}{}",
-            r.namespace,
-            r.user.as_deref().unwrap_or("-"),
-            r.claim,
-            r.holder.as_str(),
-            if r.stale { "  STALE" } else { "" }
-        );
+        table.row(vec![
+            r.namespace.clone(),
+            r.user.clone().unwrap_or_else(|| "-".to_owned()),
+            r.claim.clone(),
+            r.holder.as_str().to_owned(),
+            at,
+            backup,
+            bytes,
+            if r.stale { "STALE" } else { "" }.to_owned(),
+        ]);
     }
+    let mut out = table.render();
     out.push_str(&summary(rows, stale_after));
     out.push('\n');
     out

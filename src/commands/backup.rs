@@ -1,5 +1,5 @@
 //! `velero-jupyterhub backup --namespace NS`: a Velero Backup of one namespace, now, with
-//! every idle user's home in it (issue 8 item 5).
+//! every idle user's home in it.
 //!
 //! It opens the namespace's own backup window (annotations the controller honours, see
 //! `policy::window::ManualWindow`), waits until the controller's helpers run, creates the
@@ -21,10 +21,11 @@ use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use serde_json::json;
 
+use super::report::{Table, bytes_cell, human_bytes};
 use crate::cluster::velero::{Backup, PodVolumeBackup};
-use crate::controller::leader::current_leader;
 use crate::names;
 use crate::policy::coverage::{self, ClaimState, Outcome, PvbFacts};
+use crate::policy::leader::current_leader;
 use crate::policy::window::{BackupView, ManualWindow};
 use crate::policy::{ClaimGlobs, ClaimRecord, NamespacePolicy, PodRecord, velero};
 
@@ -71,32 +72,28 @@ impl Report {
 
     /// The table `backup --wait` prints.
     pub fn table(&self) -> String {
-        let width = self
-            .rows
-            .iter()
-            .map(|(c, _)| c.len())
-            .max()
-            .unwrap_or(5)
-            .max(5);
-        let mut out = format!(
-            "{:width$}  {:14}  {:>9}  DETAIL\n",
-            "CLAIM", "RESULT", "BYTES"
-        );
+        let mut table = Table::default()
+            .left("CLAIM", 5)
+            .left("RESULT", 14)
+            .right("BYTES", 9)
+            .left("DETAIL", 0);
         for (claim, outcome) in &self.rows {
-            let _ = match outcome {
-                Outcome::BackedUp { pod, bytes } => writeln!(
-                    out,
-                    "{claim:width$}  {:14}  {:>9}  from pod {pod}",
-                    "backed up",
-                    bytes.map_or_else(|| "-".to_owned(), human_bytes),
-                ),
-                Outcome::NotBackedUp { reason } => writeln!(
-                    out,
-                    "{claim:width$}  {:14}  {:>9}  {reason}",
-                    "NOT backed up", "-"
-                ),
-            };
+            table.row(match outcome {
+                Outcome::BackedUp { pod, bytes } => vec![
+                    claim.clone(),
+                    "backed up".to_owned(),
+                    bytes_cell(*bytes),
+                    format!("from pod {pod}"),
+                ],
+                Outcome::NotBackedUp { reason } => vec![
+                    claim.clone(),
+                    "NOT backed up".to_owned(),
+                    "-".to_owned(),
+                    reason.clone(),
+                ],
+            });
         }
+        let mut out = table.render();
         let missing = self
             .rows
             .iter()
@@ -622,21 +619,6 @@ async fn follow(
     }
 }
 
-pub(crate) fn human_bytes(b: i64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -655,12 +637,5 @@ mod tests {
         // Cut where the namespace has a dash: no double dash.
         let dashed = "a".repeat(43) + "-bbbb";
         assert!(!backup_name(&dashed, now).contains("--"));
-    }
-
-    #[test]
-    fn bytes_for_people() {
-        assert_eq!(human_bytes(512), "512 B");
-        assert_eq!(human_bytes(4096), "4.0 KiB");
-        assert_eq!(human_bytes(3 << 30), "3.0 GiB");
     }
 }

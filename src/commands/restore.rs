@@ -18,7 +18,8 @@ use kube::api::{Api, ListParams, PostParams};
 use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use serde_json::json;
 
-use crate::backup::{backup_name, human_bytes};
+use super::backup::backup_name;
+use super::report::{Table, bytes_cell, human_bytes};
 use crate::cluster::velero::{Backup, PodVolumeBackup, PodVolumeRestore, Restore};
 use crate::names;
 use crate::policy::restore_report::{
@@ -75,29 +76,20 @@ impl Report {
 
     /// The table `restore --wait` prints.
     pub fn table(&self) -> String {
-        let width = self
-            .rows
-            .iter()
-            .map(|(c, _)| c.len())
-            .max()
-            .unwrap_or(5)
-            .max(5);
-        let mut out = format!(
-            "{:width$}  {:12}  {:>9}  DETAIL\n",
-            "CLAIM", "RESULT", "BYTES"
-        );
+        let mut table = Table::default()
+            .left("CLAIM", 5)
+            .left("RESULT", 12)
+            .right("BYTES", 9)
+            .left("DETAIL", 0);
         for (claim, outcome) in &self.rows {
             let (result, bytes, detail) = match outcome {
-                ClaimOutcome::Restored { bytes } => (
-                    "restored",
-                    bytes.map_or_else(|| "-".to_owned(), human_bytes),
-                    String::new(),
-                ),
+                ClaimOutcome::Restored { bytes } => ("restored", bytes_cell(*bytes), String::new()),
                 ClaimOutcome::InProgress => ("in progress", "-".to_owned(), String::new()),
                 ClaimOutcome::Failed { reason } => ("NOT restored", "-".to_owned(), reason.clone()),
             };
-            let _ = writeln!(out, "{claim:width$}  {result:12}  {bytes:>9}  {detail}");
+            table.row(vec![claim.clone(), result.to_owned(), bytes, detail]);
         }
+        let mut out = table.render();
         let restored = self
             .rows
             .iter()
