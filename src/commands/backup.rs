@@ -21,7 +21,7 @@ use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use serde_json::json;
 
-use super::report::{Table, bytes_cell, human_bytes};
+use super::report::{ClaimRow, claim_table, human_bytes};
 use crate::cluster::velero::{Backup, PodVolumeBackup};
 use crate::names;
 use crate::policy::coverage::{self, ClaimState, Outcome, PvbFacts};
@@ -72,28 +72,20 @@ impl Report {
 
     /// The table `backup --wait` prints.
     pub fn table(&self) -> String {
-        let mut table = Table::default()
-            .left("CLAIM", 5)
-            .left("RESULT", 14)
-            .right("BYTES", 9)
-            .left("DETAIL", 0);
-        for (claim, outcome) in &self.rows {
-            table.row(match outcome {
-                Outcome::BackedUp { pod, bytes } => vec![
-                    claim.clone(),
-                    "backed up".to_owned(),
-                    bytes_cell(*bytes),
-                    format!("from pod {pod}"),
-                ],
-                Outcome::NotBackedUp { reason } => vec![
-                    claim.clone(),
-                    "NOT backed up".to_owned(),
-                    "-".to_owned(),
-                    reason.clone(),
-                ],
-            });
-        }
-        let mut out = table.render();
+        let mut out = claim_table(self.rows.iter().map(|(claim, outcome)| match outcome {
+            Outcome::BackedUp { pod, bytes } => ClaimRow {
+                claim,
+                result: "backed up",
+                bytes: *bytes,
+                detail: format!("from pod {pod}"),
+            },
+            Outcome::NotBackedUp { reason } => ClaimRow {
+                claim,
+                result: "NOT backed up",
+                bytes: None,
+                detail: reason.clone(),
+            },
+        }));
         let missing = self
             .rows
             .iter()

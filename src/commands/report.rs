@@ -104,6 +104,32 @@ impl Table {
     }
 }
 
+/// One row of the per-claim table `backup --wait` and `restore --wait` print.
+pub struct ClaimRow<'a> {
+    pub claim: &'a str,
+    pub result: &'a str,
+    pub bytes: Option<i64>,
+    pub detail: String,
+}
+
+/// CLAIM, RESULT, BYTES, DETAIL: what became of each user claim.
+pub fn claim_table<'a>(rows: impl IntoIterator<Item = ClaimRow<'a>>) -> String {
+    let mut table = Table::default()
+        .left("CLAIM", 5)
+        .left("RESULT", 6)
+        .right("BYTES", 9)
+        .left("DETAIL", 0);
+    for r in rows {
+        table.row(vec![
+            r.claim.to_owned(),
+            r.result.to_owned(),
+            bytes_cell(r.bytes),
+            r.detail,
+        ]);
+    }
+    table.render()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,7 +19,7 @@ use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use serde_json::json;
 
 use super::backup::backup_name;
-use super::report::{Table, bytes_cell, human_bytes};
+use super::report::{ClaimRow, claim_table, human_bytes};
 use crate::cluster::velero::{Backup, PodVolumeBackup, PodVolumeRestore, Restore};
 use crate::names;
 use crate::policy::restore_report::{
@@ -76,20 +76,19 @@ impl Report {
 
     /// The table `restore --wait` prints.
     pub fn table(&self) -> String {
-        let mut table = Table::default()
-            .left("CLAIM", 5)
-            .left("RESULT", 12)
-            .right("BYTES", 9)
-            .left("DETAIL", 0);
-        for (claim, outcome) in &self.rows {
+        let mut out = claim_table(self.rows.iter().map(|(claim, outcome)| {
             let (result, bytes, detail) = match outcome {
-                ClaimOutcome::Restored { bytes } => ("restored", bytes_cell(*bytes), String::new()),
-                ClaimOutcome::InProgress => ("in progress", "-".to_owned(), String::new()),
-                ClaimOutcome::Failed { reason } => ("NOT restored", "-".to_owned(), reason.clone()),
+                ClaimOutcome::Restored { bytes } => ("restored", *bytes, String::new()),
+                ClaimOutcome::InProgress => ("in progress", None, String::new()),
+                ClaimOutcome::Failed { reason } => ("NOT restored", None, reason.clone()),
             };
-            table.row(vec![claim.clone(), result.to_owned(), bytes, detail]);
-        }
-        let mut out = table.render();
+            ClaimRow {
+                claim,
+                result,
+                bytes,
+                detail,
+            }
+        }));
         let restored = self
             .rows
             .iter()

@@ -25,7 +25,24 @@ pub const MANAGER: &str = "velero-jupyterhub-tests";
 /// The label that ties a test's namespaces to that test's webhook registration.
 pub const TEST_LABEL: &str = "tests.velero-jupyterhub.io/run";
 
+tokio::task_local! {
+    /// The kubeconfig of a test that runs an API server of its own (`OwnServer`), for the
+    /// clients it makes: the cluster tests share one process, so the environment's
+    /// KUBECONFIG (the shared server) must stay as it is for the tests beside it.
+    static OWN_KUBECONFIG: String;
+}
+
+/// Runs `test` with every client it makes (`client`, `client_as_service_account`, a
+/// `Setup`) talking to the API server of `kubeconfig`; tasks it spawns get the clients
+/// it made, never the environment's.
+pub async fn on_own_server<F: std::future::Future>(kubeconfig: &str, test: F) -> F::Output {
+    OWN_KUBECONFIG.scope(kubeconfig.to_owned(), test).await
+}
+
 fn kubeconfig_or_die() -> String {
+    if let Ok(path) = OWN_KUBECONFIG.try_with(Clone::clone) {
+        return path;
+    }
     match std::env::var("KUBECONFIG") {
         Ok(path) if std::path::Path::new(&path).exists() => path,
         other => panic!(
@@ -38,8 +55,11 @@ fn kubeconfig_or_die() -> String {
 
 pub async fn config() -> Config {
     velero_jupyterhub::tls::install_default_provider();
-    kubeconfig_or_die();
-    Config::infer().await.expect("kubeconfig loads")
+    let path = kubeconfig_or_die();
+    let kubeconfig = kube::config::Kubeconfig::read_from(&path).expect("kubeconfig reads");
+    Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .expect("kubeconfig loads")
 }
 
 /// An admin client (system:masters).
