@@ -16,6 +16,7 @@ pub mod claims;
 pub mod cleanup;
 pub mod coverage;
 pub mod cron;
+pub mod datapath;
 pub mod helper;
 pub mod leader;
 pub mod live;
