@@ -124,6 +124,63 @@ pub struct PvFacts<'a> {
     pub volume_type: Option<&'a str>,
 }
 
+impl<'a> PvFacts<'a> {
+    /// Read from a PersistentVolume as Velero reads it (volume_types_conditions.go
+    /// `getVolumeTypeFromPV`: the first volume source set, in its order).
+    pub fn of(pv: &'a k8s_openapi::api::core::v1::PersistentVolume) -> Self {
+        let Some(spec) = pv.spec.as_ref() else {
+            return Self::default();
+        };
+        let sources: [(bool, &'static str); 22] = [
+            (
+                spec.aws_elastic_block_store.is_some(),
+                "awsElasticBlockStore",
+            ),
+            (spec.azure_disk.is_some(), "azureDisk"),
+            (spec.azure_file.is_some(), "azureFile"),
+            (spec.cephfs.is_some(), "cephfs"),
+            (spec.cinder.is_some(), "cinder"),
+            (spec.csi.is_some(), "csi"),
+            (spec.fc.is_some(), "fc"),
+            (spec.flocker.is_some(), "flocker"),
+            (spec.flex_volume.is_some(), "flexVolume"),
+            (spec.gce_persistent_disk.is_some(), "gcePersistentDisk"),
+            (spec.glusterfs.is_some(), "glusterfs"),
+            (spec.host_path.is_some(), "hostPath"),
+            (spec.iscsi.is_some(), "iscsi"),
+            (spec.local.is_some(), "local"),
+            (spec.nfs.is_some(), "nfs"),
+            (
+                spec.photon_persistent_disk.is_some(),
+                "photonPersistentDisk",
+            ),
+            (spec.portworx_volume.is_some(), "portworxVolume"),
+            (spec.quobyte.is_some(), "quobyte"),
+            (spec.rbd.is_some(), "rbd"),
+            (spec.scale_io.is_some(), "scaleIO"),
+            (spec.storageos.is_some(), "storageOS"),
+            (spec.vsphere_volume.is_some(), "vsphereVolume"),
+        ];
+        Self {
+            capacity: spec
+                .capacity
+                .as_ref()
+                .and_then(|c| c.get("storage"))
+                .and_then(|q| quantity_bytes(&q.0)),
+            storage_class: spec.storage_class_name.as_deref(),
+            csi: spec
+                .csi
+                .as_ref()
+                .map(|c| (c.driver.as_str(), c.volume_attributes.as_ref())),
+            nfs: spec
+                .nfs
+                .as_ref()
+                .map(|n| (n.server.as_str(), n.path.as_str())),
+            volume_type: sources.iter().find(|(set, _)| *set).map(|(_, name)| *name),
+        }
+    }
+}
+
 /// The path Velero takes for a claim in a Backup of `settings`, when velero-jupyterhub
 /// does its part: every user claim is mounted by an annotated pod (the user's server or
 /// our helper) at the Backup, unless that is pointless. A pod is pointless where the
@@ -151,6 +208,24 @@ pub fn data_path(settings: &BackupSettings<'_>, volume: &VolumeFacts<'_>) -> Dat
     } else {
         DataPath::FsBackup
     }
+}
+
+/// How the Schedules covering a claim's namespace copy it, given each Schedule's name and
+/// settings (in the order to report them): `None` when any of them copies it through a
+/// pod, or when none covers it (then only our own pod copies count); else the first
+/// Schedule's way.
+pub fn schedules_path<'a>(
+    schedules: &[(&'a str, BackupSettings<'_>)],
+    volume: &VolumeFacts<'_>,
+) -> Option<(&'a str, DataPath)> {
+    let paths: Vec<(&str, DataPath)> = schedules
+        .iter()
+        .map(|(name, settings)| (*name, data_path(settings, volume)))
+        .collect();
+    if paths.iter().any(|(_, p)| p.needs_pod()) {
+        return None;
+    }
+    paths.into_iter().next()
 }
 
 /// A snapshot's way (pkg/backup/item_backupper.go `takePVSnapshot`, the CSI action).

@@ -60,9 +60,22 @@ pub struct Row {
     pub last: Option<LastBackup>,
     /// Never backed up, or last backed up longer than `stale_after` ago.
     pub stale: bool,
+    /// How Velero copies it when not through a pod (the data mover, a snapshot, a skip),
+    /// and under which Schedule.
+    pub copied_by: Option<CopiedBy>,
 }
 
-/// A Completed PodVolumeBackup, as the status reads it.
+/// A claim Velero copies some other way than through a pod, under `schedule`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CopiedBy {
+    pub schedule: String,
+    pub path: crate::datapath::DataPath,
+    /// What to say about it (names the resource policies ConfigMap, if that decided).
+    pub detail: String,
+}
+
+/// A completed copy of a claim, as the status reads it: a Completed PodVolumeBackup, or
+/// a Completed DataUpload of the CSI snapshot data mover.
 #[derive(Clone, Copy, Debug)]
 pub struct PvbDone<'a> {
     pub backup: &'a str,
@@ -75,13 +88,16 @@ pub struct PvbDone<'a> {
 
 /// The rows for `claims` (only those their namespace's globs match; `globs` gives them by
 /// namespace, `None`: not opted in, skipped), given the pods, the Completed
-/// PodVolumeBackups and the Backups that can be restored from (by name).
+/// PodVolumeBackups and the Backups that can be restored from (by name); `copied_by`
+/// says how Velero copies a claim when not through a pod.
+#[allow(clippy::too_many_arguments)]
 pub fn rows(
     globs: impl Fn(&str) -> Option<std::sync::Arc<ClaimGlobs>>,
     claims: &[ClaimView<'_>],
     pods: &[&PodRecord],
     pvbs: &[PvbDone<'_>],
     restorable: impl Fn(&str) -> bool,
+    copied_by: impl Fn(&ClaimView<'_>) -> Option<CopiedBy>,
     now: Timestamp,
     stale_after: SignedDuration,
 ) -> Vec<Row> {
@@ -130,6 +146,7 @@ pub fn rows(
                 holder: holders.get(&key).copied().unwrap_or(Holder::Idle),
                 last,
                 stale,
+                copied_by: copied_by(c),
             }
         })
         .collect();

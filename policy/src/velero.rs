@@ -22,6 +22,47 @@ pub struct BackupTemplate {
     pub excluded_namespaces: Option<Vec<String>>,
     pub label_selector: Option<LabelSelector>,
     pub or_label_selectors: Option<Vec<LabelSelector>>,
+    /// Which way volumes are copied (`policy::datapath`).
+    pub snapshot_volumes: Option<bool>,
+    pub snapshot_move_data: Option<bool>,
+    pub resource_policy: Option<PolicyRef>,
+}
+
+/// `spec.resourcePolicy`: Velero reads only `kind: configmap` (any case), named in the
+/// Backup's namespace (internal/resourcepolicies `GetResourcePoliciesFromBackup`); any
+/// other kind is ignored.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct PolicyRef {
+    pub kind: String,
+    pub name: String,
+}
+
+impl PolicyRef {
+    /// The ConfigMap's name, if Velero reads this reference.
+    pub fn config_map(&self) -> Option<&str> {
+        self.kind
+            .eq_ignore_ascii_case("configmap")
+            .then_some(self.name.as_str())
+    }
+}
+
+/// `DataUpload.spec` (velero.io/v2alpha1): the claim the data mover copies.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct DataUploadSpec {
+    #[serde(rename = "sourcePVC")]
+    pub source_pvc: String,
+    pub source_namespace: String,
+}
+
+/// `DataUpload.status`: phase (Completed is done), bytes, when.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct DataUploadStatus {
+    pub phase: Option<String>,
+    pub progress: Progress,
+    pub completion_timestamp: Option<Time>,
 }
 
 /// `Schedule.status`.

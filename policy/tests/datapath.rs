@@ -9,7 +9,7 @@ use serde_json::json;
 use testkit::fixtures;
 use velero_jupyterhub_policy::datapath::{
     BackupSettings, DataPath, PoliciesError, PvFacts, ResourcePolicies, Skip, VolumeFacts,
-    data_path, quantity_bytes,
+    data_path, quantity_bytes, schedules_path,
 };
 
 const GI: u128 = 1 << 30;
@@ -328,4 +328,49 @@ fn what_status_says_names_the_policy_and_its_configmap() {
         "skipped by volume policy 2 of ConfigMap velero/homes-policy"
     );
     assert!(DataPath::CsiSnapshot.describe(None).contains("stays"));
+}
+
+#[test]
+fn a_claim_needs_a_pod_if_any_schedule_copies_it_through_one() {
+    let skip_all = ResourcePolicies::parse(json!({
+        "version": "v1",
+        "volumePolicies": [{"conditions": {}, "action": {"type": "skip"}}]
+    }))
+    .expect("valid");
+    let mover = BackupSettings {
+        snapshot_move_data: true,
+        ..Default::default()
+    };
+    let skipping = BackupSettings {
+        policies: Some(&skip_all),
+        ..Default::default()
+    };
+    let volume = bound(csi("d", "standard", GI));
+    // (Schedules, the way reported)
+    type Schedules<'a> = Vec<(&'a str, BackupSettings<'a>)>;
+    let rows: Vec<(Schedules<'_>, Option<(&str, DataPath)>)> = vec![
+        (vec![], None),
+        (vec![("plain", BackupSettings::default())], None),
+        (
+            vec![("movers", mover)],
+            Some(("movers", DataPath::DataMover)),
+        ),
+        // Another Schedule copies it through a pod: our helper is still needed.
+        (
+            vec![("movers", mover), ("plain", BackupSettings::default())],
+            None,
+        ),
+        (
+            vec![("movers", mover), ("skips", skipping)],
+            Some(("movers", DataPath::DataMover)),
+        ),
+        (
+            vec![("skips", skipping)],
+            Some(("skips", DataPath::Skipped(Skip::Policy { policy: 0 }))),
+        ),
+    ];
+    for (schedules, want) in rows {
+        let names: Vec<&str> = schedules.iter().map(|(n, _)| *n).collect();
+        assert_eq!(schedules_path(&schedules, &volume), want, "{names:?}");
+    }
 }

@@ -4,8 +4,9 @@
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use serde_json::json;
 use testkit::fixtures;
+use velero_jupyterhub_policy::datapath::{DataPath, Skip};
 use velero_jupyterhub_policy::plan::ClaimView;
-use velero_jupyterhub_policy::status::{Holder, PvbDone, rows};
+use velero_jupyterhub_policy::status::{CopiedBy, Holder, PvbDone, rows};
 
 fn pod(
     name: &str,
@@ -109,6 +110,13 @@ fn one_row_per_user_claim() {
         &pod_refs,
         &pvbs,
         |b| b != "failed-1",
+        |c| {
+            (c.name == "claim-frank").then(|| CopiedBy {
+                schedule: "nightly".to_owned(),
+                path: DataPath::Skipped(Skip::HostPath),
+                detail: DataPath::Skipped(Skip::HostPath).describe(None),
+            })
+        },
         now,
         SignedDuration::from_hours(26),
     );
@@ -135,6 +143,12 @@ fn one_row_per_user_claim() {
         ]
     );
     assert_eq!(got[0].user.as_deref(), Some("alice"));
+    // How Velero copies a claim, when not through a pod, is on its row.
+    let copied: Vec<_> = got
+        .iter()
+        .filter_map(|r| Some((r.claim.as_str(), r.copied_by.as_ref()?.path.clone())))
+        .collect();
+    assert_eq!(copied, [("claim-frank", DataPath::Skipped(Skip::HostPath))]);
     assert_eq!(
         got[0].last.as_ref().unwrap().at,
         "2026-11-28T03:10:00Z".parse::<Timestamp>().unwrap()
@@ -146,6 +160,7 @@ fn one_row_per_user_claim() {
         &pod_refs,
         &pvbs,
         |_| true,
+        |_| None,
         now,
         SignedDuration::from_hours(26),
     );

@@ -8,12 +8,16 @@ use serde::Deserialize;
 use crate::names;
 use crate::policy::coverage::PvbFacts;
 use crate::policy::velero::{
-    BackupStatus, PodVolumeBackupSpec, PodVolumeBackupStatus, PodVolumeRestoreSpec,
-    PodVolumeRestoreStatus, RestoreSpec, RestoreStatus, ScheduleSpec, ScheduleStatus,
+    BackupStatus, DataUploadSpec, DataUploadStatus, PodVolumeBackupSpec, PodVolumeBackupStatus,
+    PodVolumeRestoreSpec, PodVolumeRestoreStatus, RestoreSpec, RestoreStatus, ScheduleSpec,
+    ScheduleStatus,
 };
 
 macro_rules! velero_resource {
     ($name:ident, $kind:literal, $plural:literal, $spec:ty, $status:ty) => {
+        velero_resource!($name, $kind, $plural, $spec, $status, "v1");
+    };
+    ($name:ident, $kind:literal, $plural:literal, $spec:ty, $status:ty, $version:literal) => {
         #[derive(Clone, Debug, Default, Deserialize)]
         pub struct $name {
             pub metadata: ObjectMeta,
@@ -24,10 +28,10 @@ macro_rules! velero_resource {
         }
 
         impl k8s_openapi::Resource for $name {
-            const API_VERSION: &'static str = "velero.io/v1";
+            const API_VERSION: &'static str = concat!("velero.io/", $version);
             const GROUP: &'static str = "velero.io";
             const KIND: &'static str = $kind;
-            const VERSION: &'static str = "v1";
+            const VERSION: &'static str = $version;
             const URL_PATH_SEGMENT: &'static str = $plural;
             type Scope = k8s_openapi::NamespaceResourceScope;
         }
@@ -73,6 +77,17 @@ velero_resource!(
     PodVolumeRestoreStatus
 );
 
+// The CSI snapshot data mover's copy of one claim (pkg/apis/velero/v2alpha1/
+// data_upload_types.go; made by pkg/backup/actions/csi/pvc_action.go `newDataUpload`).
+velero_resource!(
+    DataUpload,
+    "DataUpload",
+    "datauploads",
+    DataUploadSpec,
+    DataUploadStatus,
+    "v2alpha1"
+);
+
 /// An Event's reference to a Schedule (its uid when known).
 pub fn schedule_reference(
     name: Option<String>,
@@ -101,6 +116,28 @@ impl Backup {
     pub fn restorable(&self) -> bool {
         let phase = self.status.as_ref().and_then(|s| s.phase.as_deref());
         matches!(phase, Some("Completed" | "PartiallyFailed"))
+    }
+}
+
+impl DataUpload {
+    /// A Completed one as `status` reads a copy (`velero.io/backup-name` label, the
+    /// claim it copied, when, how many bytes); `None` for any other.
+    pub fn done(&self) -> Option<crate::policy::status::PvbDone<'_>> {
+        let status = self.status.as_ref()?;
+        if status.phase.as_deref() != Some("Completed") {
+            return None;
+        }
+        Some(crate::policy::status::PvbDone {
+            backup: self
+                .metadata
+                .labels
+                .as_ref()?
+                .get(names::VELERO_BACKUP_NAME)?,
+            pod_namespace: &self.spec.source_namespace,
+            claim: &self.spec.source_pvc,
+            completed: status.completion_timestamp.as_ref()?.0,
+            bytes: status.progress.total_bytes,
+        })
     }
 }
 

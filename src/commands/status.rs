@@ -8,16 +8,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, ListParams};
 use serde_json::json;
 
 use super::report::{Table, bytes_cell};
 use crate::cluster::list_all;
-use crate::cluster::velero::{Backup, PodVolumeBackup};
+use crate::cluster::velero::{Backup, DataUpload, PodVolumeBackup, Schedule};
 use crate::names;
-use crate::policy::status::{self, PvbDone, Row};
+use crate::policy::datapath::{self, BackupSettings, PvFacts, ResourcePolicies, VolumeFacts};
+use crate::policy::record::ClaimView;
+use crate::policy::status::{self, CopiedBy, PvbDone, Row};
 use crate::policy::{ClaimGlobs, ClaimRecord, NamespacePolicy, PodRecord};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -101,6 +103,15 @@ pub async fn run(client: kube::Client, o: &Options) -> anyhow::Result<Vec<Row>> 
     .await
     .with_context(|| format!("listing PodVolumeBackups in {vns}"))?;
 
+    // The data mover's copies count as much as a pod's (a DataUpload per claim).
+    let uploads = list_all(
+        &Api::<DataUpload>::namespaced(client.clone(), vns),
+        ListParams::default(),
+    )
+    .await
+    .with_context(|| format!("listing DataUploads in {vns} (Velero's CRDs installed?)"))?;
+    let ways = DataPaths::read(&client, vns, &globs).await?;
+
     let restorable: BTreeMap<&str, bool> = backups
         .iter()
         .filter_map(|b| Some((b.metadata.name.as_deref()?, b.restorable())))
@@ -108,6 +119,7 @@ pub async fn run(client: kube::Client, o: &Options) -> anyhow::Result<Vec<Row>> 
     let pvbs: Vec<PvbDone<'_>> = pvb_objects
         .iter()
         .filter_map(PodVolumeBackup::done)
+        .chain(uploads.iter().filter_map(DataUpload::done))
         .collect();
     let claim_views: Vec<_> = claim_objects.iter().map(ClaimRecord::view).collect();
     let pod_refs: Vec<&PodRecord> = pod_objects.iter().collect();
@@ -117,9 +129,156 @@ pub async fn run(client: kube::Client, o: &Options) -> anyhow::Result<Vec<Row>> 
         &pod_refs,
         &pvbs,
         |b| restorable.get(b).copied().unwrap_or(false),
+        |c| ways.copied_by(c),
         Timestamp::now(),
         stale_after,
     ))
+}
+
+/// What decides how Velero copies each claim: the Schedules covering each opted-in
+/// namespace (not paused, by name), the resource policies they name, the volumes and the
+/// claims' labels.
+struct DataPaths {
+    /// (Schedule, its template, its policies if it names a readable ConfigMap).
+    schedules: Vec<(
+        String,
+        crate::policy::velero::BackupTemplate,
+        Option<ResourcePolicies>,
+    )>,
+    volumes: HashMap<String, PersistentVolume>,
+    claims: HashMap<(String, String), PersistentVolumeClaim>,
+    velero_namespace: String,
+}
+
+impl DataPaths {
+    async fn read(
+        client: &kube::Client,
+        velero_namespace: &str,
+        opted_in: &HashMap<String, Arc<ClaimGlobs>>,
+    ) -> anyhow::Result<Self> {
+        let listed = list_all(
+            &Api::<Schedule>::namespaced(client.clone(), velero_namespace),
+            ListParams::default(),
+        )
+        .await
+        .with_context(|| format!("listing Schedules in {velero_namespace}"))?;
+        let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), velero_namespace);
+        let mut schedules = Vec::new();
+        for s in listed.into_iter().filter(|s| !s.spec.paused) {
+            let name = s.metadata.name.clone().unwrap_or_default();
+            let template = s.spec.template;
+            if !opted_in.keys().any(|ns| template.covers_namespace(ns)) {
+                continue;
+            }
+            let policies = match template
+                .resource_policy
+                .as_ref()
+                .and_then(|r| r.config_map())
+            {
+                None => None,
+                Some(cm) => match read_policies(&config_maps, cm).await {
+                    Ok(p) => Some(p),
+                    // Read its claims as if it named none, and say why.
+                    Err(e) => {
+                        eprintln!(
+                            "velero-jupyterhub status: Schedule {name}: resource policies ConfigMap {velero_namespace}/{cm}: {e:#}"
+                        );
+                        None
+                    }
+                },
+            };
+            schedules.push((name, template, policies));
+        }
+        schedules.sort_by(|a, b| a.0.cmp(&b.0));
+        // Volumes (hostPath ones Velero never copies, what policies match on) and the
+        // claims' labels: read when some Schedule covers an opted-in namespace.
+        let (mut volumes, mut claims) = (HashMap::new(), HashMap::new());
+        if !schedules.is_empty() {
+            for pv in list_all(
+                &Api::<PersistentVolume>::all(client.clone()),
+                ListParams::default(),
+            )
+            .await
+            .context("listing PersistentVolumes")?
+            {
+                volumes.insert(pv.metadata.name.clone().unwrap_or_default(), pv);
+            }
+            for ns in opted_in.keys() {
+                let api: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
+                for pvc in list_all(&api, ListParams::default())
+                    .await
+                    .with_context(|| format!("listing claims in {ns}"))?
+                {
+                    let name = pvc.metadata.name.clone().unwrap_or_default();
+                    claims.insert((ns.clone(), name), pvc);
+                }
+            }
+        }
+        Ok(Self {
+            schedules,
+            volumes,
+            claims,
+            velero_namespace: velero_namespace.to_owned(),
+        })
+    }
+
+    fn copied_by(&self, claim: &ClaimView<'_>) -> Option<CopiedBy> {
+        let covering: Vec<(&str, BackupSettings<'_>)> = self
+            .schedules
+            .iter()
+            .filter(|(_, t, _)| t.covers_namespace(claim.namespace))
+            .map(|(name, t, policies)| {
+                let settings = BackupSettings {
+                    snapshot_volumes: t.snapshot_volumes,
+                    snapshot_move_data: t.snapshot_move_data == Some(true),
+                    policies: policies.as_ref(),
+                };
+                (name.as_str(), settings)
+            })
+            .collect();
+        let pvc = self
+            .claims
+            .get(&(claim.namespace.to_owned(), claim.name.to_owned()));
+        let pv = pvc
+            .and_then(|c| c.spec.as_ref()?.volume_name.as_deref())
+            .and_then(|v| self.volumes.get(v));
+        let volume = VolumeFacts {
+            pvc_labels: pvc.and_then(|c| c.metadata.labels.as_ref()),
+            pvc_phase: pvc.and_then(|c| c.status.as_ref()?.phase.as_deref()),
+            pv: pv.map(PvFacts::of),
+        };
+        let (schedule, path) = datapath::schedules_path(&covering, &volume)?;
+        let config_map = self
+            .schedules
+            .iter()
+            .find(|(n, ..)| n == schedule)
+            .and_then(|(_, t, _)| t.resource_policy.as_ref()?.config_map())
+            .map(|cm| format!("{}/{cm}", self.velero_namespace));
+        Some(CopiedBy {
+            schedule: schedule.to_owned(),
+            detail: path.describe(config_map.as_deref()),
+            path,
+        })
+    }
+}
+
+/// A resource policies ConfigMap as Velero reads it: exactly one data key, YAML
+/// (internal/resourcepolicies `getResourcePoliciesFromConfig`).
+async fn read_policies(api: &Api<ConfigMap>, name: &str) -> anyhow::Result<ResourcePolicies> {
+    let cm = match api.get_opt(name).await {
+        Ok(cm) => cm.context("it does not exist")?,
+        Err(kube::Error::Api(e)) if e.code == 403 => anyhow::bail!(
+            "not allowed to read it, so claims are shown as if it named no policies; grant `get configmaps` in Velero's namespace (README, \"status\")"
+        ),
+        Err(e) => return Err(anyhow::Error::new(e).context("reading it")),
+    };
+    let data = cm.data.unwrap_or_default();
+    let [(_, text)] = <[(String, String); 1]>::try_from(data.into_iter().collect::<Vec<_>>())
+        .map_err(|d| anyhow::anyhow!("it has {} data keys; Velero reads exactly one", d.len()))?;
+    let document: serde_json::Value =
+        serde_yaml_ng::from_str(&text).context("its value is not YAML")?;
+    ResourcePolicies::parse(document)
+        .map_err(|e| anyhow::anyhow!("{e}; Velero fails the Schedule's Backups (FailedValidation)"))
 }
 
 /// The table, with a summary line.
@@ -150,7 +309,7 @@ pub fn table(rows: &[Row], stale_after: Duration) -> String {
             at,
             backup,
             bytes,
-            if r.stale { "STALE" } else { "" }.to_owned(),
+            note(r),
         ]);
     }
     let mut out = table.render();
@@ -182,6 +341,19 @@ pub fn summary(rows: &[Row], stale_after: Duration) -> String {
     )
 }
 
+/// The last column: STALE, and how Velero copies the claim when not through a pod.
+fn note(r: &Row) -> String {
+    let how = r
+        .copied_by
+        .as_ref()
+        .map(|c| format!("{} (Schedule {})", c.detail, c.schedule));
+    match (r.stale, how) {
+        (true, Some(how)) => format!("{how}  STALE"),
+        (true, None) => "STALE".to_owned(),
+        (false, how) => how.unwrap_or_default(),
+    }
+}
+
 /// The rows as JSON: `{"claims": [...], "stale": N, "staleAfterSeconds": S}`.
 pub fn json(rows: &[Row], stale_after: Duration) -> serde_json::Value {
     let claims: Vec<_> = rows
@@ -192,6 +364,8 @@ pub fn json(rows: &[Row], stale_after: Duration) -> serde_json::Value {
                 "state": r.holder.as_str(), "stale": r.stale,
                 "lastBackup": r.last.as_ref().map(|l| json!({
                     "time": l.at.to_string(), "backup": l.backup, "bytes": l.bytes})),
+                "copiedBy": r.copied_by.as_ref().map(|c| json!({
+                    "schedule": c.schedule, "detail": c.detail})),
             })
         })
         .collect();

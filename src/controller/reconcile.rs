@@ -308,6 +308,7 @@ impl Reconciler {
             pods,
             &done,
             |b| restorable.contains(b),
+            |_| None,
             now,
             self.config.stale_after,
         );

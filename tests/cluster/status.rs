@@ -5,7 +5,7 @@
 use k8s_openapi::jiff::{Timestamp, ToSpan};
 use kube::api::PostParams;
 use serde_json::{Value, json};
-use testkit::cluster::{self, unique};
+use testkit::cluster::{self, eventually, unique};
 use testkit::controller::{Setup, pod_volume_backup_at, restricted_user_pod, set_status};
 use velero_jupyterhub::names;
 use velero_jupyterhub::policy::helper::{self, ClaimRef};
@@ -258,5 +258,187 @@ async fn status_shows_each_user_claim_and_fails_while_one_is_stale() {
     let _ = kube::Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone())
         .delete(&other, &Default::default())
         .await;
+    setup.finish().await;
+}
+
+/// How Velero copies each claim, as `status` reads it from the Schedule covering the
+/// namespace (v1.18: internal/volumehelper/volume_policy_helper.go): the data mover for
+/// CSI volumes of a Schedule with `snapshotMoveData`, counted backed up by its Completed
+/// DataUpload (pkg/backup/actions/csi/pvc_action.go `newDataUpload`: labelled
+/// `velero.io/backup-name`, `spec.sourcePVC`, `spec.sourceNamespace`); a claim its resource
+/// policies skip, named with the ConfigMap; a hostPath volume, which Velero never copies.
+/// Skipped claims stay stale (exit 2) with their reason. Without `get configmaps` in
+/// Velero's namespace, status says so and reads the claims as if no policy applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn status_says_how_velero_copies_each_claim_and_why_one_is_skipped() {
+    let setup = Setup::new().await;
+    for r in &setup.controllers {
+        r.stop.cancel();
+    }
+    let client = setup.client.clone();
+    let ns = setup.users.clone();
+    let velero = setup.velero.clone();
+    let driver = "hostpath.csi.k8s.io";
+    cluster::bound_claim_with(&client, &ns, "claim-ann", "ann", Some(driver)).await;
+    cluster::bound_claim_with(&client, &ns, "claim-ben", "ben", Some(driver)).await;
+    cluster::bound_claim(&client, &ns, "claim-cat", "cat").await; // a hostPath volume
+    let claims: kube::Api<k8s_openapi::api::core::v1::PersistentVolumeClaim> =
+        kube::Api::namespaced(client.clone(), &ns);
+    claims
+        .patch(
+            "claim-ben",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"metadata": {"labels": {"tier": "scratch"}}})),
+        )
+        .await
+        .expect("label ben's claim");
+    let policy = unique("homes-policy");
+    cluster::apply_dynamic(&client, &json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": policy, "namespace": velero},
+        "data": {"policies.yaml": "version: v1\nvolumePolicies:\n- conditions:\n    pvcLabels:\n      tier: scratch\n  action:\n    type: skip\n"},
+    })).await;
+    let schedule = unique("movers");
+    cluster::apply_dynamic(
+        &client,
+        &json!({
+            "apiVersion": "velero.io/v1", "kind": "Schedule",
+            "metadata": {"name": schedule, "namespace": velero},
+            "spec": {"schedule": "0 3 * * *", "template": {
+                "includedNamespaces": [ns], "snapshotMoveData": true,
+                "resourcePolicy": {"kind": "configmap", "name": policy}}},
+        }),
+    )
+    .await;
+    // The Schedule's Backup, and the data mover's copy of ann's claim in it.
+    let backup = unique("movers-backup");
+    cluster::apply_dynamic(
+        &client,
+        &json!({"apiVersion": "velero.io/v1", "kind": "Backup",
+        "metadata": {"name": backup, "namespace": velero},
+        "spec": {"includedNamespaces": [ns]}}),
+    )
+    .await;
+    set_status(&setup, "backups", &backup, json!({"phase": "Completed"})).await;
+    let upload = cluster::apply_dynamic(&client, &json!({
+        "apiVersion": "velero.io/v2alpha1", "kind": "DataUpload",
+        "metadata": {"name": unique("du"), "namespace": velero,
+            "labels": {"velero.io/backup-name": backup}},
+        "spec": {"snapshotType": "CSI", "sourcePVC": "claim-ann", "sourceNamespace": ns,
+            "backupStorageLocation": "default", "operationTimeout": "10m0s",
+            "csiSnapshot": {"volumeSnapshot": "velero-claim-ann-x", "storageClass": "csi-hostpath-sc"}},
+    })).await;
+    let done = (Timestamp::now() - 1.hours()).to_string();
+    let uploads: kube::Api<kube::core::DynamicObject> = kube::Api::namespaced_with(
+        client.clone(),
+        &velero,
+        &kube::core::ApiResource::from_gvk_with_plural(
+            &kube::core::GroupVersionKind::gvk("velero.io", "v2alpha1", "DataUpload"),
+            "datauploads",
+        ),
+    );
+    uploads
+        .patch(
+            upload["metadata"]["name"].as_str().expect("name"),
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"status": {"phase": "Completed",
+                "completionTimestamp": done, "progress": {"totalBytes": 8192, "bytesDone": 8192}}})),
+        )
+        .await
+        .expect("the data mover completes");
+
+    // The operator: the status ClusterRole, and `get configmaps` in Velero's namespace.
+    let operator = unique("operator");
+    cluster::apply_dynamic(&client, &json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+        "metadata": {"name": operator},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "velero-jupyterhub-status"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": operator}],
+    })).await;
+    let kubeconfig = cluster::kubeconfig_as(&operator);
+    let args = [
+        "--velero-namespace",
+        velero.as_str(),
+        "--namespace",
+        ns.as_str(),
+    ];
+    let row = |stdout: &str, claim: &str| {
+        stdout
+            .lines()
+            .find(|l| l.split_whitespace().nth(2) == Some(claim))
+            .unwrap_or_else(|| panic!("no row for {claim}:\n{stdout}"))
+            .to_owned()
+    };
+
+    // Not allowed to read the ConfigMap yet: said, and ben reads as the data mover's.
+    let (code, stdout, stderr) = run_status(kubeconfig.path(), &args).await;
+    assert!(stderr.contains("not allowed to read it"), "{stderr}");
+    assert!(
+        row(&stdout, "claim-ben").contains("data moved to the backup storage"),
+        "{stdout}"
+    );
+    assert_eq!(code, Some(2), "ben and cat are stale");
+
+    let role = unique("policies");
+    cluster::apply_dynamic(
+        &client,
+        &json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": {"name": role, "namespace": velero},
+            "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]}],
+        }),
+    )
+    .await;
+    cluster::apply_dynamic(&client, &json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": role, "namespace": velero},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": operator}],
+    })).await;
+    let (code, stdout, stderr) = eventually(std::time::Duration::from_secs(30), || async {
+        let out = run_status(kubeconfig.path(), &args).await;
+        (!out.2.contains("not allowed")).then_some(out)
+    })
+    .await
+    .expect("the Role takes effect");
+    assert_eq!(code, Some(2), "{stderr}");
+    let ann = row(&stdout, "claim-ann");
+    assert!(ann.contains(&backup) && ann.contains("8.0 KiB"), "{ann}");
+    assert!(
+        ann.contains("data moved to the backup storage") && !ann.ends_with("STALE"),
+        "{ann}"
+    );
+    let ben = row(&stdout, "claim-ben");
+    assert!(
+        ben.contains(&format!(
+            "skipped by volume policy 1 of ConfigMap {velero}/{policy} (Schedule {schedule})"
+        )) && ben.ends_with("STALE"),
+        "{ben}"
+    );
+    let cat = row(&stdout, "claim-cat");
+    assert!(cat.contains("hostPath") && cat.ends_with("STALE"), "{cat}");
+
+    // JSON says the same.
+    let (_, stdout, _) =
+        run_status(kubeconfig.path(), &[&args[..], &["-o", "json"]].concat()).await;
+    let v: Value = serde_json::from_str(&stdout).expect("json");
+    let by_claim = |c: &str| {
+        v["claims"]
+            .as_array()
+            .expect("claims")
+            .iter()
+            .find(|r| r["claim"] == c)
+            .cloned()
+            .expect("row")
+    };
+    assert_eq!(
+        by_claim("claim-ann")["lastBackup"]["backup"],
+        backup.as_str()
+    );
+    assert_eq!(
+        by_claim("claim-ben")["copiedBy"]["schedule"],
+        schedule.as_str()
+    );
+    assert_eq!(v["stale"], 2);
     setup.finish().await;
 }
