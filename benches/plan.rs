@@ -119,6 +119,7 @@ fn bench(c: &mut Criterion) {
         pvbs: &pvbs,
         helper: &options,
         restoring: &Default::default(),
+        without_pod: &Default::default(),
     };
     let first = plan(&input);
     println!(

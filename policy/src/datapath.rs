@@ -228,6 +228,48 @@ pub fn schedules_path<'a>(
     paths.into_iter().next()
 }
 
+impl<'a> BackupSettings<'a> {
+    /// A Schedule template's settings, with the resource policies it names (read by the
+    /// caller) if any.
+    pub fn of(
+        template: &crate::velero::BackupTemplate,
+        policies: Option<&'a ResourcePolicies>,
+    ) -> Self {
+        Self {
+            snapshot_volumes: template.snapshot_volumes,
+            snapshot_move_data: template.snapshot_move_data == Some(true),
+            policies,
+        }
+    }
+}
+
+/// How the Schedules with a window open over a claim's namespace copy it, when none of
+/// them needs a pod for it: then it gets no backup helper. `manual`: a window of our own
+/// (`velero-jupyterhub backup`) is open there too, whose Backup copies through pods. A
+/// Schedule naming resource policies counts as a pod copy: the controller does not read
+/// them, and a helper too many costs a pod where one too few loses a home.
+pub fn without_pod<'s>(
+    open: &[(&'s str, &crate::velero::BackupTemplate)],
+    manual: bool,
+    volume: &VolumeFacts<'_>,
+) -> Option<(&'s str, DataPath)> {
+    if manual
+        || open.iter().any(|(_, t)| {
+            t.resource_policy
+                .as_ref()
+                .and_then(|r| r.config_map())
+                .is_some()
+        })
+    {
+        return None;
+    }
+    let settings: Vec<(&str, BackupSettings<'_>)> = open
+        .iter()
+        .map(|(name, t)| (*name, BackupSettings::of(t, None)))
+        .collect();
+    schedules_path(&settings, volume)
+}
+
 /// A snapshot's way (pkg/backup/item_backupper.go `takePVSnapshot`, the CSI action).
 fn snapshot(settings: &BackupSettings<'_>, host_path: bool, csi: bool) -> DataPath {
     match (host_path, csi) {

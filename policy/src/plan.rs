@@ -51,6 +51,9 @@ pub struct PlanInput<'a> {
     /// `(namespace, claim)` being restored (`restoring::claims_being_restored`): no
     /// helper takes them meanwhile.
     pub restoring: &'a std::collections::HashSet<(&'a str, &'a str)>,
+    /// `(namespace, claim)` the open windows' Schedules copy without a pod
+    /// (`datapath::without_pod`): no helper for them.
+    pub without_pod: &'a std::collections::HashSet<(&'a str, &'a str)>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -345,6 +348,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
             || users.contains_key(&key)
             || helpers.contains_key(&key)
             || input.restoring.contains(&key)
+            || input.without_pod.contains(&key)
         {
             continue;
         }

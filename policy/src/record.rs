@@ -100,6 +100,23 @@ pub struct VolumeRecord {
     pub driver: Option<Box<str>>,
     /// `spec.nodeAffinity`: the nodes it can attach on (zonal disks, local volumes).
     pub node_affinity: Option<k8s_openapi::api::core::v1::VolumeNodeAffinity>,
+    /// `spec.hostPath` is set: Velero never copies it (`policy::datapath`).
+    pub host_path: bool,
+}
+
+impl VolumeRecord {
+    /// What `policy::datapath` can read of it (the rest is not kept).
+    pub fn path_facts(&self) -> crate::datapath::PvFacts<'_> {
+        crate::datapath::PvFacts {
+            csi: self.driver.as_deref().map(|d| (d, None)),
+            volume_type: if self.host_path {
+                Some("hostPath")
+            } else {
+                self.driver.as_ref().map(|_| "csi")
+            },
+            ..Default::default()
+        }
+    }
 }
 
 /// The kept entries of a label or annotation map; each key is one of a fixed list.
@@ -448,6 +465,7 @@ struct PersistentVolumeWire {
 #[serde(rename_all = "camelCase")]
 struct VolumeSpecWire {
     csi: Option<CsiWire>,
+    host_path: Option<serde::de::IgnoredAny>,
     node_affinity: Option<k8s_openapi::api::core::v1::VolumeNodeAffinity>,
 }
 
@@ -472,6 +490,7 @@ impl<'de> Deserialize<'de> for VolumeRecord {
             metadata,
             driver: spec.csi.map(|c| c.driver.into_boxed_str()),
             node_affinity: spec.node_affinity,
+            host_path: spec.host_path.is_some(),
         })
     }
 }

@@ -141,6 +141,7 @@ fn run(case: &Case) {
         pvbs: &pvbs,
         helper: &options,
         restoring: &Default::default(),
+        without_pod: &Default::default(),
     };
     let got = plan(&input);
     let created: Vec<&str> = got
@@ -441,6 +442,7 @@ fn the_backfill_value_is_the_webhooks() {
         pvbs: &[],
         helper: &options,
         restoring: &Default::default(),
+        without_pod: &Default::default(),
     });
     // Kept what was there, appended the user's volume: the webhook's merge rule.
     assert_eq!(got.backfill[0].value, "scratch,volume-alice");
@@ -564,6 +566,7 @@ fn a_helper_left_in_a_namespace_that_opted_out_goes() {
         pvbs: &[],
         helper: &options,
         restoring: &Default::default(),
+        without_pod: &Default::default(),
     });
     let deleted: Vec<(&str, &str, DeleteReason)> = got
         .delete
@@ -626,6 +629,7 @@ fn a_helper_made_for_another_window_gets_the_labels_this_one_selects() {
         pvbs: &[],
         helper: &options,
         restoring: &Default::default(),
+        without_pod: &Default::default(),
     };
     let got = plan(&input);
     assert!(got.create.is_empty() && got.delete.is_empty(), "{got:?}");
@@ -650,4 +654,124 @@ fn a_helper_made_for_another_window_gets_the_labels_this_one_selects() {
         })
         .is_empty()
     );
+}
+
+/// A claim the open window's Schedules copy without a pod (`datapath::without_pod`: the
+/// data mover, or a volume Velero never copies) gets no helper; the others still do.
+#[test]
+fn claims_copied_without_a_pod_get_no_helper() {
+    use velero_jupyterhub_policy::datapath::{self, DataPath, PvFacts, Skip, VolumeFacts};
+    use velero_jupyterhub_policy::velero::{BackupTemplate, PolicyRef};
+    let globs = ClaimGlobs::parse("claim-*").expect("globs");
+    let namespaces = [NamespaceView {
+        name: NS,
+        claims: &globs,
+    }];
+    let view = |name: &'static str, uid: &'static str| ClaimView {
+        namespace: NS,
+        name,
+        uid,
+        bound: true,
+        username: None,
+    };
+    let claims = [
+        view("claim-csi", "uid-1"),
+        view("claim-hostpath", "uid-2"),
+        view("claim-local", "uid-3"),
+    ];
+    let facts = |name: &str| VolumeFacts {
+        pv: Some(match name {
+            "claim-csi" => PvFacts {
+                csi: Some(("hostpath.csi.k8s.io", None)),
+                volume_type: Some("csi"),
+                ..Default::default()
+            },
+            "claim-hostpath" => PvFacts {
+                volume_type: Some("hostPath"),
+                ..Default::default()
+            },
+            _ => PvFacts {
+                volume_type: Some("local"),
+                ..Default::default()
+            },
+        }),
+        ..Default::default()
+    };
+    let mover = BackupTemplate {
+        snapshot_move_data: Some(true),
+        ..Default::default()
+    };
+    let plain = BackupTemplate::default();
+    let with_policies = BackupTemplate {
+        snapshot_move_data: Some(true),
+        resource_policy: Some(PolicyRef {
+            kind: "configmap".to_owned(),
+            name: "homes".to_owned(),
+        }),
+        ..Default::default()
+    };
+    // (Schedules open, a manual window too, the claims without a helper and why)
+    type Row<'a> = (
+        Vec<(&'a str, &'a BackupTemplate)>,
+        bool,
+        Vec<(&'a str, DataPath)>,
+    );
+    let rows: Vec<Row<'_>> = vec![
+        (
+            vec![("movers", &mover)],
+            false,
+            vec![
+                ("claim-csi", DataPath::DataMover),
+                ("claim-hostpath", DataPath::Skipped(Skip::HostPath)),
+            ],
+        ),
+        (
+            vec![("plain", &plain)],
+            false,
+            vec![("claim-hostpath", DataPath::Skipped(Skip::HostPath))],
+        ),
+        // Another Schedule copies through pods, or our own window is open: helpers.
+        (
+            vec![("movers", &mover), ("plain", &plain)],
+            false,
+            vec![("claim-hostpath", DataPath::Skipped(Skip::HostPath))],
+        ),
+        (vec![("movers", &mover)], true, vec![]),
+        // Policies the controller does not read: helpers, to be safe.
+        (vec![("policed", &with_policies)], false, vec![]),
+    ];
+    let options = options();
+    let windows = BTreeMap::from([(
+        NS.to_owned(),
+        NamespaceWindow {
+            schedules: vec!["movers".to_owned()],
+            backups: vec![],
+            labels: BTreeMap::new(),
+        },
+    )]);
+    for (open, manual, want) in rows {
+        let got: Vec<(&str, DataPath)> = claims
+            .iter()
+            .filter_map(|c| {
+                let (_, path) = datapath::without_pod(&open, manual, &facts(c.name))?;
+                Some((c.name, path))
+            })
+            .collect();
+        let names: Vec<&str> = open.iter().map(|(n, _)| *n).collect();
+        assert_eq!(got, want, "{names:?}, manual {manual}");
+        // The plan makes helpers for the others only.
+        let without: std::collections::HashSet<(&str, &str)> =
+            got.iter().map(|(c, _)| (NS, *c)).collect();
+        let plan = plan(&PlanInput {
+            namespaces: &namespaces,
+            claims: &claims,
+            pods: &[],
+            windows: &windows,
+            pvbs: &[],
+            helper: &options,
+            restoring: &Default::default(),
+            without_pod: &without,
+        });
+        assert_eq!(plan.create.len(), claims.len() - without.len(), "{names:?}");
+    }
 }

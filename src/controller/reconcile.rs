@@ -25,6 +25,7 @@ use crate::cluster::events::EventSink;
 use crate::cluster::velero::Schedule;
 use crate::metrics::Metrics;
 use crate::names;
+use crate::policy::datapath::DataPath;
 use crate::policy::helper;
 use crate::policy::plan::{self, ClaimView, PlanInput};
 use crate::policy::restoring;
@@ -100,6 +101,7 @@ pub async fn run(
         metrics,
         reported: ReportOnce::default(),
         stuck_reported: ReportOnce::default(),
+        without_pod_reported: ReportOnce::default(),
     };
     loop {
         // Leadership lost (or shutdown) stops a pass where it is: no more writes.
@@ -143,6 +145,8 @@ struct Reconciler {
     reported: ReportOnce<(String, String)>,
     /// Helpers reported as not running, by uid.
     stuck_reported: ReportOnce<String>,
+    /// Claims told they get no window helper (namespace, claim).
+    without_pod_reported: ReportOnce<(String, String)>,
     /// Restore helpers done with.
     cleanup: RestoreCleanup,
     /// Idle claims beyond what fits at once: runs of waves.
@@ -171,6 +175,9 @@ impl Reconciler {
         );
         self.report_problems(&windows, &snap.schedules, v.namespace_problems.clone());
         self.count_helpers(&v.pods, windows.open.len());
+        let without_pod = v.without_pod(&snap, &windows.open);
+        self.report_without_pod(&without_pod, &v.claim_uids);
+        let without_pod: HashSet<(&str, &str)> = without_pod.into_keys().collect();
         let mut plan = plan::plan(&PlanInput {
             namespaces: &v.namespaces,
             claims: &v.claims,
@@ -179,6 +186,7 @@ impl Reconciler {
             pvbs: &v.pvbs,
             helper: &self.config.helper,
             restoring: &v.restoring,
+            without_pod: &without_pod,
         });
         let uids = &v.claim_uids;
         let (stuck, next_stuck) = plan::stuck_helpers(&v.pods, now, STUCK_AFTER);
@@ -234,6 +242,38 @@ impl Reconciler {
         .into_iter()
         .flatten()
         .min()
+    }
+
+    /// A Normal Event on each claim that gets no window helper because Velero copies it
+    /// some other way (or never), once while that lasts.
+    fn report_without_pod(
+        &mut self,
+        without_pod: &HashMap<(&str, &str), (&str, DataPath)>,
+        uids: &HashMap<(&str, &str), &str>,
+    ) {
+        let fresh = self.without_pod_reported.fresh(
+            without_pod
+                .keys()
+                .map(|(ns, claim)| (ns.to_string(), claim.to_string())),
+        );
+        for (ns, claim) in fresh {
+            let Some((schedule, path)) = without_pod.get(&(ns.as_str(), claim.as_str())) else {
+                continue;
+            };
+            info!(
+                namespace = ns,
+                claim, schedule, "no backup helper: Velero copies this claim without a pod"
+            );
+            self.events.normal(
+                claim_reference(&ns, &claim, uids),
+                "NoBackupHelper",
+                "Skip",
+                format!(
+                    "no backup helper: Schedule {schedule}'s Backups copy this claim without a pod ({})",
+                    path.describe(None)
+                ),
+            );
+        }
     }
 
     /// A Warning Event on the claim of each helper not running `STUCK_AFTER` after its

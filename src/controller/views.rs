@@ -8,10 +8,12 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
 use super::snapshot::Snapshot;
 use crate::names;
+use crate::policy::datapath::{self, DataPath, VolumeFacts};
 use crate::policy::plan::{ClaimView, NamespaceView, PvbView};
 use crate::policy::restoring;
-use crate::policy::window::{BackupView, ManualWindow, ScheduleView};
-use crate::policy::{ClaimGlobs, NamespacePolicy, PodFacts, PodRecord};
+use crate::policy::velero::BackupTemplate;
+use crate::policy::window::{BackupView, ManualWindow, NamespaceWindow, ScheduleView};
+use crate::policy::{ClaimGlobs, NamespacePolicy, PodFacts, PodRecord, VolumeRecord};
 
 /// The opted-in namespaces of the snapshot, each with its claim globs.
 pub struct OptedIn(Vec<(String, Arc<ClaimGlobs>)>);
@@ -313,4 +315,53 @@ fn claims_being_restored<'a>(
         .filter(|until| *until > now)
         .min();
     (restoring::claims_being_restored(&input), next)
+}
+
+impl<'a> Views<'a> {
+    /// The opted-in claims the open windows' Schedules copy without a pod, with the
+    /// Schedule and the way (`datapath::without_pod`): they get no window helper.
+    pub fn without_pod(
+        &self,
+        snap: &'a Snapshot,
+        open: &BTreeMap<String, NamespaceWindow>,
+    ) -> HashMap<(&'a str, &'a str), (&'a str, DataPath)> {
+        let volumes: HashMap<&str, &VolumeRecord> = snap
+            .volumes
+            .iter()
+            .filter_map(|v| Some((v.metadata.name.as_deref()?, v.as_ref())))
+            .collect();
+        let templates: HashMap<&str, (&'a str, &'a BackupTemplate)> = self
+            .schedules
+            .iter()
+            .map(|s| (s.name, (s.name, &s.spec.template)))
+            .collect();
+        let manual: HashSet<&str> = self
+            .manual
+            .iter()
+            .filter(|m| m.is_open(&self.backups, self.now))
+            .map(|m| m.namespace)
+            .collect();
+        let mut out = HashMap::new();
+        for claim in &snap.claims {
+            let view = claim.view();
+            let Some(window) = open.get(view.namespace) else {
+                continue;
+            };
+            let schedules: Vec<(&'a str, &'a BackupTemplate)> = window
+                .schedules
+                .iter()
+                .filter_map(|name| templates.get(name.as_str()).copied())
+                .collect();
+            let pv = claim.volume_name.as_deref().and_then(|n| volumes.get(n));
+            let volume = VolumeFacts {
+                pv: pv.map(|v| v.path_facts()),
+                ..Default::default()
+            };
+            let manual = manual.contains(view.namespace);
+            if let Some(way) = datapath::without_pod(&schedules, manual, &volume) {
+                out.insert((view.namespace, view.name), way);
+            }
+        }
+        out
+    }
 }

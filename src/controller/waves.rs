@@ -15,6 +15,7 @@ use crate::cluster::events::EventSink;
 use crate::cluster::velero::{Backup, Schedule};
 use crate::metrics::{Metrics, ScheduleLabels};
 use crate::names;
+use crate::policy::datapath::{self, PvFacts, VolumeFacts};
 use crate::policy::helper::{self, ClaimRef, HelperOptions};
 use crate::policy::plan::{DeleteReason, Deletion, is_wave_helper};
 use crate::policy::waves::{
@@ -120,6 +121,8 @@ struct View<'a> {
     last: HashMap<(&'a str, &'a str), Timestamp>,
     /// The CSI driver and the nodes (indexes into `rooms`) of each claim's volume.
     volume: HashMap<(&'a str, &'a str), Placement<'a>>,
+    /// What decides how Velero copies each claim (`policy::datapath`).
+    facts: HashMap<(&'a str, &'a str), PvFacts<'a>>,
     rooms: Vec<NodeRoom<'a>>,
     /// PersistentVolumes with a VolumeAttachment (attached, or detaching).
     attached: HashSet<&'a str>,
@@ -356,6 +359,10 @@ impl Waves {
                 c.view().bound && globs.get(ns).is_some_and(|g| g.matches(name))
             })
             .collect();
+        let facts = user_claims
+            .iter()
+            .filter_map(|(&key, c)| Some((key, pv.get(c.volume_name.as_deref()?)?.path_facts())))
+            .collect();
         let volume = user_claims
             .iter()
             .map(|(&key, c)| {
@@ -408,6 +415,7 @@ impl Waves {
             live,
             last,
             volume,
+            facts,
             rooms,
             helpers_up,
         }
@@ -521,6 +529,20 @@ impl Waves {
             .iter()
             .map(|(ns, c)| (ns.as_str(), c.as_str()))
             .collect();
+        // Claims this Schedule copies without a pod (the data mover, or never): no wave.
+        let open = [(name, &schedule.spec.template)];
+        let without_pod: HashSet<(&str, &str)> = view
+            .facts
+            .iter()
+            .filter(|(_, pv)| {
+                let volume = VolumeFacts {
+                    pv: Some(**pv),
+                    ..Default::default()
+                };
+                datapath::without_pod(&open, false, &volume).is_some()
+            })
+            .map(|(key, _)| *key)
+            .collect();
         let claims: Vec<IdleClaim<'_>> = inputs::candidates(
             view.claims
                 .iter()
@@ -536,6 +558,7 @@ impl Waves {
                 held: &held,
                 restoring,
                 creating: &creating,
+                without_pod: &without_pod,
             },
         )
         .into_iter()

@@ -1370,3 +1370,69 @@ async fn pods_outside_the_hubs_still_take_their_node_slots() {
         .await;
     setup.finish().await;
 }
+
+/// No helper where a pod is pointless (`policy::datapath`, Velero v1.18's
+/// internal/volumehelper/volume_policy_helper.go and pkg/podvolume/backupper.go): under a
+/// Schedule with `snapshotMoveData`, Velero's data mover copies a CSI claim without any
+/// pod; a hostPath claim Velero never copies. Each gets a `NoBackupHelper` Event saying
+/// why; the NFS claim, which only a pod copies, gets its helper as before.
+#[tokio::test]
+async fn claims_velero_copies_without_a_pod_get_no_helper_and_say_why() {
+    let setup = Setup::new().await;
+    let (client, users) = (&setup.client, &setup.users);
+    cluster::bound_claim_with(
+        client,
+        users,
+        "claim-ann",
+        "ann",
+        Some("hostpath.csi.k8s.io"),
+    )
+    .await;
+    cluster::bound_host_path_claim(client, users, "claim-ben", "ben").await;
+    cluster::bound_claim(client, users, "claim-cat", "cat").await;
+    setup
+        .schedule_with("movers", json!({"snapshotMoveData": true}))
+        .await;
+
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), users);
+    let said = eventually(Duration::from_secs(30), || async {
+        let notes: Vec<(String, String)> = events
+            .list(&ListParams::default())
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .filter(|e| e.reason.as_deref() == Some("NoBackupHelper"))
+            .filter_map(|e| Some((e.regarding?.name?, e.note?)))
+            .collect();
+        (notes.len() == 2).then_some(notes)
+    })
+    .await
+    .expect("a NoBackupHelper Event on each of the two claims");
+    for (claim, note) in &said {
+        let why = match claim.as_str() {
+            "claim-ann" => "data moved to the backup storage",
+            "claim-ben" => "hostPath",
+            other => panic!("an Event on {other}: {note}"),
+        };
+        assert!(
+            note.contains("Schedule movers") && note.contains(why),
+            "{claim}: {note}"
+        );
+    }
+    let helpers = eventually(Duration::from_secs(30), || async {
+        let hs = setup.helpers().await;
+        (hs.len() == 1).then_some(hs)
+    })
+    .await
+    .expect("one helper");
+    assert_eq!(
+        helpers[0].metadata.name.as_deref(),
+        Some("vjh-backup-claim-cat"),
+        "only the claim Velero copies through a pod"
+    );
+    // And it stays so.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(setup.helpers().await.len(), 1);
+    setup.finish().await;
+}

@@ -281,7 +281,7 @@ async fn status_says_how_velero_copies_each_claim_and_why_one_is_skipped() {
     let driver = "hostpath.csi.k8s.io";
     cluster::bound_claim_with(&client, &ns, "claim-ann", "ann", Some(driver)).await;
     cluster::bound_claim_with(&client, &ns, "claim-ben", "ben", Some(driver)).await;
-    cluster::bound_claim(&client, &ns, "claim-cat", "cat").await; // a hostPath volume
+    cluster::bound_host_path_claim(&client, &ns, "claim-cat", "cat").await;
     let claims: kube::Api<k8s_openapi::api::core::v1::PersistentVolumeClaim> =
         kube::Api::namespaced(client.clone(), &ns);
     claims

@@ -705,7 +705,7 @@ pub async fn bound_claim(client: &Client, namespace: &str, claim: &str, user: &s
 }
 
 /// The same, its volume from CSI `driver` (whose attach limit the scheduler counts) when
-/// given, else a hostPath volume (no limit).
+/// given, else an NFS volume (no limit, no node; Velero copies it through a pod).
 pub async fn bound_claim_with(
     client: &Client,
     namespace: &str,
@@ -713,7 +713,22 @@ pub async fn bound_claim_with(
     user: &str,
     driver: Option<&str>,
 ) {
-    make_claim(client, namespace, claim, user, driver, true).await;
+    let source = driver.map_or(Source::Nfs, Source::Csi);
+    make_claim(client, namespace, claim, user, source, true).await;
+}
+
+/// A claim bound to a hostPath volume (k3s's local-path provisioner makes such): Velero
+/// never copies it.
+pub async fn bound_host_path_claim(client: &Client, namespace: &str, claim: &str, user: &str) {
+    make_claim(client, namespace, claim, user, Source::HostPath, true).await;
+}
+
+/// What a test claim's PersistentVolume is.
+#[derive(Clone, Copy)]
+enum Source<'a> {
+    Nfs,
+    Csi(&'a str),
+    HostPath,
 }
 
 async fn make_claim(
@@ -721,7 +736,7 @@ async fn make_claim(
     namespace: &str,
     claim: &str,
     user: &str,
-    driver: Option<&str>,
+    source: Source<'_>,
     wait: bool,
 ) -> String {
     use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
@@ -742,17 +757,17 @@ async fn make_claim(
         "metadata": {"name": pv_name},
         "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
                  "persistentVolumeReclaimPolicy": "Delete", "storageClassName": "",
-                 "hostPath": {"path": format!("/tmp/{pv_name}")},
                  "claimRef": {"namespace": namespace, "name": claim, "uid": made.metadata.uid}},
     });
-    if let Some(driver) = driver {
-        let spec = pv["spec"].as_object_mut().expect("spec");
-        spec.remove("hostPath");
-        spec.insert(
-            "csi".into(),
-            json!({"driver": driver, "volumeHandle": pv_name}),
-        );
-    }
+    let (key, value) = match source {
+        Source::Nfs => (
+            "nfs",
+            json!({"server": "nfs.invalid", "path": format!("/{pv_name}")}),
+        ),
+        Source::Csi(driver) => ("csi", json!({"driver": driver, "volumeHandle": pv_name})),
+        Source::HostPath => ("hostPath", json!({"path": format!("/tmp/{pv_name}")})),
+    };
+    pv["spec"][key] = value;
     let pv: PersistentVolume = from_json(pv);
     Api::<PersistentVolume>::all(client.clone())
         .create(&PostParams::default(), &pv)
@@ -778,7 +793,8 @@ pub async fn bound_claims(
     use futures::StreamExt as _;
     futures::stream::iter(claims)
         .for_each_concurrent(16, |(claim, user)| async move {
-            make_claim(client, namespace, claim, user, driver, false).await;
+            let source = driver.map_or(Source::Nfs, Source::Csi);
+            make_claim(client, namespace, claim, user, source, false).await;
         })
         .await;
     let names: Vec<&str> = claims.iter().map(|(c, _)| c.as_str()).collect();

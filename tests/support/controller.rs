@@ -262,15 +262,25 @@ impl Setup {
     /// A Schedule whose next tick is a few minutes away (inside the lead time); returns
     /// the tick.
     pub async fn schedule(&self, name: &str) -> Timestamp {
+        self.schedule_with(name, json!({})).await
+    }
+
+    /// The same, with `template` merged into its Backup template.
+    pub async fn schedule_with(&self, name: &str, template: Value) -> Timestamp {
         let tick = Timestamp::now() + 5.minutes();
         let minute = tick.to_zoned(k8s_openapi::jiff::tz::TimeZone::UTC).minute();
-        let schedule = json!({
+        let mut schedule = json!({
             "apiVersion": "velero.io/v1", "kind": "Schedule",
             "metadata": {"name": name, "namespace": self.velero},
             "spec": {"schedule": format!("CRON_TZ=UTC {minute} * * * *"),
                      "template": {"includedNamespaces": [self.users],
                                   "labelSelector": {"matchLabels": {"backup": "homes"}}}},
         });
+        if let (Some(have), Value::Object(extra)) =
+            (schedule["spec"]["template"].as_object_mut(), template)
+        {
+            have.extend(extra);
+        }
         cluster::apply_dynamic(&self.client, &schedule).await;
         let s = tick.as_second();
         Timestamp::from_second(s - s.rem_euclid(60)).expect("minute")

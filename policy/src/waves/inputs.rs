@@ -147,6 +147,8 @@ pub struct NotForWaves<'a> {
     pub restoring: &'a HashSet<(&'a str, &'a str)>,
     /// Getting a window helper this pass.
     pub creating: &'a HashSet<(&'a str, &'a str)>,
+    /// Copied without a pod by the run's Schedule (`datapath::without_pod`).
+    pub without_pod: &'a HashSet<(&'a str, &'a str)>,
 }
 
 /// The claims a run after `tick` may put in a wave: in a namespace the Schedule covers,
@@ -167,6 +169,7 @@ pub fn candidates<'a>(
                 && !not.held.contains(&key)
                 && !not.restoring.contains(&key)
                 && !not.creating.contains(&key)
+                && !not.without_pod.contains(&key)
         })
         .map(|c| (c.namespace, c.name))
         .collect()
@@ -395,19 +398,22 @@ mod tests {
             claim("jhub", "claim-held", before),
             claim("jhub", "claim-restoring", before),
             claim("jhub", "claim-window", before),
+            claim("jhub", "claim-data-mover", before),
         ];
         let set = |c: &'static str| HashSet::from([("jhub", c)]);
-        let (live, held, restoring, creating) = (
+        let (live, held, restoring, creating, without_pod) = (
             set("claim-live"),
             set("claim-held"),
             set("claim-restoring"),
             set("claim-window"),
+            set("claim-data-mover"),
         );
         let not = NotForWaves {
             live: &live,
             held: &held,
             restoring: &restoring,
             creating: &creating,
+            without_pod: &without_pod,
         };
         assert_eq!(
             candidates(claims, &["jhub"], tick, &not),
