@@ -183,10 +183,11 @@ impl<'a> PvFacts<'a> {
 
 /// The path Velero takes for a claim in a Backup of `settings`, when velero-jupyterhub
 /// does its part: every user claim is mounted by an annotated pod (the user's server or
-/// our helper) at the Backup, unless that is pointless. A pod is pointless where the
-/// resource policy decides otherwise, where the volume is a hostPath, and where the
-/// operator chose the data mover (`snapshotMoveData`) and the volume is CSI: Velero then
-/// copies it to the backup storage without any pod.
+/// our helper) at the Backup. The resource policy's first matching action overrides the
+/// annotation; a hostPath volume is never copied. (That the data mover could copy an idle
+/// CSI claim without any pod is not counted on: it needs Velero's `EnableCSI` feature, a
+/// storage class on the claim and a VolumeSnapshotClass for its driver, none of which a
+/// Schedule shows; a helper too many costs a pod, one too few loses a home.)
 pub fn data_path(settings: &BackupSettings<'_>, volume: &VolumeFacts<'_>) -> DataPath {
     let host_path = volume
         .pv
@@ -201,10 +202,12 @@ pub fn data_path(settings: &BackupSettings<'_>, volume: &VolumeFacts<'_>) -> Dat
             ActionType::Snapshot => snapshot(settings, host_path, csi),
         };
     }
+    // No policy matched: the pod annotations decide, and every user claim is mounted by
+    // an annotated pod at the Backup (the user's server, or our helper): file-system
+    // backup, which Velero then does not snapshot too (`ShouldPerformSnapshot` step 2),
+    // `snapshotMoveData` or not.
     if host_path {
         DataPath::Skipped(Skip::HostPath)
-    } else if csi && settings.snapshot_move_data && settings.snapshot_volumes != Some(false) {
-        DataPath::DataMover
     } else {
         DataPath::FsBackup
     }
@@ -244,7 +247,8 @@ impl<'a> BackupSettings<'a> {
 }
 
 /// How the Schedules with a window open over a claim's namespace copy it, when none of
-/// them needs a pod for it: then it gets no backup helper. `manual`: a window of our own
+/// them needs a pod for it: then it gets no backup helper. Without resource policies that
+/// is a hostPath volume only (Velero never copies it). `manual`: a window of our own
 /// (`velero-jupyterhub backup`) is open there too, whose Backup copies through pods. A
 /// Schedule naming resource policies counts as a pod copy: the controller does not read
 /// them, and a helper too many costs a pod where one too few loses a home.
@@ -297,7 +301,8 @@ pub struct ResourcePolicies {
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct VolumePolicy {
-    #[serde(default)]
+    /// `conditions:` left empty (null) is no condition, as in Velero.
+    #[serde(default, deserialize_with = "null_is_default")]
     pub conditions: Conditions,
     pub action: Action,
 }
@@ -341,6 +346,14 @@ pub struct CsiCondition {
     pub driver: String,
     #[serde(default)]
     pub volume_attributes: BTreeMap<String, String>,
+}
+
+fn null_is_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -436,10 +449,14 @@ impl Conditions {
                 size >= lo && (hi == 0 || size <= hi)
             })
         });
-        let class = self.storage_class.as_ref().is_none_or(|classes| {
-            pv.storage_class
-                .is_some_and(|c| classes.iter().any(|x| x == c))
-        });
+        // An empty list is no condition (Velero matches when `len(...) == 0`); a volume
+        // without a class never matches a list.
+        let class = (self.storage_class.as_ref())
+            .filter(|c| !c.is_empty())
+            .is_none_or(|classes| {
+                (pv.storage_class.filter(|c| !c.is_empty()))
+                    .is_some_and(|c| classes.iter().any(|x| x == c))
+            });
         let nfs = self.nfs.as_ref().is_none_or(|want| {
             pv.nfs.is_some_and(|(server, path)| {
                 (want.server.is_empty() || want.server == server)
@@ -452,12 +469,14 @@ impl Conditions {
                     && want
                         .volume_attributes
                         .iter()
-                        .all(|(k, val)| attributes.and_then(|a| a.get(k)) == Some(val))
+                        // A missing attribute reads as "" (a Go map's zero value).
+                        .all(|(k, val)| {
+                            attributes.and_then(|a| a.get(k)).map_or("", String::as_str) == val
+                        })
             })
         });
-        let types = self
-            .volume_types
-            .as_ref()
+        let types = (self.volume_types.as_ref())
+            .filter(|t| !t.is_empty())
             .is_none_or(|types| pv.volume_type.is_some_and(|t| types.iter().any(|x| x == t)));
         // Empty maps and lists are not conditions (BuildPolicy adds them only when set).
         let labels = self

@@ -68,21 +68,28 @@ fn velero_resource_policies_example_decides_as_velero_does() {
         pvc_phase: Some("Pending"),
         ..bound(csi("ebs.csi.aws.com", "gp2", 20 * GI))
     };
-    // (what, volume, data mover on, path)
+    let nfs_data = PvFacts {
+        nfs: Some(("192.168.200.90", "/mnt/data")),
+        ..nfs
+    };
+    // (what, volume, data mover on, path); the example's policies, numbered from 0:
+    // 0 skip (ebs gp2/standard 10–100Gi, Pending), 1 skip (≤100Gi nfs 192.168.200.90
+    // /mnt/data), 2 fs-backup (nfs 192.168.200.90), 3 skip (any nfs), 4 snapshot (any csi),
+    // 5 skip (volume types).
     let rows: Vec<(&str, VolumeFacts<'_>, bool, DataPath)> = vec![
-        // Policy 1 needs every condition, the claim's phase Pending among them
+        // Policy 0 needs every condition, the claim's phase Pending among them
         // (volume_resources.go `match`: all conditions of a policy).
         (
-            "ebs gp2 20Gi, Pending: policy 1 skips",
+            "ebs gp2 20Gi, Pending: policy 0 skips",
             pending,
             false,
             DataPath::Skipped(Skip::Policy { policy: 0 }),
         ),
-        // Bound, so policy 1 does not match; policy 3 (`csi: {}`) snapshots it: a
+        // Bound, so policy 0 does not match; policy 4 (`csi: {}`) snapshots it: a
         // `snapshot` action wins over the pod annotation (ShouldPerformFSBackup returns
         // false for any action but fs-backup).
         (
-            "ebs gp2 20Gi, Bound: policy 3 snapshots",
+            "ebs gp2 20Gi, Bound: policy 4 snapshots",
             bound(csi("ebs.csi.aws.com", "gp2", 20 * GI)),
             false,
             DataPath::CsiSnapshot,
@@ -93,21 +100,25 @@ fn velero_resource_policies_example_decides_as_velero_does() {
             true,
             DataPath::DataMover,
         ),
-        // Policy 2 (nfs server) asks for a pod copy.
         (
-            "nfs of that server: fs-backup",
+            "nfs of that server, /mnt/data: policy 1 skips",
+            bound(nfs_data),
+            false,
+            DataPath::Skipped(Skip::Policy { policy: 1 }),
+        ),
+        (
+            "nfs of that server, another path: policy 2, fs-backup",
             bound(nfs),
             false,
             DataPath::FsBackup,
         ),
-        // No policy matches another server's NFS: the pod annotations decide (ours).
         (
-            "another nfs server: no match, fs-backup",
+            "another nfs server: policy 3 skips any nfs",
             bound(other_nfs),
             false,
-            DataPath::FsBackup,
+            DataPath::Skipped(Skip::Policy { policy: 3 }),
         ),
-        // Policy 4 lists cinder, emptyDir, …: not rbd; no match.
+        // Policy 5 lists cinder, emptyDir, …: not rbd; no match, the annotation decides.
         (
             "rbd: no match, fs-backup",
             bound(rbd),
@@ -131,30 +142,28 @@ fn velero_resource_policies_example_decides_as_velero_does() {
     }
 }
 
+/// Without policies the pod annotation decides, and our pods carry it: a file-system
+/// backup, `snapshotMoveData` or not (ShouldPerformSnapshot skips a claim a pod's
+/// annotation selects), except for a hostPath volume.
 #[test]
-fn without_policies_a_pod_copies_unless_the_data_mover_does() {
+fn without_policies_our_annotated_pods_copy_every_claim_but_host_paths() {
     let settings = |snapshot_volumes, snapshot_move_data| BackupSettings {
         snapshot_volumes,
         snapshot_move_data,
         policies: None,
     };
     let volume = bound(csi("hostpath.csi.k8s.io", "csi-hostpath-sc", GI));
-    let not_csi = bound(PvFacts {
-        volume_type: Some("local"),
+    let host_path = bound(PvFacts {
+        volume_type: Some("hostPath"),
         ..Default::default()
     });
     // (snapshotVolumes, snapshotMoveData, volume, path)
     let rows = [
         (None, false, volume, DataPath::FsBackup),
         (Some(true), false, volume, DataPath::FsBackup),
-        // The data mover copies a CSI volume's snapshot to the backup storage: no pod.
-        (None, true, volume, DataPath::DataMover),
-        (Some(true), true, volume, DataPath::DataMover),
-        // No snapshots at all: the data mover has nothing to move.
+        (None, true, volume, DataPath::FsBackup),
         (Some(false), true, volume, DataPath::FsBackup),
-        // Not CSI: the data mover cannot take it (`takePVSnapshot` falls back to native
-        // snapshots, which copy nothing out); a pod copy is the off-cluster copy.
-        (None, true, not_csi, DataPath::FsBackup),
+        (None, true, host_path, DataPath::Skipped(Skip::HostPath)),
     ];
     for (snapshot_volumes, move_data, volume, want) in rows {
         assert_eq!(
@@ -215,6 +224,14 @@ fn conditions_match_as_velero_matches_them() {
             false,
         ),
         (json!({}), true),
+        // Empty lists are no condition (Velero: `len(...) == 0` matches).
+        (json!({"storageClass": []}), true),
+        (json!({"volumeTypes": []}), true),
+        // A missing attribute reads as "" (a Go map's zero value).
+        (
+            json!({"csi": {"driver": "disk.csi.example.com", "volumeAttributes": {"zone": ""}}}),
+            true,
+        ),
     ];
     for (conditions, matches) in rows {
         let policies = ResourcePolicies::parse(json!({
@@ -288,6 +305,12 @@ fn documents_velero_refuses_are_errors_that_say_why() {
             {"conditions": {"csi": {"volumeAttributes": {"a": "b"}}}, "action": {"type": "skip"}}]})),
         Some(PoliciesError::CsiWithoutDriver { policy: 1 })
     );
+    // `conditions:` left empty is no condition.
+    assert_eq!(
+        parse(json!({"version": "v1", "volumePolicies": [
+            {"conditions": null, "action": {"type": "skip"}}]})),
+        None
+    );
     // Unknown fields are errors, as Velero decodes with KnownFields(true).
     for doc in [
         json!({"version": "v1", "volumePolicy": []}),
@@ -341,6 +364,13 @@ fn a_claim_needs_a_pod_if_any_schedule_copies_it_through_one() {
         snapshot_move_data: true,
         ..Default::default()
     };
+    let host_path = VolumeFacts {
+        pv: Some(PvFacts {
+            volume_type: Some("hostPath"),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
     let skipping = BackupSettings {
         policies: Some(&skip_all),
         ..Default::default()
@@ -351,19 +381,9 @@ fn a_claim_needs_a_pod_if_any_schedule_copies_it_through_one() {
     let rows: Vec<(Schedules<'_>, Option<(&str, DataPath)>)> = vec![
         (vec![], None),
         (vec![("plain", BackupSettings::default())], None),
-        (
-            vec![("movers", mover)],
-            Some(("movers", DataPath::DataMover)),
-        ),
-        // Another Schedule copies it through a pod: our helper is still needed.
-        (
-            vec![("movers", mover), ("plain", BackupSettings::default())],
-            None,
-        ),
-        (
-            vec![("movers", mover), ("skips", skipping)],
-            Some(("movers", DataPath::DataMover)),
-        ),
+        // Our annotated pods copy it even where the data mover is on.
+        (vec![("movers", mover)], None),
+        (vec![("movers", mover), ("skips", skipping)], None),
         (
             vec![("skips", skipping)],
             Some(("skips", DataPath::Skipped(Skip::Policy { policy: 0 }))),
@@ -373,4 +393,8 @@ fn a_claim_needs_a_pod_if_any_schedule_copies_it_through_one() {
         let names: Vec<&str> = schedules.iter().map(|(n, _)| *n).collect();
         assert_eq!(schedules_path(&schedules, &volume), want, "{names:?}");
     }
+    assert_eq!(
+        schedules_path(&[("movers", mover)], &host_path),
+        Some(("movers", DataPath::Skipped(Skip::HostPath)))
+    );
 }

@@ -104,17 +104,29 @@ pub async fn run(client: kube::Client, o: &Options) -> anyhow::Result<Vec<Row>> 
     .with_context(|| format!("listing PodVolumeBackups in {vns}"))?;
 
     // The data mover's copies count as much as a pod's (a DataUpload per claim).
-    let uploads = list_all(
+    // A Velero without the data mover's CRD (before v1.12) has none.
+    let uploads = match list_all(
         &Api::<DataUpload>::namespaced(client.clone(), vns),
         ListParams::default(),
     )
     .await
-    .with_context(|| format!("listing DataUploads in {vns} (Velero's CRDs installed?)"))?;
+    {
+        Err(kube::Error::Api(e)) if e.code == 404 => Vec::new(),
+        listed => listed.with_context(|| format!("listing DataUploads in {vns}"))?,
+    };
     let ways = DataPaths::read(&client, vns, &globs).await?;
 
-    let restorable: BTreeMap<&str, bool> = backups
+    // By the label form of the name, as copies name their Backup (`velero.io/backup-name`
+    // is cut and hashed past 63 characters).
+    let restorable: BTreeMap<String, bool> = backups
         .iter()
-        .filter_map(|b| Some((b.metadata.name.as_deref()?, b.restorable())))
+        .filter_map(|b| {
+            let name = b.metadata.name.as_deref()?;
+            Some((
+                crate::policy::velero::label_value(name).into_owned(),
+                b.restorable(),
+            ))
+        })
         .collect();
     let pvbs: Vec<PvbDone<'_>> = pvb_objects
         .iter()

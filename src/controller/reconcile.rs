@@ -264,14 +264,21 @@ impl Reconciler {
                 namespace = ns,
                 claim, schedule, "no backup helper: Velero copies this claim without a pod"
             );
+            let note = match path {
+                DataPath::Skipped(_) => format!(
+                    "no backup helper: Schedule {schedule}'s Backups will not copy this claim ({})",
+                    path.describe(None)
+                ),
+                _ => format!(
+                    "no backup helper: Schedule {schedule}'s Backups copy this claim without a pod ({})",
+                    path.describe(None)
+                ),
+            };
             self.events.normal(
                 claim_reference(&ns, &claim, uids),
                 "NoBackupHelper",
                 "Skip",
-                format!(
-                    "no backup helper: Schedule {schedule}'s Backups copy this claim without a pod ({})",
-                    path.describe(None)
-                ),
+                note,
             );
         }
     }

@@ -347,6 +347,14 @@ impl<'a> Views<'a> {
             let Some(window) = open.get(view.namespace) else {
                 continue;
             };
+            // User claims only (the namespace's globs), bound (else no helper anyway).
+            let user_claim = self
+                .globs
+                .iter()
+                .any(|(ns, g)| *ns == view.namespace && g.matches(view.name));
+            if !user_claim || !view.bound {
+                continue;
+            }
             let schedules: Vec<(&'a str, &'a BackupTemplate)> = window
                 .schedules
                 .iter()

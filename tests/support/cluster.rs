@@ -62,7 +62,9 @@ pub async fn config() -> Config {
         .expect("kubeconfig loads")
 }
 
-/// An admin client (system:masters).
+/// An admin client (system:masters). Of the test's own API server inside
+/// `on_own_server`, else the shared one: a task such a test spawns must be handed the
+/// clients it made, never call this itself (a task-local is not inherited).
 pub async fn client() -> Client {
     Client::try_from(config().await).expect("client")
 }
