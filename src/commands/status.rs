@@ -76,7 +76,9 @@ pub async fn run(client: kube::Client, o: &Options) -> anyhow::Result<Vec<Row>> 
             names::NAMESPACE_ENABLED
         );
     }
-    let (claims, pods): (Api<ClaimRecord>, Api<PodRecord>) = match &o.namespace {
+    // The claims whole, listed once: the rows read them as records, the data paths read
+    // their labels.
+    let (claims, pods): (Api<PersistentVolumeClaim>, Api<PodRecord>) = match &o.namespace {
         Some(ns) => (
             Api::namespaced(client.clone(), ns),
             Api::namespaced(client.clone(), ns),
@@ -86,6 +88,11 @@ pub async fn run(client: kube::Client, o: &Options) -> anyhow::Result<Vec<Row>> 
     let claim_objects = list_all(&claims, ListParams::default())
         .await
         .context("listing claims")?;
+    let claim_records = claim_objects
+        .iter()
+        .map(|c| serde_json::to_value(c).and_then(serde_json::from_value::<ClaimRecord>))
+        .collect::<Result<Vec<_>, _>>()
+        .context("reading claims")?;
     let pod_objects = list_all(&pods, ListParams::default())
         .await
         .context("listing pods")?;
@@ -114,7 +121,7 @@ pub async fn run(client: kube::Client, o: &Options) -> anyhow::Result<Vec<Row>> 
         Err(kube::Error::Api(e)) if e.code == 404 => Vec::new(),
         listed => listed.with_context(|| format!("listing DataUploads in {vns}"))?,
     };
-    let ways = DataPaths::read(&client, vns, &globs).await?;
+    let ways = DataPaths::read(&client, vns, &globs, claim_objects).await?;
 
     // By the label form of the name, as copies name their Backup (`velero.io/backup-name`
     // is cut and hashed past 63 characters).
@@ -133,7 +140,7 @@ pub async fn run(client: kube::Client, o: &Options) -> anyhow::Result<Vec<Row>> 
         .filter_map(PodVolumeBackup::done)
         .chain(uploads.iter().filter_map(DataUpload::done))
         .collect();
-    let claim_views: Vec<_> = claim_objects.iter().map(ClaimRecord::view).collect();
+    let claim_views: Vec<_> = claim_records.iter().map(ClaimRecord::view).collect();
     let pod_refs: Vec<&PodRecord> = pod_objects.iter().collect();
     Ok(status::rows(
         |ns| globs.get(ns).cloned(),
@@ -167,6 +174,7 @@ impl DataPaths {
         client: &kube::Client,
         velero_namespace: &str,
         opted_in: &HashMap<String, Arc<ClaimGlobs>>,
+        listed_claims: Vec<PersistentVolumeClaim>,
     ) -> anyhow::Result<Self> {
         let listed = list_all(
             &Api::<Schedule>::namespaced(client.clone(), velero_namespace),
@@ -215,14 +223,14 @@ impl DataPaths {
             {
                 volumes.insert(pv.metadata.name.clone().unwrap_or_default(), pv);
             }
-            for ns in opted_in.keys() {
-                let api: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
-                for pvc in list_all(&api, ListParams::default())
-                    .await
-                    .with_context(|| format!("listing claims in {ns}"))?
-                {
-                    let name = pvc.metadata.name.clone().unwrap_or_default();
-                    claims.insert((ns.clone(), name), pvc);
+            for pvc in listed_claims {
+                let m = &pvc.metadata;
+                let key = (
+                    m.namespace.clone().unwrap_or_default(),
+                    m.name.clone().unwrap_or_default(),
+                );
+                if opted_in.contains_key(&key.0) {
+                    claims.insert(key, pvc);
                 }
             }
         }
@@ -239,14 +247,7 @@ impl DataPaths {
             .schedules
             .iter()
             .filter(|(_, t, _)| t.covers_namespace(claim.namespace))
-            .map(|(name, t, policies)| {
-                let settings = BackupSettings {
-                    snapshot_volumes: t.snapshot_volumes,
-                    snapshot_move_data: t.snapshot_move_data == Some(true),
-                    policies: policies.as_ref(),
-                };
-                (name.as_str(), settings)
-            })
+            .map(|(name, t, policies)| (name.as_str(), BackupSettings::of(t, policies.as_ref())))
             .collect();
         let pvc = self
             .claims
