@@ -24,6 +24,28 @@ async fn run_status(kubeconfig: &std::path::Path, args: &[&str]) -> (Option<i32>
     (output.status.code(), stdout, stderr)
 }
 
+/// The operator: a user bound to the status ClusterRole only; their name and kubeconfig.
+async fn status_operator(client: &kube::Client) -> (String, tempfile::NamedTempFile) {
+    let operator = unique("operator");
+    cluster::apply_dynamic(client, &json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+        "metadata": {"name": operator},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "velero-jupyterhub-status"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": operator}],
+    })).await;
+    let kubeconfig = cluster::kubeconfig_as(&operator);
+    (operator, kubeconfig)
+}
+
+/// The table row of `claim` (its third column).
+fn row(stdout: &str, claim: &str) -> String {
+    stdout
+        .lines()
+        .find(|l| l.split_whitespace().nth(2) == Some(claim))
+        .unwrap_or_else(|| panic!("no row for {claim}:\n{stdout}"))
+        .to_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn status_shows_each_user_claim_and_fails_while_one_is_stale() {
     let mut setup = Setup::new().await;
@@ -129,14 +151,7 @@ async fn status_shows_each_user_claim_and_fails_while_one_is_stale() {
         .expect("erin's restore helper");
 
     // The operator: a user bound to the status ClusterRole only.
-    let operator = unique("operator");
-    cluster::apply_dynamic(&client, &json!({
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-        "metadata": {"name": operator},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "velero-jupyterhub-status"},
-        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": operator}],
-    })).await;
-    let kubeconfig = cluster::kubeconfig_as(&operator);
+    let (_, kubeconfig) = status_operator(&client).await;
     let velero = setup.velero.clone();
     let base = [
         "--velero-namespace",
@@ -151,13 +166,7 @@ async fn status_shows_each_user_claim_and_fails_while_one_is_stale() {
     )
     .await;
     assert_eq!(code, Some(2), "exit 2: stale claims\n{stderr}");
-    let row = |claim: &str| {
-        stdout
-            .lines()
-            .find(|l| l.split_whitespace().nth(2) == Some(claim))
-            .unwrap_or_else(|| panic!("no row for {claim}:\n{stdout}"))
-            .to_owned()
-    };
+    let row = |claim: &str| row(&stdout, claim);
     for (claim, state, backup, stale) in [
         ("claim-alice", "live", Some(daily.as_str()), false),
         ("claim-bob", "idle", Some(daily.as_str()), false),
@@ -347,27 +356,13 @@ async fn status_says_how_velero_copies_each_claim_and_why_one_is_skipped() {
         .expect("the data mover completes");
 
     // The operator: the status ClusterRole, and `get configmaps` in Velero's namespace.
-    let operator = unique("operator");
-    cluster::apply_dynamic(&client, &json!({
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-        "metadata": {"name": operator},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "velero-jupyterhub-status"},
-        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": operator}],
-    })).await;
-    let kubeconfig = cluster::kubeconfig_as(&operator);
+    let (operator, kubeconfig) = status_operator(&client).await;
     let args = [
         "--velero-namespace",
         velero.as_str(),
         "--namespace",
         ns.as_str(),
     ];
-    let row = |stdout: &str, claim: &str| {
-        stdout
-            .lines()
-            .find(|l| l.split_whitespace().nth(2) == Some(claim))
-            .unwrap_or_else(|| panic!("no row for {claim}:\n{stdout}"))
-            .to_owned()
-    };
 
     // Not allowed to read the ConfigMap yet: said, and ben reads as if no policy applied.
     let (code, stdout, stderr) = run_status(kubeconfig.path(), &args).await;
