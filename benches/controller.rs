@@ -78,6 +78,7 @@ async fn reaction(client: &kube::Client, spawns: usize) {
         helper_start_timeout: k8s_openapi::jiff::SignedDuration::from_mins(5),
         // Healthy watches; the night's figure is the waves' own time.
         wave_settle: k8s_openapi::jiff::SignedDuration::from_secs(1),
+        headroom: velero_jupyterhub::policy::waves::Headroom::DEFAULT,
         certificates: None,
     };
     let stop = CancellationToken::new();

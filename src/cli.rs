@@ -267,6 +267,15 @@ pub struct ControllerArgs {
     /// copy must not get a needless wave.
     #[arg(long, env = "VJH_WAVE_SETTLE", default_value = "45s", value_parser = humantime::parse_duration)]
     pub wave_settle: Duration,
+    /// Pod slots helpers leave free on every node: at least Velero's node-agent load
+    /// concurrency (its hosting pods run on the volume's node; default 1) plus room for
+    /// users' servers.
+    #[arg(long, env = "VJH_NODE_HEADROOM_PODS", default_value_t = 4)]
+    pub node_headroom_pods: u32,
+    /// Attachments helpers leave free, per node and CSI driver with an attach limit (its
+    /// CSINode's `allocatable.count`), for users' servers.
+    #[arg(long, env = "VJH_NODE_HEADROOM_ATTACHMENTS", default_value_t = 1)]
+    pub node_headroom_attachments: u32,
     /// The helpers' image: pause-like, running as a non-root user.
     #[arg(long, env = "VJH_HELPER_IMAGE", default_value = crate::policy::helper::DEFAULT_IMAGE)]
     pub helper_image: String,
@@ -771,6 +780,10 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         .context("--helper-start-timeout")?,
         wave_settle: k8s_openapi::jiff::SignedDuration::try_from(args.wave_settle)
             .context("--wave-settle")?,
+        headroom: crate::policy::waves::Headroom {
+            pods: args.node_headroom_pods,
+            attachments: args.node_headroom_attachments,
+        },
         helper: crate::policy::helper::HelperOptions {
             image: args.helper_image,
             tolerations: args.helper_tolerations,

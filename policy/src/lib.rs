@@ -18,6 +18,7 @@ pub mod coverage;
 pub mod cron;
 pub mod datapath;
 pub mod helper;
+pub mod hooks;
 pub mod leader;
 pub mod live;
 pub mod liveness;

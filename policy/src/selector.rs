@@ -184,6 +184,29 @@ fn satisfy(
     Ok(extra)
 }
 
+/// Whether `selector` selects an object with `labels` (metav1 `LabelSelectorAsSelector`):
+/// every `matchLabels` pair and every requirement holds; an unknown operator selects
+/// nothing (Velero fails to read such a selector).
+pub fn selects(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
+    let pairs = selector
+        .match_labels
+        .iter()
+        .flatten()
+        .all(|(k, v)| labels.get(k) == Some(v));
+    let requirements = selector.match_expressions.iter().flatten().all(|r| {
+        let value = labels.get(&r.key);
+        let values = r.values.as_deref().unwrap_or_default();
+        match r.operator.as_str() {
+            "In" => value.is_some_and(|v| values.contains(v)),
+            "NotIn" => value.is_none_or(|v| !values.contains(v)),
+            "Exists" => value.is_some(),
+            "DoesNotExist" => value.is_none(),
+            _ => false,
+        }
+    });
+    pairs && requirements
+}
+
 /// Whether `selector` may select an object whose label `key` is `value` (`None`: absent),
 /// judging only its requirements on `key` (the others are taken as met: a caller that
 /// knows one label of an object can only rule it out by that label).

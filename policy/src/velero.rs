@@ -26,6 +26,8 @@ pub struct BackupTemplate {
     pub snapshot_volumes: Option<bool>,
     pub snapshot_move_data: Option<bool>,
     pub resource_policy: Option<PolicyRef>,
+    /// Resource hooks Velero runs in the pods it backs up (`policy::hooks`).
+    pub hooks: crate::hooks::BackupHooks,
 }
 
 /// `spec.resourcePolicy`: Velero reads only `kind: configmap` (any case), named in the

@@ -139,6 +139,30 @@ impl std::fmt::Display for ScheduleProblem {
     }
 }
 
+/// A Schedule whose `pre` backup hooks would fail in our helpers (`policy::hooks`):
+/// Velero then skips the helpers' volumes. Its helpers are still made (the hooks may be
+/// fixed before the tick), and this is said.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HooksInHelpers {
+    pub hooks: Vec<String>,
+    pub namespaces: Vec<String>,
+}
+
+impl std::fmt::Display for HooksInHelpers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "its pre backup hook(s) {} would run in the backup helpers of namespace(s) {} \
+             (a pause image: the command fails) and, with onError Fail (the default), Velero \
+             then skips the helpers' volumes: give the hook a labelSelector the helpers do \
+             not match (e.g. app.kubernetes.io/managed-by NotIn [velero-jupyterhub]) or \
+             onError: Continue",
+            self.hooks.join(", "),
+            self.namespaces.join(", ")
+        )
+    }
+}
+
 /// Windows by namespace, what to wake up for next, and the Schedules left out.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Windows {
@@ -146,6 +170,8 @@ pub struct Windows {
     /// The next time a window opens or reaches its `max` (a change no watch reports).
     pub next_change: Option<Timestamp>,
     pub problems: Vec<(String, ScheduleProblem)>,
+    /// Schedules served, but whose hooks would make Velero skip the helpers' volumes.
+    pub hooks_in_helpers: Vec<(String, HooksInHelpers)>,
 }
 
 /// How long after a Schedule's `lastBackup` its Backup is awaited when not seen yet
@@ -177,7 +203,8 @@ pub fn windows<'a>(
     };
     let mut open_schedules = Vec::new();
     let mut problems = Vec::new();
-    for s in schedules.iter().filter(|s| !s.spec.paused) {
+    let mut hooks_in_helpers = Vec::new();
+    for s in schedules {
         let covered: Vec<&str> = namespaces
             .clone()
             .into_iter()
@@ -197,6 +224,33 @@ pub fn windows<'a>(
                 continue;
             }
         };
+        if !s.spec.paused {
+            let mut helper_labels = own_labels.clone();
+            helper_labels.extend(labels.clone());
+            let mut hooks = Vec::new();
+            let mut in_namespaces = Vec::new();
+            for ns in &covered {
+                let failing =
+                    crate::hooks::failing_in_helpers(&s.spec.template.hooks, ns, &helper_labels);
+                if !failing.is_empty() {
+                    in_namespaces.push((*ns).to_owned());
+                    for h in failing {
+                        if !hooks.contains(&h) {
+                            hooks.push(h);
+                        }
+                    }
+                }
+            }
+            if !hooks.is_empty() {
+                hooks_in_helpers.push((
+                    s.name.to_owned(),
+                    HooksInHelpers {
+                        hooks,
+                        namespaces: in_namespaces,
+                    },
+                ));
+            }
+        }
         let cron = match CronSchedule::parse(&s.spec.schedule) {
             Ok(c) => c,
             Err(e) => {
@@ -244,18 +298,45 @@ pub fn windows<'a>(
         w.backups.extend(m.backup.map(str::to_owned));
     }
     out.problems = problems;
+    out.hooks_in_helpers = hooks_in_helpers;
     out
 }
 
-/// The name of the Backup Velero's Schedule controller creates at `at`:
-/// `<schedule>-<yyyymmddhhmmss>` in UTC (pkg/apis/velero/v1/schedule_types.go
-/// `TimestampedName`), the same `at` it then writes to `status.lastBackup`.
+/// The name of the Backup Velero's Schedule controller creates at `at`, if its server
+/// runs in UTC: `<schedule>-<yyyymmddhhmmss>` (pkg/apis/velero/v1/schedule_types.go
+/// `TimestampedName`), the same `at` it then writes to `status.lastBackup`. Only a
+/// placeholder for a Backup not seen yet: [`is_tick_backup`] finds the real one.
 pub fn tick_backup_name(schedule: &str, at: Timestamp) -> String {
     format!(
         "{schedule}-{}",
         at.to_zoned(jiff::tz::TimeZone::UTC)
             .strftime("%Y%m%d%H%M%S")
     )
+}
+
+/// Whether `name` is the Backup Velero's Schedule controller made at `at` (its
+/// `status.lastBackup`). Velero formats the time in its server's local time zone
+/// (`time.Now()`, Go's `Local`: a `TZ` set on Velero's pod changes it), which we do not
+/// know; every zone in use is a whole number of quarter hours from UTC, within 14 hours.
+/// The seconds, which `lastBackup` keeps, must be the same.
+pub fn is_tick_backup(schedule: &str, at: Timestamp, name: &str) -> bool {
+    let Some(stamp) = name
+        .strip_prefix(schedule)
+        .and_then(|rest| rest.strip_prefix('-'))
+    else {
+        return false;
+    };
+    if stamp.len() != 14 || !stamp.bytes().all(|b| b.is_ascii_digit()) {
+        return false;
+    }
+    let Ok(local) = jiff::civil::DateTime::strptime("%Y%m%d%H%M%S", stamp) else {
+        return false;
+    };
+    let Ok(as_utc) = local.to_zoned(jiff::tz::TimeZone::UTC) else {
+        return false;
+    };
+    let offset = as_utc.timestamp().as_second() - at.as_second();
+    offset % (15 * 60) == 0 && offset.abs() <= 14 * 3600
 }
 
 /// The window of one Schedule at `now`: open while one of its Backups created less than
@@ -288,11 +369,20 @@ fn schedule_window(
         let until = last_backup
             .saturating_add(AWAIT_BACKUP)
             .unwrap_or(last_backup);
-        if now < until && !backups.iter().any(|b| b.name == name) {
+        if now < until
+            && !backups
+                .iter()
+                .any(|b| is_tick_backup(s.name, last_backup, b.name))
+        {
             wake(until);
             let open = open.get_or_insert_with(|| Open { backups: vec![] });
             open.backups.push(name);
         }
+    }
+    // A paused Schedule makes no Backup: its window stays open only while one it made
+    // runs (pausing it then must not take the helpers away from under that Backup).
+    if s.spec.paused {
+        return Ok(open);
     }
     let mut last = status.last_backup.map_or(s.created, |t| t.0);
     if let Some(skipped) = status.last_skipped.map(|t| t.0) {

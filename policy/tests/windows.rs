@@ -11,7 +11,7 @@ use velero_jupyterhub_policy::helper;
 use velero_jupyterhub_policy::names;
 use velero_jupyterhub_policy::velero::{ScheduleSpec, ScheduleStatus};
 use velero_jupyterhub_policy::window::{
-    BackupView, ManualWindow, ScheduleProblem, ScheduleView, WindowOptions, windows,
+    BackupView, ManualWindow, ScheduleProblem, ScheduleView, WindowOptions, is_tick_backup, windows,
 };
 
 fn ts(s: &str) -> Timestamp {
@@ -259,6 +259,62 @@ fn window_table() {
             next_change: None,
         },
     );
+    let paused_after_tick = schedule_spec(|s| s["paused"] = true.into());
+    run(
+        "paused while its Backup runs: open until that Backup ends",
+        &[("daily", paused_after_tick.clone(), after_tick.clone())],
+        &in_progress,
+        "2026-11-28T03:20:00Z",
+        Want {
+            open: true,
+            backups: vec!["daily-20261128030012"],
+            next_change: Some("2026-11-28T09:00:12Z"),
+        },
+    );
+    run(
+        "paused, its Backup done: closed, and no tick to wake up for",
+        &[("daily", paused_after_tick, after_tick.clone())],
+        &[(
+            "daily-20261128030012",
+            "daily",
+            "2026-11-28T03:00:12Z",
+            Some("Completed"),
+        )],
+        "2026-11-28T03:20:00Z",
+        Want {
+            open: false,
+            backups: vec![],
+            next_change: None,
+        },
+    );
+    // Velero names a Schedule's Backup in its server's local time: with TZ=Europe/Berlin
+    // on Velero's pod, the 03:00:12 UTC tick's Backup is daily-20261128040012.
+    let berlin_named = |phase| {
+        [(
+            "daily-20261128040012",
+            "daily",
+            "2026-11-28T03:00:12Z",
+            Some(phase),
+        )]
+    };
+    run(
+        "a Backup named in Velero's local time is the tick's: no other one awaited",
+        &[("daily", daily.clone(), after_tick.clone())],
+        &berlin_named("InProgress"),
+        "2026-11-28T03:01:00Z",
+        Want {
+            open: true,
+            backups: vec!["daily-20261128040012"],
+            next_change: Some("2026-11-28T09:00:12Z"),
+        },
+    );
+    run(
+        "and once it is done the window closes",
+        &[("daily", daily.clone(), after_tick.clone())],
+        &berlin_named("Completed"),
+        "2026-11-28T03:01:00Z",
+        closed("2026-11-29T02:50:00Z"),
+    );
     let elsewhere =
         schedule_spec(|s| s["template"]["excludedNamespaces"] = json!(["jhub", "sandbox"]));
     run(
@@ -478,5 +534,91 @@ fn a_manual_window_that_cannot_be_read_says_why() {
         ManualWindow::read("jhub", Some(&other)),
         Ok(None),
         "a Backup without a time opens nothing"
+    );
+}
+
+/// The tick's Backup is found whatever time zone Velero's server formats its name in
+/// (pkg/apis/velero/v1/schedule_types.go `TimestampedName`: Go's local time).
+#[test]
+fn the_ticks_backup_is_found_in_any_time_zone() {
+    let at = ts("2026-11-28T03:00:12Z");
+    let cases = [
+        ("daily-20261128030012", true, "UTC"),
+        ("daily-20261128040012", true, "Europe/Berlin (+01:00)"),
+        ("daily-20261128084512", true, "Asia/Kathmandu (+05:45)"),
+        ("daily-20261128170012", true, "Pacific/Kiritimati (+14:00)"),
+        ("daily-20261127150012", true, "Etc/GMT+12 (-12:00)"),
+        ("daily-20261128030712", false, "seven minutes off: no zone"),
+        (
+            "daily-20261128030013",
+            false,
+            "another second: another Backup",
+        ),
+        ("daily-20261128180012", false, "fifteen hours off: no zone"),
+        ("daily-x-20261128030012", false, "Schedule daily-x's"),
+        ("daily-2026112803001", false, "thirteen digits"),
+        ("daily-20261328030012", false, "month 13"),
+        ("nightly-20261128030012", false, "another Schedule's"),
+    ];
+    for (name, want, why) in cases {
+        assert_eq!(is_tick_backup("daily", at, name), want, "{name}: {why}");
+    }
+}
+
+/// A Schedule whose `pre` hook would run in the helpers (no selector, onError Fail by
+/// default) is named, with the namespaces; one whose hook selects user servers only is
+/// not. Both are still served: their windows open as usual.
+#[test]
+fn hooks_that_would_fail_in_helpers_are_named() {
+    let hook = |selector: Value| {
+        schedule_spec(|s| {
+            s["template"]["hooks"] = json!({"resources": [{
+                "name": "fsfreeze",
+                "labelSelector": selector,
+                "pre": [{"exec": {"container": "notebook", "command": ["/sbin/fsfreeze", "--freeze", "/home/jovyan"]}}]
+            }]})
+        })
+    };
+    let everywhere = hook(Value::Null);
+    let servers_only = hook(json!({"matchLabels": {"component": "singleuser-server"}}));
+    let none = status(None, None);
+    let schedules = [("daily", &everywhere), ("servers", &servers_only)];
+    let views: Vec<ScheduleView<'_>> = schedules
+        .iter()
+        .map(|(name, spec)| ScheduleView {
+            name,
+            created: ts(CREATED),
+            spec,
+            status: Some(&none),
+        })
+        .collect();
+    let got = windows(
+        ["jhub", "sandbox"],
+        &views,
+        &[],
+        &[],
+        &helper::own_labels(None),
+        ts("2026-11-28T02:55:00Z"),
+        OPTIONS,
+    );
+    assert_eq!(got.hooks_in_helpers.len(), 1, "{:?}", got.hooks_in_helpers);
+    let (name, warning) = &got.hooks_in_helpers[0];
+    assert_eq!(name, "daily");
+    assert_eq!(warning.hooks, ["fsfreeze"]);
+    assert_eq!(
+        warning.namespaces,
+        ["jhub"],
+        "the Schedule includes jhub only"
+    );
+    assert!(
+        warning
+            .to_string()
+            .contains("Velero then skips the helpers' volumes"),
+        "{warning}"
+    );
+    assert!(got.problems.is_empty(), "{:?}", got.problems);
+    assert_eq!(
+        got.open.get("jhub").map(|w| w.schedules.clone()),
+        Some(vec!["daily".to_owned(), "servers".to_owned()])
     );
 }

@@ -52,6 +52,9 @@ pub struct Config {
     /// The first wave of a run waits this long after the tick's Backup is seen terminal
     /// (`--wave-settle`).
     pub wave_settle: SignedDuration,
+    /// What helpers leave free on every node (`--node-headroom-pods`,
+    /// `--node-headroom-attachments`).
+    pub headroom: crate::policy::waves::Headroom,
     pub helper: HelperOptions,
     pub default_claims: Arc<ClaimGlobs>,
     pub lease: LeaseOptions,

@@ -81,6 +81,7 @@ pub async fn run(
             settle: config.wave_settle,
         },
         config.helper.clone(),
+        config.headroom,
         events.clone(),
         metrics.clone(),
     );
@@ -431,11 +432,17 @@ impl Reconciler {
             .into_iter()
             .map(|(n, p)| (format!("namespace/{n}"), p))
             .collect();
+        let hooks: HashSet<(String, String)> = windows
+            .hooks_in_helpers
+            .iter()
+            .map(|(n, h)| (n.clone(), h.to_string()))
+            .collect();
         let now: HashSet<(String, String)> = windows
             .problems
             .iter()
             .map(|(n, p)| (n.clone(), p.to_string()))
             .chain(namespace_problems.iter().cloned())
+            .chain(hooks.iter().cloned())
             .collect();
         for (name, message) in self.reported.fresh(now) {
             if let Some(namespace) = name.strip_prefix("namespace/") {
@@ -453,16 +460,17 @@ impl Reconciler {
                 continue;
             }
             warn!(schedule = %name, problem = %message, "a Schedule's Backups will miss idle users");
+            let reason = if hooks.contains(&(name.clone(), message.clone())) {
+                "BackupHooksInHelpers"
+            } else {
+                "IdleUsersNotCovered"
+            };
             if let Some(s) = schedules
                 .iter()
                 .find(|s| s.metadata.name.as_deref() == Some(name.as_str()))
             {
-                self.events.warn(
-                    s.reference(),
-                    "IdleUsersNotCovered",
-                    "Plan",
-                    message.clone(),
-                );
+                self.events
+                    .warn(s.reference(), reason, "Plan", message.clone());
             }
         }
     }

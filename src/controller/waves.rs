@@ -19,7 +19,8 @@ use crate::policy::datapath::{self, PvFacts, VolumeFacts};
 use crate::policy::helper::{self, ClaimRef, HelperOptions};
 use crate::policy::plan::{DeleteReason, Deletion, is_wave_helper};
 use crate::policy::waves::{
-    self, IdleClaim, NodeRoom, PodOnNode, RunHelper, RunInput, RunOptions, RunStep, WaveId, inputs,
+    self, Headroom, IdleClaim, NodeRoom, PodOnNode, RunHelper, RunInput, RunOptions, RunStep,
+    WaveId, inputs,
 };
 use crate::policy::{ClaimGlobs, ClaimRecord, PodFacts, PodRecord, VolumeRecord};
 
@@ -68,6 +69,7 @@ impl WavePlan {
 pub struct Waves {
     pub options: RunOptions,
     helper: HelperOptions,
+    headroom: Headroom,
     events: EventSink,
     metrics: Arc<Metrics>,
     /// What was reported once in the current run of each Schedule (a wave started, a
@@ -172,12 +174,14 @@ impl Waves {
     pub fn new(
         options: RunOptions,
         helper: HelperOptions,
+        headroom: Headroom,
         events: EventSink,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             options,
             helper,
+            headroom,
             events,
             metrics,
             reported: Reported::default(),
@@ -340,6 +344,7 @@ impl Waves {
             &elsewhere,
             attachments,
             &self.helper,
+            self.headroom,
         );
         let room_labels: Vec<(&str, &BTreeMap<String, String>)> = rooms
             .iter()
@@ -485,11 +490,12 @@ impl Waves {
             .status
             .as_ref()
             .and_then(|s| s.last_backup.as_ref())
-            .map(|t| crate::policy::window::tick_backup_name(name, t.0))
-            .and_then(|wanted| {
-                backups
-                    .iter()
-                    .find(|b| b.metadata.name.as_deref() == Some(wanted.as_str()))
+            .and_then(|at| {
+                backups.iter().find(|b| {
+                    b.metadata.name.as_deref().is_some_and(|backup| {
+                        crate::policy::window::is_tick_backup(name, at.0, backup)
+                    })
+                })
             });
         let tick = own.and_then(|o| o.metadata.creation_timestamp.as_ref().map(|t| t.0));
         let schedule_label = crate::policy::velero::label_value(name);

@@ -1309,7 +1309,8 @@ async fn a_namespace_that_opts_in_later_is_planned_with_the_pods_it_already_hold
 }
 
 /// Pods outside the hubs are kept only as a count per node, and that count still fills
-/// nodes: helpers go only where the scheduler has a pod slot left.
+/// nodes: helpers go only where a pod slot is left beyond the headroom (4 by default)
+/// kept for Velero's hosting pods and users' servers.
 #[tokio::test]
 async fn pods_outside_the_hubs_still_take_their_node_slots() {
     let setup = Setup::new().await;
@@ -1320,11 +1321,11 @@ async fn pods_outside_the_hubs_still_take_their_node_slots() {
                 node,
                 &kube::api::PatchParams::default(),
                 &kube::api::Patch::Merge(
-                    json!({"status": {"allocatable": {"pods": "2"}, "capacity": {"pods": "2"}}}),
+                    json!({"status": {"allocatable": {"pods": "6"}, "capacity": {"pods": "6"}}}),
                 ),
             )
             .await
-            .expect("two pod slots");
+            .expect("six pod slots, four of them headroom");
     }
     // Another team's namespace, not managed by this controller: node a full, b half full.
     let elsewhere = cluster::labelled_namespace(&setup.client, "vjh-else", json!({})).await;
@@ -1357,7 +1358,7 @@ async fn pods_outside_the_hubs_still_take_their_node_slots() {
     assert_eq!(
         helpers_now.len(),
         1,
-        "one slot is left in the cluster: one helper, the other claim waits"
+        "one slot beyond the headroom is left in the cluster: one helper, the other claim waits"
     );
     let affinity =
         serde_json::to_string(&helpers[0].spec.as_ref().expect("spec").affinity).expect("json");
@@ -1442,5 +1443,52 @@ async fn a_claim_velero_never_copies_gets_no_helper_and_says_why() {
     // And it stays so; ben's Event was the only one.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(setup.helpers().await.len(), 2);
+    setup.finish().await;
+}
+
+/// A Schedule whose `pre` backup hook would run in the helpers (no label selector, and
+/// `onError` unset: Fail) gets a Warning Event saying Velero would skip their volumes
+/// (internal/hook/item_hook_handler.go, pkg/backup/backup.go). Its helpers are still made.
+#[tokio::test]
+async fn a_schedule_whose_hooks_would_fail_in_helpers_is_warned() {
+    let setup = Setup::new().await;
+    let (client, users) = (&setup.client, &setup.users);
+    cluster::bound_claim(client, users, "claim-ann", "ann").await;
+    setup
+        .schedule_with(
+            "hooked",
+            json!({"hooks": {"resources": [{"name": "fsfreeze", "pre": [{"exec": {
+                "container": "notebook", "command": ["/sbin/fsfreeze", "--freeze", "/home/jovyan"]}}]}]}}),
+        )
+        .await;
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(client.clone(), &setup.velero);
+    let note = eventually(Duration::from_secs(30), || async {
+        events
+            .list(&ListParams::default())
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .filter(|e| e.reason.as_deref() == Some("BackupHooksInHelpers"))
+            .find(|e| {
+                e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("hooked")
+                    && e.type_.as_deref() == Some("Warning")
+            })?
+            .note
+    })
+    .await
+    .expect("a BackupHooksInHelpers Warning on the Schedule");
+    assert!(
+        note.contains("fsfreeze") && note.contains(users.as_str()) && note.contains("skips"),
+        "{note}"
+    );
+    // Served all the same: the window's helper is made.
+    let helpers = eventually(Duration::from_secs(30), || async {
+        let hs = setup.helpers().await;
+        (hs.len() == 1).then_some(hs)
+    })
+    .await;
+    assert!(helpers.is_some(), "ann's helper");
     setup.finish().await;
 }

@@ -164,6 +164,7 @@ impl Setup {
             // Short: the tests' watches are healthy (cluster::restart's are not, and it
             // sets its own).
             wave_settle: SignedDuration::from_secs(1),
+            headroom: velero_jupyterhub::policy::waves::Headroom::DEFAULT,
             certificates: None,
         };
         let mut config = config;
@@ -303,7 +304,10 @@ impl Setup {
 }
 
 /// Plays Velero's schedule controller at `tick` (the test compresses time: the Backup is
-/// created now, `lastBackup` says the tick, so the next tick is an hour later).
+/// created now, `lastBackup` says the tick, so the next tick is an hour later). The
+/// Backup is named in the local time of a Velero server with `TZ=Asia/Kathmandu`
+/// (+05:45), as Velero formats it (pkg/apis/velero/v1/schedule_types.go
+/// `TimestampedName`, Go's local time), so the controller must not rebuild it in UTC.
 pub async fn velero_creates_backup(
     setup: &Setup,
     schedule: &str,
@@ -311,7 +315,13 @@ pub async fn velero_creates_backup(
     phase: &str,
 ) -> String {
     let now = tick;
-    let name = format!("{schedule}-{}", now.strftime("%Y%m%d%H%M%S"));
+    let kathmandu = k8s_openapi::jiff::tz::TimeZone::fixed(
+        k8s_openapi::jiff::tz::Offset::from_seconds(5 * 3600 + 45 * 60).expect("+05:45"),
+    );
+    let name = format!(
+        "{schedule}-{}",
+        now.to_zoned(kathmandu).strftime("%Y%m%d%H%M%S")
+    );
     let backup = json!({
         "apiVersion": "velero.io/v1", "kind": "Backup",
         "metadata": {"name": name, "namespace": setup.velero,

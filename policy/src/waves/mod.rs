@@ -24,7 +24,9 @@ mod run;
 mod test_support;
 
 pub use backup::{WaveId, read_claims, wave_backup};
-pub use placement::{IdleClaim, NodeRoom, PodOnNode, Wave, next_wave, node_rooms, volume_nodes};
+pub use placement::{
+    Headroom, IdleClaim, NodeRoom, PodOnNode, Wave, next_wave, node_rooms, volume_nodes,
+};
 pub use run::{
     HelperPhase, RunHelper, RunInput, RunOptions, RunStep, SETTLE, WaveBackup, WaveHelper,
     WaveRecord, WaveStep, run_step, wave_step,

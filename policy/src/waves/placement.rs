@@ -188,6 +188,31 @@ pub fn volume_nodes(
     )
 }
 
+/// What helpers leave free on every node: pod slots and, per CSI driver with an attach
+/// limit, attachments. Velero (1.17 and later) copies each volume in a hosting pod bound
+/// to its node (`pkg/exposer/pod_volume.go`), as many at once as the node-agent's load
+/// concurrency, and a user who starts a server must still find a pod slot and an
+/// attachment there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Headroom {
+    pub pods: u32,
+    pub attachments: u32,
+}
+
+impl Headroom {
+    /// The node-agent's default load concurrency (1) and three user servers; one
+    /// attachment for a user's server.
+    pub const DEFAULT: Self = Self {
+        pods: 4,
+        attachments: 1,
+    };
+    /// Nothing kept free (the benchmarks and tests of placement alone).
+    pub const NONE: Self = Self {
+        pods: 0,
+        attachments: 0,
+    };
+}
+
 /// A pod bound to a node, as [`node_rooms`] counts it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PodOnNode<'a> {
@@ -203,7 +228,7 @@ pub struct PodOnNode<'a> {
 /// CSINode's `allocatable.count` minus the distinct volumes of that driver in use there:
 /// mounted by a pod bound to it, or attached (a VolumeAttachment, until the volume is
 /// detached). The scheduler counts the same way (NodeResourcesFit for pods,
-/// NodeVolumeLimits for volumes). Left out: nodes that are unschedulable (cordoned), not
+/// NodeVolumeLimits for volumes), less the `headroom` helpers must leave. Left out: nodes that are unschedulable (cordoned), not
 /// Ready, tainted with a NoSchedule or NoExecute taint the helpers do not tolerate, or
 /// without the helpers' node selector labels. `slots_elsewhere`: pod slots taken on each
 /// node by pods known only by count (the controller keeps no record of pods outside the
@@ -215,6 +240,7 @@ pub fn node_rooms<'a>(
     slots_elsewhere: &[(&str, u32)],
     attachments: &[&k8s_openapi::api::storage::v1::VolumeAttachment],
     helper: &crate::helper::HelperOptions,
+    headroom: Headroom,
 ) -> Vec<NodeRoom<'a>> {
     use std::collections::{HashMap, HashSet};
     let mut pods_on: HashMap<&str, u32> = HashMap::new();
@@ -257,19 +283,23 @@ pub fn node_rooms<'a>(
                 .and_then(|a| a.get("pods"))
                 .and_then(|q| q.0.parse::<u32>().ok())
                 .unwrap_or(0);
-            let free_pods = allocatable.saturating_sub(pods_on.get(name).copied().unwrap_or(0));
+            let free_pods = allocatable
+                .saturating_sub(pods_on.get(name).copied().unwrap_or(0))
+                .saturating_sub(headroom.pods);
             let free_attach = csinodes
                 .iter()
                 .filter(|c| c.metadata.name.as_deref() == Some(name))
                 .flat_map(|c| c.spec.drivers.iter())
                 .map(|d| {
-                    let limit = d
-                        .allocatable
-                        .as_ref()
-                        .and_then(|a| a.count)
-                        .map_or(u32::MAX, |c| u32::try_from(c).unwrap_or(0));
                     let used = used.get(&(name, d.name.as_str())).copied().unwrap_or(0);
-                    (d.name.as_str(), limit.saturating_sub(used))
+                    let left = match d.allocatable.as_ref().and_then(|a| a.count) {
+                        None => u32::MAX,
+                        Some(limit) => u32::try_from(limit)
+                            .unwrap_or(0)
+                            .saturating_sub(used)
+                            .saturating_sub(headroom.attachments),
+                    };
+                    (d.name.as_str(), left)
                 })
                 .collect();
             Some(NodeRoom {
@@ -571,7 +601,15 @@ mod tests {
         );
         // Nine pods kept only by count on b (outside the hubs), three on a node not listed.
         let elsewhere = [("b", 9), ("gone", 3)];
-        let rooms = node_rooms(&nodes, &csinodes, &pods, &elsewhere, &attachments, &helper);
+        let rooms = node_rooms(
+            &nodes,
+            &csinodes,
+            &pods,
+            &elsewhere,
+            &attachments,
+            &helper,
+            Headroom::NONE,
+        );
         assert_eq!(
             rooms,
             vec![
@@ -593,9 +631,49 @@ mod tests {
         assert_eq!(rooms[0].room(None), 10, "a volume no attach limit counts");
         // Tolerating everything (an empty key with Exists) takes the GPU node in.
         helper.tolerations = serde_json::from_value(json!([{"operator": "Exists"}])).unwrap();
-        let rooms = node_rooms(&nodes, &csinodes, &pods, &[], &attachments, &helper);
+        let rooms = node_rooms(
+            &nodes,
+            &csinodes,
+            &pods,
+            &[],
+            &attachments,
+            &helper,
+            Headroom::NONE,
+        );
         let names: Vec<&str> = rooms.iter().map(|r| r.name).collect();
         assert_eq!(names, ["a", "b", "gpu"]);
+        // The headroom helpers leave for Velero's hosting pods and users' servers: pod
+        // slots, and attachments of a driver with a limit (not of one without).
+        let rooms = node_rooms(
+            &nodes,
+            &csinodes,
+            &pods,
+            &elsewhere,
+            &attachments,
+            &helper,
+            Headroom::DEFAULT,
+        );
+        assert_eq!(
+            (rooms[0].free_pods, &rooms[0].free_attach),
+            (
+                6,
+                &vec![("csi.hetzner.cloud", 3), ("nfs.csi.k8s.io", u32::MAX)]
+            )
+        );
+        assert_eq!(rooms[1].free_pods, 96);
+        let tight = Headroom {
+            pods: 20,
+            attachments: 16,
+        };
+        let rooms = node_rooms(&nodes, &csinodes, &pods, &[], &attachments, &helper, tight);
+        assert_eq!(
+            (
+                rooms[0].room(None),
+                rooms[0].room(Some("csi.hetzner.cloud"))
+            ),
+            (0, 0),
+            "a node with less than the headroom left takes no helper"
+        );
     }
 
     #[test]
