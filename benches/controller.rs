@@ -79,6 +79,7 @@ async fn reaction(client: &kube::Client, spawns: usize) {
         // Healthy watches; the night's figure is the waves' own time.
         wave_settle: k8s_openapi::jiff::SignedDuration::from_secs(1),
         headroom: velero_jupyterhub::policy::waves::Headroom::DEFAULT,
+        user_pod_grace: k8s_openapi::jiff::SignedDuration::from_mins(2),
         certificates: None,
     };
     let stop = CancellationToken::new();

@@ -120,6 +120,8 @@ fn bench(c: &mut Criterion) {
         helper: &options,
         restoring: &Default::default(),
         without_pod: &Default::default(),
+        now: "2026-11-28T03:05:00Z".parse().expect("now"),
+        user_pod_grace: k8s_openapi::jiff::SignedDuration::from_mins(2),
     };
     let first = plan(&input);
     println!(

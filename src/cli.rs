@@ -276,6 +276,12 @@ pub struct ControllerArgs {
     /// CSINode's `allocatable.count`), for users' servers.
     #[arg(long, env = "VJH_NODE_HEADROOM_ATTACHMENTS", default_value_t = 1)]
     pub node_headroom_attachments: u32,
+    /// A user pod that mounts an idle claim takes it from its backup helper at once when
+    /// it runs or a node has taken it; one not scheduled yet (a node being added) only
+    /// after this long. A pod that never runs then does not cancel a backup unseen: a
+    /// claim it holds while a Backup runs gets a Warning Event naming it.
+    #[arg(long, env = "VJH_USER_POD_GRACE", default_value = "2m", value_parser = humantime::parse_duration)]
+    pub user_pod_grace: Duration,
     /// The helpers' image: pause-like, running as a non-root user.
     #[arg(long, env = "VJH_HELPER_IMAGE", default_value = crate::policy::helper::DEFAULT_IMAGE)]
     pub helper_image: String,
@@ -780,6 +786,8 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         .context("--helper-start-timeout")?,
         wave_settle: k8s_openapi::jiff::SignedDuration::try_from(args.wave_settle)
             .context("--wave-settle")?,
+        user_pod_grace: k8s_openapi::jiff::SignedDuration::try_from(args.user_pod_grace)
+            .context("--user-pod-grace")?,
         headroom: crate::policy::waves::Headroom {
             pods: args.node_headroom_pods,
             attachments: args.node_headroom_attachments,

@@ -54,6 +54,29 @@ pub struct PlanInput<'a> {
     /// `(namespace, claim)` the open windows' Schedules copy without a pod
     /// (`datapath::without_pod`): no helper for them.
     pub without_pod: &'a std::collections::HashSet<(&'a str, &'a str)>,
+    pub now: jiff::Timestamp,
+    /// A user pod no node has taken yet displaces a helper only once it is this old
+    /// (`--user-pod-grace`): a pod that never runs must not cancel a backup.
+    pub user_pod_grace: jiff::SignedDuration,
+}
+
+/// Whether a user pod takes its claims from a helper now: it runs, or a node has taken it
+/// (it waits for the volume there), or it has waited unscheduled for the grace period
+/// (a ReadWriteOncePod claim keeps it unscheduled while a helper uses it). `Err(when)`:
+/// not yet, and when it will.
+fn takes_claims(
+    pod: &PodRecord,
+    now: jiff::Timestamp,
+    grace: jiff::SignedDuration,
+) -> Result<(), jiff::Timestamp> {
+    if pod.phase() == Some("Running") || pod.node().is_some() {
+        return Ok(());
+    }
+    let Some(created) = pod.metadata.creation_timestamp.as_ref().map(|t| t.0) else {
+        return Ok(());
+    };
+    let due = created.saturating_add(grace).unwrap_or(created);
+    if due <= now { Ok(()) } else { Err(due) }
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -62,6 +85,24 @@ pub struct Plan {
     pub delete: Vec<Deletion>,
     pub backfill: Vec<Backfill>,
     pub relabel: Vec<Relabel>,
+    /// When an unscheduled user pod's grace period ends (it may displace a helper then).
+    pub wake: Option<jiff::Timestamp>,
+    /// Claims a Backup under way will have no copy of: only pods that are not Running
+    /// (past the grace period) mount them.
+    pub held: Vec<Held>,
+}
+
+/// A user claim with a Backup under way that no Running pod mounts, held by pods that
+/// have not run for the grace period (stuck Pending, a bad image, a pod made to squat
+/// it): Velero copies a volume only from a Running pod (pkg/podvolume/backupper.go).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Held {
+    pub namespace: String,
+    pub claim: String,
+    /// The Backups under way in its window.
+    pub backups: Vec<String>,
+    /// The pods holding it: (name, what it is doing).
+    pub pods: Vec<(String, String)>,
 }
 
 impl Plan {
@@ -267,6 +308,18 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                 continue;
             }
             let (name, uid) = (pod.name(), pod.uid());
+            // The user pods that take the claim from a helper now.
+            let mut taking: Vec<&PodRecord> = Vec::new();
+            for u in users.get(&(ns, claim_name)).into_iter().flatten() {
+                match takes_claims(u, input.now, input.user_pod_grace) {
+                    Ok(()) => taking.push(u),
+                    Err(due) => {
+                        if out.wake.is_none_or(|w| due < w) {
+                            out.wake = Some(due);
+                        }
+                    }
+                }
+            }
             let reason = if i != keep {
                 Some(DeleteReason::Duplicate)
             } else if !user_claim {
@@ -278,13 +331,10 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
             } else if is_wave_helper(pod) {
                 // Its user is in the Schedule's own Backup (the webhook annotated their
                 // server): the helper goes at once, wherever it runs.
-                users
-                    .contains_key(&(ns, claim_name))
-                    .then_some(DeleteReason::UserStarted)
+                (!taking.is_empty()).then_some(DeleteReason::UserStarted)
             } else if let Some(window) = window {
-                let live = users.get(&(ns, claim_name)).map(Vec::as_slice);
                 let helper_node = pod.node();
-                match live.unwrap_or_default() {
+                match taking.as_slice() {
                     [] => None,
                     users
                         if users
@@ -332,6 +382,63 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                 });
             }
         }
+    }
+
+    // Claims a Backup under way misses: held only by pods that do not run.
+    for claim in input.claims {
+        let key = (claim.namespace, claim.name);
+        let (Some(window), Some(g)) = (
+            input.windows.get(claim.namespace),
+            globs.get(claim.namespace),
+        ) else {
+            continue;
+        };
+        if window.backups.is_empty()
+            || !claim.bound
+            || !g.matches(claim.name)
+            || input.restoring.contains(&key)
+            || input.without_pod.contains(&key)
+        {
+            continue;
+        }
+        let holders = users.get(&key).map(Vec::as_slice).unwrap_or_default();
+        let helper_running = helpers
+            .get(&key)
+            .into_iter()
+            .flatten()
+            .any(|h| h.phase() == Some("Running") && h.metadata.deletion_timestamp.is_none());
+        if holders.is_empty()
+            || helper_running
+            || holders.iter().any(|u| u.phase() == Some("Running"))
+        {
+            continue;
+        }
+        let stuck = |u: &&&PodRecord| {
+            u.metadata.creation_timestamp.as_ref().is_none_or(|t| {
+                t.0.saturating_add(input.user_pod_grace).unwrap_or(t.0) <= input.now
+            })
+        };
+        if !holders.iter().any(|u| stuck(&u)) {
+            continue;
+        }
+        out.held.push(Held {
+            namespace: claim.namespace.to_owned(),
+            claim: claim.name.to_owned(),
+            backups: window.backups.clone(),
+            pods: holders
+                .iter()
+                .map(|u| {
+                    let state = match (u.phase(), u.node()) {
+                        (Some("Pending") | None, None) => "Pending, not scheduled".to_owned(),
+                        (phase, Some(node)) => {
+                            format!("{} on node {node}", phase.unwrap_or("Pending"))
+                        }
+                        (Some(phase), None) => phase.to_owned(),
+                    };
+                    (u.name().to_owned(), state)
+                })
+                .collect(),
+        });
     }
 
     // Idle user claims in open windows without a helper: create one.

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use serde_json::{Value, json};
 use testkit::fixtures;
 use velero_jupyterhub_policy::helper::{self, ClaimRef, HelperOptions};
@@ -16,6 +17,20 @@ use velero_jupyterhub_policy::window::NamespaceWindow;
 use velero_jupyterhub_policy::{ClaimGlobs, PodFacts, PodRecord};
 
 const NS: &str = "jhub";
+/// The plan's now (the table's window opened for the 03:00 tick), and `--user-pod-grace`.
+const NOW: &str = "2026-11-28T03:05:00Z";
+const GRACE: SignedDuration = SignedDuration::from_mins(2);
+
+fn ts(s: &str) -> Timestamp {
+    s.parse().expect("timestamp")
+}
+
+/// `pod`, created at `at`.
+fn created(mut pod: Pod, at: &str) -> Pod {
+    pod.metadata.creation_timestamp =
+        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(ts(at)));
+    pod
+}
 
 fn options() -> HelperOptions {
     fixtures::helper_options()
@@ -142,6 +157,8 @@ fn run(case: &Case) {
         helper: &options,
         restoring: &Default::default(),
         without_pod: &Default::default(),
+        now: ts(NOW),
+        user_pod_grace: GRACE,
     };
     let got = plan(&input);
     let created: Vec<&str> = got
@@ -291,10 +308,41 @@ fn plan_table() {
             then_create: vec![],
         },
         Case {
-            name: "the user's pod is not scheduled yet: the helper goes at once",
+            name: "the user's pod is not scheduled yet (a node being added): the helper stays for the grace period",
             pods: vec![
                 helper_pod("alice", Some("node-a"), "Running"),
-                user_pod("alice", None, "Pending"),
+                created(user_pod("alice", None, "Pending"), "2026-11-28T03:04:00Z"),
+            ],
+            claims: vec!["alice"],
+            window: true,
+            pvbs: vec![],
+            create: vec![],
+            delete: vec![],
+            backfill: vec![],
+            then_create: vec![],
+        },
+        Case {
+            name: "a pod unscheduled for longer than the grace period (a ReadWriteOncePod claim waits for the helper): the helper goes",
+            pods: vec![
+                helper_pod("alice", Some("node-a"), "Running"),
+                created(user_pod("alice", None, "Pending"), "2026-11-28T03:03:00Z"),
+            ],
+            claims: vec!["alice"],
+            window: true,
+            pvbs: vec![],
+            create: vec![],
+            delete: vec![("vjh-backup-claim-alice", UserStarted)],
+            backfill: vec![],
+            then_create: vec![],
+        },
+        Case {
+            name: "a pod a node has taken goes ahead at once, however young (it waits for the volume there)",
+            pods: vec![
+                helper_pod("alice", Some("node-a"), "Running"),
+                created(
+                    user_pod("alice", Some("node-b"), "Pending"),
+                    "2026-11-28T03:04:59Z",
+                ),
             ],
             claims: vec!["alice"],
             window: true,
@@ -443,6 +491,8 @@ fn the_backfill_value_is_the_webhooks() {
         helper: &options,
         restoring: &Default::default(),
         without_pod: &Default::default(),
+        now: ts(NOW),
+        user_pod_grace: GRACE,
     });
     // Kept what was there, appended the user's volume: the webhook's merge rule.
     assert_eq!(got.backfill[0].value, "scratch,volume-alice");
@@ -567,6 +617,8 @@ fn a_helper_left_in_a_namespace_that_opted_out_goes() {
         helper: &options,
         restoring: &Default::default(),
         without_pod: &Default::default(),
+        now: ts(NOW),
+        user_pod_grace: GRACE,
     });
     let deleted: Vec<(&str, &str, DeleteReason)> = got
         .delete
@@ -630,6 +682,8 @@ fn a_helper_made_for_another_window_gets_the_labels_this_one_selects() {
         helper: &options,
         restoring: &Default::default(),
         without_pod: &Default::default(),
+        now: ts(NOW),
+        user_pod_grace: GRACE,
     };
     let got = plan(&input);
     assert!(got.create.is_empty() && got.delete.is_empty(), "{got:?}");
@@ -770,7 +824,157 @@ fn claims_copied_without_a_pod_get_no_helper() {
             helper: &options,
             restoring: &Default::default(),
             without_pod: &without,
+            now: ts(NOW),
+            user_pod_grace: GRACE,
         });
         assert_eq!(plan.create.len(), claims.len() - without.len(), "{names:?}");
     }
+}
+
+/// A pod that never runs does not cancel a backup silently: while the window's Backup
+/// is under way, a claim that no Running pod mounts, held by a pod past the grace period,
+/// is named with that pod (and the plan wakes when a young pod's grace ends).
+#[test]
+fn a_claim_held_by_a_pod_that_never_runs_is_named_while_the_backup_runs() {
+    let globs = ClaimGlobs::parse("claim-*").expect("globs");
+    let namespaces = [NamespaceView {
+        name: NS,
+        claims: &globs,
+    }];
+    let users = ["ann", "ben", "cat", "dan", "eve"];
+    let uids: Vec<String> = users.iter().map(|u| format!("uid-claim-{u}")).collect();
+    let names: Vec<String> = users.iter().map(|u| format!("claim-{u}")).collect();
+    let claims: Vec<ClaimView<'_>> = (0..users.len())
+        .map(|i| ClaimView {
+            namespace: NS,
+            name: &names[i],
+            uid: &uids[i],
+            bound: true,
+            username: Some(users[i]),
+        })
+        .collect();
+    let pods = [
+        // ann: unscheduled for three minutes (an impossible node selector).
+        created(user_pod("ann", None, "Pending"), "2026-11-28T03:02:00Z"),
+        // ben: a bad image on node-b, its helper gone.
+        created(
+            user_pod("ben", Some("node-b"), "Pending"),
+            "2026-11-28T02:00:00Z",
+        ),
+        // cat: just made, not scheduled yet: within the grace period.
+        created(user_pod("cat", None, "Pending"), "2026-11-28T03:04:30Z"),
+        // dan: stuck, but his helper runs beside him: copied.
+        created(
+            user_pod("dan", Some("node-a"), "Pending"),
+            "2026-11-28T02:00:00Z",
+        ),
+        helper_pod("dan", Some("node-a"), "Running"),
+        // eve: running.
+        user_pod("eve", Some("node-a"), "Running"),
+    ];
+    let records: Vec<PodRecord> = pods.iter().map(record).collect();
+    let pods: Vec<&PodRecord> = records.iter().collect();
+    let window = |backups: Vec<String>| {
+        BTreeMap::from([(
+            NS.to_owned(),
+            NamespaceWindow {
+                schedules: vec!["daily".to_owned()],
+                backups,
+                labels: BTreeMap::from([("backup".to_owned(), "homes".to_owned())]),
+            },
+        )])
+    };
+    let options = options();
+    let under_way = window(vec!["daily-20261128030000".to_owned()]);
+    let input = PlanInput {
+        namespaces: &namespaces,
+        claims: &claims,
+        pods: &pods,
+        windows: &under_way,
+        pvbs: &[],
+        helper: &options,
+        restoring: &Default::default(),
+        without_pod: &Default::default(),
+        now: ts(NOW),
+        user_pod_grace: GRACE,
+    };
+    let got = plan(&input);
+    let held: Vec<(&str, Vec<(&str, &str)>)> = got
+        .held
+        .iter()
+        .map(|h| {
+            assert_eq!(h.backups, ["daily-20261128030000"]);
+            (
+                h.claim.as_str(),
+                h.pods
+                    .iter()
+                    .map(|(p, s)| (p.as_str(), s.as_str()))
+                    .collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        held,
+        [
+            ("claim-ann", vec![("jupyter-ann", "Pending, not scheduled")]),
+            ("claim-ben", vec![("jupyter-ben", "Pending on node node-b")]),
+        ]
+    );
+    assert_eq!(
+        got.wake, None,
+        "no helper waits on cat's grace (she has none)"
+    );
+    // Before the tick's Backup exists, nothing is missed yet.
+    let before = window(vec![]);
+    let got = plan(&PlanInput {
+        windows: &before,
+        ..input
+    });
+    assert!(got.held.is_empty(), "{:?}", got.held);
+}
+
+/// A helper kept for a young unscheduled pod is looked at again when its grace ends.
+#[test]
+fn the_plan_wakes_when_a_user_pods_grace_ends() {
+    let globs = ClaimGlobs::parse("claim-*").expect("globs");
+    let namespaces = [NamespaceView {
+        name: NS,
+        claims: &globs,
+    }];
+    let claims = [ClaimView {
+        namespace: NS,
+        name: "claim-alice",
+        uid: "uid-claim-alice",
+        bound: true,
+        username: Some("alice"),
+    }];
+    let pods = [
+        helper_pod("alice", Some("node-a"), "Running"),
+        created(user_pod("alice", None, "Pending"), "2026-11-28T03:04:00Z"),
+    ];
+    let records: Vec<PodRecord> = pods.iter().map(record).collect();
+    let pods: Vec<&PodRecord> = records.iter().collect();
+    let windows = BTreeMap::from([(
+        NS.to_owned(),
+        NamespaceWindow {
+            schedules: vec!["daily".to_owned()],
+            backups: vec![],
+            labels: BTreeMap::from([("backup".to_owned(), "homes".to_owned())]),
+        },
+    )]);
+    let options = options();
+    let got = plan(&PlanInput {
+        namespaces: &namespaces,
+        claims: &claims,
+        pods: &pods,
+        windows: &windows,
+        pvbs: &[],
+        helper: &options,
+        restoring: &Default::default(),
+        without_pod: &Default::default(),
+        now: ts(NOW),
+        user_pod_grace: GRACE,
+    });
+    assert!(got.delete.is_empty(), "{:?}", got.delete);
+    assert_eq!(got.wake, Some(ts("2026-11-28T03:06:00Z")));
 }

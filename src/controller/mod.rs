@@ -55,6 +55,9 @@ pub struct Config {
     /// What helpers leave free on every node (`--node-headroom-pods`,
     /// `--node-headroom-attachments`).
     pub headroom: crate::policy::waves::Headroom,
+    /// A user pod no node has taken yet displaces a helper only once it is this old
+    /// (`--user-pod-grace`).
+    pub user_pod_grace: SignedDuration,
     pub helper: HelperOptions,
     pub default_claims: Arc<ClaimGlobs>,
     pub lease: LeaseOptions,

@@ -103,6 +103,7 @@ pub async fn run(
         reported: ReportOnce::default(),
         stuck_reported: ReportOnce::default(),
         without_pod_reported: ReportOnce::default(),
+        held_reported: ReportOnce::default(),
     };
     loop {
         // Leadership lost (or shutdown) stops a pass where it is: no more writes.
@@ -148,6 +149,8 @@ struct Reconciler {
     stuck_reported: ReportOnce<String>,
     /// Claims told they get no window helper (namespace, claim).
     without_pod_reported: ReportOnce<(String, String)>,
+    /// Claims told a Backup under way misses them (namespace, claim, its Backups).
+    held_reported: ReportOnce<(String, String, String)>,
     /// Restore helpers done with.
     cleanup: RestoreCleanup,
     /// Idle claims beyond what fits at once: runs of waves.
@@ -188,7 +191,10 @@ impl Reconciler {
             helper: &self.config.helper,
             restoring: &v.restoring,
             without_pod: &without_pod,
+            now,
+            user_pod_grace: self.config.user_pod_grace,
         });
+        self.report_held(&plan.held, &v.claim_uids);
         let uids = &v.claim_uids;
         let (stuck, next_stuck) = plan::stuck_helpers(&v.pods, now, STUCK_AFTER);
         self.report_stuck(&stuck, uids);
@@ -239,6 +245,7 @@ impl Reconciler {
             coverage_due,
             waves.next_change,
             v.listed_until,
+            plan.wake,
         ]
         .into_iter()
         .flatten()
@@ -280,6 +287,41 @@ impl Reconciler {
                 "NoBackupHelper",
                 "Skip",
                 note,
+            );
+        }
+    }
+
+    /// A Warning Event on each claim a Backup under way will have no copy of, because only
+    /// pods that do not run hold it; once per claim and Backup.
+    fn report_held(&mut self, held: &[plan::Held], uids: &HashMap<(&str, &str), &str>) {
+        let key = |h: &plan::Held| (h.namespace.clone(), h.claim.clone(), h.backups.join(", "));
+        let fresh: HashSet<(String, String, String)> = self
+            .held_reported
+            .fresh(held.iter().map(key))
+            .into_iter()
+            .collect();
+        for h in held.iter().filter(|h| fresh.contains(&key(h))) {
+            let pods: Vec<String> = h
+                .pods
+                .iter()
+                .map(|(name, state)| format!("{name} ({state})"))
+                .collect();
+            warn!(
+                namespace = h.namespace,
+                claim = h.claim,
+                pods = %pods.join(", "),
+                backups = %h.backups.join(", "),
+                "a claim held by pods that do not run misses the Backup under way"
+            );
+            self.events.warn(
+                claim_reference(&h.namespace, &h.claim, uids),
+                "BackupMissedClaim",
+                "Backup",
+                format!(
+                    "Backup {} has no copy of this claim: it is mounted only by pod(s) that do not run, {}; Velero copies a volume only from a Running pod, and a backup helper cannot mount it while they hold it",
+                    h.backups.join(", "),
+                    pods.join(", ")
+                ),
             );
         }
     }

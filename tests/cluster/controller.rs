@@ -8,6 +8,7 @@
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::jiff::SignedDuration;
 use kube::Api;
 use kube::api::{ListParams, PostParams};
 use serde_json::json;
@@ -72,14 +73,10 @@ async fn idle_claims_get_helpers_in_a_window_and_lose_them_to_their_user_and_whe
         .await;
     }
 
-    // Alice starts her server (not scheduled yet: "not on the helper's node"): her helper
-    // goes at once; Bob's stays.
+    // Alice starts her server (on another node than her helper's): her helper goes at
+    // once; Bob's stays.
     let started = Instant::now();
-    setup
-        .pods()
-        .create(&PostParams::default(), &restricted_user_pod("alice"))
-        .await
-        .expect("alice's pod is admitted under restricted");
+    setup.start_server(&restricted_user_pod("alice")).await;
     eventually(Duration::from_secs(10), || async {
         let hs = setup.helpers().await;
         (hs.len() == 1 && hs[0].metadata.name.as_deref() == Some("vjh-backup-claim-bob"))
@@ -1490,5 +1487,75 @@ async fn a_schedule_whose_hooks_would_fail_in_helpers_is_warned() {
     })
     .await;
     assert!(helpers.is_some(), "ann's helper");
+    setup.finish().await;
+}
+
+/// A pod that never runs does not cancel a backup unseen: one that mounts an idle claim
+/// but no node takes (here: a scheduler that does not run) leaves the claim's helper in
+/// place for `--user-pod-grace`, takes it then (a ReadWriteOncePod claim would keep it
+/// unscheduled), and while the tick's Backup runs the claim gets a Warning Event naming
+/// the pod.
+#[tokio::test]
+async fn a_pod_that_never_runs_takes_a_claim_only_after_the_grace_and_is_named() {
+    let grace = Duration::from_secs(8);
+    let setup = Setup::configured(Duration::from_secs(15), |c| {
+        c.user_pod_grace = SignedDuration::try_from(grace).expect("grace");
+    })
+    .await;
+    cluster::bound_claim(&setup.client, &setup.users, "claim-ann", "ann").await;
+    let tick = setup.schedule("homes").await;
+    eventually(Duration::from_secs(30), || async {
+        let hs = setup.helpers().await;
+        (hs.len() == 1).then_some(())
+    })
+    .await
+    .expect("ann's helper in the window");
+    // A pod mounting ann's claim that no node takes.
+    let squatter = setup
+        .pods()
+        .create(&PostParams::default(), &restricted_user_pod("ann"))
+        .await
+        .expect("a user pod no scheduler takes");
+    let made = Instant::now();
+    let name = squatter.metadata.name.clone().expect("name");
+    tokio::time::sleep(grace / 2).await;
+    assert_eq!(
+        setup.helpers().await.len(),
+        1,
+        "within the grace period the helper stays"
+    );
+    let gone = eventually(Duration::from_secs(30), || async {
+        setup.helpers().await.is_empty().then_some(made.elapsed())
+    })
+    .await
+    .expect("after the grace period the pod takes the claim");
+    // (creationTimestamp has whole seconds: the grace may end up to a second early.)
+    assert!(
+        gone + Duration::from_secs(1) >= grace,
+        "taken after {gone:?}, before the grace"
+    );
+    // The tick's Backup runs: the claim has no copy in it, and says which pod holds it.
+    let backup = velero_creates_backup(&setup, "homes", tick, "InProgress").await;
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(setup.client.clone(), &setup.users);
+    let note = eventually(Duration::from_secs(30), || async {
+        events
+            .list(&ListParams::default())
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .find(|e| {
+                e.reason.as_deref() == Some("BackupMissedClaim")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("claim-ann")
+            })?
+            .note
+    })
+    .await
+    .expect("a BackupMissedClaim Warning on ann's claim");
+    assert!(
+        note.contains(&backup) && note.contains(&name) && note.contains("not scheduled"),
+        "{note}"
+    );
     setup.finish().await;
 }

@@ -7,7 +7,6 @@
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::PostParams;
 use testkit::cluster::{self, OwnServer, eventually};
 use testkit::controller::{
     Setup, pod_volume_backup, restricted_user_pod, set_status, two_running_helpers,
@@ -65,11 +64,7 @@ async fn an_api_server_restart_mid_window_leaves_no_duplicates_or_leaks_and_watc
             "claims and pods watched again {:?} after the restart",
             t1.elapsed()
         );
-        setup
-            .pods()
-            .create(&PostParams::default(), &restricted_user_pod("alice"))
-            .await
-            .expect("alice's pod");
+        setup.start_server(&restricted_user_pod("alice")).await;
         eventually(Duration::from_secs(30), || async {
             let names: Vec<String> = setup
                 .helpers()

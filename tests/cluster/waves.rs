@@ -111,11 +111,7 @@ async fn a_night_of_waves_backs_up_every_idle_claim_within_the_limits() {
             let user = claim.trim_start_matches("claim-").to_owned();
             let mut pod = serde_json::to_value(restricted_user_pod(&user)).expect("json");
             pod["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] = claim.clone().into();
-            setup
-                .pods()
-                .create(&PostParams::default(), &from_json(pod))
-                .await
-                .expect("user pod");
+            setup.start_server(&from_json(pod)).await;
             user_claim = Some(claim);
             user_started = Some(std::time::Instant::now());
         }
@@ -428,7 +424,20 @@ async fn a_night_of_waves_backs_up_every_idle_claim_within_the_limits() {
         "{refused}"
     );
 
-    // The next run starts with the claims the failed wave missed.
+    // The user stops their server (its pod held a slot and an attachment on its node);
+    // the next run starts with the claims the failed wave missed.
+    let user_pod = format!("jupyter-{}", user_claim.trim_start_matches("claim-"));
+    setup
+        .pods()
+        .delete(
+            &user_pod,
+            &kube::api::DeleteParams {
+                grace_period_seconds: Some(0),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("the user's server stopped");
     velero_creates_backup(&setup, "homes", tick + 1.hour(), "Completed").await;
     let first = eventually(Duration::from_secs(60), || async {
         let hs = setup.helpers().await;

@@ -10,7 +10,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::jiff::{SignedDuration, Timestamp, ToSpan};
 use kube::Api;
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use velero_jupyterhub::controller::{self, Config, LeaseOptions};
@@ -165,6 +165,7 @@ impl Setup {
             // sets its own).
             wave_settle: SignedDuration::from_secs(1),
             headroom: velero_jupyterhub::policy::waves::Headroom::DEFAULT,
+            user_pod_grace: SignedDuration::from_mins(2),
             certificates: None,
         };
         let mut config = config;
@@ -250,6 +251,46 @@ impl Setup {
 
     pub fn pods(&self) -> Api<Pod> {
         Api::namespaced(self.client.clone(), &self.users)
+    }
+
+    /// A user's server as z2jh's user-scheduler places it (the test server does not run
+    /// that scheduler): created, then bound to a node other than its claim's helper's.
+    pub async fn start_server(&self, pod: &Pod) -> Pod {
+        let created = self
+            .pods()
+            .create(&PostParams::default(), pod)
+            .await
+            .expect("the user's pod");
+        let claims: Vec<String> = created
+            .spec
+            .iter()
+            .flat_map(|s| s.volumes.iter().flatten())
+            .filter_map(|v| Some(v.persistent_volume_claim.as_ref()?.claim_name.clone()))
+            .collect();
+        let helper_nodes: Vec<String> = self
+            .helpers()
+            .await
+            .iter()
+            .filter(|h| {
+                h.spec
+                    .iter()
+                    .flat_map(|s| s.volumes.iter().flatten())
+                    .any(|v| {
+                        v.persistent_volume_claim
+                            .as_ref()
+                            .is_some_and(|c| claims.contains(&c.claim_name))
+                    })
+            })
+            .filter_map(|h| h.spec.as_ref()?.node_name.clone())
+            .collect();
+        let node = self
+            .nodes
+            .iter()
+            .find(|n| !helper_nodes.contains(n))
+            .unwrap_or(&self.nodes[0]);
+        let name = created.metadata.name.clone().expect("name");
+        cluster::bind(&self.pods(), &name, node).await;
+        created
     }
 
     pub async fn helpers(&self) -> Vec<Pod> {
