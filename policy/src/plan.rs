@@ -90,6 +90,9 @@ pub struct Plan {
     /// Claims a Backup under way will have no copy of: only pods that are not Running
     /// (past the grace period) mount them.
     pub held: Vec<Held>,
+    /// Idle claims whose helper's name another pod has taken: (namespace, claim, pod
+    /// uid). No helper can be made for them while it exists.
+    pub squatted: Vec<(String, String, String)>,
 }
 
 /// A user claim with a Backup under way that no Running pod mounts, held by pods that
@@ -457,6 +460,21 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
             || input.restoring.contains(&key)
             || input.without_pod.contains(&key)
         {
+            continue;
+        }
+        // A pod of the helper's name that is not its helper (that one would be in
+        // `helpers`): the helper cannot be made; said, never waited on in silence.
+        let name = helper::helper_name(claim.name);
+        if let Some(squatter) = input
+            .pods
+            .iter()
+            .find(|p| p.namespace() == claim.namespace && p.name() == name)
+        {
+            out.squatted.push((
+                claim.namespace.to_owned(),
+                claim.name.to_owned(),
+                squatter.uid().to_owned(),
+            ));
             continue;
         }
         let mut labels = helper::own_labels(claim.username);

@@ -978,3 +978,61 @@ fn the_plan_wakes_when_a_user_pods_grace_ends() {
     assert!(got.delete.is_empty(), "{:?}", got.delete);
     assert_eq!(got.wake, Some(ts("2026-11-28T03:06:00Z")));
 }
+
+/// A pod that has the helper's name but is not the claim's helper: no helper is made
+/// for the claim (its name is taken), and the claim is named with that pod.
+#[test]
+fn a_pod_with_the_helpers_name_is_reported_not_waited_on() {
+    let globs = ClaimGlobs::parse("claim-*").expect("globs");
+    let namespaces = [NamespaceView {
+        name: NS,
+        claims: &globs,
+    }];
+    let claims = [ClaimView {
+        namespace: NS,
+        name: "claim-alice",
+        uid: "uid-claim-alice",
+        bound: true,
+        username: Some("alice"),
+    }];
+    // Mallory's pod, named as alice's helper, mounting mallory's own claim.
+    let mut squatter = user_pod("mallory", Some("node-a"), "Running");
+    squatter.metadata.name = Some("vjh-backup-claim-alice".to_owned());
+    let records = [record(&squatter)];
+    let pods: Vec<&PodRecord> = records.iter().collect();
+    let windows = BTreeMap::from([(
+        NS.to_owned(),
+        NamespaceWindow {
+            schedules: vec!["daily".to_owned()],
+            backups: vec![],
+            labels: BTreeMap::new(),
+        },
+    )]);
+    let options = options();
+    let got = plan(&PlanInput {
+        namespaces: &namespaces,
+        claims: &claims,
+        pods: &pods,
+        windows: &windows,
+        pvbs: &[],
+        helper: &options,
+        restoring: &Default::default(),
+        without_pod: &Default::default(),
+        now: ts(NOW),
+        user_pod_grace: GRACE,
+    });
+    assert!(got.create.is_empty(), "{:?}", got.create);
+    assert!(
+        got.delete.is_empty(),
+        "never someone else's pod: {:?}",
+        got.delete
+    );
+    assert_eq!(
+        got.squatted,
+        [(
+            NS.to_owned(),
+            "claim-alice".to_owned(),
+            "uid-jupyter-mallory".to_owned()
+        )]
+    );
+}

@@ -291,35 +291,10 @@ impl Applier {
                 );
             }
             Err(kube::Error::Api(e)) if e.code == 409 => {
-                // Ours, not seen by the watch yet; or someone else's pod has the name.
-                let existing = api.get_opt(name).await.ok().flatten();
-                let ours = existing.as_ref().is_some_and(|p| {
-                    let labels = p.metadata.labels.clone().unwrap_or_default();
-                    let mounts_claim =
-                        p.spec
-                            .iter()
-                            .flat_map(|s| s.volumes.iter().flatten())
-                            .any(|v| {
-                                v.persistent_volume_claim
-                                    .as_ref()
-                                    .is_some_and(|c| c.claim_name == claim)
-                            });
-                    labels.get(names::MANAGED_BY).map(String::as_str) == Some(names::MANAGED_BY_US)
-                        && mounts_claim
-                });
-                if ours || existing.is_none() {
-                    debug!(namespace = ns, helper = name, "already exists");
-                } else {
-                    warn!(
-                        namespace = ns,
-                        helper = name,
-                        claim,
-                        "a pod that is not this claim's backup helper has its name"
-                    );
-                    failed(format!(
-                        "cannot create backup helper {name}: a pod of that name exists and is not this claim's helper; this claim misses Backups until it is gone"
-                    ));
-                }
+                // Ours, not seen by the watch yet; or another pod has the name, which the
+                // next plan sees in the watch and reports (`Plan::squatted`): the
+                // controller may not read single pods.
+                debug!(namespace = ns, helper = name, "already exists");
             }
             Err(e) => {
                 warn!(namespace = ns, helper = name, error = %e, "could not create a backup helper");

@@ -104,6 +104,7 @@ pub async fn run(
         stuck_reported: ReportOnce::default(),
         without_pod_reported: ReportOnce::default(),
         held_reported: ReportOnce::default(),
+        squatted_reported: ReportOnce::default(),
     };
     loop {
         // Leadership lost (or shutdown) stops a pass where it is: no more writes.
@@ -151,6 +152,8 @@ struct Reconciler {
     without_pod_reported: ReportOnce<(String, String)>,
     /// Claims told a Backup under way misses them (namespace, claim, its Backups).
     held_reported: ReportOnce<(String, String, String)>,
+    /// Claims told another pod has their helper's name (namespace, claim, pod uid).
+    squatted_reported: ReportOnce<(String, String, String)>,
     /// Restore helpers done with.
     cleanup: RestoreCleanup,
     /// Idle claims beyond what fits at once: runs of waves.
@@ -195,6 +198,7 @@ impl Reconciler {
             user_pod_grace: self.config.user_pod_grace,
         });
         self.report_held(&plan.held, &v.claim_uids);
+        self.report_squatted(&plan.squatted, &v.claim_uids);
         let uids = &v.claim_uids;
         let (stuck, next_stuck) = plan::stuck_helpers(&v.pods, now, STUCK_AFTER);
         self.report_stuck(&stuck, uids);
@@ -287,6 +291,32 @@ impl Reconciler {
                 "NoBackupHelper",
                 "Skip",
                 note,
+            );
+        }
+    }
+
+    /// A Warning Event on each idle claim whose helper's name another pod has, once per
+    /// such pod.
+    fn report_squatted(
+        &mut self,
+        squatted: &[(String, String, String)],
+        uids: &HashMap<(&str, &str), &str>,
+    ) {
+        for (ns, claim, _) in self.squatted_reported.fresh(squatted.iter().cloned()) {
+            let name = helper::helper_name(&claim);
+            warn!(
+                namespace = ns,
+                claim,
+                pod = name,
+                "another pod has this claim's backup helper name"
+            );
+            self.events.warn(
+                claim_reference(&ns, &claim, uids),
+                "BackupHelperNameTaken",
+                "Create",
+                format!(
+                    "cannot create backup helper {name}: a pod of that name exists and is not this claim's helper; this claim misses Backups until it is gone (kubectl describe pod {name})"
+                ),
             );
         }
     }

@@ -1559,3 +1559,61 @@ async fn a_pod_that_never_runs_takes_a_claim_only_after_the_grace_and_is_named()
     );
     setup.finish().await;
 }
+
+/// A pod squatting a helper's name (not ours: none of our labels, another volume) is
+/// reported on the claim, never taken for the helper and waited on. (The controller may
+/// not read single pods: it learns of the squatter from its watch, not from the create's
+/// conflict.)
+#[tokio::test]
+async fn a_pod_squatting_a_helpers_name_is_reported() {
+    let setup = Setup::new().await;
+    cluster::bound_claim(&setup.client, &setup.users, "claim-ann", "ann").await;
+    let mut squatter = serde_json::to_value(restricted_user_pod("mallory")).expect("json");
+    squatter["metadata"]["name"] = helper::helper_name("claim-ann").into();
+    squatter["spec"]["volumes"][0] = json!({"name": "volume-mallory", "emptyDir": {}});
+    squatter["spec"]["containers"][0]["volumeMounts"][0]["name"] = "volume-mallory".into();
+    setup
+        .pods()
+        .create(&PostParams::default(), &from_json(squatter))
+        .await
+        .expect("a pod with the helper's name");
+    setup.schedule("homes").await;
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(setup.client.clone(), &setup.users);
+    let note = eventually(Duration::from_secs(30), || async {
+        events
+            .list(&ListParams::default())
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .find(|e| {
+                e.reason.as_deref() == Some("BackupHelperNameTaken")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("claim-ann")
+            })?
+            .note
+    })
+    .await
+    .expect("a BackupHelperNameTaken Warning on ann's claim");
+    assert!(
+        note.contains(&helper::helper_name("claim-ann"))
+            && note.contains("is not this claim's helper"),
+        "{note}"
+    );
+    // The squatter is not taken for the helper: it is neither relabelled nor deleted.
+    let pod = setup
+        .pods()
+        .get(&helper::helper_name("claim-ann"))
+        .await
+        .expect("the squatter");
+    assert!(
+        pod.metadata
+            .labels
+            .unwrap_or_default()
+            .get(names::MANAGED_BY)
+            .map(String::as_str)
+            == Some("kubespawner"),
+        "not relabelled"
+    );
+    setup.finish().await;
+}
