@@ -168,7 +168,7 @@ fn each_user_claim_gets_an_outcome_and_a_reason() {
     let facts: Vec<PvbFacts<'_>> = pvbs.iter().map(PodVolumeBackup::facts).collect();
     let got = outcomes(&states, "PartiallyFailed", &facts);
     let backed = |pod: &str, bytes: i64| Outcome::BackedUp {
-        pod: pod.to_owned(),
+        from: format!("pod {pod}"),
         bytes: Some(bytes),
     };
     assert_eq!(
@@ -250,5 +250,48 @@ fn nothing_counts_as_backed_up_in_a_backup_velero_will_not_restore_from() {
             }
             other => panic!("{phase}: {other:?}"),
         }
+    }
+}
+
+/// A claim the CSI data mover copied (a Completed DataUpload of the Backup, as
+/// pkg/backup/actions/csi/pvc_action.go `newDataUpload` makes it: `spec.sourcePVC`, no
+/// claim uid) is backed up, from the data mover; one whose DataUpload failed says so.
+#[test]
+fn the_data_movers_copies_count_as_backed_up() {
+    use velero_jupyterhub::cluster::velero::DataUpload;
+    let claims = claims(&[("claim-alice", true), ("claim-bob", true)]);
+    let states = states(&claims, &[]);
+    let upload = |claim: &str, phase: &str, message: Option<&str>| -> DataUpload {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "velero.io/v2alpha1", "kind": "DataUpload",
+            "metadata": {"name": format!("nightly-{claim}-x7k2p"), "namespace": "velero",
+                         "labels": {"velero.io/backup-name": "nightly"}},
+            "spec": {"snapshotType": "CSI", "sourcePVC": claim, "sourceNamespace": "jhub",
+                     "backupStorageLocation": "default", "operationTimeout": "10m0s",
+                     "csiSnapshot": {"volumeSnapshot": "velero-x", "storageClass": "csi-hostpath"}},
+            "status": {"phase": phase, "message": message,
+                       "progress": {"totalBytes": 8192, "bytesDone": 8192}},
+        }))
+        .expect("DataUpload")
+    };
+    let uploads = [
+        upload("claim-alice", "Completed", None),
+        upload("claim-bob", "Failed", Some("snapshot not ready")),
+    ];
+    let facts: Vec<_> = uploads.iter().map(DataUpload::facts).collect();
+    let got = outcomes(&states, "Completed", &facts);
+    assert_eq!(
+        got[0].1,
+        Outcome::BackedUp {
+            from: "the CSI data mover (DataUpload nightly-claim-alice-x7k2p)".to_owned(),
+            bytes: Some(8192)
+        }
+    );
+    match &got[1].1 {
+        Outcome::NotBackedUp { reason } => assert!(
+            reason.contains("DataUpload nightly-claim-bob-x7k2p of the CSI data mover ended Failed: snapshot not ready"),
+            "{reason}"
+        ),
+        other => panic!("{other:?}"),
     }
 }

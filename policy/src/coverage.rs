@@ -102,10 +102,12 @@ pub fn claim_states(
     out
 }
 
-/// A PodVolumeBackup of the Backup, as the outcome needs it.
+/// A copy of a claim in the Backup, as the outcome needs it: a PodVolumeBackup (through
+/// a pod), or a DataUpload (the CSI data mover's, with no pod: `data_mover`).
 #[derive(Clone, Copy, Debug)]
 pub struct PvbFacts<'a> {
     pub name: &'a str,
+    pub data_mover: bool,
     /// Its `velero.io/pvc-uid` label.
     pub pvc_uid: Option<&'a str>,
     /// Its `velero.io/pvc-name` annotation.
@@ -116,11 +118,28 @@ pub struct PvbFacts<'a> {
     pub message: Option<&'a str>,
 }
 
+impl PvbFacts<'_> {
+    /// Where the copy was made from: `pod NAME`, or the data mover's DataUpload.
+    pub fn source(&self) -> String {
+        if self.data_mover {
+            format!("the CSI data mover (DataUpload {})", self.name)
+        } else {
+            format!("pod {}", self.pod)
+        }
+    }
+}
+
 /// What a Backup made of one user claim.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
-    BackedUp { pod: String, bytes: Option<i64> },
-    NotBackedUp { reason: String },
+    /// `from`: [`PvbFacts::source`].
+    BackedUp {
+        from: String,
+        bytes: Option<i64>,
+    },
+    NotBackedUp {
+        reason: String,
+    },
 }
 
 /// Each user claim's outcome, from who held it when the Backup started (`states`), the
@@ -146,19 +165,22 @@ pub fn outcomes(
             let outcome = match (completed, mine.last()) {
                 (Some(p), _) if !restorable => Outcome::NotBackedUp {
                     reason: format!(
-                        "copied through pod {}, but the Backup ended {backup_phase}: Velero restores nothing from it",
-                        p.pod
+                        "copied from {}, but the Backup ended {backup_phase}: Velero restores nothing from it",
+                        p.source()
                     ),
                 },
                 (Some(p), _) => Outcome::BackedUp {
-                    pod: p.pod.to_owned(),
+                    from: p.source(),
                     bytes: p.bytes_done,
                 },
                 (None, Some(p)) => Outcome::NotBackedUp {
                     reason: format!(
-                        "PodVolumeBackup {} through pod {} ended {}{}",
-                        p.name,
-                        p.pod,
+                        "{} ended {}{}",
+                        if p.data_mover {
+                            format!("DataUpload {} of the CSI data mover", p.name)
+                        } else {
+                            format!("PodVolumeBackup {} through pod {}", p.name, p.pod)
+                        },
                         p.phase.unwrap_or("without a phase"),
                         p.message.map(|m| format!(": {m}")).unwrap_or_default()
                     ),

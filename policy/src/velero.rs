@@ -63,6 +63,7 @@ pub struct DataUploadSpec {
 #[serde(rename_all = "camelCase", default)]
 pub struct DataUploadStatus {
     pub phase: Option<String>,
+    pub message: Option<String>,
     pub progress: Progress,
     pub completion_timestamp: Option<Time>,
 }

@@ -119,7 +119,36 @@ impl Backup {
     }
 }
 
+/// The DataUploads in `namespace` that `params` selects; none where Velero has no data
+/// mover CRD (before v1.12).
+pub async fn list_data_uploads(
+    client: &kube::Client,
+    namespace: &str,
+    params: kube::api::ListParams,
+) -> kube::Result<Vec<DataUpload>> {
+    match super::list_all(&kube::Api::namespaced(client.clone(), namespace), params).await {
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(Vec::new()),
+        listed => listed,
+    }
+}
+
 impl DataUpload {
+    /// What `policy::coverage` reads of it: the claim it copied (by name: a DataUpload
+    /// records no claim uid), its phase and bytes.
+    pub fn facts(&self) -> PvbFacts<'_> {
+        let status = self.status.as_ref();
+        PvbFacts {
+            name: self.metadata.name.as_deref().unwrap_or_default(),
+            data_mover: true,
+            pvc_uid: None,
+            pvc_name: Some(&self.spec.source_pvc),
+            pod: "",
+            phase: status.and_then(|s| s.phase.as_deref()),
+            bytes_done: status.and_then(|s| s.progress.bytes_done),
+            message: status.and_then(|s| s.message.as_deref()),
+        }
+    }
+
     /// A Completed one as `status` reads a copy (`velero.io/backup-name` label, the
     /// claim it copied, when, how many bytes); `None` for any other.
     pub fn done(&self) -> Option<crate::policy::status::PvbDone<'_>> {
@@ -169,6 +198,7 @@ impl PodVolumeBackup {
         let status = self.status.as_ref();
         PvbFacts {
             name: m.name.as_deref().unwrap_or_default(),
+            data_mover: false,
             pvc_uid: m
                 .labels
                 .as_ref()

@@ -22,7 +22,7 @@ use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use serde_json::json;
 
 use super::report::{ClaimRow, claim_table, human_bytes};
-use crate::cluster::velero::{Backup, PodVolumeBackup};
+use crate::cluster::velero::{Backup, DataUpload, PodVolumeBackup, list_data_uploads};
 use crate::names;
 use crate::policy::coverage::{self, ClaimState, Outcome, PvbFacts};
 use crate::policy::leader::current_leader;
@@ -73,11 +73,11 @@ impl Report {
     /// The table `backup --wait` prints.
     pub fn table(&self) -> String {
         let mut out = claim_table(self.rows.iter().map(|(claim, outcome)| match outcome {
-            Outcome::BackedUp { pod, bytes } => ClaimRow {
+            Outcome::BackedUp { from, bytes } => ClaimRow {
                 claim,
                 result: "backed up",
                 bytes: *bytes,
-                detail: format!("from pod {pod}"),
+                detail: format!("from {from}"),
             },
             Outcome::NotBackedUp { reason } => ClaimRow {
                 claim,
@@ -209,7 +209,30 @@ async fn back_up(
         return Ok(Finished::Started { backup });
     }
     let (phase, pvbs) = follow(client, options, &backup, until, progress).await?;
-    let facts: Vec<PvbFacts<'_>> = pvbs.iter().map(PodVolumeBackup::facts).collect();
+    // The data mover's copies (a claim no pod mounted, under a server default of
+    // snapshotMoveData or a volume policy): a DataUpload per claim, in any namespace's
+    // name, so only those of this one.
+    let uploads = list_data_uploads(
+        client,
+        &options.velero_namespace,
+        ListParams::default().labels(&format!(
+            "{}={}",
+            names::VELERO_BACKUP_NAME,
+            velero::label_value(&backup)
+        )),
+    )
+    .await
+    .with_context(|| format!("listing the DataUploads of Backup {backup}"))?;
+    let facts: Vec<PvbFacts<'_>> = pvbs
+        .iter()
+        .map(PodVolumeBackup::facts)
+        .chain(
+            uploads
+                .iter()
+                .filter(|u| u.spec.source_namespace == *ns)
+                .map(DataUpload::facts),
+        )
+        .collect();
     Ok(Finished::Done(Report {
         rows: coverage::outcomes(&states, &phase, &facts),
         backup,

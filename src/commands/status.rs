@@ -15,7 +15,7 @@ use serde_json::json;
 
 use super::report::{Table, bytes_cell};
 use crate::cluster::list_all;
-use crate::cluster::velero::{Backup, DataUpload, PodVolumeBackup, Schedule};
+use crate::cluster::velero::{Backup, DataUpload, PodVolumeBackup, Schedule, list_data_uploads};
 use crate::names;
 use crate::policy::datapath::{self, BackupSettings, PvFacts, ResourcePolicies, VolumeFacts};
 use crate::policy::record::ClaimView;
@@ -112,15 +112,9 @@ pub async fn run(client: kube::Client, o: &Options) -> anyhow::Result<Vec<Row>> 
 
     // The data mover's copies count as much as a pod's (a DataUpload per claim).
     // A Velero without the data mover's CRD (before v1.12) has none.
-    let uploads = match list_all(
-        &Api::<DataUpload>::namespaced(client.clone(), vns),
-        ListParams::default(),
-    )
-    .await
-    {
-        Err(kube::Error::Api(e)) if e.code == 404 => Vec::new(),
-        listed => listed.with_context(|| format!("listing DataUploads in {vns}"))?,
-    };
+    let uploads = list_data_uploads(&client, vns, ListParams::default())
+        .await
+        .with_context(|| format!("listing DataUploads in {vns}"))?;
     let ways = DataPaths::read(&client, vns, &globs, claim_objects).await?;
 
     // By the label form of the name, as copies name their Backup (`velero.io/backup-name`

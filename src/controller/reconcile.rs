@@ -135,6 +135,7 @@ struct CoverageInput<'a> {
     claims: &'a [ClaimView<'a>],
     pods: &'a [&'a PodRecord],
     pvbs: &'a [Arc<crate::cluster::velero::PodVolumeBackup>],
+    uploads: &'a [Arc<crate::cluster::velero::DataUpload>],
     backups: &'a [Arc<crate::cluster::velero::Backup>],
 }
 
@@ -208,6 +209,7 @@ impl Reconciler {
             claims: &v.claims,
             pods: &v.pods,
             pvbs: &snap.pvbs,
+            uploads: &snap.uploads,
             backups: &snap.backups,
         };
         let coverage_due = self.report_coverage(&coverage, snap.generation, now);
@@ -402,6 +404,7 @@ impl Reconciler {
             claims,
             pods,
             pvbs,
+            uploads,
             backups,
         } = *input;
         if let Some(at) = self.coverage_at {
@@ -416,12 +419,19 @@ impl Reconciler {
         }
         self.coverage_at = Some(Instant::now());
         self.coverage_generation = generation;
-        let restorable: HashSet<&str> = backups
+        // By the label form of the name, as copies name their Backup.
+        let restorable: HashSet<std::borrow::Cow<'_, str>> = backups
             .iter()
             .filter(|b| b.restorable())
             .filter_map(|b| b.metadata.name.as_deref())
+            .map(crate::policy::velero::label_value)
             .collect();
-        let done: Vec<_> = pvbs.iter().filter_map(|p| p.done()).collect();
+        // A claim's copy by a pod (PodVolumeBackup) or by the data mover (DataUpload).
+        let done: Vec<_> = pvbs
+            .iter()
+            .filter_map(|p| p.done())
+            .chain(uploads.iter().filter_map(|u| u.done()))
+            .collect();
         let rows = crate::policy::status::rows(
             |ns| globs.iter().find(|(n, _)| *n == ns).map(|(_, g)| g.clone()),
             claims,

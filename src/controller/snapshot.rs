@@ -11,7 +11,9 @@ use k8s_openapi::jiff::Timestamp;
 use kube::core::PartialObjectMeta;
 
 use super::stores::Stores;
-use crate::cluster::velero::{Backup, PodVolumeBackup, PodVolumeRestore, Restore, Schedule};
+use crate::cluster::velero::{
+    Backup, DataUpload, PodVolumeBackup, PodVolumeRestore, Restore, Schedule,
+};
 use crate::policy::namespace;
 use crate::policy::{ClaimRecord, PodRecord, VolumeRecord};
 
@@ -31,6 +33,7 @@ pub struct Snapshot {
     pub schedules: Vec<Arc<Schedule>>,
     pub backups: Vec<Arc<Backup>>,
     pub pvbs: Vec<Arc<PodVolumeBackup>>,
+    pub uploads: Vec<Arc<DataUpload>>,
     pub restores: Vec<Arc<Restore>>,
     pub pvrs: Vec<Arc<PodVolumeRestore>>,
     pub nodes: Vec<Arc<Node>>,
@@ -62,6 +65,7 @@ impl Snapshot {
             schedules: stores.schedules.state(),
             backups: stores.backups.state(),
             pvbs: stores.pvbs.state(),
+            uploads: stores.uploads.state(),
             restores: stores.restores.state(),
             pvrs: stores.pvrs.state(),
             nodes: stores.nodes.state(),

@@ -19,7 +19,9 @@ use tracing::warn;
 
 use super::heartbeat::Heartbeat;
 use super::pods::Pods;
-use crate::cluster::velero::{Backup, PodVolumeBackup, PodVolumeRestore, Restore, Schedule};
+use crate::cluster::velero::{
+    Backup, DataUpload, PodVolumeBackup, PodVolumeRestore, Restore, Schedule,
+};
 use crate::names;
 use crate::policy::{ClaimRecord, VolumeRecord};
 
@@ -31,6 +33,9 @@ pub struct Stores {
     pub schedules: Store<Schedule>,
     pub backups: Store<Backup>,
     pub pvbs: Store<PodVolumeBackup>,
+    /// The CSI data mover's copies (a claim copied without a pod): coverage only. A
+    /// Velero without the DataUpload CRD (before v1.12) leaves it empty.
+    pub uploads: Store<DataUpload>,
     pub restores: Store<Restore>,
     pub pvrs: Store<PodVolumeRestore>,
     /// Where helpers fit (`policy::waves::node_rooms`): Nodes, their CSI attach limits,
@@ -134,6 +139,11 @@ impl Stores {
             },
             "podvolumebackups",
         );
+        let uploads = w.start_optional(
+            Api::namespaced(client.clone(), velero_namespace),
+            bare::<DataUpload>,
+            "datauploads",
+        );
         // Restores and PodVolumeRestores: when a restore helper is done.
         let restores = w.start(
             Api::namespaced(client.clone(), velero_namespace),
@@ -195,6 +205,7 @@ impl Stores {
             schedules,
             backups,
             pvbs,
+            uploads,
             restores,
             pvrs,
             changed,
@@ -267,6 +278,22 @@ impl Watching<'_> {
         self.start_and_tell(api, self.config, strip, None, what)
     }
 
+    /// A reflector of objects whose kind may not exist (another project's optional
+    /// CRD): its failures are logged once while they last, never fail the probes, and
+    /// `Stores::ready` does not wait for it.
+    fn start_optional<K>(&self, api: Api<K>, strip: fn(&mut K), what: &'static str) -> Store<K>
+    where
+        K: Watched,
+    {
+        let (store, writer) = reflector::store();
+        let stream = watcher::watcher(api, self.config.clone())
+            .default_backoff()
+            .modify(strip)
+            .reflect(writer);
+        spawn_watch(what, stream, self.changed, None, None, self.stop);
+        store
+    }
+
     /// The same with its own list settings, also poking `tell` on every event from its
     /// first finished list on.
     fn start_and_tell<K>(
@@ -285,28 +312,37 @@ impl Watching<'_> {
             .default_backoff()
             .modify(strip)
             .reflect(writer);
-        spawn(what, stream, self.changed, tell, self.heartbeat, self.stop);
+        spawn_watch(
+            what,
+            stream,
+            self.changed,
+            tell,
+            Some(self.heartbeat),
+            self.stop,
+        );
         store
     }
 }
 
 /// Drives a reflector stream, poking `changed` on every event and telling `heartbeat`
-/// whether the watch works, until `stop`.
-fn spawn<S, T>(
+/// whether the watch works (`None`: an optional watch, whose failures are logged once
+/// while they last), until `stop`.
+fn spawn_watch<S, T>(
     what: &'static str,
     stream: S,
     changed: &Arc<Changed>,
     tell: Option<Arc<Notify>>,
-    heartbeat: &Arc<Heartbeat>,
+    heartbeat: Option<&Arc<Heartbeat>>,
     stop: &tokio_util::sync::CancellationToken,
 ) where
     S: Stream<Item = Result<watcher::Event<T>, watcher::Error>> + Send + 'static,
 {
     let changed = changed.clone();
-    let heartbeat = heartbeat.clone();
+    let heartbeat = heartbeat.cloned();
     let stop = stop.clone();
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
+        let mut failing = false;
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
@@ -316,17 +352,27 @@ fn spawn<S, T>(
                     // fail: only a finished list, or a watch event, shows it works.
                     Some(Ok(watcher::Event::Init | watcher::Event::InitApply(_))) => changed.poke(),
                     Some(Ok(_)) => {
-                        heartbeat.watch_ok(what);
+                        failing = false;
+                        if let Some(heartbeat) = &heartbeat {
+                            heartbeat.watch_ok(what);
+                        }
                         changed.poke();
                         if let Some(tell) = &tell {
                             tell.notify_one();
                         }
                     }
                     // The backoff retries; the store keeps its last state meanwhile.
-                    Some(Err(e)) => {
-                        heartbeat.watch_failed(what);
-                        warn!(watch = what, error = %e, "watch error; retrying");
-                    }
+                    Some(Err(e)) => match &heartbeat {
+                        Some(heartbeat) => {
+                            heartbeat.watch_failed(what);
+                            warn!(watch = what, error = %e, "watch error; retrying");
+                        }
+                        None if !failing => {
+                            failing = true;
+                            warn!(watch = what, error = %e, "optional watch failing (is the CRD installed?); retrying, said again only after it recovers");
+                        }
+                        None => {}
+                    },
                     None => return,
                 },
             }

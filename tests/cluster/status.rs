@@ -430,5 +430,21 @@ async fn status_says_how_velero_copies_each_claim_and_why_one_is_skipped() {
         schedule.as_str()
     );
     assert_eq!(v["stale"], 2);
+
+    // The controller's coverage metrics count the data mover's copy the same way.
+    let mut setup = setup;
+    setup.replica("replica-b");
+    let metrics = setup.controllers.last().expect("replica").metrics.clone();
+    let series = format!(
+        r#"velero_jupyterhub_claim_last_backup_timestamp_seconds{{namespace="{ns}",claim="claim-ann"}}"#
+    );
+    let at = eventually(std::time::Duration::from_secs(60), || {
+        let value = velero_jupyterhub::metrics::sample(&metrics.encode(), &series);
+        async move { value.filter(|v| *v > 0.0) }
+    })
+    .await
+    .unwrap_or_else(|| panic!("ann's series: {}", metrics.encode()));
+    let done: Timestamp = done.parse().expect("time");
+    assert_eq!(at, done.as_second() as f64, "the DataUpload's completion");
     setup.finish().await;
 }
