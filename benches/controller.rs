@@ -54,6 +54,15 @@ async fn reaction(client: &kube::Client, spawns: usize) {
         json!([{"key": "vjh-bench", "value": run, "effect": "NoSchedule"}]),
     )
     .await;
+    // Where users' servers land (z2jh's user-scheduler, played: the pods are made bound
+    // to it): another node than the helpers', so a helper goes at once.
+    let user_node = unique("node-bench-users");
+    cluster::ready_node(
+        client,
+        &user_node,
+        json!([{"key": "vjh-bench", "value": run, "effect": "NoSchedule"}]),
+    )
+    .await;
     let config = Config {
         namespace: velero.clone(),
         identity: "bench".to_owned(),
@@ -127,8 +136,12 @@ async fn reaction(client: &kube::Client, spawns: usize) {
         })
         .await
         .expect("helper created");
+        let mut server = cluster::user_pod(&user);
+        if let Some(spec) = server.spec.as_mut() {
+            spec.node_name = Some(user_node.clone());
+        }
         let t0 = Instant::now();
-        pods.create(&PostParams::default(), &cluster::user_pod(&user))
+        pods.create(&PostParams::default(), &server)
             .await
             .expect("user pod");
         let at = eventually(Duration::from_secs(30), || async {
@@ -146,6 +159,7 @@ async fn reaction(client: &kube::Client, spawns: usize) {
     let _ = task.await;
     watch.abort();
     cluster::delete_node(client, &node).await;
+    cluster::delete_node(client, &user_node).await;
     for ns in [users, velero] {
         let _ = Api::<Namespace>::all(client.clone())
             .delete(&ns, &Default::default())

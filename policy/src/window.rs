@@ -314,11 +314,35 @@ pub fn tick_backup_name(schedule: &str, at: Timestamp) -> String {
     )
 }
 
-/// Whether `name` is the Backup Velero's Schedule controller made at `at` (its
-/// `status.lastBackup`). Velero formats the time in its server's local time zone
-/// (`time.Now()`, Go's `Local`: a `TZ` set on Velero's pod changes it), which we do not
-/// know; every zone in use is a whole number of quarter hours from UTC, within 14 hours.
-/// The seconds, which `lastBackup` keeps, must be the same.
+/// How much earlier than its tick (`lastBackup`) a tick's Backup may have been created:
+/// Velero creates it right after taking `now` (pkg/controller/schedule_controller.go),
+/// so only the clock skew between Velero and the API server can put it before.
+const TICK_CREATED_BEFORE: i64 = 5 * 60;
+
+/// Of `backups` (name, creation time), the one Velero's Schedule controller made at `at`
+/// (its `status.lastBackup`): named as [`is_tick_backup`] says, not created before `at`
+/// (but for clock skew), the one created closest to `at` if several. The ticks of a
+/// Schedule that runs every hour share their seconds, so a name alone matches the
+/// previous tick's Backup too; that one was created an hour before.
+pub fn tick_backup<'b>(
+    schedule: &str,
+    at: Timestamp,
+    backups: impl IntoIterator<Item = (&'b str, Timestamp)>,
+) -> Option<&'b str> {
+    backups
+        .into_iter()
+        .filter(|(name, _)| is_tick_backup(schedule, at, name))
+        .map(|(name, created)| (created.as_second() - at.as_second(), name))
+        .filter(|(after, _)| *after >= -TICK_CREATED_BEFORE)
+        .min_by_key(|(after, name)| (after.abs(), *name))
+        .map(|(_, name)| name)
+}
+
+/// Whether `name` can be the name of the Backup Velero's Schedule controller made at
+/// `at`. Velero formats the time in its server's local time zone (`time.Now()`, Go's
+/// `Local`: a `TZ` set on Velero's pod changes it), which we do not know; every zone in
+/// use is a whole number of quarter hours from UTC, within 14 hours. The seconds, which
+/// `lastBackup` keeps, must be the same. ([`tick_backup`] also checks when it was made.)
 pub fn is_tick_backup(schedule: &str, at: Timestamp, name: &str) -> bool {
     let Some(stamp) = name
         .strip_prefix(schedule)
@@ -369,11 +393,11 @@ fn schedule_window(
         let until = last_backup
             .saturating_add(AWAIT_BACKUP)
             .unwrap_or(last_backup);
-        if now < until
-            && !backups
-                .iter()
-                .any(|b| is_tick_backup(s.name, last_backup, b.name))
-        {
+        let this_schedules = backups
+            .iter()
+            .filter(|b| b.schedule == Some(s.name))
+            .map(|b| (b.name, b.created));
+        if now < until && tick_backup(s.name, last_backup, this_schedules).is_none() {
             wake(until);
             let open = open.get_or_insert_with(|| Open { backups: vec![] });
             open.backups.push(name);

@@ -11,7 +11,8 @@ use velero_jupyterhub_policy::helper;
 use velero_jupyterhub_policy::names;
 use velero_jupyterhub_policy::velero::{ScheduleSpec, ScheduleStatus};
 use velero_jupyterhub_policy::window::{
-    BackupView, ManualWindow, ScheduleProblem, ScheduleView, WindowOptions, is_tick_backup, windows,
+    BackupView, ManualWindow, ScheduleProblem, ScheduleView, WindowOptions, is_tick_backup,
+    tick_backup, windows,
 };
 
 fn ts(s: &str) -> Timestamp {
@@ -620,5 +621,52 @@ fn hooks_that_would_fail_in_helpers_are_named() {
     assert_eq!(
         got.open.get("jhub").map(|w| w.schedules.clone()),
         Some(vec!["daily".to_owned(), "servers".to_owned()])
+    );
+}
+
+/// An hourly Schedule's ticks share their seconds, so the previous tick's Backup has a
+/// name that fits this tick in some time zone: the tick's Backup is the one made at the
+/// tick (not before it, but for clock skew), the closest one if several.
+#[test]
+fn the_previous_ticks_backup_is_not_this_ticks() {
+    let at = ts("2026-12-08T10:00:37Z");
+    // Velero in Kathmandu (+05:45): this tick's name, and the 09:00:37 tick's.
+    let this = ("homes-20261208154537", ts("2026-12-08T10:00:37Z"));
+    let previous = ("homes-20261208144537", ts("2026-12-08T09:00:37Z"));
+    assert!(is_tick_backup("homes", at, previous.0), "the name alone fits");
+    assert_eq!(tick_backup("homes", at, [previous]), None, "made an hour before");
+    assert_eq!(tick_backup("homes", at, [previous, this]), Some(this.0));
+    assert_eq!(tick_backup("homes", at, [this, previous]), Some(this.0));
+    // Velero's clock a minute ahead of the API server's: still this tick's.
+    let skewed = ("homes-20261208154537", ts("2026-12-08T09:59:40Z"));
+    assert_eq!(tick_backup("homes", at, [previous, skewed]), Some(skewed.0));
+    // A window awaiting this tick's Backup is not closed by the previous one.
+    let spec = schedule_spec(|s| s["schedule"] = "@hourly".into());
+    let st = status(Some("2026-12-08T10:00:37Z"), None);
+    let views = [ScheduleView {
+        name: "homes",
+        created: ts(CREATED),
+        spec: &spec,
+        status: Some(&st),
+    }];
+    let backups = [BackupView {
+        name: previous.0,
+        created: previous.1,
+        schedule: Some("homes"),
+        phase: Some("Completed"),
+    }];
+    let got = windows(
+        ["jhub"],
+        &views,
+        &[],
+        &backups,
+        &helper::own_labels(None),
+        ts("2026-12-08T10:00:40Z"),
+        OPTIONS,
+    );
+    assert_eq!(
+        got.open.get("jhub").map(|w| w.backups.clone()),
+        Some(vec!["homes-20261208100037".to_owned()]),
+        "this tick's Backup is awaited"
     );
 }

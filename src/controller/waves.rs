@@ -491,11 +491,19 @@ impl Waves {
             .as_ref()
             .and_then(|s| s.last_backup.as_ref())
             .and_then(|at| {
-                backups.iter().find(|b| {
-                    b.metadata.name.as_deref().is_some_and(|backup| {
-                        crate::policy::window::is_tick_backup(name, at.0, backup)
-                    })
-                })
+                let label = crate::policy::velero::label_value(name);
+                let candidates = backups.iter().filter_map(|b| {
+                    (b.metadata.labels.as_ref()?.get(names::VELERO_SCHEDULE_NAME)? == &label)
+                        .then_some(())?;
+                    Some((
+                        b.metadata.name.as_deref()?,
+                        b.metadata.creation_timestamp.as_ref()?.0,
+                    ))
+                });
+                let wanted = crate::policy::window::tick_backup(name, at.0, candidates)?;
+                backups
+                    .iter()
+                    .find(|b| b.metadata.name.as_deref() == Some(wanted))
             });
         let tick = own.and_then(|o| o.metadata.creation_timestamp.as_ref().map(|t| t.0));
         let schedule_label = crate::policy::velero::label_value(name);
