@@ -192,10 +192,11 @@ build_csi_node() {
       log "no $name $ver: the Go module proxy ${err:+refuses it ($err)}${err:-has no module version $ver of $mod}, and there is no source tree of the release in $src (E2E_CSI_SRC)"
       CSI_NODE=0; continue
     fi
+    log "$name $ver: ${err:+the Go module proxy refuses it ($err); }building the release's source tree $src"
     local dir=$CACHE/$name-$ver/build; rm -rf "$dir"; mkdir -p "$dir/out"
     ( cd "$src" && "${GO_ENV[@]}" GOFLAGS=-mod=vendor go build -trimpath -ldflags "-s -w -X main.version=$ver" -o "$dir/out/" "./$cmd" ) \
       > "$dir/build.log" 2>&1 || { tail -40 "$dir/build.log" >&2; die "building $name from $src failed"; }
-    finish_build "$name-$ver"; log "$name built from the release's source tree $src at $(since "$t0") s"
+    finish_build "$name-$ver"; log "$name built at $(since "$t0") s"
   done
 }
 
@@ -711,7 +712,7 @@ cmd_scenario() {
     local s0; s0=$(now)
     log "scenario $name"
     if E2E_RUN=$RUN E2E_KUBECTL=$KUBECTL E2E_VELERO=$VELERO E2E_VJH=$VJH KUBECONFIG=$KUBECONFIG_FILE \
-       E2E_RESTORE_HELPER_IMAGE=$RESTORE_HELPER_IMAGE \
+       E2E_RESTORE_HELPER_IMAGE=$RESTORE_HELPER_IMAGE E2E_CSI_MAX_VOLUMES=$CSI_MAX_VOLUMES \
        cargo test --locked --quiet --test e2e_velero -- --ignored --exact --nocapture "$name" 7>&- 8>&-; then
       log "scenario $name PASSED in $(since "$s0") s"
     else
