@@ -637,12 +637,34 @@ cmd_down() {
 # image mounting a claim made from the snapshot) needs it; `velero install` gives the
 # flag to the server and the node-agent alike. File-system backups are unchanged by it.
 install_velero() {
+  # The node-agent's data path settings (pkg/types/node_agent.go), read once at its start.
+  # restorePVC.ignoreDelayBinding: a DataDownload into a claim of a WaitForFirstConsumer
+  # class otherwise waits for a pod that mounts the claim (pkg/exposer/generic_restore.go,
+  # kube.WaitPVCConsumed) before it writes anything, for up to --data-mover-prepare-timeout
+  # (30 min). An idle home has no such pod, and the one a user would start is refused
+  # while the claim is restored (velero-jupyterhub-restoring-claims): the two wait for each
+  # other until Velero gives up. With it, Velero puts the claim where its own pod runs.
+  # (`velero install` checks that the ConfigMap exists, even with --dry-run: made first.)
+  kc apply -f - >/dev/null <<EOF
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: velero
+---
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: node-agent-config
+  namespace: velero
+data:
+  node-agent-config.json: '{"restorePVC": {"ignoreDelayBinding": true}}'
+EOF
   "$VELERO" --kubeconfig "$KUBECONFIG_FILE" install --dry-run -o yaml \
     --image "velero/velero:$VELERO_VERSION" \
     --provider aws --plugins "velero/velero-plugin-for-aws:$VELERO_AWS_PLUGIN_VERSION" \
     --bucket velero --secret-file "$RUN/minio/credentials-velero" \
     --backup-location-config "region=minio,s3ForcePathStyle=true,s3Url=http://$HOST_IP:9000" \
-    --use-volume-snapshots=false --use-node-agent --features=EnableCSI \
+    --use-volume-snapshots=false --use-node-agent --features=EnableCSI --node-agent-configmap node-agent-config \
     --velero-pod-cpu-request 50m --velero-pod-mem-request 128Mi \
     --node-agent-pod-cpu-request 50m --node-agent-pod-mem-request 128Mi \
     > "$RUN/velero-install.yaml"
