@@ -977,14 +977,18 @@ spec:
     // The server writes the home through the CSI mount, then prints what it wrote.
     let t0 = std::time::Instant::now();
     let mut server = hub.server_pod(user, &Security::default());
-    server["spec"]["containers"][0]["command"] = serde_json::json!(["sh", "-c", format!(
-        "set -e; cd /home/jovyan; mkdir -p work/data .local/share; \
+    server["spec"]["containers"][0]["command"] = serde_json::json!([
+        "sh",
+        "-c",
+        format!(
+            "set -e; cd /home/jovyan; mkdir -p work/data .local/share; \
          dd if=/dev/urandom of=work/data/big.bin bs=1024 count=4096 2>/dev/null; \
          dd if=/dev/urandom of=work/notebook.ipynb bs=1000 count=517 2>/dev/null; \
          dd if=/dev/urandom of=.local/share/history.sqlite bs=1024 count=64 2>/dev/null; \
          echo 'hello from {user}' > README.md; chmod 600 .local/share/history.sqlite; sync; \
          {SUMS}; echo written; exec sleep 86400"
-    )]);
+        )
+    ]);
     e.apply(&server.to_string());
     let pod = format!("jupyter-{user}");
     let written = wait_for(180, &format!("{pod} wrote the home"), || {
@@ -1071,7 +1075,13 @@ spec:
         "--snapshot-move-data",
         "--wait",
     ]);
-    assert_eq!(r.code, Some(0), "velero backup create: {}{}", r.stdout, r.stderr);
+    assert_eq!(
+        r.code,
+        Some(0),
+        "velero backup create: {}{}",
+        r.stdout,
+        r.stderr
+    );
     let took = t1.elapsed().as_secs_f64();
     let b = e.get(&["-n", "velero", "backup", &backup]).expect("Backup");
     let described = e.velero(&["backup", "describe", &backup, "--details"]);
@@ -1113,7 +1123,13 @@ spec:
     ));
 
     // Everything is lost: the namespace, the claim, the volume (reclaim policy Delete).
-    e.kc(&["delete", "namespace", &hub.ns, "--wait=true", "--timeout=180s"]);
+    e.kc(&[
+        "delete",
+        "namespace",
+        &hub.ns,
+        "--wait=true",
+        "--timeout=180s",
+    ]);
     wait_for(120, "the volume deleted by the driver", || {
         (e.get(&["pv", &pv_name]).is_none() && !volume(&handle).exists()).then_some(())
     });
@@ -1136,18 +1152,22 @@ spec:
         (c["status"]["phase"] == "Bound").then_some(c)
     });
     let new_pv = c["spec"]["volumeName"].as_str().expect("bound").to_owned();
-    let new_handle = e.get(&["pv", &new_pv]).expect("the new volume")["spec"]["csi"]
-        ["volumeHandle"]
-        .as_str()
-        .expect("a CSI volume")
-        .to_owned();
+    let new_handle =
+        e.get(&["pv", &new_pv]).expect("the new volume")["spec"]["csi"]["volumeHandle"]
+            .as_str()
+            .expect("a CSI volume")
+            .to_owned();
     assert_ne!(new_handle, handle, "a new volume");
     log(format!(
         "Restore {restore} Completed in {took:.1} s: DataDownload {} Completed, {} bytes",
         dd["metadata"]["name"].as_str().unwrap_or_default(),
         dd["status"]["progress"]["totalBytes"]
     ));
-    assert_same(&format!("{user}'s home, restored by the data mover"), &want, &volume(&new_handle));
+    assert_same(
+        &format!("{user}'s home, restored by the data mover"),
+        &want,
+        &volume(&new_handle),
+    );
 
     // A pod mounting the restored claim reads the same bytes the server wrote.
     let reader = serde_json::json!({
@@ -1171,13 +1191,23 @@ spec:
         (p["status"]["phase"] == "Succeeded").then_some(())?;
         e.kubectl(&["-n", &hub.ns, "logs", "read-home"]).ok()
     });
-    assert_eq!(checksums(&read), sums, "what a pod reads from the restored home");
+    assert_eq!(
+        checksums(&read),
+        sums,
+        "what a pod reads from the restored home"
+    );
     log(format!(
         "read-home: {} files, the same sha256 as {pod} wrote",
         sums.len()
     ));
 
-    e.kc(&["delete", "namespace", &hub.ns, "--wait=true", "--timeout=180s"]);
+    e.kc(&[
+        "delete",
+        "namespace",
+        &hub.ns,
+        "--wait=true",
+        "--timeout=180s",
+    ]);
     e.velero(&["backup", "delete", &backup, "--confirm"]);
     assert_ours_untouched(&e, &before);
 }
