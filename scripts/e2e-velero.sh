@@ -19,9 +19,12 @@
 #
 # Environment (optional):
 #   E2E_CACHE   build cache (default ${XDG_CACHE_HOME:-$HOME/.cache}/velero-jupyterhub/e2e)
-#   E2E_RUN     runtime state: containerd, kubelet config, MinIO data, volumes, logs
+#   E2E_RUN     runtime state: containerd, kubelet config, MinIO data, volumes, logs, CSI volumes
 #               (default /tmp/velero-jupyterhub-e2e)
 #   E2E_KEEP=1  `all` leaves the cluster up after the scenario (for a look around)
+#   E2E_CSI_SRC source trees of the csi-driver-host-path and node-driver-registrar releases
+#               (NAME-VERSION/, each the release tag's tree with its vendor/), used while
+#               the Go module proxy refuses both (default $E2E_CACHE/src; build_csi_node)
 #   E2E_LOCK    one run per machine (the node is machine-wide): up, scenario, all and down
 #               refuse while another holds it (default /run/lock/velero-jupyterhub-e2e.lock)
 set -euo pipefail
