@@ -184,7 +184,9 @@ build_csi_node() {
     log "building $name $ver"
     local err=""
     if [ "$name" != node-driver-registrar ]; then   # (its v2 tags are no versions of its module path)
-      err=$( { ( cd "$(mktemp -d)" && "${GO_ENV[@]}" go mod download -json "$mod@$ver" ) | sed -n 's/^[[:space:]]*"Error": "\(.*\)",*$/\1/p'; } 2>&1 || true)
+      mkdir -p "$CACHE/$name-$ver/probe"
+      err=$( { ( cd "$CACHE/$name-$ver/probe" && "${GO_ENV[@]}" go mod download -json "$mod@$ver" ) | sed -n 's/^[[:space:]]*"Error": "\(.*\)",*$/\1/p'; } 2>&1 || true)
+      rm -rf "$CACHE/$name-$ver/probe"
       if [ -z "$err" ]; then
         go_module_build "$CACHE/$name-$ver/build" "$mod@$ver" "-X main.version=$ver" "$mod/$cmd"
         finish_build "$name-$ver"; log "$name built from its module at $(since "$t0") s"; continue
@@ -192,7 +194,8 @@ build_csi_node() {
     fi
     src=$CSI_SRC/$name-$ver
     if [ ! -f "$src/go.mod" ] || ! grep -qx "module $mod" "$src/go.mod" || [ ! -d "$src/vendor" ]; then
-      log "no $name $ver: the Go module proxy ${err:+refuses it ($err)}${err:-has no module version $ver of $mod}, and there is no source tree of the release in $src (E2E_CSI_SRC)"
+      local why="has no module version $ver of $mod"; [ -z "$err" ] || why="refuses it ($err)"
+      log "no $name $ver: the Go module proxy $why, and there is no source tree of the release in $src (E2E_CSI_SRC)"
       CSI_NODE=0; continue
     fi
     log "$name $ver: ${err:+the Go module proxy refuses it ($err); }building the release's source tree $src"
