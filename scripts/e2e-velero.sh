@@ -525,8 +525,11 @@ EOF
     --drivername="$CSI_DRIVER" --endpoint="unix://$CSI_SOCK" --nodeid=localhost \
     --statedir="$RUN/csi/hostpath" --maxvolumespernode="$CSI_MAX_VOLUMES" --enable-attach=true --v=3
   wait_for 30 "the CSI driver's socket $CSI_SOCK" test -S "$CSI_SOCK"
+  # (It dials the socket through a link in our run dir: stop_bg stops only a process
+  # whose command line names that dir, and nothing else of the registrar's does.)
+  ln -sfn "$CSI_SOCK" "$RUN/csi/csi.sock"
   start_bg csi-registrar "$CACHE/node-driver-registrar-$CSI_REGISTRAR_VERSION/bin/csi-node-driver-registrar" \
-    --csi-address="$CSI_SOCK" --kubelet-registration-path="$CSI_SOCK" \
+    --csi-address="$RUN/csi/csi.sock" --kubelet-registration-path="$CSI_SOCK" \
     --plugin-registration-path="$KUBELET_ROOT/plugins_registry" --v=3
   # Topology: the driver reports topology.hostpath.csi/node; the provisioner places a
   # volume on the selected node's segment.
