@@ -19,9 +19,12 @@
 #
 # Environment (optional):
 #   E2E_CACHE   build cache (default ${XDG_CACHE_HOME:-$HOME/.cache}/velero-jupyterhub/e2e)
-#   E2E_RUN     runtime state: containerd, kubelet config, MinIO data, volumes, logs
+#   E2E_RUN     runtime state: containerd, kubelet config, MinIO data, volumes, logs, CSI volumes
 #               (default /tmp/velero-jupyterhub-e2e)
 #   E2E_KEEP=1  `all` leaves the cluster up after the scenario (for a look around)
+#   E2E_CSI_SRC source trees of the csi-driver-host-path and node-driver-registrar releases
+#               (NAME-VERSION/, each the release tag's tree with its vendor/), used while
+#               the Go module proxy refuses both (default $E2E_CACHE/src; build_csi_node)
 #   E2E_LOCK    one run per machine (the node is machine-wide): up, scenario, all and down
 #               refuse while another holds it (default /run/lock/velero-jupyterhub-e2e.lock)
 set -euo pipefail
@@ -31,8 +34,23 @@ cd "$(dirname "$0")/.."
 VELERO_VERSION=v1.18.3              # the newest v1.x release served by the Go module proxy
 VELERO_AWS_PLUGIN_VERSION=v1.14.3   # the plugin release made for Velero v1.18
 MINIO_VERSION=v0.0.0-20260212201848-7aac2a2c5b7c   # MinIO's newest module version (RELEASE.2026-02-12)
+# Kubernetes' CSI components (github.com/kubernetes-csi): the newest release of each that the
+# Go module proxy serves (it refuses others with 403 "This module version is not available").
+CSI_SNAPSHOTTER_VERSION=v8.6.0     # csi-snapshotter, snapshot-controller, the snapshot CRDs
+CSI_PROVISIONER_VERSION=v6.3.0     # external-provisioner (module .../external-provisioner/v6)
+CSI_ATTACHER_VERSION=v4.12.0       # external-attacher
+# The driver and the registrar: the module proxy refuses every release of both (403 for
+# csi-driver-host-path v1.9.0 to v1.18.0 and node-driver-registrar v1.2.0 to v2.17.0, tags
+# and pseudo-versions alike; the registrar's module path has no /v2 either, so its v2 tags
+# are no module versions at all). build_csi_node builds them from a source tree of the
+# release (the project's own tag, with its vendor/), put in $E2E_CSI_SRC by whoever runs
+# this; with none there, the CSI node part is off and the scenarios that need it say so.
+CSI_HOSTPATH_VERSION=v1.18.0       # csi-driver-host-path: hostpathplugin
+CSI_REGISTRAR_VERSION=v2.17.0      # node-driver-registrar
+CSI_MAX_VOLUMES=6                  # the driver's --maxvolumespernode: CSINode allocatable.count
 
 CACHE=${E2E_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/velero-jupyterhub/e2e}
+CSI_SRC=${E2E_CSI_SRC:-$CACHE/src}
 RUN=${E2E_RUN:-/tmp/velero-jupyterhub-e2e}
 case "$RUN" in /*/*) ;; *) echo "e2e-velero: E2E_RUN must be an absolute path two levels deep or more, not '$RUN'" >&2; exit 2 ;; esac
 
@@ -71,9 +89,11 @@ go_module_build() {
     printf 'module velero-jupyterhub-e2e-build\n\ngo %s\n\nrequire %s %s\n' "$(go env GOVERSION | sed 's/^go//; s/^\([0-9]*\.[0-9]*\).*/\1/')" "$mod" "$ver"
     local r; for r in ${EXTRA_REQUIRE:-}; do printf 'require %s %s\n' "${r%@*}" "${r#*@}"; done
     # single-line `replace a => b v` and the lines of a `replace ( ... )` block
+    # (not a replace by a local directory: external-snapshotter points its client module
+    # at ./client, which a requiring module cannot; EXTRA_REQUIRE names the published one)
     awk '/^replace \(/ {blk=1; next} blk && /^\)/ {blk=0; next}
-         blk && $2 == "=>" {print "replace " $0; next}
-         /^replace [^(]/ {print}' "$src/go.mod"
+         blk && $2 == "=>" && $3 !~ /^\.\.?\// {print "replace " $0; next}
+         /^replace [^(]/ && $4 !~ /^\.\.?\// {print}' "$src/go.mod"
   } > "$dir/go.mod"
   { printf '//go:build tools\n\npackage tools\n\nimport (\n'; printf '\t_ "%s"\n' "$@"; printf ')\n'; } > "$dir/tools.go"
   ( cd "$dir" && "${GO_ENV[@]}" go mod tidy && mkdir -p out \
@@ -115,6 +135,75 @@ build_minio() {
   log "building MinIO $MINIO_VERSION from Go modules; ~8 min on 2 cores"
   go_module_build "$CACHE/$name/build" "github.com/minio/minio@$MINIO_VERSION" "" github.com/minio/minio
   finish_build "$name"; log "MinIO built in $(since "$t0") s"
+}
+
+# The CSI side: Kubernetes' CSI sidecars and the snapshot controller, each built from
+# its published module (their release tags) and cached under its own name and version.
+# (csi-driver-host-path and node-driver-registrar: see build_csi_node below.)
+build_csi() {
+  local t0 name; t0=$(now)
+  name=external-snapshotter-$CSI_SNAPSHOTTER_VERSION
+  if ! cached "$name"; then
+    log "building external-snapshotter $CSI_SNAPSHOTTER_VERSION (csi-snapshotter, snapshot-controller) from Go modules"
+    local pkg=github.com/kubernetes-csi/external-snapshotter/v8
+    # Its go.mod replaces its client module by ./client: the published client of the same
+    # release instead.
+    EXTRA_REQUIRE=github.com/kubernetes-csi/external-snapshotter/client/v8@$CSI_SNAPSHOTTER_VERSION \
+    go_module_build "$CACHE/$name/build" "$pkg@$CSI_SNAPSHOTTER_VERSION" "-X main.version=$CSI_SNAPSHOTTER_VERSION" \
+      "$pkg/cmd/csi-snapshotter" "$pkg/cmd/snapshot-controller"
+    finish_build "$name"; log "external-snapshotter built in $(since "$t0") s"
+  fi
+  name=external-provisioner-$CSI_PROVISIONER_VERSION
+  if ! cached "$name"; then
+    log "building external-provisioner $CSI_PROVISIONER_VERSION from Go modules"
+    local pkg=github.com/kubernetes-csi/external-provisioner/v6
+    go_module_build "$CACHE/$name/build" "$pkg@$CSI_PROVISIONER_VERSION" "-X main.version=$CSI_PROVISIONER_VERSION" \
+      "$pkg/cmd/csi-provisioner"
+    finish_build "$name"; log "external-provisioner built at $(since "$t0") s"
+  fi
+  name=external-attacher-$CSI_ATTACHER_VERSION
+  if ! cached "$name"; then
+    log "building external-attacher $CSI_ATTACHER_VERSION from Go modules"
+    local pkg=github.com/kubernetes-csi/external-attacher/v4
+    go_module_build "$CACHE/$name/build" "$pkg@$CSI_ATTACHER_VERSION" "-X main.version=$CSI_ATTACHER_VERSION" \
+      "$pkg/cmd/csi-attacher"
+    finish_build "$name"; log "external-attacher built at $(since "$t0") s"
+  fi
+}
+
+# build_csi_node: hostpathplugin and csi-node-driver-registrar, each from the module proxy
+# if it serves the release, else from $CSI_SRC/NAME-VERSION (a source tree of that release
+# tag; built as its Makefile does, with its own vendor/ and -mod=vendor). Neither: CSI_NODE=0.
+build_csi_node() {
+  CSI_NODE=1
+  local t0 spec name mod cmd ver src; t0=$(now)
+  for spec in "csi-driver-host-path github.com/kubernetes-csi/csi-driver-host-path cmd/hostpathplugin $CSI_HOSTPATH_VERSION" \
+              "node-driver-registrar github.com/kubernetes-csi/node-driver-registrar cmd/csi-node-driver-registrar $CSI_REGISTRAR_VERSION"; do
+    read -r name mod cmd ver <<<"$spec"
+    cached "$name-$ver" && continue
+    log "building $name $ver"
+    local err=""
+    if [ "$name" != node-driver-registrar ]; then   # (its v2 tags are no versions of its module path)
+      mkdir -p "$CACHE/$name-$ver/probe"
+      err=$( { ( cd "$CACHE/$name-$ver/probe" && "${GO_ENV[@]}" go mod download -json "$mod@$ver" ) | sed -n 's/^[[:space:]]*"Error": "\(.*\)",*$/\1/p'; } 2>&1 || true)
+      rm -rf "$CACHE/$name-$ver/probe"
+      if [ -z "$err" ]; then
+        go_module_build "$CACHE/$name-$ver/build" "$mod@$ver" "-X main.version=$ver" "$mod/$cmd"
+        finish_build "$name-$ver"; log "$name built from its module at $(since "$t0") s"; continue
+      fi
+    fi
+    src=$CSI_SRC/$name-$ver
+    if [ ! -f "$src/go.mod" ] || ! grep -qx "module $mod" "$src/go.mod" || [ ! -d "$src/vendor" ]; then
+      local why="has no module version $ver of $mod"; [ -z "$err" ] || why="refuses it ($err)"
+      log "no $name $ver: the Go module proxy $why, and there is no source tree of the release in $src (E2E_CSI_SRC)"
+      CSI_NODE=0; continue
+    fi
+    log "$name $ver: ${err:+the Go module proxy refuses it ($err); }building the release's source tree $src"
+    local dir=$CACHE/$name-$ver/build; rm -rf "$dir"; mkdir -p "$dir/out"
+    ( cd "$src" && "${GO_ENV[@]}" GOFLAGS=-mod=vendor go build -trimpath -ldflags "-s -w -X main.version=$ver" -o "$dir/out/" "./$cmd" ) \
+      > "$dir/build.log" 2>&1 || { tail -40 "$dir/build.log" >&2; die "building $name from $src failed"; }
+    finish_build "$name-$ver"; log "$name built at $(since "$t0") s"
+  done
 }
 
 # ---------------------------------------------------------------- images
@@ -188,6 +277,8 @@ cmd_build() {
   build_velero
   build_aws_plugin
   build_minio
+  build_csi
+  build_csi_node
   apt_install buildah busybox-static gcc libc6-dev
   build_images
   OUR_IMAGE=$(bash scripts/image.sh "$RUN/image")
@@ -218,7 +309,7 @@ OURS=.velero-jupyterhub-e2e   # marks the kubelet root as this script's
 
 envtest() {
   KUBE_ENVTEST_RUN=$RUN/cluster KUBE_ENVTEST_API_PORT=$API_PORT KUBE_ENVTEST_ETCD_PORT=$ETCD_PORT \
-  KUBE_ENVTEST_SERVICE_CIDR=$SERVICE_CIDR KUBE_ENVTEST_SA_ADMISSION=1 \
+  KUBE_ENVTEST_SERVICE_CIDR=$SERVICE_CIDR KUBE_ENVTEST_SA_ADMISSION=1 KUBE_ENVTEST_ATTACH_DETACH=1 \
   KUBE_ENVTEST_EXTRA_SANS=IP:$API_SERVICE_IP \
   KUBE_ENVTEST_EXTRA_APISERVER_FLAGS=--enable-aggregator-routing=true \
     bash scripts/kube-envtest.sh "$@" 7>&- 8>&-   # its servers outlive us: no locks held
@@ -365,6 +456,98 @@ start_minio() {
   printf '[default]\naws_access_key_id = velero-e2e\naws_secret_access_key = %s\n' "$(cat "$RUN/minio/secret")" > "$RUN/minio/credentials-velero"
 }
 
+# The CSI side of the node. Everything runs as a host process of ours, like the kubelet
+# and MinIO: no registry means no driver images, and a driver in a pod would need
+# privileged containers with Bidirectional mount propagation into a kubelet root that is
+# the host's own directory anyway. As processes on the host, the driver's bind mounts are
+# where the kubelet looks; the sidecars use the admin kubeconfig (no RBAC of theirs to
+# install), and node-driver-registrar registers the driver with the kubelet through
+# $KUBELET_ROOT/plugins_registry exactly as its DaemonSet container would.
+CSI_DRIVER=hostpath.csi.k8s.io
+CSI_SOCK=$KUBELET_ROOT/plugins/$CSI_DRIVER/csi.sock
+snapshot_crds() {   # the CRDs of external-snapshotter's client module, as published
+  local dir; dir=$( ("${GO_ENV[@]}" go mod download -json "github.com/kubernetes-csi/external-snapshotter/client/v8@$CSI_SNAPSHOTTER_VERSION") | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+  [ -f "$dir/config/crd/snapshot.storage.k8s.io_volumesnapshots.yaml" ] || die "no snapshot CRDs in external-snapshotter/client/v8@$CSI_SNAPSHOTTER_VERSION ($dir)"
+  echo "$dir/config/crd"
+}
+start_csi() {
+  local crds; crds=$(snapshot_crds)
+  kc apply -f "$crds/snapshot.storage.k8s.io_volumesnapshotclasses.yaml" -f "$crds/snapshot.storage.k8s.io_volumesnapshotcontents.yaml" \
+    -f "$crds/snapshot.storage.k8s.io_volumesnapshots.yaml" >/dev/null
+  kc wait --for=condition=Established crd volumesnapshots.snapshot.storage.k8s.io volumesnapshotcontents.snapshot.storage.k8s.io \
+    volumesnapshotclasses.snapshot.storage.k8s.io --timeout=60s >/dev/null
+  local snap=$CACHE/external-snapshotter-$CSI_SNAPSHOTTER_VERSION/bin
+  start_bg snapshot-controller "$snap/snapshot-controller" --kubeconfig="$KUBECONFIG_FILE" --v=3
+  if [ "${CSI_NODE:-0}" != 1 ]; then
+    log "CSI node part off (no csi-driver-host-path or node-driver-registrar built: see build_csi_node's message above)"
+    return 0
+  fi
+  mkdir -p "$RUN/csi/hostpath" "$(dirname "$CSI_SOCK")"
+  # Attach required: external-attacher turns the attach/detach controller's
+  # VolumeAttachments into ControllerPublishVolume calls (--enable-attach gives the driver
+  # that capability), as a driver of real disks needs.
+  kc apply -f - >/dev/null <<EOF
+apiVersion: storage.k8s.io/v1
+kind: CSIDriver
+metadata:
+  name: $CSI_DRIVER
+spec:
+  attachRequired: true
+  podInfoOnMount: true
+  fsGroupPolicy: File
+  volumeLifecycleModes: [Persistent]
+---
+# WaitForFirstConsumer: a host-path volume lives on one node (the driver reports its
+# topology), so it is made where the first pod that mounts it is scheduled, as any
+# node-local storage is used; the claim stays Pending until then.
+apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata:
+  name: csi-hostpath
+provisioner: $CSI_DRIVER
+reclaimPolicy: Delete
+volumeBindingMode: WaitForFirstConsumer
+allowVolumeExpansion: true
+---
+# The class Velero's CSI actions pick for this driver (the label). Delete: the snapshot
+# made for a backup goes with its VolumeSnapshot; the data mover has copied it to the
+# object store by then, and Velero removes the VolumeSnapshot once it has.
+apiVersion: snapshot.storage.k8s.io/v1
+kind: VolumeSnapshotClass
+metadata:
+  name: csi-hostpath-snapclass
+  labels:
+    velero.io/csi-volumesnapshot-class: "true"
+driver: $CSI_DRIVER
+deletionPolicy: Delete
+EOF
+  start_bg csi-hostpath "$CACHE/csi-driver-host-path-$CSI_HOSTPATH_VERSION/bin/hostpathplugin" \
+    --drivername="$CSI_DRIVER" --endpoint="unix://$CSI_SOCK" --nodeid=localhost \
+    --statedir="$RUN/csi/hostpath" --maxvolumespernode="$CSI_MAX_VOLUMES" --enable-attach=true --v=3
+  wait_for 30 "the CSI driver's socket $CSI_SOCK" test -S "$CSI_SOCK"
+  # (It dials the socket through a link in our run dir: stop_bg stops only a process
+  # whose command line names that dir, and nothing else of the registrar's does.)
+  ln -sfn "$CSI_SOCK" "$RUN/csi/csi.sock"
+  start_bg csi-registrar "$CACHE/node-driver-registrar-$CSI_REGISTRAR_VERSION/bin/csi-node-driver-registrar" \
+    --csi-address="$RUN/csi/csi.sock" --kubelet-registration-path="$CSI_SOCK" \
+    --plugin-registration-path="$KUBELET_ROOT/plugins_registry" --v=3
+  # Topology: the driver reports topology.hostpath.csi/node; the provisioner places a
+  # volume on the selected node's segment.
+  start_bg csi-provisioner "$CACHE/external-provisioner-$CSI_PROVISIONER_VERSION/bin/csi-provisioner" \
+    --kubeconfig="$KUBECONFIG_FILE" --csi-address="$CSI_SOCK" --feature-gates=Topology=true --extra-create-metadata --v=3
+  start_bg csi-attacher "$CACHE/external-attacher-$CSI_ATTACHER_VERSION/bin/csi-attacher" \
+    --kubeconfig="$KUBECONFIG_FILE" --csi-address="$CSI_SOCK" --v=3
+  start_bg csi-snapshotter "$snap/csi-snapshotter" --kubeconfig="$KUBECONFIG_FILE" --csi-address="$CSI_SOCK" \
+    --extra-create-metadata --v=3
+  wait_for 60 "CSINode localhost with $CSI_DRIVER, allocatable.count $CSI_MAX_VOLUMES (log: $RUN/logs/csi-registrar.log)" \
+    sh -c "'$KUBECTL' --kubeconfig '$KUBECONFIG_FILE' get csinode localhost -o jsonpath='{.spec.drivers[?(@.name==\"$CSI_DRIVER\")].allocatable.count}' | grep -qx '$CSI_MAX_VOLUMES'"
+  touch "$RUN/csi-node"
+}
+stop_csi() {
+  local p; for p in csi-snapshotter csi-attacher csi-provisioner csi-registrar csi-hostpath snapshot-controller; do stop_bg "$p"; done
+  rm -f "$RUN/csi-node"
+}
+
 # The lock covers one command; between `up` and `down` the node is someone's session.
 # (`all` asks before it arms its teardown: a refusal must not take that node down.)
 refuse_if_up() {
@@ -398,6 +581,8 @@ cmd_up() {
   log "API server, forward and MinIO up at $(since "$t0") s"
   start_kubelet
   log "node localhost Ready at $(since "$t0") s"
+  start_csi
+  log "CSI $( [ -e "$RUN/csi-node" ] && echo "driver $CSI_DRIVER registered, sidecars and snapshot-controller" || echo "snapshot-controller (no driver)") up at $(since "$t0") s"
 }
 
 cmd_down() {
@@ -409,6 +594,7 @@ cmd_down() {
     kc delete pods --all -A --grace-period=1 --timeout=60s --request-timeout=10s >/dev/null 2>&1 || true
   fi
   stop_bg kubelet
+  stop_csi   # after the kubelet: its volume teardown calls the driver
   stop_bg minio
   stop_bg api-forward
   envtest stop >/dev/null 2>&1 || true
@@ -436,7 +622,7 @@ cmd_down() {
     [ -n "$ip" ] && echo "$ours_ips" | grep -qx "$ip" && { ip netns delete "$n" 2>/dev/null || true; }
   done
   ip link del "$BRIDGE" 2>/dev/null || true
-  rm -rf --one-file-system "$RUN/containerd" "$RUN/cni" "$RUN/kubelet" "$RUN/minio" "$RUN/volumes" || true
+  rm -rf --one-file-system "$RUN/containerd" "$RUN/cni" "$RUN/kubelet" "$RUN/minio" "$RUN/volumes" "$RUN/csi" || true
   rm -f /var/lib/cni/results/vjh-e2e-* 2>/dev/null || true
   if [ "$kl" = "$KUBELET_ROOT" ]; then
     rm -rf --one-file-system "$KUBELET_ROOT" || true
@@ -454,13 +640,40 @@ cmd_down() {
 # run by `cargo test` on the node brought up here, with Velero and velero-jupyterhub
 # installed once per node.
 
+# EnableCSI: Velero's CSI actions (built into the server since v1.14) run only with it
+# (pkg/util/csi/util.go, pkg/backup/item_backupper.go), so the CSI snapshot data mover
+# (`snapshotMoveData`: a DataUpload, which the node-agent serves with a pod of the velero
+# image mounting a claim made from the snapshot) needs it; `velero install` gives the
+# flag to the server and the node-agent alike. File-system backups are unchanged by it.
 install_velero() {
+  # The node-agent's data path settings (pkg/types/node_agent.go), read once at its start.
+  # restorePVC.ignoreDelayBinding: a DataDownload into a claim of a WaitForFirstConsumer
+  # class otherwise waits for a pod that mounts the claim (pkg/exposer/generic_restore.go,
+  # kube.WaitPVCConsumed) before it writes anything, for up to --data-mover-prepare-timeout
+  # (30 min). An idle home has no such pod, and the one a user would start is refused
+  # while the claim is restored (velero-jupyterhub-restoring-claims): the two wait for each
+  # other until Velero gives up. With it, Velero puts the claim where its own pod runs.
+  # (`velero install` checks that the ConfigMap exists, even with --dry-run: made first.)
+  kc apply -f - >/dev/null <<EOF
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: velero
+---
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: node-agent-config
+  namespace: velero
+data:
+  node-agent-config.json: '{"restorePVC": {"ignoreDelayBinding": true}}'
+EOF
   "$VELERO" --kubeconfig "$KUBECONFIG_FILE" install --dry-run -o yaml \
     --image "velero/velero:$VELERO_VERSION" \
     --provider aws --plugins "velero/velero-plugin-for-aws:$VELERO_AWS_PLUGIN_VERSION" \
     --bucket velero --secret-file "$RUN/minio/credentials-velero" \
     --backup-location-config "region=minio,s3ForcePathStyle=true,s3Url=http://$HOST_IP:9000" \
-    --use-volume-snapshots=false --use-node-agent \
+    --use-volume-snapshots=false --use-node-agent --features=EnableCSI --node-agent-configmap node-agent-config \
     --velero-pod-cpu-request 50m --velero-pod-mem-request 128Mi \
     --node-agent-pod-cpu-request 50m --node-agent-pod-mem-request 128Mi \
     > "$RUN/velero-install.yaml"
@@ -530,7 +743,7 @@ cmd_scenario() {
     local s0; s0=$(now)
     log "scenario $name"
     if E2E_RUN=$RUN E2E_KUBECTL=$KUBECTL E2E_VELERO=$VELERO E2E_VJH=$VJH KUBECONFIG=$KUBECONFIG_FILE \
-       E2E_RESTORE_HELPER_IMAGE=$RESTORE_HELPER_IMAGE \
+       E2E_RESTORE_HELPER_IMAGE=$RESTORE_HELPER_IMAGE E2E_CSI_MAX_VOLUMES=$CSI_MAX_VOLUMES \
        cargo test --locked --quiet --test e2e_velero -- --ignored --exact --nocapture "$name" 7>&- 8>&-; then
       log "scenario $name PASSED in $(since "$s0") s"
     else

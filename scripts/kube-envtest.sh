@@ -47,6 +47,9 @@
 #                             (e.g. IP:10.244.78.1: the `kubernetes` Service address pods use)
 #   KUBE_ENVTEST_AUTHZ        --authorization-mode (default RBAC; admin token is system:masters)
 #   KUBE_ENVTEST_EXTRA_APISERVER_FLAGS  extra flags appended to kube-apiserver
+#   KUBE_ENVTEST_ATTACH_DETACH=1  run the attach/detach controller too (default off: no
+#                             kubelet, no CSI driver; on: VolumeAttachments for CSI drivers
+#                             that need attaching, as the Velero end-to-end test's node has)
 #   KUBE_ENVTEST_EXTRA_KCM_FLAGS  extra flags for kube-controller-manager (e.g.
 #                             --pvclaimbinder-sync-period=1s: PVCs bind in ~1 s, not ~15 s)
 #   KUBE_ENVTEST_KEEP_BUILD=1 keep the ~1.8 GB source/build tree after building
@@ -405,13 +408,18 @@ cmd_start() {
 
   if [ "$WITH_CM" = 1 ]; then
     # Off: node IPAM and the cloud parts; node lifecycle (tests keep their hand-made Nodes
-    # Ready without a kubelet's heartbeat), attach/detach, TTL, CSR signing.
+    # Ready without a kubelet's heartbeat), attach/detach (unless KUBE_ENVTEST_ATTACH_DETACH),
+    # TTL, CSR signing.
     local kcm_flags=(--secure-port=0) controllers
     case "$VERSION" in
       current) controllers='*,-node-ipam-controller,-node-lifecycle-controller,-persistentvolume-attach-detach-controller,-ttl-controller,-certificatesigningrequest-signing-controller,-certificatesigningrequest-approving-controller,-certificatesigningrequest-cleaner-controller' ;;
       1.20) controllers='*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle,-service,-route,-attachdetach,-ttl,-csrsigning,-csrapproving,-csrcleaner'
             kcm_flags+=(--port=0) ;;   # v1.20 still has an insecure port
     esac
+    if [ "${KUBE_ENVTEST_ATTACH_DETACH:-0}" = 1 ]; then
+      controllers=${controllers/,-persistentvolume-attach-detach-controller/}
+      controllers=${controllers/,-attachdetach/}
+    fi
     nohup "$BIN/kube-controller-manager" --kubeconfig="$RUN/kubeconfig" \
       --leader-elect=false "${kcm_flags[@]}" \
       --service-account-private-key-file="$p/sa.key" --root-ca-file="$p/ca.crt" \

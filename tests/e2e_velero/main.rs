@@ -928,3 +928,299 @@ fn disaster_recovery_after_a_night_with_waves() {
         );
     }
 }
+
+/// Velero's CSI snapshot data mover backs up an idle home on a real CSI driver with no
+/// pod at all: csi-driver-host-path behind the real sidecars (external-provisioner makes
+/// the volume, external-attacher attaches it through the attach/detach controller's
+/// VolumeAttachment, csi-snapshotter snapshots it), Velero with `EnableCSI`. The user's
+/// server writes the home through the driver's mount and stops; a Backup with
+/// `--snapshot-move-data` of the opted-in namespace gets a Completed DataUpload (the
+/// node-agent reads a volume made from the snapshot) and no PodVolumeBackup, and no pod of
+/// ours (or anyone's) runs in the namespace meanwhile. The namespace lost, the Restore's
+/// DataDownload writes the home onto a new CSI volume, byte for byte, modes and owners;
+/// a pod reads it back with the same checksums the server wrote.
+///
+/// Velero v1.18, from its source: pkg/backup/actions/csi/pvc_action.go makes the
+/// VolumeSnapshot with the class labelled `velero.io/csi-volumesnapshot-class` for the
+/// driver and, with `snapshotMoveData`, a DataUpload; pkg/exposer/csi_snapshot.go exposes
+/// it as a claim from the snapshot with a hosting pod in Velero's namespace;
+/// pkg/restore/actions/csi/pvc_action.go restores through a DataDownload.
+#[test]
+#[ignore = "needs the real node: scripts/e2e-velero.sh scenario NAME"]
+fn data_mover_backs_up_idle_csi_homes_without_helpers() {
+    let e = E2e::from_env();
+    if !e.run.join("csi-node").exists() {
+        // `up` says why (build_csi_node: the driver or the registrar was not built).
+        log("SKIPPED: this node has no CSI driver (see `scripts/e2e-velero.sh up`'s log)");
+        return;
+    }
+    let before = ours(&e);
+    let hub = Hub::new(&e, "e2e-csi", Binding::WaitForFirstConsumer);
+    let user = "dora";
+    let claim = Hub::claim(user);
+    let csi_claim = format!(
+        "apiVersion: v1
+kind: PersistentVolumeClaim
+metadata:
+  name: {claim}
+  namespace: {ns}
+  labels: {{hub.jupyter.org/username: {user}, app: jupyterhub, component: singleuser-storage}}
+spec:
+  accessModes: [ReadWriteOnce]
+  storageClassName: csi-hostpath
+  resources: {{requests: {{storage: 1Gi}}}}
+",
+        ns = hub.ns
+    );
+    e.apply(&csi_claim);
+
+    // The server writes the home through the CSI mount, then prints what it wrote.
+    let t0 = std::time::Instant::now();
+    let mut server = hub.server_pod(user, &Security::default());
+    server["spec"]["containers"][0]["command"] = serde_json::json!([
+        "sh",
+        "-c",
+        format!(
+            "set -e; cd /home/jovyan; mkdir -p work/data .local/share; \
+         dd if=/dev/urandom of=work/data/big.bin bs=1024 count=4096 2>/dev/null; \
+         dd if=/dev/urandom of=work/notebook.ipynb bs=1000 count=517 2>/dev/null; \
+         dd if=/dev/urandom of=.local/share/history.sqlite bs=1024 count=64 2>/dev/null; \
+         echo 'hello from {user}' > README.md; chmod 600 .local/share/history.sqlite; sync; \
+         {SUMS}; echo written; exec sleep 86400"
+        )
+    ]);
+    e.apply(&server.to_string());
+    let pod = format!("jupyter-{user}");
+    let written = wait_for(180, &format!("{pod} wrote the home"), || {
+        let out = e.kubectl(&["-n", &hub.ns, "logs", &pod]).ok()?;
+        out.contains("written\n").then_some(out)
+    });
+    let sums = checksums(&written);
+    log(format!(
+        "{pod} Running on a csi-hostpath volume, home written in {:.1} s: {} files",
+        t0.elapsed().as_secs_f64(),
+        sums.len()
+    ));
+    let p = e.get(&["-n", &hub.ns, "pod", &pod]).expect("pod");
+    assert_eq!(
+        p["metadata"]["annotations"]["backup.velero.io/backup-volumes"],
+        format!("volume-{user}"),
+        "the webhook annotates {pod}"
+    );
+
+    // The volume is the driver's, attached through a VolumeAttachment; the node's CSINode
+    // reports the driver's attach limit.
+    let c = e.get(&["-n", &hub.ns, "pvc", &claim]).expect("claim");
+    let pv_name = c["spec"]["volumeName"].as_str().expect("bound").to_owned();
+    let pv = e.get(&["pv", &pv_name]).expect("the volume");
+    assert_eq!(pv["spec"]["csi"]["driver"], "hostpath.csi.k8s.io", "{pv}");
+    let handle = pv["spec"]["csi"]["volumeHandle"]
+        .as_str()
+        .expect("a handle")
+        .to_owned();
+    let attached = |pv: &str| {
+        let l = e.get(&["volumeattachments"])?;
+        l["items"]
+            .as_array()?
+            .iter()
+            .find(|v| v["spec"]["source"]["persistentVolumeName"] == pv)
+            .cloned()
+    };
+    let va = wait_for(60, "the VolumeAttachment attached", || {
+        attached(&pv_name).filter(|v| v["status"]["attached"] == true)
+    });
+    log(format!(
+        "VolumeAttachment {} attached: {} to node {}",
+        va["metadata"]["name"].as_str().unwrap_or_default(),
+        pv_name,
+        va["spec"]["nodeName"].as_str().unwrap_or_default()
+    ));
+    let csinode = e.get(&["csinode", "localhost"]).expect("CSINode localhost");
+    let count = csinode["spec"]["drivers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|d| d["name"] == "hostpath.csi.k8s.io")
+        .and_then(|d| d["allocatable"]["count"].as_i64());
+    let limit = std::env::var("E2E_CSI_MAX_VOLUMES")
+        .ok()
+        .and_then(|v| v.parse::<i64>().ok());
+    assert!(
+        count.is_some() && count == limit,
+        "CSINode localhost allocatable.count {count:?}, want {limit:?}"
+    );
+    let volume = |handle: &str| e.run.join("csi/hostpath").join(handle);
+    let want = Tree::of(&volume(&handle));
+    assert_eq!(want.files(), sums.len(), "the volume's files on the node");
+
+    // The server stops: the home is idle, its volume detached.
+    hub.stop_server(user);
+    wait_for(120, "the VolumeAttachment gone (detached)", || {
+        attached(&pv_name).is_none().then_some(())
+    });
+
+    let suffix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() % 1_000_000)
+        .unwrap_or_default();
+    let backup = format!("e2e-csi-{suffix}");
+    let watch = PodWatch::start(&e, &hub.ns);
+    let t1 = std::time::Instant::now();
+    let r = e.velero(&[
+        "backup",
+        "create",
+        &backup,
+        "--include-namespaces",
+        &hub.ns,
+        "--snapshot-move-data",
+        "--wait",
+    ]);
+    assert_eq!(
+        r.code,
+        Some(0),
+        "velero backup create: {}{}",
+        r.stdout,
+        r.stderr
+    );
+    let took = t1.elapsed().as_secs_f64();
+    let b = e.get(&["-n", "velero", "backup", &backup]).expect("Backup");
+    let described = e.velero(&["backup", "describe", &backup, "--details"]);
+    assert_eq!(
+        b["status"]["phase"], "Completed",
+        "{}{}",
+        described.stdout, described.stderr
+    );
+    let pods = watch.stop();
+    let seen: std::collections::BTreeSet<&str> = pods
+        .iter()
+        .filter_map(|p| p["metadata"]["name"].as_str())
+        .collect();
+    assert!(
+        seen.is_empty(),
+        "no pod (no helper of ours) in {} during the backup: {seen:?}",
+        hub.ns
+    );
+    let selector = format!("velero.io/backup-name={backup}");
+    let pvbs = e
+        .get(&["-n", "velero", "podvolumebackups", "-l", &selector])
+        .expect("PodVolumeBackups");
+    assert_eq!(pvbs["items"].as_array().map(Vec::len), Some(0), "{pvbs}");
+    let uploads = e
+        .get(&["-n", "velero", "datauploads", "-l", &selector])
+        .expect("DataUploads");
+    let uploads = uploads["items"].as_array().cloned().unwrap_or_default();
+    assert_eq!(uploads.len(), 1, "one DataUpload: {uploads:?}");
+    let du = &uploads[0];
+    assert_eq!(du["status"]["phase"], "Completed", "{du}");
+    assert_eq!(du["spec"]["sourcePVC"], claim.as_str(), "{du}");
+    assert_eq!(du["spec"]["snapshotType"], "CSI", "{du}");
+    log(format!(
+        "Backup {backup} Completed in {took:.1} s: DataUpload {} Completed, {} of {} bytes moved, no pod in {}",
+        du["metadata"]["name"].as_str().unwrap_or_default(),
+        du["status"]["progress"]["bytesDone"],
+        du["status"]["progress"]["totalBytes"],
+        hub.ns
+    ));
+
+    // Everything is lost: the namespace, the claim, the volume (reclaim policy Delete).
+    e.kc(&[
+        "delete",
+        "namespace",
+        &hub.ns,
+        "--wait=true",
+        "--timeout=180s",
+    ]);
+    wait_for(120, "the volume deleted by the driver", || {
+        (e.get(&["pv", &pv_name]).is_none() && !volume(&handle).exists()).then_some(())
+    });
+
+    let restore = format!("e2e-csi-{suffix}");
+    let t2 = std::time::Instant::now();
+    let phase = e.velero_restore(&restore, &["--from-backup", &backup]);
+    let took = t2.elapsed().as_secs_f64();
+    assert_eq!(phase, "Completed", "{}", e.describe_restore(&restore));
+    let selector = format!("velero.io/restore-name={restore}");
+    let downloads = e
+        .get(&["-n", "velero", "datadownloads", "-l", &selector])
+        .expect("DataDownloads");
+    let downloads = downloads["items"].as_array().cloned().unwrap_or_default();
+    assert_eq!(downloads.len(), 1, "one DataDownload: {downloads:?}");
+    let dd = &downloads[0];
+    assert_eq!(dd["status"]["phase"], "Completed", "{dd}");
+    let c = wait_for(120, "the restored claim Bound", || {
+        let c = e.get(&["-n", &hub.ns, "pvc", &claim])?;
+        (c["status"]["phase"] == "Bound").then_some(c)
+    });
+    let new_pv = c["spec"]["volumeName"].as_str().expect("bound").to_owned();
+    let new_handle =
+        e.get(&["pv", &new_pv]).expect("the new volume")["spec"]["csi"]["volumeHandle"]
+            .as_str()
+            .expect("a CSI volume")
+            .to_owned();
+    assert_ne!(new_handle, handle, "a new volume");
+    log(format!(
+        "Restore {restore} Completed in {took:.1} s: DataDownload {} Completed, {} bytes",
+        dd["metadata"]["name"].as_str().unwrap_or_default(),
+        dd["status"]["progress"]["totalBytes"]
+    ));
+    assert_same(
+        &format!("{user}'s home, restored by the data mover"),
+        &want,
+        &volume(&new_handle),
+    );
+
+    // A pod mounting the restored claim reads the same bytes the server wrote.
+    let reader = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "read-home", "namespace": hub.ns},
+        "spec": {
+            "restartPolicy": "Never",
+            "securityContext": {"fsGroup": 100},
+            "containers": [{
+                "name": "read", "image": "localhost/busybox:e2e", "imagePullPolicy": "Never",
+                "command": ["sh", "-c", format!("set -e; cd /home/jovyan; {SUMS}; echo read")],
+                "securityContext": {"runAsUser": 1000, "allowPrivilegeEscalation": false},
+                "volumeMounts": [{"name": "home", "mountPath": "/home/jovyan"}],
+            }],
+            "volumes": [{"name": "home", "persistentVolumeClaim": {"claimName": claim}}],
+        },
+    });
+    e.apply(&reader.to_string());
+    let read = wait_for(180, "read-home Succeeded", || {
+        let p = e.get(&["-n", &hub.ns, "pod", "read-home"])?;
+        (p["status"]["phase"] == "Succeeded").then_some(())?;
+        e.kubectl(&["-n", &hub.ns, "logs", "read-home"]).ok()
+    });
+    assert_eq!(
+        checksums(&read),
+        sums,
+        "what a pod reads from the restored home"
+    );
+    log(format!(
+        "read-home: {} files, the same sha256 as {pod} wrote",
+        sums.len()
+    ));
+
+    e.kc(&[
+        "delete",
+        "namespace",
+        &hub.ns,
+        "--wait=true",
+        "--timeout=180s",
+    ]);
+    e.velero(&["backup", "delete", &backup, "--confirm"]);
+    assert_ours_untouched(&e, &before);
+}
+
+/// The shell that lists every file of a home (Velero's `.velero` aside) with its sha256.
+const SUMS: &str = "find . -type f ! -path './.velero/*' | sort | xargs sha256sum";
+
+/// `sha256sum` lines of a pod's log: (path, sum).
+fn checksums(log: &str) -> std::collections::BTreeMap<String, String> {
+    log.lines()
+        .filter_map(|l| {
+            let (sum, path) = l.split_once("  ")?;
+            (sum.len() == 64).then(|| (path.to_owned(), sum.to_owned()))
+        })
+        .collect()
+}
