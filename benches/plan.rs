@@ -44,6 +44,7 @@ fn bench(c: &mut Criterion) {
             uid,
             bound: true,
             username: Some(user),
+            exclusive: false,
         })
         .collect();
     // As the controller's watch keeps them (`PodRecord`, read from the objects' JSON).
@@ -108,6 +109,7 @@ fn bench(c: &mut Criterion) {
             backup: "daily-20261128030012",
             pod_namespace: "jhub",
             pod_uid: uid,
+            claim: None,
             phase: Some("Completed"),
         })
         .collect();

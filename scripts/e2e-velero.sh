@@ -733,8 +733,19 @@ cmd_scenario() {
   fi
   local known; known=$(scenario_names)
   [ -n "$known" ] || die "no scenarios listed by cargo test --test e2e_velero"
-  local name names=("$@")
-  [ ${#names[@]} -gt 0 ] || mapfile -t names <<<"$known"
+  local name names=("$@") not_run=()
+  if [ ${#names[@]} -eq 0 ]; then
+    mapfile -t names <<<"$known"
+    # The scenarios on a CSI driver (named *csi*) need the driver `up` started; without it
+    # they are not run, and said so (never counted as passed).
+    if [ ! -e "$RUN/csi-node" ]; then
+      local kept=()
+      for name in "${names[@]}"; do
+        case "$name" in *csi*) not_run+=("$name") ;; *) kept+=("$name") ;; esac
+      done
+      names=("${kept[@]}")
+    fi
+  fi
   for name in "${names[@]}"; do
     echo "$known" | grep -qx "$name" || die "no scenario '$name'; there are: $(echo $known)"
   done
@@ -754,6 +765,9 @@ cmd_scenario() {
   done
   [ ${#failed[@]} -eq 0 ] || die "scenarios failed: ${failed[*]}"
   log "PASSED: ${#names[@]} scenarios against real Velero $VELERO_VERSION in $(since "$t0") s"
+  if [ ${#not_run[@]} -gt 0 ]; then
+    log "NOT RUN: ${not_run[*]}: this node has no CSI driver. csi-driver-host-path $CSI_HOSTPATH_VERSION and node-driver-registrar $CSI_REGISTRAR_VERSION are refused by the Go module proxy (403 \"This module version is not available\") and no source tree of their releases is in $CSI_SRC (E2E_CSI_SRC); the CSI sidecars and snapshot-controller were built and started"
+  fi
 }
 
 # On failure: what a reader of CI's log needs to see, before everything is taken down.

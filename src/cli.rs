@@ -270,17 +270,18 @@ pub struct ControllerArgs {
     /// Pod slots helpers leave free on every node: at least Velero's node-agent load
     /// concurrency (its hosting pods run on the volume's node; default 1) plus room for
     /// users' servers.
-    #[arg(long, env = "VJH_NODE_HEADROOM_PODS", default_value_t = 4)]
+    #[arg(long, env = "VJH_NODE_HEADROOM_PODS", default_value_t = crate::policy::waves::Headroom::DEFAULT.pods)]
     pub node_headroom_pods: u32,
     /// Attachments helpers leave free, per node and CSI driver with an attach limit (its
     /// CSINode's `allocatable.count`), for users' servers.
-    #[arg(long, env = "VJH_NODE_HEADROOM_ATTACHMENTS", default_value_t = 1)]
+    #[arg(long, env = "VJH_NODE_HEADROOM_ATTACHMENTS", default_value_t = crate::policy::waves::Headroom::DEFAULT.attachments)]
     pub node_headroom_attachments: u32,
     /// A user pod that mounts an idle claim takes it from its backup helper at once when
-    /// it runs or a node has taken it; one not scheduled yet (a node being added) only
-    /// after this long. A pod that never runs then does not cancel a backup unseen: a
-    /// claim it holds while a Backup runs gets a Warning Event naming it.
-    #[arg(long, env = "VJH_USER_POD_GRACE", default_value = "2m", value_parser = humantime::parse_duration)]
+    /// it runs, a node has taken it, or the claim is ReadWriteOncePod; one not scheduled
+    /// yet (a node being added) only after this long. A pod that never runs does not
+    /// cancel a backup unseen: a claim only such pods hold while a Backup runs gets a
+    /// Warning Event naming them.
+    #[arg(long, env = "VJH_USER_POD_GRACE", default_value = "10m", value_parser = humantime::parse_duration)]
     pub user_pod_grace: Duration,
     /// The helpers' image: pause-like, running as a non-root user.
     #[arg(long, env = "VJH_HELPER_IMAGE", default_value = crate::policy::helper::DEFAULT_IMAGE)]

@@ -82,6 +82,7 @@ fn states(claims: &[(String, String, bool)], pods: &[PodRecord]) -> Vec<ClaimSta
             uid,
             bound: *bound,
             username: None,
+            exclusive: false,
         })
         .collect();
     let refs: Vec<&PodRecord> = pods.iter().collect();
@@ -254,8 +255,9 @@ fn nothing_counts_as_backed_up_in_a_backup_velero_will_not_restore_from() {
 }
 
 /// A claim the CSI data mover copied (a Completed DataUpload of the Backup, as
-/// pkg/backup/actions/csi/pvc_action.go `newDataUpload` makes it: `spec.sourcePVC`, no
-/// claim uid) is backed up, from the data mover; one whose DataUpload failed says so.
+/// pkg/backup/actions/csi/pvc_action.go `newDataUpload` makes it: labelled
+/// `velero.io/backup-name` and `velero.io/pvc-uid`, `spec.sourcePVC`) is backed up, from
+/// the data mover; one whose DataUpload failed says so.
 #[test]
 fn the_data_movers_copies_count_as_backed_up() {
     use velero_jupyterhub::cluster::velero::DataUpload;
@@ -265,7 +267,8 @@ fn the_data_movers_copies_count_as_backed_up() {
         serde_json::from_value(serde_json::json!({
             "apiVersion": "velero.io/v2alpha1", "kind": "DataUpload",
             "metadata": {"name": format!("nightly-{claim}-x7k2p"), "namespace": "velero",
-                         "labels": {"velero.io/backup-name": "nightly"}},
+                         "labels": {"velero.io/backup-name": "nightly",
+                                    "velero.io/pvc-uid": format!("uid-{claim}")}},
             "spec": {"snapshotType": "CSI", "sourcePVC": claim, "sourceNamespace": "jhub",
                      "backupStorageLocation": "default", "operationTimeout": "10m0s",
                      "csiSnapshot": {"volumeSnapshot": "velero-x", "storageClass": "csi-hostpath"}},

@@ -4,10 +4,14 @@
 //! they select: the namespaces, the resources (pods) and the label selector of the hook
 //! (internal/hook/item_hook_handler.go `ResourceHookSelector.applicableTo`; an empty list
 //! of either kind takes all, pkg/backup/backup.go `getResourceHook`). A helper runs a
-//! pause image with no shell, so any command fails there, and a `pre` hook that fails
-//! with `onError: Fail` (the default, pkg/podexec/pod_command_executor.go) makes Velero
-//! skip the pod: it is marked backed up and its volumes are not copied
-//! (pkg/backup/backup.go, after `handleItemBlockPreHooks`). A `post` hook only logs.
+//! pause image with no shell, so any command fails there, and Velero logs each failure as
+//! an error (`HandleHooks`; pkg/backup/backup.go `handleItemBlockPostHooks`), which makes
+//! the Backup PartiallyFailed (pkg/controller/backup_controller.go counts the errors). A
+//! `pre` hook whose `onError` is `Fail` (set so in the spec: `HandleHooks` reads the
+//! spec's own value; the executor's default of Fail applies to its copy only,
+//! pkg/podexec/pod_command_executor.go) also makes Velero skip the pod: it is marked
+//! backed up and its volumes are not copied (pkg/backup/backup.go, after
+//! `handleItemBlockPreHooks`).
 
 use std::collections::BTreeMap;
 
@@ -35,6 +39,7 @@ pub struct ResourceHookSpec {
     pub excluded_resources: Vec<String>,
     pub label_selector: Option<LabelSelector>,
     pub pre: Vec<Hook>,
+    pub post: Vec<Hook>,
 }
 
 /// A hook: Velero runs only `exec` ones in pods.
@@ -45,20 +50,29 @@ pub struct Hook {
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase", default)]
+#[serde(default)]
 pub struct ExecHook {
     #[serde(rename = "onError")]
     pub on_error: String,
 }
 
-/// The names of the resource hooks with a `pre` exec hook that fails the pod
-/// (`onError` Fail or unset) and that would run in a helper of `namespace` carrying
-/// `helper_labels`. A hook without a name is named by its place, `resources[i]`.
-pub fn failing_in_helpers(
+/// A resource hook that would run in helpers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HookInHelpers {
+    /// Its name, or `resources[i]` without one.
+    pub name: String,
+    /// A `pre` exec hook with `onError: Fail`: Velero skips the helpers' volumes.
+    pub skips_volumes: bool,
+}
+
+/// The resource hooks with an exec hook that would run in a helper of `namespace`
+/// carrying one of `helper_labels` (helpers differ by their user's label).
+pub fn in_helpers(
     hooks: &BackupHooks,
     namespace: &str,
-    helper_labels: &BTreeMap<String, String>,
-) -> Vec<String> {
+    helper_labels: &[&BTreeMap<String, String>],
+) -> Vec<HookInHelpers> {
+    let execs = |hooks: &[Hook]| hooks.iter().filter_map(|h| h.exec.as_ref()).count();
     hooks
         .resources
         .iter()
@@ -66,32 +80,36 @@ pub fn failing_in_helpers(
         .filter(|(_, r)| {
             includes_namespace(&r.included_namespaces, &r.excluded_namespaces, namespace)
                 && takes_pods(&r.included_resources, &r.excluded_resources)
-                && r.label_selector
-                    .as_ref()
-                    .is_none_or(|s| selector::selects(s, helper_labels))
-                && r.pre
-                    .iter()
-                    .any(|h| h.exec.as_ref().is_some_and(|e| e.on_error != "Continue"))
+                && r.label_selector.as_ref().is_none_or(|s| {
+                    helper_labels
+                        .iter()
+                        .any(|labels| selector::selects(s, labels))
+                })
+                && execs(&r.pre) + execs(&r.post) > 0
         })
-        .map(|(i, r)| {
-            if r.name.is_empty() {
+        .map(|(i, r)| HookInHelpers {
+            name: if r.name.is_empty() {
                 format!("resources[{i}]")
             } else {
                 r.name.clone()
-            }
+            },
+            skips_volumes: r
+                .pre
+                .iter()
+                .filter_map(|h| h.exec.as_ref())
+                .any(|e| e.on_error == "Fail"),
         })
         .collect()
 }
 
 /// Whether resource includes and excludes take pods, as Velero resolves them through
 /// discovery (pkg/util/collections `GetResourceIncludesExcludes`: `*` or an empty list
-/// includes all; names resolve by plural, singular or short name, any case).
+/// includes all, `*` among the excludes is ignored; names resolve by plural, singular or
+/// short name, any case).
 fn takes_pods(included: &[String], excluded: &[String]) -> bool {
-    let names_pods = |r: &String| {
-        let r = r.to_ascii_lowercase();
-        matches!(r.as_str(), "*" | "pods" | "pod" | "po")
-    };
-    !excluded.iter().any(names_pods) && (included.is_empty() || included.iter().any(names_pods))
+    let names_pods = |r: &String| matches!(r.to_ascii_lowercase().as_str(), "pods" | "pod" | "po");
+    !excluded.iter().any(names_pods)
+        && (included.is_empty() || included.iter().any(|r| r == "*" || names_pods(r)))
 }
 
 #[cfg(test)]
@@ -100,7 +118,7 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn hooks_that_would_fail_helpers() {
+    fn hooks_that_would_run_in_helpers() {
         let labels: BTreeMap<String, String> = [
             ("app.kubernetes.io/managed-by", "velero-jupyterhub"),
             ("backup", "homes"),
@@ -108,84 +126,113 @@ mod tests {
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
+        let mut with_user = labels.clone();
+        with_user.insert("hub.jupyter.org/username".to_owned(), "x".to_owned());
         let exec =
             |on_error: &str| json!([{"exec": {"command": ["/bin/sync"], "onError": on_error}}]);
+        // (case, resource hook, runs in helpers, skips their volumes)
         let cases = [
             (
-                "no selector, default onError",
+                "no selector, onError unset: runs, fails, logged",
                 json!({"name": "sync", "pre": [{"exec": {"command": ["sync"]}}]}),
                 true,
-            ),
-            (
-                "onError Fail",
-                json!({"name": "sync", "pre": exec("Fail")}),
-                true,
-            ),
-            (
-                "onError Continue",
-                json!({"name": "sync", "pre": exec("Continue")}),
                 false,
             ),
             (
-                "post only: logged, the volume copied",
+                "pre, onError Fail: the volume is skipped",
+                json!({"name": "sync", "pre": exec("Fail")}),
+                true,
+                true,
+            ),
+            (
+                "pre, onError Continue: logged",
+                json!({"name": "sync", "pre": exec("Continue")}),
+                true,
+                false,
+            ),
+            (
+                "post, onError Fail: logged",
                 json!({"name": "sync", "post": exec("Fail")}),
+                true,
                 false,
             ),
             (
                 "another namespace",
                 json!({"includedNamespaces": ["db"], "pre": exec("Fail")}),
                 false,
+                false,
             ),
             (
                 "excluded namespace",
                 json!({"excludedNamespaces": ["jh*"], "pre": exec("Fail")}),
+                false,
                 false,
             ),
             (
                 "not pods",
                 json!({"includedResources": ["deployments"], "pre": exec("Fail")}),
                 false,
+                false,
             ),
             (
                 "pods by short name",
                 json!({"includedResources": ["po"], "pre": exec("Fail")}),
+                true,
                 true,
             ),
             (
                 "pods excluded",
                 json!({"excludedResources": ["Pods"], "pre": exec("Fail")}),
                 false,
+                false,
+            ),
+            (
+                "* among the excludes is ignored",
+                json!({"excludedResources": ["*"], "pre": exec("Fail")}),
+                true,
+                true,
             ),
             (
                 "selects user servers only",
                 json!({"labelSelector": {"matchLabels": {"component": "singleuser-server"}}, "pre": exec("Fail")}),
+                false,
                 false,
             ),
             (
                 "excludes helpers",
                 json!({"labelSelector": {"matchExpressions": [{"key": "app.kubernetes.io/managed-by", "operator": "NotIn", "values": ["velero-jupyterhub"]}]}, "pre": exec("Fail")}),
                 false,
+                false,
             ),
             (
                 "selects by the Schedule's label, as helpers carry it",
                 json!({"labelSelector": {"matchLabels": {"backup": "homes"}}, "pre": exec("Fail")}),
                 true,
+                true,
             ),
-            ("no exec", json!({"pre": [{}]}), false),
+            (
+                "selects pods with a username, as helpers of a user's claim have",
+                json!({"labelSelector": {"matchExpressions": [{"key": "hub.jupyter.org/username", "operator": "Exists"}]}, "post": exec("")}),
+                true,
+                false,
+            ),
+            ("no exec", json!({"pre": [{}]}), false, false),
         ];
-        for (why, spec, fails) in cases {
+        for (why, spec, runs, skips) in cases {
             let hooks: BackupHooks =
                 serde_json::from_value(json!({"resources": [spec]})).expect(why);
-            let got = failing_in_helpers(&hooks, "jhub", &labels);
-            assert_eq!(!got.is_empty(), fails, "{why}: {got:?}");
+            let got = in_helpers(&hooks, "jhub", &[&labels, &with_user]);
+            assert_eq!(!got.is_empty(), runs, "{why}: {got:?}");
+            assert_eq!(got.iter().any(|h| h.skips_volumes), skips, "{why}: {got:?}");
         }
         let hooks: BackupHooks = serde_json::from_value(
-            json!({"resources": [{"pre": exec("Fail")}, {"name": "freeze", "pre": exec("")}]}),
+            json!({"resources": [{"pre": exec("Fail")}, {"name": "freeze", "post": exec("")}]}),
         )
         .expect("hooks");
-        assert_eq!(
-            failing_in_helpers(&hooks, "jhub", &labels),
-            ["resources[0]", "freeze"]
-        );
+        let names: Vec<String> = in_helpers(&hooks, "jhub", &[&labels])
+            .into_iter()
+            .map(|h| h.name)
+            .collect();
+        assert_eq!(names, ["resources[0]", "freeze"]);
     }
 }

@@ -28,6 +28,8 @@ pub struct PvbView<'a> {
     pub backup: &'a str,
     pub pod_namespace: &'a str,
     pub pod_uid: &'a str,
+    /// Its `velero.io/pvc-name` annotation: the claim it copies.
+    pub claim: Option<&'a str>,
     pub phase: Option<&'a str>,
 }
 
@@ -60,16 +62,21 @@ pub struct PlanInput<'a> {
     pub user_pod_grace: jiff::SignedDuration,
 }
 
-/// Whether a user pod takes its claims from a helper now: it runs, or a node has taken it
-/// (it waits for the volume there), or it has waited unscheduled for the grace period
-/// (a ReadWriteOncePod claim keeps it unscheduled while a helper uses it). `Err(when)`:
-/// not yet, and when it will.
+/// Whether a user pod takes its claim from a helper now: it runs, or a node has taken it
+/// (it waits for the volume there: a ReadWriteOnce volume attached elsewhere), or the
+/// claim is ReadWriteOncePod (`exclusive`: the scheduler keeps the pod unscheduled while
+/// the helper uses it), or it has waited unscheduled for the grace period. An unscheduled
+/// pod does not wait on the helper of a ReadWriteOnce claim (the scheduler places it
+/// regardless; an autoscaler adds its node): the helper keeps the claim in the Backup
+/// meanwhile, and a pod that never schedules does not take it for long. `Err(when)`: not
+/// yet, and when it will.
 fn takes_claims(
     pod: &PodRecord,
+    exclusive: bool,
     now: jiff::Timestamp,
     grace: jiff::SignedDuration,
 ) -> Result<(), jiff::Timestamp> {
-    if pod.phase() == Some("Running") || pod.node().is_some() {
+    if pod.phase() == Some("Running") || pod.node().is_some() || exclusive {
         return Ok(());
     }
     let Some(created) = pod.metadata.creation_timestamp.as_ref().map(|t| t.0) else {
@@ -313,8 +320,9 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
             let (name, uid) = (pod.name(), pod.uid());
             // The user pods that take the claim from a helper now.
             let mut taking: Vec<&PodRecord> = Vec::new();
+            let exclusive = claims.get(&(ns, claim_name)).is_some_and(|c| c.exclusive);
             for u in users.get(&(ns, claim_name)).into_iter().flatten() {
-                match takes_claims(u, input.now, input.user_pod_grace) {
+                match takes_claims(u, exclusive, input.now, input.user_pod_grace) {
                     Ok(()) => taking.push(u),
                     Err(due) => {
                         if out.wake.is_none_or(|w| due < w) {
@@ -404,6 +412,16 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         {
             continue;
         }
+        // Copied already (or being copied) in one of the window's Backups: not missed.
+        let copied = input.pvbs.iter().any(|p| {
+            p.pod_namespace == claim.namespace
+                && p.claim == Some(claim.name)
+                && p.phase != Some("Failed")
+                && window.backups.iter().any(|b| b == p.backup)
+        });
+        if copied {
+            continue;
+        }
         let holders = users.get(&key).map(Vec::as_slice).unwrap_or_default();
         let helper_running = helpers
             .get(&key)
@@ -416,12 +434,24 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         {
             continue;
         }
-        let stuck = |u: &&&PodRecord| {
-            u.metadata.creation_timestamp.as_ref().is_none_or(|t| {
-                t.0.saturating_add(input.user_pod_grace).unwrap_or(t.0) <= input.now
-            })
-        };
-        if !holders.iter().any(|u| stuck(&u)) {
+        // A holder past the grace period is stuck; a younger one is looked at again when
+        // its grace ends (an unscheduled pod makes no more watch events).
+        let mut stuck = false;
+        for u in holders {
+            let Some(created) = u.metadata.creation_timestamp.as_ref().map(|t| t.0) else {
+                stuck = true;
+                continue;
+            };
+            let due = created
+                .saturating_add(input.user_pod_grace)
+                .unwrap_or(created);
+            if due <= input.now {
+                stuck = true;
+            } else if out.wake.is_none_or(|w| due < w) {
+                out.wake = Some(due);
+            }
+        }
+        if !stuck {
             continue;
         }
         out.held.push(Held {

@@ -77,6 +77,8 @@ pub struct ClaimRecord {
     /// `spec.volumeName`: the PersistentVolume it is bound to (its CSI driver and node
     /// affinity decide where a helper can mount it).
     pub volume_name: Option<Box<str>>,
+    /// `ReadWriteOncePod` among `spec.accessModes`.
+    pub exclusive: bool,
 }
 
 /// A PersistentVolumeClaim as the plan, coverage and status read it: borrowed from a
@@ -89,6 +91,9 @@ pub struct ClaimView<'a> {
     /// `status.phase == Bound`: only a bound claim can be mounted.
     pub bound: bool,
     pub username: Option<&'a str>,
+    /// `ReadWriteOncePod` among its access modes: the scheduler keeps a second pod that
+    /// mounts it unscheduled while another uses it.
+    pub exclusive: bool,
 }
 
 /// A watched PersistentVolume: where a claim's volume can be attached (`policy::waves`).
@@ -187,6 +192,7 @@ impl ClaimRecord {
             uid: m.uid.as_deref().unwrap_or_default(),
             bound: self.phase.as_deref() == Some("Bound"),
             username: self.label(names::JUPYTERHUB_USERNAME),
+            exclusive: self.exclusive,
         }
     }
 }
@@ -406,6 +412,7 @@ struct ClaimWire {
 #[serde(rename_all = "camelCase")]
 struct ClaimSpecWire {
     volume_name: Option<String>,
+    access_modes: Option<Vec<String>>,
 }
 
 /// The distinct volume names the containers mount.
@@ -518,15 +525,20 @@ impl<'de> Deserialize<'de> for ClaimRecord {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let wire = ClaimWire::deserialize(d)?;
         let (metadata, labels, _) = wire.metadata.unwrap_or_default().split();
+        let spec = wire.spec.unwrap_or_default();
         Ok(Self {
             metadata,
             labels: Kept::from_map(labels.unwrap_or_default(), CLAIM_LABELS),
             phase: wire.status.and_then(|s| s.phase),
-            volume_name: wire
-                .spec
-                .and_then(|s| s.volume_name)
+            volume_name: spec
+                .volume_name
                 .filter(|v| !v.is_empty())
                 .map(String::into_boxed_str),
+            exclusive: spec
+                .access_modes
+                .unwrap_or_default()
+                .iter()
+                .any(|m| m == "ReadWriteOncePod"),
         })
     }
 }
@@ -623,6 +635,13 @@ mod tests {
         );
         assert!(claim.metadata.annotations.is_none());
         assert_eq!(claim.labels.0.len(), 1);
+        assert!(!view.exclusive);
+        let rwop: ClaimRecord = serde_json::from_str(
+            r#"{"metadata": {"name": "claim-bob", "namespace": "jhub"},
+                "spec": {"accessModes": ["ReadWriteOncePod"]}}"#,
+        )
+        .unwrap();
+        assert!(rwop.view().exclusive, "ReadWriteOncePod");
     }
 
     #[test]

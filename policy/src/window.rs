@@ -139,12 +139,13 @@ impl std::fmt::Display for ScheduleProblem {
     }
 }
 
-/// A Schedule whose `pre` backup hooks would fail in our helpers (`policy::hooks`):
-/// Velero then skips the helpers' volumes. Its helpers are still made (the hooks may be
-/// fixed before the tick), and this is said.
+/// A Schedule whose backup hooks would run, and fail, in our helpers (`policy::hooks`).
+/// Its helpers are still made (the hooks may be fixed before the tick), and this is said.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HooksInHelpers {
     pub hooks: Vec<String>,
+    /// Of those, the ones with a `pre` exec hook set to `onError: Fail`.
+    pub skipping: Vec<String>,
     pub namespaces: Vec<String>,
 }
 
@@ -152,13 +153,22 @@ impl std::fmt::Display for HooksInHelpers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "its pre backup hook(s) {} would run in the backup helpers of namespace(s) {} \
-             (a pause image: the command fails) and, with onError Fail (the default), Velero \
-             then skips the helpers' volumes: give the hook a labelSelector the helpers do \
-             not match (e.g. app.kubernetes.io/managed-by NotIn [velero-jupyterhub]) or \
-             onError: Continue",
+            "its backup hook(s) {} would run in the backup helpers of namespace(s) {}, where \
+             the command fails (a pause image): Velero logs each failure as an error and its \
+             Backups end PartiallyFailed",
             self.hooks.join(", "),
             self.namespaces.join(", ")
+        )?;
+        if !self.skipping.is_empty() {
+            write!(
+                f,
+                "; with onError: Fail, pre hook(s) {} also make Velero skip the helpers' volumes",
+                self.skipping.join(", ")
+            )?;
+        }
+        f.write_str(
+            ". Give the hooks a labelSelector the helpers do not match (e.g. \
+             app.kubernetes.io/managed-by NotIn [velero-jupyterhub])",
         )
     }
 }
@@ -219,48 +229,63 @@ pub fn windows<'a>(
             own_labels,
         ) {
             Ok(l) => l,
+            // A paused Schedule backs nobody up: nothing to report of it.
             Err(p) => {
-                problems.push((s.name.to_owned(), ScheduleProblem::Selector(p)));
+                if !s.spec.paused {
+                    problems.push((s.name.to_owned(), ScheduleProblem::Selector(p)));
+                }
                 continue;
             }
         };
         if !s.spec.paused {
+            // A helper carries these labels, and its user's name when its claim has one.
             let mut helper_labels = own_labels.clone();
             helper_labels.extend(labels.clone());
-            let mut hooks = Vec::new();
-            let mut in_namespaces = Vec::new();
+            let mut with_user = helper_labels.clone();
+            with_user.insert(
+                crate::names::JUPYTERHUB_USERNAME.to_owned(),
+                "user".to_owned(),
+            );
+            let mut warning = HooksInHelpers {
+                hooks: Vec::new(),
+                skipping: Vec::new(),
+                namespaces: Vec::new(),
+            };
             for ns in &covered {
-                let failing =
-                    crate::hooks::failing_in_helpers(&s.spec.template.hooks, ns, &helper_labels);
-                if !failing.is_empty() {
-                    in_namespaces.push((*ns).to_owned());
-                    for h in failing {
-                        if !hooks.contains(&h) {
-                            hooks.push(h);
-                        }
+                let found = crate::hooks::in_helpers(
+                    &s.spec.template.hooks,
+                    ns,
+                    &[&helper_labels, &with_user],
+                );
+                if !found.is_empty() {
+                    warning.namespaces.push((*ns).to_owned());
+                }
+                for h in found {
+                    if h.skips_volumes && !warning.skipping.contains(&h.name) {
+                        warning.skipping.push(h.name.clone());
+                    }
+                    if !warning.hooks.contains(&h.name) {
+                        warning.hooks.push(h.name);
                     }
                 }
             }
-            if !hooks.is_empty() {
-                hooks_in_helpers.push((
-                    s.name.to_owned(),
-                    HooksInHelpers {
-                        hooks,
-                        namespaces: in_namespaces,
-                    },
-                ));
+            if !warning.hooks.is_empty() {
+                hooks_in_helpers.push((s.name.to_owned(), warning));
             }
         }
         let cron = match CronSchedule::parse(&s.spec.schedule) {
             Ok(c) => c,
             Err(e) => {
-                problems.push((s.name.to_owned(), ScheduleProblem::Cron(e)));
+                if !s.spec.paused {
+                    problems.push((s.name.to_owned(), ScheduleProblem::Cron(e)));
+                }
                 continue;
             }
         };
         match schedule_window(s, &cron, backups, now, options, &mut wake) {
             Ok(Some(open)) => open_schedules.push((s.name, covered, labels, open)),
             Ok(None) => {}
+            Err(_) if s.spec.paused => {}
             Err(p) => problems.push((s.name.to_owned(), p)),
         }
     }

@@ -122,6 +122,7 @@ fn run(case: &Case) {
             uid,
             bound: *bound,
             username: Some(user),
+            exclusive: false,
         })
         .collect();
     let records: Vec<PodRecord> = case.pods.iter().map(record).collect();
@@ -144,6 +145,7 @@ fn run(case: &Case) {
             backup,
             pod_namespace: NS,
             pod_uid: uid,
+            claim: None,
             phase: Some(phase),
         })
         .collect();
@@ -663,6 +665,7 @@ fn a_helper_made_for_another_window_gets_the_labels_this_one_selects() {
         uid: "uid-claim-alice",
         bound: true,
         username: Some("alice"),
+        exclusive: false,
     }];
     let windows = BTreeMap::from([(
         NS.to_owned(),
@@ -727,6 +730,7 @@ fn claims_copied_without_a_pod_get_no_helper() {
         uid,
         bound: true,
         username: None,
+        exclusive: false,
     };
     let claims = [
         view("claim-csi", "uid-1"),
@@ -841,7 +845,7 @@ fn a_claim_held_by_a_pod_that_never_runs_is_named_while_the_backup_runs() {
         name: NS,
         claims: &globs,
     }];
-    let users = ["ann", "ben", "cat", "dan", "eve"];
+    let users = ["ann", "ben", "cat", "dan", "eve", "fay"];
     let uids: Vec<String> = users.iter().map(|u| format!("uid-claim-{u}")).collect();
     let names: Vec<String> = users.iter().map(|u| format!("claim-{u}")).collect();
     let claims: Vec<ClaimView<'_>> = (0..users.len())
@@ -851,6 +855,7 @@ fn a_claim_held_by_a_pod_that_never_runs_is_named_while_the_backup_runs() {
             uid: &uids[i],
             bound: true,
             username: Some(users[i]),
+            exclusive: false,
         })
         .collect();
     let pods = [
@@ -871,6 +876,8 @@ fn a_claim_held_by_a_pod_that_never_runs_is_named_while_the_backup_runs() {
         helper_pod("dan", Some("node-a"), "Running"),
         // eve: running.
         user_pod("eve", Some("node-a"), "Running"),
+        // fay: stuck now, but her helper's copy in this Backup finished before.
+        created(user_pod("fay", None, "Pending"), "2026-11-28T02:00:00Z"),
     ];
     let records: Vec<PodRecord> = pods.iter().map(record).collect();
     let pods: Vec<&PodRecord> = records.iter().collect();
@@ -886,12 +893,19 @@ fn a_claim_held_by_a_pod_that_never_runs_is_named_while_the_backup_runs() {
     };
     let options = options();
     let under_way = window(vec!["daily-20261128030000".to_owned()]);
+    let pvbs = [PvbView {
+        backup: "daily-20261128030000",
+        pod_namespace: NS,
+        pod_uid: "uid-helper-fay",
+        claim: Some("claim-fay"),
+        phase: Some("Completed"),
+    }];
     let input = PlanInput {
         namespaces: &namespaces,
         claims: &claims,
         pods: &pods,
         windows: &under_way,
-        pvbs: &[],
+        pvbs: &pvbs,
         helper: &options,
         restoring: &Default::default(),
         without_pod: &Default::default(),
@@ -921,8 +935,9 @@ fn a_claim_held_by_a_pod_that_never_runs_is_named_while_the_backup_runs() {
         ]
     );
     assert_eq!(
-        got.wake, None,
-        "no helper waits on cat's grace (she has none)"
+        got.wake,
+        Some(ts("2026-11-28T03:06:30Z")),
+        "cat's claim is looked at again when her pod's grace ends"
     );
     // Before the tick's Backup exists, nothing is missed yet.
     let before = window(vec![]);
@@ -947,6 +962,7 @@ fn the_plan_wakes_when_a_user_pods_grace_ends() {
         uid: "uid-claim-alice",
         bound: true,
         username: Some("alice"),
+        exclusive: false,
     }];
     let pods = [
         helper_pod("alice", Some("node-a"), "Running"),
@@ -977,6 +993,34 @@ fn the_plan_wakes_when_a_user_pods_grace_ends() {
     });
     assert!(got.delete.is_empty(), "{:?}", got.delete);
     assert_eq!(got.wake, Some(ts("2026-11-28T03:06:00Z")));
+
+    // A ReadWriteOncePod claim: the scheduler keeps alice's pod unscheduled while the
+    // helper uses the claim, so the helper goes at once.
+    let exclusive = [ClaimView {
+        exclusive: true,
+        ..claims[0]
+    }];
+    let got = plan(&PlanInput {
+        namespaces: &namespaces,
+        claims: &exclusive,
+        pods: &pods,
+        windows: &windows,
+        pvbs: &[],
+        helper: &options,
+        restoring: &Default::default(),
+        without_pod: &Default::default(),
+        now: ts(NOW),
+        user_pod_grace: GRACE,
+    });
+    let deleted: Vec<(&str, DeleteReason)> = got
+        .delete
+        .iter()
+        .map(|d| (d.name.as_str(), d.reason))
+        .collect();
+    assert_eq!(
+        deleted,
+        [("vjh-backup-claim-alice", DeleteReason::UserStarted)]
+    );
 }
 
 /// A pod that has the helper's name but is not the claim's helper: no helper is made
@@ -994,6 +1038,7 @@ fn a_pod_with_the_helpers_name_is_reported_not_waited_on() {
         uid: "uid-claim-alice",
         bound: true,
         username: Some("alice"),
+        exclusive: false,
     }];
     // Mallory's pod, named as alice's helper, mounting mallory's own claim.
     let mut squatter = user_pod("mallory", Some("node-a"), "Running");

@@ -31,6 +31,7 @@ fn one_row_per_user_claim() {
         uid: name,
         bound: true,
         username: Some(user),
+        exclusive: false,
     };
     let claims = [
         claim("claim-alice", "alice"),

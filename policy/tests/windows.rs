@@ -403,6 +403,36 @@ fn problems_are_reported_per_schedule_and_never_fatal() {
     assert!(by_name["never"].contains("no next run"), "{by_name:?}");
     assert!(by_name["other-value"].contains("\"backup\""), "{by_name:?}");
     assert_eq!(by_name.len(), 4, "{by_name:?}");
+
+    // Paused, the same Schedules back nobody up: nothing is reported of them.
+    let paused = |mut spec: ScheduleSpec| {
+        spec.paused = true;
+        spec
+    };
+    let problems = run(
+        "paused bad Schedules",
+        &[
+            (
+                "bad-cron",
+                paused(schedule_spec(|s| s["schedule"] = "0 3 * *".into())),
+                none.clone(),
+            ),
+            (
+                "never",
+                paused(schedule_spec(|s| s["schedule"] = "0 0 30 2 *".into())),
+                none.clone(),
+            ),
+            ("daily", schedule_spec(|_| {}), none.clone()),
+        ],
+        &[],
+        "2026-11-28T02:55:00Z",
+        Want {
+            open: true,
+            backups: vec![],
+            next_change: Some("2026-11-28T08:50:00Z"),
+        },
+    );
+    assert!(problems.is_empty(), "{problems:?}");
 }
 
 /// A namespace's own window (`velero-jupyterhub backup`, or set by hand): open until its
@@ -566,9 +596,10 @@ fn the_ticks_backup_is_found_in_any_time_zone() {
     }
 }
 
-/// A Schedule whose `pre` hook would run in the helpers (no selector, onError Fail by
-/// default) is named, with the namespaces; one whose hook selects user servers only is
-/// not. Both are still served: their windows open as usual.
+/// A Schedule whose hooks would run in the helpers (no selector) is named, with the
+/// namespaces and the hooks that make Velero skip the helpers' volumes (a `pre` hook with
+/// `onError: Fail`); one whose hooks select user servers only is not. Both are still
+/// served: their windows open as usual.
 #[test]
 fn hooks_that_would_fail_in_helpers_are_named() {
     let hook = |selector: Value| {
@@ -576,7 +607,8 @@ fn hooks_that_would_fail_in_helpers_are_named() {
             s["template"]["hooks"] = json!({"resources": [{
                 "name": "fsfreeze",
                 "labelSelector": selector,
-                "pre": [{"exec": {"container": "notebook", "command": ["/sbin/fsfreeze", "--freeze", "/home/jovyan"]}}]
+                "pre": [{"exec": {"container": "notebook", "command": ["/sbin/fsfreeze", "--freeze", "/home/jovyan"], "onError": "Fail"}}],
+                "post": [{"exec": {"container": "notebook", "command": ["/sbin/fsfreeze", "--unfreeze", "/home/jovyan"]}}]
             }]})
         })
     };
@@ -611,11 +643,13 @@ fn hooks_that_would_fail_in_helpers_are_named() {
         ["jhub"],
         "the Schedule includes jhub only"
     );
+    assert_eq!(warning.skipping, ["fsfreeze"]);
+    let said = warning.to_string();
     assert!(
-        warning
-            .to_string()
-            .contains("Velero then skips the helpers' volumes"),
-        "{warning}"
+        said.contains("Backups end PartiallyFailed")
+            && said.contains("skip the helpers' volumes")
+            && said.contains("NotIn [velero-jupyterhub]"),
+        "{said}"
     );
     assert!(got.problems.is_empty(), "{:?}", got.problems);
     assert_eq!(
@@ -633,8 +667,15 @@ fn the_previous_ticks_backup_is_not_this_ticks() {
     // Velero in Kathmandu (+05:45): this tick's name, and the 09:00:37 tick's.
     let this = ("homes-20261208154537", ts("2026-12-08T10:00:37Z"));
     let previous = ("homes-20261208144537", ts("2026-12-08T09:00:37Z"));
-    assert!(is_tick_backup("homes", at, previous.0), "the name alone fits");
-    assert_eq!(tick_backup("homes", at, [previous]), None, "made an hour before");
+    assert!(
+        is_tick_backup("homes", at, previous.0),
+        "the name alone fits"
+    );
+    assert_eq!(
+        tick_backup("homes", at, [previous]),
+        None,
+        "made an hour before"
+    );
     assert_eq!(tick_backup("homes", at, [previous, this]), Some(this.0));
     assert_eq!(tick_backup("homes", at, [this, previous]), Some(this.0));
     // Velero's clock a minute ahead of the API server's: still this tick's.

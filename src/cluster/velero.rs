@@ -133,14 +133,20 @@ pub async fn list_data_uploads(
 }
 
 impl DataUpload {
-    /// What `policy::coverage` reads of it: the claim it copied (by name: a DataUpload
-    /// records no claim uid), its phase and bytes.
+    /// What `policy::coverage` reads of it: the claim it copied (its uid in the
+    /// `velero.io/pvc-uid` label, pkg/backup/actions/csi/pvc_action.go `newDataUpload`;
+    /// its name in `spec.sourcePVC`), its phase and bytes.
     pub fn facts(&self) -> PvbFacts<'_> {
         let status = self.status.as_ref();
         PvbFacts {
             name: self.metadata.name.as_deref().unwrap_or_default(),
             data_mover: true,
-            pvc_uid: None,
+            pvc_uid: self
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(names::VELERO_PVC_UID))
+                .map(String::as_str),
             pvc_name: Some(&self.spec.source_pvc),
             pod: "",
             phase: status.and_then(|s| s.phase.as_deref()),

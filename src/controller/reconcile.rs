@@ -198,7 +198,7 @@ impl Reconciler {
             now,
             user_pod_grace: self.config.user_pod_grace,
         });
-        self.report_held(&plan.held, &v.claim_uids);
+        self.report_held(&plan.held, &snap.backups, &v.claim_uids);
         self.report_squatted(&plan.squatted, &v.claim_uids);
         let uids = &v.claim_uids;
         let (stuck, next_stuck) = plan::stuck_helpers(&v.pods, now, STUCK_AFTER);
@@ -325,7 +325,34 @@ impl Reconciler {
 
     /// A Warning Event on each claim a Backup under way will have no copy of, because only
     /// pods that do not run hold it; once per claim and Backup.
-    fn report_held(&mut self, held: &[plan::Held], uids: &HashMap<(&str, &str), &str>) {
+    fn report_held(
+        &mut self,
+        held: &[plan::Held],
+        backups: &[Arc<crate::cluster::velero::Backup>],
+        uids: &HashMap<(&str, &str), &str>,
+    ) {
+        // The Backups seen (a window awaits its tick's Backup under a name it guesses
+        // until the watch shows it), in order: the key does not change with the store's.
+        let seen: HashSet<&str> = backups
+            .iter()
+            .filter_map(|b| b.metadata.name.as_deref())
+            .collect();
+        let held: Vec<plan::Held> = held
+            .iter()
+            .filter_map(|h| {
+                let mut backups: Vec<String> = h
+                    .backups
+                    .iter()
+                    .filter(|b| seen.contains(b.as_str()))
+                    .cloned()
+                    .collect();
+                backups.sort();
+                (!backups.is_empty()).then(|| plan::Held {
+                    backups,
+                    ..h.clone()
+                })
+            })
+            .collect();
         let key = |h: &plan::Held| (h.namespace.clone(), h.claim.clone(), h.backups.join(", "));
         let fresh: HashSet<(String, String, String)> = self
             .held_reported

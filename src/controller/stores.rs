@@ -369,7 +369,7 @@ fn spawn_watch<S, T>(
                         }
                         None if !failing => {
                             failing = true;
-                            warn!(watch = what, error = %e, "optional watch failing (is the CRD installed?); retrying, said again only after it recovers");
+                            warn!(watch = what, error = %e, "optional watch failing (is the CRD installed, and may the controller list it: manifests/controller.yaml?); retrying, said again only after it recovers");
                         }
                         None => {}
                     },

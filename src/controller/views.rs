@@ -153,6 +153,12 @@ impl<'a> Views<'a> {
                     backup: label(&p.metadata.labels, names::VELERO_BACKUP_NAME)?,
                     pod_namespace: &p.spec.pod.namespace,
                     pod_uid: &p.spec.pod.uid,
+                    claim: p
+                        .metadata
+                        .annotations
+                        .as_ref()
+                        .and_then(|a| a.get(names::VELERO_PVC_NAME))
+                        .map(String::as_str),
                     phase: p.status.as_ref().and_then(|s| s.phase.as_deref()),
                 })
             })

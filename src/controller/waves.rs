@@ -493,7 +493,11 @@ impl Waves {
             .and_then(|at| {
                 let label = crate::policy::velero::label_value(name);
                 let candidates = backups.iter().filter_map(|b| {
-                    (b.metadata.labels.as_ref()?.get(names::VELERO_SCHEDULE_NAME)? == &label)
+                    (b.metadata
+                        .labels
+                        .as_ref()?
+                        .get(names::VELERO_SCHEDULE_NAME)?
+                        == &label)
                         .then_some(())?;
                     Some((
                         b.metadata.name.as_deref()?,

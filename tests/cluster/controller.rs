@@ -1443,8 +1443,8 @@ async fn a_claim_velero_never_copies_gets_no_helper_and_says_why() {
     setup.finish().await;
 }
 
-/// A Schedule whose `pre` backup hook would run in the helpers (no label selector, and
-/// `onError` unset: Fail) gets a Warning Event saying Velero would skip their volumes
+/// A Schedule whose `pre` backup hook would run in the helpers (no label selector) with
+/// `onError: Fail` gets a Warning Event saying Velero would skip their volumes
 /// (internal/hook/item_hook_handler.go, pkg/backup/backup.go). Its helpers are still made.
 #[tokio::test]
 async fn a_schedule_whose_hooks_would_fail_in_helpers_is_warned() {
@@ -1455,7 +1455,8 @@ async fn a_schedule_whose_hooks_would_fail_in_helpers_is_warned() {
         .schedule_with(
             "hooked",
             json!({"hooks": {"resources": [{"name": "fsfreeze", "pre": [{"exec": {
-                "container": "notebook", "command": ["/sbin/fsfreeze", "--freeze", "/home/jovyan"]}}]}]}}),
+                "container": "notebook", "command": ["/sbin/fsfreeze", "--freeze", "/home/jovyan"],
+                "onError": "Fail"}}]}]}}),
         )
         .await;
     let events: Api<k8s_openapi::api::events::v1::Event> =
@@ -1477,7 +1478,9 @@ async fn a_schedule_whose_hooks_would_fail_in_helpers_is_warned() {
     .await
     .expect("a BackupHooksInHelpers Warning on the Schedule");
     assert!(
-        note.contains("fsfreeze") && note.contains(users.as_str()) && note.contains("skips"),
+        note.contains("fsfreeze")
+            && note.contains(users.as_str())
+            && note.contains("skip the helpers' volumes"),
         "{note}"
     );
     // Served all the same: the window's helper is made.

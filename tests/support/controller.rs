@@ -165,7 +165,7 @@ impl Setup {
             // sets its own).
             wave_settle: SignedDuration::from_secs(1),
             headroom: velero_jupyterhub::policy::waves::Headroom::DEFAULT,
-            user_pod_grace: SignedDuration::from_mins(2),
+            user_pod_grace: SignedDuration::from_mins(10),
             certificates: None,
         };
         let mut config = config;
