@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use k8s_openapi::jiff::{SignedDuration, ToSpan};
+use k8s_openapi::jiff::SignedDuration;
 use kube::Api;
 use kube::api::{ListParams, PostParams};
 use kube::core::DynamicObject;
@@ -438,7 +438,23 @@ async fn a_night_of_waves_backs_up_every_idle_claim_within_the_limits() {
         )
         .await
         .expect("the user's server stopped");
-    velero_creates_backup(&setup, "homes", tick + 1.hour(), "Completed").await;
+    // Its tick is now (Velero names and dates a tick's Backup when it makes it); the
+    // Schedule moved to the minute before, so its next tick is an hour away.
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let minute = (now - SignedDuration::from_mins(1))
+        .to_zoned(k8s_openapi::jiff::tz::TimeZone::UTC)
+        .minute();
+    dynamic(&setup, "Schedule", "schedules")
+        .patch(
+            "homes",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(
+                json!({"spec": {"schedule": format!("CRON_TZ=UTC {minute} * * * *")}}),
+            ),
+        )
+        .await
+        .expect("the Schedule's next tick an hour away");
+    velero_creates_backup(&setup, "homes", now, "Completed").await;
     let first = eventually(Duration::from_secs(60), || async {
         let hs = setup.helpers().await;
         let next: BTreeSet<String> = hs
