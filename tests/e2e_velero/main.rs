@@ -1225,3 +1225,140 @@ fn checksums(log: &str) -> std::collections::BTreeMap<String, String> {
         })
         .collect()
 }
+
+/// A volume policy that skips a claim, with real Velero: the Schedule names a resource
+/// policies ConfigMap whose policy skips claims labelled `tier: scratch`. Velero's Backup
+/// copies ann's home and not ben's, though both had a helper (the controller does not read
+/// policies: a helper too many, never one too few), and `velero-jupyterhub status` names
+/// the policy, the ConfigMap and the Schedule as ben's reason, STALE, exit 2.
+///
+/// Velero v1.18, from its source: internal/resourcepolicies (a ConfigMap of one key,
+/// `version: v1`, `volumePolicies` with `pvcLabels` conditions, first match wins);
+/// internal/volumehelper/volume_policy_helper.go `ShouldPerformFSBackup` (a matching
+/// `skip` means no PodVolumeBackup, whatever the pod's annotation says).
+#[test]
+#[ignore = "needs the real node: scripts/e2e-velero.sh scenario NAME"]
+fn a_volume_policy_that_skips_a_claim_is_named_by_status() {
+    let e = E2e::from_env();
+    let before = ours(&e);
+    let hub = Hub::new(&e, "e2e-policy", Binding::WaitForFirstConsumer);
+    for u in ["ann", "ben"] {
+        hub.make_home(u, 256 * 1024);
+    }
+    e.kc(&[
+        "-n",
+        &hub.ns,
+        "label",
+        "pvc",
+        &Hub::claim("ben"),
+        "tier=scratch",
+    ]);
+    let (schedule, config_map) = ("scratch-skipped", "homes-policy");
+    e.apply(&format!(
+        "apiVersion: v1
+kind: ConfigMap
+metadata: {{name: {config_map}, namespace: velero}}
+data:
+  policies.yaml: |
+    version: v1
+    volumePolicies:
+    - conditions:
+        pvcLabels:
+          tier: scratch
+      action:
+        type: skip
+"
+    ));
+    // As schedule_tick_with: the first tick after both helpers are up.
+    while std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() % 120)
+        .unwrap_or_default()
+        > 50
+    {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+    let r = e.velero(&[
+        "schedule",
+        "create",
+        schedule,
+        "--schedule",
+        "*/2 * * * *",
+        "--include-namespaces",
+        &hub.ns,
+        "--resource-policies-configmap",
+        config_map,
+        "--ttl",
+        "24h0m0s",
+    ]);
+    assert_eq!(r.code, Some(0), "velero schedule create: {}", r.stderr);
+    wait_for(60, "both helpers Running before the tick", || {
+        let l = e.get(&[
+            "-n",
+            &hub.ns,
+            "pods",
+            "-l",
+            "app.kubernetes.io/component=backup-helper",
+        ])?;
+        let running = l["items"]
+            .as_array()?
+            .iter()
+            .filter(|p| p["status"]["phase"] == "Running")
+            .count();
+        (running == 2).then_some(())
+    });
+    let selector = format!("velero.io/schedule-name={schedule}");
+    let backup = wait_for(300, "the Schedule's Backup", || {
+        let l = e.get(&["-n", "velero", "backups", "-l", &selector])?;
+        l["items"][0]["metadata"]["name"]
+            .as_str()
+            .map(str::to_owned)
+    });
+    let phase = wait_for(600, "the Backup finished", || {
+        let b = e.get(&["-n", "velero", "backup", &backup])?;
+        let phase = b["status"]["phase"].as_str()?.to_owned();
+        ["Completed", "PartiallyFailed", "Failed", "FailedValidation"]
+            .contains(&phase.as_str())
+            .then_some(phase)
+    });
+    e.velero(&["schedule", "pause", schedule]);
+    assert_eq!(phase, "Completed");
+    assert_eq!(
+        copied_claims(&e, &backup),
+        [Hub::claim("ann")],
+        "Velero skipped ben's claim by the policy"
+    );
+
+    let status = e.vjh(&["status", "--namespace", &hub.ns, "--output", "json"]);
+    assert_eq!(status.code, Some(2), "ben is stale: {}", status.stderr);
+    let rows: serde_json::Value = serde_json::from_str(&status.stdout).expect("json");
+    let row = |claim: &str| {
+        rows["claims"]
+            .as_array()
+            .expect("claims")
+            .iter()
+            .find(|r| r["claim"] == claim)
+            .cloned()
+            .unwrap_or_else(|| panic!("{claim}: {rows}"))
+    };
+    let ann = row(&Hub::claim("ann"));
+    assert_eq!(
+        (ann["lastBackup"]["backup"].as_str(), ann["stale"].as_bool()),
+        (Some(backup.as_str()), Some(false)),
+        "{ann}"
+    );
+    let ben = row(&Hub::claim("ben"));
+    assert_eq!(ben["stale"], true, "{ben}");
+    let detail = ben["copiedBy"]["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains(&format!(
+            "skipped by volume policy 1 of ConfigMap velero/{config_map}"
+        )) && ben["copiedBy"]["schedule"] == schedule,
+        "{ben}"
+    );
+    log(format!("status says of ben's claim: {detail}"));
+
+    e.velero(&["schedule", "delete", schedule, "--confirm"]);
+    e.kc(&["-n", "velero", "delete", "configmap", config_map]);
+    assert_ours_untouched(&e, &before);
+}
