@@ -636,6 +636,67 @@ pub fn assert_same(what: &str, want: &Tree, dir: &Path) {
     ));
 }
 
+/// The watch events (type, object) of `kubectl get ARGS --watch` while it runs.
+pub struct EventWatch {
+    child: Child,
+    path: PathBuf,
+}
+
+impl EventWatch {
+    pub fn start(e: &E2e, args: &[&str]) -> Self {
+        let path = e.run.join(format!("events-{}.json", unique()));
+        let out = fs::File::create(&path).expect("watch file");
+        let mut all = vec!["get"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--watch", "--output-watch-events", "-o", "json"]);
+        let child = e
+            .command(&e.kubectl, &all)
+            .stdout(out)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("kubectl watch");
+        std::thread::sleep(Duration::from_secs(2));
+        Self { child, path }
+    }
+
+    pub fn stop(mut self) -> Vec<(String, Value)> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let text = fs::read_to_string(&self.path).unwrap_or_default();
+        serde_json::Deserializer::from_str(&text)
+            .into_iter::<Value>()
+            .filter_map(Result::ok)
+            .map(|e| {
+                (
+                    e["type"].as_str().unwrap_or_default().to_owned(),
+                    e["object"].clone(),
+                )
+            })
+            .collect()
+    }
+}
+
+/// The most objects at once that `holds` says hold something, over a watch's events
+/// (an object counts from the event where it holds until one where it does not, or its
+/// deletion).
+pub fn most_at_once(events: &[(String, Value)], holds: impl Fn(&Value) -> bool) -> usize {
+    let mut now = std::collections::BTreeSet::new();
+    let mut most = 0;
+    for (kind, object) in events {
+        let name = object["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        if kind != "DELETED" && holds(object) {
+            now.insert(name);
+        } else {
+            now.remove(&name);
+        }
+        most = most.max(now.len());
+    }
+    most
+}
+
 /// Every pod a namespace sees while it runs, as the API server reports it (`kubectl get
 /// pods --watch`).
 pub struct PodWatch {

@@ -29,8 +29,8 @@
 mod kit;
 
 use kit::{
-    Binding, E2e, Hub, PodWatch, Security, Tree, Undo, assert_same, check_restore_pods, log,
-    wait_for,
+    Binding, E2e, EventWatch, Hub, PodWatch, Security, Tree, Undo, assert_same, check_restore_pods,
+    log, most_at_once, wait_for,
 };
 
 /// Our pods (uid → restarts): none may restart or be replaced during a scenario (probes,
@@ -1360,5 +1360,139 @@ data:
 
     e.velero(&["schedule", "delete", schedule, "--confirm"]);
     e.kc(&["-n", "velero", "delete", "configmap", config_map]);
+    assert_ours_untouched(&e, &before);
+}
+
+/// Waves on a real CSI driver with a real attach limit: nine idle homes on csi-hostpath
+/// volumes, on a node whose CSINode allows `E2E_CSI_MAX_VOLUMES` (6) attachments, of
+/// which the helpers leave one free (`--node-headroom-attachments`). The window's helpers
+/// take what fits (5), the rest go in a wave after the Schedule's Backup; every home ends
+/// up in a Completed PodVolumeBackup, and a watch of the VolumeAttachments (the
+/// attach/detach controller's, served by external-attacher) and of the helpers bound to
+/// the node never sees more than the limits.
+#[test]
+#[ignore = "needs the real node: scripts/e2e-velero.sh scenario NAME"]
+fn waves_on_a_real_csi_driver_stay_within_its_attach_limit() {
+    let e = E2e::from_env();
+    assert!(
+        e.run.join("csi-node").exists(),
+        "this node has no CSI driver: see `scripts/e2e-velero.sh up`'s log (build_csi_node)"
+    );
+    let limit: usize = std::env::var("E2E_CSI_MAX_VOLUMES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .expect("E2E_CSI_MAX_VOLUMES");
+    let per_node = limit - 1;
+    let before = ours(&e);
+    let hub = Hub::new(&e, "e2e-csi-waves", Binding::WaitForFirstConsumer);
+    // Immediate binding, so each idle home has its volume before any pod mounts it (as a
+    // home a server once used has); the driver puts it on this node (its topology).
+    e.apply(
+        "apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata: {name: csi-hostpath-immediate}
+provisioner: hostpath.csi.k8s.io
+reclaimPolicy: Delete
+volumeBindingMode: Immediate
+",
+    );
+    let users: Vec<String> = (1..=9).map(|i| format!("u{i}")).collect();
+    for user in &users {
+        e.apply(&format!(
+            "apiVersion: v1
+kind: PersistentVolumeClaim
+metadata:
+  name: {claim}
+  namespace: {ns}
+  labels: {{hub.jupyter.org/username: {user}, app: jupyterhub, component: singleuser-storage}}
+spec:
+  accessModes: [ReadWriteOnce]
+  storageClassName: csi-hostpath-immediate
+  resources: {{requests: {{storage: 64Mi}}}}
+",
+            claim = Hub::claim(user),
+            ns = hub.ns
+        ));
+    }
+    // A file in each home, written where the driver keeps the volume on the node.
+    for user in &users {
+        let claim = Hub::claim(user);
+        let pv = wait_for(120, &format!("{claim} bound"), || {
+            let c = e.get(&["-n", &hub.ns, "pvc", &claim])?;
+            c["spec"]["volumeName"].as_str().map(str::to_owned)
+        });
+        let handle = e.get(&["pv", &pv]).expect("pv")["spec"]["csi"]["volumeHandle"]
+            .as_str()
+            .expect("a CSI volume")
+            .to_owned();
+        let dir = e.run.join("csi/hostpath").join(handle);
+        std::fs::write(dir.join("README.md"), format!("hello from {user}\n")).expect("write");
+    }
+    let attachments = EventWatch::start(&e, &["volumeattachments"]);
+    let helpers = EventWatch::start(
+        &e,
+        &[
+            "-n",
+            &hub.ns,
+            "pods",
+            "-l",
+            "app.kubernetes.io/component=backup-helper",
+        ],
+    );
+
+    let backup = schedule_tick_with(&e, &hub, "csi-waves", per_node);
+    log(format!(
+        "the Schedule's Backup {backup} copied {per_node} homes; the rest go in waves"
+    ));
+    // Every home in a Completed copy: `status` reads them from the Schedule's Backup and
+    // its wave Backups.
+    let rows = wait_for(900, "every home backed up (the waves done)", || {
+        let s = e.vjh(&["status", "--namespace", &hub.ns, "--output", "json"]);
+        (s.code == Some(0)).then_some(s.stdout)
+    });
+    let rows: serde_json::Value = serde_json::from_str(&rows).expect("json");
+    let backups: std::collections::BTreeSet<&str> = rows["claims"]
+        .as_array()
+        .expect("claims")
+        .iter()
+        .filter_map(|r| r["lastBackup"]["backup"].as_str())
+        .collect();
+    assert!(
+        backups.len() >= 2,
+        "the Schedule's Backup and a wave: {rows}"
+    );
+    hub.no_helpers(300);
+    let attached = attachments.stop();
+    let bound = helpers.stop();
+    let most_attached = most_at_once(&attached, |v| {
+        v["spec"]["attacher"] == "hostpath.csi.k8s.io"
+            && v["metadata"]["deletionTimestamp"].is_null()
+    });
+    let most_helpers = most_at_once(&bound, |p| {
+        p["spec"]["nodeName"].is_string()
+            && p["metadata"]["deletionTimestamp"].is_null()
+            && !matches!(p["status"]["phase"].as_str(), Some("Succeeded" | "Failed"))
+    });
+    log(format!(
+        "at most {most_attached} volumes attached (limit {limit}) and {most_helpers} helpers on the node (limit {per_node}: one attachment left free); Backups {backups:?}"
+    ));
+    assert!(
+        most_attached <= limit,
+        "{most_attached} attached, over {limit}"
+    );
+    assert_eq!(
+        most_helpers, per_node,
+        "the waves filled the node up to the headroom"
+    );
+    e.velero(&["schedule", "delete", "csi-waves", "--confirm"]);
+    drop(hub);
+    let _ = e.kubectl(&[
+        "delete",
+        "namespace",
+        "e2e-csi-waves",
+        "--wait=true",
+        "--timeout=180s",
+    ]);
+    let _ = e.kubectl(&["delete", "storageclass", "csi-hostpath-immediate"]);
     assert_ours_untouched(&e, &before);
 }
