@@ -1321,7 +1321,6 @@ data:
             .contains(&phase.as_str())
             .then_some(phase)
     });
-    e.velero(&["schedule", "pause", schedule]);
     assert_eq!(phase, "Completed");
     assert_eq!(
         copied_claims(&e, &backup),
@@ -1341,12 +1340,10 @@ data:
             .cloned()
             .unwrap_or_else(|| panic!("{claim}: {rows}"))
     };
+    // (Read while the Schedule runs: `status` says how the Schedules that still back up
+    // copy each claim. The next tick's Backup may be ann's newest by now.)
     let ann = row(&Hub::claim("ann"));
-    assert_eq!(
-        (ann["lastBackup"]["backup"].as_str(), ann["stale"].as_bool()),
-        (Some(backup.as_str()), Some(false)),
-        "{ann}"
-    );
+    assert_eq!(ann["stale"], false, "{ann}");
     let ben = row(&Hub::claim("ben"));
     assert_eq!(ben["stale"], true, "{ben}");
     let detail = ben["copiedBy"]["detail"].as_str().unwrap_or_default();
