@@ -1539,21 +1539,12 @@ async fn a_pod_that_never_runs_takes_a_claim_only_after_the_grace_and_is_named()
     );
     // The tick's Backup runs: the claim has no copy in it, and says which pod holds it.
     let backup = velero_creates_backup(&setup, "homes", tick, "InProgress").await;
-    let events: Api<k8s_openapi::api::events::v1::Event> =
-        Api::namespaced(setup.client.clone(), &setup.users);
-    let note = eventually(Duration::from_secs(30), || async {
-        events
-            .list(&ListParams::default())
-            .await
-            .ok()?
-            .items
-            .into_iter()
-            .find(|e| {
-                e.reason.as_deref() == Some("BackupMissedClaim")
-                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("claim-ann")
-            })?
-            .note
-    })
+    let note = event_note(
+        &setup.client,
+        &setup.users,
+        "BackupMissedClaim",
+        "claim-ann",
+    )
     .await
     .expect("a BackupMissedClaim Warning on ann's claim");
     assert!(
@@ -1581,21 +1572,12 @@ async fn a_pod_squatting_a_helpers_name_is_reported() {
         .await
         .expect("a pod with the helper's name");
     setup.schedule("homes").await;
-    let events: Api<k8s_openapi::api::events::v1::Event> =
-        Api::namespaced(setup.client.clone(), &setup.users);
-    let note = eventually(Duration::from_secs(30), || async {
-        events
-            .list(&ListParams::default())
-            .await
-            .ok()?
-            .items
-            .into_iter()
-            .find(|e| {
-                e.reason.as_deref() == Some("BackupHelperNameTaken")
-                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("claim-ann")
-            })?
-            .note
-    })
+    let note = event_note(
+        &setup.client,
+        &setup.users,
+        "BackupHelperNameTaken",
+        "claim-ann",
+    )
     .await
     .expect("a BackupHelperNameTaken Warning on ann's claim");
     assert!(
@@ -1619,4 +1601,29 @@ async fn a_pod_squatting_a_helpers_name_is_reported() {
         "not relabelled"
     );
     setup.finish().await;
+}
+
+/// The note of the first `reason` Event about `name` in `namespace`, within 30 s.
+async fn event_note(
+    client: &kube::Client,
+    namespace: &str,
+    reason: &str,
+    name: &str,
+) -> Option<String> {
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(client.clone(), namespace);
+    eventually(Duration::from_secs(30), || async {
+        events
+            .list(&ListParams::default())
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .find(|e| {
+                e.reason.as_deref() == Some(reason)
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+            })?
+            .note
+    })
+    .await
 }

@@ -699,46 +699,19 @@ pub fn most_at_once(events: &[(String, Value)], holds: impl Fn(&Value) -> bool) 
 
 /// Every pod a namespace sees while it runs, as the API server reports it (`kubectl get
 /// pods --watch`).
-pub struct PodWatch {
-    child: Child,
-    path: PathBuf,
-}
+pub struct PodWatch(EventWatch);
 
 impl PodWatch {
     pub fn start(e: &E2e, ns: &str) -> Self {
-        let path = e.run.join(format!("pods-{ns}-{}.json", unique()));
-        let out = fs::File::create(&path).expect("watch file");
-        let child = e
-            .command(
-                &e.kubectl,
-                &[
-                    "-n",
-                    ns,
-                    "get",
-                    "pods",
-                    "--watch",
-                    "--output-watch-events",
-                    "-o",
-                    "json",
-                ],
-            )
-            .stdout(out)
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("kubectl watch");
-        std::thread::sleep(Duration::from_secs(2));
-        Self { child, path }
+        Self(EventWatch::start(e, &["-n", ns, "pods"]))
     }
 
     /// The pods seen (each event's object).
-    pub fn stop(mut self) -> Vec<Value> {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let text = fs::read_to_string(&self.path).unwrap_or_default();
-        serde_json::Deserializer::from_str(&text)
-            .into_iter::<Value>()
-            .filter_map(Result::ok)
-            .map(|e| e["object"].clone())
+    pub fn stop(self) -> Vec<Value> {
+        self.0
+            .stop()
+            .into_iter()
+            .map(|(_, object)| object)
             .collect()
     }
 }
