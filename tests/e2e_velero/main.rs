@@ -153,14 +153,7 @@ fn schedule_tick(e: &E2e, hub: &Hub<'_>, name: &str, idle: &[&str]) -> String {
 /// The same, when only `fit` of the idle homes get a helper before the tick (the rest
 /// go in waves after it): the Backup lists exactly those.
 fn schedule_tick_with(e: &E2e, hub: &Hub<'_>, name: &str, fit: usize) -> String {
-    while std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() % 120)
-        .unwrap_or_default()
-        > 50
-    {
-        std::thread::sleep(std::time::Duration::from_secs(1));
-    }
+    before_a_two_minute_tick();
     let r = e.velero(&[
         "schedule",
         "create",
@@ -192,21 +185,8 @@ fn schedule_tick_with(e: &E2e, hub: &Hub<'_>, name: &str, fit: usize) -> String 
     let helpers = wait_for(60, "the window's helpers Running before the tick", || {
         running().filter(|n| n.len() == fit)
     });
-    let selector = format!("velero.io/schedule-name={name}");
-    let backup = wait_for(300, "the Schedule's Backup", || {
-        let l = e.get(&["-n", "velero", "backups", "-l", &selector])?;
-        l["items"][0]["metadata"]["name"]
-            .as_str()
-            .map(str::to_owned)
-    });
+    let (backup, phase) = tick_backup_finished(e, name);
     log(format!("Velero's Schedule made Backup {backup}"));
-    let phase = wait_for(600, "the Backup finished", || {
-        let b = e.get(&["-n", "velero", "backup", &backup])?;
-        let phase = b["status"]["phase"].as_str()?.to_owned();
-        ["Completed", "PartiallyFailed", "Failed", "FailedValidation"]
-            .contains(&phase.as_str())
-            .then_some(phase)
-    });
     e.velero(&["schedule", "pause", name]);
     let details = e
         .velero(&["backup", "describe", &backup, "--details"])
@@ -216,6 +196,39 @@ fn schedule_tick_with(e: &E2e, hub: &Hub<'_>, name: &str, fit: usize) -> String 
         assert!(details.contains(&format!("{helper}: data")), "{details}");
     }
     backup
+}
+
+/// Waits until the next two-minute tick is at least 70 s away, so that a Schedule made
+/// now (`*/2 * * * *`) gets its helpers up before its first tick.
+fn before_a_two_minute_tick() {
+    while std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() % 120)
+        .unwrap_or_default()
+        > 50
+    {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+}
+
+/// The first Backup of Schedule `name` (label `velero.io/schedule-name`) and its phase,
+/// once terminal.
+fn tick_backup_finished(e: &E2e, name: &str) -> (String, String) {
+    let selector = format!("velero.io/schedule-name={name}");
+    let backup = wait_for(300, "the Schedule's Backup", || {
+        let l = e.get(&["-n", "velero", "backups", "-l", &selector])?;
+        l["items"][0]["metadata"]["name"]
+            .as_str()
+            .map(str::to_owned)
+    });
+    let phase = wait_for(600, "the Backup finished", || {
+        let b = e.get(&["-n", "velero", "backup", &backup])?;
+        let phase = b["status"]["phase"].as_str()?.to_owned();
+        ["Completed", "PartiallyFailed", "Failed", "FailedValidation"]
+            .contains(&phase.as_str())
+            .then_some(phase)
+    });
+    (backup, phase)
 }
 
 /// The claims Velero copied in `backup`: `velero.io/pvc-name` of its Completed
@@ -1269,15 +1282,7 @@ data:
         type: skip
 "
     ));
-    // As schedule_tick_with: the first tick after both helpers are up.
-    while std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() % 120)
-        .unwrap_or_default()
-        > 50
-    {
-        std::thread::sleep(std::time::Duration::from_secs(1));
-    }
+    before_a_two_minute_tick();
     let r = e.velero(&[
         "schedule",
         "create",
@@ -1307,20 +1312,7 @@ data:
             .count();
         (running == 2).then_some(())
     });
-    let selector = format!("velero.io/schedule-name={schedule}");
-    let backup = wait_for(300, "the Schedule's Backup", || {
-        let l = e.get(&["-n", "velero", "backups", "-l", &selector])?;
-        l["items"][0]["metadata"]["name"]
-            .as_str()
-            .map(str::to_owned)
-    });
-    let phase = wait_for(600, "the Backup finished", || {
-        let b = e.get(&["-n", "velero", "backup", &backup])?;
-        let phase = b["status"]["phase"].as_str()?.to_owned();
-        ["Completed", "PartiallyFailed", "Failed", "FailedValidation"]
-            .contains(&phase.as_str())
-            .then_some(phase)
-    });
+    let (backup, phase) = tick_backup_finished(&e, schedule);
     assert_eq!(phase, "Completed");
     assert_eq!(
         copied_claims(&e, &backup),
